@@ -1,0 +1,344 @@
+//! The file store (`file:///dir`): locks across the processes of one host,
+//! like `flock(1)`.
+//!
+//! Each key has a lock file under the directory, named readably where the key
+//! allows (`nightly-report.lock`) and with a hash otherwise
+//! (`coupons_batch_7~1f0c…​.lock`). Exclusive and shared locks are `flock`s on
+//! it; a semaphore of N permits is N slot files (`KEY~slot0.lock`, …). The
+//! fencing counter of a key is kept beside it in `KEY~fence`, bumped under
+//! its own short `flock` and fsynced before the guard is returned, so tokens
+//! never go backwards, not across a crash.
+//!
+//! A session here is the process: a lock is held until it is released or the
+//! process exits (the kernel drops the `flock`). There is no lease, so a
+//! frozen process keeps its locks; use a store with leases when that matters.
+//! Waiting is a short jittered poll; the kernel does not queue waiters fairly.
+//! Lock files are never deleted (deleting a `flock`ed file races with
+//! lockers); they are a few bytes each.
+//!
+//! A guard reports `lost()` if its lock file is deleted or replaced while it
+//! is held, checked at every renewal.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{
+    AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, Mode, RenewReport,
+    SessionModel, SessionOptions, StoreSession,
+};
+
+/// The longest readable part of a lock file name.
+const READABLE_NAME_BYTES: usize = 80;
+
+/// A lock store in a directory of one host.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: Arc<PathBuf>,
+}
+
+impl FileStore {
+    /// Uses `dir` for lock files, creating it if missing. Fails with a
+    /// [`ErrorKind::Config`] error if it cannot be created or written.
+    pub async fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        let checked = dir.clone();
+        blocking(move || check_dir(&checked)).await?;
+        Ok(FileStore { dir: Arc::new(dir) })
+    }
+
+    /// The directory of the lock files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the file store supports.
+    pub fn capabilities() -> Capabilities {
+        let mut caps = Capabilities::minimal("file");
+        caps.shared = true;
+        caps.semaphore = true;
+        caps.fencing = Fencing::Durable;
+        caps.session = SessionModel::Process;
+        caps
+    }
+}
+
+fn check_dir(dir: &Path) -> Result<()> {
+    let unusable = |what: &str, err: io::Error| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "cannot {what} lock directory {}: {err}; choose a directory this user can write, \
+                 or fix its permissions",
+                dir.display()
+            ),
+        )
+        .with_source(err)
+    };
+    std::fs::create_dir_all(dir).map_err(|err| unusable("create", err))?;
+    let probe = dir.join(format!(
+        ".distlock-probe-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    File::create(&probe).map_err(|err| unusable("write in", err))?;
+    std::fs::remove_file(&probe).map_err(|err| unusable("write in", err))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| Error::new(ErrorKind::Store, "file store task failed").with_source(err))?
+}
+
+/// A 64-bit FNV-1a hash: stable across versions and platforms, unlike
+/// `std`'s hasher, so every process maps a key to the same file.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The file name stem of a key: the key itself when it is short and made of
+/// `[A-Za-z0-9._-]` (not starting with a dot), else a cleaned prefix, `~` and
+/// a hash of the whole key. Clean names never contain `~`, so the two kinds
+/// never meet; two hashed keys that collide share a lock, which costs
+/// waiting, never exclusion.
+pub(crate) fn file_stem(key: &str) -> String {
+    let readable = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if key.len() <= READABLE_NAME_BYTES && !key.starts_with('.') && key.chars().all(readable) {
+        return key.to_owned();
+    }
+    let cleaned: String = key
+        .chars()
+        .map(|c| if readable(c) { c } else { '_' })
+        .take(READABLE_NAME_BYTES)
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.');
+    format!("{cleaned}~{:016x}", fnv1a(key.as_bytes()))
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+fn io_error(what: String, err: io::Error) -> Error {
+    let kind = match err.kind() {
+        io::ErrorKind::PermissionDenied => ErrorKind::Config,
+        _ => ErrorKind::Store,
+    };
+    Error::new(kind, format!("{what}: {err}")).with_source(err)
+}
+
+/// Tries to lock `path` in the given way without waiting.
+fn try_flock(path: &Path, shared: bool) -> Result<Option<File>> {
+    let file =
+        open_rw(path).map_err(|err| io_error(format!("cannot open {}", path.display()), err))?;
+    let attempt = if shared {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match attempt {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(err)) => {
+            Err(io_error(format!("cannot lock {}", path.display()), err))
+        }
+    }
+}
+
+/// Adds one to the key's fencing counter and makes it durable.
+fn bump_fence(path: &Path) -> Result<u64> {
+    let failed = |err: io::Error| {
+        io_error(
+            format!("cannot update fencing counter {}", path.display()),
+            err,
+        )
+    };
+    let mut file = open_rw(path).map_err(failed)?;
+    file.lock().map_err(failed)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(failed)?;
+    let last: u64 = match text.trim() {
+        "" => 0,
+        digits => digits.parse().map_err(|_| {
+            Error::new(
+                ErrorKind::Store,
+                format!(
+                    "fencing counter {} is corrupt (holds {digits:?}); write the highest token \
+                     ever used into it, or a larger number",
+                    path.display()
+                ),
+            )
+        })?,
+    };
+    let next = last + 1;
+    file.seek(SeekFrom::Start(0)).map_err(failed)?;
+    file.set_len(0).map_err(failed)?;
+    file.write_all(format!("{next}\n").as_bytes())
+        .map_err(failed)?;
+    file.sync_data().map_err(failed)?;
+    Ok(next)
+}
+
+/// One held lock: its locked file and where it lives.
+struct HeldFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl HeldFile {
+    /// Whether the path still names the file we locked.
+    fn still_ours(&self) -> bool {
+        match (self.file.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(ours), Ok(now)) => ours.ino() == now.ino() && ours.dev() == now.dev(),
+            _ => false,
+        }
+    }
+}
+
+fn acquire_files(dir: &Path, key: &str, mode: Mode) -> Result<Option<(HeldFile, u64)>> {
+    let stem = file_stem(key);
+    let locked = match mode {
+        Mode::Exclusive | Mode::Shared => {
+            let path = dir.join(format!("{stem}.lock"));
+            try_flock(&path, mode == Mode::Shared)?.map(|file| HeldFile { file, path })
+        }
+        Mode::Semaphore { permits } => {
+            let mut found = None;
+            for slot in 0..permits {
+                let path = dir.join(format!("{stem}~slot{slot}.lock"));
+                if let Some(file) = try_flock(&path, false)? {
+                    found = Some(HeldFile { file, path });
+                    break;
+                }
+            }
+            found
+        }
+    };
+    let Some(held) = locked else {
+        return Ok(None);
+    };
+    let token = bump_fence(&dir.join(format!("{stem}~fence")))?;
+    Ok(Some((held, token)))
+}
+
+#[async_trait]
+impl LockStore for FileStore {
+    fn capabilities(&self) -> Capabilities {
+        FileStore::capabilities()
+    }
+
+    async fn open_session(&self, _options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        Ok(Box::new(FileSession {
+            dir: Arc::clone(&self.dir),
+            held: Arc::default(),
+        }))
+    }
+}
+
+type HeldFiles = Arc<Mutex<HashMap<String, HeldFile>>>;
+
+struct FileSession {
+    dir: Arc<PathBuf>,
+    held: HeldFiles,
+}
+
+fn held(files: &Mutex<HashMap<String, HeldFile>>) -> MutexGuard<'_, HashMap<String, HeldFile>> {
+    files
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl StoreSession for FileSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let dir = Arc::clone(&self.dir);
+        let (key, mode) = (request.key.clone(), request.mode);
+        // The attempt never blocks. If this future is dropped before the task
+        // answers, the task's result is dropped with it, closing the file and
+        // so dropping its flock: a cancelled acquire leaves no holder.
+        let Some((file, token)) = blocking(move || acquire_files(&dir, &key, mode)).await? else {
+            return Ok(None);
+        };
+        held(&self.held).insert(request.key.clone(), file);
+        Ok(Some(Grant::new(token)))
+    }
+
+    async fn release(&self, lock: &HeldLock) -> Result<()> {
+        // Closing the file drops its flock.
+        match held(&self.held).remove(&lock.key) {
+            Some(_) => Ok(()),
+            None => Err(Error::not_held(&lock.key)),
+        }
+    }
+
+    async fn renew(&self, locks: &[HeldLock]) -> Result<RenewReport> {
+        let files = Arc::clone(&self.held);
+        let keys: Vec<String> = locks.iter().map(|lock| lock.key.clone()).collect();
+        blocking(move || {
+            let files = held(&files);
+            let lost = keys
+                .into_iter()
+                .filter(|key| !files.get(key).is_some_and(HeldFile::still_ours))
+                .collect();
+            Ok(RenewReport::lost(lost))
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        held(&self.held).clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_short_keys_keep_their_name() {
+        assert_eq!(file_stem("nightly-report_v2.1"), "nightly-report_v2.1");
+    }
+
+    #[test]
+    fn odd_or_long_keys_get_a_cleaned_prefix_and_a_hash() {
+        let stem = file_stem("coupons/batch 7");
+        assert!(stem.starts_with("coupons_batch_7~"), "{stem}");
+        assert_ne!(
+            file_stem("a/b"),
+            file_stem("a b"),
+            "different keys, different hashes"
+        );
+        assert!(!file_stem("..").starts_with('.'));
+        let long = file_stem(&"x".repeat(1024));
+        assert!(long.len() <= READABLE_NAME_BYTES + 17, "{}", long.len());
+        assert_eq!(file_stem("ü"), file_stem("ü"), "stable");
+    }
+
+    #[test]
+    fn fence_counts_up_and_rejects_garbage() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("k~fence");
+        assert_eq!(bump_fence(&path).expect("bump"), 1);
+        assert_eq!(bump_fence(&path).expect("bump"), 2);
+        std::fs::write(&path, "not a number").expect("write");
+        let err = bump_fence(&path).expect_err("garbage is refused");
+        assert!(err.to_string().contains("is corrupt"), "{err}");
+    }
+}

@@ -1,0 +1,135 @@
+//! [`Guard`]: proof that a session holds a lock.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::time::{sleep_until, Instant};
+
+use crate::error::Result;
+use crate::session::{HeldEntry, SessionInner};
+use crate::store::Mode;
+
+/// Proof of holding a lock.
+///
+/// Write [`token`](Guard::token) alongside every change the lock protects,
+/// and race your work against [`lost`](Guard::lost).
+///
+/// # Drop
+///
+/// Dropping a guard without [`release`](Guard::release) gives up its hold in
+/// the background (on the current tokio runtime); the lock is released when
+/// the last reentrant guard of the key goes. Prefer `release().await`, which
+/// reports whether the lock was still held.
+#[must_use = "dropping a guard releases the lock"]
+pub struct Guard {
+    session: Arc<SessionInner>,
+    entry: Arc<HeldEntry>,
+    released: bool,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("key", &self.entry.lock.key)
+            .field("mode", &self.entry.lock.mode)
+            .field("token", &self.entry.lock.token)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+impl Guard {
+    pub(crate) fn new(session: Arc<SessionInner>, entry: Arc<HeldEntry>) -> Self {
+        Guard {
+            session,
+            entry,
+            released: false,
+        }
+    }
+
+    /// The fencing token: strictly greater than the token of every earlier
+    /// grant of this key, in every mode. Reentrant guards share it.
+    pub fn token(&self) -> u64 {
+        self.entry.lock.token
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.entry.lock.key
+    }
+
+    /// The mode it is held in.
+    pub fn mode(&self) -> Mode {
+        self.entry.lock.mode
+    }
+
+    /// Whether the lock is still held: not lost, not past its lease (as
+    /// measured from the send time of the last renewal that succeeded) and
+    /// not past `max_hold`.
+    pub fn is_held(&self) -> bool {
+        self.session.is_held(&self.entry)
+    }
+
+    /// Until when the lock is certainly held unless renewed, by this
+    /// process's monotonic clock; `None` where the store has no lease.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.session.deadline_of(&self.entry)
+    }
+
+    /// Resolves when the lock is lost: its lease ran out without a renewal,
+    /// the store said it is gone, `max_hold` passed, or the session ended.
+    /// It resolves before the store could grant the key to anyone else.
+    /// Cancel safe; resolves at once if the lock is already lost.
+    pub async fn lost(&self) {
+        let mut lease = self.session.subscribe_lease();
+        loop {
+            if !self.is_held() {
+                return;
+            }
+            let deadline = self.expires_at();
+            tokio::select! {
+                () = self.entry.lost.cancelled() => return,
+                () = async {
+                    match deadline {
+                        Some(deadline) => sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                // The sender lives in the session this guard keeps alive, so
+                // this only ever reports a new deadline.
+                _ = lease.changed() => {}
+            }
+        }
+    }
+
+    /// Gives up this hold; the last hold of the key releases it at the store.
+    /// `NotHeld` if the lock was lost first (it was then never released on
+    /// anyone else's behalf: releases are owner-checked).
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.session.release_hold(&self.entry).await
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.released || self.session.ended.is_cancelled() {
+            return;
+        }
+        let session = Arc::clone(&self.session);
+        let entry = Arc::clone(&self.entry);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(err) = session.release_hold(&entry).await {
+                        tracing::debug!(key = %entry.lock.key, "background release: {err}");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                key = %self.entry.lock.key,
+                "guard dropped outside a tokio runtime; the lock is held until the session ends"
+            ),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The core of distlock: the lock API, the store trait every store
+//! implements, the memory and file stores, and (with the `testkit` feature)
+//! the conformance suite every store must pass.
+//!
+//! Users depend on the `distlock` crate, which adds `connect(url)`; store
+//! authors depend on this one.
+//!
+//! ```
+//! # async fn demo() -> distlock_core::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use distlock_core::{Client, MemoryStore};
+//!
+//! let client = Client::new(Arc::new(MemoryStore::new()));
+//! let session = client.session().ttl(Duration::from_secs(15)).open().await?;
+//! let guard = session.lock("coupons/batch-7").wait(Duration::from_secs(5)).await?;
+//! assert_eq!(guard.token(), 1); // fencing token: write it with every change
+//! guard.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod backoff;
+mod client;
+mod error;
+mod file;
+mod guard;
+mod key;
+mod memory;
+mod request;
+mod session;
+pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use client::{Client, SessionBuilder, DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+pub use error::{Error, ErrorKind, Result};
+pub use file::FileStore;
+pub use guard::Guard;
+pub use key::{validate_key, MAX_KEY_BYTES};
+pub use memory::MemoryStore;
+pub use request::LockRequest;
+pub use session::Session;
+pub use store::{Capabilities, Fencing, LockStore, Mode, SessionModel};

@@ -1,0 +1,613 @@
+//! Sessions: the identity that owns locks, its renewal task, and the
+//! reentrancy table every store shares.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{watch, OwnedMutexGuard};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::error::{Error, ErrorKind, Result};
+use crate::guard::Guard;
+use crate::key::validate_key;
+use crate::request::LockRequest;
+use crate::store::{
+    AcquireRequest, Capabilities, Grant, HeldLock, LockStore, Mode, SessionModel, SessionOptions,
+    StoreSession,
+};
+
+/// What a session was opened with.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionConfig {
+    pub(crate) ttl: Duration,
+    pub(crate) lock_delay: Duration,
+    pub(crate) max_hold: Option<Duration>,
+}
+
+/// How long an acquire may wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    TryOnce,
+    Until(Instant),
+    Forever,
+}
+
+/// The margin taken off every lease so that the client gives a lock up
+/// before the store can: 1 % of the TTL for clock rate drift, plus 2 ms.
+pub(crate) fn drift_margin(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// Far enough ahead to mean "no deadline" without overflowing `Instant`.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 24 * 60 * 60)
+}
+
+/// A lock this session holds, shared by all its reentrant guards.
+#[derive(Debug)]
+pub(crate) struct HeldEntry {
+    pub(crate) lock: HeldLock,
+    /// Cancelled when this lock is lost or its session ends.
+    pub(crate) lost: CancellationToken,
+    pub(crate) max_hold_until: Option<Instant>,
+}
+
+/// The reentrant holds of one key.
+#[derive(Debug)]
+struct Hold {
+    entry: Arc<HeldEntry>,
+    count: usize,
+}
+
+/// Serializes this session's acquires and releases of one key, and counts
+/// its reentrant holds.
+type Gate = Arc<tokio::sync::Mutex<Option<Hold>>>;
+
+#[derive(Debug, Clone)]
+enum Ended {
+    Open,
+    Lost(String),
+    Closed,
+}
+
+pub(crate) struct SessionInner {
+    store: Arc<dyn StoreSession>,
+    pub(crate) caps: Capabilities,
+    config: SessionConfig,
+    gates: Mutex<HashMap<String, Gate>>,
+    /// The locks held now, for renewal and close.
+    held: Mutex<HashMap<String, Arc<HeldEntry>>>,
+    /// When the lease runs out unless renewed (`None`: the store's sessions
+    /// have no lease, e.g. a process).
+    lease: watch::Sender<Option<Instant>>,
+    /// Cancelled when the session is lost or closed.
+    pub(crate) ended: CancellationToken,
+    state: Mutex<Ended>,
+    frozen: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these mutexes stays consistent at every await-free
+    // step, so a panic elsewhere cannot leave it half-changed.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A session: the identity that owns locks, kept alive by a lease that a
+/// background task renews every third of the TTL.
+///
+/// Cheap to clone and to share between tasks; all clones are one session, so
+/// locks taken through any of them are reentrant for all. When renewal fails
+/// for a whole lease, the session is lost and every guard reports
+/// [`Guard::lost`]. [`close`](Session::close) releases everything; dropping
+/// the last clone (and every guard) closes it in the background.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) inner: Arc<SessionInner>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("store", &self.inner.caps.name)
+            .field("ttl", &self.inner.config.ttl)
+            .field("state", &*lock(&self.inner.state))
+            .finish()
+    }
+}
+
+impl Session {
+    pub(crate) async fn open(store: Arc<dyn LockStore>, config: SessionConfig) -> Result<Session> {
+        let caps = store.capabilities();
+        let sent = Instant::now();
+        let options = SessionOptions::new(config.ttl, config.lock_delay);
+        let store_session: Arc<dyn StoreSession> = Arc::from(store.open_session(&options).await?);
+        let lease = (caps.session != SessionModel::Process)
+            .then(|| sent + config.ttl - drift_margin(config.ttl));
+        let inner = Arc::new(SessionInner {
+            store: store_session,
+            caps,
+            config,
+            gates: Mutex::default(),
+            held: Mutex::default(),
+            lease: watch::Sender::new(lease),
+            ended: CancellationToken::new(),
+            state: Mutex::new(Ended::Open),
+            frozen: AtomicBool::new(false),
+        });
+        tokio::spawn(renew_loop(Arc::downgrade(&inner), inner.ended.clone()));
+        Ok(Session { inner })
+    }
+
+    /// An exclusive lock on `key`.
+    pub fn lock(&self, key: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), key.into(), Mode::Exclusive)
+    }
+
+    /// A shared (read) lock on `key`: many readers together, never with a
+    /// writer. Writers are preferred where the store says
+    /// `writer_preferring`: a reader arriving after a waiting writer waits.
+    pub fn read(&self, key: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), key.into(), Mode::Shared)
+    }
+
+    /// An exclusive (write) lock on `key`, excluding readers and writers.
+    pub fn write(&self, key: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), key.into(), Mode::Exclusive)
+    }
+
+    /// One permit of a counting semaphore on `key` that admits `permits`
+    /// holders at once. A session holds at most one permit of a key; a
+    /// second request from the same session is reentrant. Use one session per
+    /// worker for separate permits.
+    pub fn semaphore(&self, key: impl Into<String>, permits: u32) -> LockRequest {
+        LockRequest::new(self.clone(), key.into(), Mode::Semaphore { permits })
+    }
+
+    /// What the store supports.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// The session's lease.
+    pub fn ttl(&self) -> Duration {
+        self.inner.config.ttl
+    }
+
+    /// Until when the lease certainly holds, by this process's monotonic
+    /// clock; `None` for stores whose sessions have no lease.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        *self.inner.lease.borrow()
+    }
+
+    /// Whether the session was lost (lease ran out or the store ended it).
+    pub fn is_lost(&self) -> bool {
+        matches!(*lock(&self.inner.state), Ended::Lost(_))
+    }
+
+    /// Releases every lock of the session and ends it at the store. Guards
+    /// still alive report `lost()`; releasing them afterwards is `NotHeld`.
+    pub async fn close(&self) -> Result<()> {
+        {
+            let mut state = lock(&self.inner.state);
+            if !matches!(*state, Ended::Open) {
+                return Ok(());
+            }
+            *state = Ended::Closed;
+        }
+        self.inner.ended.cancel();
+        lock(&self.inner.held).clear();
+        self.inner.store.close().await
+    }
+
+    /// Test hook: stop renewing, as if the process froze, so the lease runs
+    /// out at the store while the guards still exist.
+    #[doc(hidden)]
+    pub fn freeze_for_test(&self) {
+        self.inner.frozen.store(true, Ordering::SeqCst);
+        self.inner.store.freeze_for_test();
+    }
+
+    /// Test hook: ask the store to release `key` for this session without
+    /// holding it, to check that stores refuse foreign releases.
+    #[doc(hidden)]
+    pub async fn release_unheld_for_test(&self, key: &str, mode: Mode) -> Result<()> {
+        let lock = HeldLock {
+            key: key.to_owned(),
+            mode,
+            token: 0,
+        };
+        self.inner.store.release(&lock).await
+    }
+}
+
+impl SessionInner {
+    fn ended_error(&self) -> Error {
+        match &*lock(&self.state) {
+            Ended::Open => Error::new(ErrorKind::Closed, "session is ending"),
+            Ended::Lost(why) => Error::lost(format!("session lost: {why}; open a new session")),
+            Ended::Closed => Error::new(
+                ErrorKind::Closed,
+                "session was closed; open a new session to lock again",
+            ),
+        }
+    }
+
+    /// Ends the session as lost: every guard's `lost()` fires.
+    fn lose(&self, why: String) {
+        {
+            let mut state = lock(&self.state);
+            if !matches!(*state, Ended::Open) {
+                return;
+            }
+            tracing::warn!(store = self.caps.name, "session lost: {why}");
+            *state = Ended::Lost(why);
+        }
+        self.ended.cancel();
+    }
+
+    /// The instant past which `entry` is not held, if any.
+    pub(crate) fn deadline_of(&self, entry: &HeldEntry) -> Option<Instant> {
+        let lease = *self.lease.borrow();
+        match (lease, entry.max_hold_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub(crate) fn is_held(&self, entry: &HeldEntry) -> bool {
+        !entry.lost.is_cancelled()
+            && self
+                .deadline_of(entry)
+                .is_none_or(|deadline| Instant::now() < deadline)
+    }
+
+    pub(crate) fn subscribe_lease(&self) -> watch::Receiver<Option<Instant>> {
+        self.lease.subscribe()
+    }
+
+    fn gate(&self, key: &str) -> Gate {
+        Arc::clone(lock(&self.gates).entry(key.to_owned()).or_default())
+    }
+
+    /// Drops the gate of `key` if nobody holds or waits on it.
+    fn tidy_gate(&self, key: &str, gate: Gate) {
+        let mut gates = lock(&self.gates);
+        // Two references: the map's and ours.
+        let idle = Arc::strong_count(&gate) == 2
+            && gate.try_lock().map(|slot| slot.is_none()).unwrap_or(false);
+        if idle {
+            gates.remove(key);
+        }
+    }
+
+    fn forget_held(&self, entry: &Arc<HeldEntry>) {
+        let mut held = lock(&self.held);
+        if held
+            .get(&entry.lock.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            held.remove(&entry.lock.key);
+        }
+    }
+
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        key: String,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Option<Guard>> {
+        validate_key(&key)?;
+        self.check_mode(mode)?;
+        if self.ended.is_cancelled() {
+            return Err(self.ended_error());
+        }
+        let gate = self.gate(&key);
+        let slot = match wait {
+            // Another task of this session is acquiring or releasing the key
+            // right now; for a non-blocking attempt that counts as busy.
+            Wait::TryOnce => Arc::clone(&gate).try_lock_owned().ok(),
+            Wait::Until(deadline) => {
+                tokio::time::timeout_at(deadline, Arc::clone(&gate).lock_owned())
+                    .await
+                    .ok()
+            }
+            Wait::Forever => Some(Arc::clone(&gate).lock_owned().await),
+        };
+        let result = match slot {
+            Some(slot) => self.acquire_in_gate(slot, &key, mode, wait).await,
+            None => Ok(None),
+        };
+        self.tidy_gate(&key, gate);
+        match (result, wait) {
+            (Ok(None), Wait::Until(_)) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("timed out waiting for '{key}': another session still holds it"),
+            )),
+            (result, _) => result,
+        }
+    }
+
+    async fn acquire_in_gate(
+        self: &Arc<Self>,
+        mut slot: OwnedMutexGuard<Option<Hold>>,
+        key: &str,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Option<Guard>> {
+        if let Some(hold) = slot.as_mut() {
+            if self.is_held(&hold.entry) {
+                if !hold.entry.lock.mode.covers(mode) {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "this session holds '{key}' as {} and asked for it as {mode}; \
+                             release it first (upgrading in place would wait forever)",
+                            hold.entry.lock.mode
+                        ),
+                    ));
+                }
+                hold.count += 1;
+                return Ok(Some(Guard::new(Arc::clone(self), Arc::clone(&hold.entry))));
+            }
+            // The old hold was lost: its guards will find it gone and say
+            // NotHeld; this request starts afresh at the store.
+            self.forget_held(&hold.entry);
+            *slot = None;
+        }
+        let sent = Instant::now();
+        let Some(grant) = self.acquire_at_store(key, mode, wait).await? else {
+            return Ok(None);
+        };
+        let entry = Arc::new(HeldEntry {
+            lock: HeldLock {
+                key: key.to_owned(),
+                mode,
+                token: grant.token,
+            },
+            lost: self.ended.child_token(),
+            max_hold_until: self.config.max_hold.map(|max| sent + max),
+        });
+        if self.ended.is_cancelled() {
+            // Lost or closed while the grant was on its way: give it back.
+            let _ = self.store.release(&entry.lock).await;
+            return Err(self.ended_error());
+        }
+        lock(&self.held).insert(key.to_owned(), Arc::clone(&entry));
+        *slot = Some(Hold {
+            entry: Arc::clone(&entry),
+            count: 1,
+        });
+        if let Some(until) = entry.max_hold_until {
+            tokio::spawn(expire_at_max_hold(
+                Arc::downgrade(self),
+                Arc::clone(&entry),
+                until,
+            ));
+        }
+        Ok(Some(Guard::new(Arc::clone(self), entry)))
+    }
+
+    fn check_mode(&self, mode: Mode) -> Result<()> {
+        let unsupported = |what: &str| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!("the {} store does not support {what}", self.caps.name),
+            )
+        };
+        match mode {
+            Mode::Exclusive => Ok(()),
+            Mode::Shared if !self.caps.shared => Err(unsupported("shared (read) locks")),
+            Mode::Shared => Ok(()),
+            Mode::Semaphore { .. } if !self.caps.semaphore => Err(unsupported("semaphores")),
+            Mode::Semaphore { permits: 0 } => Err(Error::config(
+                "a semaphore needs at least 1 permit; semaphore(key, 0) would never admit anyone",
+            )),
+            Mode::Semaphore { .. } => Ok(()),
+        }
+    }
+
+    /// Asks the store, waiting by push where it can and by jittered backoff
+    /// where it cannot. Ends early if the session ends.
+    async fn acquire_at_store(&self, key: &str, mode: Mode, wait: Wait) -> Result<Option<Grant>> {
+        let deadline = match wait {
+            Wait::TryOnce => None,
+            Wait::Until(deadline) => Some(deadline),
+            Wait::Forever => Some(far_future()),
+        };
+        let mut request = AcquireRequest::new(key, mode);
+        if self.caps.push_wakeup {
+            request.wait_until = deadline;
+            return tokio::select! {
+                granted = self.store.acquire(&request) => granted,
+                () = self.ended.cancelled() => Err(self.ended_error()),
+            };
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+        loop {
+            let granted = tokio::select! {
+                granted = self.store.acquire(&request) => granted?,
+                () = self.ended.cancelled() => return Err(self.ended_error()),
+            };
+            let now = Instant::now();
+            match (granted, deadline) {
+                (Some(grant), _) => return Ok(Some(grant)),
+                (None, Some(deadline)) if now < deadline => {
+                    let pause = backoff.next_delay().min(deadline - now);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.ended.cancelled() => return Err(self.ended_error()),
+                    }
+                }
+                (None, _) => return Ok(None),
+            }
+        }
+    }
+
+    /// Gives up one reentrant hold; the last one releases at the store.
+    pub(crate) async fn release_hold(&self, entry: &Arc<HeldEntry>) -> Result<()> {
+        let key = &entry.lock.key;
+        let gate = self.gate(key);
+        let result = {
+            let mut slot = gate.lock().await;
+            match slot.as_mut() {
+                Some(hold) if Arc::ptr_eq(&hold.entry, entry) => {
+                    hold.count -= 1;
+                    let was_held = self.is_held(entry);
+                    let released = if hold.count == 0 {
+                        *slot = None;
+                        self.forget_held(entry);
+                        self.store.release(&entry.lock).await
+                    } else {
+                        Ok(())
+                    };
+                    match released {
+                        Ok(()) if !was_held => Err(Error::new(
+                            ErrorKind::NotHeld,
+                            format!("the lock on '{key}' was lost before it was released"),
+                        )),
+                        other => other,
+                    }
+                }
+                _ => Err(Error::not_held(key)),
+            }
+        };
+        self.tidy_gate(key, gate);
+        result
+    }
+
+    /// Marks `entry` lost and gives it back to the store: used when the
+    /// store reports a lock gone and when `max_hold` runs out.
+    async fn drop_lost(&self, entry: &Arc<HeldEntry>) {
+        entry.lost.cancel();
+        self.forget_held(entry);
+        let gate = self.gate(&entry.lock.key);
+        {
+            let mut slot = gate.lock().await;
+            if slot
+                .as_ref()
+                .is_some_and(|hold| Arc::ptr_eq(&hold.entry, entry))
+            {
+                *slot = None;
+                if let Err(err) = self.store.release(&entry.lock).await {
+                    tracing::debug!(key = %entry.lock.key, "release after loss: {err}");
+                }
+            }
+        }
+        self.tidy_gate(&entry.lock.key, gate);
+    }
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        if !matches!(*lock(&self.state), Ended::Open) {
+            return;
+        }
+        self.ended.cancel();
+        let store = Arc::clone(&self.store);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store.close().await {
+                    tracing::debug!("closing a dropped session: {err}");
+                }
+            });
+        }
+    }
+}
+
+async fn expire_at_max_hold(session: Weak<SessionInner>, entry: Arc<HeldEntry>, until: Instant) {
+    tokio::select! {
+        () = sleep_until(until) => {}
+        () = entry.lost.cancelled() => return,
+    }
+    if let Some(session) = session.upgrade() {
+        tracing::info!(key = %entry.lock.key, "max_hold reached: releasing the lock");
+        session.drop_lost(&entry).await;
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the session every third of its TTL. The lease deadline only moves
+/// forward to `send time + TTL − drift` of a renewal that succeeded, so the
+/// client always gives up a lock before the store can.
+async fn renew_loop(session: Weak<SessionInner>, ended: CancellationToken) {
+    let Some(ttl) = session.upgrade().map(|s| s.config.ttl) else {
+        return;
+    };
+    let every = ttl / 3;
+    let retry_after = (ttl / 10).max(Duration::from_millis(10));
+    let mut next = Instant::now() + every;
+    loop {
+        let deadline = match session.upgrade() {
+            Some(session) => *session.lease.borrow(),
+            None => return,
+        };
+        tokio::select! {
+            () = ended.cancelled() => return,
+            () = sleep_until(next) => {}
+            () = sleep_until_some(deadline) => {
+                if let Some(session) = session.upgrade() {
+                    session.lose(format!("no renewal succeeded within the {ttl:?} lease"));
+                }
+                return;
+            }
+        }
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        if session.frozen.load(Ordering::SeqCst) {
+            next = Instant::now() + every;
+            continue;
+        }
+        let held: Vec<HeldLock> = lock(&session.held)
+            .values()
+            .map(|entry| entry.lock.clone())
+            .collect();
+        let sent = Instant::now();
+        let renewed = tokio::select! {
+            renewed = session.store.renew(&held) => renewed,
+            () = ended.cancelled() => return,
+            () = sleep_until_some(deadline) => {
+                session.lose(format!("renewal did not answer within the {ttl:?} lease"));
+                return;
+            }
+        };
+        match renewed {
+            Ok(report) => {
+                if deadline.is_some() {
+                    session
+                        .lease
+                        .send_replace(Some(sent + ttl - drift_margin(ttl)));
+                }
+                next = sent + every;
+                for key in report.lost_keys {
+                    let entry = lock(&session.held).get(&key).cloned();
+                    if let Some(entry) = entry {
+                        tracing::warn!(%key, "the store says this lock is gone");
+                        session.drop_lost(&entry).await;
+                    }
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::Lost => {
+                session.lose(err.to_string());
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(store = session.caps.name, "renewal failed, retrying: {err}");
+                next = Instant::now() + retry_after;
+            }
+        }
+    }
+}

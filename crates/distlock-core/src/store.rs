@@ -1,0 +1,280 @@
+//! The store trait: what a lock store must do, and nothing more.
+//!
+//! A store speaks its own protocol and implements two small traits:
+//! [`LockStore`] opens sessions, [`StoreSession`] acquires, releases and
+//! renews on behalf of one session. Everything convenient — reentrancy,
+//! renewal timing, `lost()`, waiting with backoff for stores that cannot push,
+//! guards — is written once in the core on top of these.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::error::Result;
+
+/// How a lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// One holder at a time (`lock` and `write`).
+    Exclusive,
+    /// Many readers together, never with a writer (`read`).
+    Shared,
+    /// Up to `permits` holders together (`semaphore`).
+    Semaphore {
+        /// How many holders the semaphore admits at once.
+        permits: u32,
+    },
+}
+
+impl Mode {
+    /// Whether a session that holds a key in `self` may take it again in
+    /// `wanted` as a reentrant hold (same token). A stronger hold covers a
+    /// weaker request; the reverse would be an upgrade, which deadlocks.
+    pub fn covers(self, wanted: Mode) -> bool {
+        match (self, wanted) {
+            (Mode::Exclusive, Mode::Exclusive | Mode::Shared) => true,
+            (Mode::Shared, Mode::Shared) => true,
+            (Mode::Semaphore { permits: a }, Mode::Semaphore { permits: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::Exclusive => f.write_str("exclusive"),
+            Mode::Shared => f.write_str("shared"),
+            Mode::Semaphore { permits } => write!(f, "semaphore({permits})"),
+        }
+    }
+}
+
+/// What identifies a session to the store and keeps it alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionModel {
+    /// A lease with a TTL, renewed by the core; it expires when renewals stop.
+    Lease,
+    /// A connection to the store; locks go when the connection goes.
+    Connection,
+    /// The operating-system process; locks go when it exits or releases.
+    Process,
+}
+
+/// How strong the fencing tokens of a store are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fencing {
+    /// Strictly increasing per key while the store runs; reset if it restarts.
+    InProcess,
+    /// Strictly increasing per key, kept on disk: never goes backwards, not
+    /// across a crash or restart of the store.
+    Durable,
+}
+
+/// What a store supports. The conformance suite runs a behaviour only where
+/// the store claims it, and the README's store table is made from these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The store's name, as in its URL scheme.
+    pub name: &'static str,
+    /// Waiters are granted in arrival order.
+    pub fair: bool,
+    /// `read`/`write` with many readers at once.
+    pub shared: bool,
+    /// Readers that arrive after a waiting writer wait behind it.
+    pub writer_preferring: bool,
+    /// Counting semaphores.
+    pub semaphore: bool,
+    /// The store wakes waiters itself; it waits up to the deadline in
+    /// [`AcquireRequest::wait_until`]. Without it the core polls with
+    /// jittered exponential backoff.
+    pub push_wakeup: bool,
+    /// How strong the fencing tokens are.
+    pub fencing: Fencing,
+    /// A session's locks are freed when its lease runs out.
+    pub lease_expiry: bool,
+    /// After a session expires, its keys stay blocked for the session's
+    /// lock-delay.
+    pub lock_delay: bool,
+    /// Held locks and tokens survive a restart of the store.
+    pub survives_restart: bool,
+    /// What a session is.
+    pub session: SessionModel,
+}
+
+impl Capabilities {
+    /// A starting point for a store's declaration: exclusive locks only,
+    /// polled, in-process tokens, lease sessions. Set what your store adds.
+    pub fn minimal(name: &'static str) -> Self {
+        Capabilities {
+            name,
+            fair: false,
+            shared: false,
+            writer_preferring: false,
+            semaphore: false,
+            push_wakeup: false,
+            fencing: Fencing::InProcess,
+            lease_expiry: false,
+            lock_delay: false,
+            survives_restart: false,
+            session: SessionModel::Lease,
+        }
+    }
+}
+
+/// What a session asks of the store when it opens.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionOptions {
+    /// The lease: how long the store keeps the session without a renewal.
+    pub ttl: Duration,
+    /// How long a key stays blocked after this session expires holding it.
+    pub lock_delay: Duration,
+}
+
+impl SessionOptions {
+    /// Options with the given lease and lock-delay.
+    pub fn new(ttl: Duration, lock_delay: Duration) -> Self {
+        SessionOptions { ttl, lock_delay }
+    }
+}
+
+/// One acquire attempt.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AcquireRequest {
+    /// The key, already validated.
+    pub key: String,
+    /// The mode wanted.
+    pub mode: Mode,
+    /// For stores with [`Capabilities::push_wakeup`]: wait until this instant
+    /// for the grant, `None` to try once. Stores without push wake-up are
+    /// always asked to try once.
+    pub wait_until: Option<Instant>,
+}
+
+impl AcquireRequest {
+    /// A request for `key` in `mode`, trying once.
+    pub fn new(key: impl Into<String>, mode: Mode) -> Self {
+        AcquireRequest {
+            key: key.into(),
+            mode,
+            wait_until: None,
+        }
+    }
+}
+
+/// A lock the store granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Grant {
+    /// The fencing token: strictly greater than every earlier grant of the key.
+    pub token: u64,
+}
+
+impl Grant {
+    /// A grant with this fencing token.
+    pub fn new(token: u64) -> Self {
+        Grant { token }
+    }
+}
+
+/// A lock as the session holds it, passed back to the store to release or
+/// renew it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLock {
+    /// The key.
+    pub key: String,
+    /// The mode it is held in.
+    pub mode: Mode,
+    /// The token of its grant.
+    pub token: u64,
+}
+
+/// What a renewal found.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RenewReport {
+    /// Keys the store says this session no longer holds (deleted, expired,
+    /// taken over). Their guards report `lost()`.
+    pub lost_keys: Vec<String>,
+}
+
+impl RenewReport {
+    /// A report that every lock is still held.
+    pub fn all_held() -> Self {
+        RenewReport::default()
+    }
+
+    /// A report naming the keys that are gone.
+    pub fn lost(lost_keys: Vec<String>) -> Self {
+        RenewReport { lost_keys }
+    }
+}
+
+/// A lock store: opens sessions. Cheap to share (`Arc<dyn LockStore>`).
+#[async_trait]
+pub trait LockStore: fmt::Debug + Send + Sync + 'static {
+    /// What this store supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Opens a session with the given lease. Errors if the store cannot be
+    /// reached, saying where it was looked for.
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>>;
+}
+
+/// One session as the store sees it.
+///
+/// The core guarantees that it holds each key at most once per session (it
+/// counts reentrant holds itself), and that it never calls `acquire` twice
+/// at once for the same key.
+#[async_trait]
+pub trait StoreSession: Send + Sync + 'static {
+    /// Tries to acquire, waiting up to `request.wait_until` if the store has
+    /// push wake-up. `Ok(None)` means the key was busy (or the wait ran out).
+    ///
+    /// Must be cancel safe: if the future is dropped, the session is left
+    /// holding nothing new and no waiter of it stays queued.
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>>;
+
+    /// Releases a lock this session holds; `NotHeld` if it does not hold it
+    /// (any more). Never releases another session's lock.
+    async fn release(&self, lock: &HeldLock) -> Result<()>;
+
+    /// Renews the session's lease (and, for stores with a TTL per key, every
+    /// held lock). `Err` with [`ErrorKind::Lost`](crate::ErrorKind::Lost)
+    /// means the whole session is gone; other errors are retried until the
+    /// lease runs out.
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport>;
+
+    /// Ends the session, releasing everything it holds.
+    async fn close(&self) -> Result<()>;
+
+    /// Test hook: stop answering for this session as if its process froze,
+    /// so that its lease runs out at the store. Stores whose sessions cannot
+    /// expire ignore it.
+    #[doc(hidden)]
+    fn freeze_for_test(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stronger_holds_cover_weaker_requests_only() {
+        assert!(Mode::Exclusive.covers(Mode::Shared));
+        assert!(Mode::Exclusive.covers(Mode::Exclusive));
+        assert!(Mode::Shared.covers(Mode::Shared));
+        assert!(!Mode::Shared.covers(Mode::Exclusive));
+        let two = Mode::Semaphore { permits: 2 };
+        assert!(two.covers(two));
+        assert!(!two.covers(Mode::Semaphore { permits: 3 }));
+        assert!(!Mode::Exclusive.covers(two));
+    }
+}

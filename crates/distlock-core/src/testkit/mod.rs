@@ -1,0 +1,151 @@
+//! The conformance suite: the behaviours every store must show, run against
+//! real servers, never mocks.
+//!
+//! A store crate runs it with one line in a test file:
+//!
+//! ```text
+//! async fn connect() -> distlock_core::Client { /* start or reach the store */ }
+//! distlock_core::conformance_suite!(connect);
+//! ```
+//!
+//! That makes one `#[test]` per behaviour. A behaviour that needs a
+//! capability the store does not declare is skipped, and the skip is printed
+//! (past the test harness's capture) as `SKIP <store>: <test>: <reason>`.
+
+mod behaviours;
+
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use crate::{Capabilities, Client, Session};
+
+pub use behaviours::*;
+
+/// How a behaviour ended, if it did not panic.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every assertion held.
+    Passed,
+    /// The store does not claim what the behaviour needs.
+    Skipped(&'static str),
+}
+
+/// What a behaviour gets: a client on the store under test and keys of its
+/// own, so behaviours can share one store and run at once.
+#[derive(Debug)]
+pub struct Kit {
+    client: Client,
+    caps: Capabilities,
+    prefix: String,
+}
+
+impl Kit {
+    /// A kit for the behaviour `name`.
+    pub fn new(client: Client, name: &str) -> Self {
+        let caps = client.capabilities();
+        let prefix = format!("conformance/{name}/{:08x}", rand::random::<u32>());
+        Kit {
+            client,
+            caps,
+            prefix,
+        }
+    }
+
+    /// The client under test.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The store's capabilities.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// A key unique to this behaviour and run.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// A session with a lease long enough never to lapse by accident.
+    pub async fn session(&self) -> Session {
+        self.session_with(Duration::from_secs(10), Duration::ZERO)
+            .await
+    }
+
+    /// A session with the given lease and lock-delay.
+    pub async fn session_with(&self, ttl: Duration, lock_delay: Duration) -> Session {
+        self.client
+            .session()
+            .ttl(ttl)
+            .lock_delay(lock_delay)
+            .open()
+            .await
+            .expect("open a session on the store under test")
+    }
+}
+
+/// Runs one behaviour on a fresh multi-threaded runtime: `connect` makes the
+/// client, `behaviour` checks it. Panics on failure; prints skips.
+pub fn run<C, CF, B, BF>(name: &str, connect: C, behaviour: B)
+where
+    C: FnOnce() -> CF,
+    CF: Future<Output = Client>,
+    B: FnOnce(Kit) -> BF,
+    BF: Future<Output = Outcome>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime for the suite");
+    runtime.block_on(async {
+        let client = connect().await;
+        let store = client.capabilities().name;
+        if let Outcome::Skipped(why) = behaviour(Kit::new(client, name)).await {
+            // Straight to stderr: the harness captures only print macros.
+            let _ = writeln!(std::io::stderr(), "SKIP {store}: {name}: {why}");
+        }
+    });
+}
+
+/// Makes one `#[test]` per conformance behaviour, each connecting with the
+/// given `async fn() -> Client`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($connect:path) => {
+        $crate::conformance_suite!(@each $connect;
+            exclusion_under_contention,
+            reentrant_holds_share_a_token,
+            reentrant_upgrade_is_refused,
+            try_lock_on_held_key_is_none,
+            wait_times_out,
+            foreign_release_is_refused,
+            release_after_loss_is_not_held,
+            lease_expiry_frees_after_holder_vanishes,
+            lost_fires_before_regrant,
+            lock_delay_blocks_after_expiry,
+            renewal_keeps_lock_past_ttl,
+            tokens_increase_across_holders_and_modes,
+            fifo_order,
+            shared_admits_readers_together,
+            shared_excludes_writers,
+            writers_are_preferred,
+            semaphore_admits_exactly_n,
+            cancelled_acquire_leaves_no_trace,
+            close_releases_all,
+            bad_keys_are_rejected,
+            dropped_guard_releases_in_background,
+            max_hold_releases,
+            waiter_whose_session_dies_leaves_queue,
+        );
+    };
+    (@each $connect:path; $($behaviour:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $behaviour() {
+                $crate::testkit::run(stringify!($behaviour), $connect, $crate::testkit::$behaviour);
+            }
+        )*
+    };
+}

@@ -1,0 +1,11 @@
+//! The conformance suite against the memory store.
+
+use std::sync::Arc;
+
+use distlock_core::{Client, MemoryStore};
+
+async fn connect() -> Client {
+    Client::new(Arc::new(MemoryStore::named("conformance")))
+}
+
+distlock_core::conformance_suite!(connect);
