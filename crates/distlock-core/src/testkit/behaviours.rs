@@ -116,7 +116,7 @@ pub async fn reentrant_upgrade_is_refused(kit: Kit) -> Outcome {
         .await
         .expect_err("upgrade must fail");
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
-    let downgrade = session.write(&kit.key("downgrade")).await.expect("write");
+    let downgrade = session.write(kit.key("downgrade")).await.expect("write");
     let nested = session
         .read(downgrade.key())
         .try_lock()

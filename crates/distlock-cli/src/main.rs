@@ -1,0 +1,123 @@
+//! `distlock`: run a command while holding a lock, benchmark a store, list
+//! the stores.
+//!
+//! Exit codes: `run` passes on its command's code, 75 when the lock could not
+//! be had within `--wait`, 76 when the lock was lost while the command ran;
+//! every subcommand exits 2 on bad usage or when the store cannot be reached.
+
+mod bench;
+mod run;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad usage or an unreachable store.
+const EXIT_USAGE: u8 = 2;
+
+/// distlock: distributed locks with fencing tokens, over many stores.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command while holding a lock.
+    ///
+    /// The command gets DISTLOCK_TOKEN (the fencing token) and DISTLOCK_KEY.
+    /// Signals sent to distlock are forwarded to it. If the lock is at risk
+    /// (renewals failing) the command gets SIGTERM, and SIGKILL when the lock
+    /// is lost. Exit code: the command's own; 75 if the lock could not be had
+    /// within --wait; 76 if it was lost; 2 for bad usage or an unreachable
+    /// store.
+    Run(run::RunArgs),
+    /// Load a store and report throughput, latency, fairness and violations.
+    Bench(bench::BenchArgs),
+    /// List the stores of this build and what each supports.
+    Stores,
+}
+
+/// Where the store is: `--url` or `DISTLOCK_URL`.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The store URL, e.g. file:///var/lock/distlock or memory://; see
+    /// `distlock stores`.
+    #[arg(long, env = "DISTLOCK_URL")]
+    url: Option<String>,
+}
+
+impl StoreArgs {
+    async fn connect(&self) -> anyhow::Result<distlock::Client> {
+        let Some(url) = &self.url else {
+            anyhow::bail!(
+                "no store URL: pass --url or set DISTLOCK_URL, e.g. --url file:///tmp/distlock \
+                 (`distlock stores` lists the stores of this build)"
+            );
+        };
+        Ok(distlock::connect(url).await?)
+    }
+}
+
+/// Parses durations written like `300ms`, `15s` or `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|err| format!("{err}; write durations like 300ms, 15s or 2m"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("distlock: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Bench(args) => bench::bench(args).await,
+            Command::Stores => {
+                print!("{}", distlock::capability_table());
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    // Do not wait for background tasks (renewals, releases) at exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("distlock: {}", describe(&err));
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// The error and its causes, each said once: library messages often quote
+/// their cause already.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}

@@ -1,0 +1,219 @@
+//! `distlock run`: hold a lock while a command runs.
+
+use std::io::IsTerminal;
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use distlock::{ErrorKind, Guard};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, Instant};
+
+use crate::{parse_duration, StoreArgs};
+
+/// Exit code when the lock could not be had within `--wait`.
+pub const EXIT_NOT_ACQUIRED: u8 = 75;
+/// Exit code when the lock was lost while the command ran.
+pub const EXIT_LOST: u8 = 76;
+
+/// How long a command has between SIGTERM and SIGKILL once the store has
+/// said the lock is gone.
+const KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// Signals passed on to the command.
+const FORWARDED: [SignalKind; 6] = [
+    SignalKind::interrupt(),
+    SignalKind::terminate(),
+    SignalKind::hangup(),
+    SignalKind::quit(),
+    SignalKind::user_defined1(),
+    SignalKind::user_defined2(),
+];
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The lock key: any UTF-8 string of 1 to 1024 bytes.
+    #[arg(long)]
+    key: String,
+    /// The session lease, renewed every third of it while the command runs.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease: Duration,
+    /// Give up (exit 75) if the lock is not had within this long; 0s tries
+    /// once. Default: wait as long as it takes.
+    #[arg(long, value_parser = parse_duration)]
+    wait: Option<Duration>,
+    /// Take one of N permits of a semaphore instead of an exclusive lock.
+    #[arg(long, value_name = "N", conflicts_with = "shared")]
+    semaphore: Option<u32>,
+    /// Take a shared (read) lock instead of an exclusive one.
+    #[arg(long)]
+    shared: bool,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    distlock::validate_key(&args.key)?;
+    let client = args.store.connect().await?;
+    let session = client
+        .session()
+        .ttl(args.lease)
+        .open()
+        .await
+        .context("cannot open a session")?;
+    let request = match (args.semaphore, args.shared) {
+        (Some(permits), _) => session.semaphore(&args.key, permits),
+        (None, true) => session.read(&args.key),
+        (None, false) => session.lock(&args.key),
+    };
+    if std::io::stderr().is_terminal() {
+        eprintln!("distlock: waiting for '{}'…", args.key);
+    }
+    let acquired = match args.wait {
+        Some(Duration::ZERO) => request.try_lock().await,
+        Some(wait) => request.wait(wait).await.map(Some),
+        None => request.await.map(Some),
+    };
+    let guard = match acquired {
+        Ok(Some(guard)) => guard,
+        Ok(None) => return not_acquired(&args.key, "it is held by another session"),
+        Err(err) if err.kind() == ErrorKind::Timeout => {
+            return not_acquired(
+                &args.key,
+                &format!("still held after {:?}", args.wait.unwrap_or_default()),
+            )
+        }
+        Err(err) => return Err(err).context(format!("cannot lock '{}'", args.key)),
+    };
+
+    let child = Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("DISTLOCK_TOKEN", guard.token().to_string())
+        .env("DISTLOCK_KEY", &args.key)
+        .stdin(Stdio::inherit())
+        .spawn();
+    let outcome = match child {
+        Ok(child) => supervise(child, &guard, args.lease).await,
+        Err(err) => {
+            eprintln!("distlock: cannot run '{}': {err}", args.command[0]);
+            let code = if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            Ok(ExitCode::from(code))
+        }
+    };
+    // A lost guard's release fails with NotHeld; the exit code says it.
+    let _ = guard.release().await;
+    let _ = session.close().await;
+    outcome
+}
+
+fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("distlock: did not get the lock '{key}': {why}");
+    Ok(ExitCode::from(EXIT_NOT_ACQUIRED))
+}
+
+fn send(child: &Child, signal: Signal) {
+    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        // The child may have just exited; nothing to do then.
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
+/// When to warn the command: a third of the lease before the lock would be
+/// lost, which only comes when renewals have been failing.
+fn at_risk_instant(guard: &Guard, lease: Duration) -> Option<Instant> {
+    guard
+        .expires_at()
+        .map(|deadline| deadline.checked_sub(lease / 3).unwrap_or(deadline))
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the command, forwarding signals, and stops it if the lock is
+/// lost: SIGTERM when the lock is at risk, SIGKILL when it is lost (or a
+/// grace period after SIGTERM when the store reports the loss directly).
+async fn supervise(mut child: Child, guard: &Guard, lease: Duration) -> anyhow::Result<ExitCode> {
+    let mut signals = forward_signals()?;
+    let mut terminated = false;
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.context("cannot wait for the command")?;
+                if lost {
+                    eprintln!("distlock: lost the lock '{}'; the command was stopped", guard.key());
+                    return Ok(ExitCode::from(EXIT_LOST));
+                }
+                return Ok(exit_code(status));
+            }
+            Some(kind) = signals.recv() => {
+                if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
+                    send(&child, signal);
+                }
+            }
+            () = sleep_until_some(at_risk_instant(guard, lease)), if !terminated && !lost => {
+                if guard.is_held() && at_risk_instant(guard, lease).is_some_and(|at| at <= Instant::now()) {
+                    eprintln!("distlock: the lock '{}' is at risk (renewals failing); stopping the command", guard.key());
+                    send(&child, Signal::SIGTERM);
+                    terminated = true;
+                }
+            }
+            () = guard.lost(), if !lost => {
+                lost = true;
+                if terminated {
+                    send(&child, Signal::SIGKILL);
+                } else {
+                    eprintln!("distlock: lost the lock '{}'; stopping the command", guard.key());
+                    send(&child, Signal::SIGTERM);
+                    terminated = true;
+                    tokio::select! {
+                        _ = child.wait() => {}
+                        () = sleep(KILL_GRACE) => send(&child, Signal::SIGKILL),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One task per signal kind, all sending into one channel.
+fn forward_signals() -> anyhow::Result<mpsc::UnboundedReceiver<SignalKind>> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    for kind in FORWARDED {
+        let mut stream = signal(kind).context("cannot listen for signals")?;
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if sender.send(kind).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(receiver)
+}
+
+/// The command's exit code, or 128 + the signal that killed it, as shells do.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        (None, Some(signal)) => ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)),
+        (None, None) => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,33 @@
+//! distlock: distributed locks with fencing tokens, over many stores.
+//!
+//! One API whatever the store; the URL picks it:
+//!
+//! ```
+//! # async fn demo() -> distlock::Result<()> {
+//! use std::time::Duration;
+//!
+//! let client = distlock::connect("memory://").await?;
+//! let session = client.session().ttl(Duration::from_secs(15)).open().await?;
+//! let guard = session.lock("coupons/batch-7").wait(Duration::from_secs(5)).await?;
+//! let token = guard.token(); // write it with every change the lock protects
+//! tokio::select! {
+//!     _ = tokio::time::sleep(Duration::from_millis(10)) => {} // the work
+//!     _ = guard.lost() => panic!("lock lost"), // fires before anyone else can get it
+//! }
+//! guard.release().await?;
+//! # let _ = token;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See [`connect`] for the URLs, and the `distlock_core` crate for the store
+//! trait a new store implements.
+
+mod registry;
+
+pub use distlock_core::{
+    store, validate_key, Capabilities, Client, Error, ErrorKind, Fencing, FileStore, Guard,
+    LockRequest, LockStore, MemoryStore, Mode, Result, Session, SessionBuilder, SessionModel,
+    DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_KEY_BYTES, MAX_TTL, MIN_TTL,
+};
+pub use registry::{capability_table, connect, stores, StoreInfo};

@@ -1,0 +1,220 @@
+//! The URL registry: which store a URL scheme opens. Adding a store is one
+//! entry in [`STORES`] and one arm in [`open`].
+
+use std::sync::Arc;
+
+use distlock_core::{
+    Capabilities, Client, Error, ErrorKind, Fencing, LockStore, Result, SessionModel,
+};
+use url::Url;
+
+/// A store this build can open.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreInfo {
+    /// The URL scheme.
+    pub scheme: &'static str,
+    /// A URL to show people.
+    pub example: &'static str,
+    /// What the store supports.
+    pub capabilities: Capabilities,
+}
+
+/// Every store compiled into this build, in the order the docs list them.
+#[allow(
+    clippy::vec_init_then_push,
+    reason = "each store is pushed under its own Cargo feature"
+)]
+pub fn stores() -> Vec<StoreInfo> {
+    let mut stores = Vec::new();
+    #[cfg(feature = "memory")]
+    stores.push(StoreInfo {
+        scheme: "memory",
+        example: "memory://NAME",
+        capabilities: distlock_core::MemoryStore::capabilities(),
+    });
+    #[cfg(feature = "file")]
+    stores.push(StoreInfo {
+        scheme: "file",
+        example: "file:///var/lock/distlock",
+        capabilities: distlock_core::FileStore::capabilities(),
+    });
+    stores
+}
+
+/// Opens the store a URL names and returns a client for it.
+///
+/// | URL | store |
+/// |---|---|
+/// | `memory://` or `memory://NAME` | in-process; the same NAME is the same store |
+/// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
+///
+/// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
+/// build does not have (the message lists the ones it has), and with the
+/// store's own error if it cannot be reached or used.
+pub async fn connect(url: &str) -> Result<Client> {
+    let parsed = Url::parse(url).map_err(|err| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "cannot parse store URL '{url}': {err}; expected e.g. {}",
+                examples()
+            ),
+        )
+    })?;
+    Ok(Client::new(open(url, &parsed).await?))
+}
+
+fn examples() -> String {
+    stores()
+        .iter()
+        .map(|s| s.example)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
+    match parsed.scheme() {
+        #[cfg(feature = "memory")]
+        "memory" => {
+            let name = parsed.host_str().unwrap_or_default();
+            Ok(Arc::new(distlock_core::MemoryStore::named(name)))
+        }
+        #[cfg(feature = "file")]
+        "file" => {
+            if parsed.host_str().is_some_and(|host| !host.is_empty()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "file store URL '{url}' names a host; give an absolute directory with \
+                         three slashes, e.g. file:///var/lock/distlock"
+                    ),
+                ));
+            }
+            let dir = parsed.to_file_path().map_err(|()| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("'{url}' is not a usable directory path"),
+                )
+            })?;
+            Ok(Arc::new(distlock_core::FileStore::open(dir).await?))
+        }
+        scheme => {
+            let known: Vec<String> = stores()
+                .iter()
+                .map(|s| format!("{}://", s.scheme))
+                .collect();
+            Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "unknown store URL scheme '{scheme}://' in '{url}'; this build knows {} \
+                     (other stores need their Cargo feature)",
+                    known.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+fn yes(flag: bool) -> &'static str {
+    if flag {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The README's store table, made from the stores' capability declarations.
+pub fn capability_table() -> String {
+    let mut table = String::from(
+        "| store | URL | session | fair (FIFO) | shared | semaphore | wake-up | fencing | lease expiry | lock-delay |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for store in stores() {
+        let caps = &store.capabilities;
+        let session = match caps.session {
+            SessionModel::Lease => "lease",
+            SessionModel::Connection => "connection",
+            SessionModel::Process => "process",
+            _ => "other",
+        };
+        let fencing = match caps.fencing {
+            Fencing::Durable => "durable",
+            Fencing::InProcess => "in-process",
+            _ => "other",
+        };
+        let wakeup = if caps.push_wakeup { "push" } else { "poll" };
+        table.push_str(&format!(
+            "| {} | `{}` | {session} | {} | {} | {} | {wakeup} | {fencing} | {} | {} |\n",
+            caps.name,
+            store.example,
+            yes(caps.fair),
+            yes(caps.shared),
+            yes(caps.semaphore),
+            yes(caps.lease_expiry),
+            yes(caps.lock_delay),
+        ));
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn error_of(url: &str) -> Error {
+        connect(url).await.expect_err("must be refused")
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_lists_the_known_ones() {
+        let err = error_of("mongo://localhost").await;
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(
+            err.to_string()
+                .contains("unknown store URL scheme 'mongo://'"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("memory://"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn malformed_url_says_what_is_expected() {
+        let err = error_of("not a url").await;
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(
+            err.to_string()
+                .contains("cannot parse store URL 'not a url'"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn file_url_with_a_host_is_refused() {
+        let err = error_of("file://relative/dir").await;
+        assert!(err.to_string().contains("three slashes"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn memory_urls_with_one_name_share_a_store() {
+        let a = connect("memory://registry-test").await.expect("connect");
+        let b = connect("memory://registry-test").await.expect("connect");
+        let (sa, sb) = (
+            a.session().open().await.expect("open"),
+            b.session().open().await.expect("open"),
+        );
+        let _held = sa.lock("k").try_lock().await.expect("try").expect("free");
+        assert!(sb.lock("k").try_lock().await.expect("try").is_none());
+    }
+
+    #[test]
+    fn readme_table_is_the_capability_table() {
+        let readme = include_str!("../../../README.md");
+        assert!(
+            readme.contains(&capability_table()),
+            "README.md's store table is out of date; replace it with the output of \
+             `distlock stores`:\n{}",
+            capability_table()
+        );
+    }
+}
