@@ -109,10 +109,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for _ in 0..args.clients {
         clients.push(args.store.connect().await?);
     }
-    let run_id = format!(
-        "{:08x}",
-        std::process::id() ^ (Instant::now().elapsed().as_nanos() as u32)
-    );
+    // Keys of their own per run, so runs against a persistent store do not
+    // meet each other's leftovers.
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let run_id = format!("{}-{}", std::process::id(), since_epoch.as_nanos());
     let fenced: Arc<Vec<Fenced>> = Arc::new((0..args.keys).map(|_| Fenced::default()).collect());
     let acquired = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(args.clients + 1));

@@ -79,9 +79,7 @@ fn exits_75_when_the_key_is_held_past_wait() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start the holder");
-    while !ready.exists() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for(&ready);
     for wait in ["0s", "300ms"] {
         let output = run(&[
             "run", "--url", &url, "--key", "busy", "--wait", wait, "--", "true",
@@ -227,5 +225,80 @@ fn eight_processes_never_overlap_and_tokens_increase() {
     assert!(
         seen.windows(2).all(|w| w[0] < w[1]),
         "tokens did not strictly increase"
+    );
+}
+
+/// Waits until `path` exists: the child's way of saying it is running.
+fn wait_for(path: &Path) {
+    while !path.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn exits_76_and_stops_the_command_when_the_lock_is_lost() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let locks = dir.path().join("locks");
+    let stopped = dir.path().join("stopped");
+    // Deleting the lock file under the holder loses the lock; the next
+    // renewal (every third of the lease) notices.
+    let script = format!(
+        "trap 'touch {stopped}; kill $!; exit 0' TERM; rm {lock}; sleep 30 & wait",
+        stopped = stopped.display(),
+        lock = locks.join("victim.lock").display(),
+    );
+    let output = run(&[
+        "run",
+        "--url",
+        &file_url(&locks),
+        "--key",
+        "victim",
+        "--lease",
+        "600ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(output.status.code(), Some(76), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("lost the lock 'victim'"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stopped.exists(), "the command did not get SIGTERM");
+}
+
+#[test]
+fn signals_are_forwarded_to_the_command() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ready = dir.path().join("ready");
+    let script = format!(
+        "trap 'exit 9' TERM; touch {}; sleep 30 & wait",
+        ready.display()
+    );
+    let child = distlock()
+        .args([
+            "run",
+            "--url",
+            &file_url(dir.path()),
+            "--key",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .expect("start distlock run");
+    wait_for(&ready);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal distlock");
+    let output = child.wait_with_output().expect("wait for distlock");
+    assert_eq!(
+        output.status.code(),
+        Some(9),
+        "the command's trap did not run: {}",
+        stderr(&output)
     );
 }

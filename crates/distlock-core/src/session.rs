@@ -593,7 +593,13 @@ async fn renew_loop(session: Weak<SessionInner>, ended: CancellationToken) {
                 }
                 next = sent + every;
                 for key in report.lost_keys {
-                    let entry = lock(&session.held).get(&key).cloned();
+                    // Only the grant the renewal was about: the key may have
+                    // been released and taken again since the snapshot.
+                    let renewed_token = held.iter().find(|l| l.key == key).map(|l| l.token);
+                    let entry = lock(&session.held)
+                        .get(&key)
+                        .filter(|entry| Some(entry.lock.token) == renewed_token)
+                        .cloned();
                     if let Some(entry) = entry {
                         tracing::warn!(%key, "the store says this lock is gone");
                         session.drop_lost(&entry).await;

@@ -553,6 +553,24 @@ pub async fn cancelled_acquire_leaves_no_trace(kit: Kit) -> Outcome {
         again.is_some(),
         "the cancelled session can lock the key afterwards"
     );
+    drop(again);
+
+    // A cancelled writer no longer holds back readers behind it.
+    if kit.caps().writer_preferring {
+        let key = kit.key("cancelled-writer");
+        let reader = owner.read(&key).wait(PATIENCE).await.expect("read");
+        let gave_up = timeout(SETTLE, quitter.write(&key).wait(PATIENCE)).await;
+        assert!(
+            gave_up.is_err(),
+            "the writer should still have been waiting"
+        );
+        let late = next.read(&key).try_lock().await.expect("try");
+        assert!(
+            late.is_some(),
+            "a cancelled writer still holds back readers"
+        );
+        drop((reader, late));
+    }
     Outcome::Passed
 }
 
