@@ -189,7 +189,7 @@ impl Worker {
         let session = self.client.session().open().await?;
         let mut stats = ClientStats {
             acquisitions: 0,
-            latency_us: Histogram::new(3).expect("3 significant figures is valid"),
+            latency_us: latency_histogram(),
         };
         barrier.wait().await;
         let end = Instant::now() + duration;
@@ -238,7 +238,7 @@ fn summarize(
     stats: &[ClientStats],
     fenced: &[Fenced],
 ) -> Report {
-    let mut latency = Histogram::<u64>::new(3).expect("3 significant figures is valid");
+    let mut latency = latency_histogram();
     for client in stats {
         latency
             .add(&client.latency_us)
@@ -279,6 +279,12 @@ fn summarize(
                 .sum()
         }),
     }
+}
+
+/// Latencies in microseconds from 1 µs to an hour, to 3 significant
+/// figures; longer ones count as an hour.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("the bounds are valid")
 }
 
 /// Jain's fairness index: 1 when every client got the same share, 1/n when
@@ -325,6 +331,13 @@ fn print_table(report: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_latencies_are_recorded_as_they_are() {
+        let mut histogram = latency_histogram();
+        histogram.saturating_record(5_000_000);
+        assert!(histogram.max() >= 4_990_000, "{}", histogram.max());
+    }
 
     #[test]
     fn jain_index_is_one_when_even_and_one_over_n_when_one_takes_all() {
