@@ -18,6 +18,11 @@ fn run(args: &[&str]) -> Output {
     distlock().args(args).output().expect("run distlock")
 }
 
+/// `distlock run --url URL --key KEY -- sh -c SCRIPT`.
+fn run_sh(url: &str, key: &str, script: &str) -> Output {
+    run(&["run", "--url", url, "--key", key, "--", "sh", "-c", script])
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -26,30 +31,10 @@ fn stderr(output: &Output) -> String {
 fn passes_the_commands_exit_code_and_exports_token_and_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = file_url(dir.path());
-    let first = run(&[
-        "run",
-        "--url",
-        &url,
-        "--key",
-        "job",
-        "--",
-        "sh",
-        "-c",
-        "echo $DISTLOCK_KEY $DISTLOCK_TOKEN; exit 7",
-    ]);
+    let first = run_sh(&url, "job", "echo $DISTLOCK_KEY $DISTLOCK_TOKEN; exit 7");
     assert_eq!(first.status.code(), Some(7), "{}", stderr(&first));
     assert_eq!(String::from_utf8_lossy(&first.stdout), "job 1\n");
-    let second = run(&[
-        "run",
-        "--url",
-        &url,
-        "--key",
-        "job",
-        "--",
-        "sh",
-        "-c",
-        "echo $DISTLOCK_TOKEN",
-    ]);
+    let second = run_sh(&url, "job", "echo $DISTLOCK_TOKEN");
     assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
     assert_eq!(
         String::from_utf8_lossy(&second.stdout),

@@ -295,11 +295,11 @@ pub async fn renewal_keeps_lock_past_ttl(kit: Kit) -> Outcome {
         "store sessions have no lease to expire"
     );
     let key = kit.key("renewed");
-    let ttl = Duration::from_millis(600);
+    let ttl = Duration::from_secs(1);
     let owner = kit.session_with(ttl, Duration::ZERO).await;
     let other = kit.session().await;
     let held = owner.lock(&key).wait(PATIENCE).await.expect("hold");
-    sleep(ttl * 4).await;
+    sleep(ttl * 3).await;
     assert!(held.is_held(), "lost despite renewal");
     assert!(
         other.lock(&key).try_lock().await.expect("try").is_none(),
