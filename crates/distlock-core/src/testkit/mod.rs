@@ -11,8 +11,24 @@
 //! That makes one `#[test]` per behaviour. A behaviour that needs a
 //! capability the store does not declare is skipped, and the skip is printed
 //! (past the test harness's capture) as `SKIP <store>: <test>: <reason>`.
+//!
+//! Assertions are about order and exclusion, never about how fast a store
+//! is; where time matters, only lower bounds (a lock must not come back
+//! early) and generous upper bounds (it must come back at all) are checked.
 
-mod behaviours;
+/// Skips a behaviour, with the reason, when the store lacks a capability.
+macro_rules! require {
+    ($cond:expr, $why:expr) => {
+        if !$cond {
+            return Outcome::Skipped($why);
+        }
+    };
+}
+
+mod basics;
+mod leases;
+mod lifecycle;
+mod modes;
 
 use std::future::Future;
 use std::io::Write;
@@ -20,7 +36,15 @@ use std::time::Duration;
 
 use crate::{Capabilities, Client, Session};
 
-pub use behaviours::*;
+pub use basics::*;
+pub use leases::*;
+pub use lifecycle::*;
+pub use modes::*;
+
+/// Long enough that a lock that should come never fails to on a slow host.
+const PATIENCE: Duration = Duration::from_secs(20);
+/// Long enough for a spawned waiter to be queued at the store.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// How a behaviour ended, if it did not panic.
 #[derive(Debug)]

@@ -1,0 +1,197 @@
+//! Leases: expiry, loss before regrant, lock-delay, renewal, `max_hold`.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::{sleep, timeout, Instant};
+
+use super::{Kit, Outcome, PATIENCE, SETTLE};
+use crate::ErrorKind;
+
+/// Releasing a lock lost to lease expiry is `NotHeld` and does not free the
+/// lock of the session that holds it now.
+pub async fn release_after_loss_is_not_held(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let key = kit.key("lost");
+    let frozen = kit
+        .session_with(Duration::from_millis(600), Duration::ZERO)
+        .await;
+    let (next, third) = (kit.session().await, kit.session().await);
+    let old = frozen.lock(&key).wait(PATIENCE).await.expect("hold");
+    frozen.freeze_for_test();
+    let new = next
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("taken over after expiry");
+    assert!(new.token() > old.token());
+    let err = old.release().await.expect_err("release of a lost lock");
+    assert_eq!(err.kind(), ErrorKind::NotHeld, "{err}");
+    assert!(new.is_held());
+    assert!(
+        third.lock(&key).try_lock().await.expect("try").is_none(),
+        "stale release freed it"
+    );
+    Outcome::Passed
+}
+
+/// When a holder stops renewing, its lease runs out and a waiter gets the key.
+pub async fn lease_expiry_frees_after_holder_vanishes(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let key = kit.key("vanish");
+    let vanished = kit
+        .session_with(Duration::from_millis(600), Duration::ZERO)
+        .await;
+    let waiter = kit.session().await;
+    let held = vanished.lock(&key).wait(PATIENCE).await.expect("hold");
+    vanished.freeze_for_test();
+    let taken = waiter
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("freed by expiry");
+    assert!(taken.token() > held.token());
+    Outcome::Passed
+}
+
+/// The old holder's guard reports lost before the store grants the key on.
+pub async fn lost_fires_before_regrant(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let key = kit.key("regrant");
+    let frozen = kit
+        .session_with(Duration::from_millis(900), Duration::ZERO)
+        .await;
+    let next = kit.session().await;
+    let old = frozen.lock(&key).wait(PATIENCE).await.expect("hold");
+    frozen.freeze_for_test();
+    let _new = next.lock(&key).wait(PATIENCE).await.expect("regranted");
+    assert!(
+        !old.is_held(),
+        "old guard still claims the lock after the regrant"
+    );
+    assert!(
+        old.lost().now_or_never().is_some(),
+        "lost() had not fired at the regrant"
+    );
+    Outcome::Passed
+}
+
+/// After a session expires holding a key, the key stays blocked for the
+/// session's lock-delay.
+pub async fn lock_delay_blocks_after_expiry(kit: Kit) -> Outcome {
+    require!(kit.caps().lock_delay, "store has no lock-delay");
+    let key = kit.key("delay");
+    let delay = Duration::from_millis(800);
+    let frozen = kit.session_with(Duration::from_millis(600), delay).await;
+    let next = kit.session().await;
+    let old = frozen.lock(&key).wait(PATIENCE).await.expect("hold");
+    frozen.freeze_for_test();
+    let old_deadline = old
+        .expires_at()
+        .expect("lease store guards have a deadline");
+    let _new = next
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("granted after the delay");
+    let granted = Instant::now();
+    assert!(
+        granted >= old_deadline + delay,
+        "granted {:?} before lease end + lock-delay",
+        (old_deadline + delay) - granted
+    );
+    Outcome::Passed
+}
+
+/// Renewal keeps a lock well past its TTL.
+pub async fn renewal_keeps_lock_past_ttl(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let key = kit.key("renewed");
+    let ttl = Duration::from_secs(1);
+    let owner = kit.session_with(ttl, Duration::ZERO).await;
+    let other = kit.session().await;
+    let held = owner.lock(&key).wait(PATIENCE).await.expect("hold");
+    sleep(ttl * 3).await;
+    assert!(held.is_held(), "lost despite renewal");
+    assert!(
+        other.lock(&key).try_lock().await.expect("try").is_none(),
+        "freed despite renewal"
+    );
+    held.release().await.expect("release while held");
+    Outcome::Passed
+}
+
+/// `max_hold` ends a hold: the guard reports lost and the key is freed.
+pub async fn max_hold_releases(kit: Kit) -> Outcome {
+    let key = kit.key("max-hold");
+    let owner = kit
+        .client()
+        .session()
+        .ttl(Duration::from_secs(10))
+        .lock_delay(Duration::ZERO)
+        .max_hold(Duration::from_millis(500))
+        .open()
+        .await
+        .expect("open");
+    let next = kit.session().await;
+    let held = owner.lock(&key).wait(PATIENCE).await.expect("hold");
+    timeout(PATIENCE, held.lost())
+        .await
+        .expect("lost() at max_hold");
+    let taken = next
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("freed at max_hold");
+    assert!(taken.token() > held.token());
+    let err = held
+        .release()
+        .await
+        .expect_err("already released at max_hold");
+    assert_eq!(err.kind(), ErrorKind::NotHeld, "{err}");
+    Outcome::Passed
+}
+
+/// A waiter whose session dies leaves the queue: it gets `Lost`, and the
+/// next waiter is not stuck behind it.
+pub async fn waiter_whose_session_dies_leaves_queue(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let key = kit.key("dead-waiter");
+    let owner = kit.session().await;
+    let dying = kit
+        .session_with(Duration::from_millis(600), Duration::ZERO)
+        .await;
+    let next = kit.session().await;
+    let held = owner.lock(&key).wait(PATIENCE).await.expect("hold");
+    let dying_key = key.clone();
+    let dying_task = {
+        let dying = dying.clone();
+        tokio::spawn(async move { dying.lock(&dying_key).wait(PATIENCE).await.map(|_| ()) })
+    };
+    sleep(SETTLE).await;
+    dying.freeze_for_test();
+    let err = dying_task
+        .await
+        .expect("task")
+        .expect_err("its session died");
+    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+    held.release().await.expect("release");
+    let taken = next.lock(&key).try_lock().await.expect("try");
+    assert!(taken.is_some(), "the dead waiter took or blocks the key");
+    Outcome::Passed
+}
