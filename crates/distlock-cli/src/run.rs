@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distlock::{ErrorKind, Guard};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep_until, Instant};
 
 use crate::{parse_duration, StoreArgs};
 
@@ -20,18 +20,15 @@ pub const EXIT_NOT_ACQUIRED: u8 = 75;
 /// Exit code when the lock was lost while the command ran.
 pub const EXIT_LOST: u8 = 76;
 
-/// How long a command has between SIGTERM and SIGKILL once the store has
-/// said the lock is gone.
-const KILL_GRACE: Duration = Duration::from_secs(1);
-
 /// Signals passed on to the command.
 const FORWARDED: [SignalKind; 6] = [
-    SignalKind::interrupt(),
     SignalKind::terminate(),
     SignalKind::hangup(),
-    SignalKind::quit(),
     SignalKind::user_defined1(),
     SignalKind::user_defined2(),
+    // A terminal sends these two to its whole foreground group itself.
+    SignalKind::interrupt(),
+    SignalKind::quit(),
 ];
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +51,11 @@ pub struct RunArgs {
     /// Take a shared (read) lock instead of an exclusive one.
     #[arg(long)]
     shared: bool,
+    /// Keep the command in distlock's process group, so that it can read
+    /// from the terminal. Then a lost lock stops only the command itself,
+    /// not processes it started.
+    #[arg(long)]
+    foreground: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<String>,
@@ -93,14 +95,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Err(err).context(format!("cannot lock '{}'", args.key)),
     };
 
-    let child = Command::new(&args.command[0])
+    // Listen before the command starts, so no signal finds us deaf.
+    let signals = forward_signals(args.foreground)?;
+    let mut command = Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("DISTLOCK_TOKEN", guard.token().to_string())
         .env("DISTLOCK_KEY", &args.key)
         .stdin(Stdio::inherit())
-        .spawn();
-    let outcome = match child {
-        Ok(child) => supervise(child, &guard, args.lease).await,
+        .kill_on_drop(true);
+    if !args.foreground {
+        command.process_group(0);
+    }
+    die_with_parent(&mut command);
+    let outcome = match command.spawn() {
+        Ok(child) => {
+            let child = Supervised {
+                child,
+                group: !args.foreground,
+            };
+            supervise(child, signals, &guard, args.lease).await
+        }
         Err(err) => {
             eprintln!("distlock: cannot run '{}': {err}", args.command[0]);
             let code = if err.kind() == std::io::ErrorKind::NotFound {
@@ -122,10 +137,38 @@ fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_NOT_ACQUIRED))
 }
 
-fn send(child: &Child, signal: Signal) {
-    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        // The child may have just exited; nothing to do then.
-        let _ = kill(Pid::from_raw(pid), signal);
+/// Makes the kernel kill the command if distlock dies, even by SIGKILL, so
+/// that it never runs on after the lock went with distlock.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec; it only makes
+    // the prctl(2) system call, which is async-signal-safe, and touches no
+    // memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// The command, signalled as a whole process group unless `--foreground`.
+struct Supervised {
+    child: Child,
+    group: bool,
+}
+
+impl Supervised {
+    fn signal(&self, signal: Signal) {
+        let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) else {
+            return;
+        };
+        let pid = Pid::from_raw(pid);
+        // The command may have just exited; nothing to do then.
+        let _ = if self.group {
+            killpg(pid, signal)
+        } else {
+            kill(pid, signal)
+        };
     }
 }
 
@@ -145,56 +188,56 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 /// Waits for the command, forwarding signals, and stops it if the lock is
-/// lost: SIGTERM when the lock is at risk, SIGKILL when it is lost (or a
-/// grace period after SIGTERM when the store reports the loss directly).
-async fn supervise(mut child: Child, guard: &Guard, lease: Duration) -> anyhow::Result<ExitCode> {
-    let mut signals = forward_signals()?;
+/// at risk (SIGTERM, once renewals have failed for two thirds of the lease)
+/// or lost (SIGKILL at once: the store may grant the key to another session
+/// from then on).
+async fn supervise(
+    mut command: Supervised,
+    mut signals: mpsc::UnboundedReceiver<SignalKind>,
+    guard: &Guard,
+    lease: Duration,
+) -> anyhow::Result<ExitCode> {
     let mut terminated = false;
     let mut lost = false;
     loop {
         tokio::select! {
-            status = child.wait() => {
+            status = command.child.wait() => {
                 let status = status.context("cannot wait for the command")?;
                 if lost {
-                    eprintln!("distlock: lost the lock '{}'; the command was stopped", guard.key());
                     return Ok(ExitCode::from(EXIT_LOST));
                 }
                 return Ok(exit_code(status));
             }
             Some(kind) = signals.recv() => {
                 if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
-                    send(&child, signal);
+                    command.signal(signal);
                 }
             }
             () = sleep_until_some(at_risk_instant(guard, lease)), if !terminated && !lost => {
                 if guard.is_held() && at_risk_instant(guard, lease).is_some_and(|at| at <= Instant::now()) {
                     eprintln!("distlock: the lock '{}' is at risk (renewals failing); stopping the command", guard.key());
-                    send(&child, Signal::SIGTERM);
+                    command.signal(Signal::SIGTERM);
                     terminated = true;
                 }
             }
             () = guard.lost(), if !lost => {
                 lost = true;
-                if terminated {
-                    send(&child, Signal::SIGKILL);
-                } else {
-                    eprintln!("distlock: lost the lock '{}'; stopping the command", guard.key());
-                    send(&child, Signal::SIGTERM);
-                    terminated = true;
-                    tokio::select! {
-                        _ = child.wait() => {}
-                        () = sleep(KILL_GRACE) => send(&child, Signal::SIGKILL),
-                    }
-                }
+                eprintln!("distlock: lost the lock '{}'; killing the command", guard.key());
+                command.signal(Signal::SIGKILL);
             }
         }
     }
 }
 
 /// One task per signal kind, all sending into one channel.
-fn forward_signals() -> anyhow::Result<mpsc::UnboundedReceiver<SignalKind>> {
+fn forward_signals(foreground: bool) -> anyhow::Result<mpsc::UnboundedReceiver<SignalKind>> {
     let (sender, receiver) = mpsc::unbounded_channel();
-    for kind in FORWARDED {
+    let kinds = if foreground {
+        &FORWARDED[..4]
+    } else {
+        &FORWARDED[..]
+    };
+    for &kind in kinds {
         let mut stream = signal(kind).context("cannot listen for signals")?;
         let sender = sender.clone();
         tokio::spawn(async move {

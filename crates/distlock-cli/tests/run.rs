@@ -220,16 +220,28 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// Whether a process is gone, waiting up to 20 s for it to go.
+fn gone(pid: &str) -> bool {
+    let pid = nix::unistd::Pid::from_raw(pid.trim().parse().expect("a pid"));
+    for _ in 0..1000 {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 #[test]
-fn exits_76_and_stops_the_command_when_the_lock_is_lost() {
+fn exits_76_and_kills_the_command_and_its_children_when_the_lock_is_lost() {
     let dir = tempfile::tempdir().expect("temp dir");
     let locks = dir.path().join("locks");
-    let stopped = dir.path().join("stopped");
+    let grandchild = dir.path().join("grandchild.pid");
     // Deleting the lock file under the holder loses the lock; the next
     // renewal (every third of the lease) notices.
     let script = format!(
-        "trap 'touch {stopped}; kill $!; exit 0' TERM; rm {lock}; sleep 30 & wait",
-        stopped = stopped.display(),
+        "sleep 60 & echo $! > {pid}; rm {lock}; wait",
+        pid = grandchild.display(),
         lock = locks.join("victim.lock").display(),
     );
     let output = run(&[
@@ -251,7 +263,40 @@ fn exits_76_and_stops_the_command_when_the_lock_is_lost() {
         "{}",
         stderr(&output)
     );
-    assert!(stopped.exists(), "the command did not get SIGTERM");
+    let pid = std::fs::read_to_string(&grandchild).expect("grandchild pid");
+    assert!(
+        gone(&pid),
+        "a process the command started outlived the lock"
+    );
+}
+
+#[test]
+fn the_command_dies_with_distlock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pid_file = dir.path().join("command.pid");
+    let script = format!("echo $$ > {}; sleep 60", pid_file.display());
+    let mut distlock_run = distlock()
+        .args([
+            "run",
+            "--url",
+            &file_url(dir.path()),
+            "--key",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .expect("start distlock run");
+    wait_for(&pid_file);
+    distlock_run.kill().expect("SIGKILL distlock");
+    distlock_run.wait().expect("reap distlock");
+    let pid = std::fs::read_to_string(&pid_file).expect("command pid");
+    assert!(
+        gone(&pid),
+        "the command ran on after distlock (and its lock) died"
+    );
 }
 
 #[test]

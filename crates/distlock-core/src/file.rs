@@ -187,8 +187,10 @@ fn bump_fence(path: &Path) -> Result<u64> {
         })?,
     };
     let next = last + 1;
+    // Overwrite in place, never truncate: a larger number is never shorter,
+    // so the new text covers the old, and a crash mid-way cannot leave an
+    // empty file that would restart the tokens at 1.
     file.seek(SeekFrom::Start(0)).map_err(failed)?;
-    file.set_len(0).map_err(failed)?;
     file.write_all(format!("{next}\n").as_bytes())
         .map_err(failed)?;
     file.sync_data().map_err(failed)?;
@@ -337,6 +339,9 @@ mod tests {
         let path = dir.path().join("k~fence");
         assert_eq!(bump_fence(&path).expect("bump"), 1);
         assert_eq!(bump_fence(&path).expect("bump"), 2);
+        std::fs::write(&path, "99\n").expect("write");
+        assert_eq!(bump_fence(&path).expect("bump"), 100);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "100\n");
         std::fs::write(&path, "not a number").expect("write");
         let err = bump_fence(&path).expect_err("garbage is refused");
         assert!(err.to_string().contains("is corrupt"), "{err}");

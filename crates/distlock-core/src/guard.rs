@@ -105,9 +105,13 @@ impl Guard {
     /// Gives up this hold; the last hold of the key releases it at the store.
     /// `NotHeld` if the lock was lost first (it was then never released on
     /// anyone else's behalf: releases are owner-checked).
+    ///
+    /// Cancel safe: if this future is dropped before it finishes, the guard's
+    /// `Drop` finishes the release in the background.
     pub async fn release(mut self) -> Result<()> {
+        let result = self.session.release_hold(&self.entry).await;
         self.released = true;
-        self.session.release_hold(&self.entry).await
+        result
     }
 }
 

@@ -220,8 +220,10 @@ impl Table {
             let Some(state) = self.keys.get_mut(key) else {
                 return;
             };
-            if state.blocked_until.is_some_and(|until| until > now) {
-                return;
+            match state.blocked_until {
+                Some(until) if until > now => return,
+                Some(_) => state.blocked_until = None,
+                None => {}
             }
             let Some(front) = state.queue.front() else {
                 break;
@@ -303,11 +305,7 @@ impl Table {
             .holders
             .iter()
             .filter_map(|h| self.sessions.get(&h.session).map(|s| s.expires_at));
-        state
-            .blocked_until
-            .into_iter()
-            .chain(holders)
-            .chain(own)
-            .min()
+        let blocked = state.blocked_until.filter(|until| *until > now);
+        blocked.into_iter().chain(holders).chain(own).min()
     }
 }

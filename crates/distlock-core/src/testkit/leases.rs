@@ -150,6 +150,15 @@ pub async fn max_hold_releases(kit: Kit) -> Outcome {
     timeout(PATIENCE, held.lost())
         .await
         .expect("lost() at max_hold");
+    // Right at the deadline, racing the core's own release of the old hold,
+    // the same session can lock the key again.
+    let again = owner
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("re-lock after max_hold");
+    assert!(again.token() > held.token());
+    again.release().await.expect("release the new hold");
     let taken = next
         .lock(&key)
         .wait(PATIENCE)

@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{watch, OwnedMutexGuard};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+mod renewal;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
@@ -43,6 +45,12 @@ pub(crate) fn drift_margin(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
 }
 
+/// When the lease of something sent to the store at `sent` runs out, by
+/// this process's clock; `None` for stores whose sessions have no lease.
+fn lease_deadline(caps: &Capabilities, ttl: Duration, sent: Instant) -> Option<Instant> {
+    (caps.session != SessionModel::Process).then(|| sent + ttl - drift_margin(ttl))
+}
+
 /// Far enough ahead to mean "no deadline" without overflowing `Instant`.
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(30 * 365 * 24 * 60 * 60)
@@ -52,9 +60,24 @@ fn far_future() -> Instant {
 #[derive(Debug)]
 pub(crate) struct HeldEntry {
     pub(crate) lock: HeldLock,
-    /// Cancelled when this lock is lost or its session ends.
+    /// Cancelled when this lock is lost, released, or its session ends.
     pub(crate) lost: CancellationToken,
     pub(crate) max_hold_until: Option<Instant>,
+    /// This lock's own lease: from the send time of its acquire, then of
+    /// each renewal that included it. A store with a TTL per key (Redis)
+    /// can let a lock granted after a renewal's snapshot expire before the
+    /// session's lease says.
+    renewed_until: Mutex<Option<Instant>>,
+}
+
+impl HeldEntry {
+    pub(crate) fn renewed_until(&self) -> Option<Instant> {
+        *lock(&self.renewed_until)
+    }
+
+    pub(crate) fn set_renewed_until(&self, until: Instant) {
+        *lock(&self.renewed_until) = Some(until);
+    }
 }
 
 /// The reentrant holds of one key.
@@ -67,6 +90,31 @@ struct Hold {
 /// Serializes this session's acquires and releases of one key, and counts
 /// its reentrant holds.
 type Gate = Arc<tokio::sync::Mutex<Option<Hold>>>;
+
+/// A use of a key's gate. Dropping it removes the gate from the session's
+/// map if nobody else uses it, however the use ended (cancellation too), so
+/// declare it before any guard of the gate's mutex.
+struct GateRef<'a> {
+    session: &'a SessionInner,
+    key: &'a str,
+    gate: Gate,
+}
+
+impl Drop for GateRef<'_> {
+    fn drop(&mut self) {
+        let mut gates = lock(&self.session.gates);
+        // Two references: the map's and ours.
+        let idle = Arc::strong_count(&self.gate) == 2
+            && self
+                .gate
+                .try_lock()
+                .map(|slot| slot.is_none())
+                .unwrap_or(false);
+        if idle {
+            gates.remove(self.key);
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Ended {
@@ -128,8 +176,7 @@ impl Session {
         let sent = Instant::now();
         let options = SessionOptions::new(config.ttl, config.lock_delay);
         let store_session: Arc<dyn StoreSession> = Arc::from(store.open_session(&options).await?);
-        let lease = (caps.session != SessionModel::Process)
-            .then(|| sent + config.ttl - drift_margin(config.ttl));
+        let lease = lease_deadline(&caps, config.ttl, sent);
         let inner = Arc::new(SessionInner {
             store: store_session,
             caps,
@@ -141,7 +188,10 @@ impl Session {
             state: Mutex::new(Ended::Open),
             frozen: AtomicBool::new(false),
         });
-        tokio::spawn(renew_loop(Arc::downgrade(&inner), inner.ended.clone()));
+        tokio::spawn(renewal::renew_loop(
+            Arc::downgrade(&inner),
+            inner.ended.clone(),
+        ));
         Ok(Session { inner })
     }
 
@@ -254,11 +304,11 @@ impl SessionInner {
 
     /// The instant past which `entry` is not held, if any.
     pub(crate) fn deadline_of(&self, entry: &HeldEntry) -> Option<Instant> {
-        let lease = *self.lease.borrow();
-        match (lease, entry.max_hold_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let session_lease = *self.lease.borrow();
+        [session_lease, entry.renewed_until(), entry.max_hold_until]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub(crate) fn is_held(&self, entry: &HeldEntry) -> bool {
@@ -272,18 +322,12 @@ impl SessionInner {
         self.lease.subscribe()
     }
 
-    fn gate(&self, key: &str) -> Gate {
-        Arc::clone(lock(&self.gates).entry(key.to_owned()).or_default())
-    }
-
-    /// Drops the gate of `key` if nobody holds or waits on it.
-    fn tidy_gate(&self, key: &str, gate: Gate) {
-        let mut gates = lock(&self.gates);
-        // Two references: the map's and ours.
-        let idle = Arc::strong_count(&gate) == 2
-            && gate.try_lock().map(|slot| slot.is_none()).unwrap_or(false);
-        if idle {
-            gates.remove(key);
+    fn gate<'a>(&'a self, key: &'a str) -> GateRef<'a> {
+        let gate = Arc::clone(lock(&self.gates).entry(key.to_owned()).or_default());
+        GateRef {
+            session: self,
+            key,
+            gate,
         }
     }
 
@@ -309,22 +353,21 @@ impl SessionInner {
             return Err(self.ended_error());
         }
         let gate = self.gate(&key);
+        let gate_mutex = Arc::clone(&gate.gate);
         let slot = match wait {
             // Another task of this session is acquiring or releasing the key
             // right now; for a non-blocking attempt that counts as busy.
-            Wait::TryOnce => Arc::clone(&gate).try_lock_owned().ok(),
-            Wait::Until(deadline) => {
-                tokio::time::timeout_at(deadline, Arc::clone(&gate).lock_owned())
-                    .await
-                    .ok()
-            }
-            Wait::Forever => Some(Arc::clone(&gate).lock_owned().await),
+            Wait::TryOnce => gate_mutex.try_lock_owned().ok(),
+            Wait::Until(deadline) => tokio::time::timeout_at(deadline, gate_mutex.lock_owned())
+                .await
+                .ok(),
+            Wait::Forever => Some(gate_mutex.lock_owned().await),
         };
         let result = match slot {
             Some(slot) => self.acquire_in_gate(slot, &key, mode, wait).await,
             None => Ok(None),
         };
-        self.tidy_gate(&key, gate);
+        drop(gate);
         match (result, wait) {
             (Ok(None), Wait::Until(_)) => Err(Error::new(
                 ErrorKind::Timeout,
@@ -356,10 +399,14 @@ impl SessionInner {
                 hold.count += 1;
                 return Ok(Some(Guard::new(Arc::clone(self), Arc::clone(&hold.entry))));
             }
-            // The old hold was lost: its guards will find it gone and say
-            // NotHeld; this request starts afresh at the store.
-            self.forget_held(&hold.entry);
-            *slot = None;
+            // The old hold was lost: give it back to the store (which may
+            // not know yet) and start afresh. Its guards will say NotHeld.
+            let stale = slot.take().expect("checked above").entry;
+            stale.lost.cancel();
+            self.forget_held(&stale);
+            if let Err(err) = self.store.release(&stale.lock).await {
+                tracing::debug!(key, "release of a lost hold: {err}");
+            }
         }
         let sent = Instant::now();
         let Some(grant) = self.acquire_at_store(key, mode, wait).await? else {
@@ -373,6 +420,7 @@ impl SessionInner {
             },
             lost: self.ended.child_token(),
             max_hold_until: self.config.max_hold.map(|max| sent + max),
+            renewed_until: Mutex::new(self.lease_from(sent)),
         });
         if self.ended.is_cancelled() {
             // Lost or closed while the grant was on its way: give it back.
@@ -385,7 +433,7 @@ impl SessionInner {
             count: 1,
         });
         if let Some(until) = entry.max_hold_until {
-            tokio::spawn(expire_at_max_hold(
+            tokio::spawn(renewal::expire_at_max_hold(
                 Arc::downgrade(self),
                 Arc::clone(&entry),
                 until,
@@ -450,57 +498,65 @@ impl SessionInner {
         }
     }
 
-    /// Gives up one reentrant hold; the last one releases at the store.
+    /// The lease deadline of something sent to the store at `sent`, if
+    /// this store's sessions have leases.
+    pub(crate) fn lease_from(&self, sent: Instant) -> Option<Instant> {
+        lease_deadline(&self.caps, self.config.ttl, sent)
+    }
+
+    /// Gives up one reentrant hold; the last one releases at the store. If
+    /// the store fails to release, the hold stays (with no guards) so that a
+    /// later release, `close()` or the session's end frees it.
     pub(crate) async fn release_hold(&self, entry: &Arc<HeldEntry>) -> Result<()> {
         let key = &entry.lock.key;
         let gate = self.gate(key);
-        let result = {
-            let mut slot = gate.lock().await;
-            match slot.as_mut() {
-                Some(hold) if Arc::ptr_eq(&hold.entry, entry) => {
-                    hold.count -= 1;
-                    let was_held = self.is_held(entry);
-                    let released = if hold.count == 0 {
-                        *slot = None;
-                        self.forget_held(entry);
-                        self.store.release(&entry.lock).await
-                    } else {
-                        Ok(())
-                    };
-                    match released {
-                        Ok(()) if !was_held => Err(Error::new(
-                            ErrorKind::NotHeld,
-                            format!("the lock on '{key}' was lost before it was released"),
-                        )),
-                        other => other,
-                    }
-                }
-                _ => Err(Error::not_held(key)),
-            }
+        let mut slot = gate.gate.lock().await;
+        let Some(hold) = slot.as_mut().filter(|hold| Arc::ptr_eq(&hold.entry, entry)) else {
+            return Err(Error::not_held(key));
         };
-        self.tidy_gate(key, gate);
-        result
+        let was_held = self.is_held(entry);
+        hold.count = hold.count.saturating_sub(1);
+        if hold.count == 0 {
+            match self.store.release(&entry.lock).await {
+                Ok(()) => {}
+                Err(err) if err.kind() != ErrorKind::NotHeld => return Err(err),
+                Err(err) => {
+                    *slot = None;
+                    self.forget_held(entry);
+                    entry.lost.cancel();
+                    return Err(err);
+                }
+            }
+            *slot = None;
+            self.forget_held(entry);
+            entry.lost.cancel();
+        }
+        if was_held {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::NotHeld,
+                format!("the lock on '{key}' was lost before it was released"),
+            ))
+        }
     }
 
     /// Marks `entry` lost and gives it back to the store: used when the
     /// store reports a lock gone and when `max_hold` runs out.
-    async fn drop_lost(&self, entry: &Arc<HeldEntry>) {
+    pub(crate) async fn drop_lost(&self, entry: &Arc<HeldEntry>) {
         entry.lost.cancel();
         self.forget_held(entry);
         let gate = self.gate(&entry.lock.key);
+        let mut slot = gate.gate.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|hold| Arc::ptr_eq(&hold.entry, entry))
         {
-            let mut slot = gate.lock().await;
-            if slot
-                .as_ref()
-                .is_some_and(|hold| Arc::ptr_eq(&hold.entry, entry))
-            {
-                *slot = None;
-                if let Err(err) = self.store.release(&entry.lock).await {
-                    tracing::debug!(key = %entry.lock.key, "release after loss: {err}");
-                }
+            *slot = None;
+            if let Err(err) = self.store.release(&entry.lock).await {
+                tracing::debug!(key = %entry.lock.key, "release after loss: {err}");
             }
         }
-        self.tidy_gate(&entry.lock.key, gate);
     }
 }
 
@@ -521,99 +577,36 @@ impl Drop for SessionInner {
     }
 }
 
-async fn expire_at_max_hold(session: Weak<SessionInner>, entry: Arc<HeldEntry>, until: Instant) {
-    tokio::select! {
-        () = sleep_until(until) => {}
-        () = entry.lost.cancelled() => return,
-    }
-    if let Some(session) = session.upgrade() {
-        tracing::info!(key = %entry.lock.key, "max_hold reached: releasing the lock");
-        session.drop_lost(&entry).await;
-    }
-}
+#[cfg(test)]
+mod tests {
 
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
+    use super::*;
+    use crate::{Client, MemoryStore};
 
-/// Renews the session every third of its TTL. The lease deadline only moves
-/// forward to `send time + TTL − drift` of a renewal that succeeded, so the
-/// client always gives up a lock before the store can.
-async fn renew_loop(session: Weak<SessionInner>, ended: CancellationToken) {
-    let Some(ttl) = session.upgrade().map(|s| s.config.ttl) else {
-        return;
-    };
-    let every = ttl / 3;
-    let retry_after = (ttl / 10).max(Duration::from_millis(10));
-    let mut next = Instant::now() + every;
-    loop {
-        let deadline = match session.upgrade() {
-            Some(session) => *session.lease.borrow(),
-            None => return,
-        };
-        tokio::select! {
-            () = ended.cancelled() => return,
-            () = sleep_until(next) => {}
-            () = sleep_until_some(deadline) => {
-                if let Some(session) = session.upgrade() {
-                    session.lose(format!("no renewal succeeded within the {ttl:?} lease"));
-                }
-                return;
-            }
+    #[tokio::test]
+    async fn cancelled_acquires_leave_no_gates_behind() {
+        let client = Client::new(Arc::new(MemoryStore::new()));
+        let (owner, waiter) = (
+            client.session().open().await.expect("open"),
+            client.session().open().await.expect("open"),
+        );
+        let mut held = Vec::new();
+        for i in 0..10 {
+            held.push(owner.lock(format!("k{i}")).await.expect("hold"));
+            let attempt = waiter.lock(format!("k{i}")).wait(Duration::from_secs(60));
+            let gave_up = tokio::time::timeout(Duration::from_millis(10), attempt).await;
+            assert!(gave_up.is_err(), "key {i} should have been busy");
         }
-        let Some(session) = session.upgrade() else {
-            return;
-        };
-        if session.frozen.load(Ordering::SeqCst) {
-            next = Instant::now() + every;
-            continue;
+        assert!(
+            lock(&waiter.inner.gates).is_empty(),
+            "gates of cancelled acquires remain"
+        );
+        for guard in held {
+            guard.release().await.expect("release");
         }
-        let held: Vec<HeldLock> = lock(&session.held)
-            .values()
-            .map(|entry| entry.lock.clone())
-            .collect();
-        let sent = Instant::now();
-        let renewed = tokio::select! {
-            renewed = session.store.renew(&held) => renewed,
-            () = ended.cancelled() => return,
-            () = sleep_until_some(deadline) => {
-                session.lose(format!("renewal did not answer within the {ttl:?} lease"));
-                return;
-            }
-        };
-        match renewed {
-            Ok(report) => {
-                if deadline.is_some() {
-                    session
-                        .lease
-                        .send_replace(Some(sent + ttl - drift_margin(ttl)));
-                }
-                next = sent + every;
-                for key in report.lost_keys {
-                    // Only the grant the renewal was about: the key may have
-                    // been released and taken again since the snapshot.
-                    let renewed_token = held.iter().find(|l| l.key == key).map(|l| l.token);
-                    let entry = lock(&session.held)
-                        .get(&key)
-                        .filter(|entry| Some(entry.lock.token) == renewed_token)
-                        .cloned();
-                    if let Some(entry) = entry {
-                        tracing::warn!(%key, "the store says this lock is gone");
-                        session.drop_lost(&entry).await;
-                    }
-                }
-            }
-            Err(err) if err.kind() == ErrorKind::Lost => {
-                session.lose(err.to_string());
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(store = session.caps.name, "renewal failed, retrying: {err}");
-                next = Instant::now() + retry_after;
-            }
-        }
+        assert!(
+            lock(&owner.inner.gates).is_empty(),
+            "gates of released keys remain"
+        );
     }
 }

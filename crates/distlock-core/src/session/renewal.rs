@@ -1,0 +1,120 @@
+//! The session's background work: renewal every third of the TTL, and the
+//! end of holds at `max_hold`.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{lock, HeldEntry, SessionInner};
+use crate::error::ErrorKind;
+use crate::store::HeldLock;
+
+pub(super) async fn expire_at_max_hold(
+    session: Weak<SessionInner>,
+    entry: Arc<HeldEntry>,
+    until: Instant,
+) {
+    tokio::select! {
+        () = sleep_until(until) => {}
+        () = entry.lost.cancelled() => return,
+    }
+    if let Some(session) = session.upgrade() {
+        tracing::info!(key = %entry.lock.key, "max_hold reached: releasing the lock");
+        session.drop_lost(&entry).await;
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the session every third of its TTL. The lease deadline only moves
+/// forward to `send time + TTL − drift` of a renewal that succeeded, so the
+/// client always gives up a lock before the store can.
+pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationToken) {
+    let Some(ttl) = session.upgrade().map(|s| s.config.ttl) else {
+        return;
+    };
+    let every = ttl / 3;
+    let retry_after = (ttl / 10).max(Duration::from_millis(10));
+    let mut next = Instant::now() + every;
+    loop {
+        let deadline = match session.upgrade() {
+            Some(session) => *session.lease.borrow(),
+            None => return,
+        };
+        tokio::select! {
+            () = ended.cancelled() => return,
+            () = sleep_until(next) => {}
+            () = sleep_until_some(deadline) => {
+                if let Some(session) = session.upgrade() {
+                    session.lose(format!("no renewal succeeded within the {ttl:?} lease"));
+                }
+                return;
+            }
+        }
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        if session.frozen.load(Ordering::SeqCst) {
+            next = Instant::now() + every;
+            continue;
+        }
+        let held: Vec<HeldLock> = lock(&session.held)
+            .values()
+            .map(|entry| entry.lock.clone())
+            .collect();
+        let sent = Instant::now();
+        let renewed = tokio::select! {
+            renewed = session.store.renew(&held) => renewed,
+            () = ended.cancelled() => return,
+            () = sleep_until_some(deadline) => {
+                session.lose(format!("renewal did not answer within the {ttl:?} lease"));
+                return;
+            }
+        };
+        match renewed {
+            Ok(report) => {
+                if let Some(until) = session.lease_from(sent) {
+                    // Each lock this renewal covered first, then the session,
+                    // whose watchers then see both.
+                    for renewed in &held {
+                        let entry = lock(&session.held).get(&renewed.key).cloned();
+                        if let Some(entry) = entry.filter(|e| e.lock.token == renewed.token) {
+                            entry.set_renewed_until(until);
+                        }
+                    }
+                    session.lease.send_replace(Some(until));
+                }
+                next = sent + every;
+                for key in report.lost_keys {
+                    // Only the grant the renewal was about: the key may have
+                    // been released and taken again since the snapshot.
+                    let renewed_token = held.iter().find(|l| l.key == key).map(|l| l.token);
+                    let entry = lock(&session.held)
+                        .get(&key)
+                        .filter(|entry| Some(entry.lock.token) == renewed_token)
+                        .cloned();
+                    if let Some(entry) = entry {
+                        tracing::warn!(%key, "the store says this lock is gone");
+                        session.drop_lost(&entry).await;
+                    }
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::Lost => {
+                session.lose(err.to_string());
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(store = session.caps.name, "renewal failed, retrying: {err}");
+                next = Instant::now() + retry_after;
+            }
+        }
+    }
+}
