@@ -30,6 +30,7 @@ mod memory;
 mod request;
 mod session;
 pub mod store;
+pub mod table;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -135,12 +135,19 @@ pub struct SessionOptions {
     pub ttl: Duration,
     /// How long a key stays blocked after this session expires holding it.
     pub lock_delay: Duration,
+    /// The longest the session may hold one lock. The core enforces it
+    /// itself; a store may enforce it too, for clients that vanish.
+    pub max_hold: Option<Duration>,
 }
 
 impl SessionOptions {
-    /// Options with the given lease and lock-delay.
+    /// Options with the given lease and lock-delay, and no `max_hold`.
     pub fn new(ttl: Duration, lock_delay: Duration) -> Self {
-        SessionOptions { ttl, lock_delay }
+        SessionOptions {
+            ttl,
+            lock_delay,
+            max_hold: None,
+        }
     }
 }
 

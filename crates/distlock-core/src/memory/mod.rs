@@ -9,31 +9,19 @@
 //! It does not protect anything across processes, and its tokens start again
 //! from 1 when the process restarts.
 
-mod table;
-
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
-use tokio::time::{sleep_until, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
     AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, RenewReport, SessionModel,
     SessionOptions, StoreSession,
 };
-use table::{Attempt, SessionId, Table, WaiterId};
-
-type SharedTable = Arc<Mutex<Table>>;
-
-fn lock(table: &Mutex<Table>) -> MutexGuard<'_, Table> {
-    // Every step of the table finishes without awaiting or panicking
-    // half-way, so a poisoned lock still guards a consistent table.
-    table
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::table::{
+    lock_table as lock, wait_for_grant, Attempt, SessionId, SessionSpec, SharedTable, Waited,
+};
 
 /// An in-process lock store.
 #[derive(Debug, Clone)]
@@ -102,7 +90,14 @@ impl LockStore for MemoryStore {
     }
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
-        let id = lock(&self.table).open_session(options.ttl, options.lock_delay);
+        let spec = SessionSpec {
+            ttl: options.ttl,
+            lock_delay: options.lock_delay,
+            max_hold: options.max_hold,
+        };
+        let id = lock(&self.table)
+            .open_session(spec)
+            .expect("the memory store has no session limit");
         Ok(Box::new(MemorySession {
             table: Arc::clone(&self.table),
             id,
@@ -122,48 +117,6 @@ fn session_gone() -> Error {
     )
 }
 
-/// A queued waiter; dropping it before the grant arrives leaves the queue
-/// (or gives back a grant that raced with the drop).
-struct Ticket<'a> {
-    session: &'a MemorySession,
-    key: &'a str,
-    id: WaiterId,
-    grant: oneshot::Receiver<u64>,
-    done: bool,
-}
-
-impl Ticket<'_> {
-    async fn wait(mut self, until: Instant) -> Result<Option<Grant>> {
-        loop {
-            let next = lock(&self.session.table).next_event(self.session.id, self.key);
-            let wake = next.map_or(until, |next| next.min(until));
-            tokio::select! {
-                granted = &mut self.grant => {
-                    self.done = true;
-                    return granted.map(|token| Some(Grant::new(token))).map_err(|_| session_gone());
-                }
-                () = sleep_until(wake) => {
-                    if Instant::now() >= until {
-                        // Leaving through Drop gives back a grant that raced in.
-                        return Ok(None);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut table = lock(&self.session.table);
-        let granted = self.grant.try_recv().is_ok();
-        table.abandon(self.session.id, self.key, self.id, granted);
-    }
-}
-
 #[async_trait]
 impl StoreSession for MemorySession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
@@ -172,18 +125,20 @@ impl StoreSession for MemorySession {
         match attempt {
             Attempt::Granted(token) => Ok(Some(Grant::new(token))),
             Attempt::Busy => Ok(None),
-            Attempt::SessionGone => Err(session_gone()),
-            Attempt::Queued(id, grant) => {
-                let ticket = Ticket {
-                    session: self,
-                    key: &request.key,
-                    id,
-                    grant,
-                    done: false,
-                };
+            Attempt::Queued(waiter, grant) => {
                 let until = request.wait_until.expect("queued only when waiting");
-                ticket.wait(until).await
+                match wait_for_grant(&self.table, self.id, &request.key, waiter, grant, until).await
+                {
+                    Waited::Granted(token) => Ok(Some(Grant::new(token))),
+                    Waited::TimedOut => Ok(None),
+                    Waited::SessionGone => Err(session_gone()),
+                }
             }
+            Attempt::SessionGone => Err(session_gone()),
+            Attempt::QueueFull | Attempt::NoTokens => Err(Error::new(
+                ErrorKind::Store,
+                "the memory store refused a request it has no limit for; this is a bug",
+            )),
         }
     }
 

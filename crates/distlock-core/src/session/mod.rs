@@ -174,7 +174,8 @@ impl Session {
     pub(crate) async fn open(store: Arc<dyn LockStore>, config: SessionConfig) -> Result<Session> {
         let caps = store.capabilities();
         let sent = Instant::now();
-        let options = SessionOptions::new(config.ttl, config.lock_delay);
+        let mut options = SessionOptions::new(config.ttl, config.lock_delay);
+        options.max_hold = config.max_hold;
         let store_session: Arc<dyn StoreSession> = Arc::from(store.open_session(&options).await?);
         let lease = lease_deadline(&caps, config.ttl, sent);
         let inner = Arc::new(SessionInner {

@@ -1,0 +1,519 @@
+//! The lock table: the state machine of a lock service. Sessions with
+//! leases, per-key FIFO queues with pushed grants, exclusive, shared
+//! (writer-preferring) and semaphore modes, lock-delay, `max_hold`, fencing
+//! counters, `check` and `status`.
+//!
+//! It is synchronous and does no I/O; the memory store and the distlock
+//! server each keep one behind a mutex and hold it for each short step.
+//! Expiry needs no task of its own: every step first ends what has expired
+//! (one ordered queue of deadlines), and a waiter sleeps until the next
+//! instant that could change its answer ([`LockTable::next_event`]).
+
+mod status;
+mod wait;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::store::Mode;
+pub use status::{Counters, HolderStatus, KeyStatus, WaiterStatus};
+pub use wait::{lock_table, wait_for_grant, SharedTable, Waited};
+
+/// A session's number in its table.
+pub type SessionId = u64;
+/// A queued request's number in its table.
+pub type WaiterId = u64;
+
+/// What a session is opened with.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionSpec {
+    /// The lease.
+    pub ttl: Duration,
+    /// How long its keys stay blocked if it expires holding them.
+    pub lock_delay: Duration,
+    /// The longest the table lets it hold one lock, if limited.
+    pub max_hold: Option<Duration>,
+}
+
+/// Bounds that keep one client from exhausting the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open sessions at once.
+    pub max_sessions: usize,
+    /// Queued requests per key.
+    pub max_waiters_per_key: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: usize::MAX,
+            max_waiters_per_key: usize::MAX,
+        }
+    }
+}
+
+/// Where fencing tokens start and how high they may go before something
+/// durable must say so: the distlock server keeps an epoch on disk so that
+/// tokens never go backwards across restarts, without a write per grant.
+pub trait TokenRange: Send + std::fmt::Debug {
+    /// The first token of a key is above this.
+    fn base(&self) -> u64;
+    /// Tokens below this may be handed out.
+    fn ceiling(&self) -> u64;
+    /// Makes tokens up to at least `needed` safe to hand out (e.g. by
+    /// writing a higher epoch to disk); `false` if it cannot.
+    fn raise(&mut self, needed: u64) -> bool;
+}
+
+/// Tokens from 1 up, in memory only: for the memory store.
+#[derive(Debug, Default)]
+pub struct InMemoryTokens;
+
+impl TokenRange for InMemoryTokens {
+    fn base(&self) -> u64 {
+        0
+    }
+    fn ceiling(&self) -> u64 {
+        u64::MAX
+    }
+    fn raise(&mut self, _needed: u64) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct SessionState {
+    spec: SessionSpec,
+    expires_at: Instant,
+    holding: HashSet<String>,
+    waiting: HashSet<String>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    session: SessionId,
+    mode: Mode,
+    token: u64,
+    acquired_at: Instant,
+    /// When `max_hold` ends this hold.
+    until: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: WaiterId,
+    session: SessionId,
+    mode: Mode,
+    since: Instant,
+    grant: oneshot::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    holders: Vec<Holder>,
+    queue: VecDeque<Waiter>,
+    blocked_until: Option<Instant>,
+}
+
+impl KeyState {
+    /// Whether `mode` may join the current holders.
+    fn admits(&self, mode: Mode) -> bool {
+        let holders = &self.holders;
+        match mode {
+            _ if holders.is_empty() => true,
+            Mode::Exclusive => false,
+            Mode::Shared => holders.iter().all(|h| h.mode == Mode::Shared),
+            Mode::Semaphore { permits } => {
+                holders
+                    .iter()
+                    .all(|h| matches!(h.mode, Mode::Semaphore { .. }))
+                    && holders.len() < permits as usize
+            }
+        }
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        self.holders.is_empty()
+            && self.queue.is_empty()
+            && self.blocked_until.is_none_or(|until| until <= now)
+    }
+}
+
+/// What a fresh acquire found.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Granted at once, with this token.
+    Granted(u64),
+    /// Held (or blocked) and the caller did not want to wait.
+    Busy,
+    /// Queued: the token arrives on the receiver (see [`wait_for_grant`]).
+    Queued(WaiterId, oneshot::Receiver<u64>),
+    /// The session is unknown or has expired.
+    SessionGone,
+    /// The key already has [`Limits::max_waiters_per_key`] waiters.
+    QueueFull,
+    /// No token could be made safe to hand out (the token range could not
+    /// be raised).
+    NoTokens,
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions(pub usize);
+
+/// The lock table. See the module docs.
+#[derive(Debug)]
+pub struct LockTable {
+    limits: Limits,
+    tokens: Box<dyn TokenRange>,
+    sessions: HashMap<SessionId, SessionState>,
+    /// Session lease ends, in order.
+    expiries: BTreeSet<(Instant, SessionId)>,
+    /// `max_hold` ends, in order.
+    hold_expiries: BTreeSet<(Instant, SessionId, String)>,
+    keys: HashMap<String, KeyState>,
+    /// The last token of every key ever granted; never removed, so tokens
+    /// never go backwards.
+    last_tokens: HashMap<String, u64>,
+    /// No grant at all before this (a restarted server waits out the
+    /// leases of the sessions it forgot).
+    grants_blocked_until: Option<Instant>,
+    counters: Counters,
+    next_id: u64,
+}
+
+impl Default for LockTable {
+    fn default() -> Self {
+        LockTable::new(Limits::default(), Box::new(InMemoryTokens))
+    }
+}
+
+impl LockTable {
+    /// An empty table.
+    pub fn new(limits: Limits, tokens: Box<dyn TokenRange>) -> Self {
+        LockTable {
+            limits,
+            tokens,
+            sessions: HashMap::new(),
+            expiries: BTreeSet::new(),
+            hold_expiries: BTreeSet::new(),
+            keys: HashMap::new(),
+            last_tokens: HashMap::new(),
+            grants_blocked_until: None,
+            counters: Counters::default(),
+            next_id: 0,
+        }
+    }
+
+    /// Grants nothing before `until`.
+    pub fn block_grants_until(&mut self, until: Instant) {
+        self.grants_blocked_until = Some(until);
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Opens a session; its lease starts now.
+    pub fn open_session(&mut self, spec: SessionSpec) -> Result<SessionId, TooManySessions> {
+        self.purge(Instant::now());
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(TooManySessions(self.limits.max_sessions));
+        }
+        let id = self.next_id();
+        let expires_at = Instant::now() + spec.ttl;
+        self.sessions.insert(
+            id,
+            SessionState {
+                spec,
+                expires_at,
+                holding: HashSet::new(),
+                waiting: HashSet::new(),
+            },
+        );
+        self.expiries.insert((expires_at, id));
+        self.counters.sessions_opened += 1;
+        Ok(id)
+    }
+
+    /// Extends the lease; `false` if the session is gone.
+    pub fn renew(&mut self, id: SessionId) -> bool {
+        self.purge(Instant::now());
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        self.expiries.remove(&(session.expires_at, id));
+        session.expires_at = Instant::now() + session.spec.ttl;
+        self.expiries.insert((session.expires_at, id));
+        true
+    }
+
+    /// Whether the session holds `key`.
+    pub fn holds(&self, id: SessionId, key: &str) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|session| session.holding.contains(key))
+    }
+
+    /// Ends expired sessions and holds past `max_hold`: their keys stay
+    /// blocked for the session's lock-delay, their waiters leave.
+    pub fn purge(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            self.counters.sessions_expired += 1;
+            self.end_session(id, Some(now));
+        }
+        while let Some((at, _, _)) = self.hold_expiries.first() {
+            if *at > now {
+                break;
+            }
+            let (at, id, key) = self.hold_expiries.pop_first().expect("first exists");
+            let still_held = self.keys.get(&key).is_some_and(|state| {
+                state
+                    .holders
+                    .iter()
+                    .any(|h| h.session == id && h.until == Some(at))
+            });
+            if still_held {
+                self.counters.holds_expired += 1;
+                self.remove_holder(id, &key);
+                let delay = self.sessions.get(&id).map(|s| s.spec.lock_delay);
+                self.block_key(&key, delay.unwrap_or_default(), now);
+                self.pump(&key, now);
+            }
+        }
+    }
+
+    /// Blocks new grants of `key` for `delay` from `now`.
+    fn block_key(&mut self, key: &str, delay: Duration, now: Instant) {
+        if let Some(state) = self.keys.get_mut(key).filter(|_| !delay.is_zero()) {
+            let until = now + delay;
+            state.blocked_until = Some(state.blocked_until.map_or(until, |b| b.max(until)));
+        }
+    }
+
+    /// Removes a session and everything it holds or waits for. With
+    /// `expired_at`, its keys are blocked for its lock-delay.
+    pub fn end_session(&mut self, id: SessionId, expired_at: Option<Instant>) {
+        let Some(session) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.expiries.remove(&(session.expires_at, id));
+        for key in &session.waiting {
+            if let Some(state) = self.keys.get_mut(key) {
+                // Dropping the waiter's sender tells it the session is gone.
+                state.queue.retain(|w| w.session != id);
+            }
+        }
+        for key in &session.holding {
+            self.remove_holder(id, key);
+            if let Some(now) = expired_at {
+                self.block_key(key, session.spec.lock_delay, now);
+            }
+        }
+        let now = Instant::now();
+        for key in session.waiting.iter().chain(&session.holding) {
+            self.pump(key, now);
+        }
+    }
+
+    /// The next token of `key`, if one can be made safe to hand out.
+    fn next_token(&mut self, key: &str) -> Option<u64> {
+        let base = self.tokens.base();
+        let last = self.last_tokens.get(key).copied().unwrap_or(0).max(base);
+        let token = last + 1;
+        if token >= self.tokens.ceiling() && !self.tokens.raise(token) {
+            return None;
+        }
+        self.last_tokens.insert(key.to_owned(), token);
+        self.counters.grants += 1;
+        Some(token)
+    }
+
+    /// Records `session` as a holder of `key` with a fresh token.
+    fn add_holder(&mut self, id: SessionId, key: &str, mode: Mode, now: Instant) -> Option<u64> {
+        let token = self.next_token(key)?;
+        // Callers only grant to live sessions (ended ones leave every queue).
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return Some(token);
+        };
+        session.waiting.remove(key);
+        session.holding.insert(key.to_owned());
+        let until = session.spec.max_hold.map(|max| now + max);
+        if let Some(until) = until {
+            self.hold_expiries.insert((until, id, key.to_owned()));
+        }
+        self.keys
+            .entry(key.to_owned())
+            .or_default()
+            .holders
+            .push(Holder {
+                session: id,
+                mode,
+                token,
+                acquired_at: now,
+                until,
+            });
+        Some(token)
+    }
+
+    fn grants_blocked(&self, state: &KeyState, now: Instant) -> bool {
+        let blocked = |until: Option<Instant>| until.is_some_and(|until| until > now);
+        blocked(self.grants_blocked_until) || blocked(state.blocked_until)
+    }
+
+    /// A fresh request. Granted at once only if nobody waits ahead of it,
+    /// so that queued waiters (writers included) are never overtaken.
+    pub fn acquire(&mut self, id: SessionId, key: &str, mode: Mode, queue: bool) -> Attempt {
+        let now = Instant::now();
+        self.purge(now);
+        if !self.sessions.contains_key(&id) {
+            return Attempt::SessionGone;
+        }
+        let state = self.keys.entry(key.to_owned()).or_default();
+        let free = state.queue.is_empty() && state.admits(mode);
+        let blocked = self.grants_blocked(&self.keys[key], now);
+        if free && !blocked {
+            return match self.add_holder(id, key, mode, now) {
+                Some(token) => Attempt::Granted(token),
+                None => Attempt::NoTokens,
+            };
+        }
+        let state = self.keys.get_mut(key).expect("entry made above");
+        if !queue {
+            self.tidy(key, now);
+            return Attempt::Busy;
+        }
+        if state.queue.len() >= self.limits.max_waiters_per_key {
+            return Attempt::QueueFull;
+        }
+        self.next_id += 1;
+        let waiter = self.next_id;
+        let (grant, receiver) = oneshot::channel();
+        state.queue.push_back(Waiter {
+            id: waiter,
+            session: id,
+            mode,
+            since: now,
+            grant,
+        });
+        if let Some(session) = self.sessions.get_mut(&id) {
+            session.waiting.insert(key.to_owned());
+        }
+        Attempt::Queued(waiter, receiver)
+    }
+
+    /// Grants queued waiters at the head of `key`'s queue while they fit.
+    fn pump(&mut self, key: &str, now: Instant) {
+        loop {
+            let Some(state) = self.keys.get(key) else {
+                return;
+            };
+            if self.grants_blocked(state, now) {
+                return;
+            }
+            match state.queue.front() {
+                Some(front) if state.admits(front.mode) => {}
+                _ => break,
+            }
+            let state = self.keys.get_mut(key).expect("checked above");
+            state.blocked_until = None;
+            let waiter = state.queue.pop_front().expect("front exists");
+            let Some(token) = self.add_holder(waiter.session, key, waiter.mode, now) else {
+                // No safe token: put it back and grant nothing for now.
+                let state = self.keys.get_mut(key).expect("checked above");
+                state.queue.push_front(waiter);
+                return;
+            };
+            if waiter.grant.send(token).is_err() {
+                // The waiter went away as we granted: take it back.
+                self.remove_holder(waiter.session, key);
+            }
+        }
+        self.tidy(key, now);
+    }
+
+    fn remove_holder(&mut self, id: SessionId, key: &str) -> bool {
+        let Some(state) = self.keys.get_mut(key) else {
+            return false;
+        };
+        let Some(index) = state.holders.iter().position(|h| h.session == id) else {
+            return false;
+        };
+        let holder = state.holders.swap_remove(index);
+        if let Some(until) = holder.until {
+            self.hold_expiries.remove(&(until, id, key.to_owned()));
+        }
+        if let Some(session) = self.sessions.get_mut(&id) {
+            session.holding.remove(key);
+        }
+        true
+    }
+
+    fn tidy(&mut self, key: &str, now: Instant) {
+        if self.keys.get(key).is_some_and(|state| state.is_idle(now)) {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Owner-checked release; `false` if the session did not hold `key`.
+    pub fn release(&mut self, id: SessionId, key: &str) -> bool {
+        let now = Instant::now();
+        self.purge(now);
+        let released = self.remove_holder(id, key);
+        if released {
+            self.counters.releases += 1;
+        }
+        self.pump(key, now);
+        released
+    }
+
+    /// A waiter gave up (timeout or dropped future): it leaves the queue, or
+    /// gives back the grant that raced with its leaving.
+    pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: bool) {
+        let now = Instant::now();
+        if granted {
+            self.remove_holder(id, key);
+        } else if let Some(state) = self.keys.get_mut(key) {
+            state.queue.retain(|w| w.id != waiter);
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.waiting.remove(key);
+            }
+        }
+        self.pump(key, now);
+    }
+
+    /// Runs expiries due now, grants what they free, and says when the
+    /// waiter of `id` on `key` should look again: the earliest of the
+    /// restart wait-out, the key's lock-delay, its holders' lease and
+    /// `max_hold` ends, and the waiter's own lease end.
+    pub fn next_event(&mut self, id: SessionId, key: &str) -> Option<Instant> {
+        let now = Instant::now();
+        self.purge(now);
+        self.pump(key, now);
+        let own = self.sessions.get(&id).map(|s| s.expires_at);
+        let state = self.keys.get(key)?;
+        let holders = state.holders.iter().flat_map(|h| {
+            let lease = self.sessions.get(&h.session).map(|s| s.expires_at);
+            lease.into_iter().chain(h.until)
+        });
+        let future = |until: Option<Instant>| until.filter(|until| *until > now);
+        future(self.grants_blocked_until)
+            .into_iter()
+            .chain(future(state.blocked_until))
+            .chain(holders)
+            .chain(own)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+//! The table alone, on paused time.
+
+use std::time::Duration;
+
+use tokio::time::{advance, Instant};
+
+use super::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn spec(ttl: Duration) -> SessionSpec {
+    SessionSpec {
+        ttl,
+        lock_delay: Duration::ZERO,
+        max_hold: None,
+    }
+}
+
+fn granted(attempt: Attempt) -> u64 {
+    match attempt {
+        Attempt::Granted(token) => token,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_hold_ends_a_hold_and_blocks_for_lock_delay() {
+    let mut table = LockTable::default();
+    let holder = table
+        .open_session(SessionSpec {
+            ttl: 60 * SECOND,
+            lock_delay: 2 * SECOND,
+            max_hold: Some(5 * SECOND),
+        })
+        .expect("open");
+    let other = table.open_session(spec(60 * SECOND)).expect("open");
+    granted(table.acquire(holder, "k", Mode::Exclusive, false));
+    advance(5 * SECOND).await;
+    table.renew(holder);
+    assert!(!table.holds(holder, "k"), "max_hold ended the hold");
+    assert!(
+        matches!(
+            table.acquire(other, "k", Mode::Exclusive, false),
+            Attempt::Busy
+        ),
+        "lock-delay"
+    );
+    advance(2 * SECOND).await;
+    granted(table.acquire(other, "k", Mode::Exclusive, false));
+    assert_eq!(table.counters().holds_expired, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_and_status_describe_holders_and_waiters_in_order() {
+    let mut table = LockTable::default();
+    let ids: Vec<SessionId> = (0..3)
+        .map(|_| table.open_session(spec(10 * SECOND)).expect("open"))
+        .collect();
+    let token = granted(table.acquire(ids[0], "jobs/a", Mode::Exclusive, false));
+    let _first = table.acquire(ids[1], "jobs/a", Mode::Shared, true);
+    let _second = table.acquire(ids[2], "jobs/a", Mode::Exclusive, true);
+    granted(table.acquire(ids[1], "other", Mode::Exclusive, false));
+    advance(3 * SECOND).await;
+    assert!(table.check("jobs/a", token));
+    assert!(!table.check("jobs/a", token + 1));
+    let status = table.status("jobs/");
+    assert_eq!(status.len(), 1, "prefix filter");
+    let key = &status[0];
+    assert_eq!(key.holders[0].token, token);
+    assert_eq!(key.holders[0].held_for, 3 * SECOND);
+    assert_eq!(key.holders[0].lease_left, 7 * SECOND);
+    let order: Vec<SessionId> = key.waiters.iter().map(|w| w.session).collect();
+    assert_eq!(order, vec![ids[1], ids[2]]);
+    let counters = table.counters();
+    assert_eq!(
+        (counters.sessions, counters.held, counters.waiters),
+        (3, 2, 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn limits_refuse_extra_sessions_and_waiters() {
+    let limits = Limits {
+        max_sessions: 2,
+        max_waiters_per_key: 1,
+    };
+    let mut table = LockTable::new(limits, Box::new(InMemoryTokens));
+    let a = table.open_session(spec(SECOND)).expect("first");
+    let b = table.open_session(spec(SECOND)).expect("second");
+    assert_eq!(table.open_session(spec(SECOND)), Err(TooManySessions(2)));
+    granted(table.acquire(a, "k", Mode::Exclusive, false));
+    assert!(matches!(
+        table.acquire(b, "k", Mode::Exclusive, true),
+        Attempt::Queued(..)
+    ));
+    assert!(matches!(
+        table.acquire(a, "k", Mode::Shared, true),
+        Attempt::QueueFull
+    ));
+    table.end_session(b, None);
+    table
+        .open_session(spec(SECOND))
+        .expect("a closed session makes room");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_grant_before_the_restart_wait_out() {
+    let mut table = LockTable::default();
+    table.block_grants_until(Instant::now() + 3 * SECOND);
+    let id = table.open_session(spec(60 * SECOND)).expect("open");
+    assert!(matches!(
+        table.acquire(id, "k", Mode::Exclusive, false),
+        Attempt::Busy
+    ));
+    advance(3 * SECOND).await;
+    granted(table.acquire(id, "k", Mode::Exclusive, false));
+}
+
+/// Tokens in a window that a durable epoch vouches for; raising moves it.
+#[derive(Debug)]
+struct Window {
+    base: u64,
+    ceiling: u64,
+    raises: u32,
+    refuse: bool,
+}
+
+impl TokenRange for Window {
+    fn base(&self) -> u64 {
+        self.base
+    }
+    fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+    fn raise(&mut self, needed: u64) -> bool {
+        if self.refuse {
+            return false;
+        }
+        self.raises += 1;
+        self.ceiling = needed + 2;
+        true
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_start_above_the_base_and_raise_the_ceiling_when_reached() {
+    let window = Window {
+        base: 1000,
+        ceiling: 1003,
+        raises: 0,
+        refuse: false,
+    };
+    let mut table = LockTable::new(Limits::default(), Box::new(window));
+    let id = table.open_session(spec(60 * SECOND)).expect("open");
+    let mut tokens = Vec::new();
+    for _ in 0..5 {
+        tokens.push(granted(table.acquire(id, "k", Mode::Exclusive, false)));
+        assert!(table.release(id, "k"));
+    }
+    assert_eq!(tokens, vec![1001, 1002, 1003, 1004, 1005]);
+    assert!(format!("{table:?}").contains("raises: 2"), "{table:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_grant_when_the_ceiling_cannot_be_raised() {
+    let window = Window {
+        base: 0,
+        ceiling: 2,
+        raises: 0,
+        refuse: true,
+    };
+    let mut table = LockTable::new(Limits::default(), Box::new(window));
+    let id = table.open_session(spec(60 * SECOND)).expect("open");
+    granted(table.acquire(id, "k", Mode::Exclusive, false));
+    assert!(table.release(id, "k"));
+    assert!(matches!(
+        table.acquire(id, "k", Mode::Exclusive, false),
+        Attempt::NoTokens
+    ));
+    assert!(!table.holds(id, "k"));
+}
