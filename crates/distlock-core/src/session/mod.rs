@@ -515,6 +515,18 @@ impl SessionInner {
         let Some(hold) = slot.as_mut().filter(|hold| Arc::ptr_eq(&hold.entry, entry)) else {
             return Err(Error::not_held(key));
         };
+        if self.ended.is_cancelled() {
+            // Closing or losing the session took every lock with it.
+            *slot = None;
+            self.forget_held(entry);
+            return Err(Error::new(
+                ErrorKind::NotHeld,
+                format!(
+                    "the lock on '{key}' ended with its session ({})",
+                    self.ended_error()
+                ),
+            ));
+        }
         let was_held = self.is_held(entry);
         hold.count = hold.count.saturating_sub(1);
         if hold.count == 0 {

@@ -1,0 +1,177 @@
+//! The `distlock://` store: a client of the distlock server.
+//!
+//! `distlock://[:SECRET@]HOST[:PORT]` (port 7890 by default). Each session
+//! is one gRPC stream to the server carrying its requests, replies,
+//! keep-alives and the grants the server pushes to it; a waiting acquire
+//! costs nothing until the grant comes.
+//!
+//! What it guarantees is the server's: FIFO queues per key, writer-preferring
+//! shared locks, semaphores, lock-delay, and fencing tokens that never go
+//! backwards, not across a restart of the server. What it does not do: a
+//! session does not survive a restart of the server or a broken connection
+//! (its guards report `lost()` when its lease runs out; open a new session).
+
+mod session;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use distlock_proto::v1 as proto;
+use proto::locks_client::LocksClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use url::Url;
+
+/// The port the server listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7890;
+
+/// How long connecting may take before the server counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client of one distlock server.
+#[derive(Clone)]
+pub struct RemoteStore {
+    target: String,
+    client: LocksClient<Channel>,
+    auth: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("target", &self.target)
+            .field("auth", &self.auth.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+impl RemoteStore {
+    /// Connects to the server a `distlock://` URL names.
+    pub async fn connect(url: &Url) -> Result<Self> {
+        let host = url
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| {
+                config_error(format!(
+                    "'{url}' names no server; write distlock://HOST[:PORT]"
+                ))
+            })?;
+        let port = url.port().unwrap_or(DEFAULT_PORT);
+        let target = format!("{host}:{port}");
+        let auth = match url.password() {
+            Some(secret) => Some(format!("Bearer {secret}").parse().map_err(|_| {
+                config_error("the secret in the URL has characters that cannot be sent".to_owned())
+            })?),
+            None => None,
+        };
+        let endpoint = Endpoint::from_shared(format!("http://{target}"))
+            .map_err(|err| config_error(format!("'{url}' is not a usable server address: {err}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|err| {
+            let cause = std::error::Error::source(&err).map_or_else(|| err.to_string(), ToString::to_string);
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot reach the distlock server at {target} ({cause}); start one with `distlock serve`"),
+            )
+            .with_source(err)
+        })?;
+        Ok(RemoteStore {
+            target,
+            client: LocksClient::new(channel),
+            auth,
+        })
+    }
+
+    /// What the distlock server supports: everything but sessions that
+    /// outlive a restart of the server.
+    pub fn capabilities() -> Capabilities {
+        let mut caps = Capabilities::minimal("distlock");
+        caps.fair = true;
+        caps.shared = true;
+        caps.writer_preferring = true;
+        caps.semaphore = true;
+        caps.push_wakeup = true;
+        caps.fencing = Fencing::Durable;
+        caps.lease_expiry = true;
+        caps.lock_delay = true;
+        caps.survives_restart = false;
+        caps.session = SessionModel::Lease;
+        caps
+    }
+
+    /// `host:port` of the server.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        request
+    }
+
+    /// Holders and waiters of `key` exactly, or of every key under `prefix`.
+    pub async fn status(&self, key: Option<&str>, prefix: &str) -> Result<proto::StatusReply> {
+        let message = proto::StatusRequest {
+            key: key.unwrap_or_default().to_owned(),
+            prefix: prefix.to_owned(),
+        };
+        let reply = self.client.clone().status(self.request(message)).await;
+        Ok(reply
+            .map_err(|status| from_status(&self.target, status))?
+            .into_inner())
+    }
+
+    /// Whether `token` is the token of a current holder of `key`.
+    pub async fn check(&self, key: &str, token: u64) -> Result<bool> {
+        let message = proto::CheckRequest {
+            key: key.to_owned(),
+            token,
+        };
+        let reply = self.client.clone().check(self.request(message)).await;
+        Ok(reply
+            .map_err(|status| from_status(&self.target, status))?
+            .into_inner()
+            .current)
+    }
+}
+
+/// A gRPC status from the server as a distlock error.
+pub(crate) fn from_status(target: &str, status: tonic::Status) -> Error {
+    use tonic::Code;
+    let kind = match status.code() {
+        Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => {
+            ErrorKind::Config
+        }
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled => {
+            ErrorKind::Unavailable
+        }
+        _ => ErrorKind::Store,
+    };
+    Error::new(
+        kind,
+        format!("distlock server at {target}: {}", status.message()),
+    )
+}
+
+#[async_trait]
+impl LockStore for RemoteStore {
+    fn capabilities(&self) -> Capabilities {
+        RemoteStore::capabilities()
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        Ok(Box::new(session::RemoteSession::open(self, options).await?))
+    }
+}

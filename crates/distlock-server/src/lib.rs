@@ -1,0 +1,197 @@
+//! The distlock lock server: the zero-dependency default store.
+//!
+//! It orders requests per key and grants them one at a time: sessions with
+//! leases kept alive over one gRPC stream each, exclusive, shared
+//! (writer-preferring) and semaphore modes, FIFO queues with the grant
+//! pushed to the waiter, lock-delay, `max_hold`, `check` and `status`. The
+//! state machine is [`distlock_core::table`]; this crate adds the protocol
+//! (`distlock-proto`), limits, a shared-secret token, and durability:
+//!
+//! - fencing tokens carry an epoch saved at each start, so they continue
+//!   above every token ever handed out after a crash or restart, without a
+//!   disk write per grant;
+//! - holds are not saved: a restarted server grants nothing until the
+//!   longest lease of its earlier sessions has run out, by which time every
+//!   holder from before has seen `lost()` (see `docs/0002-server.md`).
+//!
+//! ```no_run
+//! # async fn serve() -> Result<(), distlock_server::ServerError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7890").await?;
+//! let config = distlock_server::Config::default();
+//! distlock_server::run(listener, config, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+mod config;
+mod convert;
+mod durable;
+mod session;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use distlock_core::table::{lock_table, Limits, LockTable, SharedTable};
+use distlock_proto::v1 as proto;
+use proto::locks_server::{Locks, LocksServer};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use config::{Config, ConfigError};
+use durable::{DataDir, EpochTokens};
+
+/// The default port of the distlock server.
+pub const DEFAULT_PORT: u16 = 7890;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory or a socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The gRPC transport failed.
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// What every stream and call of one server shares.
+pub(crate) struct Shared {
+    pub(crate) table: SharedTable,
+    pub(crate) config: Config,
+    pub(crate) data: Arc<DataDir>,
+}
+
+struct Service {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Locks for Service {
+    type SessionStream = UnboundedReceiverStream<Result<proto::SessionEvent, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let (out, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(session::serve(
+            Arc::clone(&self.shared),
+            request.into_inner(),
+            out,
+        ));
+        Ok(Response::new(UnboundedReceiverStream::new(events)))
+    }
+
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckReply>, Status> {
+        let request = request.into_inner();
+        let current = lock_table(&self.shared.table).check(&request.key, request.token);
+        Ok(Response::new(proto::CheckReply { current }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        let request = request.into_inner();
+        let (keys, counters) = {
+            let mut table = lock_table(&self.shared.table);
+            let prefix = if request.key.is_empty() {
+                &request.prefix
+            } else {
+                &request.key
+            };
+            let mut keys = table.status(prefix);
+            if !request.key.is_empty() {
+                keys.retain(|status| status.key == request.key);
+            }
+            (keys, table.counters())
+        };
+        Ok(Response::new(proto::StatusReply {
+            keys: keys.into_iter().map(convert::key_status).collect(),
+            counters: Some(convert::counters(counters)),
+        }))
+    }
+}
+
+/// Refuses calls without the shared secret, when the server has one.
+#[derive(Clone)]
+struct Auth {
+    expected: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        if given == Some(&**expected) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "this server needs its shared secret: connect with distlock://:SECRET@host:port \
+                 (metadata `authorization: Bearer SECRET`)",
+            ))
+        }
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting and returns once
+/// open streams have ended.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let (data, startup) = DataDir::open(&config.data_dir)?;
+    let limits = Limits {
+        max_sessions: config.max_sessions,
+        max_waiters_per_key: config.max_waiters_per_key,
+    };
+    let mut table = LockTable::new(
+        limits,
+        Box::new(EpochTokens::new(Arc::clone(&data), startup.epoch)),
+    );
+    if !startup.wait_out.is_zero() {
+        tracing::info!(
+            "restarted: granting nothing for {:?}, until the leases of sessions from before have run out",
+            startup.wait_out
+        );
+        table.block_grants_until(Instant::now() + startup.wait_out);
+    }
+    let auth = Auth {
+        expected: config.auth_token.as_deref().map(Arc::from),
+    };
+    let max_message = config.max_message_bytes;
+    let shared = Arc::new(Shared {
+        table: Arc::new(Mutex::new(table)),
+        config,
+        data,
+    });
+    let locks = LocksServer::new(Service { shared })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    tracing::info!(address = ?listener.local_addr().ok(), "distlock server listening");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(InterceptedService::new(locks, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

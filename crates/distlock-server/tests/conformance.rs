@@ -1,0 +1,46 @@
+//! The conformance suite against a real distlock server, started once for
+//! the whole run on a port of its own.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use distlock_client::RemoteStore;
+use distlock_core::Client;
+
+/// Starts the server on its own runtime and thread, once.
+fn server() -> SocketAddr {
+    static SERVER: OnceLock<SocketAddr> = OnceLock::new();
+    *SERVER.get_or_init(|| {
+        let data = tempfile::tempdir().expect("temp dir").keep();
+        let (ready, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("server runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                ready
+                    .send(listener.local_addr().expect("address"))
+                    .expect("report address");
+                let config = distlock_server::Config {
+                    data_dir: data,
+                    ..distlock_server::Config::default()
+                };
+                distlock_server::run(listener, config, std::future::pending())
+                    .await
+                    .expect("server runs");
+            });
+        });
+        address.recv().expect("server address")
+    })
+}
+
+async fn connect() -> Client {
+    let url = url::Url::parse(&format!("distlock://{}", server())).expect("url");
+    let store = RemoteStore::connect(&url)
+        .await
+        .expect("connect to the test server");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
