@@ -104,7 +104,7 @@ struct Fairness {
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(args.keys > 0, "--keys must be at least 1");
-    let url = args.store.url.clone().unwrap_or_default();
+    let url = args.store.url.clone();
     let mut clients = Vec::with_capacity(args.clients);
     for _ in 0..args.clients {
         clients.push(args.store.connect().await?);

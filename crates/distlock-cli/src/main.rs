@@ -7,6 +7,8 @@
 
 mod bench;
 mod run;
+mod serve;
+mod status;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,28 +40,28 @@ enum Command {
     Run(run::RunArgs),
     /// Load a store and report throughput, latency, fairness and violations.
     Bench(bench::BenchArgs),
+    /// Run the distlock lock server.
+    Serve(serve::ServeArgs),
+    /// Show the holders and waiters of a key, or of every key under a prefix,
+    /// on a distlock server.
+    Status(status::StatusArgs),
     /// List the stores of this build and what each supports.
     Stores,
 }
 
-/// Where the store is: `--url` or `DISTLOCK_URL`.
+/// Where the store is: `--url`, else `DISTLOCK_URL`, else a distlock server
+/// on this host.
 #[derive(Debug, clap::Args)]
 struct StoreArgs {
-    /// The store URL, e.g. file:///var/lock/distlock or memory://; see
-    /// `distlock stores`.
-    #[arg(long, env = "DISTLOCK_URL")]
-    url: Option<String>,
+    /// The store URL, e.g. distlock://10.0.0.5:7890 or file:///var/lock/distlock;
+    /// `distlock stores` lists them.
+    #[arg(long, env = "DISTLOCK_URL", default_value = distlock::DEFAULT_URL)]
+    url: String,
 }
 
 impl StoreArgs {
     async fn connect(&self) -> anyhow::Result<distlock::Client> {
-        let Some(url) = &self.url else {
-            anyhow::bail!(
-                "no store URL: pass --url or set DISTLOCK_URL, e.g. --url file:///tmp/distlock \
-                 (`distlock stores` lists the stores of this build)"
-            );
-        };
-        Ok(distlock::connect(url).await?)
+        Ok(distlock::connect(&self.url).await?)
     }
 }
 
@@ -71,10 +73,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A server says what it does; the other commands speak only when wrong.
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -89,6 +96,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::Serve(args) => serve::serve(args).await,
+            Command::Status(args) => status::status(args).await,
             Command::Stores => {
                 print!("{}", distlock::capability_table());
                 Ok(ExitCode::SUCCESS)

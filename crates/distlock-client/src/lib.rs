@@ -77,12 +77,14 @@ impl RemoteStore {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|err| {
-            let cause = std::error::Error::source(&err).map_or_else(|| err.to_string(), ToString::to_string);
             Error::new(
                 ErrorKind::Unavailable,
-                format!("cannot reach the distlock server at {target} ({cause}); start one with `distlock serve`"),
+                format!(
+                    "cannot reach the distlock server at {target} ({}); start one with \
+                     `distlock serve`",
+                    root_cause(&err)
+                ),
             )
-            .with_source(err)
         })?;
         Ok(RemoteStore {
             target,
@@ -145,6 +147,16 @@ impl RemoteStore {
             .into_inner()
             .current)
     }
+}
+
+/// The innermost cause of an error: "Connection refused (os error 111)"
+/// rather than "transport error".
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// A gRPC status from the server as a distlock error.

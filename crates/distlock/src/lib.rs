@@ -30,4 +30,9 @@ pub use distlock_core::{
     LockRequest, LockStore, MemoryStore, Mode, Result, Session, SessionBuilder, SessionModel,
     DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_KEY_BYTES, MAX_TTL, MIN_TTL,
 };
-pub use registry::{capability_table, connect, stores, StoreInfo};
+pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
+
+/// The `distlock://` store, for what only the server answers: `status`
+/// and `check`.
+#[cfg(feature = "distlock")]
+pub use distlock_client::RemoteStore;

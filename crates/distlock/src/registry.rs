@@ -8,6 +8,9 @@ use distlock_core::{
 };
 use url::Url;
 
+/// Where the CLI looks when given no URL: a distlock server on this host.
+pub const DEFAULT_URL: &str = "distlock://127.0.0.1:7890";
+
 /// A store this build can open.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -27,6 +30,12 @@ pub struct StoreInfo {
 )]
 pub fn stores() -> Vec<StoreInfo> {
     let mut stores = Vec::new();
+    #[cfg(feature = "distlock")]
+    stores.push(StoreInfo {
+        scheme: "distlock",
+        example: "distlock://127.0.0.1:7890",
+        capabilities: distlock_client::RemoteStore::capabilities(),
+    });
     #[cfg(feature = "memory")]
     stores.push(StoreInfo {
         scheme: "memory",
@@ -46,6 +55,7 @@ pub fn stores() -> Vec<StoreInfo> {
 ///
 /// | URL | store |
 /// |---|---|
+/// | `distlock://[:SECRET@]HOST[:PORT]` | the distlock server (`distlock serve`), port 7890 by default |
 /// | `memory://` or `memory://NAME` | in-process; the same NAME is the same store |
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
 ///
@@ -75,6 +85,10 @@ fn examples() -> String {
 
 async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
     match parsed.scheme() {
+        #[cfg(feature = "distlock")]
+        "distlock" => Ok(Arc::new(
+            distlock_client::RemoteStore::connect(parsed).await?,
+        )),
         #[cfg(feature = "memory")]
         "memory" => {
             let name = parsed.host_str().unwrap_or_default();

@@ -1,0 +1,58 @@
+//! `distlock serve`: the lock server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use distlock_server::Config;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7890")]
+    listen: String,
+    /// Where the server keeps its state (the token epoch) [default:
+    /// ./distlock-data, or the config file's data_dir].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A TOML file of settings: limits, TTL bounds, data_dir, auth_token.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A shared secret every client must present
+    /// (distlock://:SECRET@host:port).
+    #[arg(long, env = "DISTLOCK_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(token) = args.auth_token {
+        config.auth_token = Some(token);
+    }
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    eprintln!(
+        "distlock: serving locks on {address}, state in {}; connect with distlock://{address}",
+        config.data_dir.display()
+    );
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        eprintln!("distlock: shutting down");
+    };
+    distlock_server::run(listener, config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
