@@ -102,17 +102,7 @@ struct GateRef<'a> {
 
 impl Drop for GateRef<'_> {
     fn drop(&mut self) {
-        let mut gates = lock(&self.session.gates);
-        // Two references: the map's and ours.
-        let idle = Arc::strong_count(&self.gate) == 2
-            && self
-                .gate
-                .try_lock()
-                .map(|slot| slot.is_none())
-                .unwrap_or(false);
-        if idle {
-            gates.remove(self.key);
-        }
+        self.session.tidy_gate(self.key, &self.gate);
     }
 }
 
@@ -323,6 +313,17 @@ impl SessionInner {
         self.lease.subscribe()
     }
 
+    /// Removes `key`'s gate from the map if only the map and the caller
+    /// still use it and it holds nothing.
+    fn tidy_gate(&self, key: &str, gate: &Gate) {
+        let mut gates = lock(&self.gates);
+        let idle = Arc::strong_count(gate) == 2
+            && gate.try_lock().map(|slot| slot.is_none()).unwrap_or(false);
+        if idle {
+            gates.remove(key);
+        }
+    }
+
     fn gate<'a>(&'a self, key: &'a str) -> GateRef<'a> {
         let gate = Arc::clone(lock(&self.gates).entry(key.to_owned()).or_default());
         GateRef {
@@ -506,12 +507,14 @@ impl SessionInner {
     }
 
     /// Gives up one reentrant hold; the last one releases at the store. If
-    /// the store fails to release, the hold stays (with no guards) so that a
-    /// later release, `close()` or the session's end frees it.
-    pub(crate) async fn release_hold(&self, entry: &Arc<HeldEntry>) -> Result<()> {
+    /// the store's answer is unknown (it failed), the hold is over all the
+    /// same — it is never handed out again, as the store may have released
+    /// it — and a task keeps asking the store to release it, holding the
+    /// key's gate so that this session cannot take the key meanwhile.
+    pub(crate) async fn release_hold(self: &Arc<Self>, entry: &Arc<HeldEntry>) -> Result<()> {
         let key = &entry.lock.key;
         let gate = self.gate(key);
-        let mut slot = gate.gate.lock().await;
+        let mut slot = Arc::clone(&gate.gate).lock_owned().await;
         let Some(hold) = slot.as_mut().filter(|hold| Arc::ptr_eq(&hold.entry, entry)) else {
             return Err(Error::not_held(key));
         };
@@ -530,19 +533,24 @@ impl SessionInner {
         let was_held = self.is_held(entry);
         hold.count = hold.count.saturating_sub(1);
         if hold.count == 0 {
-            match self.store.release(&entry.lock).await {
-                Ok(()) => {}
-                Err(err) if err.kind() != ErrorKind::NotHeld => return Err(err),
-                Err(err) => {
-                    *slot = None;
-                    self.forget_held(entry);
-                    entry.lost.cancel();
-                    return Err(err);
-                }
-            }
+            // Cancel safe: until the store answers, the hold stays (with a
+            // count of 0), and the guard's Drop asks again.
+            let released = self.store.release(&entry.lock).await;
             *slot = None;
             self.forget_held(entry);
             entry.lost.cancel();
+            match released {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotHeld => return Err(err),
+                Err(err) => {
+                    tokio::spawn(renewal::retry_release(
+                        Arc::downgrade(self),
+                        entry.lock.clone(),
+                        slot,
+                    ));
+                    return Err(err);
+                }
+            }
         }
         if was_held {
             Ok(())

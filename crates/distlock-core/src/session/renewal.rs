@@ -9,6 +9,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{lock, HeldEntry, SessionInner};
+use crate::backoff::Backoff;
 use crate::error::ErrorKind;
 use crate::store::HeldLock;
 
@@ -116,5 +117,34 @@ pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationT
                 next = Instant::now() + retry_after;
             }
         }
+    }
+}
+
+/// Asks the store again and again to release a lock whose release failed,
+/// until it answers or the session ends. Holds the key's gate meanwhile.
+pub(super) async fn retry_release(
+    session: Weak<SessionInner>,
+    lock: HeldLock,
+    gate: tokio::sync::OwnedMutexGuard<Option<super::Hold>>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        if session.ended.is_cancelled() {
+            return;
+        }
+        match session.store.release(&lock).await {
+            Ok(()) => break,
+            Err(err) if err.kind() == ErrorKind::NotHeld => break,
+            Err(err) => tracing::debug!(key = %lock.key, "release retry: {err}"),
+        }
+    }
+    let mutex = Arc::clone(tokio::sync::OwnedMutexGuard::mutex(&gate));
+    drop(gate);
+    if let Some(session) = session.upgrade() {
+        session.tidy_gate(&lock.key, &mutex);
     }
 }

@@ -1,0 +1,82 @@
+//! A `distlock serve` process for tests, on a port of its own.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A running `distlock serve`; killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `host:port` it listens on.
+    pub address: String,
+    data_dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server on a free port with `extra` flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Server::spawn(data_dir.to_owned(), "127.0.0.1:0", extra)
+    }
+
+    fn spawn(data_dir: PathBuf, listen: &str, extra: Vec<String>) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(&data_dir)
+            .args(&extra)
+            .env_remove("DISTLOCK_AUTH_TOKEN")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start distlock serve");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("distlock serve exited before it listened")
+                .expect("read stderr");
+            if let Some(rest) = line.strip_prefix("distlock: serving locks on ") {
+                break rest.split(',').next().expect("address").to_owned();
+            }
+        };
+        // Keep draining, so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server {
+            child,
+            address,
+            data_dir,
+            extra,
+        }
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        format!("distlock://{}", self.address)
+    }
+
+    /// SIGKILL, then a new server on the same address and data directory.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().expect("SIGKILL the server");
+        self.child.wait().expect("reap the server");
+        let restarted = Server::spawn(
+            self.data_dir.clone(),
+            &self.address.clone(),
+            self.extra.clone(),
+        );
+        *self = restarted;
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait for the server")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
