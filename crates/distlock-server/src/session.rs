@@ -89,7 +89,12 @@ pub(crate) async fn serve(
             )));
             return;
         }
-        Ok(None) | Err(_) => return,
+        Ok(None) => return,
+        Err(status) => {
+            // Tell the client why (e.g. an oversized or garbled message).
+            let _ = out.send(Err(status));
+            return;
+        }
     };
     let spec = match session_spec(&shared, &open) {
         Ok(spec) => spec,
@@ -138,7 +143,11 @@ pub(crate) async fn serve(
                         break;
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(status) => {
+                    let _ = stream.out.send(Err(status));
+                    break;
+                }
             },
             Some(done) = stream.waits.join_next() => {
                 if let Ok(id) = done {

@@ -1,0 +1,283 @@
+//! Bad input gets a clear gRPC status or `Failed` event, and the server
+//! keeps serving.
+
+use std::time::Duration;
+
+use distlock_proto::v1 as proto;
+use proto::locks_client::LocksClient;
+use proto::session_event::Body as Event;
+use proto::session_request::Body as Request;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+const SECRET: &str = "open sesame";
+
+async fn start_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let config = distlock_server::Config {
+        data_dir: tempfile::tempdir().expect("temp dir").keep(),
+        auth_token: Some(SECRET.to_owned()),
+        max_key_bytes: 64,
+        max_ttl: Duration::from_secs(60),
+        ..distlock_server::Config::default()
+    };
+    tokio::spawn(distlock_server::run(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    address
+}
+
+async fn client(address: &str) -> LocksClient<Channel> {
+    LocksClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect")
+}
+
+fn authorized<T>(message: T, secret: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {secret}").parse().expect("ascii");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// A session stream: send requests, read events.
+struct Stream {
+    requests: mpsc::UnboundedSender<proto::SessionRequest>,
+    events: Streaming<proto::SessionEvent>,
+}
+
+impl Stream {
+    async fn open(address: &str, first: Request) -> Result<Stream, tonic::Status> {
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        requests
+            .send(proto::SessionRequest {
+                id: 1,
+                body: Some(first),
+            })
+            .expect("queue");
+        let stream = authorized(UnboundedReceiverStream::new(outgoing), SECRET);
+        let events = client(address).await.session(stream).await?.into_inner();
+        Ok(Stream { requests, events })
+    }
+
+    async fn next(&mut self) -> Result<Event, tonic::Status> {
+        let event = self.events.message().await?.expect("an event");
+        Ok(event.body.expect("a body"))
+    }
+
+    async fn ask(&mut self, id: u64, body: Request) -> Event {
+        self.requests
+            .send(proto::SessionRequest {
+                id,
+                body: Some(body),
+            })
+            .expect("send");
+        self.next().await.expect("an answer")
+    }
+}
+
+fn open(ttl_ms: u64) -> Request {
+    Request::Open(proto::Open {
+        ttl_ms,
+        lock_delay_ms: 0,
+        max_hold_ms: 0,
+    })
+}
+
+fn acquire(key: &str) -> Request {
+    Request::Acquire(proto::Acquire {
+        key: key.to_owned(),
+        mode: proto::Mode::Exclusive.into(),
+        permits: 0,
+        wait_ms: 0,
+    })
+}
+
+fn failed(event: Event) -> proto::Failed {
+    match event {
+        Event::Failed(failed) => failed,
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+/// A working session on the same server, to show it keeps serving.
+async fn still_serving(address: &str) {
+    let mut stream = Stream::open(address, open(5_000)).await.expect("open");
+    assert!(matches!(stream.next().await, Ok(Event::Opened(_))));
+    assert!(matches!(
+        stream.ask(2, acquire("still-serving")).await,
+        Event::Granted(_)
+    ));
+}
+
+#[tokio::test]
+async fn bad_ttls_are_refused_with_the_range() {
+    let address = start_server().await;
+    for ttl_ms in [0, 3_600_000] {
+        let mut stream = Stream::open(&address, open(ttl_ms)).await.expect("stream");
+        let status = stream.next().await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("this server accepts 50ms to 60s"),
+            "{status:?}"
+        );
+    }
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn over_long_keys_and_bad_modes_fail_the_request_not_the_stream() {
+    let address = start_server().await;
+    let mut stream = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(stream.next().await, Ok(Event::Opened(_))));
+    let too_long = failed(stream.ask(2, acquire(&"k".repeat(65))).await);
+    assert_eq!(too_long.code, i32::from(proto::Code::InvalidArgument));
+    assert!(too_long.message.contains("1 to 64 bytes"), "{too_long:?}");
+    let bad_mode = Request::Acquire(proto::Acquire {
+        key: "k".to_owned(),
+        mode: 7,
+        permits: 0,
+        wait_ms: 0,
+    });
+    assert!(failed(stream.ask(3, bad_mode).await)
+        .message
+        .contains("unknown mode 7"));
+    let no_permits = Request::Acquire(proto::Acquire {
+        key: "k".to_owned(),
+        mode: proto::Mode::Semaphore.into(),
+        permits: 0,
+        wait_ms: 0,
+    });
+    assert!(failed(stream.ask(4, no_permits).await)
+        .message
+        .contains("at least 1 permit"));
+    assert!(
+        matches!(stream.ask(5, acquire("k")).await, Event::Granted(_)),
+        "the stream goes on"
+    );
+}
+
+#[tokio::test]
+async fn requests_without_a_session_are_refused() {
+    let address = start_server().await;
+    let mut stream = Stream::open(&address, acquire("k")).await.expect("stream");
+    let status = stream.next().await.expect_err("no session yet");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("must be Open"), "{status:?}");
+
+    // A session whose lease ran out is unknown to the server.
+    let mut expired = Stream::open(&address, open(100)).await.expect("open");
+    assert!(matches!(expired.next().await, Ok(Event::Opened(_))));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lost = failed(
+        expired
+            .ask(2, Request::KeepAlive(proto::KeepAlive { keys: vec![] }))
+            .await,
+    );
+    assert_eq!(lost.code, i32::from(proto::Code::SessionLost), "{lost:?}");
+    let release = failed(
+        expired
+            .ask(
+                3,
+                Request::Release(proto::Release {
+                    key: "k".to_owned(),
+                }),
+            )
+            .await,
+    );
+    assert_eq!(release.code, i32::from(proto::Code::NotHeld), "{release:?}");
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_token_is_unauthenticated() {
+    let address = start_server().await;
+    for secret in [None, Some("guess")] {
+        let request = match secret {
+            Some(secret) => authorized(
+                proto::CheckRequest {
+                    key: "k".to_owned(),
+                    token: 1,
+                },
+                secret,
+            ),
+            None => tonic::Request::new(proto::CheckRequest {
+                key: "k".to_owned(),
+                token: 1,
+            }),
+        };
+        let status = client(&address)
+            .await
+            .check(request)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("distlock://:SECRET@host:port"),
+            "{status:?}"
+        );
+    }
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn one_session_cannot_release_another_sessions_lock() {
+    let address = start_server().await;
+    let mut owner = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(owner.next().await, Ok(Event::Opened(_))));
+    assert!(matches!(
+        owner.ask(2, acquire("mine")).await,
+        Event::Granted(_)
+    ));
+    let mut intruder = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(intruder.next().await, Ok(Event::Opened(_))));
+    let refused = failed(
+        intruder
+            .ask(
+                2,
+                Request::Release(proto::Release {
+                    key: "mine".to_owned(),
+                }),
+            )
+            .await,
+    );
+    assert_eq!(refused.code, i32::from(proto::Code::NotHeld));
+    assert!(
+        matches!(intruder.ask(3, acquire("mine")).await, Event::NotGranted(_)),
+        "still held"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_message_ends_its_stream_with_a_clear_status() {
+    let address = start_server().await;
+    let mut stream = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(stream.next().await, Ok(Event::Opened(_))));
+    stream
+        .requests
+        .send(proto::SessionRequest {
+            id: 2,
+            body: Some(acquire(&"k".repeat(100_000))),
+        })
+        .expect("send");
+    let status = stream.next().await.expect_err("too large");
+    assert!(
+        matches!(
+            status.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("too large") || status.message().contains("length"),
+        "{status:?}"
+    );
+    still_serving(&address).await;
+}
