@@ -1,4 +1,6 @@
 //! A `distlock serve` process for tests, on a port of its own.
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
