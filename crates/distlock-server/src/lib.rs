@@ -38,8 +38,9 @@ use distlock_proto::v1 as proto;
 use proto::locks_server::{Locks, LocksServer};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use config::{Config, ConfigError};
@@ -188,10 +189,12 @@ pub async fn run(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     tracing::info!(address = ?listener.local_addr().ok(), "distlock server listening");
+    // Without TCP_NODELAY on each accepted socket, a reply can wait ~40 ms
+    // for a delayed ACK (the builder's setting covers only sockets it binds).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(InterceptedService::new(locks, auth))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

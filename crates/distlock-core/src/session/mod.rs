@@ -533,11 +533,13 @@ impl SessionInner {
         let was_held = self.is_held(entry);
         hold.count = hold.count.saturating_sub(1);
         if hold.count == 0 {
+            // Out of the renewal set first: a renewal overtaking the release
+            // would otherwise report the key lost.
+            self.forget_held(entry);
             // Cancel safe: until the store answers, the hold stays (with a
             // count of 0), and the guard's Drop asks again.
             let released = self.store.release(&entry.lock).await;
             *slot = None;
-            self.forget_held(entry);
             entry.lost.cancel();
             match released {
                 Ok(()) => {}
