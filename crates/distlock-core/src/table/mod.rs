@@ -351,17 +351,16 @@ impl LockTable {
         if let Some(until) = until {
             self.hold_expiries.insert((until, id, key.to_owned()));
         }
-        self.keys
-            .entry(key.to_owned())
-            .or_default()
-            .holders
-            .push(Holder {
-                session: id,
-                mode,
-                token,
-                acquired_at: now,
-                until,
-            });
+        let holders = &mut self.keys.entry(key.to_owned()).or_default().holders;
+        // Most keys have one holder; a Vec's first push would make room for 4.
+        holders.reserve_exact(1);
+        holders.push(Holder {
+            session: id,
+            mode,
+            token,
+            acquired_at: now,
+            until,
+        });
         Some(token)
     }
 
