@@ -20,6 +20,9 @@ pub struct ServeArgs {
     /// A TOML file of settings: limits, TTL bounds, data_dir, auth_token.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where to serve Prometheus metrics at /metrics; `off` for nowhere.
+    #[arg(long, default_value = "127.0.0.1:7891")]
+    metrics_listen: String,
     /// A shared secret every client must present
     /// (distlock://:SECRET@host:port).
     #[arg(long, env = "DISTLOCK_AUTH_TOKEN", hide_env_values = true)]
@@ -37,12 +40,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(token) = args.auth_token {
         config.auth_token = Some(token);
     }
+    config.metrics_listen = (args.metrics_listen != "off").then_some(args.metrics_listen);
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
+    let metrics = match &config.metrics_listen {
+        Some(metrics) => format!("metrics at http://{metrics}/metrics"),
+        None => "no metrics".to_owned(),
+    };
     eprintln!(
-        "distlock: serving locks on {address}, state in {}; connect with distlock://{address}",
+        "distlock: serving locks on {address}, state in {}, {metrics}; connect with distlock://{address}",
         config.data_dir.display()
     );
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

@@ -94,6 +94,38 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
     assert!(server.terminate().success(), "SIGTERM is a clean stop");
 }
 
+#[test]
+fn metrics_count_grants_and_time_acquires() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let server = Server::start(dir.path(), &["--metrics-listen", &metrics]);
+    let output = distlock(&server.url(), &["run", "--key", "measured", "--", "true"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut connection = std::net::TcpStream::connect(&metrics).expect("connect to metrics");
+    std::io::Write::write_all(
+        &mut connection,
+        b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .expect("request");
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut connection, &mut page).expect("response");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for line in [
+        "distlock_grants_total 1",
+        "distlock_releases_total 1",
+        "distlock_acquire_seconds_count 1",
+        "# TYPE distlock_wait_seconds histogram",
+        "distlock_sessions_expired_total 0",
+        "distlock_held_locks 0",
+    ] {
+        assert!(page.contains(line), "no {line:?} in:\n{page}");
+    }
+}
+
 /// What the critical sections write to: per key, the highest token seen and
 /// who is inside.
 #[derive(Default)]

@@ -22,6 +22,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A shared secret every call must carry as `authorization: Bearer …`.
     pub auth_token: Option<String>,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<String>,
     /// The longest key, in bytes (at most 1024).
     pub max_key_bytes: usize,
     /// Sessions open at once.
@@ -46,6 +48,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("distlock-data"),
             auth_token: None,
+            metrics_listen: None,
             max_key_bytes: distlock_core::MAX_KEY_BYTES,
             max_sessions: 100_000,
             max_waiters_per_key: 10_000,
@@ -62,6 +65,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("data_dir", &self.data_dir)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))
+            .field("metrics_listen", &self.metrics_listen)
             .field("max_key_bytes", &self.max_key_bytes)
             .field("max_sessions", &self.max_sessions)
             .field("max_waiters_per_key", &self.max_waiters_per_key)

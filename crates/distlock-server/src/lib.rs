@@ -28,6 +28,7 @@
 mod config;
 mod convert;
 mod durable;
+mod metrics;
 mod session;
 
 use std::future::Future;
@@ -45,6 +46,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use config::{Config, ConfigError};
 use durable::{DataDir, EpochTokens};
+use metrics::Metrics;
 
 /// The default port of the distlock server.
 pub const DEFAULT_PORT: u16 = 7890;
@@ -68,6 +70,7 @@ pub(crate) struct Shared {
     pub(crate) table: SharedTable,
     pub(crate) config: Config,
     pub(crate) data: Arc<DataDir>,
+    pub(crate) metrics: Metrics,
 }
 
 struct Service {
@@ -180,10 +183,41 @@ pub async fn run(
         expected: config.auth_token.as_deref().map(Arc::from),
     };
     let max_message = config.max_message_bytes;
+    let table: SharedTable = Arc::new(Mutex::new(table));
+    let metrics_listener = match &config.metrics_listen {
+        Some(address) => Some(TcpListener::bind(address).await.map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("cannot serve metrics on {address}: {err}"),
+            )
+        })?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
-        table: Arc::new(Mutex::new(table)),
+        metrics: Metrics::new(Arc::clone(&table)),
+        table,
         config,
         data,
+    });
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "metrics at /metrics");
+        let shared = Arc::clone(&shared);
+        let routes = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = shared.metrics.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, routes).await })
     });
     let locks = LocksServer::new(Service { shared })
         .max_decoding_message_size(max_message)
@@ -196,5 +230,8 @@ pub async fn run(
         .add_service(InterceptedService::new(locks, auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     Ok(())
 }

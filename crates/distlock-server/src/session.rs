@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use crate::convert::mode_of;
+use crate::metrics::seconds;
 use crate::Shared;
 
 /// Where a session's events go.
@@ -214,12 +215,17 @@ impl SessionStream {
             Err(why) => return Some(failed(proto::Code::InvalidArgument, why)),
         };
         let wait = Duration::from_millis(acquire.wait_ms).min(LONGEST_WAIT);
+        let arrived = Instant::now();
         let attempt = lock_table(&self.shared.table).acquire(
             self.session,
             &acquire.key,
             mode,
             !wait.is_zero(),
         );
+        if !matches!(attempt, Attempt::Queued(..)) {
+            let metrics = &self.shared.metrics;
+            metrics.acquire_seconds.observe(seconds(arrived.elapsed()));
+        }
         match attempt {
             Attempt::Granted(token) => Some(Event::Granted(proto::Granted {
                 key: acquire.key,
@@ -246,6 +252,11 @@ impl SessionStream {
                     let key = acquire.key;
                     let waited =
                         wait_for_grant(&shared.table, session, &key, waiter, grant, until).await;
+                    let metrics = &shared.metrics;
+                    metrics.acquire_seconds.observe(seconds(arrived.elapsed()));
+                    if matches!(waited, Waited::Granted(_)) {
+                        metrics.wait_seconds.observe(seconds(arrived.elapsed()));
+                    }
                     // No await between the grant and its send: an abort
                     // here would lose a grant nobody then releases.
                     let event = match waited {

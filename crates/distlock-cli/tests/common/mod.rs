@@ -22,7 +22,11 @@ impl Server {
         Server::spawn(data_dir.to_owned(), "127.0.0.1:0", extra)
     }
 
-    fn spawn(data_dir: PathBuf, listen: &str, extra: Vec<String>) -> Server {
+    fn spawn(data_dir: PathBuf, listen: &str, mut extra: Vec<String>) -> Server {
+        // Tests run at once: none may take the default metrics port.
+        if !extra.iter().any(|arg| arg == "--metrics-listen") {
+            extra.extend(["--metrics-listen".to_owned(), "off".to_owned()]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_distlock"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(&data_dir)
