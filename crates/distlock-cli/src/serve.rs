@@ -23,6 +23,13 @@ pub struct ServeArgs {
     /// Where to serve Prometheus metrics at /metrics; `off` for nowhere.
     #[arg(long, default_value = "127.0.0.1:7891")]
     metrics_listen: String,
+    /// A PEM certificate chain: with --tls-key, serve TLS only (clients use
+    /// distlocks://HOST:PORT?ca=CA.pem).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// A shared secret every client must present
     /// (distlock://:SECRET@host:port).
     #[arg(long, env = "DISTLOCK_AUTH_TOKEN", hide_env_values = true)]
@@ -41,6 +48,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.auth_token = Some(token);
     }
     config.metrics_listen = (args.metrics_listen != "off").then_some(args.metrics_listen);
+    if args.tls_cert.is_some() {
+        (config.tls_cert, config.tls_key) = (args.tls_cert, args.tls_key);
+    }
+    let scheme = if config.tls_cert.is_some() {
+        "distlocks"
+    } else {
+        "distlock"
+    };
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -50,7 +65,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => "no metrics".to_owned(),
     };
     eprintln!(
-        "distlock: serving locks on {address}, state in {}, {metrics}; connect with distlock://{address}",
+        "distlock: serving locks on {address}, state in {}, {metrics}; connect with {scheme}://{address}",
         config.data_dir.display()
     );
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

@@ -36,7 +36,7 @@ fn seconds(ms: u64) -> String {
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let url = url::Url::parse(&args.store.url)?;
     anyhow::ensure!(
-        url.scheme() == "distlock",
+        matches!(url.scheme(), "distlock" | "distlocks"),
         "status asks a distlock server (distlock://HOST:PORT); {} keeps no status to ask",
         args.store.url
     );

@@ -1,6 +1,8 @@
 //! The `distlock://` store: a client of the distlock server.
 //!
-//! `distlock://[:SECRET@]HOST[:PORT]` (port 7890 by default). Each session
+//! `distlock://[:SECRET@]HOST[:PORT]` (port 7890 by default), or
+//! `distlocks://…[?ca=/path/ca.pem]` for a server that speaks TLS (its
+//! certificate checked against that CA, else the system's roots). Each session
 //! is one gRPC stream to the server carrying its requests, replies,
 //! keep-alives and the grants the server pushes to it; a waiting acquire
 //! costs nothing until the grant comes.
@@ -23,7 +25,7 @@ use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::v1 as proto;
 use proto::locks_client::LocksClient;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use url::Url;
 
 /// The port the server listens on unless told otherwise.
@@ -72,10 +74,17 @@ impl RemoteStore {
             })?),
             None => None,
         };
-        let endpoint = Endpoint::from_shared(format!("http://{target}"))
+        let tls = url.scheme() == "distlocks";
+        let http = if tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{http}://{target}"))
             .map_err(|err| config_error(format!("'{url}' is not a usable server address: {err}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if tls {
+            endpoint = endpoint
+                .tls_config(tls_config(url, host)?)
+                .map_err(|err| config_error(format!("cannot set up TLS for '{url}': {err}")))?;
+        }
         let channel = endpoint.connect().await.map_err(|err| {
             Error::new(
                 ErrorKind::Unavailable,
@@ -146,6 +155,23 @@ impl RemoteStore {
             .map_err(|status| from_status(&self.target, status))?
             .into_inner()
             .current)
+    }
+}
+
+/// TLS to `host`, trusting the CA file of the URL's `ca` parameter, or the
+/// system's roots.
+fn tls_config(url: &Url, host: &str) -> Result<ClientTlsConfig> {
+    let config = ClientTlsConfig::new().domain_name(host);
+    match url.query_pairs().find(|(name, _)| name == "ca") {
+        Some((_, path)) => {
+            let pem = std::fs::read(&*path).map_err(|err| {
+                config_error(format!(
+                    "cannot read the CA certificate {path} named in the URL: {err}"
+                ))
+            })?;
+            Ok(config.ca_certificate(Certificate::from_pem(pem)))
+        }
+        None => Ok(config.with_native_roots()),
     }
 }
 

@@ -24,6 +24,11 @@ pub struct Config {
     pub auth_token: Option<String>,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<String>,
+    /// A PEM certificate chain: with `tls_key`, the server speaks TLS only
+    /// (clients use `distlocks://`).
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// The longest key, in bytes (at most 1024).
     pub max_key_bytes: usize,
     /// Sessions open at once.
@@ -49,6 +54,8 @@ impl Default for Config {
             data_dir: PathBuf::from("distlock-data"),
             auth_token: None,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
             max_key_bytes: distlock_core::MAX_KEY_BYTES,
             max_sessions: 100_000,
             max_waiters_per_key: 10_000,
@@ -66,6 +73,8 @@ impl fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))
             .field("metrics_listen", &self.metrics_listen)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .field("max_key_bytes", &self.max_key_bytes)
             .field("max_sessions", &self.max_sessions)
             .field("max_waiters_per_key", &self.max_waiters_per_key)
@@ -108,6 +117,11 @@ impl Config {
                 "min_ttl ({:?}) must be above zero and at most max_ttl ({:?})",
                 self.min_ttl, self.max_ttl
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError(
+                "TLS needs both tls_cert and tls_key (PEM files), or neither".to_owned(),
+            ));
         }
         if self.max_message_bytes < 1024 {
             return Err(ConfigError(

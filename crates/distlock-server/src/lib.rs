@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 pub use config::{Config, ConfigError};
@@ -219,6 +220,11 @@ pub async fn run(
         );
         tokio::spawn(async move { axum::serve(listener, routes).await })
     });
+    let tls = shared
+        .config
+        .tls_cert
+        .clone()
+        .zip(shared.config.tls_key.clone());
     let locks = LocksServer::new(Service { shared })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -226,7 +232,17 @@ pub async fn run(
     // Without TCP_NODELAY on each accepted socket, a reply can wait ~40 ms
     // for a delayed ACK (the builder's setting covers only sockets it binds).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &tls {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|err| {
+                std::io::Error::new(err.kind(), format!("cannot read {}: {err}", path.display()))
+            })
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        server = server.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+    server
         .add_service(InterceptedService::new(locks, auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -56,6 +56,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | URL | store |
 /// |---|---|
 /// | `distlock://[:SECRET@]HOST[:PORT]` | the distlock server (`distlock serve`), port 7890 by default |
+/// | `distlocks://…[?ca=/path/ca.pem]` | the same over TLS |
 /// | `memory://` or `memory://NAME` | in-process; the same NAME is the same store |
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
 ///
@@ -86,7 +87,7 @@ fn examples() -> String {
 async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
     match parsed.scheme() {
         #[cfg(feature = "distlock")]
-        "distlock" => Ok(Arc::new(
+        "distlock" | "distlocks" => Ok(Arc::new(
             distlock_client::RemoteStore::connect(parsed).await?,
         )),
         #[cfg(feature = "memory")]
