@@ -75,14 +75,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, true) => session.read(&args.key),
         (None, false) => session.lock(&args.key),
     };
-    if std::io::stderr().is_terminal() {
-        eprintln!("distlock: waiting for '{}'…", args.key);
-    }
+    // On a terminal, say who holds the key while we wait.
+    let show = (std::io::stderr().is_terminal() && args.wait != Some(Duration::ZERO))
+        .then(|| tokio::spawn(show_waiting(args.store.url.clone(), args.key.clone())));
     let acquired = match args.wait {
         Some(Duration::ZERO) => request.try_lock().await,
         Some(wait) => request.wait(wait).await.map(Some),
         None => request.await.map(Some),
     };
+    if let Some(show) = show {
+        show.abort();
+        eprint!("\r\x1b[K");
+    }
     let guard = match acquired {
         Ok(Some(guard)) => guard,
         Ok(None) => return not_acquired(&args.key, "it is held by another session"),
@@ -130,6 +134,45 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = guard.release().await;
     let _ = session.close().await;
     outcome
+}
+
+/// Shows, on one terminal line refreshed every second, who holds `key` and
+/// how many wait, where the store can say (a distlock server); elsewhere
+/// just that we wait.
+async fn show_waiting(url: String, key: String) {
+    // Only a wait that takes a moment needs a line.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprint!("\r\x1b[Kdistlock: waiting for '{key}'…");
+    let parsed = url::Url::parse(&url);
+    let Some(store) = (match parsed {
+        Ok(parsed) if matches!(parsed.scheme(), "distlock" | "distlocks") => {
+            distlock::RemoteStore::connect(&parsed).await.ok()
+        }
+        _ => None,
+    }) else {
+        return;
+    };
+    loop {
+        if let Ok(reply) = store.status(Some(&key), "").await {
+            if let Some(status) = reply.keys.first() {
+                let holder = status.holders.first().map_or_else(
+                    || "nobody (lock-delay or restart wait-out)".to_owned(),
+                    |h| {
+                        format!(
+                            "session {} for {:.1}s",
+                            h.session_id,
+                            h.held_ms as f64 / 1000.0
+                        )
+                    },
+                );
+                eprint!(
+                    "\r\x1b[Kdistlock: waiting for '{key}': held by {holder}; {} in the queue",
+                    status.waiters.len()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
