@@ -126,6 +126,35 @@ fn metrics_count_grants_and_time_acquires() {
     }
 }
 
+#[test]
+fn requests_fail_rather_than_hang_when_the_server_dies() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), &[]);
+    let url = server.url();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async move {
+        let client = distlock::connect(&url).await.expect("connect");
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock("doomed")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        drop(server); // SIGKILL
+        let patience = Duration::from_secs(30);
+        let attempt = tokio::time::timeout(patience, session.lock("other").try_lock()).await;
+        let err = attempt
+            .expect("an acquire hung after the server died")
+            .expect_err("no server");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        let release = tokio::time::timeout(patience, guard.release()).await;
+        assert!(release
+            .expect("a release hung after the server died")
+            .is_err());
+    });
+}
+
 /// What the critical sections write to: per key, the highest token seen and
 /// who is inside.
 #[derive(Default)]

@@ -79,7 +79,12 @@ impl RemoteStore {
         let mut endpoint = Endpoint::from_shared(format!("{http}://{target}"))
             .map_err(|err| config_error(format!("'{url}' is not a usable server address: {err}")))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A server that stops answering is found out even between
+            // requests, so no call waits on a dead connection for long.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         if tls {
             endpoint = endpoint
                 .tls_config(tls_config(url, host)?)

@@ -20,11 +20,16 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::{from_status, RemoteStore};
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Event>>>>;
+/// Requests waiting for their answer; `None` once the stream has ended, so
+/// that no request waits for an answer that cannot come.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Event>>>>>;
 
-fn pending(map: &Pending) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<Event>>> {
+fn pending(map: &Pending) -> MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Event>>>> {
     map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The most key bytes one keep-alive names; more are sent in several.
+const KEEP_ALIVE_BYTES: usize = 1024 * 1024;
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -67,7 +72,7 @@ impl RemoteSession {
             Ok(_) => return Err(connection_lost(&target)),
             Err(status) => return Err(from_status(&target, status)),
         }
-        let pending = Pending::default();
+        let pending = Pending::new(Mutex::new(Some(HashMap::new())));
         let reader = tokio::spawn(read_events(
             events,
             Arc::clone(&pending),
@@ -87,13 +92,18 @@ impl RemoteSession {
     fn send(&self, body: Request) -> Result<(u64, oneshot::Receiver<Event>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
-        pending(&self.pending).insert(id, answer);
+        match pending(&self.pending).as_mut() {
+            Some(waiting) => waiting.insert(id, answer),
+            None => return Err(connection_lost(&self.target)),
+        };
         let request = proto::SessionRequest {
             id,
             body: Some(body),
         };
         if self.requests.send(request).is_err() {
-            pending(&self.pending).remove(&id);
+            if let Some(waiting) = pending(&self.pending).as_mut() {
+                waiting.remove(&id);
+            }
             return Err(connection_lost(&self.target));
         }
         Ok((id, answered))
@@ -150,13 +160,13 @@ async fn read_events(
                 id,
                 body: Some(body),
             })) => {
-                let answer = pending(&waiting).remove(&id);
+                let answer = pending(&waiting).as_mut().and_then(|w| w.remove(&id));
                 let unclaimed = match answer {
                     Some(answer) => answer.send(body).err(),
                     None => Some(body),
                 };
                 if let Some(Event::Granted(granted)) = unclaimed {
-                    give_back(&requests, granted.key);
+                    give_back(&requests, granted);
                 }
             }
             Ok(Some(_)) => {}
@@ -167,15 +177,21 @@ async fn read_events(
             }
         }
     }
-    // Dropping the senders tells every waiting request the connection is gone.
-    pending(&waiting).clear();
+    // Dropping the senders tells every waiting request the connection is
+    // gone, and `None` turns away every later one.
+    pending(&waiting).take();
 }
 
-/// Releases a grant nobody wants, answered by nobody (id 0 is never waited on).
-fn give_back(requests: &mpsc::UnboundedSender<proto::SessionRequest>, key: String) {
+/// Releases a grant nobody wants — that grant only, by its token — answered
+/// by nobody (id 0 is never waited on).
+fn give_back(requests: &mpsc::UnboundedSender<proto::SessionRequest>, granted: proto::Granted) {
+    let release = proto::Release {
+        key: granted.key,
+        token: granted.token,
+    };
     let _ = requests.send(proto::SessionRequest {
         id: 0,
-        body: Some(Request::Release(proto::Release { key })),
+        body: Some(Request::Release(release)),
     });
 }
 
@@ -193,7 +209,9 @@ impl Drop for InFlight<'_> {
         if self.done {
             return;
         }
-        pending(&self.session.pending).remove(&self.id);
+        if let Some(waiting) = pending(&self.session.pending).as_mut() {
+            waiting.remove(&self.id);
+        }
         let _ = self.session.requests.send(proto::SessionRequest {
             id: 0,
             body: Some(Request::Cancel(proto::Cancel {
@@ -201,7 +219,7 @@ impl Drop for InFlight<'_> {
             })),
         });
         if let Ok(Event::Granted(granted)) = self.answered.try_recv() {
-            give_back(&self.session.requests, granted.key);
+            give_back(&self.session.requests, granted);
         }
     }
 }
@@ -237,6 +255,9 @@ impl StoreSession for RemoteSession {
         match answer.map_err(|_| connection_lost(&self.target))? {
             Event::Granted(granted) => Ok(Some(Grant::new(granted.token))),
             Event::NotGranted(_) => Ok(None),
+            // The release of a grant that crossed a cancel has not landed
+            // yet: busy for now; the core asks again.
+            Event::Failed(failed) if failed.code == i32::from(proto::Code::AlreadyHeld) => Ok(None),
             Event::Failed(failed) => Err(failure(&self.target, failed)),
             other => Err(unexpected(&self.target, &other)),
         }
@@ -245,6 +266,7 @@ impl StoreSession for RemoteSession {
     async fn release(&self, lock: &HeldLock) -> Result<()> {
         let release = proto::Release {
             key: lock.key.clone(),
+            token: lock.token,
         };
         match self.call(Request::Release(release)).await? {
             Event::Released(_) => Ok(()),
@@ -254,15 +276,33 @@ impl StoreSession for RemoteSession {
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
-        let keys = held.iter().map(|lock| lock.key.clone()).collect();
-        match self
-            .call(Request::KeepAlive(proto::KeepAlive { keys }))
-            .await?
-        {
-            Event::Renewed(renewed) => Ok(RenewReport::lost(renewed.lost_keys)),
-            Event::Failed(failed) => Err(failure(&self.target, failed)),
-            other => Err(unexpected(&self.target, &other)),
+        // Within the server's message limit however many keys are held; an
+        // empty list still renews the lease.
+        let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for lock in held {
+            if bytes + lock.key.len() > KEEP_ALIVE_BYTES {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += lock.key.len();
+            chunks
+                .last_mut()
+                .expect("never empty")
+                .push(lock.key.clone());
         }
+        let mut lost_keys = Vec::new();
+        for keys in chunks {
+            match self
+                .call(Request::KeepAlive(proto::KeepAlive { keys }))
+                .await?
+            {
+                Event::Renewed(renewed) => lost_keys.extend(renewed.lost_keys),
+                Event::Failed(failed) => return Err(failure(&self.target, failed)),
+                other => return Err(unexpected(&self.target, &other)),
+            }
+        }
+        Ok(RenewReport::lost(lost_keys))
     }
 
     async fn close(&self) -> Result<()> {

@@ -59,7 +59,7 @@ impl Default for Config {
             max_key_bytes: distlock_core::MAX_KEY_BYTES,
             max_sessions: 100_000,
             max_waiters_per_key: 10_000,
-            max_message_bytes: 64 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
             min_ttl: distlock_core::MIN_TTL,
             max_ttl: Duration::from_secs(10 * 60),
             max_lock_delay: Duration::from_secs(60),

@@ -97,6 +97,16 @@ impl DataDir {
             }
         };
         let epoch = saved.next_epoch;
+        if epoch >= 1 << (64 - EPOCH_SHIFT) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} says epoch {epoch}, past the last one tokens can carry; this data \
+                     directory is used up (a new one would let tokens go backwards)",
+                    state_path.display()
+                ),
+            ));
+        }
         let dir = DataDir {
             path: path.to_owned(),
             saved: Mutex::new(saved),

@@ -18,8 +18,9 @@
 //! # async fn serve() -> Result<(), distlock_server::ServerError> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7890").await?;
 //! let config = distlock_server::Config::default();
+//! let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! distlock_server::run(listener, config, async {
-//!     let _ = tokio::signal::ctrl_c().await;
+//!     let _ = stopped.await; // e.g. on Ctrl-C
 //! })
 //! .await
 //! # }
@@ -145,7 +146,7 @@ impl tonic::service::Interceptor for Auth {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "));
-        if given == Some(&**expected) {
+        if given.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes())) {
             Ok(request)
         } else {
             Err(Status::unauthenticated(
@@ -154,6 +155,17 @@ impl tonic::service::Interceptor for Auth {
             ))
         }
     }
+}
+
+/// Compares secrets in time that depends only on their lengths, so that
+/// timing does not tell how much of a guess was right.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
 }
 
 /// Serves until `shutdown` completes, then stops accepting and returns once

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::table::{lock_table, wait_for_grant, Attempt, SessionId, SessionSpec, Waited};
+use distlock_core::table::{lock_table, Attempt, SessionId, SessionSpec, Ticket, Waited};
 use distlock_proto::v1 as proto;
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
@@ -20,9 +20,6 @@ use crate::Shared;
 
 /// Where a session's events go.
 type Outbound = UnboundedSender<Result<proto::SessionEvent, Status>>;
-
-/// The longest wait one acquire may ask for; longer ones are capped.
-const LONGEST_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
 fn send(out: &Outbound, id: u64, body: Event) {
     // A closed channel means the client left; the session then expires.
@@ -174,7 +171,7 @@ impl SessionStream {
         let id = request.id;
         let reply = match request.body {
             Some(Request::Acquire(acquire)) => self.acquire(id, acquire),
-            Some(Request::Release(release)) => Some(self.release(&release.key)),
+            Some(Request::Release(release)) => Some(self.release(&release.key, release.token)),
             Some(Request::KeepAlive(keep_alive)) => Some(self.keep_alive(keep_alive.keys)),
             Some(Request::Cancel(cancel)) => {
                 if let Some(wait) = self.wait_handles.remove(&cancel.acquire_id) {
@@ -214,7 +211,7 @@ impl SessionStream {
             Ok(mode) => mode,
             Err(why) => return Some(failed(proto::Code::InvalidArgument, why)),
         };
-        let wait = Duration::from_millis(acquire.wait_ms).min(LONGEST_WAIT);
+        let wait = Duration::from_millis(acquire.wait_ms);
         let arrived = Instant::now();
         let attempt = lock_table(&self.shared.table).acquire(
             self.session,
@@ -233,6 +230,13 @@ impl SessionStream {
             })),
             Attempt::Busy => Some(Event::NotGranted(proto::NotGranted {})),
             Attempt::SessionGone => Some(session_lost()),
+            Attempt::AlreadyHeld => Some(failed(
+                proto::Code::AlreadyHeld,
+                format!(
+                    "this session already holds or waits for '{}'; a session takes a key once",
+                    acquire.key
+                ),
+            )),
             Attempt::QueueFull => Some(failed(
                 proto::Code::ResourceExhausted,
                 format!(
@@ -245,13 +249,18 @@ impl SessionStream {
                 "the server cannot save its token epoch, so it grants nothing; see its log",
             )),
             Attempt::Queued(waiter, grant) => {
-                let (shared, session, out) =
-                    (Arc::clone(&self.shared), self.session, self.out.clone());
-                let until = Instant::now() + wait;
+                // Made before the task: if the task is aborted before it
+                // first runs, dropping the ticket still gives a grant back.
+                let table = Arc::clone(&self.shared.table);
+                let ticket = Ticket::new(table, self.session, acquire.key, waiter, grant);
+                let (shared, out) = (Arc::clone(&self.shared), self.out.clone());
+                // Waits past what an Instant can hold are waits without end.
+                let until = arrived
+                    .checked_add(wait)
+                    .unwrap_or_else(|| arrived + Duration::from_secs(100 * 365 * 24 * 3600));
                 let handle = self.waits.spawn(async move {
-                    let key = acquire.key;
-                    let waited =
-                        wait_for_grant(&shared.table, session, &key, waiter, grant, until).await;
+                    let key = ticket.key().to_owned();
+                    let waited = ticket.wait(until).await;
                     let metrics = &shared.metrics;
                     metrics.acquire_seconds.observe(seconds(arrived.elapsed()));
                     if matches!(waited, Waited::Granted(_)) {
@@ -273,8 +282,9 @@ impl SessionStream {
         }
     }
 
-    fn release(&self, key: &str) -> Event {
-        if lock_table(&self.shared.table).release(self.session, key) {
+    fn release(&self, key: &str, token: u64) -> Event {
+        let token = (token != 0).then_some(token);
+        if lock_table(&self.shared.table).release(self.session, key, token) {
             Event::Released(proto::Released {})
         } else {
             failed(

@@ -23,6 +23,7 @@ async fn start_server() -> String {
         data_dir: tempfile::tempdir().expect("temp dir").keep(),
         auth_token: Some(SECRET.to_owned()),
         max_key_bytes: 64,
+        max_message_bytes: 64 * 1024,
         max_ttl: Duration::from_secs(60),
         ..distlock_server::Config::default()
     };
@@ -188,6 +189,7 @@ async fn requests_without_a_session_are_refused() {
                 3,
                 Request::Release(proto::Release {
                     key: "k".to_owned(),
+                    token: 0,
                 }),
             )
             .await,
@@ -244,6 +246,7 @@ async fn one_session_cannot_release_another_sessions_lock() {
                 2,
                 Request::Release(proto::Release {
                     key: "mine".to_owned(),
+                    token: 0,
                 }),
             )
             .await,
@@ -278,6 +281,51 @@ async fn an_oversized_message_ends_its_stream_with_a_clear_status() {
     assert!(
         status.message().contains("too large") || status.message().contains("length"),
         "{status:?}"
+    );
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn a_wait_without_end_and_a_second_acquire_of_a_held_key() {
+    let address = start_server().await;
+    let mut owner = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(owner.next().await, Ok(Event::Opened(_))));
+    assert!(matches!(
+        owner.ask(2, acquire("busy")).await,
+        Event::Granted(_)
+    ));
+    let twice = failed(owner.ask(3, acquire("busy")).await);
+    assert_eq!(twice.code, i32::from(proto::Code::AlreadyHeld), "{twice:?}");
+
+    let mut waiter = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(waiter.next().await, Ok(Event::Opened(_))));
+    let forever = Request::Acquire(proto::Acquire {
+        key: "busy".to_owned(),
+        mode: proto::Mode::Exclusive.into(),
+        permits: 0,
+        wait_ms: u64::MAX,
+    });
+    waiter
+        .requests
+        .send(proto::SessionRequest {
+            id: 2,
+            body: Some(forever),
+        })
+        .expect("send");
+    // Released by token: the owner's grant goes to the waiter at once.
+    let released = owner
+        .ask(
+            4,
+            Request::Release(proto::Release {
+                key: "busy".to_owned(),
+                token: 0,
+            }),
+        )
+        .await;
+    assert!(matches!(released, Event::Released(_)), "{released:?}");
+    assert!(
+        matches!(waiter.next().await, Ok(Event::Granted(_))),
+        "the endless wait was granted"
     );
     still_serving(&address).await;
 }

@@ -20,7 +20,7 @@ use crate::store::{
     SessionOptions, StoreSession,
 };
 use crate::table::{
-    lock_table as lock, wait_for_grant, Attempt, SessionId, SessionSpec, SharedTable, Waited,
+    lock_table as lock, Attempt, SessionId, SessionSpec, SharedTable, Ticket, Waited,
 };
 
 /// An in-process lock store.
@@ -127,23 +127,24 @@ impl StoreSession for MemorySession {
             Attempt::Busy => Ok(None),
             Attempt::Queued(waiter, grant) => {
                 let until = request.wait_until.expect("queued only when waiting");
-                match wait_for_grant(&self.table, self.id, &request.key, waiter, grant, until).await
-                {
+                let table = Arc::clone(&self.table);
+                let ticket = Ticket::new(table, self.id, request.key.clone(), waiter, grant);
+                match ticket.wait(until).await {
                     Waited::Granted(token) => Ok(Some(Grant::new(token))),
                     Waited::TimedOut => Ok(None),
                     Waited::SessionGone => Err(session_gone()),
                 }
             }
             Attempt::SessionGone => Err(session_gone()),
-            Attempt::QueueFull | Attempt::NoTokens => Err(Error::new(
+            Attempt::AlreadyHeld | Attempt::QueueFull | Attempt::NoTokens => Err(Error::new(
                 ErrorKind::Store,
-                "the memory store refused a request it has no limit for; this is a bug",
+                "the memory store refused a request the core never makes; this is a bug",
             )),
         }
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        if lock(&self.table).release(self.id, &held.key) {
+        if lock(&self.table).release(self.id, &held.key, Some(held.token)) {
             Ok(())
         } else {
             Err(Error::not_held(&held.key))

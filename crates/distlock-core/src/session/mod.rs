@@ -472,12 +472,12 @@ impl SessionInner {
             Wait::Forever => Some(far_future()),
         };
         let mut request = AcquireRequest::new(key, mode);
+        // A push store waits itself and answers `None` at the deadline — or
+        // earlier if it gave up early (a server caps waits; a stale grant is
+        // on its way back): then it is asked again. A polling store answers
+        // at once and is asked again after a backoff.
         if self.caps.push_wakeup {
             request.wait_until = deadline;
-            return tokio::select! {
-                granted = self.store.acquire(&request) => granted,
-                () = self.ended.cancelled() => Err(self.ended_error()),
-            };
         }
         let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
         loop {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::store::Mode;
 pub use status::{Counters, HolderStatus, KeyStatus, WaiterStatus};
-pub use wait::{lock_table, wait_for_grant, SharedTable, Waited};
+pub use wait::{lock_table, SharedTable, Ticket, Waited};
 
 /// A session's number in its table.
 pub type SessionId = u64;
@@ -117,6 +117,8 @@ struct KeyState {
     holders: Vec<Holder>,
     queue: VecDeque<Waiter>,
     blocked_until: Option<Instant>,
+    /// The last token granted for the key while it had state, for `status`.
+    last_token: u64,
 }
 
 impl KeyState {
@@ -150,10 +152,13 @@ pub enum Attempt {
     Granted(u64),
     /// Held (or blocked) and the caller did not want to wait.
     Busy,
-    /// Queued: the token arrives on the receiver (see [`wait_for_grant`]).
+    /// Queued: the token arrives on the receiver (wait for it with a [`Ticket`]).
     Queued(WaiterId, oneshot::Receiver<u64>),
     /// The session is unknown or has expired.
     SessionGone,
+    /// The session already holds or waits for the key; a session takes a
+    /// key once (reentrancy is the client's business).
+    AlreadyHeld,
     /// The key already has [`Limits::max_waiters_per_key`] waiters.
     QueueFull,
     /// No token could be made safe to hand out (the token range could not
@@ -176,9 +181,10 @@ pub struct LockTable {
     /// `max_hold` ends, in order.
     hold_expiries: BTreeSet<(Instant, SessionId, String)>,
     keys: HashMap<String, KeyState>,
-    /// The last token of every key ever granted; never removed, so tokens
-    /// never go backwards.
-    last_tokens: HashMap<String, u64>,
+    /// The last token granted for any key. One counter for the table keeps
+    /// every key's tokens strictly increasing without remembering every key
+    /// ever locked.
+    last_token: u64,
     /// No grant at all before this (a restarted server waits out the
     /// leases of the sessions it forgot).
     grants_blocked_until: Option<Instant>,
@@ -202,7 +208,7 @@ impl LockTable {
             expiries: BTreeSet::new(),
             hold_expiries: BTreeSet::new(),
             keys: HashMap::new(),
-            last_tokens: HashMap::new(),
+            last_token: 0,
             grants_blocked_until: None,
             counters: Counters::default(),
             next_id: 0,
@@ -262,14 +268,18 @@ impl LockTable {
 
     /// Ends expired sessions and holds past `max_hold`: their keys stay
     /// blocked for the session's lock-delay, their waiters leave.
+    ///
+    /// Everything due is ended before anything is granted, so no grant goes
+    /// to a session that is itself due to end.
     pub fn purge(&mut self, now: Instant) {
+        let mut freed = Vec::new();
         while let Some(&(at, id)) = self.expiries.first() {
             if at > now {
                 break;
             }
             self.expiries.pop_first();
             self.counters.sessions_expired += 1;
-            self.end_session(id, Some(now));
+            freed.extend(self.detach_session(id, Some(now)));
         }
         while let Some((at, _, _)) = self.hold_expiries.first() {
             if *at > now {
@@ -284,11 +294,14 @@ impl LockTable {
             });
             if still_held {
                 self.counters.holds_expired += 1;
-                self.remove_holder(id, &key);
+                self.remove_holder(id, &key, None);
                 let delay = self.sessions.get(&id).map(|s| s.spec.lock_delay);
                 self.block_key(&key, delay.unwrap_or_default(), now);
-                self.pump(&key, now);
+                freed.push(key);
             }
+        }
+        for key in freed {
+            self.pump(&key, now);
         }
     }
 
@@ -303,8 +316,16 @@ impl LockTable {
     /// Removes a session and everything it holds or waits for. With
     /// `expired_at`, its keys are blocked for its lock-delay.
     pub fn end_session(&mut self, id: SessionId, expired_at: Option<Instant>) {
+        let now = Instant::now();
+        for key in self.detach_session(id, expired_at) {
+            self.pump(&key, now);
+        }
+    }
+
+    /// Removes a session's state; returns the keys that may now be granted.
+    fn detach_session(&mut self, id: SessionId, expired_at: Option<Instant>) -> Vec<String> {
         let Some(session) = self.sessions.remove(&id) else {
-            return;
+            return Vec::new();
         };
         self.expiries.remove(&(session.expires_at, id));
         for key in &session.waiting {
@@ -314,33 +335,28 @@ impl LockTable {
             }
         }
         for key in &session.holding {
-            self.remove_holder(id, key);
+            self.remove_holder(id, key, None);
             if let Some(now) = expired_at {
                 self.block_key(key, session.spec.lock_delay, now);
             }
         }
-        let now = Instant::now();
-        for key in session.waiting.iter().chain(&session.holding) {
-            self.pump(key, now);
-        }
+        session.waiting.into_iter().chain(session.holding).collect()
     }
 
-    /// The next token of `key`, if one can be made safe to hand out.
-    fn next_token(&mut self, key: &str) -> Option<u64> {
-        let base = self.tokens.base();
-        let last = self.last_tokens.get(key).copied().unwrap_or(0).max(base);
-        let token = last + 1;
+    /// The next token, if one can be made safe to hand out.
+    fn next_token(&mut self) -> Option<u64> {
+        let token = self.last_token.max(self.tokens.base()) + 1;
         if token >= self.tokens.ceiling() && !self.tokens.raise(token) {
             return None;
         }
-        self.last_tokens.insert(key.to_owned(), token);
+        self.last_token = token;
         self.counters.grants += 1;
         Some(token)
     }
 
     /// Records `session` as a holder of `key` with a fresh token.
     fn add_holder(&mut self, id: SessionId, key: &str, mode: Mode, now: Instant) -> Option<u64> {
-        let token = self.next_token(key)?;
+        let token = self.next_token()?;
         // Callers only grant to live sessions (ended ones leave every queue).
         let Some(session) = self.sessions.get_mut(&id) else {
             return Some(token);
@@ -351,7 +367,9 @@ impl LockTable {
         if let Some(until) = until {
             self.hold_expiries.insert((until, id, key.to_owned()));
         }
-        let holders = &mut self.keys.entry(key.to_owned()).or_default().holders;
+        let state = self.keys.entry(key.to_owned()).or_default();
+        state.last_token = token;
+        let holders = &mut state.holders;
         // Most keys have one holder; a Vec's first push would make room for 4.
         holders.reserve_exact(1);
         holders.push(Holder {
@@ -374,8 +392,13 @@ impl LockTable {
     pub fn acquire(&mut self, id: SessionId, key: &str, mode: Mode, queue: bool) -> Attempt {
         let now = Instant::now();
         self.purge(now);
-        if !self.sessions.contains_key(&id) {
+        // Waiters first: a lock-delay may have just ended.
+        self.pump(key, now);
+        let Some(session) = self.sessions.get(&id) else {
             return Attempt::SessionGone;
+        };
+        if session.holding.contains(key) || session.waiting.contains(key) {
+            return Attempt::AlreadyHeld;
         }
         let state = self.keys.entry(key.to_owned()).or_default();
         let free = state.queue.is_empty() && state.admits(mode);
@@ -434,17 +457,20 @@ impl LockTable {
             };
             if waiter.grant.send(token).is_err() {
                 // The waiter went away as we granted: take it back.
-                self.remove_holder(waiter.session, key);
+                self.remove_holder(waiter.session, key, Some(token));
             }
         }
         self.tidy(key, now);
     }
 
-    fn remove_holder(&mut self, id: SessionId, key: &str) -> bool {
+    /// Removes the session's hold of `key` (only the grant with `token`,
+    /// if given).
+    fn remove_holder(&mut self, id: SessionId, key: &str, token: Option<u64>) -> bool {
         let Some(state) = self.keys.get_mut(key) else {
             return false;
         };
-        let Some(index) = state.holders.iter().position(|h| h.session == id) else {
+        let matches = |h: &Holder| h.session == id && token.is_none_or(|token| h.token == token);
+        let Some(index) = state.holders.iter().position(matches) else {
             return false;
         };
         let holder = state.holders.swap_remove(index);
@@ -463,11 +489,12 @@ impl LockTable {
         }
     }
 
-    /// Owner-checked release; `false` if the session did not hold `key`.
-    pub fn release(&mut self, id: SessionId, key: &str) -> bool {
+    /// Owner-checked release (of the grant with `token` only, if given);
+    /// `false` if the session did not hold it.
+    pub fn release(&mut self, id: SessionId, key: &str, token: Option<u64>) -> bool {
         let now = Instant::now();
         self.purge(now);
-        let released = self.remove_holder(id, key);
+        let released = self.remove_holder(id, key, token);
         if released {
             self.counters.releases += 1;
         }
@@ -477,10 +504,10 @@ impl LockTable {
 
     /// A waiter gave up (timeout or dropped future): it leaves the queue, or
     /// gives back the grant that raced with its leaving.
-    pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: bool) {
+    pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: Option<u64>) {
         let now = Instant::now();
-        if granted {
-            self.remove_holder(id, key);
+        if let Some(token) = granted {
+            self.remove_holder(id, key, Some(token));
         } else if let Some(state) = self.keys.get_mut(key) {
             state.queue.retain(|w| w.id != waiter);
             if let Some(session) = self.sessions.get_mut(&id) {

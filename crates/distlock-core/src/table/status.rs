@@ -112,7 +112,7 @@ impl LockTable {
                         waiting_for: now - w.since,
                     })
                     .collect(),
-                last_token: self.last_tokens.get(key).copied().unwrap_or(0),
+                last_token: state.last_token,
             })
             .collect();
         keys.sort_by(|a, b| a.key.cmp(&b.key));

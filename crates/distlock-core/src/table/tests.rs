@@ -81,20 +81,21 @@ async fn check_and_status_describe_holders_and_waiters_in_order() {
 #[tokio::test(start_paused = true)]
 async fn limits_refuse_extra_sessions_and_waiters() {
     let limits = Limits {
-        max_sessions: 2,
+        max_sessions: 3,
         max_waiters_per_key: 1,
     };
     let mut table = LockTable::new(limits, Box::new(InMemoryTokens));
     let a = table.open_session(spec(SECOND)).expect("first");
     let b = table.open_session(spec(SECOND)).expect("second");
-    assert_eq!(table.open_session(spec(SECOND)), Err(TooManySessions(2)));
+    let c = table.open_session(spec(SECOND)).expect("third");
+    assert_eq!(table.open_session(spec(SECOND)), Err(TooManySessions(3)));
     granted(table.acquire(a, "k", Mode::Exclusive, false));
     assert!(matches!(
         table.acquire(b, "k", Mode::Exclusive, true),
         Attempt::Queued(..)
     ));
     assert!(matches!(
-        table.acquire(a, "k", Mode::Shared, true),
+        table.acquire(c, "k", Mode::Shared, true),
         Attempt::QueueFull
     ));
     table.end_session(b, None);
@@ -155,7 +156,7 @@ async fn tokens_start_above_the_base_and_raise_the_ceiling_when_reached() {
     let mut tokens = Vec::new();
     for _ in 0..5 {
         tokens.push(granted(table.acquire(id, "k", Mode::Exclusive, false)));
-        assert!(table.release(id, "k"));
+        assert!(table.release(id, "k", None));
     }
     assert_eq!(tokens, vec![1001, 1002, 1003, 1004, 1005]);
     assert!(format!("{table:?}").contains("raises: 2"), "{table:?}");
@@ -172,10 +173,47 @@ async fn no_grant_when_the_ceiling_cannot_be_raised() {
     let mut table = LockTable::new(Limits::default(), Box::new(window));
     let id = table.open_session(spec(60 * SECOND)).expect("open");
     granted(table.acquire(id, "k", Mode::Exclusive, false));
-    assert!(table.release(id, "k"));
+    assert!(table.release(id, "k", None));
     assert!(matches!(
         table.acquire(id, "k", Mode::Exclusive, false),
         Attempt::NoTokens
     ));
     assert!(!table.holds(id, "k"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_takes_a_key_once_and_releases_by_token() {
+    let mut table = LockTable::default();
+    let id = table.open_session(spec(60 * SECOND)).expect("open");
+    let token = granted(table.acquire(id, "k", Mode::Shared, false));
+    assert!(matches!(
+        table.acquire(id, "k", Mode::Shared, true),
+        Attempt::AlreadyHeld
+    ));
+    assert!(
+        !table.release(id, "k", Some(token + 1)),
+        "another grant's token frees nothing"
+    );
+    assert!(table.holds(id, "k"));
+    assert!(table.release(id, "k", Some(token)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn purge_never_grants_to_a_session_that_is_due_to_end() {
+    let mut table = LockTable::default();
+    let holder = table.open_session(spec(SECOND)).expect("open");
+    let waiter = table.open_session(spec(SECOND)).expect("open");
+    granted(table.acquire(holder, "k", Mode::Exclusive, false));
+    let Attempt::Queued(_, mut grant) = table.acquire(waiter, "k", Mode::Exclusive, true) else {
+        panic!("the waiter should queue");
+    };
+    let grants = table.counters().grants;
+    advance(2 * SECOND).await;
+    table.purge(Instant::now());
+    assert!(
+        grant.try_recv().is_err(),
+        "granted to a session already due to end"
+    );
+    assert_eq!(table.counters().grants, grants);
+    assert_eq!(table.counters().sessions, 0);
 }

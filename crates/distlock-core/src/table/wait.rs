@@ -29,64 +29,75 @@ pub enum Waited {
     SessionGone,
 }
 
-/// A queued waiter; dropping it before the grant arrives leaves the queue
-/// (or gives back a grant that raced with the drop).
-struct Ticket<'a> {
-    table: &'a Mutex<LockTable>,
+/// A request [`LockTable::acquire`] queued. Make it as soon as the request is
+/// queued: dropping it at any point before [`Ticket::wait`] finishes — even
+/// unpolled, inside a task aborted before it ran — takes the waiter out of
+/// the queue, or gives back a grant that already came.
+#[derive(Debug)]
+pub struct Ticket {
+    table: SharedTable,
     session: SessionId,
-    key: &'a str,
+    key: String,
     id: WaiterId,
     grant: oneshot::Receiver<u64>,
     done: bool,
 }
 
-impl Drop for Ticket<'_> {
+impl Ticket {
+    /// The ticket of waiter `id` of `session` on `key`.
+    pub fn new(
+        table: SharedTable,
+        session: SessionId,
+        key: String,
+        id: WaiterId,
+        grant: oneshot::Receiver<u64>,
+    ) -> Self {
+        Ticket {
+            table,
+            session,
+            key,
+            id,
+            grant,
+            done: false,
+        }
+    }
+
+    /// The key waited for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Waits for the grant until `until`. Cancel safe.
+    pub async fn wait(mut self, until: Instant) -> Waited {
+        loop {
+            let next = lock_table(&self.table).next_event(self.session, &self.key);
+            let wake = next.map_or(until, |next| next.min(until));
+            tokio::select! {
+                granted = &mut self.grant => {
+                    self.done = true;
+                    return match granted {
+                        Ok(token) => Waited::Granted(token),
+                        Err(_) => Waited::SessionGone,
+                    };
+                }
+                () = sleep_until(wake) => {
+                    if Instant::now() >= until {
+                        // Leaving through Drop gives back a grant that raced in.
+                        return Waited::TimedOut;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let mut table = lock_table(self.table);
-        let granted = self.grant.try_recv().is_ok();
-        table.abandon(self.session, self.key, self.id, granted);
-    }
-}
-
-/// Waits for the grant of a request that [`LockTable::acquire`] queued,
-/// until `until`. Cancel safe: dropping the future leaves no waiter and no
-/// holder behind.
-pub async fn wait_for_grant(
-    table: &Mutex<LockTable>,
-    session: SessionId,
-    key: &str,
-    id: WaiterId,
-    grant: oneshot::Receiver<u64>,
-    until: Instant,
-) -> Waited {
-    let mut ticket = Ticket {
-        table,
-        session,
-        key,
-        id,
-        grant,
-        done: false,
-    };
-    loop {
-        let next = lock_table(table).next_event(session, key);
-        let wake = next.map_or(until, |next| next.min(until));
-        tokio::select! {
-            granted = &mut ticket.grant => {
-                ticket.done = true;
-                return match granted {
-                    Ok(token) => Waited::Granted(token),
-                    Err(_) => Waited::SessionGone,
-                };
-            }
-            () = sleep_until(wake) => {
-                if Instant::now() >= until {
-                    // Leaving through Drop gives back a grant that raced in.
-                    return Waited::TimedOut;
-                }
-            }
-        }
+        let mut table = lock_table(&self.table);
+        let granted = self.grant.try_recv().ok();
+        table.abandon(self.session, &self.key, self.id, granted);
     }
 }
