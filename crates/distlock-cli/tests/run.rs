@@ -18,9 +18,18 @@ fn run(args: &[&str]) -> Output {
     distlock().args(args).output().expect("run distlock")
 }
 
-/// `distlock run --url URL --key KEY -- sh -c SCRIPT`.
+/// `distlock run --url URL --key KEY -- sh -c SCRIPT`, ready to run or spawn.
+fn run_sh_command(url: &str, key: &str, script: &str) -> Command {
+    let mut command = distlock();
+    command.args(["run", "--url", url, "--key", key, "--", "sh", "-c", script]);
+    command
+}
+
+/// Runs `distlock run --url URL --key KEY -- sh -c SCRIPT` to the end.
 fn run_sh(url: &str, key: &str, script: &str) -> Output {
-    run(&["run", "--url", url, "--key", key, "--", "sh", "-c", script])
+    run_sh_command(url, key, script)
+        .output()
+        .expect("run distlock")
 }
 
 fn stderr(output: &Output) -> String {
@@ -279,18 +288,7 @@ fn the_command_dies_with_distlock() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pid_file = dir.path().join("command.pid");
     let script = format!("echo $$ > {}; sleep 60", pid_file.display());
-    let mut distlock_run = distlock()
-        .args([
-            "run",
-            "--url",
-            &file_url(dir.path()),
-            "--key",
-            "k",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
+    let mut distlock_run = run_sh_command(&file_url(dir.path()), "k", &script)
         .spawn()
         .expect("start distlock run");
     wait_for(&pid_file);
@@ -311,18 +309,7 @@ fn signals_are_forwarded_to_the_command() {
         "trap 'exit 9' TERM; touch {}; sleep 30 & wait",
         ready.display()
     );
-    let child = distlock()
-        .args([
-            "run",
-            "--url",
-            &file_url(dir.path()),
-            "--key",
-            "k",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
+    let child = run_sh_command(&file_url(dir.path()), "k", &script)
         .spawn()
         .expect("start distlock run");
     wait_for(&ready);

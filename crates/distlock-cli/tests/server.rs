@@ -29,9 +29,8 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = Server::start(dir.path(), &[]);
     let url = server.url();
-    let first = distlock(
-        &url,
-        &[
+    let token = || -> u64 {
+        let run = [
             "run",
             "--key",
             "job",
@@ -39,25 +38,12 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
             "sh",
             "-c",
             "echo $DISTLOCK_TOKEN",
-        ],
-    );
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
-    let second = distlock(
-        &url,
-        &[
-            "run",
-            "--key",
-            "job",
-            "--",
-            "sh",
-            "-c",
-            "echo $DISTLOCK_TOKEN",
-        ],
-    );
-    let (a, b): (u64, u64) = (
-        text(&first.stdout).trim().parse().expect("token"),
-        text(&second.stdout).trim().parse().expect("token"),
-    );
+        ];
+        let output = distlock(&url, &run);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        text(&output.stdout).trim().parse().expect("token")
+    };
+    let (a, b) = (token(), token());
     assert!(b > a, "token {b} after {a}");
 
     let mut holder = Command::new(env!("CARGO_BIN_EXE_distlock"))
