@@ -85,12 +85,14 @@ pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationT
                 if let Some(until) = session.lease_from(sent) {
                     // Each lock this renewal covered first, then the session,
                     // whose watchers then see both.
+                    let current = lock(&session.held);
                     for renewed in &held {
-                        let entry = lock(&session.held).get(&renewed.key).cloned();
+                        let entry = current.get(&renewed.key);
                         if let Some(entry) = entry.filter(|e| e.lock.token == renewed.token) {
                             entry.set_renewed_until(until);
                         }
                     }
+                    drop(current);
                     session.lease.send_replace(Some(until));
                 }
                 next = sent + every;
