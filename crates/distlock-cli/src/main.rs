@@ -31,12 +31,13 @@ enum Command {
     /// Run a command while holding a lock.
     ///
     /// The command gets DISTLOCK_TOKEN (the fencing token) and DISTLOCK_KEY,
-    /// and runs in a process group of its own (see --foreground). Signals
-    /// sent to distlock are forwarded to it. If the lock is at risk (renewals
-    /// failing) the command gets SIGTERM, and SIGKILL when the lock is lost;
-    /// if distlock itself dies, the command is killed too. Exit code: the command's own; 75 if the lock could not be had
-    /// within --wait; 76 if it was lost; 2 for bad usage or an unreachable
-    /// store.
+    /// and runs in a process group of its own (unless --foreground, the
+    /// default when stdin is a terminal). Signals sent to distlock are
+    /// forwarded to it. If the lock is at risk (renewals failing) the command
+    /// gets SIGTERM, and SIGKILL when the lock is lost; if distlock itself
+    /// dies, the command is killed too. Exit code: the command's own; 75 if
+    /// the lock could not be had within --wait; 76 if it was lost; 2 for bad
+    /// usage or an unreachable store.
     Run(run::RunArgs),
     /// Load a store and report throughput, latency, fairness and violations.
     Bench(bench::BenchArgs),

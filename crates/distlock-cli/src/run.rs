@@ -52,8 +52,8 @@ pub struct RunArgs {
     #[arg(long)]
     shared: bool,
     /// Keep the command in distlock's process group, so that it can read
-    /// from the terminal. Then a lost lock stops only the command itself,
-    /// not processes it started.
+    /// from the terminal (the default when stdin is a terminal). Then a lost
+    /// lock stops only the command itself, not processes it started.
     #[arg(long)]
     foreground: bool,
     /// The command and its arguments.
@@ -85,6 +85,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(show) = show {
         show.abort();
+        // Wait until it has stopped, so that it prints nothing after the clear.
+        let _ = show.await;
         eprint!("\r\x1b[K");
     }
     let guard = match acquired {
@@ -99,8 +101,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Err(err).context(format!("cannot lock '{}'", args.key)),
     };
 
+    // A command on a terminal must be in the terminal's foreground group to
+    // read from it; elsewhere its own group lets a loss stop all of it.
+    let foreground = args.foreground || std::io::stdin().is_terminal();
     // Listen before the command starts, so no signal finds us deaf.
-    let signals = forward_signals(args.foreground)?;
+    let signals = forward_signals(foreground)?;
     let mut command = Command::new(&args.command[0]);
     command
         .args(&args.command[1..])
@@ -108,7 +113,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .env("DISTLOCK_KEY", &args.key)
         .stdin(Stdio::inherit())
         .kill_on_drop(true);
-    if !args.foreground {
+    if !foreground {
         command.process_group(0);
     }
     die_with_parent(&mut command);
@@ -116,7 +121,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(child) => {
             let child = Supervised {
                 child,
-                group: !args.foreground,
+                group: !foreground,
             };
             supervise(child, signals, &guard, args.lease).await
         }
@@ -184,12 +189,20 @@ fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
 /// that it never runs on after the lock went with distlock.
 #[allow(unsafe_code)]
 fn die_with_parent(command: &mut Command) {
+    let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec; it only makes
-    // the prctl(2) system call, which is async-signal-safe, and touches no
-    // memory shared with the parent.
+    // the prctl(2) and getppid(2) system calls, which are async-signal-safe,
+    // and reads a copied pid.
     unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // distlock may have died before prctl took effect.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "distlock exited before the command started",
+                ));
+            }
+            Ok(())
         });
     }
 }
@@ -272,20 +285,19 @@ async fn supervise(
     }
 }
 
-/// One task per signal kind, all sending into one channel.
+/// One task per signal kind, all sending into one channel. All are caught,
+/// so none kills distlock (and, through PDEATHSIG, the command) by default;
+/// in the foreground the terminal's own two are not passed on, as the
+/// terminal already sent them to the command.
 fn forward_signals(foreground: bool) -> anyhow::Result<mpsc::UnboundedReceiver<SignalKind>> {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let kinds = if foreground {
-        &FORWARDED[..4]
-    } else {
-        &FORWARDED[..]
-    };
-    for &kind in kinds {
+    for (index, &kind) in FORWARDED.iter().enumerate() {
+        let forward = !foreground || index < 4;
         let mut stream = signal(kind).context("cannot listen for signals")?;
         let sender = sender.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
-                if sender.send(kind).is_err() {
+                if forward && sender.send(kind).is_err() {
                     return;
                 }
             }

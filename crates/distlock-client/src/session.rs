@@ -50,7 +50,8 @@ impl RemoteSession {
         let open = proto::Open {
             ttl_ms: millis(options.ttl),
             lock_delay_ms: millis(options.lock_delay),
-            max_hold_ms: options.max_hold.map_or(0, millis),
+            // The core ends holds at max_hold itself, counting from each grant.
+            max_hold_ms: 0,
         };
         let _ = requests.send(proto::SessionRequest {
             id: 0,
@@ -218,6 +219,10 @@ impl Drop for InFlight<'_> {
                 acquire_id: self.id,
             })),
         });
+        // Closed first: the reader may have taken this request out of the
+        // map but not yet sent its answer; after close that send fails and
+        // the reader gives the grant back itself.
+        self.answered.close();
         if let Ok(Event::Granted(granted)) = self.answered.try_recv() {
             give_back(&self.session.requests, granted);
         }

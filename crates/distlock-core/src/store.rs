@@ -135,19 +135,12 @@ pub struct SessionOptions {
     pub ttl: Duration,
     /// How long a key stays blocked after this session expires holding it.
     pub lock_delay: Duration,
-    /// The longest the session may hold one lock. The core enforces it
-    /// itself; a store may enforce it too, for clients that vanish.
-    pub max_hold: Option<Duration>,
 }
 
 impl SessionOptions {
-    /// Options with the given lease and lock-delay, and no `max_hold`.
+    /// Options with the given lease and lock-delay.
     pub fn new(ttl: Duration, lock_delay: Duration) -> Self {
-        SessionOptions {
-            ttl,
-            lock_delay,
-            max_hold: None,
-        }
+        SessionOptions { ttl, lock_delay }
     }
 }
 
@@ -182,12 +175,26 @@ impl AcquireRequest {
 pub struct Grant {
     /// The fencing token: strictly greater than every earlier grant of the key.
     pub token: u64,
+    /// For stores with a TTL per key (not per session): the send time of the
+    /// request whose success started this lock's TTL. The core counts the
+    /// lock's own lease from it until a renewal covers the lock. `None`
+    /// where the session's lease covers every lock of the session.
+    pub lease_from: Option<Instant>,
 }
 
 impl Grant {
-    /// A grant with this fencing token.
+    /// A grant with this fencing token, covered by the session's lease.
     pub fn new(token: u64) -> Self {
-        Grant { token }
+        Grant {
+            token,
+            lease_from: None,
+        }
+    }
+
+    /// A grant whose own TTL started when the request sent at `sent` took it.
+    pub fn with_lease_from(mut self, sent: Instant) -> Self {
+        self.lease_from = Some(sent);
+        self
     }
 }
 

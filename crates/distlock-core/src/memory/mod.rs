@@ -93,7 +93,7 @@ impl LockStore for MemoryStore {
         let spec = SessionSpec {
             ttl: options.ttl,
             lock_delay: options.lock_delay,
-            max_hold: options.max_hold,
+            max_hold: None,
         };
         let id = lock(&self.table)
             .open_session(spec)

@@ -164,8 +164,9 @@ impl Session {
     pub(crate) async fn open(store: Arc<dyn LockStore>, config: SessionConfig) -> Result<Session> {
         let caps = store.capabilities();
         let sent = Instant::now();
-        let mut options = SessionOptions::new(config.ttl, config.lock_delay);
-        options.max_hold = config.max_hold;
+        // max_hold is the core's alone: it counts from when a grant arrives,
+        // which no store sees.
+        let options = SessionOptions::new(config.ttl, config.lock_delay);
         let store_session: Arc<dyn StoreSession> = Arc::from(store.open_session(&options).await?);
         let lease = lease_deadline(&caps, config.ttl, sent);
         let inner = Arc::new(SessionInner {
@@ -410,10 +411,10 @@ impl SessionInner {
                 tracing::debug!(key, "release of a lost hold: {err}");
             }
         }
-        let sent = Instant::now();
         let Some(grant) = self.acquire_at_store(key, mode, wait).await? else {
             return Ok(None);
         };
+        let arrived = Instant::now();
         let entry = Arc::new(HeldEntry {
             lock: HeldLock {
                 key: key.to_owned(),
@@ -421,8 +422,9 @@ impl SessionInner {
                 token: grant.token,
             },
             lost: self.ended.child_token(),
-            max_hold_until: self.config.max_hold.map(|max| sent + max),
-            renewed_until: Mutex::new(self.lease_from(sent)),
+            max_hold_until: self.config.max_hold.map(|max| arrived + max),
+            // Not from when this acquire began: a wait may have been long.
+            renewed_until: Mutex::new(grant.lease_from.and_then(|sent| self.lease_from(sent))),
         });
         if self.ended.is_cancelled() {
             // Lost or closed while the grant was on its way: give it back.
@@ -630,6 +632,21 @@ mod tests {
         assert!(
             lock(&owner.inner.gates).is_empty(),
             "gates of released keys remain"
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_and_timed_out_acquires_leave_no_gates_behind() {
+        let client = Client::new(Arc::new(MemoryStore::new()));
+        let owner = client.session().open().await.expect("open");
+        let other = client.session().open().await.expect("open");
+        let _held = owner.lock("k").await.expect("hold");
+        assert!(other.lock("k").try_lock().await.expect("try").is_none());
+        let timed_out = other.lock("k").wait(Duration::from_millis(10)).await;
+        assert_eq!(timed_out.expect_err("busy").kind(), ErrorKind::Timeout);
+        assert!(
+            lock(&other.inner.gates).is_empty(),
+            "gates of failed acquires remain"
         );
     }
 }

@@ -106,7 +106,11 @@ pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationT
                         .cloned();
                     if let Some(entry) = entry {
                         tracing::warn!(%key, "the store says this lock is gone");
-                        session.drop_lost(&entry).await;
+                        // In a task: giving it back waits for the key's gate,
+                        // and renewal must never wait behind an acquire.
+                        entry.lost.cancel();
+                        let session = Arc::clone(&session);
+                        tokio::spawn(async move { session.drop_lost(&entry).await });
                     }
                 }
             }

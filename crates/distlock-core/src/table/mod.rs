@@ -180,6 +180,8 @@ pub struct LockTable {
     expiries: BTreeSet<(Instant, SessionId)>,
     /// `max_hold` ends, in order.
     hold_expiries: BTreeSet<(Instant, SessionId, String)>,
+    /// Lock-delay ends, in order: the key is granted on or forgotten then.
+    block_ends: BTreeSet<(Instant, String)>,
     keys: HashMap<String, KeyState>,
     /// The last token granted for any key. One counter for the table keeps
     /// every key's tokens strictly increasing without remembering every key
@@ -207,6 +209,7 @@ impl LockTable {
             sessions: HashMap::new(),
             expiries: BTreeSet::new(),
             hold_expiries: BTreeSet::new(),
+            block_ends: BTreeSet::new(),
             keys: HashMap::new(),
             last_token: 0,
             grants_blocked_until: None,
@@ -300,6 +303,10 @@ impl LockTable {
                 freed.push(key);
             }
         }
+        while self.block_ends.first().is_some_and(|(at, _)| *at <= now) {
+            let (_, key) = self.block_ends.pop_first().expect("first exists");
+            freed.push(key);
+        }
         for key in freed {
             self.pump(&key, now);
         }
@@ -310,6 +317,8 @@ impl LockTable {
         if let Some(state) = self.keys.get_mut(key).filter(|_| !delay.is_zero()) {
             let until = now + delay;
             state.blocked_until = Some(state.blocked_until.map_or(until, |b| b.max(until)));
+            // So that the key is looked at when the block ends, touched or not.
+            self.block_ends.insert((until, key.to_owned()));
         }
     }
 
@@ -317,6 +326,7 @@ impl LockTable {
     /// `expired_at`, its keys are blocked for its lock-delay.
     pub fn end_session(&mut self, id: SessionId, expired_at: Option<Instant>) {
         let now = Instant::now();
+        self.purge(now);
         for key in self.detach_session(id, expired_at) {
             self.pump(&key, now);
         }
@@ -406,7 +416,10 @@ impl LockTable {
         if free && !blocked {
             return match self.add_holder(id, key, mode, now) {
                 Some(token) => Attempt::Granted(token),
-                None => Attempt::NoTokens,
+                None => {
+                    self.tidy(key, now);
+                    Attempt::NoTokens
+                }
             };
         }
         let state = self.keys.get_mut(key).expect("entry made above");
@@ -415,6 +428,7 @@ impl LockTable {
             return Attempt::Busy;
         }
         if state.queue.len() >= self.limits.max_waiters_per_key {
+            self.tidy(key, now);
             return Attempt::QueueFull;
         }
         self.next_id += 1;
@@ -506,6 +520,7 @@ impl LockTable {
     /// gives back the grant that raced with its leaving.
     pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: Option<u64>) {
         let now = Instant::now();
+        self.purge(now);
         if let Some(token) = granted {
             self.remove_holder(id, key, Some(token));
         } else if let Some(state) = self.keys.get_mut(key) {

@@ -204,3 +204,38 @@ pub async fn waiter_whose_session_dies_leaves_queue(kit: Kit) -> Outcome {
     assert!(taken.is_some(), "the dead waiter took or blocks the key");
     Outcome::Passed
 }
+
+/// A wait longer than the waiter's own lease ends with a lock that is held,
+/// and stays held: the lease counts from the grant, not the wait's start.
+pub async fn long_wait_keeps_the_lock_on_arrival(kit: Kit) -> Outcome {
+    let key = kit.key("long-wait");
+    let ttl = Duration::from_millis(600);
+    let (owner, waiter, other) = (
+        kit.session().await,
+        kit.session_with(ttl, Duration::ZERO).await,
+        kit.session().await,
+    );
+    let held = owner.lock(&key).wait(PATIENCE).await.expect("hold");
+    let releaser = tokio::spawn(async move {
+        sleep(ttl * 3).await;
+        held.release().await.expect("release");
+    });
+    let guard = waiter
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("granted after the wait");
+    releaser.await.expect("releaser");
+    assert!(
+        guard.is_held(),
+        "the lock came already lost after a long wait"
+    );
+    sleep(ttl * 2).await;
+    assert!(
+        guard.is_held(),
+        "renewal did not keep a lock granted after a long wait"
+    );
+    assert!(other.lock(&key).try_lock().await.expect("try").is_none());
+    guard.release().await.expect("release while held");
+    Outcome::Passed
+}

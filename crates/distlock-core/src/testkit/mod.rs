@@ -162,6 +162,7 @@ macro_rules! conformance_suite {
             dropped_guard_releases_in_background,
             max_hold_releases,
             waiter_whose_session_dies_leaves_queue,
+            long_wait_keeps_the_lock_on_arrival,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {
