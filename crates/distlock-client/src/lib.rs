@@ -18,9 +18,7 @@ mod session;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
-};
+use distlock_core::store::{Capabilities, Fencing, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::v1 as proto;
 use proto::locks_client::LocksClient;
@@ -110,18 +108,7 @@ impl RemoteStore {
     /// What the distlock server supports: everything but sessions that
     /// outlive a restart of the server.
     pub fn capabilities() -> Capabilities {
-        let mut caps = Capabilities::minimal("distlock");
-        caps.fair = true;
-        caps.shared = true;
-        caps.writer_preferring = true;
-        caps.semaphore = true;
-        caps.push_wakeup = true;
-        caps.fencing = Fencing::Durable;
-        caps.lease_expiry = true;
-        caps.lock_delay = true;
-        caps.survives_restart = false;
-        caps.session = SessionModel::Lease;
-        caps
+        distlock_core::table::capabilities("distlock", Fencing::Durable)
     }
 
     /// `host:port` of the server.

@@ -2,7 +2,6 @@
 //! totals, read when scraped, and latency histograms the server records.
 
 use std::fmt;
-use std::time::Duration;
 
 use distlock_core::table::{lock_table, SharedTable};
 use prometheus_client::collector::Collector;
@@ -104,8 +103,4 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
-}
-
-pub(crate) fn seconds(duration: Duration) -> f64 {
-    duration.as_secs_f64()
 }

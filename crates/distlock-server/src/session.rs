@@ -15,7 +15,6 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use crate::convert::mode_of;
-use crate::metrics::seconds;
 use crate::Shared;
 
 /// Where a session's events go.
@@ -221,7 +220,9 @@ impl SessionStream {
         );
         if !matches!(attempt, Attempt::Queued(..)) {
             let metrics = &self.shared.metrics;
-            metrics.acquire_seconds.observe(seconds(arrived.elapsed()));
+            metrics
+                .acquire_seconds
+                .observe(arrived.elapsed().as_secs_f64());
         }
         match attempt {
             Attempt::Granted(token) => Some(Event::Granted(proto::Granted {
@@ -262,9 +263,13 @@ impl SessionStream {
                     let key = ticket.key().to_owned();
                     let waited = ticket.wait(until).await;
                     let metrics = &shared.metrics;
-                    metrics.acquire_seconds.observe(seconds(arrived.elapsed()));
+                    metrics
+                        .acquire_seconds
+                        .observe(arrived.elapsed().as_secs_f64());
                     if matches!(waited, Waited::Granted(_)) {
-                        metrics.wait_seconds.observe(seconds(arrived.elapsed()));
+                        metrics
+                            .wait_seconds
+                            .observe(arrived.elapsed().as_secs_f64());
                     }
                     // No await between the grant and its send: an abort
                     // here would lose a grant nobody then releases.

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
-    AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, RenewReport, SessionModel,
-    SessionOptions, StoreSession,
+    AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, RenewReport, SessionOptions,
+    StoreSession,
 };
 use crate::table::{
     lock_table as lock, Attempt, SessionId, SessionSpec, SharedTable, Ticket, Waited,
@@ -60,20 +60,10 @@ impl MemoryStore {
         &self.name
     }
 
-    /// What the memory store supports: everything.
+    /// What the memory store supports: everything the lock table does, with
+    /// tokens that start again when the process does.
     pub fn capabilities() -> Capabilities {
-        let mut caps = Capabilities::minimal("memory");
-        caps.fair = true;
-        caps.shared = true;
-        caps.writer_preferring = true;
-        caps.semaphore = true;
-        caps.push_wakeup = true;
-        caps.fencing = Fencing::InProcess;
-        caps.lease_expiry = true;
-        caps.lock_delay = true;
-        caps.survives_restart = false;
-        caps.session = SessionModel::Lease;
-        caps
+        crate::table::capabilities("memory", Fencing::InProcess)
     }
 }
 
