@@ -38,9 +38,13 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value = "contended")]
     workload: Workload,
-    /// Concurrent clients, each with its own connection and session.
+    /// Concurrent clients, each with its own session.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Connections the clients share (client i uses connection i mod C);
+    /// by default each client has its own.
+    #[arg(long)]
+    connections: Option<usize>,
     /// Keys the contended and safety clients share (client i uses key i mod K).
     #[arg(long, default_value_t = 1)]
     keys: usize,
@@ -105,10 +109,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(args.keys > 0, "--keys must be at least 1");
     let url = args.store.url.clone();
-    let mut clients = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
-        clients.push(args.store.connect().await?);
+    let connections = args.connections.unwrap_or(args.clients);
+    anyhow::ensure!(connections > 0, "--connections must be at least 1");
+    let mut shared = Vec::with_capacity(connections.min(args.clients));
+    for _ in 0..connections.min(args.clients) {
+        shared.push(args.store.connect().await?);
     }
+    let clients: Vec<Client> = (0..args.clients)
+        .map(|index| shared[index % shared.len()].clone())
+        .collect();
     // Keys of their own per run, so runs against a persistent store do not
     // meet each other's leftovers.
     let since_epoch = std::time::SystemTime::now()

@@ -13,8 +13,10 @@
 //! session does not survive a restart of the server or a broken connection
 //! (its guards report `lost()` when its lease runs out; open a new session).
 
+mod mux;
 mod session;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,21 +32,38 @@ use url::Url;
 pub const DEFAULT_PORT: u16 = 7890;
 
 /// How long connecting may take before the server counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client of one distlock server.
 #[derive(Clone)]
 pub struct RemoteStore {
     target: String,
-    client: LocksClient<Channel>,
+        client: LocksClient<Channel>,
     auth: Option<MetadataValue<Ascii>>,
+    transport: Transport,
+}
+
+/// How sessions reach the server.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    /// A gRPC stream each.
+    Grpc,
+    /// All on one multiplexed connection.
+    Mux(Arc<mux::Connections>),
 }
 
 impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
             .field("target", &self.target)
-            .field("auth", &self.auth.as_ref().map(|_| "<hidden>"))
+                        .field("auth", &self.auth.as_ref().map(|_| "<hidden>"))
+            .field(
+                "transport",
+                &match self.transport {
+                    Transport::Grpc => "grpc",
+                    Transport::Mux(_) => "mux",
+                },
+            )
             .finish()
     }
 }
@@ -88,20 +107,45 @@ impl RemoteStore {
                 .tls_config(tls_config(url, host)?)
                 .map_err(|err| config_error(format!("cannot set up TLS for '{url}': {err}")))?;
         }
-        let channel = endpoint.connect().await.map_err(|err| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "cannot reach the distlock server at {target} ({}); start one with \
-                     `distlock serve`",
-                    root_cause(&err)
-                ),
-            )
-        })?;
+        let mux = match url.query_pairs().find(|(name, _)| name == "transport") {
+            None => !tls,
+            Some((_, transport)) if transport == "grpc" => false,
+            Some((_, transport)) if transport == "mux" && !tls => true,
+            Some((_, transport)) => {
+                return Err(config_error(format!(
+                    "'{url}' asks for transport '{transport}'; distlock:// takes ?transport=mux \
+                     (the default) or ?transport=grpc, and distlocks:// speaks only gRPC"
+                )))
+            }
+        };
+        // With the mux transport, gRPC carries only `status` and `check`.
+        let channel = if mux {
+            endpoint.connect_lazy()
+        } else {
+            endpoint.connect().await.map_err(|err| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "cannot reach the distlock server at {target} ({}); start one with \
+                         `distlock serve`",
+                        root_cause(&err)
+                    ),
+                )
+            })?
+        };
+        let transport = if mux {
+            let secret = url.password().map(str::to_owned);
+            Transport::Mux(Arc::new(
+                mux::Connections::connect(target.clone(), secret).await?,
+            ))
+        } else {
+            Transport::Grpc
+        };
         Ok(RemoteStore {
             target,
             client: LocksClient::new(channel),
             auth,
+            transport,
         })
     }
 

@@ -1,4 +1,5 @@
-//! One session: a gRPC stream, requests matched to replies by id.
+//! One session: a gRPC stream or a stream of the multiplexed connection,
+//! requests matched to replies by id.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,20 +13,147 @@ use distlock_core::store::{
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::v1 as proto;
 use proto::session_event::Body as Event;
+use proto::mux_request::Body as MuxBody;
 use proto::session_request::Body as Request;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::{from_status, RemoteStore};
+use crate::mux::MuxConnection;
+use crate::{from_status, RemoteStore, Transport};
 
-/// Requests waiting for their answer; `None` once the stream has ended, so
-/// that no request waits for an answer that cannot come.
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Event>>>>>;
+/// Where a session's requests go: its gRPC stream, or its stream number on
+/// the store's multiplexed connection.
+#[derive(Clone)]
+pub(crate) enum Outlet {
+    Grpc(mpsc::UnboundedSender<proto::SessionRequest>),
+    Mux {
+        stream: u32,
+        frames: mpsc::UnboundedSender<proto::MuxRequest>,
+    },
+}
 
-fn pending(map: &Pending) -> MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Event>>>> {
-    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Outlet {
+    /// Sends a request; `false` if the connection is gone.
+    fn send(&self, id: u64, body: Request) -> bool {
+        let request = proto::SessionRequest {
+            id,
+            body: Some(body),
+        };
+        match self {
+            Outlet::Grpc(requests) => requests.send(request).is_ok(),
+            Outlet::Mux { stream, frames } => frames
+                .send(proto::MuxRequest {
+                    stream: *stream,
+                    body: Some(MuxBody::Request(request)),
+                })
+                .is_ok(),
+        }
+    }
+}
+
+/// Requests waiting for their answer, until the stream ends.
+struct Answers {
+    waiting: HashMap<u64, oneshot::Sender<Event>>,
+    /// Why the stream ended, once it has: no request then waits for an
+    /// answer that cannot come.
+    ended: Option<(ErrorKind, String)>,
+}
+
+/// A session's side of its stream: where its requests go and who waits for
+/// which answer. The stream's reader delivers the server's events here.
+pub(crate) struct Inbox {
+    target: Arc<str>,
+    outlet: Outlet,
+    answers: Mutex<Answers>,
+}
+
+impl Inbox {
+    pub(crate) fn new(target: Arc<str>, outlet: Outlet) -> Self {
+        Inbox {
+            target,
+            outlet,
+            answers: Mutex::new(Answers {
+                waiting: HashMap::new(),
+                ended: None,
+            }),
+        }
+    }
+
+    fn answers(&self) -> MutexGuard<'_, Answers> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends request `id` and returns where its answer will come.
+    fn send(&self, id: u64, body: Request) -> Result<oneshot::Receiver<Event>> {
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut answers = self.answers();
+            if answers.ended.is_some() {
+                drop(answers);
+                return Err(self.ended());
+            }
+            answers.waiting.insert(id, answer);
+        }
+        if !self.outlet.send(id, body) {
+            self.answers().waiting.remove(&id);
+            return Err(self.ended());
+        }
+        Ok(answered)
+    }
+
+    /// Hands an event to the request waiting for it. A grant nobody waits
+    /// for any more (its acquire was dropped) is released.
+    pub(crate) fn deliver(&self, event: proto::SessionEvent) {
+        let Some(body) = event.body else {
+            return;
+        };
+        let answer = self.answers().waiting.remove(&event.id);
+        let unclaimed = match answer {
+            Some(answer) => answer.send(body).err(),
+            None => Some(body),
+        };
+        if let Some(Event::Granted(granted)) = unclaimed {
+            self.give_back(granted);
+        }
+    }
+
+    /// The stream has ended: every waiting request is told, with `why` (or
+    /// "connection lost"), and every later one turned away.
+    pub(crate) fn end(&self, why: Option<(ErrorKind, String)>) {
+        let mut answers = self.answers();
+        answers.ended.get_or_insert_with(|| {
+            why.unwrap_or_else(|| {
+                (
+                    ErrorKind::Unavailable,
+                    format!("the connection to the distlock server at {} was lost", self.target),
+                )
+            })
+        });
+        // Dropping the senders wakes the requests that wait.
+        answers.waiting.clear();
+    }
+
+    /// Why the stream ended (or that it did).
+    fn ended(&self) -> Error {
+        match &self.answers().ended {
+            Some((kind, message)) => Error::new(*kind, message.clone()),
+            None => connection_lost(&self.target),
+        }
+    }
+
+    /// Releases a grant nobody wants — that grant only, by its token —
+    /// answered by nobody (id 0 is never waited on after the Open).
+    fn give_back(&self, granted: proto::Granted) {
+        let release = proto::Release {
+            key: granted.key,
+            token: granted.token,
+        };
+        self.outlet.send(0, Request::Release(release));
+    }
 }
 
 /// The most key bytes one keep-alive names; more are sent in several.
@@ -35,24 +163,65 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What a session holds on to of its transport while it lives.
+enum Link {
+    /// The task reading its gRPC stream.
+    Grpc(JoinHandle<()>),
+    /// Its stream on the store's multiplexed connection.
+    Mux(Arc<MuxConnection>, u32),
+}
+
 pub(crate) struct RemoteSession {
-    target: Arc<str>,
-    requests: mpsc::UnboundedSender<proto::SessionRequest>,
-    pending: Pending,
+    inbox: Arc<Inbox>,
     next_id: AtomicU64,
-    reader: JoinHandle<()>,
+    link: Link,
 }
 
 impl RemoteSession {
     pub(crate) async fn open(store: &RemoteStore, options: &SessionOptions) -> Result<Self> {
-        let target: Arc<str> = Arc::from(store.target.as_str());
-        let (requests, outgoing) = mpsc::unbounded_channel();
         let open = proto::Open {
             ttl_ms: millis(options.ttl),
             lock_delay_ms: millis(options.lock_delay),
             // The core ends holds at max_hold itself, counting from each grant.
             max_hold_ms: 0,
         };
+        let target: Arc<str> = Arc::from(store.target.as_str());
+        let (inbox, link) = match &store.transport {
+            Transport::Grpc => Self::open_grpc(store, target, open).await?,
+            Transport::Mux(connections) => {
+                let connection = connections.get().await?;
+                let (inbox, stream) = connection.open_stream(target);
+                let link = Link::Mux(connection, stream);
+                // Dropped on failure, the link ends the stream.
+                let opened = inbox.send(0, Request::Open(open));
+                let opened = match opened {
+                    Ok(opened) => opened.await.map_err(|_| inbox.ended()),
+                    Err(err) => Err(err),
+                };
+                let session = RemoteSession {
+                    inbox,
+                    next_id: AtomicU64::new(1),
+                    link,
+                };
+                return match opened? {
+                    Event::Opened(_) => Ok(session),
+                    other => Err(unexpected(&session.inbox.target, &other)),
+                };
+            }
+        };
+        Ok(RemoteSession {
+            inbox,
+            next_id: AtomicU64::new(1),
+            link,
+        })
+    }
+
+    async fn open_grpc(
+        store: &RemoteStore,
+        target: Arc<str>,
+        open: proto::Open,
+    ) -> Result<(Arc<Inbox>, Link)> {
+        let (requests, outgoing) = mpsc::unbounded_channel();
         let _ = requests.send(proto::SessionRequest {
             id: 0,
             body: Some(Request::Open(open)),
@@ -73,46 +242,20 @@ impl RemoteSession {
             Ok(_) => return Err(connection_lost(&target)),
             Err(status) => return Err(from_status(&target, status)),
         }
-        let pending = Pending::new(Mutex::new(Some(HashMap::new())));
-        let reader = tokio::spawn(read_events(
-            events,
-            Arc::clone(&pending),
-            requests.clone(),
-            Arc::clone(&target),
-        ));
-        Ok(RemoteSession {
-            target,
-            requests,
-            pending,
-            next_id: AtomicU64::new(1),
-            reader,
-        })
+        let inbox = Arc::new(Inbox::new(Arc::clone(&target), Outlet::Grpc(requests)));
+        let reader = tokio::spawn(read_events(events, Arc::clone(&inbox)));
+        Ok((inbox, Link::Grpc(reader)))
     }
 
     /// Sends a request; returns its id and where its answer will come.
     fn send(&self, body: Request) -> Result<(u64, oneshot::Receiver<Event>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (answer, answered) = oneshot::channel();
-        match pending(&self.pending).as_mut() {
-            Some(waiting) => waiting.insert(id, answer),
-            None => return Err(connection_lost(&self.target)),
-        };
-        let request = proto::SessionRequest {
-            id,
-            body: Some(body),
-        };
-        if self.requests.send(request).is_err() {
-            if let Some(waiting) = pending(&self.pending).as_mut() {
-                waiting.remove(&id);
-            }
-            return Err(connection_lost(&self.target));
-        }
-        Ok((id, answered))
+        Ok((id, self.inbox.send(id, body)?))
     }
 
     async fn call(&self, body: Request) -> Result<Event> {
         let (_, answered) = self.send(body)?;
-        answered.await.map_err(|_| connection_lost(&self.target))
+        answered.await.map_err(|_| self.inbox.ended())
     }
 }
 
@@ -147,53 +290,23 @@ fn unexpected(target: &str, event: &Event) -> Error {
     )
 }
 
-/// Dispatches the server's events to the requests waiting for them. A grant
-/// nobody waits for any more (its acquire was dropped) is released.
-async fn read_events(
-    mut events: tonic::Streaming<proto::SessionEvent>,
-    waiting: Pending,
-    requests: mpsc::UnboundedSender<proto::SessionRequest>,
-    target: Arc<str>,
-) {
+/// Delivers the events of a gRPC stream to its session.
+async fn read_events(mut events: tonic::Streaming<proto::SessionEvent>, inbox: Arc<Inbox>) {
     loop {
         match events.message().await {
-            Ok(Some(proto::SessionEvent {
-                id,
-                body: Some(body),
-            })) => {
-                let answer = pending(&waiting).as_mut().and_then(|w| w.remove(&id));
-                let unclaimed = match answer {
-                    Some(answer) => answer.send(body).err(),
-                    None => Some(body),
-                };
-                if let Some(Event::Granted(granted)) = unclaimed {
-                    give_back(&requests, granted);
-                }
-            }
-            Ok(Some(_)) => {}
+            Ok(Some(event)) => inbox.deliver(event),
             Ok(None) => break,
             Err(status) => {
-                tracing::warn!("session stream to {target} broke: {}", status.message());
+                tracing::warn!(
+                    "session stream to {} broke: {}",
+                    inbox.target,
+                    status.message()
+                );
                 break;
             }
         }
     }
-    // Dropping the senders tells every waiting request the connection is
-    // gone, and `None` turns away every later one.
-    pending(&waiting).take();
-}
-
-/// Releases a grant nobody wants — that grant only, by its token — answered
-/// by nobody (id 0 is never waited on).
-fn give_back(requests: &mpsc::UnboundedSender<proto::SessionRequest>, granted: proto::Granted) {
-    let release = proto::Release {
-        key: granted.key,
-        token: granted.token,
-    };
-    let _ = requests.send(proto::SessionRequest {
-        id: 0,
-        body: Some(Request::Release(release)),
-    });
+    inbox.end(None);
 }
 
 /// An acquire in flight; dropped before its answer, it cancels the wait and
@@ -210,21 +323,20 @@ impl Drop for InFlight<'_> {
         if self.done {
             return;
         }
-        if let Some(waiting) = pending(&self.session.pending).as_mut() {
-            waiting.remove(&self.id);
-        }
-        let _ = self.session.requests.send(proto::SessionRequest {
-            id: 0,
-            body: Some(Request::Cancel(proto::Cancel {
+        let inbox = &self.session.inbox;
+        inbox.answers().waiting.remove(&self.id);
+        inbox.outlet.send(
+            0,
+            Request::Cancel(proto::Cancel {
                 acquire_id: self.id,
-            })),
-        });
+            }),
+        );
         // Closed first: the reader may have taken this request out of the
         // map but not yet sent its answer; after close that send fails and
         // the reader gives the grant back itself.
         self.answered.close();
         if let Ok(Event::Granted(granted)) = self.answered.try_recv() {
-            give_back(&self.session.requests, granted);
+            inbox.give_back(granted);
         }
     }
 }
@@ -257,14 +369,14 @@ impl StoreSession for RemoteSession {
         };
         let answer = (&mut in_flight.answered).await;
         in_flight.done = true;
-        match answer.map_err(|_| connection_lost(&self.target))? {
+        match answer.map_err(|_| self.inbox.ended())? {
             Event::Granted(granted) => Ok(Some(Grant::new(granted.token))),
             Event::NotGranted(_) => Ok(None),
             // The release of a grant that crossed a cancel has not landed
             // yet: busy for now; the core asks again.
             Event::Failed(failed) if failed.code == i32::from(proto::Code::AlreadyHeld) => Ok(None),
-            Event::Failed(failed) => Err(failure(&self.target, failed)),
-            other => Err(unexpected(&self.target, &other)),
+            Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
+            other => Err(unexpected(&self.inbox.target, &other)),
         }
     }
 
@@ -275,8 +387,8 @@ impl StoreSession for RemoteSession {
         };
         match self.call(Request::Release(release)).await? {
             Event::Released(_) => Ok(()),
-            Event::Failed(failed) => Err(failure(&self.target, failed)),
-            other => Err(unexpected(&self.target, &other)),
+            Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
+            other => Err(unexpected(&self.inbox.target, &other)),
         }
     }
 
@@ -303,8 +415,8 @@ impl StoreSession for RemoteSession {
                 .await?
             {
                 Event::Renewed(renewed) => lost_keys.extend(renewed.lost_keys),
-                Event::Failed(failed) => return Err(failure(&self.target, failed)),
-                other => return Err(unexpected(&self.target, &other)),
+                Event::Failed(failed) => return Err(failure(&self.inbox.target, failed)),
+                other => return Err(unexpected(&self.inbox.target, &other)),
             }
         }
         Ok(RenewReport::lost(lost_keys))
@@ -313,14 +425,17 @@ impl StoreSession for RemoteSession {
     async fn close(&self) -> Result<()> {
         match self.call(Request::Close(proto::Close {})).await? {
             Event::Closed(_) => Ok(()),
-            Event::Failed(failed) => Err(failure(&self.target, failed)),
-            other => Err(unexpected(&self.target, &other)),
+            Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
+            other => Err(unexpected(&self.inbox.target, &other)),
         }
     }
 }
 
 impl Drop for RemoteSession {
     fn drop(&mut self) {
-        self.reader.abort();
+        match &self.link {
+            Link::Grpc(reader) => reader.abort(),
+            Link::Mux(connection, stream) => connection.close_stream(*stream),
+        }
     }
 }

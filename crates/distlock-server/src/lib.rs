@@ -30,6 +30,7 @@ mod config;
 mod convert;
 mod durable;
 mod metrics;
+mod mux;
 mod session;
 
 use std::future::Future;
@@ -38,11 +39,15 @@ use std::sync::{Arc, Mutex};
 use distlock_core::table::{lock_table, Limits, LockTable, SharedTable};
 use distlock_proto::v1 as proto;
 use proto::locks_server::{Locks, LocksServer};
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use distlock_proto::mux::PREFACE;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -91,7 +96,7 @@ impl Locks for Service {
         tokio::spawn(session::serve(
             Arc::clone(&self.shared),
             request.into_inner(),
-            out,
+            session::Outbound::Grpc(out),
         ));
         Ok(Response::new(UnboundedReceiverStream::new(events)))
     }
@@ -168,6 +173,64 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
+/// How long a new connection has to send its first byte.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until `stop`, and tells them apart by their first
+/// byte: the mux preface is served here, anything else (the HTTP/2 preface,
+/// a TLS handshake) goes to the gRPC server through `grpc`.
+async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    grpc: UnboundedSender<std::io::Result<TcpStream>>,
+    stop: CancellationToken,
+) {
+    tracing::info!(address = ?listener.local_addr().ok(), "distlock server listening");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(err) => {
+                // E.g. out of file descriptors: wait for some to close.
+                tracing::warn!("cannot accept a connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Without TCP_NODELAY a reply can wait ~40 ms for a delayed ACK.
+        let _ = socket.set_nodelay(true);
+        let (shared, grpc, stop) = (Arc::clone(&shared), grpc.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut first = [0; 1];
+            let peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, socket.peek(&mut first)).await;
+            match peeked {
+                                Ok(Ok(1)) if first[0] == PREFACE[0] => {
+                    drop(grpc);
+                    if shared.config.tls_cert.is_some() {
+                        mux::refuse(
+                            socket,
+                            Status::failed_precondition(
+                                "this server speaks only TLS: connect with distlocks://",
+                            ),
+                        )
+                        .await;
+                    } else {
+                        mux::serve(shared, socket, stop).await;
+                    }
+                }
+                Ok(Ok(1)) => {
+                    let _ = grpc.send(Ok(socket));
+                }
+                // Gone, or silent for too long.
+                _ => {}
+            }
+        });
+    }
+}
+
 /// Serves until `shutdown` completes, then stops accepting and returns once
 /// open streams have ended.
 pub async fn run(
@@ -237,13 +300,6 @@ pub async fn run(
         .tls_cert
         .clone()
         .zip(shared.config.tls_key.clone());
-    let locks = LocksServer::new(Service { shared })
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    tracing::info!(address = ?listener.local_addr().ok(), "distlock server listening");
-    // Without TCP_NODELAY on each accepted socket, a reply can wait ~40 ms
-    // for a delayed ACK (the builder's setting covers only sockets it binds).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = tonic::transport::Server::builder();
     if let Some((cert, key)) = &tls {
         let read = |path: &std::path::Path| {
@@ -254,10 +310,21 @@ pub async fn run(
         let identity = Identity::from_pem(read(cert)?, read(key)?);
         server = server.tls_config(ServerTlsConfig::new().identity(identity))?;
     }
+    let stop = CancellationToken::new();
+    let (grpc, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let acceptor = tokio::spawn(accept(listener, Arc::clone(&shared), grpc, stop.clone()));
+    let locks = LocksServer::new(Service { shared })
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     server
         .add_service(InterceptedService::new(locks, auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(UnboundedReceiverStream::new(incoming), async {
+            shutdown.await;
+            stop.cancel();
+        })
         .await?;
+    stop.cancel();
+    let _ = acceptor.await;
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

@@ -7,25 +7,94 @@ use std::time::Duration;
 
 use distlock_core::table::{lock_table, Attempt, SessionId, SessionSpec, Ticket, Waited};
 use distlock_proto::v1 as proto;
+use proto::mux_event::Body as MuxBody;
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::task::{AbortHandle, JoinSet};
+use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use crate::convert::mode_of;
 use crate::Shared;
 
-/// Where a session's events go.
-type Outbound = UnboundedSender<Result<proto::SessionEvent, Status>>;
+/// Where a session's events go: its gRPC stream, or its stream number on a
+/// multiplexed connection.
+#[derive(Clone)]
+pub(crate) enum Outbound {
+    Grpc(UnboundedSender<Result<proto::SessionEvent, Status>>),
+    Mux {
+        stream: u32,
+        frames: UnboundedSender<proto::MuxEvent>,
+    },
+}
 
-fn send(out: &Outbound, id: u64, body: Event) {
-    // A closed channel means the client left; the session then expires.
-    let _ = out.send(Ok(proto::SessionEvent {
-        id,
-        body: Some(body),
-    }));
+impl Outbound {
+    /// Sends an event. A closed channel means the client left; the session
+    /// then expires.
+    fn event(&self, id: u64, body: Event) {
+        let event = proto::SessionEvent {
+            id,
+            body: Some(body),
+        };
+        match self {
+            Outbound::Grpc(out) => {
+                let _ = out.send(Ok(event));
+            }
+            Outbound::Mux { stream, frames } => {
+                let _ = frames.send(proto::MuxEvent {
+                    stream: *stream,
+                    body: Some(MuxBody::Event(event)),
+                });
+            }
+        }
+    }
+
+    /// The stream's number on its connection (0 for gRPC).
+    fn stream(&self) -> u32 {
+        match self {
+            Outbound::Grpc(_) => 0,
+            Outbound::Mux { stream, .. } => *stream,
+        }
+    }
+
+    /// Ends the stream with the reason.
+    fn end(&self, status: Status) {
+        match self {
+            Outbound::Grpc(out) => {
+                let _ = out.send(Err(status));
+            }
+            Outbound::Mux { stream, frames } => {
+                let _ = frames.send(end_frame(*stream, &status));
+            }
+        }
+    }
+}
+
+/// The waits of the streams one task serves: each ends with its stream and
+/// request id once it has sent its answer, or aborted (a cancel, or its
+/// session's stream gone), which drops its ticket and so leaves the queue.
+pub(crate) type Waits = FuturesUnordered<BoxFuture<'static, Result<(u32, u64), Aborted>>>;
+
+/// The frame that ends a multiplexed stream (stream 0: the connection).
+pub(crate) fn end_frame(stream: u32, status: &Status) -> proto::MuxEvent {
+    use tonic::Code;
+    let code = match status.code() {
+        Code::Unauthenticated => proto::Code::Unauthenticated,
+        Code::InvalidArgument | Code::FailedPrecondition => proto::Code::InvalidArgument,
+        Code::ResourceExhausted => proto::Code::ResourceExhausted,
+        Code::Unavailable => proto::Code::Unavailable,
+        _ => proto::Code::Unspecified,
+    };
+    proto::MuxEvent {
+        stream,
+        body: Some(MuxBody::End(proto::End {
+            code: code.into(),
+            message: status.message().to_owned(),
+        })),
+    }
 }
 
 fn failed(code: proto::Code, message: impl Into<String>) -> Event {
@@ -67,109 +136,138 @@ fn session_spec(shared: &Shared, open: &proto::Open) -> Result<SessionSpec, Stat
     })
 }
 
-/// Serves one stream until the client closes it or goes away. A session
-/// whose stream breaks is not ended: its holder may be alive behind a
-/// broken network and still trusts its lease, so the lease runs out first.
+/// Serves one gRPC stream until the client closes it or goes away. A
+/// session whose stream breaks is not ended: its holder may be alive behind
+/// a broken network and still trusts its lease, so the lease runs out first.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     mut inbound: Streaming<proto::SessionRequest>,
     out: Outbound,
 ) {
-    let (open_id, open) = match inbound.message().await {
-        Ok(Some(proto::SessionRequest {
-            id,
-            body: Some(Request::Open(open)),
-        })) => (id, open),
-        Ok(Some(_)) => {
-            let _ = out.send(Err(Status::failed_precondition(
-                "the first message of a session stream must be Open",
-            )));
-            return;
-        }
+    let first = match inbound.message().await {
+        Ok(Some(first)) => first,
         Ok(None) => return,
         Err(status) => {
             // Tell the client why (e.g. an oversized or garbled message).
-            let _ = out.send(Err(status));
+            out.end(status);
             return;
         }
     };
-    let spec = match session_spec(&shared, &open) {
-        Ok(spec) => spec,
-        Err(status) => {
-            let _ = out.send(Err(status));
-            return;
-        }
-    };
-    if let Err(err) = shared.data.note_lease(spec.ttl + spec.lock_delay) {
-        tracing::error!("{err}");
-        let _ = out.send(Err(Status::unavailable(format!(
-            "the server cannot save its state: {err}"
-        ))));
+    let Some(mut stream) = SessionStream::open(shared, first, out) else {
         return;
-    }
-    let opened = lock_table(&shared.table).open_session(spec);
-    let session = match opened {
-        Ok(session) => session,
-        Err(full) => {
-            let _ = out.send(Err(Status::resource_exhausted(format!(
-                "the server has its limit of {} sessions open; close some or raise max_sessions",
-                full.0
-            ))));
-            return;
-        }
     };
-    send(
-        &out,
-        open_id,
-        Event::Opened(proto::Opened {
-            session_id: session,
-        }),
-    );
-    let mut stream = SessionStream {
-        shared,
-        session,
-        out,
-        waits: JoinSet::new(),
-        wait_handles: HashMap::new(),
-    };
+    let mut waits = Waits::new();
     loop {
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
-                    if !stream.handle(request) {
+                    if !stream.handle(request, &waits) {
                         break;
                     }
                 }
                 Ok(None) => break,
                 Err(status) => {
-                    let _ = stream.out.send(Err(status));
+                    stream.out.end(status);
                     break;
                 }
             },
-            Some(done) = stream.waits.join_next() => {
-                if let Ok(id) = done {
-                    stream.wait_handles.remove(&id);
+            Some(done) = waits.next(), if !waits.is_empty() => {
+                if let Ok((_, id)) = done {
+                    stream.wait_ended(id);
                 }
             }
         }
     }
-    // Dropping the JoinSet aborts the waits: their waiters leave the queues.
+    // Dropping the stream aborts its waits, and dropping them gives their
+    // places in the queues back.
 }
 
-struct SessionStream {
+pub(crate) struct SessionStream {
     shared: Arc<Shared>,
     session: SessionId,
     out: Outbound,
-    waits: JoinSet<u64>,
-    wait_handles: HashMap<u64, AbortHandle>,
+        wait_handles: HashMap<u64, AbortHandle>,
+}
+
+impl Drop for SessionStream {
+    fn drop(&mut self) {
+        // Its waiters leave the queues.
+        for wait in self.wait_handles.values() {
+            wait.abort();
+        }
+    }
 }
 
 impl SessionStream {
-    /// Answers one request; `false` when the session is closed.
-    fn handle(&mut self, request: proto::SessionRequest) -> bool {
+    /// Opens the session a stream's first request asks for; `None`, with the
+    /// stream ended and the reason sent, if it cannot be opened.
+        pub(crate) fn open(
+        shared: Arc<Shared>,
+        first: proto::SessionRequest,
+        out: Outbound,
+    ) -> Option<SessionStream> {
+        let (open_id, open) = match first {
+            proto::SessionRequest {
+                id,
+                body: Some(Request::Open(open)),
+            } => (id, open),
+            _ => {
+                out.end(Status::failed_precondition(
+                    "the first message of a session stream must be Open",
+                ));
+                return None;
+            }
+        };
+        let spec = match session_spec(&shared, &open) {
+            Ok(spec) => spec,
+            Err(status) => {
+                out.end(status);
+                return None;
+            }
+        };
+        if let Err(err) = shared.data.note_lease(spec.ttl + spec.lock_delay) {
+            tracing::error!("{err}");
+            out.end(Status::unavailable(format!(
+                "the server cannot save its state: {err}"
+            )));
+            return None;
+        }
+        let opened = lock_table(&shared.table).open_session(spec);
+        let session = match opened {
+            Ok(session) => session,
+            Err(full) => {
+                out.end(Status::resource_exhausted(format!(
+                    "the server has its limit of {} sessions open; close some or raise max_sessions",
+                    full.0
+                )));
+                return None;
+            }
+        };
+        out.event(
+            open_id,
+            Event::Opened(proto::Opened {
+                session_id: session,
+            }),
+        );
+        Some(SessionStream {
+            shared,
+            session,
+            out,
+                        wait_handles: HashMap::new(),
+        })
+    }
+
+    /// Forgets a wait that has ended.
+    pub(crate) fn wait_ended(&mut self, id: u64) {
+        self.wait_handles.remove(&id);
+    }
+
+    /// Answers one request, starting its wait in `waits` if it has to wait;
+    /// `false` when the session is closed.
+        pub(crate) fn handle(&mut self, request: proto::SessionRequest, waits: &Waits) -> bool {
         let id = request.id;
         let reply = match request.body {
-            Some(Request::Acquire(acquire)) => self.acquire(id, acquire),
+                        Some(Request::Acquire(acquire)) => self.acquire(id, acquire, waits),
             Some(Request::Release(release)) => Some(self.release(&release.key, release.token)),
             Some(Request::KeepAlive(keep_alive)) => Some(self.keep_alive(keep_alive.keys)),
             Some(Request::Cancel(cancel)) => {
@@ -180,7 +278,7 @@ impl SessionStream {
             }
             Some(Request::Close(_)) => {
                 lock_table(&self.shared.table).end_session(self.session, None);
-                send(&self.out, id, Event::Closed(proto::Closed {}));
+                self.out.event(id, Event::Closed(proto::Closed {}));
                 return false;
             }
             Some(Request::Open(_)) => Some(failed(
@@ -190,12 +288,12 @@ impl SessionStream {
             None => Some(failed(proto::Code::InvalidArgument, "empty request")),
         };
         if let Some(reply) = reply {
-            send(&self.out, id, reply);
+            self.out.event(id, reply);
         }
         true
     }
 
-    fn acquire(&mut self, id: u64, acquire: proto::Acquire) -> Option<Event> {
+        fn acquire(&mut self, id: u64, acquire: proto::Acquire, waits: &Waits) -> Option<Event> {
         let max_key = self.shared.config.max_key_bytes;
         if acquire.key.is_empty() || acquire.key.len() > max_key {
             return Some(failed(
@@ -259,7 +357,8 @@ impl SessionStream {
                 let until = arrived
                     .checked_add(wait)
                     .unwrap_or_else(|| arrived + Duration::from_secs(100 * 365 * 24 * 3600));
-                let handle = self.waits.spawn(async move {
+                                let stream = self.out.stream();
+                let wait = async move {
                     let key = ticket.key().to_owned();
                     let waited = ticket.wait(until).await;
                     let metrics = &shared.metrics;
@@ -278,9 +377,11 @@ impl SessionStream {
                         Waited::TimedOut => Event::NotGranted(proto::NotGranted {}),
                         Waited::SessionGone => session_lost(),
                     };
-                    send(&out, id, event);
-                    id
-                });
+                                        out.event(id, event);
+                    (stream, id)
+                };
+                let (handle, registration) = AbortHandle::new_pair();
+                waits.push(Abortable::new(wait, registration).boxed());
                 self.wait_handles.insert(id, handle);
                 None
             }

@@ -1,0 +1,331 @@
+//! The multiplexed transport: every session of a store on one TCP
+//! connection, in length-prefixed protobuf frames (see `MuxRequest` in the
+//! `.proto`). Requests that are ready together go out in one write, and
+//! replies come back the same way, which is what lets many sessions of one
+//! process share a connection cheaply.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use distlock_core::{Error, ErrorKind, Result};
+use distlock_proto::{mux, v1 as proto};
+use prost::Message;
+use proto::mux_event::Body as EventBody;
+use proto::mux_request::Body as RequestBody;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio_stream::StreamExt;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+use crate::session::{Inbox, Outlet};
+use crate::CONNECT_TIMEOUT;
+
+/// How often the client pings; the server answers each.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// A connection on which nothing arrives for this long is taken as dead.
+const SILENCE: Duration = Duration::from_secs(15);
+
+/// The largest frame the client accepts from the server.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Writes are gathered up to about this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Why something ended: the kind of error to report, and its message.
+type Why = (ErrorKind, String);
+
+/// The open streams of a connection, by number.
+struct Streams {
+    open: HashMap<u32, Arc<Inbox>>,
+    /// Why the connection ended, once it has.
+    ended: Option<Why>,
+}
+
+/// One multiplexed connection to a server.
+pub(crate) struct MuxConnection {
+    frames: UnboundedSender<proto::MuxRequest>,
+    streams: Arc<Mutex<Streams>>,
+    next_stream: AtomicU32,
+}
+
+fn lock(streams: &Mutex<Streams>) -> MutexGuard<'_, Streams> {
+    streams
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The error kind for a server's `End` code.
+fn kind_of(code: i32) -> ErrorKind {
+    match proto::Code::try_from(code) {
+        Ok(proto::Code::Unauthenticated | proto::Code::InvalidArgument) => ErrorKind::Config,
+        Ok(proto::Code::ResourceExhausted | proto::Code::Unavailable) => ErrorKind::Unavailable,
+        _ => ErrorKind::Store,
+    }
+}
+
+impl MuxConnection {
+    /// Connects to `target` (`host:port`) and says Hello, with the server's
+    /// shared secret if there is one.
+    pub(crate) async fn connect(target: &str, auth_token: Option<&str>) -> Result<Arc<Self>> {
+        let unreachable = |why: String| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot reach the distlock server at {target} ({why}); start one with \
+                     `distlock serve`"
+                ),
+            )
+        };
+        let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
+        {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(err)) => return Err(unreachable(err.to_string())),
+            Err(_) => return Err(unreachable(format!("no answer in {CONNECT_TIMEOUT:?}"))),
+        };
+        let _ = socket.set_nodelay(true);
+        let (read, mut write) = socket.into_split();
+        let mut inbound = FramedRead::new(read, mux::codec(MAX_FRAME));
+        let mut hello = BytesMut::new();
+        hello.extend_from_slice(mux::PREFACE);
+        mux::put_frame(
+            &mut hello,
+            &proto::MuxRequest {
+                stream: 0,
+                body: Some(RequestBody::Hello(proto::Hello {
+                    auth_token: auth_token.unwrap_or_default().to_owned(),
+                })),
+            },
+        );
+        let handshake = async {
+            write
+                .write_all(&hello)
+                .await
+                .map_err(|err| unreachable(err.to_string()))?;
+            match inbound.next().await {
+                Some(Ok(frame)) => match proto::MuxEvent::decode(frame) {
+                    Ok(proto::MuxEvent {
+                        body: Some(EventBody::Welcome(_)),
+                        ..
+                    }) => Ok(()),
+                    Ok(proto::MuxEvent {
+                        body: Some(EventBody::End(end)),
+                        ..
+                    }) => Err(Error::new(
+                        kind_of(end.code),
+                        format!("distlock server at {target}: {}", end.message),
+                    )),
+                    _ => Err(not_distlock(target)),
+                },
+                Some(Err(_)) => Err(not_distlock(target)),
+                None => Err(unreachable(
+                    "it closed the connection during the handshake".to_owned(),
+                )),
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer to the handshake in {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        }
+        let (frames, outgoing) = mpsc::unbounded_channel();
+        let streams = Arc::new(Mutex::new(Streams {
+            open: HashMap::new(),
+            ended: None,
+        }));
+        tokio::spawn(write_frames(outgoing, write));
+        tokio::spawn(read_frames(
+            inbound,
+            Arc::clone(&streams),
+            Arc::from(target),
+        ));
+        Ok(Arc::new(MuxConnection {
+            frames,
+            streams,
+            next_stream: AtomicU32::new(1),
+        }))
+    }
+
+    /// Whether the connection has ended, so that a new one is needed.
+    pub(crate) fn is_ended(&self) -> bool {
+        lock(&self.streams).ended.is_some() || self.frames.is_closed()
+    }
+
+    /// A new stream for a session: its inbox and its number. On a
+    /// connection that has ended the inbox is ended too.
+    pub(crate) fn open_stream(&self, target: Arc<str>) -> (Arc<Inbox>, u32) {
+        let mut stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        if stream == 0 {
+            // Stream 0 is the connection's; after 2³² sessions, skip it.
+            stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        }
+        let outlet = Outlet::Mux {
+            stream,
+            frames: self.frames.clone(),
+        };
+        let inbox = Arc::new(Inbox::new(target, outlet));
+        let mut streams = lock(&self.streams);
+        match &streams.ended {
+            Some(why) => inbox.end(Some(why.clone())),
+            None => {
+                streams.open.insert(stream, Arc::clone(&inbox));
+            }
+        }
+        (inbox, stream)
+    }
+
+    /// Ends a session's stream, as a dropped gRPC stream would be: the
+    /// server forgets its waits, and its lease runs out unless closed first.
+    pub(crate) fn close_stream(&self, stream: u32) {
+        if lock(&self.streams).open.remove(&stream).is_some() {
+            let _ = self.frames.send(proto::MuxRequest {
+                stream,
+                body: Some(RequestBody::End(proto::End::default())),
+            });
+        }
+    }
+}
+
+fn not_distlock(target: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!(
+            "{target} did not answer as a distlock server does; check the host and port \
+             (a server older than the mux transport needs ?transport=grpc)"
+        ),
+    )
+}
+
+/// Sends the connection's frames, every frame that is ready in one write,
+/// and a ping every [`PING_EVERY`].
+async fn write_frames(mut outgoing: UnboundedReceiver<proto::MuxRequest>, mut write: OwnedWriteHalf) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            request = outgoing.recv() => {
+                let Some(request) = request else { break };
+                mux::put_frame(&mut buf, &request);
+                while buf.len() < WRITE_BATCH {
+                    match outgoing.try_recv() {
+                        Ok(request) => mux::put_frame(&mut buf, &request),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let ping = proto::MuxRequest {
+                    stream: 0,
+                    body: Some(RequestBody::Ping(proto::Ping {})),
+                };
+                mux::put_frame(&mut buf, &ping);
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = write.shutdown().await;
+}
+
+/// Hands the server's events to their sessions until the connection ends,
+/// then tells every session why.
+async fn read_frames(
+    mut inbound: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    streams: Arc<Mutex<Streams>>,
+    target: Arc<str>,
+) {
+    let lost = |why: String| {
+        (
+            ErrorKind::Unavailable,
+            format!("the connection to the distlock server at {target} was lost: {why}"),
+        )
+    };
+    let why = loop {
+        let frame = match tokio::time::timeout(SILENCE, inbound.next()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(err))) => break lost(err.to_string()),
+            Ok(None) => break lost("the server closed it".to_owned()),
+            Err(_) => break lost(format!("nothing heard for {SILENCE:?}")),
+        };
+        let event = match proto::MuxEvent::decode(frame) {
+            Ok(event) => event,
+            Err(err) => break lost(format!("garbled frame ({err})")),
+        };
+        match event.body {
+            Some(EventBody::Event(event_of)) => {
+                let inbox = lock(&streams).open.get(&event.stream).cloned();
+                if let Some(inbox) = inbox {
+                    inbox.deliver(event_of);
+                }
+            }
+            Some(EventBody::End(end)) if event.stream == 0 => {
+                break (
+                    kind_of(end.code),
+                    format!("distlock server at {target}: {}", end.message),
+                );
+            }
+            Some(EventBody::End(end)) => {
+                let inbox = lock(&streams).open.remove(&event.stream);
+                if let Some(inbox) = inbox {
+                    inbox.end(Some((
+                        kind_of(end.code),
+                        format!("distlock server at {target}: {}", end.message),
+                    )));
+                }
+            }
+            Some(EventBody::Pong(_) | EventBody::Welcome(_)) | None => {}
+        }
+    };
+    let open = {
+        let mut streams = lock(&streams);
+        streams.ended = Some(why.clone());
+        std::mem::take(&mut streams.open)
+    };
+    for inbox in open.values() {
+        inbox.end(Some(why.clone()));
+    }
+}
+
+/// A store's connection, made again when the last one has ended (e.g. the
+/// server restarted), so that new sessions work once the server is back.
+pub(crate) struct Connections {
+    target: String,
+    auth_token: Option<String>,
+    current: tokio::sync::Mutex<Option<Arc<MuxConnection>>>,
+}
+
+impl Connections {
+    /// Connects now, so that a wrong address or secret is known at once.
+    pub(crate) async fn connect(target: String, auth_token: Option<String>) -> Result<Self> {
+        let first = MuxConnection::connect(&target, auth_token.as_deref()).await?;
+        Ok(Connections {
+            target,
+            auth_token,
+            current: tokio::sync::Mutex::new(Some(first)),
+        })
+    }
+
+    /// The live connection, connecting again if the last one has ended.
+    pub(crate) async fn get(&self) -> Result<Arc<MuxConnection>> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = current.as_ref().filter(|c| !c.is_ended()) {
+            return Ok(Arc::clone(connection));
+        }
+        *current = None;
+        let connection = MuxConnection::connect(&self.target, self.auth_token.as_deref()).await?;
+        *current = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+}

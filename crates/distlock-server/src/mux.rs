@@ -1,0 +1,241 @@
+//! The multiplexed transport: many sessions on one plain TCP connection, in
+//! length-prefixed protobuf frames (see `MuxRequest` in the `.proto`).
+//!
+//! It serves the same sessions as the gRPC stream, through the same
+//! [`SessionStream`], without HTTP/2 in between: a connection's reader hands
+//! each request to its session in place, and one writer sends every reply
+//! that is ready in one write.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use distlock_proto::{mux, v1 as proto};
+use futures::StreamExt;
+use prost::Message;
+use proto::mux_event::Body as EventBody;
+use proto::mux_request::Body as RequestBody;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::session::{end_frame, Outbound, SessionStream, Waits};
+use crate::{same_secret, Shared};
+
+/// How long a client has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes are gathered up to about this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Serves one connection whose first bytes were the mux preface, until the
+/// client goes away or the server stops. Sessions whose connection breaks
+/// are not ended: as with a broken gRPC stream, their leases run out first.
+///
+/// One task does it all: it reads requests, answers them, drives the waits
+/// of all the connection's sessions, and writes every answer that is ready
+/// in one write, so that a release, the grant it makes to a waiter on the
+/// same connection and both answers cost no hand-over between tasks.
+pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, stop: CancellationToken) {
+    let (mut read, write) = socket.into_split();
+    let mut preface = [0; mux::PREFACE.len()];
+    let greeted = tokio::time::timeout(HELLO_TIMEOUT, read.read_exact(&mut preface)).await;
+    if !matches!(greeted, Ok(Ok(_))) || &preface != mux::PREFACE {
+        return;
+    }
+    let (frames, outgoing) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(outgoing, write));
+    let mut inbound = FramedRead::new(read, mux::codec(shared.config.max_message_bytes));
+    let mut connection = Connection {
+        shared,
+        frames,
+        streams: HashMap::new(),
+        waits: Waits::new(),
+    };
+    let mut open = connection.hello(&mut inbound).await;
+    while open {
+        tokio::select! {
+            frame = inbound.next() => open = connection.take(frame),
+            Some(done) = connection.waits.next(), if !connection.waits.is_empty() => {
+                connection.wait_ended(done);
+            }
+            () = stop.cancelled() => open = false,
+        }
+    }
+    // Dropping the sessions and their waits leaves the queues; then the
+    // writer sends what is left (a refusal, say) and stops.
+    drop(connection);
+    let _ = writer.await;
+}
+
+/// Sends the connection's frames, every frame that is ready in one write.
+async fn write_frames(
+    mut outgoing: mpsc::UnboundedReceiver<proto::MuxEvent>,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    while let Some(event) = outgoing.recv().await {
+        mux::put_frame(&mut buf, &event);
+        while buf.len() < WRITE_BATCH {
+            match outgoing.try_recv() {
+                Ok(event) => mux::put_frame(&mut buf, &event),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = write.shutdown().await;
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    frames: mpsc::UnboundedSender<proto::MuxEvent>,
+    streams: HashMap<u32, SessionStream>,
+    waits: Waits,
+}
+
+impl Connection {
+    /// Takes what the reader gave; `false` when the connection is over.
+    fn take(&mut self, frame: Option<std::io::Result<BytesMut>>) -> bool {
+        match frame {
+            Some(Ok(frame)) => !self.handle(&frame),
+            Some(Err(err)) => {
+                self.refuse(Status::invalid_argument(format!(
+                    "unreadable frame ({err}); frames are at most {} bytes \
+                     (max_message_bytes)",
+                    self.shared.config.max_message_bytes
+                )));
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a wait that has ended.
+    fn wait_ended(&mut self, done: Result<(u32, u64), futures::future::Aborted>) {
+        if let Ok((stream, id)) = done {
+            if let Some(session) = self.streams.get_mut(&stream) {
+                session.wait_ended(id);
+            }
+        }
+    }
+
+    /// Checks the client's Hello and welcomes it; `false` if refused.
+    async fn hello<S>(&mut self, inbound: &mut S) -> bool
+    where
+        S: futures::Stream<Item = std::io::Result<BytesMut>> + Unpin,
+    {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await;
+        let hello = match first {
+            Ok(Some(Ok(frame))) => match proto::MuxRequest::decode(frame) {
+                Ok(proto::MuxRequest {
+                    body: Some(RequestBody::Hello(hello)),
+                    ..
+                }) => hello,
+                _ => {
+                    self.refuse(Status::invalid_argument(
+                        "the first frame of a mux connection must be a Hello",
+                    ));
+                    return false;
+                }
+            },
+            _ => return false,
+        };
+        if let Some(expected) = &self.shared.config.auth_token {
+            if !same_secret(hello.auth_token.as_bytes(), expected.as_bytes()) {
+                self.refuse(Status::unauthenticated(
+                    "this server needs its shared secret: connect with \
+                     distlock://:SECRET@host:port",
+                ));
+                return false;
+            }
+        }
+        let _ = self.frames.send(proto::MuxEvent {
+            stream: 0,
+            body: Some(EventBody::Welcome(proto::Welcome {})),
+        });
+        true
+    }
+
+    /// Ends the whole connection with the reason.
+    fn refuse(&self, status: Status) {
+        let _ = self.frames.send(end_frame(0, &status));
+    }
+
+    /// Handles one frame; `true` when the connection is over.
+    fn handle(&mut self, frame: &[u8]) -> bool {
+        let request = match proto::MuxRequest::decode(frame) {
+            Ok(request) => request,
+            Err(err) => {
+                self.refuse(Status::invalid_argument(format!(
+                    "garbled frame, not a MuxRequest ({err})"
+                )));
+                return true;
+            }
+        };
+        let stream = request.stream;
+        match request.body {
+            Some(RequestBody::Request(request)) if stream != 0 => {
+                match self.streams.get_mut(&stream) {
+                    Some(session) => {
+                        if !session.handle(request, &self.waits) {
+                            self.streams.remove(&stream);
+                        }
+                    }
+                    None => {
+                        let out = Outbound::Mux {
+                            stream,
+                            frames: self.frames.clone(),
+                        };
+                        let shared = Arc::clone(&self.shared);
+                        if let Some(session) = SessionStream::open(shared, request, out) {
+                            self.streams.insert(stream, session);
+                        }
+                    }
+                }
+            }
+            Some(RequestBody::End(_)) => {
+                self.streams.remove(&stream);
+            }
+            Some(RequestBody::Ping(_)) => {
+                let _ = self.frames.send(proto::MuxEvent {
+                    stream,
+                    body: Some(EventBody::Pong(proto::Pong {})),
+                });
+            }
+            Some(RequestBody::Request(_)) => {
+                self.refuse(Status::invalid_argument(
+                    "stream 0 is the connection's; sessions use streams 1 and up",
+                ));
+                return true;
+            }
+            Some(RequestBody::Hello(_)) | None => {
+                self.refuse(Status::invalid_argument(
+                    "expected a request, an End or a Ping after the Hello",
+                ));
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Turns a mux connection away with `status`, e.g. on a server that
+/// speaks only TLS.
+pub(crate) async fn refuse(mut socket: TcpStream, status: Status) {
+    // Read the preface and Hello first: closing with unread bytes would
+    // reset the connection before the client reads why.
+    let mut hello = [0; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut hello)).await;
+    let mut buf = BytesMut::new();
+    mux::put_frame(&mut buf, &end_frame(0, &status));
+    let _ = tokio::time::timeout(HELLO_TIMEOUT, socket.write_all(&buf)).await;
+    let _ = socket.shutdown().await;
+}
