@@ -183,6 +183,7 @@ async fn accept(
     listener: TcpListener,
     shared: Arc<Shared>,
     grpc: UnboundedSender<std::io::Result<TcpStream>>,
+    workers: Arc<mux::Workers>,
     stop: CancellationToken,
 ) {
     tracing::info!(address = ?listener.local_addr().ok(), "distlock server listening");
@@ -202,7 +203,7 @@ async fn accept(
         };
         // Without TCP_NODELAY a reply can wait ~40 ms for a delayed ACK.
         let _ = socket.set_nodelay(true);
-        let (shared, grpc, stop) = (Arc::clone(&shared), grpc.clone(), stop.clone());
+                let (shared, grpc, workers) = (Arc::clone(&shared), grpc.clone(), Arc::clone(&workers));
         tokio::spawn(async move {
             let mut first = [0; 1];
             let peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, socket.peek(&mut first)).await;
@@ -216,9 +217,8 @@ async fn accept(
                                 "this server speaks only TLS: connect with distlocks://",
                             ),
                         )
-                        .await;
-                    } else {
-                        mux::serve(shared, socket, stop).await;
+                        .await;                    } else {
+                        workers.serve(socket);
                     }
                 }
                 Ok(Ok(1)) => {
@@ -312,7 +312,15 @@ pub async fn run(
     }
     let stop = CancellationToken::new();
     let (grpc, incoming) = tokio::sync::mpsc::unbounded_channel();
-    let acceptor = tokio::spawn(accept(listener, Arc::clone(&shared), grpc, stop.clone()));
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = Arc::new(mux::Workers::start(threads, &shared, &stop)?);
+    let acceptor = tokio::spawn(accept(
+        listener,
+        Arc::clone(&shared),
+        grpc,
+        Arc::clone(&workers),
+        stop.clone(),
+    ));
     let locks = LocksServer::new(Service { shared })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -323,8 +331,11 @@ pub async fn run(
             stop.cancel();
         })
         .await?;
-    stop.cancel();
+        stop.cancel();
     let _ = acceptor.await;
+    if let Ok(workers) = Arc::try_unwrap(workers) {
+        workers.finish().await;
+    }
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

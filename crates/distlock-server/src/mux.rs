@@ -7,6 +7,7 @@
 //! that is ready in one write.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,8 @@ use proto::mux_event::Body as EventBody;
 use proto::mux_request::Body as RequestBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -31,6 +33,87 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes are gathered up to about this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
+
+/// The threads that serve mux connections: each runs a single-threaded
+/// runtime that owns its connections outright, so that serving a request
+/// never hands work to another thread. Connections are dealt out in turn.
+pub(crate) struct Workers {
+    inboxes: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    next: AtomicUsize,
+    done: Vec<oneshot::Receiver<()>>,
+}
+
+impl Workers {
+    /// Starts `threads` workers; they stop once [`Workers::finish`] is
+    /// called and `stop` has ended their connections.
+    pub(crate) fn start(
+        threads: usize,
+        shared: &Arc<Shared>,
+        stop: &CancellationToken,
+    ) -> std::io::Result<Workers> {
+        let mut inboxes = Vec::with_capacity(threads);
+        let mut done = Vec::with_capacity(threads);
+        for index in 0..threads {
+            let (inbox, mut sockets) = mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (finished, finished_rx) = oneshot::channel();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (shared, stop) = (Arc::clone(shared), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("distlock-mux-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let mut connections = JoinSet::new();
+                        loop {
+                            tokio::select! {
+                                socket = sockets.recv() => {
+                                    let Some(socket) = socket else { break };
+                                    match TcpStream::from_std(socket) {
+                                        Ok(socket) => {
+                                            let (shared, stop) = (Arc::clone(&shared), stop.clone());
+                                            connections.spawn(serve(shared, socket, stop));
+                                        }
+                                        Err(err) => tracing::warn!("cannot serve a connection: {err}"),
+                                    }
+                                }
+                                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                            }
+                        }
+                        while connections.join_next().await.is_some() {}
+                    });
+                    let _ = finished.send(());
+                })?;
+            inboxes.push(inbox);
+            done.push(finished_rx);
+        }
+        Ok(Workers {
+            inboxes,
+            next: AtomicUsize::new(0),
+            done,
+        })
+    }
+
+    /// Hands a connection that began with the mux preface to a worker.
+    pub(crate) fn serve(&self, socket: TcpStream) {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        match socket.into_std() {
+            Ok(socket) => {
+                let _ = self.inboxes[index].send(socket);
+            }
+            Err(err) => tracing::warn!("cannot serve a connection: {err}"),
+        }
+    }
+
+    /// Waits until every worker has stopped (after `stop`).
+    pub(crate) async fn finish(self) {
+        let Workers { inboxes, done, .. } = self;
+        drop(inboxes);
+        for finished in done {
+            let _ = finished.await;
+        }
+    }
+}
 
 /// Serves one connection whose first bytes were the mux preface, until the
 /// client goes away or the server stops. Sessions whose connection breaks
