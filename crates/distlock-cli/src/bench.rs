@@ -38,13 +38,14 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value = "contended")]
     workload: Workload,
-    /// Concurrent clients, each with its own session.
+    /// Concurrent clients, each a task with its own session.
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// Connections the clients share (client i uses connection i mod C);
-    /// by default each client has its own.
-    #[arg(long)]
-    connections: Option<usize>,
+    /// Connections (clients of the store, as from `connect`) the sessions
+    /// share, session i on connection i mod C. One by default, as the tasks
+    /// of one process share one client.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Keys the contended and safety clients share (client i uses key i mod K).
     #[arg(long, default_value_t = 1)]
     keys: usize,
@@ -78,6 +79,7 @@ struct Report {
     url: String,
     workload: Workload,
     clients: usize,
+    connections: usize,
     keys: usize,
     duration_s: f64,
     acquisitions: u64,
@@ -109,10 +111,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(args.keys > 0, "--keys must be at least 1");
     let url = args.store.url.clone();
-    let connections = args.connections.unwrap_or(args.clients);
-    anyhow::ensure!(connections > 0, "--connections must be at least 1");
-    let mut shared = Vec::with_capacity(connections.min(args.clients));
-    for _ in 0..connections.min(args.clients) {
+    anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    let mut shared = Vec::with_capacity(args.connections.min(args.clients));
+    for _ in 0..args.connections.min(args.clients) {
         shared.push(args.store.connect().await?);
     }
     let clients: Vec<Client> = (0..args.clients)
@@ -265,6 +266,7 @@ fn summarize(
         url,
         workload: args.workload,
         clients: args.clients,
+        connections: args.connections.min(args.clients),
         keys: args.keys,
         duration_s: elapsed.as_secs_f64(),
         acquisitions,
@@ -313,8 +315,13 @@ fn print_table(report: &Report) {
         Workload::Contended | Workload::Safety => "acquire call",
     };
     println!(
-        "distlock bench  {}  {:?}  {} clients  {} key(s)  {:.1}s",
-        report.url, report.workload, report.clients, report.keys, report.duration_s
+        "distlock bench  {}  {:?}  {} clients on {} connection(s)  {} key(s)  {:.1}s",
+        report.url,
+        report.workload,
+        report.clients,
+        report.connections,
+        report.keys,
+        report.duration_s
     );
     println!(
         "acquisitions    {} ({:.0}/s)",

@@ -3,9 +3,11 @@
 //! `distlock://[:SECRET@]HOST[:PORT]` (port 7890 by default), or
 //! `distlocks://…[?ca=/path/ca.pem]` for a server that speaks TLS (its
 //! certificate checked against that CA, else the system's roots). Each session
-//! is one gRPC stream to the server carrying its requests, replies,
-//! keep-alives and the grants the server pushes to it; a waiting acquire
-//! costs nothing until the grant comes.
+//! is one stream to the server carrying its requests, replies, keep-alives
+//! and the grants the server pushes to it; a waiting acquire costs nothing
+//! until the grant comes. With `distlock://` the sessions of a store share
+//! one TCP connection (the mux transport; `?transport=grpc` gives each its
+//! own gRPC stream instead); `distlocks://` uses gRPC.
 //!
 //! What it guarantees is the server's: FIFO queues per key, writer-preferring
 //! shared locks, semaphores, lock-delay, and fencing tokens that never go
@@ -38,7 +40,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct RemoteStore {
     target: String,
-        client: LocksClient<Channel>,
+    client: LocksClient<Channel>,
     auth: Option<MetadataValue<Ascii>>,
     transport: Transport,
 }
@@ -56,7 +58,7 @@ impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
             .field("target", &self.target)
-                        .field("auth", &self.auth.as_ref().map(|_| "<hidden>"))
+            .field("auth", &self.auth.as_ref().map(|_| "<hidden>"))
             .field(
                 "transport",
                 &match self.transport {

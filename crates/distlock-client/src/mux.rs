@@ -82,8 +82,7 @@ impl MuxConnection {
                 ),
             )
         };
-        let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
-        {
+        let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(socket)) => socket,
             Ok(Err(err)) => return Err(unreachable(err.to_string())),
             Err(_) => return Err(unreachable(format!("no answer in {CONNECT_TIMEOUT:?}"))),
@@ -206,7 +205,10 @@ fn not_distlock(target: &str) -> Error {
 
 /// Sends the connection's frames, every frame that is ready in one write,
 /// and a ping every [`PING_EVERY`].
-async fn write_frames(mut outgoing: UnboundedReceiver<proto::MuxRequest>, mut write: OwnedWriteHalf) {
+async fn write_frames(
+    mut outgoing: UnboundedReceiver<proto::MuxRequest>,
+    mut write: OwnedWriteHalf,
+) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -12,8 +12,8 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::v1 as proto;
-use proto::session_event::Body as Event;
 use proto::mux_request::Body as MuxBody;
+use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -129,7 +129,10 @@ impl Inbox {
             why.unwrap_or_else(|| {
                 (
                     ErrorKind::Unavailable,
-                    format!("the connection to the distlock server at {} was lost", self.target),
+                    format!(
+                        "the connection to the distlock server at {} was lost",
+                        self.target
+                    ),
                 )
             })
         });

@@ -1,7 +1,8 @@
 //! The distlock lock server: the zero-dependency default store.
 //!
 //! It orders requests per key and grants them one at a time: sessions with
-//! leases kept alive over one gRPC stream each, exclusive, shared
+//! leases kept alive over one stream each (a gRPC stream, or a stream of a
+//! multiplexed connection on the same port), exclusive, shared
 //! (writer-preferring) and semaphore modes, FIFO queues with the grant
 //! pushed to the waiter, lock-delay, `max_hold`, `check` and `status`. The
 //! state machine is [`distlock_core::table`]; this crate adds the protocol
@@ -203,12 +204,12 @@ async fn accept(
         };
         // Without TCP_NODELAY a reply can wait ~40 ms for a delayed ACK.
         let _ = socket.set_nodelay(true);
-                let (shared, grpc, workers) = (Arc::clone(&shared), grpc.clone(), Arc::clone(&workers));
+        let (shared, grpc, workers) = (Arc::clone(&shared), grpc.clone(), Arc::clone(&workers));
         tokio::spawn(async move {
             let mut first = [0; 1];
             let peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, socket.peek(&mut first)).await;
             match peeked {
-                                Ok(Ok(1)) if first[0] == PREFACE[0] => {
+                Ok(Ok(1)) if first[0] == PREFACE[0] => {
                     drop(grpc);
                     if shared.config.tls_cert.is_some() {
                         mux::refuse(
@@ -217,7 +218,8 @@ async fn accept(
                                 "this server speaks only TLS: connect with distlocks://",
                             ),
                         )
-                        .await;                    } else {
+                        .await;
+                    } else {
                         workers.serve(socket);
                     }
                 }
@@ -312,7 +314,7 @@ pub async fn run(
     }
     let stop = CancellationToken::new();
     let (grpc, incoming) = tokio::sync::mpsc::unbounded_channel();
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = Arc::new(mux::Workers::start(threads, &shared, &stop)?);
     let acceptor = tokio::spawn(accept(
         listener,
@@ -331,7 +333,7 @@ pub async fn run(
             stop.cancel();
         })
         .await?;
-        stop.cancel();
+    stop.cancel();
     let _ = acceptor.await;
     if let Ok(workers) = Arc::try_unwrap(workers) {
         workers.finish().await;

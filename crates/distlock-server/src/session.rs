@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use distlock_core::table::{lock_table, Attempt, SessionId, SessionSpec, Ticket, Waited};
 use distlock_proto::v1 as proto;
+use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use proto::mux_event::Body as MuxBody;
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
 use tokio::sync::mpsc::UnboundedSender;
-use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
@@ -186,7 +186,7 @@ pub(crate) struct SessionStream {
     shared: Arc<Shared>,
     session: SessionId,
     out: Outbound,
-        wait_handles: HashMap<u64, AbortHandle>,
+    wait_handles: HashMap<u64, AbortHandle>,
 }
 
 impl Drop for SessionStream {
@@ -201,7 +201,7 @@ impl Drop for SessionStream {
 impl SessionStream {
     /// Opens the session a stream's first request asks for; `None`, with the
     /// stream ended and the reason sent, if it cannot be opened.
-        pub(crate) fn open(
+    pub(crate) fn open(
         shared: Arc<Shared>,
         first: proto::SessionRequest,
         out: Outbound,
@@ -253,7 +253,7 @@ impl SessionStream {
             shared,
             session,
             out,
-                        wait_handles: HashMap::new(),
+            wait_handles: HashMap::new(),
         })
     }
 
@@ -264,10 +264,10 @@ impl SessionStream {
 
     /// Answers one request, starting its wait in `waits` if it has to wait;
     /// `false` when the session is closed.
-        pub(crate) fn handle(&mut self, request: proto::SessionRequest, waits: &Waits) -> bool {
+    pub(crate) fn handle(&mut self, request: proto::SessionRequest, waits: &Waits) -> bool {
         let id = request.id;
         let reply = match request.body {
-                        Some(Request::Acquire(acquire)) => self.acquire(id, acquire, waits),
+            Some(Request::Acquire(acquire)) => self.acquire(id, acquire, waits),
             Some(Request::Release(release)) => Some(self.release(&release.key, release.token)),
             Some(Request::KeepAlive(keep_alive)) => Some(self.keep_alive(keep_alive.keys)),
             Some(Request::Cancel(cancel)) => {
@@ -293,7 +293,7 @@ impl SessionStream {
         true
     }
 
-        fn acquire(&mut self, id: u64, acquire: proto::Acquire, waits: &Waits) -> Option<Event> {
+    fn acquire(&mut self, id: u64, acquire: proto::Acquire, waits: &Waits) -> Option<Event> {
         let max_key = self.shared.config.max_key_bytes;
         if acquire.key.is_empty() || acquire.key.len() > max_key {
             return Some(failed(
@@ -357,7 +357,7 @@ impl SessionStream {
                 let until = arrived
                     .checked_add(wait)
                     .unwrap_or_else(|| arrived + Duration::from_secs(100 * 365 * 24 * 3600));
-                                let stream = self.out.stream();
+                let stream = self.out.stream();
                 let wait = async move {
                     let key = ticket.key().to_owned();
                     let waited = ticket.wait(until).await;
@@ -377,7 +377,7 @@ impl SessionStream {
                         Waited::TimedOut => Event::NotGranted(proto::NotGranted {}),
                         Waited::SessionGone => session_lost(),
                     };
-                                        out.event(id, event);
+                    out.event(id, event);
                     (stream, id)
                 };
                 let (handle, registration) = AbortHandle::new_pair();

@@ -1,5 +1,5 @@
 //! The conformance suite against a real distlock server, started once for
-//! the whole run on a port of its own.
+//! the whole run on a port of its own, over both transports.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -35,12 +35,27 @@ fn server() -> SocketAddr {
     })
 }
 
-async fn connect() -> Client {
-    let url = url::Url::parse(&format!("distlock://{}", server())).expect("url");
+/// A client of the test server; `query` picks the transport.
+async fn connect_with(query: &str) -> Client {
+    let url = url::Url::parse(&format!("distlock://{}{query}", server())).expect("url");
     let store = RemoteStore::connect(&url)
         .await
         .expect("connect to the test server");
     Client::new(Arc::new(store))
 }
 
+/// Sessions multiplexed on one connection: what `distlock://` uses.
+async fn connect() -> Client {
+    connect_with("").await
+}
+
 distlock_core::conformance_suite!(connect);
+
+/// A gRPC stream per session: what `distlocks://` and other languages use.
+mod grpc {
+    async fn connect() -> distlock_core::Client {
+        super::connect_with("?transport=grpc").await
+    }
+
+    distlock_core::conformance_suite!(connect);
+}

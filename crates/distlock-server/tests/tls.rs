@@ -59,10 +59,24 @@ async fn locks_over_tls_with_the_servers_ca() {
 }
 
 #[tokio::test]
-async fn a_plain_client_cannot_use_a_tls_server() {
+async fn a_plain_client_is_told_to_use_tls() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (port, _cert) = tls_server(dir.path()).await;
-    let failed = match connect(&format!("distlock://localhost:{port}")).await {
+    let err = connect(&format!("distlock://localhost:{port}"))
+        .await
+        .expect_err("a mux connection to a TLS server");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(
+        err.to_string().contains("connect with distlocks://"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_grpc_client_cannot_use_a_tls_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (port, _cert) = tls_server(dir.path()).await;
+    let failed = match connect(&format!("distlock://localhost:{port}?transport=grpc")).await {
         Err(err) => err,
         Ok(client) => client
             .session()

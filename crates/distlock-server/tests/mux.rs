@@ -1,0 +1,295 @@
+//! The multiplexed transport: bad input on it gets a clear `End` frame, and
+//! the server keeps serving; sessions on one connection stay apart.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use distlock_core::ErrorKind;
+use distlock_proto::{mux, v1 as proto};
+use futures::StreamExt;
+use prost::Message;
+use proto::mux_event::Body as EventBody;
+use proto::mux_request::Body as RequestBody;
+use proto::session_event::Body as Event;
+use proto::session_request::Body as Request;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+const SECRET: &str = "open sesame";
+const MAX_MESSAGE: usize = 64 * 1024;
+
+async fn start_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let config = distlock_server::Config {
+        data_dir: tempfile::tempdir().expect("temp dir").keep(),
+        auth_token: Some(SECRET.to_owned()),
+        max_message_bytes: MAX_MESSAGE,
+        ..distlock_server::Config::default()
+    };
+    tokio::spawn(distlock_server::run(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    address
+}
+
+/// A mux connection spoken by hand.
+struct Connection {
+    write: OwnedWriteHalf,
+    read: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+}
+
+impl Connection {
+    /// Connects and says Hello with `secret`; returns the server's answer.
+    async fn hello(address: &str, secret: &str) -> (Connection, proto::MuxEvent) {
+        let socket = TcpStream::connect(address).await.expect("connect");
+        let (read, mut write) = socket.into_split();
+        write.write_all(mux::PREFACE).await.expect("preface");
+        let mut connection = Connection {
+            write,
+            read: FramedRead::new(read, mux::codec(1 << 20)),
+        };
+        connection
+            .send(
+                0,
+                RequestBody::Hello(proto::Hello {
+                    auth_token: secret.to_owned(),
+                }),
+            )
+            .await;
+        let answer = connection.next().await.expect("an answer to the Hello");
+        (connection, answer)
+    }
+
+    async fn welcomed(address: &str) -> Connection {
+        let (connection, answer) = Connection::hello(address, SECRET).await;
+        assert!(
+            matches!(answer.body, Some(EventBody::Welcome(_))),
+            "{answer:?}"
+        );
+        connection
+    }
+
+    async fn send(&mut self, stream: u32, body: RequestBody) {
+        let mut buf = BytesMut::new();
+        mux::put_frame(
+            &mut buf,
+            &proto::MuxRequest {
+                stream,
+                body: Some(body),
+            },
+        );
+        self.write.write_all(&buf).await.expect("send");
+    }
+
+    async fn request(&mut self, stream: u32, id: u64, body: Request) {
+        let request = proto::SessionRequest {
+            id,
+            body: Some(body),
+        };
+        self.send(stream, RequestBody::Request(request)).await;
+    }
+
+    /// The next frame, or `None` once the server has closed the connection.
+    async fn next(&mut self) -> Option<proto::MuxEvent> {
+        let frame = tokio::time::timeout(Duration::from_secs(10), self.read.next())
+            .await
+            .expect("the server answers in time")?
+            .expect("a frame");
+        Some(proto::MuxEvent::decode(frame).expect("a MuxEvent"))
+    }
+
+    /// The next session event, skipping pongs.
+    async fn event(&mut self) -> (u32, Event) {
+        loop {
+            let frame = self.next().await.expect("a frame");
+            match frame.body {
+                Some(EventBody::Event(event)) => {
+                    return (frame.stream, event.body.expect("a body"));
+                }
+                Some(EventBody::Pong(_)) => {}
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+    }
+}
+
+async fn store(url: &str) -> distlock_core::Result<distlock_client::RemoteStore> {
+    distlock_client::RemoteStore::connect(&url::Url::parse(url).expect("url")).await
+}
+
+fn open() -> Request {
+    Request::Open(proto::Open {
+        ttl_ms: 10_000,
+        lock_delay_ms: 0,
+        max_hold_ms: 0,
+    })
+}
+
+fn acquire(key: &str) -> Request {
+    Request::Acquire(proto::Acquire {
+        key: key.to_owned(),
+        mode: proto::Mode::Exclusive.into(),
+        permits: 0,
+        wait_ms: 0,
+    })
+}
+
+/// The `End` of a stream, with its code and message.
+fn end_of(frame: Option<proto::MuxEvent>) -> (u32, proto::Code, String) {
+    let frame = frame.expect("an End frame");
+    match frame.body {
+        Some(EventBody::End(end)) => (
+            frame.stream,
+            proto::Code::try_from(end.code).expect("a known code"),
+            end.message,
+        ),
+        other => panic!("expected End, got {other:?}"),
+    }
+}
+
+/// A new connection still opens a session and takes a lock.
+async fn still_serving(address: &str) {
+    let mut connection = Connection::welcomed(address).await;
+    connection.request(1, 0, open()).await;
+    assert!(matches!(connection.event().await, (1, Event::Opened(_))));
+    connection.request(1, 1, acquire("still-serving")).await;
+    let (_, granted) = connection.event().await;
+    assert!(matches!(granted, Event::Granted(_)), "{granted:?}");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_refused_with_the_way_to_give_it() {
+    let address = start_server().await;
+    let (mut connection, answer) = Connection::hello(&address, "guess").await;
+    let (stream, code, message) = end_of(Some(answer));
+    assert_eq!((stream, code), (0, proto::Code::Unauthenticated));
+    assert!(
+        message.contains("distlock://:SECRET@host:port"),
+        "{message}"
+    );
+    assert!(
+        connection.next().await.is_none(),
+        "the connection is closed"
+    );
+
+    let url = format!("distlock://:guess@{address}");
+    let err = store(&url).await.expect_err("a wrong secret");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("shared secret"), "{err}");
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn a_garbled_frame_ends_the_connection_with_the_reason() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    let garbage = [0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff];
+    connection.write.write_all(&garbage).await.expect("send");
+    let (stream, code, message) = end_of(connection.next().await);
+    assert_eq!((stream, code), (0, proto::Code::InvalidArgument));
+    assert!(message.contains("garbled frame"), "{message}");
+    assert!(
+        connection.next().await.is_none(),
+        "the connection is closed"
+    );
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_ends_the_connection_with_the_limit() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    let length = u32::try_from(MAX_MESSAGE + 1).expect("small");
+    connection
+        .write
+        .write_all(&length.to_be_bytes())
+        .await
+        .expect("send");
+    let (stream, code, message) = end_of(connection.next().await);
+    assert_eq!((stream, code), (0, proto::Code::InvalidArgument));
+    assert!(
+        message.contains(&format!("at most {MAX_MESSAGE} bytes")),
+        "{message}"
+    );
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn a_stream_that_does_not_open_first_ends_alone() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    connection.request(1, 0, open()).await;
+    assert!(matches!(connection.event().await, (1, Event::Opened(_))));
+    // Stream 2 skips its Open: it ends, stream 1 goes on.
+    connection.request(2, 1, acquire("k")).await;
+    let (stream, code, message) = end_of(connection.next().await);
+    assert_eq!((stream, code), (2, proto::Code::InvalidArgument));
+    assert!(message.contains("must be Open"), "{message}");
+    connection.request(1, 1, acquire("k")).await;
+    let (stream, granted) = connection.event().await;
+    assert_eq!(stream, 1);
+    assert!(matches!(granted, Event::Granted(_)), "{granted:?}");
+}
+
+#[tokio::test]
+async fn sessions_on_one_connection_cannot_release_each_others_locks() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    for stream in [1, 2] {
+        connection.request(stream, 0, open()).await;
+        assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
+    }
+    connection.request(1, 1, acquire("mine")).await;
+    let token = match connection.event().await {
+        (1, Event::Granted(granted)) => granted.token,
+        other => panic!("expected a grant on stream 1, got {other:?}"),
+    };
+    let release = Request::Release(proto::Release {
+        key: "mine".to_owned(),
+        token,
+    });
+    connection.request(2, 1, release).await;
+    match connection.event().await {
+        (2, Event::Failed(failed)) => {
+            assert_eq!(failed.code, i32::from(proto::Code::NotHeld), "{failed:?}");
+        }
+        other => panic!("expected NOT_HELD on stream 2, got {other:?}"),
+    }
+    // Still held by stream 1's session.
+    connection.request(2, 2, acquire("mine")).await;
+    assert!(matches!(
+        connection.event().await,
+        (2, Event::NotGranted(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_port_that_is_not_a_distlock_server_is_named_as_such() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let err = store(&format!("distlock://{address}"))
+        .await
+        .expect_err("not a distlock server");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("did not answer as a distlock server does"),
+        "{err}"
+    );
+}
