@@ -86,7 +86,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Bench(args) = &cli.command {
+        if let Some(threads) = args.threads() {
+            builder.worker_threads(threads);
+        }
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("distlock: cannot start the async runtime: {err}");

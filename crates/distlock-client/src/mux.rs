@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio_stream::StreamExt;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::session::{Inbox, Outlet};
 use crate::CONNECT_TIMEOUT;
@@ -52,6 +53,8 @@ pub(crate) struct MuxConnection {
     frames: UnboundedSender<proto::MuxRequest>,
     streams: Arc<Mutex<Streams>>,
     next_stream: AtomicU32,
+    /// The largest frame the server takes.
+    max_frame: usize,
 }
 
 fn lock(streams: &Mutex<Streams>) -> MutexGuard<'_, Streams> {
@@ -63,6 +66,7 @@ fn lock(streams: &Mutex<Streams>) -> MutexGuard<'_, Streams> {
 /// The error kind for a server's `End` code.
 fn kind_of(code: i32) -> ErrorKind {
     match proto::Code::try_from(code) {
+        Ok(proto::Code::Unspecified) => ErrorKind::Closed,
         Ok(proto::Code::Unauthenticated | proto::Code::InvalidArgument) => ErrorKind::Config,
         Ok(proto::Code::ResourceExhausted | proto::Code::Unavailable) => ErrorKind::Unavailable,
         _ => ErrorKind::Store,
@@ -109,9 +113,9 @@ impl MuxConnection {
             match inbound.next().await {
                 Some(Ok(frame)) => match proto::MuxEvent::decode(frame) {
                     Ok(proto::MuxEvent {
-                        body: Some(EventBody::Welcome(_)),
+                        body: Some(EventBody::Welcome(welcome)),
                         ..
-                    }) => Ok(()),
+                    }) => Ok(welcome),
                     Ok(proto::MuxEvent {
                         body: Some(EventBody::End(end)),
                         ..
@@ -127,30 +131,39 @@ impl MuxConnection {
                 )),
             }
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(unreachable(format!(
                     "no answer to the handshake in {CONNECT_TIMEOUT:?}"
                 )))
             }
-        }
+        };
         let (frames, outgoing) = mpsc::unbounded_channel();
         let streams = Arc::new(Mutex::new(Streams {
             open: HashMap::new(),
             ended: None,
         }));
-        tokio::spawn(write_frames(outgoing, write));
+        // The reader tells the writer when the connection is dead.
+        let dead = CancellationToken::new();
+        tokio::spawn(write_frames(outgoing, write, dead.clone()));
         tokio::spawn(read_frames(
             inbound,
             Arc::clone(&streams),
             Arc::from(target),
+            dead.drop_guard(),
         ));
         Ok(Arc::new(MuxConnection {
             frames,
             streams,
             next_stream: AtomicU32::new(1),
+            max_frame: usize::try_from(welcome.max_frame_bytes).unwrap_or(usize::MAX),
         }))
+    }
+
+    /// The largest frame the server takes.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame
     }
 
     /// Whether the connection has ended, so that a new one is needed.
@@ -208,6 +221,7 @@ fn not_distlock(target: &str) -> Error {
 async fn write_frames(
     mut outgoing: UnboundedReceiver<proto::MuxRequest>,
     mut write: OwnedWriteHalf,
+    dead: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -225,6 +239,7 @@ async fn write_frames(
                     }
                 }
             }
+                        () = dead.cancelled() => return,
             _ = ping.tick() => {
                 let ping = proto::MuxRequest {
                     stream: 0,
@@ -247,6 +262,7 @@ async fn read_frames(
     mut inbound: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
     streams: Arc<Mutex<Streams>>,
     target: Arc<str>,
+    _stop_writer: DropGuard,
 ) {
     let lost = |why: String| {
         (

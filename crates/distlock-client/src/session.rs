@@ -162,6 +162,9 @@ impl Inbox {
 /// The most key bytes one keep-alive names; more are sent in several.
 const KEEP_ALIVE_BYTES: usize = 1024 * 1024;
 
+/// What a key adds to a keep-alive besides its bytes (tag and length).
+const KEY_OVERHEAD: usize = 8;
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -398,14 +401,20 @@ impl StoreSession for RemoteSession {
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
         // Within the server's message limit however many keys are held; an
         // empty list still renews the lease.
+        let limit = match &self.link {
+            Link::Mux(connection, _) => KEEP_ALIVE_BYTES.min(connection.max_frame() / 2),
+            Link::Grpc(_) => KEEP_ALIVE_BYTES,
+        };
         let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
         let mut bytes = 0;
         for lock in held {
-            if bytes + lock.key.len() > KEEP_ALIVE_BYTES {
+            // A key costs its bytes and a few more of framing.
+            let cost = lock.key.len() + KEY_OVERHEAD;
+            if bytes + cost > limit && bytes > 0 {
                 chunks.push(Vec::new());
                 bytes = 0;
             }
-            bytes += lock.key.len();
+            bytes += cost;
             chunks
                 .last_mut()
                 .expect("never empty")

@@ -205,9 +205,13 @@ async fn accept(
         // Without TCP_NODELAY a reply can wait ~40 ms for a delayed ACK.
         let _ = socket.set_nodelay(true);
         let (shared, grpc, workers) = (Arc::clone(&shared), grpc.clone(), Arc::clone(&workers));
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut first = [0; 1];
-            let peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, socket.peek(&mut first)).await;
+            let peeked = tokio::select! {
+                peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, socket.peek(&mut first)) => peeked,
+                () = stop.cancelled() => return,
+            };
             match peeked {
                 Ok(Ok(1)) if first[0] == PREFACE[0] => {
                     drop(grpc);
@@ -313,6 +317,8 @@ pub async fn run(
         server = server.tls_config(ServerTlsConfig::new().identity(identity))?;
     }
     let stop = CancellationToken::new();
+    // However `run` ends, the acceptor and the mux workers stop with it.
+    let _stop_on_return = stop.clone().drop_guard();
     let (grpc, incoming) = tokio::sync::mpsc::unbounded_channel();
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = Arc::new(mux::Workers::start(threads, &shared, &stop)?);
@@ -335,9 +341,7 @@ pub async fn run(
         .await?;
     stop.cancel();
     let _ = acceptor.await;
-    if let Ok(workers) = Arc::try_unwrap(workers) {
-        workers.finish().await;
-    }
+    workers.finish().await;
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

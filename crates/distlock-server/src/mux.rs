@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -31,6 +32,13 @@ use crate::{same_secret, Shared};
 /// How long a client has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest frame before the Hello has been accepted.
+const HELLO_BYTES: usize = 64 * 1024;
+
+/// A connection on which nothing arrives, or that takes nothing, for this
+/// long is taken as gone (clients ping every 5 seconds).
+const SILENCE: Duration = Duration::from_secs(20);
+
 /// Writes are gathered up to about this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -38,9 +46,10 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// runtime that owns its connections outright, so that serving a request
 /// never hands work to another thread. Connections are dealt out in turn.
 pub(crate) struct Workers {
-    inboxes: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    /// `None` once the workers are told to finish.
+    inboxes: std::sync::Mutex<Option<Vec<mpsc::UnboundedSender<std::net::TcpStream>>>>,
     next: AtomicUsize,
-    done: Vec<oneshot::Receiver<()>>,
+    done: std::sync::Mutex<Vec<oneshot::Receiver<()>>>,
 }
 
 impl Workers {
@@ -88,27 +97,36 @@ impl Workers {
             done.push(finished_rx);
         }
         Ok(Workers {
-            inboxes,
+            inboxes: std::sync::Mutex::new(Some(inboxes)),
             next: AtomicUsize::new(0),
-            done,
+            done: std::sync::Mutex::new(done),
         })
     }
 
-    /// Hands a connection that began with the mux preface to a worker.
+    /// Hands a connection that began with the mux preface to a worker;
+    /// once the workers are finishing, it is closed instead.
     pub(crate) fn serve(&self, socket: TcpStream) {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        let inboxes = self.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(inboxes) = inboxes.as_ref() else {
+            return;
+        };
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
         match socket.into_std() {
             Ok(socket) => {
-                let _ = self.inboxes[index].send(socket);
+                let _ = inboxes[index].send(socket);
             }
             Err(err) => tracing::warn!("cannot serve a connection: {err}"),
         }
     }
 
-    /// Waits until every worker has stopped (after `stop`).
-    pub(crate) async fn finish(self) {
-        let Workers { inboxes, done, .. } = self;
-        drop(inboxes);
+    /// Takes no more connections and waits until every worker has stopped
+    /// (their connections end on `stop`).
+    pub(crate) async fn finish(&self) {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let done = std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
         for finished in done {
             let _ = finished.await;
         }
@@ -116,35 +134,55 @@ impl Workers {
 }
 
 /// Serves one connection whose first bytes were the mux preface, until the
-/// client goes away or the server stops. Sessions whose connection breaks
-/// are not ended: as with a broken gRPC stream, their leases run out first.
+/// client goes away, falls silent, or the server stops. Sessions whose
+/// connection breaks are not ended: as with a broken gRPC stream, their
+/// leases run out first.
 ///
-/// One task does it all: it reads requests, answers them, drives the waits
-/// of all the connection's sessions, and writes every answer that is ready
-/// in one write, so that a release, the grant it makes to a waiter on the
-/// same connection and both answers cost no hand-over between tasks.
+/// One task reads requests, answers them and drives the waits of all the
+/// connection's sessions, so that a release, the grant it makes to a waiter
+/// on the same connection and both answers cross no thread; a writer task
+/// beside it sends every answer that is ready in one write.
 pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, stop: CancellationToken) {
     let (mut read, write) = socket.into_split();
     let mut preface = [0; mux::PREFACE.len()];
-    let greeted = tokio::time::timeout(HELLO_TIMEOUT, read.read_exact(&mut preface)).await;
-    if !matches!(greeted, Ok(Ok(_))) || &preface != mux::PREFACE {
+    let greeted = tokio::select! {
+        read = tokio::time::timeout(HELLO_TIMEOUT, read.read_exact(&mut preface)) => {
+            matches!(read, Ok(Ok(_)))
+        }
+        () = stop.cancelled() => false,
+    };
+    if !greeted || &preface != mux::PREFACE {
         return;
     }
     let (frames, outgoing) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_frames(outgoing, write));
-    let mut inbound = FramedRead::new(read, mux::codec(shared.config.max_message_bytes));
+    // Small frames only until the client has said who it is.
+    let mut inbound = FramedRead::new(read, mux::codec(HELLO_BYTES));
     let mut connection = Connection {
         shared,
         frames,
         streams: HashMap::new(),
         waits: Waits::new(),
     };
-    let mut open = connection.hello(&mut inbound).await;
+    let mut open = tokio::select! {
+        welcomed = connection.hello(&mut inbound) => welcomed,
+        () = stop.cancelled() => false,
+    };
+    let max_frame = connection.shared.config.max_message_bytes;
+    inbound.decoder_mut().set_max_frame_length(max_frame);
+    let mut heard = Instant::now();
     while open {
         tokio::select! {
-            frame = inbound.next() => open = connection.take(frame),
+            frame = inbound.next() => {
+                heard = Instant::now();
+                open = connection.take(frame);
+            }
             Some(done) = connection.waits.next(), if !connection.waits.is_empty() => {
                 connection.wait_ended(done);
+            }
+            () = tokio::time::sleep_until(heard + SILENCE) => {
+                // Clients ping every 5 s: this one is gone without a word.
+                open = false;
             }
             () = stop.cancelled() => open = false,
         }
@@ -156,6 +194,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, stop: Cancella
 }
 
 /// Sends the connection's frames, every frame that is ready in one write.
+/// A client that takes nothing for [`SILENCE`] is cut off, so that the
+/// frames it does not read cannot pile up.
 async fn write_frames(
     mut outgoing: mpsc::UnboundedReceiver<proto::MuxEvent>,
     mut write: tokio::net::tcp::OwnedWriteHalf,
@@ -169,10 +209,14 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        if write.write_all(&buf).await.is_err() {
-            return;
+        match tokio::time::timeout(SILENCE, write.write_all(&buf)).await {
+            Ok(Ok(())) => buf.clear(),
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!("cut off a mux client that read nothing for {SILENCE:?}");
+                return;
+            }
         }
-        buf.clear();
     }
     let _ = write.shutdown().await;
 }
@@ -240,9 +284,11 @@ impl Connection {
                 return false;
             }
         }
+        let max_frame_bytes =
+            u32::try_from(self.shared.config.max_message_bytes).unwrap_or(u32::MAX);
         let _ = self.frames.send(proto::MuxEvent {
             stream: 0,
-            body: Some(EventBody::Welcome(proto::Welcome {})),
+            body: Some(EventBody::Welcome(proto::Welcome { max_frame_bytes })),
         });
         true
     }
@@ -269,7 +315,9 @@ impl Connection {
                 match self.streams.get_mut(&stream) {
                     Some(session) => {
                         if !session.handle(request, &self.waits) {
+                            // Closed: the stream ends, as a gRPC stream does.
                             self.streams.remove(&stream);
+                            let _ = self.frames.send(end_frame(stream, &Status::ok("closed")));
                         }
                     }
                     None => {

@@ -294,6 +294,12 @@ impl SessionStream {
     }
 
     fn acquire(&mut self, id: u64, acquire: proto::Acquire, waits: &Waits) -> Option<Event> {
+        if self.wait_handles.contains_key(&id) {
+            return Some(failed(
+                proto::Code::InvalidArgument,
+                format!("request id {id} is already waiting; give each request its own id"),
+            ));
+        }
         let max_key = self.shared.config.max_key_bytes;
         if acquire.key.is_empty() || acquire.key.len() > max_key {
             return Some(failed(

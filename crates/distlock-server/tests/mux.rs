@@ -293,3 +293,46 @@ async fn a_port_that_is_not_a_distlock_server_is_named_as_such() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn close_answers_then_ends_the_stream() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    connection.request(1, 0, open()).await;
+    assert!(matches!(connection.event().await, (1, Event::Opened(_))));
+    connection
+        .request(1, 1, Request::Close(proto::Close {}))
+        .await;
+    assert!(matches!(connection.event().await, (1, Event::Closed(_))));
+    let (stream, code, _) = end_of(connection.next().await);
+    assert_eq!((stream, code), (1, proto::Code::Unspecified));
+}
+
+#[tokio::test]
+async fn a_request_id_that_is_already_waiting_is_refused() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    for stream in [1, 2] {
+        connection.request(stream, 0, open()).await;
+        assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
+    }
+    connection.request(1, 1, acquire("busy")).await;
+    assert!(matches!(connection.event().await, (1, Event::Granted(_))));
+    let waiting = |key: &str| {
+        Request::Acquire(proto::Acquire {
+            key: key.to_owned(),
+            mode: proto::Mode::Exclusive.into(),
+            permits: 0,
+            wait_ms: 60_000,
+        })
+    };
+    connection.request(2, 7, waiting("busy")).await;
+    connection.request(2, 7, waiting("other")).await;
+    match connection.event().await {
+        (2, Event::Failed(failed)) => {
+            assert_eq!(failed.code, i32::from(proto::Code::InvalidArgument));
+            assert!(failed.message.contains("already waiting"), "{failed:?}");
+        }
+        other => panic!("expected the second id 7 refused, got {other:?}"),
+    }
+}
