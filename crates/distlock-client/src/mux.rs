@@ -224,9 +224,10 @@ async fn write_frames(
     dead: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
-    let mut ping = tokio::time::interval(PING_EVERY);
+    // Not `interval`: its first tick, due at once, would hold the first
+    // frames back until the timer's next millisecond.
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
     loop {
         tokio::select! {
             request = outgoing.recv() => {
