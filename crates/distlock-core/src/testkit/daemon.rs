@@ -1,0 +1,110 @@
+//! Store servers for tests: real processes on free ports, killed when
+//! dropped. Store crates build their own on these (e.g. `redis-server`).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A TCP port on 127.0.0.1 that nothing listens on just now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A server process under test.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `command`, its output going to `NAME.log` in `log_dir`, and
+    /// waits until it accepts connections on `port`. Panics, with the end
+    /// of its log, if it exits or does not listen in time.
+    pub fn spawn(name: &str, mut command: Command, port: u16, log_dir: &Path) -> Daemon {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create the server log");
+        let program = command.get_program().to_string_lossy().into_owned();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start {program}: {err}; install it (./scripts/test does)")
+            });
+        let mut daemon = Daemon {
+            name: name.to_owned(),
+            child: Some(child),
+            port,
+            log,
+        };
+        daemon.wait_listening();
+        daemon
+    }
+
+    fn wait_listening(&mut self) {
+        let started = Instant::now();
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "{} exited ({status}) before listening on {}:\n{}",
+                    self.name,
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            if started.elapsed() > START_TIMEOUT {
+                panic!(
+                    "{} did not listen on {} within {START_TIMEOUT:?}:\n{}",
+                    self.name,
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last lines of the server's output.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills it with SIGKILL (a crash, not a shutdown) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,280 @@
+//! The Redis and Redlock stores.
+//!
+//! - `redis://[:PASSWORD@]HOST[:PORT][/DB]` (or `rediss://` for TLS): one
+//!   Redis server.
+//! - `redlock://[:PASSWORD@]H1:P1,H2:P2,H3:P3[,…][/DB]`: the Redlock
+//!   algorithm on three or more independent Redis servers (not replicas of
+//!   each other).
+//!
+//! # How a lock is kept
+//!
+//! A lock is a sorted set of holders in Redis, each scored by when its lease
+//! ends by the Redis server's clock, next to its mode, a fencing counter
+//! that never expires, the writers waiting (for writer preference) and the
+//! lock-delay left by a holder that vanished. Every change is one Lua script,
+//! run with EVALSHA: acquire (grant if free, `INCR` the fencing counter),
+//! release and renew (both owner-checked: a session touches only its own
+//! entry, named by its id and token, so a stale holder can never release or
+//! extend the lock of the one after it), and one renewal that extends every
+//! lock a session holds in one call. All keys of one lock share the hash tag
+//! `{KEY}`, so that each script stays in one slot.
+//!
+//! A waiter subscribes to the lock's release channel and tries again when a
+//! release is published, or when the earliest holder's lease ends, whichever
+//! comes first; it never polls on a fixed interval. Shared locks prefer
+//! writers; semaphores are counted; waiters are not served in FIFO order.
+//!
+//! `lost()` fires when a renewal finds the hold gone (deleted, expired, or
+//! taken over) and in any case when the lease runs out without a renewal:
+//! the lease is counted from when the acquire or renewal was *sent*, minus
+//! 1% + 2 ms for clock drift.
+//!
+//! # Redlock
+//!
+//! An acquire must be granted by a majority of the instances within the
+//! validity time (TTL − time taken − drift), else what was granted is given
+//! back. A renewal keeps a lock only where a majority renewed it in time.
+//! Releases go to every instance. The fencing token is a quorum register:
+//! each granting instance increments its own counter, the client takes the
+//! highest value of its majority and writes it back to a majority before
+//! using it. Any two majorities meet, so each token is above every token
+//! handed out before, even when an instance comes back empty.
+//!
+//! # What this does not protect against
+//!
+//! - **A single Redis that loses its data.** Without persistence, a restart
+//!   forgets every lock (a second holder can then be granted at once) and
+//!   every fencing counter (tokens start again from 1, so a fenced resource
+//!   refuses the new holders until the old tokens are passed, which is safe
+//!   but stalls). With `appendonly yes` and `appendfsync always`, both
+//!   survive a restart; with `appendfsync everysec` the last second may be
+//!   lost.
+//! - **Failover to a replica.** Replication is asynchronous: a replica
+//!   promoted after a crash may not have the latest grant, and grants the
+//!   lock again. Use Redlock on independent servers instead, or fence every
+//!   write with the token.
+//! - **Redlock instances restarted without persistence.** If a majority
+//!   restarts empty within one TTL, two holders are possible. Restart an
+//!   instance only after the longest TTL has passed (delayed restart), or
+//!   run each with `appendfsync always`.
+//! - **Clock jumps on the Redis servers.** Leases are measured by each
+//!   server's clock; a server whose clock jumps forward expires leases
+//!   early. The fencing token still refuses the stale holder's writes.
+//!
+//! In every case, a resource that remembers the highest token it has seen
+//! and refuses lower ones stays safe.
+
+mod instance;
+mod scripts;
+mod session;
+mod wake;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use futures::future::join_all;
+use url::Url;
+
+use instance::Instance;
+
+/// Where the store's keys start.
+pub(crate) const KEY_PREFIX: &str = "dl:";
+
+/// The port Redis listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 6379;
+
+/// What the instances of one store share.
+pub(crate) struct Shared {
+    pub(crate) instances: Vec<Instance>,
+    /// How many instances must agree.
+    pub(crate) quorum: usize,
+}
+
+/// A store on one Redis server, or on several with Redlock.
+pub struct RedisStore {
+    name: &'static str,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .shared
+            .instances
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        f.debug_struct("RedisStore")
+            .field("name", &self.name)
+            .field("instances", &names)
+            .finish()
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+impl RedisStore {
+    /// Connects to the Redis server (`redis://`, `rediss://`) or the Redlock
+    /// instances (`redlock://`) a URL names. A single server must answer; of
+    /// Redlock instances a majority must.
+    pub async fn connect(url: &Url) -> Result<Self> {
+        let (name, instances) = match url.scheme() {
+            "redis" | "rediss" => ("redis", vec![single(url)?]),
+            "redlock" => ("redlock", redlock(url)?),
+            other => {
+                return Err(config_error(format!(
+                    "'{other}' is not a Redis scheme; use redis://, rediss:// or redlock://"
+                )))
+            }
+        };
+        let quorum = instances.len() / 2 + 1;
+        let store = RedisStore {
+            name,
+            shared: Arc::new(Shared { instances, quorum }),
+        };
+        store.check_reachable().await?;
+        Ok(store)
+    }
+
+    /// Connects to every instance now, so that a wrong address is known at
+    /// once: a single server must answer, and a majority of Redlock's.
+    async fn check_reachable(&self) -> Result<()> {
+        let instances = &self.shared.instances;
+        let results = join_all(instances.iter().map(|instance| async move {
+            let mut connection = instance.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        }))
+        .await;
+        let failures: Vec<String> = instances
+            .iter()
+            .zip(results)
+            .filter_map(|(instance, result)| {
+                result.err().map(|err| format!("{}: {err}", instance.name))
+            })
+            .collect();
+        let answered = instances.len() - failures.len();
+        if answered >= self.shared.quorum {
+            return Ok(());
+        }
+        let message = if instances.len() == 1 {
+            format!(
+                "cannot reach Redis at {}; check the URL and that redis-server runs there",
+                failures.join("; ")
+            )
+        } else {
+            format!(
+                "only {answered} of {} Redlock instances answered ({} needed): {}",
+                instances.len(),
+                self.shared.quorum,
+                failures.join("; ")
+            )
+        };
+        Err(Error::new(ErrorKind::Unavailable, message))
+    }
+
+    /// What a single Redis gives.
+    pub fn capabilities() -> Capabilities {
+        Self::capabilities_of("redis")
+    }
+
+    /// What Redlock gives: the same.
+    pub fn redlock_capabilities() -> Capabilities {
+        Self::capabilities_of("redlock")
+    }
+
+    fn capabilities_of(name: &'static str) -> Capabilities {
+        let mut capabilities = Capabilities::minimal(name);
+        capabilities.shared = true;
+        capabilities.writer_preferring = true;
+        capabilities.semaphore = true;
+        capabilities.push_wakeup = true;
+        // Tokens survive a restart only with `appendfsync always`; the
+        // declaration does not assume it.
+        capabilities.fencing = Fencing::InProcess;
+        capabilities.lease_expiry = true;
+        capabilities.lock_delay = true;
+        capabilities.session = SessionModel::Lease;
+        capabilities
+    }
+}
+
+/// The instance of a `redis://` or `rediss://` URL.
+fn single(url: &Url) -> Result<Instance> {
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| config_error(format!("'{url}' names no host; write redis://HOST[:PORT]")))?;
+    let name = format!("{host}:{}", url.port().unwrap_or(DEFAULT_PORT));
+    let client = redis::Client::open(url.as_str())
+        .map_err(|err| config_error(format!("'{url}' is not a usable Redis URL: {err}")))?;
+    Ok(Instance::new(name, client))
+}
+
+/// The instances of a `redlock://H1:P1,H2:P2,…[/DB]` URL.
+fn redlock(url: &Url) -> Result<Vec<Instance>> {
+    let usage = "write redlock://H1:P1,H2:P2,H3:P3 (three or more independent Redis servers)";
+    let rest = url.as_str().trim_start_matches("redlock://");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (password, hosts) = match authority.rsplit_once('@') {
+        Some((user_info, hosts)) => (
+            Some(user_info.split_once(':').map_or(user_info, |(_, p)| p)),
+            hosts,
+        ),
+        None => (None, authority),
+    };
+    let db = path.split(['?', '#']).next().unwrap_or_default();
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(config_error(format!(
+            "'{db}' in '{url}' is not a database number; {usage}"
+        )));
+    }
+    let mut instances = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err(config_error(format!("'{url}' has an empty host; {usage}")));
+        }
+        let address = if host.contains(':') {
+            host.to_owned()
+        } else {
+            format!("{host}:{DEFAULT_PORT}")
+        };
+        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+        let one = format!("redis://{auth}{address}/{db}");
+        let client = redis::Client::open(one.as_str()).map_err(|err| {
+            config_error(format!(
+                "'{host}' in '{url}' is not a usable address: {err}; {usage}"
+            ))
+        })?;
+        instances.push(Instance::new(address, client));
+    }
+    if instances.len() < 3 {
+        return Err(config_error(format!(
+            "'{url}' names {} instance(s); Redlock needs at least three, and for one \
+             server use redis://HOST:PORT",
+            instances.len()
+        )));
+    }
+    Ok(instances)
+}
+
+#[async_trait]
+impl LockStore for RedisStore {
+    fn capabilities(&self) -> Capabilities {
+        Self::capabilities_of(self.name)
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        Ok(Box::new(session::RedisSession::new(
+            Arc::clone(&self.shared),
+            options,
+        )))
+    }
+}

@@ -1,0 +1,356 @@
+//! A session: an id, the locks it holds, and the Redlock rules for each
+//! call (a majority of the instances, within the validity time).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use futures::future::join_all;
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
+
+use crate::instance::{Attempt, Instance};
+use crate::scripts::LockKeys;
+use crate::Shared;
+
+pub(crate) struct RedisSession {
+    shared: Arc<Shared>,
+    id: String,
+    ttl: Duration,
+    lock_delay: Duration,
+    /// The locks held, by key: their tokens (for `close`).
+    held: Mutex<HashMap<String, u64>>,
+}
+
+impl RedisSession {
+    pub(crate) fn new(shared: Arc<Shared>, options: &SessionOptions) -> Self {
+        RedisSession {
+            shared,
+            id: format!("{:032x}", rand::random::<u128>()),
+            ttl: options.ttl,
+            lock_delay: options.lock_delay,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How this session's hold of a key with `token` is written in Redis.
+    fn member(&self, token: u64) -> String {
+        format!("{}|{token}|{}", self.id, self.lock_delay.as_millis())
+    }
+
+    /// The margin kept for clock drift between client and Redis: as in the
+    /// Redlock algorithm, 1% of the TTL plus 2 ms.
+    fn drift(&self) -> Duration {
+        self.ttl / 100 + Duration::from_millis(2)
+    }
+
+    fn keys(&self, key: &str) -> LockKeys {
+        LockKeys::new(crate::KEY_PREFIX, key)
+    }
+
+    fn instances(&self) -> &[Instance] {
+        &self.shared.instances
+    }
+
+    /// "Only 1 of 3 Redis instances answered (2 needed): …".
+    fn unavailable(&self, answered: usize, failures: &[String]) -> Error {
+        let total = self.instances().len();
+        let message = if total == 1 {
+            format!(
+                "cannot reach Redis at {}; check that redis-server runs there",
+                failures.join("; ")
+            )
+        } else {
+            format!(
+                "only {answered} of {total} Redis instances answered ({} needed): {}",
+                self.shared.quorum,
+                failures.join("; ")
+            )
+        };
+        Error::new(ErrorKind::Unavailable, message)
+    }
+
+    /// Gives back whatever a failed or dropped attempt may have taken.
+    async fn abandon(shared: &Shared, keys: &LockKeys, session: &str) {
+        join_all(
+            shared
+                .instances
+                .iter()
+                .map(|instance| instance.abandon(keys, session)),
+        )
+        .await;
+    }
+
+    /// Releases `token` on every instance; how many did hold it, and the
+    /// instances that failed.
+    async fn release_everywhere(&self, keys: &LockKeys, token: u64) -> (usize, Vec<String>) {
+        let member = self.member(token);
+        let results = join_all(
+            self.instances()
+                .iter()
+                .map(|instance| instance.release(keys, &member)),
+        )
+        .await;
+        let mut released = 0;
+        let mut failures = Vec::new();
+        for (instance, result) in self.instances().iter().zip(results) {
+            match result {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+            }
+        }
+        (released, failures)
+    }
+}
+
+/// Gives back, in the background, what an acquire dropped half-way (or
+/// ended without a grant) may have left: a hold whose answer was lost, or
+/// its place among the waiting writers.
+struct Cleanup<'a> {
+    session: &'a RedisSession,
+    key: &'a str,
+    armed: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = Arc::clone(&self.session.shared);
+        let keys = self.session.keys(self.key);
+        let id = self.session.id.clone();
+        runtime.spawn(async move { RedisSession::abandon(&shared, &keys, &id).await });
+    }
+}
+
+fn mode_args(mode: Mode) -> (&'static str, u32) {
+    match mode {
+        Mode::Exclusive => ("x", 0),
+        Mode::Shared => ("s", 0),
+        Mode::Semaphore { permits } => ("p", permits),
+    }
+}
+
+#[async_trait]
+impl StoreSession for RedisSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let keys = self.keys(&request.key);
+        let (mode, permits) = mode_args(request.mode);
+        let waits = request.wait_until.is_some();
+        let mut cleanup = Cleanup {
+            session: self,
+            key: &request.key,
+            armed: true,
+        };
+        // Watch before the first try, so that no release between a try and
+        // the sleep after it goes unseen.
+        let watches = if waits {
+            join_all(
+                self.instances()
+                    .iter()
+                    .map(|instance| instance.watch(&keys)),
+            )
+            .await
+            .into_iter()
+            .filter_map(|watch| watch.ok())
+            .collect()
+        } else {
+            Vec::new()
+        };
+        loop {
+            let mut woken: Vec<Pin<Box<Notified<'_>>>> = watches
+                .iter()
+                .map(|watch| {
+                    let mut notified = Box::pin(watch.notify().notified());
+                    notified.as_mut().enable();
+                    notified
+                })
+                .collect();
+            let sent = Instant::now();
+            let results = join_all(self.instances().iter().map(|instance| {
+                instance.acquire(
+                    &keys,
+                    &self.id,
+                    mode,
+                    permits,
+                    self.ttl,
+                    self.lock_delay,
+                    waits,
+                )
+            }))
+            .await;
+            let mut granted = Vec::new();
+            let mut retry: Option<Duration> = None;
+            let mut conflict = None;
+            let mut failures = Vec::new();
+            for (instance, result) in self.instances().iter().zip(results) {
+                match result {
+                    Ok(Attempt::Granted(token)) => granted.push(token),
+                    Ok(Attempt::Busy(after)) => {
+                        retry = Some(retry.map_or(after, |r| r.min(after)));
+                    }
+                    Ok(Attempt::Conflict(message)) => conflict = Some(message),
+                    Err(err) => failures.push(format!("{}: {err}", instance.name)),
+                }
+            }
+            let quorum = self.shared.quorum;
+            let valid = |from: Instant| from.elapsed() + self.drift() < self.ttl;
+            if granted.len() >= quorum && valid(sent) {
+                let token = granted.iter().copied().max().unwrap_or(0);
+                // Redlock: the token goes back to a majority, so that the next
+                // holder's majority, which meets this one, counts above it.
+                let raised = if self.instances().len() > 1 {
+                    join_all(self.instances().iter().map(|i| i.raise(&keys, token)))
+                        .await
+                        .iter()
+                        .filter(|raised| raised.is_ok())
+                        .count()
+                } else {
+                    quorum
+                };
+                if raised >= quorum && valid(sent) {
+                    cleanup.armed = false;
+                    self.held().insert(request.key.clone(), token);
+                    return Ok(Some(Grant::new(token).with_lease_from(sent)));
+                }
+            }
+            // Not ours: give back what some instances granted.
+            if !granted.is_empty() || !failures.is_empty() {
+                RedisSession::abandon(&self.shared, &keys, &self.id).await;
+            }
+            if let Some(message) = conflict {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("cannot lock '{}' as asked: {message}", request.key),
+                ));
+            }
+            let answered = self.instances().len() - failures.len();
+            if answered < quorum {
+                return Err(self.unavailable(answered, &failures));
+            }
+            let Some(until) = request.wait_until else {
+                cleanup.armed = false;
+                return Ok(None);
+            };
+            let now = Instant::now();
+            if now >= until {
+                return Ok(None);
+            }
+            let mut pause = retry.unwrap_or(self.ttl).min(self.ttl / 2).min(until - now);
+            if !granted.is_empty() {
+                // A split vote: try again after a random pause, so that
+                // the contenders do not split again.
+                let jitter = Duration::from_millis(rand::random_range(1..=50));
+                pause = pause.min(jitter);
+            }
+            if woken.is_empty() {
+                tokio::time::sleep(pause).await;
+            } else {
+                let _ =
+                    tokio::time::timeout(pause, futures::future::select_all(woken.drain(..))).await;
+            }
+        }
+    }
+
+    async fn release(&self, lock: &HeldLock) -> Result<()> {
+        let keys = self.keys(&lock.key);
+        let (released, failures) = self.release_everywhere(&keys, lock.token).await;
+        {
+            let mut held = self.held();
+            if held.get(&lock.key) == Some(&lock.token) {
+                held.remove(&lock.key);
+            }
+        }
+        if released > 0 {
+            return Ok(());
+        }
+        if failures.len() == self.instances().len() {
+            return Err(self.unavailable(0, &failures));
+        }
+        Err(Error::new(
+            ErrorKind::NotHeld,
+            format!(
+                "this session does not hold '{}' (released, or its lease ran out)",
+                lock.key
+            ),
+        ))
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        if held.is_empty() {
+            // A session is nothing in Redis until it holds a lock.
+            return Ok(RenewReport::all_held());
+        }
+        let keys: Vec<LockKeys> = held.iter().map(|lock| self.keys(&lock.key)).collect();
+        let members: Vec<(&LockKeys, String, Duration)> = held
+            .iter()
+            .zip(&keys)
+            .map(|(lock, keys)| (keys, self.member(lock.token), self.lock_delay))
+            .collect();
+        let sent = Instant::now();
+        let results = join_all(
+            self.instances()
+                .iter()
+                .map(|instance| instance.renew(self.ttl, &members)),
+        )
+        .await;
+        let mut kept = vec![0usize; held.len()];
+        let mut failures = Vec::new();
+        for (instance, result) in self.instances().iter().zip(results) {
+            match result {
+                Ok(flags) => {
+                    for (count, flag) in kept.iter_mut().zip(flags) {
+                        *count += usize::from(flag);
+                    }
+                }
+                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+            }
+        }
+        let answered = self.instances().len() - failures.len();
+        if answered < self.shared.quorum {
+            return Err(self.unavailable(answered, &failures));
+        }
+        if sent.elapsed() + self.drift() >= self.ttl {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "renewing took longer than the lease; the locks are not counted as renewed",
+            ));
+        }
+        let lost: Vec<String> = held
+            .iter()
+            .zip(kept)
+            .filter(|(_, count)| *count < self.shared.quorum)
+            .map(|(lock, _)| lock.key.clone())
+            .collect();
+        {
+            let mut map = self.held();
+            for key in &lost {
+                map.remove(key);
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let held: Vec<(String, u64)> = self.held().drain().collect();
+        for (key, token) in held {
+            self.release_everywhere(&self.keys(&key), token).await;
+        }
+        Ok(())
+    }
+}

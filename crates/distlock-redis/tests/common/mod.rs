@@ -1,0 +1,68 @@
+//! Private `redis-server`s for the tests, on free ports, without
+//! persistence, killed when dropped.
+
+#![allow(dead_code, reason = "each test file uses part of the kit")]
+
+use std::process::Command;
+
+use distlock_core::testkit::daemon::{free_port, Daemon};
+
+/// One `redis-server`.
+pub struct Redis {
+    daemon: Daemon,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts a server on a free port.
+    pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    /// Starts a server on `port`, empty (no data saved, none loaded).
+    pub fn start_on(port: u16) -> Redis {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.path().to_str().expect("utf-8 temp path"),
+        ]);
+        let daemon = Daemon::spawn("redis-server", command, port, dir.path());
+        Redis { daemon, dir }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.daemon.port()
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.address())
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        self.daemon.kill();
+    }
+
+    /// Runs a command with `redis-cli` against this server; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port().to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}

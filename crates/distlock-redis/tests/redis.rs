@@ -1,0 +1,27 @@
+//! The conformance suite against a real single Redis, one private
+//! `redis-server` per test.
+
+mod common;
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use common::Redis;
+use distlock_core::Client;
+use distlock_redis::RedisStore;
+
+thread_local! {
+    /// The test's server; each test runs on its own thread, and the server
+    /// is killed when the test ends.
+    static SERVER: RefCell<Option<Redis>> = const { RefCell::new(None) };
+}
+
+async fn connect() -> Client {
+    let url = SERVER.with(|server| server.borrow_mut().get_or_insert_with(Redis::start).url());
+    let store = RedisStore::connect(&url::Url::parse(&url).expect("url"))
+        .await
+        .expect("connect to the test's redis-server");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
