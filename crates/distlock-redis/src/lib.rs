@@ -123,13 +123,21 @@ impl RedisStore {
     /// Connects to the Redis server (`redis://`, `rediss://`) or the Redlock
     /// instances (`redlock://`) a URL names. A single server must answer; of
     /// Redlock instances a majority must.
-    pub async fn connect(url: &Url) -> Result<Self> {
-        let (name, instances) = match url.scheme() {
-            "redis" | "rediss" => ("redis", vec![single(url)?]),
+    pub async fn connect(url: &str) -> Result<Self> {
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        let (name, instances) = match scheme {
+            "redis" | "rediss" => {
+                let parsed = Url::parse(url).map_err(|err| {
+                    config_error(format!(
+                        "cannot parse '{url}': {err}; write redis://[:PASSWORD@]HOST[:PORT][/DB]"
+                    ))
+                })?;
+                ("redis", vec![single(&parsed)?])
+            }
             "redlock" => ("redlock", redlock(url)?),
-            other => {
+            _ => {
                 return Err(config_error(format!(
-                    "'{other}' is not a Redis scheme; use redis://, rediss:// or redlock://"
+                    "'{url}' is not a Redis URL; use redis://, rediss:// or redlock://"
                 )))
             }
         };
@@ -219,9 +227,9 @@ fn single(url: &Url) -> Result<Instance> {
 }
 
 /// The instances of a `redlock://H1:P1,H2:P2,…[/DB]` URL.
-fn redlock(url: &Url) -> Result<Vec<Instance>> {
+fn redlock(url: &str) -> Result<Vec<Instance>> {
     let usage = "write redlock://H1:P1,H2:P2,H3:P3 (three or more independent Redis servers)";
-    let rest = url.as_str().trim_start_matches("redlock://");
+    let rest = url.trim_start_matches("redlock://");
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (password, hosts) = match authority.rsplit_once('@') {
         Some((user_info, hosts)) => (

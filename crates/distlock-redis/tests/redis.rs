@@ -18,7 +18,7 @@ thread_local! {
 
 async fn connect() -> Client {
     let url = SERVER.with(|server| server.borrow_mut().get_or_insert_with(Redis::start).url());
-    let store = RedisStore::connect(&url::Url::parse(&url).expect("url"))
+    let store = RedisStore::connect(&url)
         .await
         .expect("connect to the test's redis-server");
     Client::new(Arc::new(store))
