@@ -1,10 +1,12 @@
-//! One Redis instance: a connection manager (which reconnects by itself),
-//! the pub/sub hub, and the scripts as calls.
+//! One Redis instance: a multiplexed connection, made again after it fails
+//! (at once, so that a dead instance costs a refused connection, not a
+//! back-off), the pub/sub hub, and the scripts as calls.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 use redis::Value;
 
 use crate::scripts::{self, LockKeys};
@@ -23,7 +25,7 @@ pub(crate) struct Instance {
     /// `host:port`, for messages.
     pub(crate) name: String,
     client: redis::Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     pub(crate) hub: Arc<Hub>,
 }
 
@@ -49,18 +51,18 @@ impl Instance {
 
     /// The connection, made on first use (so that a store of several
     /// instances can start while some are down).
-    pub(crate) async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+    pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         let mut connection = self.connection.lock().await;
         if let Some(live) = connection.as_ref() {
             return Ok(live.clone());
         }
-        let config = ConnectionManagerConfig::new()
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1);
+            .set_response_timeout(Some(CALL_TIMEOUT));
         let made = tokio::time::timeout(
-            CALL_TIMEOUT * 2,
-            self.client.get_connection_manager_with_config(config),
+            CALL_TIMEOUT,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         .map_err(|_| timed_out(&self.name))??;
@@ -68,14 +70,29 @@ impl Instance {
         Ok(made)
     }
 
+    /// Forgets a connection that failed, so that the next call makes one.
+    async fn broken(&self, err: &redis::RedisError) {
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_timeout()
+            || err.is_unrecoverable_error()
+        {
+            self.connection.lock().await.take();
+        }
+    }
+
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> redis::RedisResult<T> {
         let mut connection = self.connection().await?;
-        tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut connection))
+        let result = tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut connection))
             .await
-            .map_err(|_| timed_out(&self.name))?
+            .unwrap_or_else(|_| Err(timed_out(&self.name)));
+        if let Err(err) = &result {
+            self.broken(err).await;
+        }
+        result
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -88,6 +105,7 @@ impl Instance {
         ttl: Duration,
         lock_delay: Duration,
         waits: bool,
+        member: &str,
     ) -> redis::RedisResult<Attempt> {
         let mut invocation = scripts::acquire().prepare_invoke();
         invocation
@@ -101,7 +119,8 @@ impl Instance {
             .arg(permits)
             .arg(millis(ttl))
             .arg(millis(lock_delay))
-            .arg(if waits { "1" } else { "0" });
+            .arg(if waits { "1" } else { "0" })
+            .arg(member);
         let (status, value): (i64, Value) = self.invoke(&invocation).await?;
         Ok(match status {
             1 => Attempt::Granted(redis::from_redis_value(value)?),

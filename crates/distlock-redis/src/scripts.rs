@@ -3,8 +3,10 @@
 //! the lock's hash tag, so one lock lives in one slot.
 //!
 //! A lock `K` is five keys, all `dl:{K}:…`:
-//! - `h`, a sorted set of holders: member `SESSION|TOKEN|DELAY_MS`, score
-//!   the time its lease ends (ms, by the Redis server's clock);
+//! - `h`, a sorted set of holders: member `SESSION|NONCE|DELAY_MS` (the
+//!   nonce is the client's, one per grant, the same on every Redlock
+//!   instance, where the counters may differ), score the time its lease
+//!   ends (ms, by the Redis server's clock);
 //! - `m`, the mode of the holders: `x`, `s`, or `pN` (a semaphore of N);
 //! - `f`, the fencing counter, which never expires;
 //! - `w`, a sorted set of the sessions waiting to write (writer preference),
@@ -53,7 +55,7 @@ end
 "#;
 
 /// KEYS: h, m, f, w, d. ARGV: session, mode (`x`, `s`, `p`), permits,
-/// ttl ms, lock-delay ms, wants to wait (`1`/`0`).
+/// ttl ms, lock-delay ms, wants to wait (`1`/`0`), member to add.
 /// Returns `{1, token}` when granted, `{0, retry_ms}` when busy, and
 /// `{-1, message}` when the request conflicts with how the key is held.
 const ACQUIRE: &str = r#"
@@ -92,7 +94,7 @@ else
 end
 if free then
   local token = redis.call('INCR', KEYS[3])
-  redis.call('ZADD', KEYS[1], now + ttl, session .. '|' .. token .. '|' .. delay)
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[7])
   redis.call('SET', KEYS[2], wanted)
   keep(KEYS[1], ttl + delay + 1000)
   keep(KEYS[2], ttl + delay + 1000)

@@ -19,13 +19,27 @@ use crate::instance::{Attempt, Instance};
 use crate::scripts::LockKeys;
 use crate::Shared;
 
+/// A lock this session holds.
+struct Held {
+    token: u64,
+    /// How the hold is written in Redis.
+    member: String,
+}
+
+fn not_held(key: &str) -> Error {
+    Error::new(
+        ErrorKind::NotHeld,
+        format!("this session does not hold '{key}' (released, or its lease ran out)"),
+    )
+}
+
 pub(crate) struct RedisSession {
     shared: Arc<Shared>,
     id: String,
     ttl: Duration,
     lock_delay: Duration,
-    /// The locks held, by key: their tokens (for `close`).
-    held: Mutex<HashMap<String, u64>>,
+    /// The locks held, by key: their tokens and how they are written.
+    held: Mutex<HashMap<String, Held>>,
 }
 
 impl RedisSession {
@@ -39,13 +53,27 @@ impl RedisSession {
         }
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How this session's hold of a key with `token` is written in Redis.
-    fn member(&self, token: u64) -> String {
-        format!("{}|{token}|{}", self.id, self.lock_delay.as_millis())
+    /// How a new hold of this session is written in Redis: its id, a nonce
+    /// of this grant, and its lock-delay.
+    fn new_member(&self) -> String {
+        format!(
+            "{}|{:016x}|{}",
+            self.id,
+            rand::random::<u64>(),
+            self.lock_delay.as_millis()
+        )
+    }
+
+    /// How the hold of `lock` is written, if this session holds it.
+    fn member_of(&self, lock: &HeldLock) -> Option<String> {
+        self.held()
+            .get(&lock.key)
+            .filter(|held| held.token == lock.token)
+            .map(|held| held.member.clone())
     }
 
     /// The margin kept for clock drift between client and Redis: as in the
@@ -91,14 +119,13 @@ impl RedisSession {
         .await;
     }
 
-    /// Releases `token` on every instance; how many did hold it, and the
-    /// instances that failed.
-    async fn release_everywhere(&self, keys: &LockKeys, token: u64) -> (usize, Vec<String>) {
-        let member = self.member(token);
+    /// Releases the hold written `member` on every instance; how many did
+    /// hold it, and the instances that failed.
+    async fn release_everywhere(&self, keys: &LockKeys, member: &str) -> (usize, Vec<String>) {
         let results = join_all(
             self.instances()
                 .iter()
-                .map(|instance| instance.release(keys, &member)),
+                .map(|instance| instance.release(keys, member)),
         )
         .await;
         let mut released = 0;
@@ -173,6 +200,7 @@ impl StoreSession for RedisSession {
             Vec::new()
         };
         loop {
+            let member = self.new_member();
             let mut woken: Vec<Pin<Box<Notified<'_>>>> = watches
                 .iter()
                 .map(|watch| {
@@ -191,6 +219,7 @@ impl StoreSession for RedisSession {
                     self.ttl,
                     self.lock_delay,
                     waits,
+                    &member,
                 )
             }))
             .await;
@@ -225,7 +254,8 @@ impl StoreSession for RedisSession {
                 };
                 if raised >= quorum && valid(sent) {
                     cleanup.armed = false;
-                    self.held().insert(request.key.clone(), token);
+                    self.held()
+                        .insert(request.key.clone(), Held { token, member });
                     return Ok(Some(Grant::new(token).with_lease_from(sent)));
                 }
             }
@@ -251,14 +281,14 @@ impl StoreSession for RedisSession {
             if now >= until {
                 return Ok(None);
             }
-            let mut pause = retry.unwrap_or(self.ttl).min(self.ttl / 2).min(until - now);
+            let pause = retry.unwrap_or(self.ttl).min(self.ttl / 2).min(until - now);
             if !granted.is_empty() {
-                // A split vote: try again after a random pause, so that
-                // the contenders do not split again.
+                // A split vote: try again after a random pause, so that the
+                // contenders do not split again (and not at the wake-up of
+                // the release that gave back what this attempt got).
                 let jitter = Duration::from_millis(rand::random_range(1..=50));
-                pause = pause.min(jitter);
-            }
-            if woken.is_empty() {
+                tokio::time::sleep(pause.min(jitter)).await;
+            } else if woken.is_empty() {
                 tokio::time::sleep(pause).await;
             } else {
                 let _ =
@@ -269,10 +299,16 @@ impl StoreSession for RedisSession {
 
     async fn release(&self, lock: &HeldLock) -> Result<()> {
         let keys = self.keys(&lock.key);
-        let (released, failures) = self.release_everywhere(&keys, lock.token).await;
+        let Some(member) = self.member_of(lock) else {
+            return Err(not_held(&lock.key));
+        };
+        let (released, failures) = self.release_everywhere(&keys, &member).await;
         {
             let mut held = self.held();
-            if held.get(&lock.key) == Some(&lock.token) {
+            if held
+                .get(&lock.key)
+                .is_some_and(|held| held.token == lock.token)
+            {
                 held.remove(&lock.key);
             }
         }
@@ -282,13 +318,7 @@ impl StoreSession for RedisSession {
         if failures.len() == self.instances().len() {
             return Err(self.unavailable(0, &failures));
         }
-        Err(Error::new(
-            ErrorKind::NotHeld,
-            format!(
-                "this session does not hold '{}' (released, or its lease ran out)",
-                lock.key
-            ),
-        ))
+        Err(not_held(&lock.key))
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
@@ -297,10 +327,15 @@ impl StoreSession for RedisSession {
             return Ok(RenewReport::all_held());
         }
         let keys: Vec<LockKeys> = held.iter().map(|lock| self.keys(&lock.key)).collect();
+        // A lock this session does not know as held is renewed nowhere
+        // (and so reported lost).
         let members: Vec<(&LockKeys, String, Duration)> = held
             .iter()
             .zip(&keys)
-            .map(|(lock, keys)| (keys, self.member(lock.token), self.lock_delay))
+            .map(|(lock, keys)| {
+                let member = self.member_of(lock).unwrap_or_default();
+                (keys, member, self.lock_delay)
+            })
             .collect();
         let sent = Instant::now();
         let results = join_all(
@@ -347,9 +382,10 @@ impl StoreSession for RedisSession {
     }
 
     async fn close(&self) -> Result<()> {
-        let held: Vec<(String, u64)> = self.held().drain().collect();
-        for (key, token) in held {
-            self.release_everywhere(&self.keys(&key), token).await;
+        let held: Vec<(String, Held)> = self.held().drain().collect();
+        for (key, held) in held {
+            self.release_everywhere(&self.keys(&key), &held.member)
+                .await;
         }
         Ok(())
     }

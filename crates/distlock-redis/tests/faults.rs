@@ -1,0 +1,276 @@
+//! What Redis and Redlock must do when things go wrong: instances killed
+//! and restarted empty, a holder whose lease ran out, and locks deleted or
+//! expired from outside.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Redis;
+use distlock_core::store::{AcquireRequest, HeldLock, LockStore, Mode, SessionOptions};
+use distlock_core::ErrorKind;
+use distlock_redis::RedisStore;
+use tokio::time::{sleep, timeout, Instant};
+
+fn redlock_url(servers: &[Redis]) -> String {
+    let hosts: Vec<String> = servers.iter().map(Redis::address).collect();
+    format!("redlock://{}", hosts.join(","))
+}
+
+/// Acquires and releases `key` once, returning the token. It waits, and
+/// retries while there is no majority, for a while: an instance that just
+/// came back may not be reconnected yet, and an attempt cut short by a
+/// failure may have left a hold on one instance until its lease (2 s) ends.
+async fn take_token(client: &distlock_core::Client, key: &str, tokens_so_far: &[u64]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let session = client
+            .session()
+            .ttl(Duration::from_secs(2))
+            .open()
+            .await
+            .expect("open");
+        match session.lock(key).wait(Duration::from_secs(15)).await {
+            Ok(guard) => {
+                let token = guard.token();
+                guard.release().await.expect("release");
+                return token;
+            }
+            Err(err) if Instant::now() < deadline => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("no grant with a majority up after {tokens_so_far:?}: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn redlock_grants_with_a_majority_refuses_without_and_tokens_keep_rising() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let client = distlock_core::Client::new(std::sync::Arc::new(store));
+    let key = "redlock/quorum";
+    let mut tokens = Vec::new();
+    for _ in 0..5 {
+        tokens.push(take_token(&client, key, &tokens).await);
+    }
+
+    // One of three down: still granted.
+    servers[0].kill();
+    for _ in 0..5 {
+        tokens.push(take_token(&client, key, &tokens).await);
+    }
+
+    // Two of three down: refused, naming the instances.
+    let down = [servers[0].address(), servers[1].address()];
+    servers[1].kill();
+    let session = client.session().open().await.expect("open");
+    let err = session.lock(key).try_lock().await.expect_err("no majority");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    let message = err.to_string();
+    assert!(message.contains("only 1 of 3"), "{message}");
+    for address in &down {
+        assert!(message.contains(address.as_str()), "{message}");
+    }
+
+    // The second comes back empty: a majority again, and the token goes on
+    // from the survivor's count, not from the empty one's.
+    servers[1] = Redis::start_on(servers[1].port());
+    for _ in 0..5 {
+        tokens.push(take_token(&client, key, &tokens).await);
+    }
+    // Its counters differ from the survivor's, yet each release and
+    // renewal found the hold on both: nothing is left behind.
+    let holders = format!("dl:{{{key}}}:h");
+    for server in &servers[1..] {
+        assert_eq!(
+            server.cli(&["ZCARD", &holders]),
+            "0",
+            "a hold left on {}",
+            server.address()
+        );
+    }
+
+    // The first comes back empty and the survivor goes: the majority is now
+    // the two that were restarted, and the token still does not go back,
+    // because each grant wrote it back to a majority.
+    servers[0] = Redis::start_on(servers[0].port());
+    servers[2].kill();
+    for _ in 0..5 {
+        tokens.push(take_token(&client, key, &tokens).await);
+    }
+
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
+
+/// The first holder's lease runs out, a second takes the key; the first
+/// then tries to release and to extend: neither touches the second's lock.
+async fn stale_holder_cannot_touch_the_new_owner(url: &str) {
+    let store = RedisStore::connect(url).await.expect("connect");
+    let short = SessionOptions::new(Duration::from_millis(300), Duration::ZERO);
+    let long = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let (first, second, third) = (
+        store.open_session(&short).await.expect("open"),
+        store.open_session(&long).await.expect("open"),
+        store.open_session(&long).await.expect("open"),
+    );
+    let key = "stale/owner";
+    let request = AcquireRequest::new(key, Mode::Exclusive);
+    let old = first
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    // No renewal: the lease runs out at the store.
+    sleep(Duration::from_millis(500)).await;
+    let new = second
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free again after the lease ran out");
+    assert!(new.token > old.token);
+
+    let stale = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: old.token,
+    };
+    let err = first.release(&stale).await.expect_err("a stale release");
+    assert_eq!(err.kind(), ErrorKind::NotHeld, "{err}");
+    let report = first.renew(&[stale]).await.expect("renew answers");
+    assert_eq!(report.lost_keys, vec![key.to_owned()]);
+
+    assert!(
+        third.acquire(&request).await.expect("try").is_none(),
+        "the stale holder freed or broke the new owner's lock"
+    );
+    let current = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: new.token,
+    };
+    let renewed = second
+        .renew(std::slice::from_ref(&current))
+        .await
+        .expect("renew");
+    assert!(renewed.lost_keys.is_empty(), "{renewed:?}");
+    second
+        .release(&current)
+        .await
+        .expect("the new owner releases");
+}
+
+#[tokio::test]
+async fn a_stale_redis_holder_cannot_release_or_extend_the_new_owners_lock() {
+    let server = Redis::start();
+    stale_holder_cannot_touch_the_new_owner(&server.url()).await;
+}
+
+#[tokio::test]
+async fn a_stale_redlock_holder_cannot_release_or_extend_the_new_owners_lock() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    stale_holder_cannot_touch_the_new_owner(&redlock_url(&servers)).await;
+}
+
+/// `lost()` fires when the lock's keys are changed from outside on
+/// `servers` (all of a single Redis, a majority of Redlock's).
+async fn lost_fires_when_changed_from_outside(url: &str, servers: &[&Redis], change: &[&str]) {
+    let store = RedisStore::connect(url).await.expect("connect");
+    let client = distlock_core::Client::new(std::sync::Arc::new(store));
+    let session = client
+        .session()
+        .ttl(Duration::from_secs(1))
+        .open()
+        .await
+        .expect("open");
+    let key = format!("outside/{}", change[0]);
+    let guard = session
+        .lock(&key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    for server in servers {
+        let mut args = change.to_vec();
+        let holders = format!("dl:{{{key}}}:h");
+        args.insert(1, &holders);
+        let answer = server.cli(&args);
+        assert_eq!(answer, "1", "redis-cli {args:?} answered {answer}");
+    }
+    timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("lost() fires within a few renewals");
+    assert!(!guard.is_held());
+}
+
+#[tokio::test]
+async fn lost_fires_when_the_lock_is_deleted_or_expired_from_outside() {
+    let server = Redis::start();
+    lost_fires_when_changed_from_outside(&server.url(), &[&server], &["DEL"]).await;
+    lost_fires_when_changed_from_outside(&server.url(), &[&server], &["PEXPIRE", "1"]).await;
+
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let url = redlock_url(&servers);
+    let majority = [&servers[0], &servers[1]];
+    lost_fires_when_changed_from_outside(&url, &majority, &["DEL"]).await;
+    lost_fires_when_changed_from_outside(&url, &majority, &["PEXPIRE", "1"]).await;
+}
+
+#[tokio::test]
+async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
+    let dead = format!(
+        "redis://127.0.0.1:{}",
+        distlock_core::testkit::daemon::free_port()
+    );
+    let started = Instant::now();
+    let err = RedisStore::connect(&dead)
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains("cannot reach Redis at 127.0.0.1:"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let two = "redlock://127.0.0.1:1,127.0.0.1:2";
+    let err = RedisStore::connect(two).await.expect_err("two instances");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("at least three"), "{err}");
+
+    for bad in [
+        "redis://",
+        "redlock://a:1,,b:2",
+        "redis://host:99999",
+        "redlock://a,b,c/x",
+    ] {
+        let err = RedisStore::connect(bad).await.expect_err(bad);
+        assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
+    }
+
+    let server = Redis::start();
+    let up = server.address();
+    let ports = [
+        distlock_core::testkit::daemon::free_port(),
+        distlock_core::testkit::daemon::free_port(),
+    ];
+    let url = format!(
+        "redlock://{up},127.0.0.1:{},127.0.0.1:{}",
+        ports[0], ports[1]
+    );
+    let err = RedisStore::connect(&url)
+        .await
+        .expect_err("one of three up");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("only 1 of 3 Redlock instances answered"),
+        "{err}"
+    );
+}
