@@ -36,3 +36,5 @@ pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 /// and `check`.
 #[cfg(feature = "distlock")]
 pub use distlock_client::RemoteStore;
+#[cfg(feature = "redis")]
+pub use distlock_redis::RedisStore;

@@ -42,11 +42,23 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "memory://NAME",
         capabilities: distlock_core::MemoryStore::capabilities(),
     });
-    #[cfg(feature = "file")]
+        #[cfg(feature = "file")]
     stores.push(StoreInfo {
         scheme: "file",
         example: "file:///var/lock/distlock",
         capabilities: distlock_core::FileStore::capabilities(),
+    });
+    #[cfg(feature = "redis")]
+    stores.push(StoreInfo {
+        scheme: "redis",
+        example: "redis://127.0.0.1:6379",
+        capabilities: distlock_redis::RedisStore::capabilities(),
+    });
+    #[cfg(feature = "redis")]
+    stores.push(StoreInfo {
+        scheme: "redlock",
+        example: "redlock://h1:6379,h2:6379,h3:6379",
+        capabilities: distlock_redis::RedisStore::redlock_capabilities(),
     });
     stores
 }
@@ -59,11 +71,20 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `distlocks://…[?ca=/path/ca.pem]` | the same over TLS |
 /// | `memory://` or `memory://NAME` | in-process; the same NAME is the same store |
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
+/// | `redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` | one Redis server (TLS with `rediss`) |
+/// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
 /// store's own error if it cannot be reached or used.
 pub async fn connect(url: &str) -> Result<Client> {
+    // Several hosts in one authority are not a URL the parser takes.
+    #[cfg(feature = "redis")]
+    if url.starts_with("redlock://") {
+        return Ok(Client::new(Arc::new(
+            distlock_redis::RedisStore::connect(url).await?,
+        )));
+    }
     let parsed = Url::parse(url).map_err(|err| {
         Error::new(
             ErrorKind::Config,
@@ -114,6 +135,8 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
             })?;
             Ok(Arc::new(distlock_core::FileStore::open(dir).await?))
         }
+                #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Arc::new(distlock_redis::RedisStore::connect(url).await?)),
         scheme => {
             let known: Vec<String> = stores()
                 .iter()
@@ -155,7 +178,7 @@ pub fn capability_table() -> String {
         };
         let fencing = match caps.fencing {
             Fencing::Durable => "durable",
-            Fencing::InProcess => "in-process",
+            Fencing::InProcess => "until restart",
             _ => "other",
         };
         let wakeup = if caps.push_wakeup { "push" } else { "poll" };
