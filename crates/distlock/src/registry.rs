@@ -42,7 +42,7 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "memory://NAME",
         capabilities: distlock_core::MemoryStore::capabilities(),
     });
-        #[cfg(feature = "file")]
+    #[cfg(feature = "file")]
     stores.push(StoreInfo {
         scheme: "file",
         example: "file:///var/lock/distlock",
@@ -135,7 +135,7 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
             })?;
             Ok(Arc::new(distlock_core::FileStore::open(dir).await?))
         }
-                #[cfg(feature = "redis")]
+        #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(distlock_redis::RedisStore::connect(url).await?)),
         scheme => {
             let known: Vec<String> = stores()
