@@ -1,7 +1,8 @@
 //! The Redis and Redlock stores.
 //!
-//! - `redis://[:PASSWORD@]HOST[:PORT][/DB]` (or `rediss://` for TLS): one
-//!   Redis server.
+//! - `redis://[:PASSWORD@]HOST[:PORT][/DB]`, or `rediss://…[?ca=PATH]` for
+//!   TLS (the server's certificate checked against the CA in PATH, else the
+//!   system's roots): one Redis server.
 //! - `redlock://[:PASSWORD@]H1:P1,H2:P2,H3:P3[,…][/DB]`: the Redlock
 //!   algorithm on three or more independent Redis servers (not replicas of
 //!   each other).
@@ -214,15 +215,50 @@ impl RedisStore {
     }
 }
 
-/// The instance of a `redis://` or `rediss://` URL.
+/// The instance of a `redis://` or `rediss://` URL. `rediss://…?ca=PATH`
+/// trusts the CA certificate in PATH (PEM) instead of the system's roots.
 fn single(url: &Url) -> Result<Instance> {
     let host = url
         .host_str()
         .filter(|host| !host.is_empty())
         .ok_or_else(|| config_error(format!("'{url}' names no host; write redis://HOST[:PORT]")))?;
     let name = format!("{host}:{}", url.port().unwrap_or(DEFAULT_PORT));
-    let client = redis::Client::open(url.as_str())
-        .map_err(|err| config_error(format!("'{url}' is not a usable Redis URL: {err}")))?;
+    let ca = url
+        .query_pairs()
+        .find(|(key, _)| key == "ca")
+        .map(|(_, path)| path.into_owned());
+    let mut plain = url.clone();
+    let others: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(key, _)| key != "ca")
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    plain.set_query(None);
+    if !others.is_empty() {
+        plain.query_pairs_mut().extend_pairs(others);
+    }
+    let unusable =
+        |err: redis::RedisError| config_error(format!("'{url}' is not a usable Redis URL: {err}"));
+    let client = match ca {
+        Some(path) if url.scheme() == "rediss" => {
+            let pem = std::fs::read(&path).map_err(|err| {
+                config_error(format!(
+                    "cannot read the CA certificate {path} named in the URL: {err}"
+                ))
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(plain.as_str(), certificates).map_err(unusable)?
+        }
+        Some(_) => {
+            return Err(config_error(format!(
+                "'{url}' names a CA certificate but not TLS; write rediss:// to use it"
+            )))
+        }
+        None => redis::Client::open(plain.as_str()).map_err(unusable)?,
+    };
     Ok(Instance::new(name, client))
 }
 

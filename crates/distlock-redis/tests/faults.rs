@@ -274,3 +274,60 @@ async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
         "{err}"
     );
 }
+
+/// Script calls the server has run so far.
+fn script_calls(server: &Redis) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            let calls = line.split("calls=").nth(1)?;
+            calls.split(',').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let client = distlock_core::Client::new(std::sync::Arc::new(store));
+    // Long leases: a waiter that relied on its timer would wait 30 s.
+    let open = || async {
+        client
+            .session()
+            .ttl(Duration::from_secs(60))
+            .open()
+            .await
+            .expect("open")
+    };
+    let (holder, waiter) = (open().await, open().await);
+    let held = holder
+        .lock("push/key")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter
+            .lock("push/key")
+            .wait(Duration::from_secs(60))
+            .await
+            .expect("granted after the release");
+        guard.release().await.expect("release");
+    });
+    sleep(Duration::from_millis(500)).await;
+    let before = script_calls(&server);
+    sleep(Duration::from_secs(1)).await;
+    let during = script_calls(&server) - before;
+    assert!(
+        during <= 2,
+        "{during} script calls in 1 s of waiting: polling"
+    );
+    held.release().await.expect("release");
+    timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release, well before the 30 s timer")
+        .expect("waiter task");
+}

@@ -66,3 +66,41 @@ impl Redis {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }
+
+/// A `redis-server` that speaks only TLS, with a self-signed certificate
+/// for `localhost`; returns it and the certificate's path.
+pub fn start_tls() -> (Redis, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let port = free_port();
+    let mut command = Command::new("redis-server");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 temp path").to_owned();
+    command.args([
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &path(&cert),
+        "--tls-key-file",
+        &path(&key),
+        "--tls-ca-cert-file",
+        &path(&cert),
+        "--tls-auth-clients",
+        "no",
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &path(dir.path()),
+    ]);
+    let daemon = Daemon::spawn("redis-server-tls", command, port, dir.path());
+    (Redis { daemon, dir }, cert)
+}
