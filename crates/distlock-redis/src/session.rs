@@ -184,21 +184,11 @@ impl StoreSession for RedisSession {
             key: &request.key,
             armed: true,
         };
-        // Watch before the first try, so that no release between a try and
-        // the sleep after it goes unseen.
-        let watches = if waits {
-            join_all(
-                self.instances()
-                    .iter()
-                    .map(|instance| instance.watch(&keys)),
-            )
-            .await
-            .into_iter()
-            .filter_map(|watch| watch.ok())
-            .collect()
-        } else {
-            Vec::new()
-        };
+                // The release channels are watched from the first try that finds
+        // the key busy on, and that try is made again at once, so that no
+        // release between a try and the sleep after it goes unseen.
+        let mut watches: Vec<crate::wake::Watch> = Vec::new();
+        let mut watching = false;
         loop {
             let member = self.new_member();
             let mut woken: Vec<Pin<Box<Notified<'_>>>> = watches
@@ -277,9 +267,23 @@ impl StoreSession for RedisSession {
                 cleanup.armed = false;
                 return Ok(None);
             };
-            let now = Instant::now();
+                        let now = Instant::now();
             if now >= until {
                 return Ok(None);
+            }
+            if !watching {
+                drop(woken);
+                watching = true;
+                watches = join_all(
+                    self.instances()
+                        .iter()
+                        .map(|instance| instance.watch(&keys)),
+                )
+                .await
+                .into_iter()
+                .filter_map(|watch| watch.ok())
+                .collect();
+                continue;
             }
             let pause = retry.unwrap_or(self.ttl).min(self.ttl / 2).min(until - now);
             if !granted.is_empty() {
