@@ -15,8 +15,9 @@ use crate::wake::{Hub, Watch};
 /// What an acquire script answered.
 pub(crate) enum Attempt {
     Granted(u64),
-    /// Busy; worth asking again after this long at the latest.
-    Busy(Duration),
+    /// Busy; worth asking again after this long at the latest. With the
+    /// key's fencing counter as it stands.
+    Busy(Duration, u64),
     /// The request cannot be granted as asked (e.g. other permits).
     Conflict(String),
 }
@@ -85,8 +86,20 @@ impl Instance {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> redis::RedisResult<T> {
-        let mut connection = self.connection().await?;
-        let result = tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut connection))
+        self.invoke_within(invocation, CALL_TIMEOUT).await
+    }
+
+    /// Runs a script, giving up after `limit`.
+    async fn invoke_within<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        limit: Duration,
+    ) -> redis::RedisResult<T> {
+        let call = async {
+            let mut connection = self.connection().await?;
+            invocation.invoke_async(&mut connection).await
+        };
+        let result = tokio::time::timeout(limit.min(CALL_TIMEOUT), call)
             .await
             .unwrap_or_else(|_| Err(timed_out(&self.name)));
         if let Err(err) = &result {
@@ -106,6 +119,7 @@ impl Instance {
         lock_delay: Duration,
         waits: bool,
         member: &str,
+        limit: Duration,
     ) -> redis::RedisResult<Attempt> {
         let mut invocation = scripts::acquire().prepare_invoke();
         invocation
@@ -121,11 +135,19 @@ impl Instance {
             .arg(millis(lock_delay))
             .arg(if waits { "1" } else { "0" })
             .arg(member);
-        let (status, value): (i64, Value) = self.invoke(&invocation).await?;
+        let answer: Vec<Value> = self.invoke_within(&invocation, limit).await?;
+        let status: i64 = match answer.first() {
+            Some(value) => redis::from_redis_value(value.clone())?,
+            None => 0,
+        };
+        let field = |index: usize| answer.get(index).cloned().unwrap_or(Value::Int(0));
         Ok(match status {
-            1 => Attempt::Granted(redis::from_redis_value(value)?),
-            0 => Attempt::Busy(Duration::from_millis(redis::from_redis_value(value)?)),
-            _ => Attempt::Conflict(redis::from_redis_value(value)?),
+            1 => Attempt::Granted(redis::from_redis_value(field(1))?),
+            0 => Attempt::Busy(
+                Duration::from_millis(redis::from_redis_value(field(1))?),
+                redis::from_redis_value(field(2))?,
+            ),
+            _ => Attempt::Conflict(redis::from_redis_value(field(1))?),
         })
     }
 
@@ -141,14 +163,24 @@ impl Instance {
         Ok(released == 1)
     }
 
-    /// Takes away whatever `session` holds of the key or waits for.
-    pub(crate) async fn abandon(&self, keys: &LockKeys, session: &str) -> redis::RedisResult<()> {
+    /// Takes back `members` (holds one acquire made) and the session's
+    /// place among the waiting writers; `publish` tells waiters of the
+    /// holds taken back.
+    pub(crate) async fn abandon(
+        &self,
+        keys: &LockKeys,
+        session: &str,
+        publish: bool,
+        members: &[String],
+    ) -> redis::RedisResult<()> {
         let mut invocation = scripts::abandon().prepare_invoke();
         invocation
             .key(&keys.holders)
             .key(&keys.writers)
             .arg(session)
-            .arg(&keys.channel);
+            .arg(&keys.channel)
+            .arg(if publish { "1" } else { "0" })
+            .arg(members);
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
     }
@@ -179,6 +211,14 @@ impl Instance {
         invocation.key(&keys.fence).arg(token);
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
+    }
+
+    /// Subscribes again to the key's release channel if the subscriber
+    /// connection broke since it was watched (bounded in time).
+    pub(crate) async fn rewatch(&self, keys: &LockKeys) {
+        if self.hub.needs_subscribing(&keys.channel) {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, self.hub.subscribe(&keys.channel)).await;
+        }
     }
 
     /// Watches the key's release channel (bounded in time, like any call).

@@ -14,16 +14,19 @@
 //! that never expires, the writers waiting (for writer preference) and the
 //! lock-delay left by a holder that vanished. Every change is one Lua script,
 //! run with EVALSHA: acquire (grant if free, `INCR` the fencing counter),
-//! release and renew (both owner-checked: a session touches only its own
-//! entry, named by its id and token, so a stale holder can never release or
-//! extend the lock of the one after it), and one renewal that extends every
+//! release and renew (both owner-checked: a hold is named by its session's
+//! id and a nonce of that grant, so a stale holder can never release or
+//! extend the hold of the one after it), and one renewal that extends every
 //! lock a session holds in one call. All keys of one lock share the hash tag
-//! `{KEY}`, so that each script stays in one slot.
+//! `{KEY}`, so each lock lives in one slot; the renewal of many locks in one
+//! call needs them on one node (a single server, or each Redlock instance).
 //!
 //! A waiter subscribes to the lock's release channel and tries again when a
-//! release is published, or when the earliest holder's lease ends, whichever
-//! comes first; it never polls on a fixed interval. Shared locks prefer
-//! writers; semaphores are counted; waiters are not served in FIFO order.
+//! release is published, or when the earliest holder's lease ends (at most
+//! half its own TTL later), whichever comes first: a waiter of a long-held
+//! lock asks once per half-TTL at most, not on a fixed short interval.
+//! Shared locks prefer writers; semaphores are counted; waiters are not
+//! served in FIFO order.
 //!
 //! `lost()` fires when a renewal finds the hold gone (deleted, expired, or
 //! taken over) and in any case when the lease runs out without a renewal:
@@ -34,36 +37,44 @@
 //!
 //! An acquire must be granted by a majority of the instances within the
 //! validity time (TTL − time taken − drift), else what was granted is given
-//! back. A renewal keeps a lock only where a majority renewed it in time.
-//! Releases go to every instance. The fencing token is a quorum register:
-//! each granting instance increments its own counter, the client takes the
-//! highest value of its majority and writes it back to a majority before
-//! using it. Any two majorities meet, so each token is above every token
-//! handed out before, even when an instance comes back empty.
+//! back; contenders that split the vote try again after a random pause. A
+//! renewal keeps a lock only where a majority renewed it in time. Releases
+//! go to every instance. The fencing token is a quorum register: the client
+//! takes the highest counter of every instance that answered (a majority at
+//! least), and writes it back to a majority before using it. Any two
+//! majorities meet, so each exclusive grant's token is above every token
+//! before it; one instance that comes back empty is outvoted as long as the
+//! others answer. Two *shared* or *semaphore* holders granted at the same
+//! moment on different majorities may get the same token.
 //!
 //! # What this does not protect against
 //!
 //! - **A single Redis that loses its data.** Without persistence, a restart
 //!   forgets every lock (a second holder can then be granted at once) and
-//!   every fencing counter (tokens start again from 1, so a fenced resource
-//!   refuses the new holders until the old tokens are passed, which is safe
-//!   but stalls). With `appendonly yes` and `appendfsync always`, both
-//!   survive a restart; with `appendfsync everysec` the last second may be
-//!   lost.
+//!   every fencing counter (tokens start again from 1). With `appendonly yes`
+//!   and `appendfsync always`, both survive a restart; with `appendfsync
+//!   everysec` the last second may be lost.
 //! - **Failover to a replica.** Replication is asynchronous: a replica
 //!   promoted after a crash may not have the latest grant, and grants the
-//!   lock again. Use Redlock on independent servers instead, or fence every
+//!   lock again. Use Redlock on independent servers instead, and fence every
 //!   write with the token.
-//! - **Redlock instances restarted without persistence.** If a majority
-//!   restarts empty within one TTL, two holders are possible. Restart an
-//!   instance only after the longest TTL has passed (delayed restart), or
-//!   run each with `appendfsync always`.
+//! - **A Redlock instance restarted without its data.** One is enough: a
+//!   lock held on exactly a majority that includes it can be granted again
+//!   to a new majority of the empty instance and one that never had it.
+//!   Restart an instance only after the longest TTL in use has passed
+//!   (delayed restart), or run each with `appendfsync always`.
+//! - **Eviction.** Under `maxmemory` with an eviction policy, Redis may evict
+//!   a lock or its counter. Run with `maxmemory-policy noeviction`. Fencing
+//!   counters never expire, so they take memory for every key ever locked.
 //! - **Clock jumps on the Redis servers.** Leases are measured by each
 //!   server's clock; a server whose clock jumps forward expires leases
-//!   early. The fencing token still refuses the stale holder's writes.
+//!   early.
 //!
-//! In every case, a resource that remembers the highest token it has seen
-//! and refuses lower ones stays safe.
+//! In each of these, a resource that remembers the highest token it has
+//! seen and refuses lower ones turns away the stale holder's writes, except
+//! where tokens themselves went back (data lost on a single server, or on
+//! more Redlock instances than the outvoting allows). Redis 6.2 or later is
+//! needed (the scripts read the server's clock before writing).
 
 mod instance;
 mod scripts;

@@ -56,7 +56,8 @@ end
 
 /// KEYS: h, m, f, w, d. ARGV: session, mode (`x`, `s`, `p`), permits,
 /// ttl ms, lock-delay ms, wants to wait (`1`/`0`), member to add.
-/// Returns `{1, token}` when granted, `{0, retry_ms}` when busy, and
+/// Returns `{1, token}` when granted, `{0, retry_ms, counter}` when busy
+/// (the fencing counter as it stands, for Redlock's quorum read), and
 /// `{-1, message}` when the request conflicts with how the key is held.
 const ACQUIRE: &str = r#"
 local session, mode, permits = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -68,7 +69,8 @@ for _, member in ipairs(holders) do
   if string.sub(member, 1, #prefix) == prefix then
     -- An earlier hold of this session, given up by the client but not yet
     -- run out here: busy until it does.
-    return {0, math.max(tonumber(redis.call('ZSCORE', KEYS[1], member)) - now, 1)}
+        local left = tonumber(redis.call('ZSCORE', KEYS[1], member)) - now
+    return {0, math.max(left, 1), tonumber(redis.call('GET', KEYS[3]) or '0')}
   end
 end
 local held = redis.call('GET', KEYS[2])
@@ -95,7 +97,8 @@ end
 if free then
   local token = redis.call('INCR', KEYS[3])
     redis.call('ZADD', KEYS[1], now + ttl, ARGV[7])
-  redis.call('SET', KEYS[2], wanted)
+    -- Set only when it changes: SET would drop the TTL other holders need.
+  if held ~= wanted then redis.call('SET', KEYS[2], wanted) end
   keep(KEYS[1], ttl + delay + 1000)
   keep(KEYS[2], ttl + delay + 1000)
   redis.call('ZREM', KEYS[4], session)
@@ -107,9 +110,13 @@ if waits and mode == 'x' then
 end
 local retry = ttl
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if first[2] then retry = math.min(retry, tonumber(first[2]) - now) end
-if blocked > now then retry = math.max(retry, blocked - now) end
-return {0, math.max(retry, 1)}
+if first[2] then
+  retry = math.min(retry, tonumber(first[2]) - now)
+  if blocked > now then retry = math.max(retry, blocked - now) end
+elseif blocked > now then
+  retry = blocked - now
+end
+return {0, math.max(retry, 1), tonumber(redis.call('GET', KEYS[3]) or '0')}
 "#;
 
 /// KEYS: h, m. ARGV: member, release channel.
@@ -123,20 +130,19 @@ redis.call('PUBLISH', ARGV[2], 'released')
 return 1
 "#;
 
-/// KEYS: h, w. ARGV: session, release channel. Takes away whatever this
-/// session holds of the key or waits for, whatever its token: the clean-up
-/// of an acquire that was dropped half-way.
+/// KEYS: h, w. ARGV: session, release channel, `1` to publish the removal
+/// of holds, then the members to remove. Takes back the holds one acquire
+/// made (and only those), and the session's place among the waiting
+/// writers: the clean-up of an acquire that failed or was dropped.
 const ABANDON: &str = r#"
-local prefix = ARGV[1] .. '|'
 local gone = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if string.sub(member, 1, #prefix) == prefix then
-    redis.call('ZREM', KEYS[1], member)
-    gone = gone + 1
-  end
+for i = 4, #ARGV do
+  gone = gone + redis.call('ZREM', KEYS[1], ARGV[i])
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-if gone > 0 then redis.call('PUBLISH', ARGV[2], 'released') end
+local writer = redis.call('ZREM', KEYS[2], ARGV[1])
+if (gone > 0 and ARGV[3] == '1') or writer > 0 then
+  redis.call('PUBLISH', ARGV[2], 'released')
+end
 return gone
 "#;
 

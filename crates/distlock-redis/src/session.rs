@@ -57,6 +57,17 @@ impl RedisSession {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Forgets `lock`, if this session still knows it by that token.
+    fn forget(&self, lock: &HeldLock) {
+        let mut held = self.held();
+        if held
+            .get(&lock.key)
+            .is_some_and(|held| held.token == lock.token)
+        {
+            held.remove(&lock.key);
+        }
+    }
+
     /// How a new hold of this session is written in Redis: its id, a nonce
     /// of this grant, and its lock-delay.
     fn new_member(&self) -> String {
@@ -108,13 +119,20 @@ impl RedisSession {
         Error::new(ErrorKind::Unavailable, message)
     }
 
-    /// Gives back whatever a failed or dropped attempt may have taken.
-    async fn abandon(shared: &Shared, keys: &LockKeys, session: &str) {
+    /// Takes back the holds an acquire made (`members`, one per try) and
+    /// its place among the waiting writers, on every instance.
+    async fn abandon(
+        shared: &Shared,
+        keys: &LockKeys,
+        session: &str,
+        publish: bool,
+        members: &[String],
+    ) {
         join_all(
             shared
                 .instances
                 .iter()
-                .map(|instance| instance.abandon(keys, session)),
+                .map(|instance| instance.abandon(keys, session, publish, members)),
         )
         .await;
     }
@@ -141,12 +159,15 @@ impl RedisSession {
     }
 }
 
-/// Gives back, in the background, what an acquire dropped half-way (or
-/// ended without a grant) may have left: a hold whose answer was lost, or
-/// its place among the waiting writers.
+/// Takes back, in the background, what an acquire dropped half-way may
+/// have left: a hold whose answer never came, or its place among the
+/// waiting writers. Only that acquire's own holds (by nonce): a later
+/// acquire of the session is never touched.
 struct Cleanup<'a> {
     session: &'a RedisSession,
     key: &'a str,
+    /// The holds this acquire may have made, one per try.
+    members: Vec<String>,
     armed: bool,
 }
 
@@ -161,7 +182,10 @@ impl Drop for Cleanup<'_> {
         let shared = Arc::clone(&self.session.shared);
         let keys = self.session.keys(self.key);
         let id = self.session.id.clone();
-        runtime.spawn(async move { RedisSession::abandon(&shared, &keys, &id).await });
+        let members = std::mem::take(&mut self.members);
+        runtime.spawn(async move {
+            RedisSession::abandon(&shared, &keys, &id, true, &members).await;
+        });
     }
 }
 
@@ -179,18 +203,21 @@ impl StoreSession for RedisSession {
         let keys = self.keys(&request.key);
         let (mode, permits) = mode_args(request.mode);
         let waits = request.wait_until.is_some();
+        let quorum = self.shared.quorum;
         let mut cleanup = Cleanup {
             session: self,
             key: &request.key,
+            members: Vec::new(),
             armed: true,
         };
-                // The release channels are watched from the first try that finds
+        // The release channels are watched from the first try that finds
         // the key busy on, and that try is made again at once, so that no
         // release between a try and the sleep after it goes unseen.
         let mut watches: Vec<crate::wake::Watch> = Vec::new();
         let mut watching = false;
         loop {
             let member = self.new_member();
+            cleanup.members.push(member.clone());
             let mut woken: Vec<Pin<Box<Notified<'_>>>> = watches
                 .iter()
                 .map(|watch| {
@@ -200,6 +227,8 @@ impl StoreSession for RedisSession {
                 })
                 .collect();
             let sent = Instant::now();
+            // No answer is worth waiting for past the validity time.
+            let limit = self.ttl.saturating_sub(self.drift());
             let results = join_all(self.instances().iter().map(|instance| {
                 instance.acquire(
                     &keys,
@@ -210,29 +239,36 @@ impl StoreSession for RedisSession {
                     self.lock_delay,
                     waits,
                     &member,
+                    limit,
                 )
             }))
             .await;
             let mut granted = Vec::new();
+            let mut busy = 0;
+            let mut counters = Vec::new();
             let mut retry: Option<Duration> = None;
             let mut conflict = None;
             let mut failures = Vec::new();
             for (instance, result) in self.instances().iter().zip(results) {
                 match result {
                     Ok(Attempt::Granted(token)) => granted.push(token),
-                    Ok(Attempt::Busy(after)) => {
+                    Ok(Attempt::Busy(after, counter)) => {
+                        busy += 1;
+                        counters.push(counter);
                         retry = Some(retry.map_or(after, |r| r.min(after)));
                     }
                     Ok(Attempt::Conflict(message)) => conflict = Some(message),
                     Err(err) => failures.push(format!("{}: {err}", instance.name)),
                 }
             }
-            let quorum = self.shared.quorum;
             let valid = |from: Instant| from.elapsed() + self.drift() < self.ttl;
-            if granted.len() >= quorum && valid(sent) {
-                let token = granted.iter().copied().max().unwrap_or(0);
-                // Redlock: the token goes back to a majority, so that the next
-                // holder's majority, which meets this one, counts above it.
+            let mut late = false;
+            if granted.len() >= quorum {
+                // The quorum register: the highest count of every instance
+                // that answered (a majority at least, which meets the
+                // majority that saw the last token), written back to a
+                // majority before it is used.
+                let token = granted.iter().chain(&counters).copied().max().unwrap_or(0);
                 let raised = if self.instances().len() > 1 {
                     join_all(self.instances().iter().map(|i| i.raise(&keys, token)))
                         .await
@@ -248,12 +284,17 @@ impl StoreSession for RedisSession {
                         .insert(request.key.clone(), Held { token, member });
                     return Ok(Some(Grant::new(token).with_lease_from(sent)));
                 }
+                late = raised >= quorum;
             }
-            // Not ours: give back what some instances granted.
+            // Not ours: take back what some instances granted (quietly:
+            // nobody waits on a hold this short) and any answer that never
+            // came.
             if !granted.is_empty() || !failures.is_empty() {
-                RedisSession::abandon(&self.shared, &keys, &self.id).await;
+                RedisSession::abandon(&self.shared, &keys, &self.id, false, &cleanup.members).await;
+                cleanup.members.clear();
             }
             if let Some(message) = conflict {
+                cleanup.armed = false;
                 return Err(Error::new(
                     ErrorKind::Conflict,
                     format!("cannot lock '{}' as asked: {message}", request.key),
@@ -263,12 +304,25 @@ impl StoreSession for RedisSession {
             if answered < quorum {
                 return Err(self.unavailable(answered, &failures));
             }
+            if late {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "Redis granted '{}' but took longer than the lease to; the instances \
+                         are too slow for a TTL of {:?}",
+                        request.key, self.ttl
+                    ),
+                ));
+            }
             let Some(until) = request.wait_until else {
-                cleanup.armed = false;
+                cleanup.armed = !failures.is_empty();
                 return Ok(None);
             };
-                        let now = Instant::now();
+            let now = Instant::now();
             if now >= until {
+                // Leave the waiting writers, and tell the readers behind.
+                cleanup.armed = false;
+                RedisSession::abandon(&self.shared, &keys, &self.id, false, &[]).await;
                 return Ok(None);
             }
             if !watching {
@@ -285,11 +339,15 @@ impl StoreSession for RedisSession {
                 .collect();
                 continue;
             }
+            for instance in self.instances() {
+                // A subscriber connection that broke is made again.
+                instance.rewatch(&keys).await;
+            }
             let pause = retry.unwrap_or(self.ttl).min(self.ttl / 2).min(until - now);
-            if !granted.is_empty() {
-                // A split vote: try again after a random pause, so that the
-                // contenders do not split again (and not at the wake-up of
-                // the release that gave back what this attempt got).
+            if busy < quorum {
+                // Nobody holds a majority: a split vote among contenders, or
+                // instances just back. Try again after a random pause, so
+                // that contenders do not split again.
                 let jitter = Duration::from_millis(rand::random_range(1..=50));
                 tokio::time::sleep(pause.min(jitter)).await;
             } else if woken.is_empty() {
@@ -370,16 +428,20 @@ impl StoreSession for RedisSession {
                 "renewing took longer than the lease; the locks are not counted as renewed",
             ));
         }
-        let lost: Vec<String> = held
+        let quorum = self.shared.quorum;
+        if kept
             .iter()
-            .zip(kept)
-            .filter(|(_, count)| *count < self.shared.quorum)
-            .map(|(lock, _)| lock.key.clone())
-            .collect();
+            .any(|count| *count < quorum && count + failures.len() >= quorum)
         {
-            let mut map = self.held();
-            for key in &lost {
-                map.remove(key);
+            // The instances that did not answer may still hold it: not
+            // renewed, not lost either; the core asks again.
+            return Err(self.unavailable(answered, &failures));
+        }
+        let mut lost = Vec::new();
+        for (lock, count) in held.iter().zip(kept) {
+            if count < quorum {
+                self.forget(lock);
+                lost.push(lock.key.clone());
             }
         }
         Ok(RenewReport::lost(lost))

@@ -3,17 +3,26 @@
 //! somebody waits on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::Notify;
 
+/// How long a subscribe or unsubscribe may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The live subscriber connection, and which one it is.
+type Sink = Arc<tokio::sync::Mutex<Option<(u64, PubSubSink)>>>;
+
 /// The subscriber of one instance.
 pub(crate) struct Hub {
     client: redis::Client,
-    /// `None` until connected, and again after the connection broke.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    /// `None` until connected, and again once the connection broke.
+    sink: Sink,
+    connections: AtomicU64,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -31,7 +40,8 @@ impl Hub {
     pub(crate) fn new(client: redis::Client) -> Arc<Hub> {
         Arc::new(Hub {
             client,
-            sink: tokio::sync::Mutex::new(None),
+            sink: Arc::new(tokio::sync::Mutex::new(None)),
+            connections: AtomicU64::new(0),
             channels: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -58,36 +68,72 @@ impl Hub {
             channel: channel.to_owned(),
             notify,
         };
+        self.subscribe(channel).await?;
+        Ok(watch)
+    }
+
+    /// Whether `channel` is watched but not subscribed (its connection
+    /// broke).
+    pub(crate) fn needs_subscribing(&self, channel: &str) -> bool {
+        lock(&self.channels)
+            .get(channel)
+            .is_some_and(|entry| entry.watchers > 0 && !entry.subscribed)
+    }
+
+    /// Subscribes to a watched `channel` unless it is already, connecting
+    /// first if needed.
+    pub(crate) async fn subscribe(&self, channel: &str) -> redis::RedisResult<()> {
         let mut sink = self.sink.lock().await;
         if sink.is_none() {
             *sink = Some(self.connect().await?);
         }
         let subscribed = lock(&self.channels)
             .get(channel)
-            .is_some_and(|entry| entry.subscribed);
-        if !subscribed {
-            let live = sink.as_mut().expect("connected above");
-            if let Err(err) = live.subscribe(channel).await {
-                *sink = None;
-                return Err(err);
+            .is_none_or(|entry| entry.subscribed);
+        if subscribed {
+            return Ok(());
+        }
+        let (_, live) = sink.as_mut().expect("connected above");
+        let done = tokio::time::timeout(CALL_TIMEOUT, live.subscribe(channel)).await;
+        match done {
+            Ok(Ok(())) => {
+                if let Some(entry) = lock(&self.channels).get_mut(channel) {
+                    entry.subscribed = true;
+                }
+                Ok(())
             }
-            if let Some(entry) = lock(&self.channels).get_mut(channel) {
-                entry.subscribed = true;
+            Ok(Err(err)) => {
+                *sink = None;
+                Err(err)
+            }
+            Err(_) => {
+                *sink = None;
+                Err(
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "SUBSCRIBE went unanswered")
+                        .into(),
+                )
             }
         }
-        Ok(watch)
     }
 
     /// A new subscriber connection, and the task that hands its messages
-    /// out; when the connection breaks, every channel is to be subscribed
-    /// again and every watcher is woken.
-    async fn connect(&self) -> redis::RedisResult<PubSubSink> {
-        let pubsub = self.client.get_async_pubsub().await?;
+    /// out. When the connection breaks, the task forgets it, marks every
+    /// channel unsubscribed and wakes every watcher, which subscribes again.
+    async fn connect(&self) -> redis::RedisResult<(u64, PubSubSink)> {
+        let pubsub = tokio::time::timeout(CALL_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no pub/sub connection in time",
+                ))
+            })??;
         let (sink, mut messages) = pubsub.split();
+        let generation = self.connections.fetch_add(1, Ordering::Relaxed);
         for entry in lock(&self.channels).values_mut() {
             entry.subscribed = false;
         }
-        let channels = Arc::clone(&self.channels);
+        let (channels, live) = (Arc::clone(&self.channels), Arc::clone(&self.sink));
         tokio::spawn(async move {
             while let Some(message) = messages.next().await {
                 let notify = lock(&channels)
@@ -97,12 +143,21 @@ impl Hub {
                     notify.notify_waiters();
                 }
             }
+            {
+                let mut sink = live.lock().await;
+                if sink
+                    .as_ref()
+                    .is_some_and(|(current, _)| *current == generation)
+                {
+                    *sink = None;
+                }
+            }
             for entry in lock(&channels).values_mut() {
                 entry.subscribed = false;
                 entry.notify.notify_waiters();
             }
         });
-        Ok(sink)
+        Ok((generation, sink))
     }
 }
 
@@ -149,8 +204,9 @@ impl Drop for Watch {
                 }
                 unwatched
             };
-            if let (true, Some(live)) = (unwatched, sink.as_mut()) {
-                if live.unsubscribe(&channel).await.is_err() {
+            if let (true, Some((_, live))) = (unwatched, sink.as_mut()) {
+                let done = tokio::time::timeout(CALL_TIMEOUT, live.unsubscribe(&channel)).await;
+                if !matches!(done, Ok(Ok(()))) {
                     *sink = None;
                 }
             }
