@@ -89,6 +89,26 @@ impl Daemon {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
+    /// Has the server killed, within a second or so, once this test process
+    /// has exited: for a server shared by the tests of a binary (kept in a
+    /// static, which is never dropped).
+    pub fn die_with_this_process(&self) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {child} 2>/dev/null",
+            parent = std::process::id(),
+            child = child.id()
+        );
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port

@@ -1,0 +1,236 @@
+//! Advisory-lock sessions: a dedicated connection each, whose advisory
+//! locks are the session's locks. Waits happen in the server, bounded by
+//! `lock_timeout`; the locks go when the connection goes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{AcquireRequest, Grant, HeldLock, Mode, RenewReport, StoreSession};
+use distlock_core::{Error, ErrorKind, Result};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{CancelToken, Client, NoTls};
+
+use crate::connect::query_error;
+use crate::tokens::Tokens;
+
+/// The 64-bit advisory-lock key of a lock name: FNV-1a, stable across
+/// versions and hosts. Two names with the same hash share one lock, which
+/// can make one wait for the other but never lets two hold either at once.
+pub(crate) fn lock_id(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+pub(crate) struct AdvisorySession {
+    client: Arc<Client>,
+    /// One command at a time: a wait holds the connection, and a dropped
+    /// wait keeps it until its clean-up has run.
+    turn: Arc<Mutex<()>>,
+    tokens: Arc<Tokens>,
+    target: String,
+    /// How long a keep-alive query may take.
+    ttl: Duration,
+}
+
+impl AdvisorySession {
+    pub(crate) fn new(client: Client, tokens: Arc<Tokens>, target: String, ttl: Duration) -> Self {
+        AdvisorySession {
+            client: Arc::new(client),
+            turn: Arc::new(Mutex::new(())),
+            tokens,
+            target,
+            ttl,
+        }
+    }
+
+    fn lost(&self) -> Error {
+        Error::new(
+            ErrorKind::Lost,
+            format!(
+                "the connection to PostgreSQL at {} is gone, and with it every lock of the session",
+                self.target
+            ),
+        )
+    }
+}
+
+fn functions(mode: Mode) -> Result<(&'static str, &'static str, &'static str)> {
+    match mode {
+        Mode::Exclusive => Ok((
+            "SELECT pg_try_advisory_lock($1)",
+            "SELECT pg_advisory_lock($1)",
+            "SELECT pg_advisory_unlock($1)",
+        )),
+        Mode::Shared => Ok((
+            "SELECT pg_try_advisory_lock_shared($1)",
+            "SELECT pg_advisory_lock_shared($1)",
+            "SELECT pg_advisory_unlock_shared($1)",
+        )),
+        Mode::Semaphore { .. } => Err(Error::new(
+            ErrorKind::Unsupported,
+            "advisory locks have no semaphores; use a postgres://…?mode=lease URL",
+        )),
+    }
+}
+
+/// Undoes, in the background, an acquire dropped while its query ran: the
+/// query is cancelled, and the lock released in case it came first. The
+/// connection stays taken until then, so no later command overtakes it.
+struct Cleanup {
+    turn: Option<OwnedMutexGuard<()>>,
+    client: Arc<Client>,
+    cancel: CancelToken,
+    unlock: &'static str,
+    id: i64,
+}
+
+impl Cleanup {
+    fn disarm(mut self) {
+        self.turn.take();
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some(turn) = self.turn.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, cancel, unlock, id) =
+            (Arc::clone(&self.client), self.cancel.clone(), self.unlock, self.id);
+        runtime.spawn(async move {
+            let _ = cancel.cancel_query(NoTls).await;
+            let _ = client.query_one(unlock, &[&id]).await;
+            drop(turn);
+        });
+    }
+}
+
+#[async_trait]
+impl StoreSession for AdvisorySession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let (try_lock, lock, unlock) = functions(request.mode)?;
+        let id = lock_id(&request.key);
+        let turn = Arc::clone(&self.turn).lock_owned().await;
+        if self.client.is_closed() {
+            return Err(self.lost());
+        }
+        let cleanup = Cleanup {
+            turn: Some(turn),
+            client: Arc::clone(&self.client),
+            cancel: self.client.cancel_token(),
+            unlock,
+            id,
+        };
+        let got = match request.wait_until {
+            None => {
+                let row = self
+                    .client
+                    .query_one(try_lock, &[&id])
+                    .await
+                    .map_err(|err| query_error(&self.target, &err))?;
+                row.get::<_, bool>(0)
+            }
+            Some(until) => {
+                // Rounded up, so that the wait never ends early; at most
+                // what lock_timeout takes (about 24 days: the core asks
+                // again after a longer one).
+                let left = until.saturating_duration_since(Instant::now());
+                let ms = (left.as_millis() + 1).min(i32::MAX as u128);
+                self.client
+                    .query_one(
+                        "SELECT set_config('lock_timeout', $1, false)",
+                        &[&format!("{ms}ms")],
+                    )
+                    .await
+                    .map_err(|err| query_error(&self.target, &err))?;
+                match self.client.query_one(lock, &[&id]).await {
+                    Ok(_) => true,
+                    Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
+                    Err(err) => return Err(query_error(&self.target, &err)),
+                }
+            }
+        };
+        if !got {
+            cleanup.disarm();
+            return Ok(None);
+        }
+        match self.tokens.next(&request.key).await {
+            Ok(token) => {
+                cleanup.disarm();
+                Ok(Some(Grant::new(token)))
+            }
+            // The clean-up gives the lock back.
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let (_, _, unlock) = functions(held.mode)?;
+        let _turn = self.turn.lock().await;
+        let row = self
+            .client
+            .query_one(unlock, &[&lock_id(&held.key)])
+            .await
+            .map_err(|err| {
+                if err.is_closed() {
+                    self.lost()
+                } else {
+                    query_error(&self.target, &err)
+                }
+            })?;
+        if row.get::<_, bool>(0) {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::NotHeld,
+                format!("this session does not hold '{}'", held.key),
+            ))
+        }
+    }
+
+    async fn renew(&self, _held: &[HeldLock]) -> Result<RenewReport> {
+        if self.client.is_closed() {
+            return Err(self.lost());
+        }
+        // A keep-alive query when the connection is free (a wait holds it,
+        // and then TCP keep-alive watches the connection).
+        if let Ok(_turn) = self.turn.try_lock() {
+            let probe = tokio::time::timeout(self.ttl / 3, self.client.simple_query("SELECT 1"));
+            match probe.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) if err.is_closed() => return Err(self.lost()),
+                Ok(Err(err)) => return Err(query_error(&self.target, &err)),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("PostgreSQL at {} did not answer a keep-alive", self.target),
+                    ))
+                }
+            }
+        }
+        if self.client.is_closed() {
+            return Err(self.lost());
+        }
+        Ok(RenewReport::all_held())
+    }
+
+    async fn close(&self) -> Result<()> {
+        let _turn = self.turn.lock().await;
+        // Ending the backend's session releases all its advisory locks.
+        let _ = self
+            .client
+            .simple_query("SELECT pg_advisory_unlock_all()")
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! Connections, and PostgreSQL's errors as distlock's.
+
+use distlock_core::{Error, ErrorKind};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// Opens a connection; its driver runs in a task that ends when it closes.
+pub(crate) async fn open(config: &Config, target: &str) -> Result<Client, Error> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|err| connect_error(target, &err))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!("PostgreSQL connection ended: {err}");
+        }
+    });
+    Ok(client)
+}
+
+/// Why a connection could not be made, and what to do.
+fn connect_error(target: &str, err: &tokio_postgres::Error) -> Error {
+    let code = err.code();
+    let detail = err
+        .as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_else(|| root_cause(err));
+    if code == Some(&SqlState::INVALID_PASSWORD)
+        || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    {
+        Error::new(
+            ErrorKind::Config,
+            format!("PostgreSQL at {target} refused the login ({detail}); check the user and password in the URL"),
+        )
+    } else if code == Some(&SqlState::INVALID_CATALOG_NAME) {
+        Error::new(
+            ErrorKind::Config,
+            format!("PostgreSQL at {target}: {detail}; create it or name another in the URL"),
+        )
+    } else {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot reach PostgreSQL at {target} ({detail}); check the URL and that the server runs"),
+        )
+    }
+}
+
+/// An error of a query on a connection that was up.
+pub(crate) fn query_error(target: &str, err: &tokio_postgres::Error) -> Error {
+    let kind = if err.is_closed() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Store
+    };
+    let detail = err
+        .as_db_error()
+        .map(|db| db.message().to_owned())
+        .unwrap_or_else(|| root_cause(err));
+    Error::new(kind, format!("PostgreSQL at {target}: {detail}"))
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}

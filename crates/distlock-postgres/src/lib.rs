@@ -1,0 +1,154 @@
+//! The PostgreSQL store: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
+//!
+//! Each session is a dedicated connection, and its locks are PostgreSQL
+//! advisory locks of that connection: `pg_advisory_lock` for exclusive,
+//! `pg_advisory_lock_shared` for shared, on a 64-bit key hashed from the
+//! lock name (FNV-1a). A hash collision makes two names share one lock:
+//! one may wait for the other, but exclusion is never broken.
+//!
+//! A waiting acquire waits in the server, bounded by `lock_timeout`; an
+//! acquire dropped while it waits has its query cancelled, and the lock
+//! released if it came first. The fencing token comes from a table
+//! (`distlock_tokens`, made on first use) bumped in one statement, on a
+//! connection of the store's own, so tokens are committed and survive a
+//! restart of the server.
+//!
+//! Losing the connection is losing the locks: the server frees them at
+//! once. The client finds out from the connection closing, from a
+//! keep-alive query at a third of the session's TTL, and from TCP
+//! keep-alive, and reports `lost()`.
+//!
+//! What it does not give: semaphores (advisory locks count no permits),
+//! FIFO order (PostgreSQL's lock queue is not guaranteed fair), leases (a
+//! frozen client keeps its locks as long as its connection lives), and
+//! lock-delay. Nor does it work through a pooler in transaction mode, such
+//! as PgBouncer: advisory locks belong to a server connection.
+
+mod advisory;
+mod connect;
+mod tokens;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use url::Url;
+
+use tokens::Tokens;
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A store on one PostgreSQL database.
+pub struct PostgresStore {
+    config: tokio_postgres::Config,
+    target: String,
+    tokens: Arc<Tokens>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+impl PostgresStore {
+    /// Connects to the database a `postgres://` or `postgresql://` URL
+    /// names, and makes the token table if it is not there.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let usage = "write postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+        let parsed = Url::parse(url)
+            .map_err(|err| config_error(format!("cannot parse '{url}': {err}; {usage}")))?;
+        let host = parsed
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?;
+        let mut plain = parsed.clone();
+        let mut others = Vec::new();
+        for (key, value) in parsed.query_pairs() {
+            match (&*key, &*value) {
+                ("mode", "advisory") => {}
+                ("mode", other) => {
+                    return Err(config_error(format!(
+                        "'{url}' asks for mode '{other}'; this build has mode=advisory \
+                         (the default)"
+                    )))
+                }
+                _ => others.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        plain.set_query(None);
+        if !others.is_empty() {
+            plain.query_pairs_mut().extend_pairs(others);
+        }
+        let mut config = tokio_postgres::Config::from_str(plain.as_str())
+            .map_err(|err| config_error(format!("'{url}' is not a usable PostgreSQL URL: {err}")))?;
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .application_name("distlock");
+        let database = parsed.path().trim_start_matches('/');
+        let target = format!(
+            "{host}:{}/{database}",
+            parsed.port().unwrap_or(5432)
+        );
+        let tokens = tokio::time::timeout(
+            CONNECT_TIMEOUT * 2,
+            Tokens::connect(config.clone(), target.clone()),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("PostgreSQL at {target} did not answer in {:?}", CONNECT_TIMEOUT * 2),
+            )
+        })??;
+        Ok(PostgresStore {
+            config,
+            target,
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    /// What advisory locks give.
+    pub fn capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("postgres");
+        capabilities.shared = true;
+        capabilities.writer_preferring = true;
+        capabilities.push_wakeup = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.session = SessionModel::Connection;
+        capabilities
+    }
+}
+
+#[async_trait]
+impl LockStore for PostgresStore {
+    fn capabilities(&self) -> Capabilities {
+        PostgresStore::capabilities()
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        let client = connect::open(&self.config, &self.target).await?;
+        Ok(Box::new(advisory::AdvisorySession::new(
+            client,
+            Arc::clone(&self.tokens),
+            self.target.clone(),
+            options.ttl,
+        )))
+    }
+}

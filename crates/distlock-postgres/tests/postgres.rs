@@ -1,0 +1,18 @@
+//! The conformance suite against a real PostgreSQL, advisory-lock mode.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Postgres;
+use distlock_core::Client;
+use distlock_postgres::PostgresStore;
+
+async fn connect() -> Client {
+    let store = PostgresStore::connect(&Postgres::shared().url())
+        .await
+        .expect("connect to the test's PostgreSQL");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
