@@ -6,10 +6,15 @@ use tokio_postgres::{Client, Config};
 
 use crate::connect::{open, query_error};
 
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS distlock_tokens (
+/// Made under a transaction-scoped advisory lock: two `CREATE TABLE IF NOT
+/// EXISTS` at once can both try to create it, and one then fails.
+const CREATE: &str = "BEGIN;
+SELECT pg_advisory_xact_lock(-8081908180553460213);
+CREATE TABLE IF NOT EXISTS distlock_tokens (
     key text PRIMARY KEY,
     token bigint NOT NULL
-)";
+);
+COMMIT;";
 
 const NEXT: &str = "INSERT INTO distlock_tokens AS t (key, token) VALUES ($1, 1)
     ON CONFLICT (key) DO UPDATE SET token = t.token + 1
