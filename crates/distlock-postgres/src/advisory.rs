@@ -105,8 +105,12 @@ impl Drop for Cleanup {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, cancel, unlock, id) =
-            (Arc::clone(&self.client), self.cancel.clone(), self.unlock, self.id);
+        let (client, cancel, unlock, id) = (
+            Arc::clone(&self.client),
+            self.cancel.clone(),
+            self.unlock,
+            self.id,
+        );
         runtime.spawn(async move {
             let _ = cancel.cancel_query(NoTls).await;
             let _ = client.query_one(unlock, &[&id]).await;

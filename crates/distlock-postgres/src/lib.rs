@@ -41,6 +41,12 @@ use url::Url;
 
 use tokens::Tokens;
 
+/// The advisory-lock key of a lock name, as `pg_locks` shows it
+/// (`classid` is its high 32 bits, `objid` its low 32 bits, `objsubid` 1).
+pub fn advisory_key(name: &str) -> i64 {
+    advisory::lock_id(name)
+}
+
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,8 +98,9 @@ impl PostgresStore {
         if !others.is_empty() {
             plain.query_pairs_mut().extend_pairs(others);
         }
-        let mut config = tokio_postgres::Config::from_str(plain.as_str())
-            .map_err(|err| config_error(format!("'{url}' is not a usable PostgreSQL URL: {err}")))?;
+        let mut config = tokio_postgres::Config::from_str(plain.as_str()).map_err(|err| {
+            config_error(format!("'{url}' is not a usable PostgreSQL URL: {err}"))
+        })?;
         config
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
@@ -102,10 +109,7 @@ impl PostgresStore {
             .keepalives_retries(3)
             .application_name("distlock");
         let database = parsed.path().trim_start_matches('/');
-        let target = format!(
-            "{host}:{}/{database}",
-            parsed.port().unwrap_or(5432)
-        );
+        let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(5432));
         let tokens = tokio::time::timeout(
             CONNECT_TIMEOUT * 2,
             Tokens::connect(config.clone(), target.clone()),
@@ -114,7 +118,10 @@ impl PostgresStore {
         .map_err(|_| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!("PostgreSQL at {target} did not answer in {:?}", CONNECT_TIMEOUT * 2),
+                format!(
+                    "PostgreSQL at {target} did not answer in {:?}",
+                    CONNECT_TIMEOUT * 2
+                ),
             )
         })??;
         Ok(PostgresStore {

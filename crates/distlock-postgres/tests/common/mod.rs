@@ -152,7 +152,16 @@ impl Postgres {
         let output = Command::new(program("psql"))
             .args(["-h"])
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-Atc", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                sql,
+            ])
             .output()
             .expect("run psql");
         assert!(

@@ -1,0 +1,175 @@
+//! PostgreSQL when things go wrong: a holder's backend killed, the server
+//! crashed and restarted, and bad URLs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Postgres, PASSWORD};
+use distlock_core::{Client, ErrorKind};
+use distlock_postgres::{advisory_key, PostgresStore};
+use tokio::time::timeout;
+
+async fn client(url: &str) -> Client {
+    Client::new(Arc::new(
+        PostgresStore::connect(url).await.expect("connect"),
+    ))
+}
+
+/// `WHERE` terms that find the advisory lock of `name` in `pg_locks`.
+fn lock_of(name: &str) -> String {
+    let key = u64::from_ne_bytes(advisory_key(name).to_ne_bytes());
+    format!(
+        "locktype = 'advisory' AND classid = {} AND objid = {} AND objsubid = 1",
+        key >> 32,
+        key & 0xffff_ffff
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_holders_backend_fires_lost_and_frees_the_lock_for_the_waiter() {
+    let server = Postgres::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/terminate";
+    let holder = client
+        .session()
+        .ttl(Duration::from_secs(3))
+        .open()
+        .await
+        .expect("open");
+    let guard = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter
+            .lock(key)
+            .wait(Duration::from_secs(60))
+            .await
+            .expect("the waiter gets the lock");
+        guard.token()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let terminated = server.psql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE {} AND granted",
+        lock_of(key)
+    ));
+    assert_eq!(terminated, "1", "one holder backend terminated");
+    timeout(Duration::from_secs(20), guard.lost())
+        .await
+        .expect("lost() fires after the backend is killed");
+    let next = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter is granted")
+        .expect("waiter task");
+    assert!(next > guard.token());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
+    let server = Postgres::start();
+    let url = server.url();
+    let mut tokens = Vec::new();
+    {
+        let client = client(&url).await;
+        for round in 0..6 {
+            let session = client.session().open().await.expect("open");
+            let guard = if round % 2 == 0 {
+                session.lock("faults/tokens").try_lock().await
+            } else {
+                session.read("faults/tokens").try_lock().await
+            };
+            let guard = guard.expect("try").expect("free");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
+    }
+    let server = server.crash_and_restart();
+    let client = client(&server.url()).await;
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/tokens")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
+    let server = Postgres::shared();
+    let port = server.port();
+    let started = tokio::time::Instant::now();
+
+    let wrong = format!("postgres://postgres:guess@127.0.0.1:{port}/postgres");
+    let err = PostgresStore::connect(&wrong)
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("password"), "{err}");
+
+    let missing = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/nowhere");
+    let err = PostgresStore::connect(&missing)
+        .await
+        .expect_err("no database");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("nowhere"), "{err}");
+
+    // A port that speaks something else.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let err = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{other}/db"))
+        .await
+        .expect_err("not PostgreSQL");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+
+    // Nothing listening.
+    let dead = distlock_core::testkit::daemon::free_port();
+    let err = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{dead}/db"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("cannot reach PostgreSQL"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let err = PostgresStore::connect(&format!("{}?mode=sideways", server.url()))
+        .await
+        .expect_err("unknown mode");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+
+    // The longest key a lock may have works.
+    let client = client(&server.url()).await;
+    let session = client.session().open().await.expect("open");
+    let longest = "k".repeat(distlock_core::MAX_KEY_BYTES);
+    let guard = session
+        .lock(&longest)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    guard.release().await.expect("release");
+}
