@@ -36,5 +36,7 @@ pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 /// and `check`.
 #[cfg(feature = "distlock")]
 pub use distlock_client::RemoteStore;
+#[cfg(feature = "postgres")]
+pub use distlock_postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use distlock_redis::RedisStore;

@@ -60,6 +60,12 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "redlock://h1:6379,h2:6379,h3:6379",
         capabilities: distlock_redis::RedisStore::redlock_capabilities(),
     });
+    #[cfg(feature = "postgres")]
+    stores.push(StoreInfo {
+        scheme: "postgres",
+        example: "postgres://USER:PASSWORD@HOST/DB",
+        capabilities: distlock_postgres::PostgresStore::capabilities(),
+    });
     stores
 }
 
@@ -73,6 +79,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
 /// | `redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` | one Redis server (TLS with `rediss`) |
 /// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
+/// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` | PostgreSQL advisory locks |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
@@ -137,6 +144,10 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
         }
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(distlock_redis::RedisStore::connect(url).await?)),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(
+            distlock_postgres::PostgresStore::connect(url).await?,
+        )),
         scheme => {
             let known: Vec<String> = stores()
                 .iter()
