@@ -26,6 +26,7 @@
 
 mod advisory;
 mod connect;
+mod lease;
 mod tokens;
 
 use std::str::FromStr;
@@ -55,6 +56,8 @@ pub struct PostgresStore {
     config: tokio_postgres::Config,
     target: String,
     tokens: Arc<Tokens>,
+    /// Set in lease mode.
+    leases: Option<Arc<lease::Leases>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -82,13 +85,15 @@ impl PostgresStore {
             .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?;
         let mut plain = parsed.clone();
         let mut others = Vec::new();
+        let mut lease_mode = false;
         for (key, value) in parsed.query_pairs() {
             match (&*key, &*value) {
-                ("mode", "advisory") => {}
+                ("mode", "advisory") => lease_mode = false,
+                ("mode", "lease") => lease_mode = true,
                 ("mode", other) => {
                     return Err(config_error(format!(
-                        "'{url}' asks for mode '{other}'; this build has mode=advisory \
-                         (the default)"
+                        "'{url}' asks for mode '{other}'; write mode=advisory (the default) \
+                         or mode=lease"
                     )))
                 }
                 _ => others.push((key.into_owned(), value.into_owned())),
@@ -124,11 +129,39 @@ impl PostgresStore {
                 ),
             )
         })??;
+        let leases = if lease_mode {
+            let setup = async {
+                let leases = lease::Leases::connect(&config, &target).await?;
+                leases.setup().await?;
+                Ok::<_, Error>(leases)
+            };
+            Some(tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await.map_err(|_| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("PostgreSQL at {target} did not answer in {:?}", CONNECT_TIMEOUT * 2),
+                )
+            })??)
+        } else {
+            None
+        };
         Ok(PostgresStore {
             config,
             target,
             tokens: Arc::new(tokens),
+            leases,
         })
+    }
+
+    /// What the lease table gives (`?mode=lease`).
+    pub fn lease_capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("postgres");
+        capabilities.shared = true;
+        capabilities.semaphore = true;
+        capabilities.push_wakeup = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.lease_expiry = true;
+        capabilities.session = SessionModel::Lease;
+        capabilities
     }
 
     /// What advisory locks give.
@@ -146,10 +179,16 @@ impl PostgresStore {
 #[async_trait]
 impl LockStore for PostgresStore {
     fn capabilities(&self) -> Capabilities {
-        PostgresStore::capabilities()
+        match self.leases {
+            Some(_) => PostgresStore::lease_capabilities(),
+            None => PostgresStore::capabilities(),
+        }
     }
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        if let Some(leases) = &self.leases {
+            return Ok(Box::new(lease::LeaseSession::new(Arc::clone(leases), options)));
+        }
         let client = connect::open(&self.config, &self.target).await?;
         Ok(Box::new(advisory::AdvisorySession::new(
             client,

@@ -1,0 +1,354 @@
+//! Lease-table sessions (`?mode=lease`): a lock is a row per holder, with
+//! the time its lease ends by the server's clock. Every change is one
+//! statement (a function made at setup), so it works through a pooler in
+//! transaction mode; waiters are woken by LISTEN/NOTIFY and retry at the
+//! earliest holder's lease end in any case.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+
+use crate::connect::{open, query_error};
+
+/// The table, and the functions that change it, each one statement.
+pub(crate) const SETUP: &str = r#"
+BEGIN;
+SELECT pg_advisory_xact_lock(-8081908180553460213);
+CREATE TABLE IF NOT EXISTS distlock_leases (
+    key text NOT NULL,
+    holder text NOT NULL,
+    mode text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (key, holder)
+);
+CREATE OR REPLACE FUNCTION distlock_acquire(
+    lock_key text, lock_holder text, lock_mode text, lock_permits int, ttl_ms bigint,
+    OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    held_mode text;
+    holders int;
+    first_end timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('distlock:' || lock_key, 0));
+    DELETE FROM distlock_leases WHERE key = lock_key AND expires_at <= clock_timestamp();
+    SELECT min(l.mode), count(*), min(l.expires_at) INTO held_mode, holders, first_end
+        FROM distlock_leases l WHERE l.key = lock_key;
+    granted := false; fence := 0; retry_ms := ttl_ms; conflict := NULL;
+    IF lock_mode LIKE 'p%' AND held_mode LIKE 'p%' AND held_mode <> lock_mode THEN
+        conflict := 'the semaphore is held with ' || substr(held_mode, 2)
+            || ' permits, not ' || substr(lock_mode, 2);
+        RETURN;
+    END IF;
+    IF holders = 0
+        OR (lock_mode = 's' AND held_mode = 's')
+        OR (lock_mode LIKE 'p%' AND held_mode = lock_mode AND holders < lock_permits) THEN
+        INSERT INTO distlock_leases (key, holder, mode, expires_at)
+            VALUES (lock_key, lock_holder, lock_mode,
+                    clock_timestamp() + ttl_ms * interval '1 millisecond');
+        INSERT INTO distlock_tokens AS t (key, token) VALUES (lock_key, 1)
+            ON CONFLICT (key) DO UPDATE SET token = t.token + 1
+            RETURNING t.token INTO fence;
+        granted := true; retry_ms := 0;
+    ELSE
+        retry_ms := greatest(1, least(ttl_ms,
+            ceil(extract(epoch FROM (first_end - clock_timestamp())) * 1000)::bigint));
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION distlock_release(lock_key text, lock_holder text)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+BEGIN
+    DELETE FROM distlock_leases
+        WHERE key = lock_key AND holder = lock_holder AND expires_at > clock_timestamp();
+    IF FOUND THEN
+        PERFORM pg_notify('distlock_released', lock_key);
+        RETURN true;
+    END IF;
+    RETURN false;
+END
+$fn$;
+COMMIT;
+"#;
+
+/// Keeps every hold of `holders` still unexpired for `ttl_ms` more; the
+/// keys of those kept.
+const RENEW: &str = "UPDATE distlock_leases
+    SET expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
+    WHERE holder = ANY($1) AND expires_at > clock_timestamp()
+    RETURNING key";
+
+/// What lease sessions of one store share: a connection for statements
+/// (each one its own transaction, so one connection serves every session)
+/// and the listener of releases.
+pub(crate) struct Leases {
+    client: Client,
+    /// The listening connection lives as long as this client.
+    _listener: Client,
+    target: String,
+    listeners: Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>>,
+}
+
+impl Leases {
+    pub(crate) async fn connect(config: &Config, target: &str) -> Result<Arc<Leases>> {
+        let client = open(config, target).await?;
+        // A second connection listens; its messages are read here.
+        let (listener, mut connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|err| query_error(target, &err))?;
+                let listeners: Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>> = Arc::default();
+        let delivered = Arc::clone(&listeners);
+        tokio::spawn(async move {
+            loop {
+                let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                match message {
+                    Some(Ok(AsyncMessage::Notification(note))) => {
+                        let notify = guard(&delivered)
+                            .get(note.payload())
+                            .map(|(_, notify)| Arc::clone(notify));
+                        if let Some(notify) = notify {
+                            notify.notify_waiters();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            // The listener is gone: wake every waiter; they retry on timers.
+            for (_, notify) in guard(&delivered).values() {
+                notify.notify_waiters();
+            }
+        });
+                listener
+            .batch_execute("LISTEN distlock_released")
+            .await
+            .map_err(|err| query_error(target, &err))?;
+        Ok(Arc::new(Leases {
+            client,
+            _listener: listener,
+            target: target.to_owned(),
+            listeners,
+        }))
+    }
+
+    /// Makes the table and its functions if they are not there.
+    pub(crate) async fn setup(&self) -> Result<()> {
+        self.client
+            .batch_execute(SETUP)
+            .await
+            .map_err(|err| query_error(&self.target, &err))
+    }
+
+    fn watch(self: &Arc<Self>, key: &str) -> Watch {
+        let notify = {
+            let mut listeners = guard(&self.listeners);
+            let entry = listeners
+                .entry(key.to_owned())
+                .or_insert_with(|| (0, Arc::new(Notify::new())));
+            entry.0 += 1;
+            Arc::clone(&entry.1)
+        };
+        Watch {
+            leases: Arc::clone(self),
+            key: key.to_owned(),
+            notify,
+        }
+    }
+}
+
+fn guard<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Watch {
+    leases: Arc<Leases>,
+    key: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut listeners = guard(&self.leases.listeners);
+        if let Some(entry) = listeners.get_mut(&self.key) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                listeners.remove(&self.key);
+            }
+        }
+    }
+}
+
+pub(crate) struct LeaseSession {
+    leases: Arc<Leases>,
+    id: String,
+    ttl: Duration,
+    /// The holds of this session, by key: token and holder name.
+    held: Mutex<HashMap<String, (u64, String)>>,
+}
+
+impl LeaseSession {
+    pub(crate) fn new(leases: Arc<Leases>, options: &SessionOptions) -> Self {
+        LeaseSession {
+            leases,
+                        id: format!("{:016x}", rand::random::<u64>()),
+            ttl: options.ttl,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn error(&self, err: &tokio_postgres::Error) -> Error {
+        query_error(&self.leases.target, err)
+    }
+
+    fn holder_of(&self, lock: &HeldLock) -> Option<String> {
+        guard(&self.held)
+            .get(&lock.key)
+            .filter(|(token, _)| *token == lock.token)
+            .map(|(_, holder)| holder.clone())
+    }
+
+    fn forget(&self, lock: &HeldLock) {
+        let mut held = guard(&self.held);
+        if held.get(&lock.key).is_some_and(|(token, _)| *token == lock.token) {
+            held.remove(&lock.key);
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl StoreSession for LeaseSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let (mode, permits) = match request.mode {
+            Mode::Exclusive => ("x".to_owned(), 0),
+            Mode::Shared => ("s".to_owned(), 0),
+            Mode::Semaphore { permits } => (format!("p{permits}"), permits),
+        };
+        let permits = i32::try_from(permits).unwrap_or(i32::MAX);
+        let watch = request.wait_until.map(|_| self.leases.watch(&request.key));
+        loop {
+            let mut woken: Option<Pin<Box<Notified<'_>>>> = watch.as_ref().map(|watch| {
+                let mut notified = Box::pin(watch.notify.notified());
+                notified.as_mut().enable();
+                notified
+            });
+                        let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
+            let sent = Instant::now();
+            let row = self
+                .leases
+                .client
+                .query_one(
+                    "SELECT granted, fence, retry_ms, conflict \
+                     FROM distlock_acquire($1, $2, $3, $4, $5)",
+                    &[&request.key, &holder, &mode, &permits, &millis(self.ttl)],
+                )
+                .await
+                .map_err(|err| self.error(&err))?;
+            let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if let Some(conflict) = conflict {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("cannot lock '{}' as asked: {conflict}", request.key),
+                ));
+            }
+            if granted {
+                let token = u64::try_from(fence).unwrap_or(0);
+                guard(&self.held).insert(request.key.clone(), (token, holder));
+                return Ok(Some(Grant::new(token).with_lease_from(sent)));
+            }
+            let Some(until) = request.wait_until else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            if now >= until {
+                return Ok(None);
+            }
+            let retry = Duration::from_millis(u64::try_from(retry_ms).unwrap_or(1));
+            let pause = retry.min(self.ttl / 2).min(until - now);
+            match woken.take() {
+                Some(woken) => {
+                    let _ = tokio::time::timeout(pause, woken).await;
+                }
+                None => tokio::time::sleep(pause).await,
+            }
+        }
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let Some(holder) = self.holder_of(held) else {
+            return Err(not_held(&held.key));
+        };
+        let row = self
+            .leases
+            .client
+            .query_one("SELECT distlock_release($1, $2)", &[&held.key, &holder])
+            .await
+            .map_err(|err| self.error(&err))?;
+        self.forget(held);
+        if row.get::<_, bool>(0) {
+            Ok(())
+        } else {
+            Err(not_held(&held.key))
+        }
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        if held.is_empty() {
+            return Ok(RenewReport::all_held());
+        }
+        let holders: Vec<String> = held
+            .iter()
+            .map(|lock| self.holder_of(lock).unwrap_or_default())
+            .collect();
+        let rows = self
+            .leases
+            .client
+            .query(RENEW, &[&holders, &millis(self.ttl)])
+            .await
+            .map_err(|err| self.error(&err))?;
+        let kept: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        let mut lost = Vec::new();
+        for lock in held {
+            if !kept.contains(&lock.key) {
+                self.forget(lock);
+                lost.push(lock.key.clone());
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let held: Vec<(String, (u64, String))> = guard(&self.held).drain().collect();
+        for (key, (_, holder)) in held {
+            let _ = self
+                .leases
+                .client
+                .query_one("SELECT distlock_release($1, $2)", &[&key, &holder])
+                .await;
+        }
+        Ok(())
+    }
+}
+
+fn not_held(key: &str) -> Error {
+    Error::new(
+        ErrorKind::NotHeld,
+        format!("this session does not hold '{key}' (released, or its lease ran out)"),
+    )
+}
