@@ -89,15 +89,21 @@ const RENEW: &str = "UPDATE distlock_leases
     WHERE holder = ANY($1) AND expires_at > clock_timestamp()
     RETURNING key";
 
+/// The keys waited on, with how many wait and what wakes them.
+type Listeners = Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>>;
+
 /// What lease sessions of one store share: a connection for statements
 /// (each one its own transaction, so one connection serves every session)
 /// and the listener of releases.
 pub(crate) struct Leases {
-    client: Client,
+    config: Config,
+    /// Made again when it breaks (e.g. its backend was terminated): the
+    /// leases live in the table, not in a connection.
+    client: tokio::sync::Mutex<Arc<Client>>,
     /// The listening connection lives as long as this client.
     _listener: Client,
     target: String,
-    listeners: Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>>,
+    listeners: Listeners,
 }
 
 impl Leases {
@@ -108,7 +114,7 @@ impl Leases {
             .connect(NoTls)
             .await
             .map_err(|err| query_error(target, &err))?;
-                let listeners: Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>> = Arc::default();
+        let listeners: Listeners = Arc::default();
         let delivered = Arc::clone(&listeners);
         tokio::spawn(async move {
             loop {
@@ -131,21 +137,32 @@ impl Leases {
                 notify.notify_waiters();
             }
         });
-                listener
+        listener
             .batch_execute("LISTEN distlock_released")
             .await
             .map_err(|err| query_error(target, &err))?;
         Ok(Arc::new(Leases {
-            client,
+            config: config.clone(),
+            client: tokio::sync::Mutex::new(Arc::new(client)),
             _listener: listener,
             target: target.to_owned(),
             listeners,
         }))
     }
 
+    /// The statement connection, connecting again if it broke.
+    async fn client(&self) -> Result<Arc<Client>> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            *client = Arc::new(open(&self.config, &self.target).await?);
+        }
+        Ok(Arc::clone(&client))
+    }
+
     /// Makes the table and its functions if they are not there.
     pub(crate) async fn setup(&self) -> Result<()> {
-        self.client
+        self.client()
+            .await?
             .batch_execute(SETUP)
             .await
             .map_err(|err| query_error(&self.target, &err))
@@ -202,7 +219,7 @@ impl LeaseSession {
     pub(crate) fn new(leases: Arc<Leases>, options: &SessionOptions) -> Self {
         LeaseSession {
             leases,
-                        id: format!("{:016x}", rand::random::<u64>()),
+            id: format!("{:016x}", rand::random::<u64>()),
             ttl: options.ttl,
             held: Mutex::new(HashMap::new()),
         }
@@ -221,7 +238,10 @@ impl LeaseSession {
 
     fn forget(&self, lock: &HeldLock) {
         let mut held = guard(&self.held);
-        if held.get(&lock.key).is_some_and(|(token, _)| *token == lock.token) {
+        if held
+            .get(&lock.key)
+            .is_some_and(|(token, _)| *token == lock.token)
+        {
             held.remove(&lock.key);
         }
     }
@@ -247,11 +267,12 @@ impl StoreSession for LeaseSession {
                 notified.as_mut().enable();
                 notified
             });
-                        let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
+            let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
             let sent = Instant::now();
             let row = self
                 .leases
-                .client
+                .client()
+                .await?
                 .query_one(
                     "SELECT granted, fence, retry_ms, conflict \
                      FROM distlock_acquire($1, $2, $3, $4, $5)",
@@ -296,7 +317,8 @@ impl StoreSession for LeaseSession {
         };
         let row = self
             .leases
-            .client
+            .client()
+            .await?
             .query_one("SELECT distlock_release($1, $2)", &[&held.key, &holder])
             .await
             .map_err(|err| self.error(&err))?;
@@ -318,7 +340,8 @@ impl StoreSession for LeaseSession {
             .collect();
         let rows = self
             .leases
-            .client
+            .client()
+            .await?
             .query(RENEW, &[&holders, &millis(self.ttl)])
             .await
             .map_err(|err| self.error(&err))?;
@@ -335,10 +358,9 @@ impl StoreSession for LeaseSession {
 
     async fn close(&self) -> Result<()> {
         let held: Vec<(String, (u64, String))> = guard(&self.held).drain().collect();
+        let client = self.leases.client().await?;
         for (key, (_, holder)) in held {
-            let _ = self
-                .leases
-                .client
+            let _ = client
                 .query_one("SELECT distlock_release($1, $2)", &[&key, &holder])
                 .await;
         }

@@ -1,28 +1,50 @@
-//! The PostgreSQL store: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
+//! The PostgreSQL store: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, in
+//! one of two modes.
+//!
+//! # Advisory locks (the default, `?mode=advisory`)
 //!
 //! Each session is a dedicated connection, and its locks are PostgreSQL
 //! advisory locks of that connection: `pg_advisory_lock` for exclusive,
 //! `pg_advisory_lock_shared` for shared, on a 64-bit key hashed from the
-//! lock name (FNV-1a). A hash collision makes two names share one lock:
-//! one may wait for the other, but exclusion is never broken.
+//! lock name (FNV-1a, see [`advisory_key`]). A hash collision makes two
+//! names share one lock: one may wait for the other, but exclusion is never
+//! broken.
 //!
 //! A waiting acquire waits in the server, bounded by `lock_timeout`; an
 //! acquire dropped while it waits has its query cancelled, and the lock
-//! released if it came first. The fencing token comes from a table
-//! (`distlock_tokens`, made on first use) bumped in one statement, on a
-//! connection of the store's own, so tokens are committed and survive a
-//! restart of the server.
-//!
-//! Losing the connection is losing the locks: the server frees them at
-//! once. The client finds out from the connection closing, from a
-//! keep-alive query at a third of the session's TTL, and from TCP
+//! released if it came first. One session's acquires take turns on its
+//! connection. Losing the connection is losing the locks: the server frees
+//! them at once, and the client finds out from the connection closing, from
+//! a keep-alive query at a third of the session's TTL, and from TCP
 //! keep-alive, and reports `lost()`.
 //!
-//! What it does not give: semaphores (advisory locks count no permits),
-//! FIFO order (PostgreSQL's lock queue is not guaranteed fair), leases (a
-//! frozen client keeps its locks as long as its connection lives), and
-//! lock-delay. Nor does it work through a pooler in transaction mode, such
-//! as PgBouncer: advisory locks belong to a server connection.
+//! Not given: semaphores (advisory locks count no permits), FIFO order
+//! (PostgreSQL's lock queue is not a promise), leases (a frozen client keeps
+//! its locks as long as its connection lives), and lock-delay. It does not
+//! work through a pooler in transaction mode, such as PgBouncer: advisory
+//! locks belong to a server connection.
+//!
+//! # A lease table (`?mode=lease`)
+//!
+//! A lock is a row per holder in `distlock_leases`, with the time its lease
+//! ends by the server's clock. Acquire, release and renewal are each one
+//! statement (functions made on first use; acquire takes a transaction-scoped
+//! advisory lock on the key, prunes expired rows and grants if the mode
+//! allows), so the mode works through a pooler in transaction mode, and a
+//! lease outlives the connection it was taken on. Releases are announced
+//! with NOTIFY; waiters LISTEN on a connection of the store's and try again
+//! on a release or at the earliest holder's lease end. Exclusive, shared and
+//! semaphore modes; not FIFO, no writer preference, no lock-delay. Behind a
+//! transaction pooler LISTEN may not be delivered: waiters then rely on
+//! their timers.
+//!
+//! The two modes do not exclude each other: use one mode per key.
+//!
+//! # Fencing tokens
+//!
+//! In both modes the token comes from a table (`distlock_tokens`, made on
+//! first use) bumped in one statement, so tokens are committed and survive a
+//! restart of the server, and both modes draw from the same counters.
 
 mod advisory;
 mod connect;
@@ -135,12 +157,19 @@ impl PostgresStore {
                 leases.setup().await?;
                 Ok::<_, Error>(leases)
             };
-            Some(tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await.map_err(|_| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!("PostgreSQL at {target} did not answer in {:?}", CONNECT_TIMEOUT * 2),
-                )
-            })??)
+            Some(
+                tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
+                    .await
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "PostgreSQL at {target} did not answer in {:?}",
+                                CONNECT_TIMEOUT * 2
+                            ),
+                        )
+                    })??,
+            )
         } else {
             None
         };
@@ -187,7 +216,10 @@ impl LockStore for PostgresStore {
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
         if let Some(leases) = &self.leases {
-            return Ok(Box::new(lease::LeaseSession::new(Arc::clone(leases), options)));
+            return Ok(Box::new(lease::LeaseSession::new(
+                Arc::clone(leases),
+                options,
+            )));
         }
         let client = connect::open(&self.config, &self.target).await?;
         Ok(Box::new(advisory::AdvisorySession::new(

@@ -88,6 +88,19 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
             guard.release().await.expect("release");
         }
     }
+    // The lease table draws from the same counters.
+    {
+        let lease = client(&format!("{url}?mode=lease")).await;
+        let session = lease.session().open().await.expect("open");
+        let guard = session
+            .semaphore("faults/tokens", 2)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
     let server = server.crash_and_restart();
     let client = client(&server.url()).await;
     for _ in 0..3 {
@@ -105,6 +118,42 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "tokens went back: {tokens:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_outlives_its_connection_being_killed() {
+    // A server of its own: every distlock backend on it is terminated.
+    let server = Postgres::start();
+    let url = format!("{}?mode=lease", server.url());
+    let client = client(&url).await;
+    let session = client
+        .session()
+        .ttl(Duration::from_secs(2))
+        .open()
+        .await
+        .expect("open");
+    let guard = session
+        .lock("faults/lease")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    server.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'distlock' AND pid <> pg_backend_pid()",
+    );
+    // Past several renewals: the lease is in the table, and the store
+    // connects again to renew it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(guard.is_held(), "the lease was lost with its connection");
+    let other = client.session().open().await.expect("open");
+    assert!(other
+        .lock("faults/lease")
+        .try_lock()
+        .await
+        .expect("try")
+        .is_none());
+    guard.release().await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,12 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "postgres://USER:PASSWORD@HOST/DB",
         capabilities: distlock_postgres::PostgresStore::capabilities(),
     });
+    #[cfg(feature = "postgres")]
+    stores.push(StoreInfo {
+        scheme: "postgres",
+        example: "postgres://USER:PASSWORD@HOST/DB?mode=lease",
+        capabilities: distlock_postgres::PostgresStore::lease_capabilities(),
+    });
     stores
 }
 
@@ -79,7 +85,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
 /// | `redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` | one Redis server (TLS with `rediss`) |
 /// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
-/// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` | PostgreSQL advisory locks |
+/// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | PostgreSQL advisory locks, or a lease table |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
@@ -149,10 +155,12 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
             distlock_postgres::PostgresStore::connect(url).await?,
         )),
         scheme => {
-            let known: Vec<String> = stores()
+            let mut known: Vec<String> = stores()
                 .iter()
                 .map(|s| format!("{}://", s.scheme))
                 .collect();
+            // A store may be listed once per mode.
+            known.dedup();
             Err(Error::new(
                 ErrorKind::Config,
                 format!(
