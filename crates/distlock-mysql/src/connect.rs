@@ -1,0 +1,69 @@
+//! Connections, and the server's errors as distlock's.
+
+use distlock_core::{Error, ErrorKind};
+use mysql_async::{Conn, Opts, Pool};
+
+use crate::CONNECT_TIMEOUT;
+
+/// A connection of its own (a session's).
+pub(crate) async fn dedicated(opts: &Opts, target: &str) -> Result<Conn, Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(connect_error(target, &err)),
+        Err(_) => Err(no_answer(target)),
+    }
+}
+
+/// A connection from the store's pool.
+pub(crate) async fn pooled(pool: &Pool, target: &str) -> Result<Conn, Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, pool.get_conn()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(connect_error(target, &err)),
+        Err(_) => Err(no_answer(target)),
+    }
+}
+
+fn no_answer(target: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("cannot reach MySQL at {target} (no answer in {CONNECT_TIMEOUT:?}); check the URL and that the server runs"),
+    )
+}
+
+/// Why a connection could not be made, and what to do.
+fn connect_error(target: &str, err: &mysql_async::Error) -> Error {
+    match err {
+        // Access denied.
+        mysql_async::Error::Server(server) if server.code == 1045 => Error::new(
+            ErrorKind::Config,
+            format!(
+                "MySQL at {target} refused the login ({}); check the user and password in the URL",
+                server.message
+            ),
+        ),
+        // Unknown database.
+        mysql_async::Error::Server(server) if server.code == 1049 => Error::new(
+            ErrorKind::Config,
+            format!(
+                "MySQL at {target}: {}; create it or name another in the URL",
+                server.message
+            ),
+        ),
+        other => Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "cannot reach MySQL at {target} ({other}); check the URL and that the server runs"
+            ),
+        ),
+    }
+}
+
+/// An error of a statement on a connection that was up.
+pub(crate) fn query_error(target: &str, err: &mysql_async::Error) -> Error {
+    let kind = if err.is_fatal() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Store
+    };
+    Error::new(kind, format!("MySQL at {target}: {err}"))
+}

@@ -1,0 +1,289 @@
+//! Lease-table sessions (`?mode=lease`): a row per holder with the time its
+//! lease ends by the server's clock. Each change is a transaction that
+//! first locks the key's row in `distlock_keys`, so two acquires of one key
+//! take turns; releases and renewals name the holder, so no session touches
+//! another's hold. MySQL has no notifications: the core polls a busy key
+//! with jittered back-off.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use mysql_async::prelude::Queryable;
+use mysql_async::{IsolationLevel, Pool, TxOpts};
+use tokio::time::Instant;
+
+use crate::connect::{pooled, query_error};
+use crate::NEXT_TOKEN;
+
+pub(crate) const SETUP: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS distlock_keys (
+        key_hash BINARY(32) PRIMARY KEY
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS distlock_leases (
+        key_hash BINARY(32) NOT NULL,
+        holder VARCHAR(64) NOT NULL,
+        mode VARCHAR(16) NOT NULL,
+        expires_at DATETIME(6) NOT NULL,
+        PRIMARY KEY (key_hash, holder),
+        KEY (holder)
+    ) ENGINE=InnoDB",
+];
+
+pub(crate) struct LeaseSession {
+    pool: Pool,
+    target: String,
+    id: String,
+    ttl: Duration,
+    /// The holds of this session, by key: token and holder name.
+    held: Mutex<HashMap<String, (u64, String)>>,
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl LeaseSession {
+    pub(crate) fn new(pool: Pool, target: String, options: &SessionOptions) -> Self {
+        LeaseSession {
+            pool,
+            target,
+            id: format!("{:016x}", rand::random::<u64>()),
+            ttl: options.ttl,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, (u64, String)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, err: &mysql_async::Error) -> Error {
+        query_error(&self.target, err)
+    }
+
+    fn holder_of(&self, lock: &HeldLock) -> Option<String> {
+        self.held()
+            .get(&lock.key)
+            .filter(|(token, _)| *token == lock.token)
+            .map(|(_, holder)| holder.clone())
+    }
+
+    fn forget(&self, lock: &HeldLock) {
+        let mut held = self.held();
+        if held
+            .get(&lock.key)
+            .is_some_and(|(token, _)| *token == lock.token)
+        {
+            held.remove(&lock.key);
+        }
+    }
+
+    /// One try, in one transaction: `Some(token)` if granted.
+    async fn try_acquire(
+        &self,
+        key: &str,
+        mode: &str,
+        permits: u32,
+        holder: &str,
+    ) -> Result<Option<u64>> {
+        let mut conn = pooled(&self.pool, &self.target).await?;
+        // Read committed: no gap locks, so acquires of different keys never
+        // wait for each other.
+        let mut options = TxOpts::default();
+        options.with_isolation_level(IsolationLevel::ReadCommitted);
+        let mut tx = conn
+            .start_transaction(options)
+            .await
+            .map_err(|err| self.error(&err))?;
+        let run = async {
+            // Locks the key's row at once (an INSERT IGNORE then a SELECT
+            // … FOR UPDATE would take a shared lock first, and two acquires
+            // upgrading theirs deadlock).
+            tx.exec_drop(
+                "INSERT INTO distlock_keys (key_hash) VALUES (UNHEX(SHA2(?, 256)))
+                 ON DUPLICATE KEY UPDATE key_hash = key_hash",
+                (key,),
+            )
+            .await?;
+            tx.exec_drop(
+                "DELETE FROM distlock_leases
+                 WHERE key_hash = UNHEX(SHA2(?, 256)) AND expires_at <= NOW(6)",
+                (key,),
+            )
+            .await?;
+            let holders: Vec<String> = tx
+                .exec(
+                    "SELECT mode FROM distlock_leases WHERE key_hash = UNHEX(SHA2(?, 256))",
+                    (key,),
+                )
+                .await?;
+            Ok::<_, mysql_async::Error>(holders)
+        };
+        let holders = run.await.map_err(|err| self.error(&err))?;
+        if let Some(held) = holders.first() {
+            if mode.starts_with('p') && held.starts_with('p') && held != mode {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "cannot lock '{key}' as asked: the semaphore is held with {} permits, \
+                         not {permits}",
+                        &held[1..]
+                    ),
+                ));
+            }
+        }
+        let free = holders.is_empty()
+            || (mode == "s" && holders.iter().all(|held| held == "s"))
+            || (mode.starts_with('p')
+                && holders.iter().all(|held| held == mode)
+                && holders.len() < permits as usize);
+        if !free {
+            // Dropping the transaction rolls it back.
+            return Ok(None);
+        }
+        let grant = async {
+            tx.exec_drop(
+                "INSERT INTO distlock_leases (key_hash, holder, mode, expires_at)
+                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, NOW(6) + INTERVAL ? MICROSECOND)",
+                (key, holder, mode, micros(self.ttl)),
+            )
+            .await?;
+            tx.exec_drop(NEXT_TOKEN, (key,)).await?;
+            let token = tx.last_insert_id();
+            tx.commit().await?;
+            Ok::<_, mysql_async::Error>(token)
+        };
+        let token = grant.await.map_err(|err| self.error(&err))?;
+        token.map(Some).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Store,
+                format!("MySQL at {} returned no token", self.target),
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl StoreSession for LeaseSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let (mode, permits) = match request.mode {
+            Mode::Exclusive => ("x".to_owned(), 0),
+            Mode::Shared => ("s".to_owned(), 0),
+            Mode::Semaphore { permits } => (format!("p{permits}"), permits),
+        };
+        let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
+        let mut attempts = 0;
+        let (sent, granted) = loop {
+            let sent = Instant::now();
+            match self
+                .try_acquire(&request.key, &mode, permits, &holder)
+                .await
+            {
+                Ok(granted) => break (sent, granted),
+                // A deadlock the server broke by rolling this one back.
+                Err(err) if attempts < 3 && err.to_string().contains("(40001)") => attempts += 1,
+                Err(err) => return Err(err),
+            }
+        };
+        Ok(granted.map(|token| {
+            self.held().insert(request.key.clone(), (token, holder));
+            Grant::new(token).with_lease_from(sent)
+        }))
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let Some(holder) = self.holder_of(held) else {
+            return Err(not_held(&held.key));
+        };
+        let mut conn = pooled(&self.pool, &self.target).await?;
+        conn.exec_drop(
+            "DELETE FROM distlock_leases
+             WHERE key_hash = UNHEX(SHA2(?, 256)) AND holder = ? AND expires_at > NOW(6)",
+            (&held.key, &holder),
+        )
+        .await
+        .map_err(|err| self.error(&err))?;
+        let released = conn.affected_rows() == 1;
+        self.forget(held);
+        if released {
+            Ok(())
+        } else {
+            Err(not_held(&held.key))
+        }
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        if held.is_empty() {
+            return Ok(RenewReport::all_held());
+        }
+        let holders: Vec<(String, String)> = held
+            .iter()
+            .map(|lock| (lock.key.clone(), self.holder_of(lock).unwrap_or_default()))
+            .collect();
+        let list = vec!["?"; holders.len()].join(", ");
+        let names: Vec<mysql_async::Value> = holders
+            .iter()
+            .map(|(_, holder)| holder.clone().into())
+            .collect();
+        let mut conn = pooled(&self.pool, &self.target).await?;
+        let mut extend = vec![mysql_async::Value::from(micros(self.ttl))];
+        extend.extend(names.iter().cloned());
+        conn.exec_drop(
+            format!(
+                "UPDATE distlock_leases SET expires_at = NOW(6) + INTERVAL ? MICROSECOND
+                 WHERE holder IN ({list}) AND expires_at > NOW(6)"
+            ),
+            mysql_async::Params::Positional(extend),
+        )
+        .await
+        .map_err(|err| self.error(&err))?;
+        let kept: Vec<String> = conn
+            .exec(
+                format!(
+                    "SELECT holder FROM distlock_leases
+                     WHERE holder IN ({list}) AND expires_at > NOW(6)"
+                ),
+                mysql_async::Params::Positional(names),
+            )
+            .await
+            .map_err(|err| self.error(&err))?;
+        let mut lost = Vec::new();
+        for (lock, (_, holder)) in held.iter().zip(&holders) {
+            if !kept.contains(holder) {
+                self.forget(lock);
+                lost.push(lock.key.clone());
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let holders: Vec<String> = self.held().drain().map(|(_, (_, holder))| holder).collect();
+        if holders.is_empty() {
+            return Ok(());
+        }
+        let list = vec!["?"; holders.len()].join(", ");
+        let names: Vec<mysql_async::Value> = holders.into_iter().map(Into::into).collect();
+        let mut conn = pooled(&self.pool, &self.target).await?;
+        conn.exec_drop(
+            format!("DELETE FROM distlock_leases WHERE holder IN ({list})"),
+            mysql_async::Params::Positional(names),
+        )
+        .await
+        .map_err(|err| self.error(&err))?;
+        Ok(())
+    }
+}
+
+fn not_held(key: &str) -> Error {
+    Error::new(
+        ErrorKind::NotHeld,
+        format!("this session does not hold '{key}' (released, or its lease ran out)"),
+    )
+}

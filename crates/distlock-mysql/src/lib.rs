@@ -1,0 +1,226 @@
+//! The MySQL and MariaDB store: `mysql://USER[:PASSWORD]@HOST[:PORT]/DB`.
+//!
+//! # Named locks (the default)
+//!
+//! Each session is a dedicated connection, and its locks are the server's
+//! named locks of that connection: `GET_LOCK(name, timeout)` and
+//! `RELEASE_LOCK(name)`, exclusive only. A name longer than the server's 64
+//! characters is shortened to a hash of it (FNV-1a, 64 bits) and its first
+//! characters: two names that collide share one lock, which can make one
+//! wait for the other but never lets two hold either at once.
+//!
+//! A waiting acquire waits in the server, bounded by its timeout; an
+//! acquire dropped while it waits has its query killed (`KILL QUERY` from a
+//! connection of the store's) and the lock released if it came first. One
+//! session's acquires take turns on its connection. Losing the connection is
+//! losing the locks: the server frees them at once, and the client finds out
+//! from a ping at a third of the session's TTL (or the next command), and
+//! reports `lost()`.
+//!
+//! Not given: shared locks and semaphores, FIFO order, leases (a frozen
+//! client keeps its locks while its connection lives), lock-delay.
+//!
+//! # A lease table (`?mode=lease`)
+//!
+//! The classic table lock, done right: a row per holder with the time its
+//! lease ends by the server's clock, changed only in transactions that
+//! first lock the key's row in a table of keys (so two acquires of one key
+//! take turns), with owner-checked release and renewal. Exclusive, shared
+//! and semaphore modes. MySQL has no notifications, so a waiter is polled
+//! by the core with jittered exponential back-off (1 to 50 ms). The two
+//! modes do not exclude each other: use one mode per key.
+//!
+//! # Fencing tokens
+//!
+//! In both modes the token comes from `distlock_tokens` (made on first use),
+//! a row per key (by the SHA-256 of its name) bumped with
+//! `LAST_INSERT_ID(token + 1)` in one statement, so tokens are committed
+//! (with InnoDB) and survive a restart of the server.
+
+mod connect;
+mod lease;
+mod named;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Opts, OptsBuilder, Pool};
+use url::Url;
+
+/// How long connecting may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TOKENS: &str = "CREATE TABLE IF NOT EXISTS distlock_tokens (
+    key_hash BINARY(32) PRIMARY KEY,
+    token BIGINT UNSIGNED NOT NULL
+) ENGINE=InnoDB";
+
+const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, token)
+    VALUES (UNHEX(SHA2(?, 256)), LAST_INSERT_ID(1))
+    ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)";
+
+/// A store on one MySQL or MariaDB database.
+pub struct MysqlStore {
+    opts: Opts,
+    target: String,
+    /// Short statements: tokens, `KILL QUERY`, the lease table.
+    pool: Pool,
+    lease: bool,
+}
+
+impl std::fmt::Debug for MysqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlStore")
+            .field("target", &self.target)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+impl MysqlStore {
+    /// Connects to the database a `mysql://` URL names, and makes the token
+    /// table (and in lease mode the lease tables) if they are not there.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let usage = "write mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+        let parsed = Url::parse(url)
+            .map_err(|err| config_error(format!("cannot parse '{url}': {err}; {usage}")))?;
+        let host = parsed
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?
+            .to_owned();
+        let mut plain = parsed.clone();
+        let mut others = Vec::new();
+        let mut lease = false;
+        for (key, value) in parsed.query_pairs() {
+            match (&*key, &*value) {
+                ("mode", "named") => lease = false,
+                ("mode", "lease") => lease = true,
+                ("mode", other) => {
+                    return Err(config_error(format!(
+                        "'{url}' asks for mode '{other}'; write mode=named (the default) or \
+                         mode=lease"
+                    )))
+                }
+                _ => others.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        plain.set_query(None);
+        if !others.is_empty() {
+            plain.query_pairs_mut().extend_pairs(others);
+        }
+        let opts = Opts::from_url(plain.as_str())
+            .map_err(|err| config_error(format!("'{url}' is not a usable MySQL URL: {err}")))?;
+        let opts: Opts = OptsBuilder::from_opts(opts)
+            .tcp_keepalive(Some(Duration::from_secs(5)))
+            .prefer_socket(false)
+            .into();
+        let database = parsed.path().trim_start_matches('/');
+        let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(3306));
+        let pool = Pool::new(opts.clone());
+        let store = MysqlStore {
+            opts,
+            target,
+            pool,
+            lease,
+        };
+        let setup = async {
+            let mut conn = connect::pooled(&store.pool, &store.target).await?;
+            conn.query_drop(TOKENS)
+                .await
+                .map_err(|err| connect::query_error(&store.target, &err))?;
+            if lease {
+                for statement in lease::SETUP {
+                    conn.query_drop(*statement)
+                        .await
+                        .map_err(|err| connect::query_error(&store.target, &err))?;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "MySQL at {} did not answer in {:?}",
+                        store.target,
+                        CONNECT_TIMEOUT * 2
+                    ),
+                )
+            })??;
+        Ok(store)
+    }
+
+    /// What named locks give.
+    pub fn capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("mysql");
+        capabilities.push_wakeup = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.session = SessionModel::Connection;
+        capabilities
+    }
+
+    /// What the lease table gives (`?mode=lease`).
+    pub fn lease_capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("mysql");
+        capabilities.shared = true;
+        capabilities.semaphore = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.lease_expiry = true;
+        capabilities.session = SessionModel::Lease;
+        capabilities
+    }
+}
+
+/// The next fencing token of `key`.
+pub(crate) async fn next_token(pool: &Pool, target: &str, key: &str) -> Result<u64> {
+    let mut conn = connect::pooled(pool, target).await?;
+    conn.exec_drop(NEXT_TOKEN, (key,))
+        .await
+        .map_err(|err| connect::query_error(target, &err))?;
+    conn.last_insert_id().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Store,
+            format!("MySQL at {target} returned no token"),
+        )
+    })
+}
+
+#[async_trait]
+impl LockStore for MysqlStore {
+    fn capabilities(&self) -> Capabilities {
+        if self.lease {
+            MysqlStore::lease_capabilities()
+        } else {
+            MysqlStore::capabilities()
+        }
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        if self.lease {
+            return Ok(Box::new(lease::LeaseSession::new(
+                self.pool.clone(),
+                self.target.clone(),
+                options,
+            )));
+        }
+        let conn = connect::dedicated(&self.opts, &self.target).await?;
+        Ok(Box::new(named::NamedSession::new(
+            conn,
+            self.pool.clone(),
+            self.target.clone(),
+            options.ttl,
+        )))
+    }
+}

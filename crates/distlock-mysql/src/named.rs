@@ -1,0 +1,274 @@
+//! Named-lock sessions: a dedicated connection each, whose `GET_LOCK` locks
+//! are the session's locks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{AcquireRequest, Grant, HeldLock, Mode, RenewReport, StoreSession};
+use distlock_core::{Error, ErrorKind, Result};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Pool};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
+use tokio::time::Instant;
+
+use crate::connect::query_error;
+use crate::next_token;
+
+/// The longest lock name the server takes, in characters.
+const MAX_NAME: usize = 64;
+
+/// The server's name for lock `key`: `dl:KEY`, or, when that is too long,
+/// `dl#HASH#` and the first characters of the key.
+pub(crate) fn lock_name(key: &str) -> String {
+    if key.chars().count() + 3 <= MAX_NAME {
+        return format!("dl:{key}");
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let head: String = key.chars().take(MAX_NAME - 20).collect();
+    format!("dl#{hash:016x}#{head}")
+}
+
+/// The connection, taken in turns; `None` once it broke.
+type Turn = Arc<Mutex<Option<Conn>>>;
+
+pub(crate) struct NamedSession {
+    conn: Turn,
+    /// The server's id of the connection, for `KILL QUERY`.
+    id: u32,
+    pool: Pool,
+    target: String,
+    ttl: Duration,
+}
+
+impl NamedSession {
+    pub(crate) fn new(conn: Conn, pool: Pool, target: String, ttl: Duration) -> Self {
+        NamedSession {
+            id: conn.id(),
+            conn: Arc::new(Mutex::new(Some(conn))),
+            pool,
+            target,
+            ttl,
+        }
+    }
+
+    fn lost(&self) -> Error {
+        Error::new(
+            ErrorKind::Lost,
+            format!(
+                "the connection to MySQL at {} is gone, and with it every lock of the session",
+                self.target
+            ),
+        )
+    }
+
+    /// A failed statement; a broken connection is forgotten.
+    fn failed(&self, conn: &mut Option<Conn>, err: &mysql_async::Error) -> Error {
+        if err.is_fatal() {
+            conn.take();
+            self.lost()
+        } else {
+            query_error(&self.target, err)
+        }
+    }
+}
+
+/// Takes the lock in a task of its own, so that the query is never dropped
+/// half-way (which would break the connection); hands the answer over, or
+/// gives the lock back if nobody takes the answer.
+async fn get_lock(
+    mut turn: OwnedMutexGuard<Option<Conn>>,
+    name: String,
+    timeout: f64,
+    waiting: Arc<AtomicBool>,
+    answer: oneshot::Sender<std::result::Result<bool, mysql_async::Error>>,
+) {
+    let Some(conn) = turn.as_mut() else {
+        waiting.store(false, Ordering::SeqCst);
+        return;
+    };
+    let got: std::result::Result<Option<Option<i64>>, _> = conn
+        .exec_first("SELECT GET_LOCK(?, ?)", (&name, timeout))
+        .await;
+    waiting.store(false, Ordering::SeqCst);
+    let got = got.map(|row| row == Some(Some(1)));
+    if got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
+        turn.take();
+    }
+    if let Err(Ok(true)) = answer.send(got) {
+        // Nobody waits for it any more.
+        if let Some(conn) = turn.as_mut() {
+            let _: std::result::Result<Option<Option<i64>>, _> =
+                conn.exec_first("SELECT RELEASE_LOCK(?)", (&name,)).await;
+        }
+    }
+}
+
+/// An acquire under way. Dropped before it is done, it stops the wait
+/// (`KILL QUERY` while the lock is still awaited) and gives back the lock
+/// if it came.
+struct Pending {
+    answer: oneshot::Receiver<std::result::Result<bool, mysql_async::Error>>,
+    waiting: Arc<AtomicBool>,
+    /// The lock came and is not handed on yet.
+    held: bool,
+    done: bool,
+    conn: Turn,
+    pool: Pool,
+    id: u32,
+    name: String,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.waiting.load(Ordering::SeqCst) {
+            let (pool, id) = (self.pool.clone(), self.id);
+            runtime.spawn(async move {
+                if let Ok(mut killer) = pool.get_conn().await {
+                    let _ = killer.query_drop(format!("KILL QUERY {id}")).await;
+                }
+            });
+        }
+        self.answer.close();
+        let came = self.held || matches!(self.answer.try_recv(), Ok(Ok(true)));
+        if came {
+            // Named locks count per connection: releasing once undoes this
+            // grant even if a later acquire took the name again.
+            let (conn, name) = (Arc::clone(&self.conn), std::mem::take(&mut self.name));
+            runtime.spawn(async move {
+                let mut turn = conn.lock().await;
+                if let Some(conn) = turn.as_mut() {
+                    let _: std::result::Result<Option<Option<i64>>, _> =
+                        conn.exec_first("SELECT RELEASE_LOCK(?)", (&name,)).await;
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl StoreSession for NamedSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        if request.mode != Mode::Exclusive {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "MySQL named locks are exclusive only; use a mysql://…?mode=lease URL for \
+                 shared locks and semaphores",
+            ));
+        }
+        let name = lock_name(&request.key);
+        let timeout = match request.wait_until {
+            None => 0.0,
+            Some(until) => {
+                // Whole milliseconds, rounded up, so that the wait never ends
+                // early.
+                let left = until.saturating_duration_since(Instant::now());
+                (left.as_millis() + 1) as f64 / 1000.0
+            }
+        };
+        let turn = Arc::clone(&self.conn).lock_owned().await;
+        if turn.is_none() {
+            return Err(self.lost());
+        }
+        let (answer, answered) = oneshot::channel();
+        let waiting = Arc::new(AtomicBool::new(true));
+        tokio::spawn(get_lock(
+            turn,
+            name.clone(),
+            timeout,
+            Arc::clone(&waiting),
+            answer,
+        ));
+        let mut pending = Pending {
+            answer: answered,
+            waiting,
+            held: false,
+            done: false,
+            conn: Arc::clone(&self.conn),
+            pool: self.pool.clone(),
+            id: self.id,
+            name,
+        };
+        let got = match (&mut pending.answer).await {
+            Ok(Ok(got)) => got,
+            Ok(Err(err)) => {
+                pending.done = true;
+                return Err(if err.is_fatal() {
+                    self.lost()
+                } else {
+                    query_error(&self.target, &err)
+                });
+            }
+            Err(_) => {
+                pending.done = true;
+                return Err(self.lost());
+            }
+        };
+        if !got {
+            pending.done = true;
+            return Ok(None);
+        }
+        pending.held = true;
+        // If this fails or is dropped, the pending acquire gives it back.
+        let token = next_token(&self.pool, &self.target, &request.key).await?;
+        pending.done = true;
+        Ok(Some(Grant::new(token)))
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let mut turn = self.conn.lock().await;
+        let Some(conn) = turn.as_mut() else {
+            return Err(self.lost());
+        };
+        let released: std::result::Result<Option<Option<i64>>, _> = conn
+            .exec_first("SELECT RELEASE_LOCK(?)", (lock_name(&held.key),))
+            .await;
+        match released {
+            Ok(Some(Some(1))) => Ok(()),
+            Ok(_) => Err(Error::new(
+                ErrorKind::NotHeld,
+                format!("this session does not hold '{}'", held.key),
+            )),
+            Err(err) => Err(self.failed(&mut turn, &err)),
+        }
+    }
+
+    async fn renew(&self, _held: &[HeldLock]) -> Result<RenewReport> {
+        // A ping when the connection is free; a wait holds it, and ends
+        // with an error if the connection breaks.
+        let Ok(mut turn) = self.conn.try_lock() else {
+            return Ok(RenewReport::all_held());
+        };
+        let Some(conn) = turn.as_mut() else {
+            return Err(self.lost());
+        };
+        match tokio::time::timeout(self.ttl / 3, conn.ping()).await {
+            Ok(Ok(())) => Ok(RenewReport::all_held()),
+            Ok(Err(err)) => Err(self.failed(&mut turn, &err)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("MySQL at {} did not answer a ping", self.target),
+            )),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let mut turn = self.conn.lock().await;
+        if let Some(conn) = turn.as_mut() {
+            let _ = conn.query_drop("SELECT RELEASE_ALL_LOCKS()").await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The conformance suite against a real MariaDB, named-lock mode.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Mariadb;
+use distlock_core::Client;
+use distlock_mysql::MysqlStore;
+
+async fn connect() -> Client {
+    let store = MysqlStore::connect(&Mariadb::shared().url())
+        .await
+        .expect("connect to the test's MariaDB");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);

@@ -1,0 +1,19 @@
+//! The conformance suite against a real MariaDB, lease-table mode.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Mariadb;
+use distlock_core::Client;
+use distlock_mysql::MysqlStore;
+
+async fn connect() -> Client {
+    let url = format!("{}?mode=lease", Mariadb::shared().url());
+    let store = MysqlStore::connect(&url)
+        .await
+        .expect("connect to the test's MariaDB");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
