@@ -1,0 +1,175 @@
+//! MySQL/MariaDB when things go wrong: a holder's connection killed, the
+//! server crashed and restarted, and bad URLs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Mariadb, DATABASE, PASSWORD, USER};
+use distlock_core::{Client, ErrorKind};
+use distlock_mysql::MysqlStore;
+use tokio::time::timeout;
+
+async fn client(url: &str) -> Client {
+    Client::new(Arc::new(MysqlStore::connect(url).await.expect("connect")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_holders_connection_fires_lost_and_frees_the_lock_for_the_waiter() {
+    let server = Mariadb::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/kill";
+    let holder = client
+        .session()
+        .ttl(Duration::from_secs(3))
+        .open()
+        .await
+        .expect("open");
+    let guard = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter
+            .lock(key)
+            .wait(Duration::from_secs(60))
+            .await
+            .expect("the waiter gets the lock");
+        guard.token()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let owner = server.sql(&format!("SELECT IS_USED_LOCK('dl:{key}')"));
+    assert_ne!(owner, "NULL", "the lock is held");
+    server.sql(&format!("KILL CONNECTION {owner}"));
+    timeout(Duration::from_secs(20), guard.lost())
+        .await
+        .expect("lost() fires after the connection is killed");
+    let next = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter is granted")
+        .expect("waiter task");
+    assert!(next > guard.token());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
+    let server = Mariadb::start();
+    let url = server.url();
+    let mut tokens = Vec::new();
+    for lease in [false, true, false] {
+        let url = if lease {
+            format!("{url}?mode=lease")
+        } else {
+            url.clone()
+        };
+        let client = client(&url).await;
+        for _ in 0..3 {
+            let session = client.session().open().await.expect("open");
+            let guard = session
+                .lock("faults/tokens")
+                .try_lock()
+                .await
+                .expect("try")
+                .expect("free");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
+    }
+    let server = server.crash_and_restart();
+    let client = client(&server.url()).await;
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/tokens")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
+    let server = Mariadb::shared();
+    let port = server.port();
+    let started = tokio::time::Instant::now();
+
+    let wrong = format!("mysql://{USER}:guess@127.0.0.1:{port}/{DATABASE}");
+    let err = MysqlStore::connect(&wrong)
+        .await
+        .expect_err("wrong password");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("password"), "{err}");
+
+    let missing = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/nowhere");
+    let err = MysqlStore::connect(&missing)
+        .await
+        .expect_err("no database");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("nowhere"), "{err}");
+
+    // A port that speaks something else.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let err = MysqlStore::connect(&format!("mysql://u:p@127.0.0.1:{other}/db"))
+        .await
+        .expect_err("not MySQL");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+
+    let dead = distlock_core::testkit::daemon::free_port();
+    let err = MysqlStore::connect(&format!("mysql://u:p@127.0.0.1:{dead}/db"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("cannot reach MySQL"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let err = MysqlStore::connect(&format!("{}?mode=sideways", server.url()))
+        .await
+        .expect_err("unknown mode");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+
+    // The longest key a lock may have works, in both modes (hashed to the
+    // server's 64 characters for named locks).
+    for url in [server.url(), format!("{}?mode=lease", server.url())] {
+        let client = client(&url).await;
+        let session = client.session().open().await.expect("open");
+        let longest = "ü".repeat(distlock_core::MAX_KEY_BYTES / 2);
+        let guard = session
+            .lock(&longest)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        let other = client.session().open().await.expect("open");
+        assert!(other
+            .lock(&longest)
+            .try_lock()
+            .await
+            .expect("try")
+            .is_none());
+        guard.release().await.expect("release");
+    }
+}
