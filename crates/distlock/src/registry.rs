@@ -72,6 +72,18 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "postgres://USER:PASSWORD@HOST/DB?mode=lease",
         capabilities: distlock_postgres::PostgresStore::lease_capabilities(),
     });
+    #[cfg(feature = "mysql")]
+    stores.push(StoreInfo {
+        scheme: "mysql",
+        example: "mysql://USER:PASSWORD@HOST/DB",
+        capabilities: distlock_mysql::MysqlStore::capabilities(),
+    });
+    #[cfg(feature = "mysql")]
+    stores.push(StoreInfo {
+        scheme: "mysql",
+        example: "mysql://USER:PASSWORD@HOST/DB?mode=lease",
+        capabilities: distlock_mysql::MysqlStore::lease_capabilities(),
+    });
     stores
 }
 
@@ -86,6 +98,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` | one Redis server (TLS with `rediss`) |
 /// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
 /// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | PostgreSQL advisory locks, or a lease table |
+/// | `mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | MySQL/MariaDB named locks, or a lease table |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
@@ -154,6 +167,8 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
         "postgres" | "postgresql" => Ok(Arc::new(
             distlock_postgres::PostgresStore::connect(url).await?,
         )),
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => Ok(Arc::new(distlock_mysql::MysqlStore::connect(url).await?)),
         scheme => {
             let mut known: Vec<String> = stores()
                 .iter()
