@@ -28,6 +28,10 @@ pub(crate) fn lock_id(name: &str) -> i64 {
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
+/// The longest a wait holds the session's connection at a time (and at
+/// most a quarter of the session's TTL, so that renewals get their turn).
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) struct AdvisorySession {
     client: Arc<Client>,
     /// One command at a time: a wait holds the connection, and a dropped
@@ -40,6 +44,15 @@ pub(crate) struct AdvisorySession {
 }
 
 impl AdvisorySession {
+    /// Readies a session's connection: no statement timeout (a server-wide
+    /// one would end long waits as errors).
+    pub(crate) async fn prepare(client: &Client, target: &str) -> Result<()> {
+        client
+            .batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(|err| query_error(target, &err))
+    }
+
     pub(crate) fn new(client: Client, tokens: Arc<Tokens>, target: String, ttl: Duration) -> Self {
         AdvisorySession {
             client: Arc::new(client),
@@ -89,6 +102,8 @@ struct Cleanup {
     cancel: CancelToken,
     unlock: &'static str,
     id: i64,
+    /// The lock query has not answered yet.
+    pending: bool,
 }
 
 impl Cleanup {
@@ -128,28 +143,16 @@ impl StoreSession for AdvisorySession {
         if self.client.is_closed() {
             return Err(self.lost());
         }
-        let cleanup = Cleanup {
-            turn: Some(turn),
-            client: Arc::clone(&self.client),
-            cancel: self.client.cancel_token(),
-            unlock,
-            id,
-        };
-        let got = match request.wait_until {
-            None => {
-                let row = self
-                    .client
-                    .query_one(try_lock, &[&id])
-                    .await
-                    .map_err(|err| query_error(&self.target, &err))?;
-                row.get::<_, bool>(0)
-            }
+        // A wait takes at most a slice of time on the connection, so that the
+        // session's releases, renewals and other acquires get their turn in
+        // between; the core asks again until its deadline.
+        let lock_query = match request.wait_until {
+            None => try_lock,
             Some(until) => {
-                // Rounded up, so that the wait never ends early; at most
-                // what lock_timeout takes (about 24 days: the core asks
-                // again after a longer one).
                 let left = until.saturating_duration_since(Instant::now());
-                let ms = (left.as_millis() + 1).min(i32::MAX as u128);
+                // Rounded up, so that a wait never ends early.
+                let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
+                let ms = (left.as_millis() + 1).min(slice.as_millis());
                 self.client
                     .query_one(
                         "SELECT set_config('lock_timeout', $1, false)",
@@ -157,11 +160,28 @@ impl StoreSession for AdvisorySession {
                     )
                     .await
                     .map_err(|err| query_error(&self.target, &err))?;
-                match self.client.query_one(lock, &[&id]).await {
-                    Ok(_) => true,
-                    Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
-                    Err(err) => return Err(query_error(&self.target, &err)),
-                }
+                lock
+            }
+        };
+        // Armed only now: an unlock without a lock query could release a
+        // hold of this session under a colliding name.
+        let mut cleanup = Cleanup {
+            turn: Some(turn),
+            client: Arc::clone(&self.client),
+            cancel: self.client.cancel_token(),
+            unlock,
+            id,
+            pending: true,
+        };
+        let answer = self.client.query_one(lock_query, &[&id]).await;
+        cleanup.pending = false;
+        let got = match answer {
+            Ok(row) if lock_query == try_lock => row.get::<_, bool>(0),
+            Ok(_) => true,
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
+            Err(err) => {
+                // Whatever the query did, the clean-up undoes it.
+                return Err(query_error(&self.target, &err));
             }
         };
         if !got {
@@ -206,21 +226,24 @@ impl StoreSession for AdvisorySession {
         if self.client.is_closed() {
             return Err(self.lost());
         }
-        // A keep-alive query when the connection is free (a wait holds it,
-        // and then TCP keep-alive watches the connection).
-        if let Ok(_turn) = self.turn.try_lock() {
-            let probe = tokio::time::timeout(self.ttl / 3, self.client.simple_query("SELECT 1"));
-            match probe.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) if err.is_closed() => return Err(self.lost()),
-                Ok(Err(err)) => return Err(query_error(&self.target, &err)),
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        format!("PostgreSQL at {} did not answer a keep-alive", self.target),
-                    ))
-                }
-            }
+        // A keep-alive query, on the connection's turn: waits take it for a
+        // second at most. Without an answer in time the locks are not
+        // counted as renewed (the core asks again until the lease ends).
+        let no_answer = || {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("PostgreSQL at {} did not answer a keep-alive", self.target),
+            )
+        };
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
+        let _turn = tokio::time::timeout_at(deadline, self.turn.lock())
+            .await
+            .map_err(|_| no_answer())?;
+        match tokio::time::timeout_at(deadline, self.client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) if err.is_closed() => return Err(self.lost()),
+            Ok(Err(err)) => return Err(query_error(&self.target, &err)),
+            Err(_) => return Err(no_answer()),
         }
         if self.client.is_closed() {
             return Err(self.lost());

@@ -6,9 +6,20 @@ use tokio_postgres::{Client, Config, NoTls};
 
 /// Opens a connection; its driver runs in a task that ends when it closes.
 pub(crate) async fn open(config: &Config, target: &str) -> Result<Client, Error> {
-    let (client, connection) = config
-        .connect(NoTls)
+    // The whole start-up, not only the TCP connect the config bounds.
+    let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
+    let (client, connection) = connecting
         .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "PostgreSQL at {target} did not finish connecting in {:?}; check the URL \
+                     and that the server runs",
+                    crate::CONNECT_TIMEOUT
+                ),
+            )
+        })?
         .map_err(|err| connect_error(target, &err))?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS distlock_leases (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (key, holder)
 );
+CREATE INDEX IF NOT EXISTS distlock_leases_holder ON distlock_leases (holder);
 CREATE OR REPLACE FUNCTION distlock_acquire(
     lock_key text, lock_holder text, lock_mode text, lock_permits int, ttl_ms bigint,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
@@ -41,6 +42,13 @@ DECLARE
     holders int;
     first_end timestamptz;
 BEGIN
+    -- Under a snapshot older than the lock below, a holder that just
+    -- committed would go unseen.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'distlock lease mode needs read committed transactions, not %',
+            current_setting('transaction_isolation')
+            USING HINT = 'ALTER ROLE ... SET default_transaction_isolation = ''read committed''';
+    END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('distlock:' || lock_key, 0));
     DELETE FROM distlock_leases WHERE key = lock_key AND expires_at <= clock_timestamp();
     SELECT min(l.mode), count(*), min(l.expires_at) INTO held_mode, holders, first_end
@@ -268,6 +276,14 @@ impl StoreSession for LeaseSession {
                 notified
             });
             let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
+            // Dropped before the answer, the statement may still commit:
+            // the hold is given back by name.
+            let mut undo = Undo {
+                leases: Arc::clone(&self.leases),
+                key: request.key.clone(),
+                holder: holder.clone(),
+                armed: true,
+            };
             let sent = Instant::now();
             let row = self
                 .leases
@@ -282,6 +298,7 @@ impl StoreSession for LeaseSession {
                 .map_err(|err| self.error(&err))?;
             let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
+            undo.armed = false;
             if let Some(conflict) = conflict {
                 return Err(Error::new(
                     ErrorKind::Conflict,
@@ -365,6 +382,38 @@ impl StoreSession for LeaseSession {
                 .await;
         }
         Ok(())
+    }
+}
+
+/// Gives back, in the background, a hold whose acquire was dropped or
+/// failed after its statement was sent.
+struct Undo {
+    leases: Arc<Leases>,
+    key: String,
+    holder: String,
+    armed: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let leases = Arc::clone(&self.leases);
+        let (key, holder) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.holder),
+        );
+        runtime.spawn(async move {
+            if let Ok(client) = leases.client().await {
+                let _ = client
+                    .query_one("SELECT distlock_release($1, $2)", &[&key, &holder])
+                    .await;
+            }
+        });
     }
 }
 

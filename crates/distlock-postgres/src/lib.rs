@@ -10,10 +10,11 @@
 //! names share one lock: one may wait for the other, but exclusion is never
 //! broken.
 //!
-//! A waiting acquire waits in the server, bounded by `lock_timeout`; an
-//! acquire dropped while it waits has its query cancelled, and the lock
-//! released if it came first. One session's acquires take turns on its
-//! connection. Losing the connection is losing the locks: the server frees
+//! A waiting acquire waits in the server, bounded by `lock_timeout`, in
+//! slices of at most a second (and a quarter of the session's TTL), so that
+//! the session's releases, renewals and other acquires take their turns on
+//! its connection in between; an acquire dropped while it waits has its
+//! query cancelled, and the lock released if it came first. Losing the connection is losing the locks: the server frees
 //! them at once, and the client finds out from the connection closing, from
 //! a keep-alive query at a third of the session's TTL, and from TCP
 //! keep-alive, and reports `lost()`.
@@ -30,8 +31,11 @@
 //! ends by the server's clock. Acquire, release and renewal are each one
 //! statement (functions made on first use; acquire takes a transaction-scoped
 //! advisory lock on the key, prunes expired rows and grants if the mode
-//! allows), so the mode works through a pooler in transaction mode, and a
-//! lease outlives the connection it was taken on. Releases are announced
+//! allows, and needs READ COMMITTED, the default), so a lease outlives the
+//! connection it was taken on and the mode can run through a pooler in
+//! transaction mode, if the pooler keeps prepared statements (PgBouncer
+//! 1.21 or later with `max_prepared_statements`). The first connect makes
+//! the tables and functions, which needs the right to create them. Releases are announced
 //! with NOTIFY; waiters LISTEN on a connection of the store's and try again
 //! on a release or at the earliest holder's lease end. Exclusive, shared and
 //! semaphore modes; not FIFO, no writer preference, no lock-delay. Behind a
@@ -134,6 +138,8 @@ impl PostgresStore {
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3)
+            // Unacknowledged data gives up after this, not TCP's 15 minutes.
+            .tcp_user_timeout(Duration::from_secs(15))
             .application_name("distlock");
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(5432));
@@ -222,6 +228,7 @@ impl LockStore for PostgresStore {
             )));
         }
         let client = connect::open(&self.config, &self.target).await?;
+        advisory::AdvisorySession::prepare(&client, &self.target).await?;
         Ok(Box::new(advisory::AdvisorySession::new(
             client,
             Arc::clone(&self.tokens),
