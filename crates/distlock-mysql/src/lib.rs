@@ -9,10 +9,12 @@
 //! characters: two names that collide share one lock, which can make one
 //! wait for the other but never lets two hold either at once.
 //!
-//! A waiting acquire waits in the server, bounded by its timeout; an
-//! acquire dropped while it waits has its query killed (`KILL QUERY` from a
-//! connection of the store's) and the lock released if it came first. One
-//! session's acquires take turns on its connection. Losing the connection is
+//! A waiting acquire waits in the server, in slices of at most a second
+//! (and a quarter of the session's TTL), so that the session's releases,
+//! renewals and other acquires take their turns on its connection in
+//! between; an acquire dropped while it waits has its query killed
+//! (`KILL QUERY` from a connection of the store's) and the lock released if
+//! it came first. Losing the connection is
 //! losing the locks: the server frees them at once, and the client finds out
 //! from a ping at a third of the session's TTL (or the next command), and
 //! reports `lost()`.

@@ -35,6 +35,10 @@ pub(crate) fn lock_name(key: &str) -> String {
     format!("dl#{hash:016x}#{head}")
 }
 
+/// The longest a wait holds the session's connection at a time (and at
+/// most a quarter of the session's TTL).
+const WAIT_SLICE: Duration = Duration::from_secs(1);
+
 /// The connection, taken in turns; `None` once it broke.
 type Turn = Arc<Mutex<Option<Conn>>>;
 
@@ -173,9 +177,12 @@ impl StoreSession for NamedSession {
             None => 0.0,
             Some(until) => {
                 // Whole milliseconds, rounded up, so that the wait never ends
-                // early.
+                // early; in slices, so that the session's releases and
+                // renewals get their turn on the connection in between (the
+                // core asks again until its deadline).
                 let left = until.saturating_duration_since(Instant::now());
-                (left.as_millis() + 1) as f64 / 1000.0
+                let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
+                (left.as_millis() + 1).min(slice.as_millis()) as f64 / 1000.0
             }
         };
         let turn = Arc::clone(&self.conn).lock_owned().await;
@@ -246,21 +253,26 @@ impl StoreSession for NamedSession {
     }
 
     async fn renew(&self, _held: &[HeldLock]) -> Result<RenewReport> {
-        // A ping when the connection is free; a wait holds it, and ends
-        // with an error if the connection breaks.
-        let Ok(mut turn) = self.conn.try_lock() else {
-            return Ok(RenewReport::all_held());
+        // A ping on the connection's turn (waits take it for a slice at
+        // most); without an answer in time the locks are not counted as
+        // renewed.
+        let no_answer = || {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("MySQL at {} did not answer a ping", self.target),
+            )
         };
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
+        let mut turn = tokio::time::timeout_at(deadline, self.conn.lock())
+            .await
+            .map_err(|_| no_answer())?;
         let Some(conn) = turn.as_mut() else {
             return Err(self.lost());
         };
-        match tokio::time::timeout(self.ttl / 3, conn.ping()).await {
+        match tokio::time::timeout_at(deadline, conn.ping()).await {
             Ok(Ok(())) => Ok(RenewReport::all_held()),
             Ok(Err(err)) => Err(self.failed(&mut turn, &err)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("MySQL at {} did not answer a ping", self.target),
-            )),
+            Err(_) => Err(no_answer()),
         }
     }
 
