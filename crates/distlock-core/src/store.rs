@@ -276,6 +276,48 @@ pub trait StoreSession: Send + Sync + 'static {
     fn freeze_for_test(&self) {}
 }
 
+/// Proof that a connection is alive, for stores whose sessions are
+/// connections: every answer on it is marked, and a renewal that cannot
+/// send its own keep-alive (a wait holds the connection) may instead wait
+/// for an answer that came after the renewal began.
+#[derive(Debug)]
+pub struct Heartbeat {
+    last: std::sync::Mutex<Instant>,
+    beat: tokio::sync::Notify,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            last: std::sync::Mutex::new(Instant::now()),
+            beat: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// The connection answered just now.
+    pub fn mark(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.beat.notify_waiters();
+    }
+
+    /// Whether an answer comes after `since`, waiting until `deadline`.
+    pub async fn answered_since(&self, since: Instant, deadline: Instant) -> bool {
+        loop {
+            let beat = self.beat.notified();
+            tokio::pin!(beat);
+            beat.as_mut().enable();
+            if *self.last.lock().unwrap_or_else(|p| p.into_inner()) >= since {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, beat).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

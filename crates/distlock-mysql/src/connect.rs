@@ -33,14 +33,16 @@ fn no_answer(target: &str) -> Error {
 /// Why a connection could not be made, and what to do.
 fn connect_error(target: &str, err: &mysql_async::Error) -> Error {
     match err {
-        // Access denied.
-        mysql_async::Error::Server(server) if server.code == 1045 => Error::new(
-            ErrorKind::Config,
-            format!(
+        // Access denied (the login, or the database).
+        mysql_async::Error::Server(server) if server.code == 1045 || server.code == 1044 => {
+            Error::new(
+                ErrorKind::Config,
+                format!(
                 "MySQL at {target} refused the login ({}); check the user and password in the URL",
                 server.message
             ),
-        ),
+            )
+        }
         // Unknown database.
         mysql_async::Error::Server(server) if server.code == 1049 => Error::new(
             ErrorKind::Config,

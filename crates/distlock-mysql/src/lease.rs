@@ -113,7 +113,7 @@ impl LeaseSession {
             .await?;
             tx.exec_drop(
                 "DELETE FROM distlock_leases
-                 WHERE key_hash = UNHEX(SHA2(?, 256)) AND expires_at <= NOW(6)",
+                 WHERE key_hash = UNHEX(SHA2(?, 256)) AND expires_at <= UTC_TIMESTAMP(6)",
                 (key,),
             )
             .await?;
@@ -150,7 +150,7 @@ impl LeaseSession {
         let grant = async {
             tx.exec_drop(
                 "INSERT INTO distlock_leases (key_hash, holder, mode, expires_at)
-                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, NOW(6) + INTERVAL ? MICROSECOND)",
+                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
                 (key, holder, mode, micros(self.ttl)),
             )
             .await?;
@@ -178,6 +178,13 @@ impl StoreSession for LeaseSession {
             Mode::Semaphore { permits } => (format!("p{permits}"), permits),
         };
         let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
+        // Dropped, or failed, after the commit was sent, the hold may be
+        // there: it is given back by its unique name.
+        let mut undo = Undo {
+            pool: self.pool.clone(),
+            holder: holder.clone(),
+            armed: true,
+        };
         let mut attempts = 0;
         let (sent, granted) = loop {
             let sent = Instant::now();
@@ -188,9 +195,16 @@ impl StoreSession for LeaseSession {
                 Ok(granted) => break (sent, granted),
                 // A deadlock the server broke by rolling this one back.
                 Err(err) if attempts < 3 && err.to_string().contains("(40001)") => attempts += 1,
+                // The key's row stayed locked (a client gone mid-transaction):
+                // busy for now.
+                Err(err) if err.to_string().contains("1205") => {
+                    undo.armed = false;
+                    return Ok(None);
+                }
                 Err(err) => return Err(err),
             }
         };
+        undo.armed = false;
         Ok(granted.map(|token| {
             self.held().insert(request.key.clone(), (token, holder));
             Grant::new(token).with_lease_from(sent)
@@ -204,7 +218,7 @@ impl StoreSession for LeaseSession {
         let mut conn = pooled(&self.pool, &self.target).await?;
         conn.exec_drop(
             "DELETE FROM distlock_leases
-             WHERE key_hash = UNHEX(SHA2(?, 256)) AND holder = ? AND expires_at > NOW(6)",
+             WHERE key_hash = UNHEX(SHA2(?, 256)) AND holder = ? AND expires_at > UTC_TIMESTAMP(6)",
             (&held.key, &holder),
         )
         .await
@@ -236,8 +250,8 @@ impl StoreSession for LeaseSession {
         extend.extend(names.iter().cloned());
         conn.exec_drop(
             format!(
-                "UPDATE distlock_leases SET expires_at = NOW(6) + INTERVAL ? MICROSECOND
-                 WHERE holder IN ({list}) AND expires_at > NOW(6)"
+                "UPDATE distlock_leases SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND
+                 WHERE holder IN ({list}) AND expires_at > UTC_TIMESTAMP(6)"
             ),
             mysql_async::Params::Positional(extend),
         )
@@ -247,7 +261,7 @@ impl StoreSession for LeaseSession {
             .exec(
                 format!(
                     "SELECT holder FROM distlock_leases
-                     WHERE holder IN ({list}) AND expires_at > NOW(6)"
+                     WHERE holder IN ({list}) AND expires_at > UTC_TIMESTAMP(6)"
                 ),
                 mysql_async::Params::Positional(names),
             )
@@ -278,6 +292,33 @@ impl StoreSession for LeaseSession {
         .await
         .map_err(|err| self.error(&err))?;
         Ok(())
+    }
+}
+
+/// Gives back, in the background, a hold whose acquire was dropped or
+/// failed after it may have committed.
+struct Undo {
+    pool: Pool,
+    holder: String,
+    armed: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pool, holder) = (self.pool.clone(), std::mem::take(&mut self.holder));
+        runtime.spawn(async move {
+            if let Ok(mut conn) = pool.get_conn().await {
+                let _ = conn
+                    .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
+                    .await;
+            }
+        });
     }
 }
 

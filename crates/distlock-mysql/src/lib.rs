@@ -4,20 +4,26 @@
 //!
 //! Each session is a dedicated connection, and its locks are the server's
 //! named locks of that connection: `GET_LOCK(name, timeout)` and
-//! `RELEASE_LOCK(name)`, exclusive only. A name longer than the server's 64
-//! characters is shortened to a hash of it (FNV-1a, 64 bits) and its first
-//! characters: two names that collide share one lock, which can make one
-//! wait for the other but never lets two hold either at once.
+//! `RELEASE_LOCK(name)`, exclusive only. A short key of printable ASCII is
+//! its own name (`dl:KEY`); any other key becomes `dl#` and a 64-bit hash
+//! (FNV-1a) of it, since servers limit names and MySQL refuses 4-byte
+//! characters in them. MySQL compares names without case. Keys whose names
+//! collide share one lock: one may wait for the other, but two never hold
+//! either at once.
 //!
-//! A waiting acquire waits in the server, in slices of at most a second
-//! (and a quarter of the session's TTL), so that the session's releases,
-//! renewals and other acquires take their turns on its connection in
-//! between; an acquire dropped while it waits has its query killed
-//! (`KILL QUERY` from a connection of the store's) and the lock released if
-//! it came first. Losing the connection is
-//! losing the locks: the server frees them at once, and the client finds out
-//! from a ping at a third of the session's TTL (or the next command), and
-//! reports `lost()`.
+//! A waiting acquire waits in the server in slices of at most a second (and
+//! a quarter of the session's TTL; MySQL rounds them to whole seconds,
+//! MariaDB does not), so that the session's releases, renewals and other
+//! acquires take their turns on its connection in between. An acquire
+//! dropped while it waits has its query killed (`KILL QUERY` from a
+//! connection of the store's, sent only while that query still waits, and
+//! landed before the connection moves on) and the lock released if it came
+//! first. When the connection goes, the server frees its locks as soon as
+//! it notices: at once for a killed connection or a closed socket, and
+//! within the session's TTL for a client that vanished (the connection's
+//! `wait_timeout` is set to the TTL plus 2 s). The client finds out from a
+//! ping at a third of the TTL, or an answer to a wait since, and reports
+//! `lost()`.
 //!
 //! Not given: shared locks and semaphores, FIFO order, leases (a frozen
 //! client keeps its locks while its connection lives), lock-delay.
@@ -25,9 +31,13 @@
 //! # A lease table (`?mode=lease`)
 //!
 //! The classic table lock, done right: a row per holder with the time its
-//! lease ends by the server's clock, changed only in transactions that
-//! first lock the key's row in a table of keys (so two acquires of one key
-//! take turns), with owner-checked release and renewal. Exclusive, shared
+//! lease ends by the server's clock (in UTC, so that no daylight-saving
+//! jump ends leases early). An acquire is a READ COMMITTED transaction that
+//! first locks the key's row in a table of keys (so two acquires of one key
+//! take turns); release and renewal are single statements that name the
+//! holder, so no session touches another's hold. Servers that log
+//! statement-based binary logs refuse READ COMMITTED: use row-based
+//! logging. Exclusive, shared
 //! and semaphore modes. MySQL has no notifications, so a waiter is polled
 //! by the core with jittered exponential back-off (1 to 50 ms). The two
 //! modes do not exclude each other: use one mode per key.
@@ -37,7 +47,8 @@
 //! In both modes the token comes from `distlock_tokens` (made on first use),
 //! a row per key (by the SHA-256 of its name) bumped with
 //! `LAST_INSERT_ID(token + 1)` in one statement, so tokens are committed
-//! (with InnoDB) and survive a restart of the server.
+//! and survive a restart of the server (a crash too, with InnoDB's default
+//! `innodb_flush_log_at_trx_commit = 1`).
 
 mod connect;
 mod lease;
@@ -125,6 +136,9 @@ impl MysqlStore {
         let opts: Opts = OptsBuilder::from_opts(opts)
             .tcp_keepalive(Some(Duration::from_secs(5)))
             .prefer_socket(false)
+            // A key row left locked (a client gone mid-transaction) makes
+            // acquires busy after a second, not InnoDB's 50.
+            .init(vec!["SET SESSION innodb_lock_wait_timeout = 1"])
             .into();
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(3306));
@@ -217,7 +231,14 @@ impl LockStore for MysqlStore {
                 options,
             )));
         }
-        let conn = connect::dedicated(&self.opts, &self.target).await?;
+        let mut conn = connect::dedicated(&self.opts, &self.target).await?;
+        // A client that vanishes (its host gone) loses its named locks when
+        // the server drops the connection: soon after its lease would end,
+        // not after 8 hours. Pings at a third of the TTL keep it open.
+        let idle = options.ttl.as_secs() + 2;
+        conn.query_drop(format!("SET SESSION wait_timeout = {idle}"))
+            .await
+            .map_err(|err| connect::query_error(&self.target, &err))?;
         Ok(Box::new(named::NamedSession::new(
             conn,
             self.pool.clone(),

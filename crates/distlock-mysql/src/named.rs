@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::{AcquireRequest, Grant, HeldLock, Mode, RenewReport, StoreSession};
+use distlock_core::store::{
+    AcquireRequest, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+};
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
+use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::connect::query_error;
@@ -20,10 +22,17 @@ use crate::next_token;
 /// The longest lock name the server takes, in characters.
 const MAX_NAME: usize = 64;
 
-/// The server's name for lock `key`: `dl:KEY`, or, when that is too long,
-/// `dl#HASH#` and the first characters of the key.
+/// The server's name for lock `key`: `dl:KEY` for a short key of printable
+/// ASCII, else `dl#HASH#` and the key's first ASCII letters and digits.
+/// Servers limit names (64 characters on MySQL, 192 bytes on MariaDB), MySQL
+/// takes no 4-byte characters in them and converts them by the connection's
+/// character set; an ASCII name avoids all three. MySQL also compares names
+/// without case, so `Job` and `job` share a lock there, as do two keys
+/// whose hashes collide: one may wait for the other, but two never hold
+/// either at once.
 pub(crate) fn lock_name(key: &str) -> String {
-    if key.chars().count() + 3 <= MAX_NAME {
+    let printable = key.bytes().all(|byte| (0x20..0x7f).contains(&byte));
+    if printable && key.len() + 3 <= MAX_NAME {
         return format!("dl:{key}");
     }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -31,7 +40,11 @@ pub(crate) fn lock_name(key: &str) -> String {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    let head: String = key.chars().take(MAX_NAME - 20).collect();
+    let head: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(MAX_NAME - 20)
+        .collect();
     format!("dl#{hash:016x}#{head}")
 }
 
@@ -44,6 +57,8 @@ type Turn = Arc<Mutex<Option<Conn>>>;
 
 pub(crate) struct NamedSession {
     conn: Turn,
+    /// Answers on the connection, as proof that it lives.
+    heartbeat: Arc<Heartbeat>,
     /// The server's id of the connection, for `KILL QUERY`.
     id: u32,
     pool: Pool,
@@ -56,6 +71,7 @@ impl NamedSession {
         NamedSession {
             id: conn.id(),
             conn: Arc::new(Mutex::new(Some(conn))),
+            heartbeat: Arc::default(),
             pool,
             target,
             ttl,
@@ -90,17 +106,22 @@ async fn get_lock(
     mut turn: OwnedMutexGuard<Option<Conn>>,
     name: String,
     timeout: f64,
-    waiting: Arc<AtomicBool>,
+    state: Arc<WaitState>,
+    heartbeat: Arc<Heartbeat>,
     answer: oneshot::Sender<std::result::Result<bool, mysql_async::Error>>,
 ) {
     let Some(conn) = turn.as_mut() else {
-        waiting.store(false, Ordering::SeqCst);
+        state.finish().await;
         return;
     };
     let got: std::result::Result<Option<Option<i64>>, _> = conn
         .exec_first("SELECT GET_LOCK(?, ?)", (&name, timeout))
         .await;
-    waiting.store(false, Ordering::SeqCst);
+    if !got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
+        heartbeat.mark();
+    }
+    // A KILL QUERY on its way must land before the connection moves on.
+    state.finish().await;
     let got = got.map(|row| row == Some(Some(1)));
     if got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         turn.take();
@@ -108,9 +129,56 @@ async fn get_lock(
     if let Err(Ok(true)) = answer.send(got) {
         // Nobody waits for it any more.
         if let Some(conn) = turn.as_mut() {
-            let _: std::result::Result<Option<Option<i64>>, _> =
-                conn.exec_first("SELECT RELEASE_LOCK(?)", (&name,)).await;
+            give_back(conn, &name).await;
         }
+    }
+}
+
+/// Releases `name` once, again if a KILL QUERY interrupted the release.
+async fn give_back(conn: &mut Conn, name: &str) {
+    for _ in 0..3 {
+        let released: std::result::Result<Option<Option<i64>>, _> =
+            conn.exec_first("SELECT RELEASE_LOCK(?)", (name,)).await;
+        match released {
+            Err(mysql_async::Error::Server(err)) if err.code == 1317 => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Where a lock query stands, between the task that runs it and the
+/// acquire that may be dropped: a kill is sent only while the query waits,
+/// and the query's task holds the connection until the kill has landed.
+struct WaitState {
+    /// 0: waiting; 1: answered; 2: being killed.
+    state: AtomicU8,
+    killed: Notify,
+}
+
+impl WaitState {
+    fn new() -> Arc<Self> {
+        Arc::new(WaitState {
+            state: AtomicU8::new(0),
+            killed: Notify::new(),
+        })
+    }
+
+    /// The query answered; waits for a kill under way to land.
+    async fn finish(&self) {
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.killed.notified()).await;
+        }
+    }
+
+    /// Claims the right to kill: only while the query still waits.
+    fn start_kill(&self) -> bool {
+        self.state
+            .compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 }
 
@@ -119,7 +187,7 @@ async fn get_lock(
 /// if it came.
 struct Pending {
     answer: oneshot::Receiver<std::result::Result<bool, mysql_async::Error>>,
-    waiting: Arc<AtomicBool>,
+    state: Arc<WaitState>,
     /// The lock came and is not handed on yet.
     held: bool,
     done: bool,
@@ -137,12 +205,13 @@ impl Drop for Pending {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.waiting.load(Ordering::SeqCst) {
-            let (pool, id) = (self.pool.clone(), self.id);
+        if self.state.start_kill() {
+            let (pool, id, state) = (self.pool.clone(), self.id, Arc::clone(&self.state));
             runtime.spawn(async move {
                 if let Ok(mut killer) = pool.get_conn().await {
                     let _ = killer.query_drop(format!("KILL QUERY {id}")).await;
                 }
+                state.killed.notify_one();
             });
         }
         self.answer.close();
@@ -154,8 +223,7 @@ impl Drop for Pending {
             runtime.spawn(async move {
                 let mut turn = conn.lock().await;
                 if let Some(conn) = turn.as_mut() {
-                    let _: std::result::Result<Option<Option<i64>>, _> =
-                        conn.exec_first("SELECT RELEASE_LOCK(?)", (&name,)).await;
+                    give_back(conn, &name).await;
                 }
             });
         }
@@ -190,17 +258,18 @@ impl StoreSession for NamedSession {
             return Err(self.lost());
         }
         let (answer, answered) = oneshot::channel();
-        let waiting = Arc::new(AtomicBool::new(true));
+        let state = WaitState::new();
         tokio::spawn(get_lock(
             turn,
             name.clone(),
             timeout,
-            Arc::clone(&waiting),
+            Arc::clone(&state),
+            Arc::clone(&self.heartbeat),
             answer,
         ));
         let mut pending = Pending {
             answer: answered,
-            waiting,
+            state,
             held: false,
             done: false,
             conn: Arc::clone(&self.conn),
@@ -262,15 +331,26 @@ impl StoreSession for NamedSession {
                 format!("MySQL at {} did not answer a ping", self.target),
             )
         };
-        let deadline = tokio::time::Instant::now() + self.ttl / 3;
-        let mut turn = tokio::time::timeout_at(deadline, self.conn.lock())
-            .await
-            .map_err(|_| no_answer())?;
+        // Or, while waits keep the connection busy, an answer to one of
+        // them that came after this renewal began.
+        let start = Instant::now();
+        let deadline = start + self.ttl / 3;
+        let mut turn = tokio::select! {
+            turn = tokio::time::timeout_at(deadline, self.conn.lock()) => {
+                turn.map_err(|_| no_answer())?
+            }
+            alive = self.heartbeat.answered_since(start, deadline) => {
+                return if alive { Ok(RenewReport::all_held()) } else { Err(no_answer()) };
+            }
+        };
         let Some(conn) = turn.as_mut() else {
             return Err(self.lost());
         };
         match tokio::time::timeout_at(deadline, conn.ping()).await {
-            Ok(Ok(())) => Ok(RenewReport::all_held()),
+            Ok(Ok(())) => {
+                self.heartbeat.mark();
+                Ok(RenewReport::all_held())
+            }
             Ok(Err(err)) => Err(self.failed(&mut turn, &err)),
             Err(_) => Err(no_answer()),
         }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::{AcquireRequest, Grant, HeldLock, Mode, RenewReport, StoreSession};
+use distlock_core::store::{
+    AcquireRequest, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+};
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -34,6 +36,8 @@ const WAIT_SLICE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(crate) struct AdvisorySession {
     client: Arc<Client>,
+    /// Answers on the connection, as proof that it lives.
+    heartbeat: Heartbeat,
     /// One command at a time: a wait holds the connection, and a dropped
     /// wait keeps it until its clean-up has run.
     turn: Arc<Mutex<()>>,
@@ -56,6 +60,7 @@ impl AdvisorySession {
     pub(crate) fn new(client: Client, tokens: Arc<Tokens>, target: String, ttl: Duration) -> Self {
         AdvisorySession {
             client: Arc::new(client),
+            heartbeat: Heartbeat::default(),
             turn: Arc::new(Mutex::new(())),
             tokens,
             target,
@@ -175,6 +180,12 @@ impl StoreSession for AdvisorySession {
         };
         let answer = self.client.query_one(lock_query, &[&id]).await;
         cleanup.pending = false;
+        if answer
+            .as_ref()
+            .map_or_else(|err| !err.is_closed(), |_| true)
+        {
+            self.heartbeat.mark();
+        }
         let got = match answer {
             Ok(row) if lock_query == try_lock => row.get::<_, bool>(0),
             Ok(_) => true,
@@ -235,12 +246,26 @@ impl StoreSession for AdvisorySession {
                 format!("PostgreSQL at {} did not answer a keep-alive", self.target),
             )
         };
-        let deadline = tokio::time::Instant::now() + self.ttl / 3;
-        let _turn = tokio::time::timeout_at(deadline, self.turn.lock())
-            .await
-            .map_err(|_| no_answer())?;
+        // Or, while waits keep the connection busy, an answer to one of
+        // them that came after this renewal began.
+        let start = Instant::now();
+        let deadline = start + self.ttl / 3;
+        let _turn = tokio::select! {
+            turn = tokio::time::timeout_at(deadline, self.turn.lock()) => {
+                turn.map_err(|_| no_answer())?
+            }
+            alive = self.heartbeat.answered_since(start, deadline) => {
+                if !alive {
+                    return Err(no_answer());
+                }
+                if self.client.is_closed() {
+                    return Err(self.lost());
+                }
+                return Ok(RenewReport::all_held());
+            }
+        };
         match tokio::time::timeout_at(deadline, self.client.simple_query("SELECT 1")).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.heartbeat.mark(),
             Ok(Err(err)) if err.is_closed() => return Err(self.lost()),
             Ok(Err(err)) => return Err(query_error(&self.target, &err)),
             Err(_) => return Err(no_answer()),
