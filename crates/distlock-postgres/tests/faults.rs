@@ -222,3 +222,35 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
         .expect("free");
     guard.release().await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_by_its_deadline_gives_its_locks_back_while_still_alive() {
+    let server = Postgres::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/lost-by-deadline";
+    let frozen = client
+        .session()
+        .ttl(Duration::from_millis(600))
+        .open()
+        .await
+        .expect("open");
+    let guard = frozen
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    // Renewals stop, as in a process paused past its TTL.
+    frozen.freeze_for_test();
+    timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("lost() at the lease end");
+    let other = client.session().open().await.expect("open");
+    let taken = other
+        .lock(key)
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("the lost session's lock is given back though it is not dropped");
+    assert!(taken.token() > guard.token());
+    drop(frozen);
+}

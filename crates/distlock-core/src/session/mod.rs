@@ -292,6 +292,21 @@ impl SessionInner {
             *state = Ended::Lost(why);
         }
         self.ended.cancel();
+        // A store whose locks live as long as a connection would keep them
+        // until the application drops the session: they go now. (Lease
+        // stores keep theirs until the lease ends, so that lock-delay
+        // applies.)
+        if self.caps.session != SessionModel::Connection {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store.close().await {
+                    tracing::debug!("closing a lost session: {err}");
+                }
+            });
+        }
     }
 
     /// The instant past which `entry` is not held, if any.
