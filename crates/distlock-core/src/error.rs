@@ -119,7 +119,8 @@ impl Error {
         Error::new(ErrorKind::Lost, message)
     }
 
-    pub(crate) fn not_held(key: &str) -> Self {
+    /// `NotHeld` for `key`, as every store says it.
+    pub fn not_held(key: &str) -> Self {
         Error::new(
             ErrorKind::NotHeld,
             format!(

@@ -99,14 +99,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|err| Error::new(ErrorKind::Store, "file store task failed").with_source(err))?
 }
 
-/// A 64-bit FNV-1a hash: stable across versions and platforms, unlike
-/// `std`'s hasher, so every process maps a key to the same file.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// The file name stem of a key: the key itself when it is short and made of
 /// `[A-Za-z0-9._-]` (not starting with a dot), else a cleaned prefix, `~` and
 /// a hash of the whole key. Clean names never contain `~`, so the two kinds
@@ -123,7 +115,7 @@ pub(crate) fn file_stem(key: &str) -> String {
         .take(READABLE_NAME_BYTES)
         .collect();
     let cleaned = cleaned.trim_start_matches('.');
-    format!("{cleaned}~{:016x}", fnv1a(key.as_bytes()))
+    format!("{cleaned}~{:016x}", crate::key_hash(key))
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {

@@ -25,6 +25,16 @@ pub fn validate_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// A 64-bit hash of a key (FNV-1a): stable across versions, platforms and
+/// processes, unlike `std`'s hasher, for stores that must map a key to a
+/// shorter name (a file, an advisory-lock number, a named lock). Two keys
+/// may share a hash; stores say what that means for them.
+pub fn key_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ pub use client::{Client, SessionBuilder, DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_TT
 pub use error::{Error, ErrorKind, Result};
 pub use file::FileStore;
 pub use guard::Guard;
-pub use key::{validate_key, MAX_KEY_BYTES};
+pub use key::{key_hash, validate_key, MAX_KEY_BYTES};
 pub use memory::MemoryStore;
 pub use request::LockRequest;
 pub use session::Session;

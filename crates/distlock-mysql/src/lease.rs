@@ -213,7 +213,7 @@ impl StoreSession for LeaseSession {
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
         let Some(holder) = self.holder_of(held) else {
-            return Err(not_held(&held.key));
+            return Err(Error::not_held(&held.key));
         };
         let mut conn = pooled(&self.pool, &self.target).await?;
         conn.exec_drop(
@@ -228,7 +228,7 @@ impl StoreSession for LeaseSession {
         if released {
             Ok(())
         } else {
-            Err(not_held(&held.key))
+            Err(Error::not_held(&held.key))
         }
     }
 
@@ -320,11 +320,4 @@ impl Drop for Undo {
             }
         });
     }
-}
-
-fn not_held(key: &str) -> Error {
-    Error::new(
-        ErrorKind::NotHeld,
-        format!("this session does not hold '{key}' (released, or its lease ran out)"),
-    )
 }

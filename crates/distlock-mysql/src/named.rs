@@ -35,11 +35,7 @@ pub(crate) fn lock_name(key: &str) -> String {
     if printable && key.len() + 3 <= MAX_NAME {
         return format!("dl:{key}");
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = distlock_core::key_hash(key);
     let head: String = key
         .chars()
         .filter(char::is_ascii_alphanumeric)
@@ -313,10 +309,7 @@ impl StoreSession for NamedSession {
             .await;
         match released {
             Ok(Some(Some(1))) => Ok(()),
-            Ok(_) => Err(Error::new(
-                ErrorKind::NotHeld,
-                format!("this session does not hold '{}'", held.key),
-            )),
+            Ok(_) => Err(Error::not_held(&held.key)),
             Err(err) => Err(self.failed(&mut turn, &err)),
         }
     }

@@ -22,12 +22,7 @@ use crate::tokens::Tokens;
 /// versions and hosts. Two names with the same hash share one lock, which
 /// can make one wait for the other but never lets two hold either at once.
 pub(crate) fn lock_id(name: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in name.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    i64::from_ne_bytes(hash.to_ne_bytes())
+    i64::from_ne_bytes(distlock_core::key_hash(name).to_ne_bytes())
 }
 
 /// The longest a wait holds the session's connection at a time (and at
@@ -226,10 +221,7 @@ impl StoreSession for AdvisorySession {
         if row.get::<_, bool>(0) {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorKind::NotHeld,
-                format!("this session does not hold '{}'", held.key),
-            ))
+            Err(Error::not_held(&held.key))
         }
     }
 

@@ -330,7 +330,7 @@ impl StoreSession for LeaseSession {
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
         let Some(holder) = self.holder_of(held) else {
-            return Err(not_held(&held.key));
+            return Err(Error::not_held(&held.key));
         };
         let row = self
             .leases
@@ -343,7 +343,7 @@ impl StoreSession for LeaseSession {
         if row.get::<_, bool>(0) {
             Ok(())
         } else {
-            Err(not_held(&held.key))
+            Err(Error::not_held(&held.key))
         }
     }
 
@@ -415,11 +415,4 @@ impl Drop for Undo {
             }
         });
     }
-}
-
-fn not_held(key: &str) -> Error {
-    Error::new(
-        ErrorKind::NotHeld,
-        format!("this session does not hold '{key}' (released, or its lease ran out)"),
-    )
 }

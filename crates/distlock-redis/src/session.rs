@@ -26,13 +26,6 @@ struct Held {
     member: String,
 }
 
-fn not_held(key: &str) -> Error {
-    Error::new(
-        ErrorKind::NotHeld,
-        format!("this session does not hold '{key}' (released, or its lease ran out)"),
-    )
-}
-
 pub(crate) struct RedisSession {
     shared: Arc<Shared>,
     id: String,
@@ -362,7 +355,7 @@ impl StoreSession for RedisSession {
     async fn release(&self, lock: &HeldLock) -> Result<()> {
         let keys = self.keys(&lock.key);
         let Some(member) = self.member_of(lock) else {
-            return Err(not_held(&lock.key));
+            return Err(Error::not_held(&lock.key));
         };
         let (released, failures) = self.release_everywhere(&keys, &member).await;
         {
@@ -380,7 +373,7 @@ impl StoreSession for RedisSession {
         if failures.len() == self.instances().len() {
             return Err(self.unavailable(0, &failures));
         }
-        Err(not_held(&lock.key))
+        Err(Error::not_held(&lock.key))
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
