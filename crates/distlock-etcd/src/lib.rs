@@ -1,0 +1,145 @@
+//! The etcd store: `etcd://HOST:PORT[,HOST:PORT…]`.
+//!
+//! The recipe of etcd's `concurrency.Mutex`, with its traps avoided:
+//!
+//! - A session is an etcd lease, kept alive by the core's renewals; when it
+//!   ends, etcd deletes every key of the session.
+//! - A lock is a queue of keys `distlock/NAME/LEASE`, each created in a
+//!   transaction with the session's lease and its mode as value. The holder
+//!   is the key of lowest create revision; readers wait only for earlier
+//!   writers, a semaphore of N admits the N lowest. The fencing token is the
+//!   key's create revision, which only grows, across holders, modes and
+//!   restarts of etcd.
+//! - A waiter watches only the key that blocks it (its predecessor, or the
+//!   last earlier writer), from the revision it read, so no deletion goes
+//!   unseen and no herd wakes. Semaphore waiters watch the lock's keys.
+//! - Before saying the lock is held, the waiter checks that its own key is
+//!   still there and its lease still alive (etcd issue 11456: a waiter whose
+//!   lease ran out while queued must never be told it holds the lock).
+//! - Releases and checks name the key and its create revision, so nothing
+//!   touches another session's key. An acquire dropped while it waits takes
+//!   its key out of the queue.
+//!
+//! `lost()` fires when a renewal finds the lease gone or a held key deleted.
+//! Not given: lock-delay.
+
+mod session;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use etcd_client::{Client, ConnectOptions};
+
+/// How long connecting, and each call, may take.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the store's keys start.
+pub(crate) const PREFIX: &str = "distlock/";
+
+/// A store on one etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+pub(crate) fn unavailable(endpoints: &str, err: &dyn std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("etcd at {endpoints}: {err}; check the endpoints and that etcd runs"),
+    )
+}
+
+pub(crate) fn timed_out(endpoints: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("etcd at {endpoints} did not answer in {CALL_TIMEOUT:?}"),
+    )
+}
+
+impl EtcdStore {
+    /// Connects to the endpoints an `etcd://H1:P1[,H2:P2…]` URL names.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let usage = "write etcd://HOST:PORT[,HOST:PORT…]";
+        let Some(rest) = url.strip_prefix("etcd://") else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("'{url}' is not an etcd URL; {usage}"),
+            ));
+        };
+        let hosts = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let Some((name, port)) = host.rsplit_once(':') else {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("'{host}' in '{url}' has no port; {usage}"),
+                ));
+            };
+            if name.is_empty() || port.parse::<u16>().is_err() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("'{host}' in '{url}' is not HOST:PORT; {usage}"),
+                ));
+            }
+            endpoints.push(format!("http://{host}"));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let shown = hosts.to_owned();
+        let mut client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&endpoints, Some(options)))
+            .await
+            .map_err(|_| timed_out(&shown))?
+            .map_err(|err| unavailable(&shown, &err))?;
+        // A connection alone proves little: ask something.
+        tokio::time::timeout(CALL_TIMEOUT, client.status())
+            .await
+            .map_err(|_| timed_out(&shown))?
+            .map_err(|err| unavailable(&shown, &err))?;
+        Ok(EtcdStore {
+            client,
+            endpoints: shown,
+        })
+    }
+
+    /// What etcd gives.
+    pub fn capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("etcd");
+        capabilities.fair = true;
+        capabilities.shared = true;
+        capabilities.writer_preferring = true;
+        capabilities.semaphore = true;
+        capabilities.push_wakeup = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.lease_expiry = true;
+        capabilities.session = SessionModel::Lease;
+        capabilities
+    }
+}
+
+#[async_trait]
+impl LockStore for EtcdStore {
+    fn capabilities(&self) -> Capabilities {
+        EtcdStore::capabilities()
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        Ok(Box::new(
+            session::EtcdSession::open(self.client.clone(), self.endpoints.clone(), options)
+                .await?,
+        ))
+    }
+}

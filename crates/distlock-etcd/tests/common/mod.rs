@@ -1,0 +1,70 @@
+//! A private etcd for the tests, on free ports, in a temporary directory.
+
+#![allow(dead_code, reason = "each test file uses part of the kit")]
+
+use std::process::Command;
+
+use distlock_core::testkit::daemon::{free_port, Daemon};
+
+/// One etcd server.
+pub struct Etcd {
+    daemon: Daemon,
+    dir: tempfile::TempDir,
+    port: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        Etcd::run(tempfile::tempdir().expect("temp dir"), free_port(), free_port())
+    }
+
+    fn run(dir: tempfile::TempDir, port: u16, peer: u16) -> Etcd {
+        let client = format!("http://127.0.0.1:{port}");
+        let peers = format!("http://127.0.0.1:{peer}");
+        let mut command = Command::new("etcd");
+        command
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--name", "test"])
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peers])
+            .args(["--initial-advertise-peer-urls", &peers])
+            .args(["--initial-cluster", &format!("test={peers}")]);
+        let daemon = Daemon::spawn("etcd", command, port, dir.path());
+        Etcd {
+            daemon,
+            dir,
+            port,
+            peer,
+        }
+    }
+
+    /// A server for all the tests of this binary, killed when it exits.
+    pub fn shared() -> &'static Etcd {
+        static SERVER: std::sync::OnceLock<Etcd> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            let server = Etcd::start();
+            server.daemon.die_with_this_process();
+            server
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same data.
+    pub fn crash_and_restart(self) -> Etcd {
+        let Etcd {
+            mut daemon,
+            dir,
+            port,
+            peer,
+        } = self;
+        daemon.kill();
+        drop(daemon);
+        Etcd::run(dir, port, peer)
+    }
+}

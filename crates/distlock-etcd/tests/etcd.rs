@@ -1,0 +1,18 @@
+//! The conformance suite against a real etcd.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Etcd;
+use distlock_core::Client;
+use distlock_etcd::EtcdStore;
+
+async fn connect() -> Client {
+    let store = EtcdStore::connect(&Etcd::shared().url())
+        .await
+        .expect("connect to the test's etcd");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
