@@ -100,10 +100,11 @@ impl EtcdStore {
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         let shown = hosts.to_owned();
-        let mut client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&endpoints, Some(options)))
-            .await
-            .map_err(|_| timed_out(&shown))?
-            .map_err(|err| unavailable(&shown, &err))?;
+        let mut client =
+            tokio::time::timeout(CALL_TIMEOUT, Client::connect(&endpoints, Some(options)))
+                .await
+                .map_err(|_| timed_out(&shown))?
+                .map_err(|err| unavailable(&shown, &err))?;
         // A connection alone proves little: ask something.
         tokio::time::timeout(CALL_TIMEOUT, client.status())
             .await

@@ -58,7 +58,9 @@ impl EtcdSession {
             lease: 0,
             keeper: tokio::sync::Mutex::new(None),
         };
-        let granted = session.call(session.client.clone().lease_grant(ttl, None)).await?;
+        let granted = session
+            .call(session.client.clone().lease_grant(ttl, None))
+            .await?;
         Ok(EtcdSession {
             lease: granted.id(),
             ..session
@@ -83,12 +85,19 @@ impl EtcdSession {
     fn lost(&self, why: &str) -> Error {
         Error::new(
             ErrorKind::Lost,
-            format!("etcd at {}: the session's lease {why}; open a new session", self.endpoints),
+            format!(
+                "etcd at {}: the session's lease {why}; open a new session",
+                self.endpoints
+            ),
         )
     }
 
     /// Takes `key` out of its queue, if it is the one created at `revision`.
-    async fn leave(client: &mut Client, key: &str, revision: i64) -> std::result::Result<bool, etcd_client::Error> {
+    async fn leave(
+        client: &mut Client,
+        key: &str,
+        revision: i64,
+    ) -> std::result::Result<bool, etcd_client::Error> {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)]);
@@ -116,7 +125,9 @@ impl Drop for Leave {
         let (mut client, key, revision) = (self.client.clone(), self.key.clone(), self.revision);
         runtime.spawn(async move {
             let _ = match revision {
-                Some(revision) => EtcdSession::leave(&mut client, &key, revision).await.map(drop),
+                Some(revision) => EtcdSession::leave(&mut client, &key, revision)
+                    .await
+                    .map(drop),
                 // Entered or not: the key is this session's, for this lock.
                 None => client.delete(key, None).await.map(drop),
             };
@@ -149,7 +160,9 @@ impl StoreSession for EtcdSession {
             let options = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Ascend);
-            let queue = self.call(self.client.clone().get(prefix.as_str(), Some(options))).await?;
+            let queue = self
+                .call(self.client.clone().get(prefix.as_str(), Some(options)))
+                .await?;
             let read_at = queue.header().map_or(0, |header| header.revision());
             let kvs = queue.kvs();
             let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
@@ -222,14 +235,16 @@ impl StoreSession for EtcdSession {
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-                let me = self.my_key(&held.key);
+        let me = self.my_key(&held.key);
         let revision = i64::try_from(held.token).unwrap_or(i64::MAX);
         if revision <= 0 {
             // No key has create revision 0: that is "absent" to etcd.
             return Err(Error::not_held(&held.key));
         }
         let mut client = self.client.clone();
-        let released = self.call(EtcdSession::leave(&mut client, &me, revision)).await?;
+        let released = self
+            .call(EtcdSession::leave(&mut client, &me, revision))
+            .await?;
         if released {
             Ok(())
         } else {
@@ -241,7 +256,10 @@ impl StoreSession for EtcdSession {
         let ttl = {
             let mut keeper = self.keeper.lock().await;
             if keeper.is_none() {
-                *keeper = Some(self.call(self.client.clone().lease_keep_alive(self.lease)).await?);
+                *keeper = Some(
+                    self.call(self.client.clone().lease_keep_alive(self.lease))
+                        .await?,
+                );
             }
             let (sender, answers) = keeper.as_mut().expect("made above");
             let sent = async {
@@ -271,7 +289,9 @@ impl StoreSession for EtcdSession {
             .iter()
             .map(|lock| TxnOp::get(self.my_key(&lock.key), None))
             .collect();
-        let answer = self.call(self.client.clone().txn(Txn::new().and_then(reads))).await?;
+        let answer = self
+            .call(self.client.clone().txn(Txn::new().and_then(reads)))
+            .await?;
         let mut lost = Vec::new();
         for (lock, response) in held.iter().zip(answer.op_responses()) {
             let there = match response {
@@ -290,7 +310,8 @@ impl StoreSession for EtcdSession {
 
     async fn close(&self) -> Result<()> {
         // Revoking the lease deletes every key of the session.
-        self.call(self.client.clone().lease_revoke(self.lease)).await?;
+        self.call(self.client.clone().lease_revoke(self.lease))
+            .await?;
         Ok(())
     }
 }

@@ -16,7 +16,11 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
-        Etcd::run(tempfile::tempdir().expect("temp dir"), free_port(), free_port())
+        Etcd::run(
+            tempfile::tempdir().expect("temp dir"),
+            free_port(),
+            free_port(),
+        )
     }
 
     fn run(dir: tempfile::TempDir, port: u16, peer: u16) -> Etcd {
@@ -49,6 +53,10 @@ impl Etcd {
             server.daemon.die_with_this_process();
             server
         })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,160 @@
+//! etcd when things go wrong: a waiter's lease revoked while it waits (etcd
+//! issue 11456), etcd killed and restarted, and bad URLs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Etcd;
+use distlock_core::{Client, ErrorKind};
+use distlock_etcd::EtcdStore;
+use tokio::time::timeout;
+
+async fn client(url: &str) -> Client {
+    Client::new(Arc::new(EtcdStore::connect(url).await.expect("connect")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
+    let server = Etcd::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/11456";
+    let holder = client.session().open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let result = waiter.lock(key).wait(Duration::from_secs(30)).await;
+        result.map(|guard| guard.token())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Revoke the waiter's lease behind its back: its queue key names it.
+    let mut etcd =
+        etcd_client::Client::connect([format!("http://127.0.0.1:{}", server.port())], None)
+            .await
+            .expect("etcd");
+    let queue = etcd
+        .get(
+            "distlock/faults%2F11456/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("queue");
+    assert_eq!(queue.kvs().len(), 2, "holder and waiter are queued");
+    let waiter_lease = queue.kvs()[1].lease();
+    etcd.lease_revoke(waiter_lease).await.expect("revoke");
+    held.release().await.expect("release");
+    let outcome = timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter ends")
+        .expect("waiter task");
+    let err = outcome.expect_err("a waiter without a lease must not get the lock");
+    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_and_restarting_etcd_keeps_tokens_rising_and_the_holder_honest() {
+    let server = Etcd::start();
+    let url = server.url();
+    let mut tokens = Vec::new();
+    let client = client(&url).await;
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/restart")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    let holder = client
+        .session()
+        .ttl(Duration::from_secs(5))
+        .open()
+        .await
+        .expect("open");
+    let held = holder
+        .lock("faults/restart")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    tokens.push(held.token());
+    let server = server.crash_and_restart();
+    // Back within the lease: the holder either keeps the lock or is told it
+    // lost it, never silently both.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let other = client
+        .session()
+        .open()
+        .await
+        .expect("open after the restart");
+    let taken = loop {
+        match other.lock("faults/restart").try_lock().await {
+            Ok(taken) => break taken,
+            Err(err) => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    match taken {
+        Some(guard) => {
+            assert!(!held.is_held(), "two holders after the restart");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
+        // Still held at etcd: by the holder, which, if it still says so,
+        // can release it.
+        None if held.is_held() => held.release().await.expect("the holder kept the lock"),
+        None => drop(held),
+    }
+    let session = client.session().open().await.expect("open");
+    let guard = session
+        .lock("faults/restart")
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("granted after the restart");
+    tokens.push(guard.token());
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_an_unreachable_cluster_get_clear_errors_in_bounded_time() {
+    for bad in [
+        "etcd://",
+        "etcd://host",
+        "etcd://host:99999",
+        "etcd://a:1,,b:2",
+        "http://x:1",
+    ] {
+        let err = EtcdStore::connect(bad).await.expect_err(bad);
+        assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
+    }
+    let started = tokio::time::Instant::now();
+    let dead = distlock_core::testkit::daemon::free_port();
+    let err = EtcdStore::connect(&format!("etcd://127.0.0.1:{dead}"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{dead}")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
