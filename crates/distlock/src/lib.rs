@@ -36,6 +36,8 @@ pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 /// and `check`.
 #[cfg(feature = "distlock")]
 pub use distlock_client::RemoteStore;
+#[cfg(feature = "etcd")]
+pub use distlock_etcd::EtcdStore;
 #[cfg(feature = "mysql")]
 pub use distlock_mysql::MysqlStore;
 #[cfg(feature = "postgres")]

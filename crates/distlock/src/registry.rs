@@ -84,6 +84,12 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "mysql://USER:PASSWORD@HOST/DB?mode=lease",
         capabilities: distlock_mysql::MysqlStore::lease_capabilities(),
     });
+    #[cfg(feature = "etcd")]
+    stores.push(StoreInfo {
+        scheme: "etcd",
+        example: "etcd://h1:2379,h2:2379,h3:2379",
+        capabilities: distlock_etcd::EtcdStore::capabilities(),
+    });
     stores
 }
 
@@ -99,11 +105,18 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
 /// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | PostgreSQL advisory locks, or a lease table |
 /// | `mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | MySQL/MariaDB named locks, or a lease table |
+/// | `etcd://H1:P1[,H2:P2…]` | etcd: lease sessions, FIFO queues by revision |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
 /// store's own error if it cannot be reached or used.
 pub async fn connect(url: &str) -> Result<Client> {
+    #[cfg(feature = "etcd")]
+    if url.starts_with("etcd://") {
+        return Ok(Client::new(Arc::new(
+            distlock_etcd::EtcdStore::connect(url).await?,
+        )));
+    }
     // Several hosts in one authority are not a URL the parser takes.
     #[cfg(feature = "redis")]
     if url.starts_with("redlock://") {
