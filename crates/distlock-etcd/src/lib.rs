@@ -4,8 +4,8 @@
 //!
 //! - A session is an etcd lease, kept alive by the core's renewals; when it
 //!   ends, etcd deletes every key of the session.
-//! - A lock is a queue of keys `distlock/NAME/LEASE`, each created in a
-//!   transaction with the session's lease and its mode as value. The holder
+//! - A lock is a queue of keys `distlock/NAME/LEASE-NONCE`, one per
+//!   attempt, each put with the session's lease and its mode as value. The holder
 //!   is the key of lowest create revision; readers wait only for earlier
 //!   writers, a semaphore of N admits the N lowest. The fencing token is the
 //!   key's create revision, which only grows, across holders, modes and
@@ -17,8 +17,11 @@
 //!   still there and its lease still alive (etcd issue 11456: a waiter whose
 //!   lease ran out while queued must never be told it holds the lock).
 //! - Releases and checks name the key and its create revision, so nothing
-//!   touches another session's key. An acquire dropped while it waits takes
-//!   its key out of the queue.
+//!   touches another session's key. An attempt that ends without the lock
+//!   deletes its key; one dropped or failed half-way has it deleted in the
+//!   background (tried again while etcd is unreachable), and the key goes
+//!   with the session's lease in any case. A watch is trusted five seconds
+//!   at a time, then the queue is read again.
 //!
 //! `lost()` fires when a renewal finds the lease gone or a held key deleted.
 //! Not given: lock-delay.
@@ -98,7 +101,10 @@ impl EtcdStore {
         }
         let options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            // A member cut off from its cluster refuses, rather than serving
+            // a silent watch.
+            .with_require_leader(true);
         let shown = hosts.to_owned();
         let mut client =
             tokio::time::timeout(CALL_TIMEOUT, Client::connect(&endpoints, Some(options)))

@@ -1,5 +1,6 @@
 //! A session: an etcd lease, and the queue keys of its locks.
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use async_trait::async_trait;
@@ -34,7 +35,18 @@ pub(crate) struct EtcdSession {
     endpoints: String,
     lease: i64,
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
+    /// The queue keys of the locks held, by lock name: each attempt has a
+    /// key of its own, so that nothing left of one attempt is ever taken
+    /// for another.
+    held: std::sync::Mutex<HashMap<String, String>>,
 }
+
+/// The most operations etcd takes in one transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+/// The longest one watch is trusted before the queue is read again (a
+/// member cut off from its cluster may keep a watch open and silent).
+const WATCH_SLICE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What blocks a waiter: one key (its predecessor, or the last earlier
 /// writer), or, for a semaphore, any of the lock's keys.
@@ -57,6 +69,7 @@ impl EtcdSession {
             endpoints,
             lease: 0,
             keeper: tokio::sync::Mutex::new(None),
+            held: std::sync::Mutex::new(HashMap::new()),
         };
         let granted = session
             .call(session.client.clone().lease_grant(ttl, None))
@@ -78,8 +91,26 @@ impl EtcdSession {
             .map_err(|err| unavailable(&self.endpoints, &err))
     }
 
-    fn my_key(&self, name: &str) -> String {
-        format!("{}{:016x}", lock_prefix(name), self.lease)
+    /// A new queue key for an attempt on lock `name`: the session's lease
+    /// and a nonce.
+    fn new_key(&self, name: &str) -> String {
+        format!(
+            "{}{:016x}-{:016x}",
+            lock_prefix(name),
+            self.lease,
+            rand::random::<u64>()
+        )
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call's error, as `Lost` when it says the lease is gone.
+    fn failure(&self, err: &Error) -> Option<Error> {
+        err.message()
+            .contains("lease not found")
+            .then(|| self.lost("is gone"))
     }
 
     fn lost(&self, why: &str) -> Error {
@@ -105,12 +136,14 @@ impl EtcdSession {
     }
 }
 
-/// Takes an acquire's key out of the queue, in the background, when the
-/// acquire is dropped before it is done.
+/// Takes an attempt's key out of the queue, in the background, when the
+/// attempt is dropped or fails before it is done. The key is the attempt's
+/// own, so deleting it by name touches nothing else; a failed delete is
+/// tried again for a while (etcd may be restarting), and the key goes with
+/// the lease in any case.
 struct Leave {
     client: Client,
     key: String,
-    revision: Option<i64>,
     armed: bool,
 }
 
@@ -122,15 +155,15 @@ impl Drop for Leave {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (mut client, key, revision) = (self.client.clone(), self.key.clone(), self.revision);
+        let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
         runtime.spawn(async move {
-            let _ = match revision {
-                Some(revision) => EtcdSession::leave(&mut client, &key, revision)
-                    .await
-                    .map(drop),
-                // Entered or not: the key is this session's, for this lock.
-                None => client.delete(key, None).await.map(drop),
-            };
+            for attempt in 0..30u64 {
+                let deleted = tokio::time::timeout(CALL_TIMEOUT, client.delete(key.as_str(), None));
+                if matches!(deleted.await, Ok(Ok(_))) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
+            }
         });
     }
 }
@@ -139,23 +172,23 @@ impl Drop for Leave {
 impl StoreSession for EtcdSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let prefix = lock_prefix(&request.key);
-        let me = self.my_key(&request.key);
+        let me = self.new_key(&request.key);
         let mode = mode_value(request.mode);
         let mut leave = Leave {
             client: self.client.clone(),
             key: me.clone(),
-            revision: None,
             armed: true,
         };
-        // Join the queue (unless this session's key is there already).
-        let join = Txn::new()
-            .when([Compare::create_revision(me.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                me.as_str(),
-                mode.as_str(),
-                Some(etcd_client::PutOptions::new().with_lease(self.lease)),
-            )]);
-        self.call(self.client.clone().txn(join)).await?;
+        // Join the queue, at its tail.
+        let mut client = self.client.clone();
+        let join = client.put(
+            me.as_str(),
+            mode.as_str(),
+            Some(etcd_client::PutOptions::new().with_lease(self.lease)),
+        );
+        if let Err(err) = self.call(join).await {
+            return Err(self.failure(&err).unwrap_or(err));
+        }
         loop {
             let options = GetOptions::new()
                 .with_prefix()
@@ -166,12 +199,12 @@ impl StoreSession for EtcdSession {
             let read_at = queue.header().map_or(0, |header| header.revision());
             let kvs = queue.kvs();
             let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
-                // etcd issue 11456: the lease ended while this waited.
+                // etcd issue 11456: the lease ended while this waited (or the
+                // key was deleted from outside).
                 leave.armed = false;
-                return Err(self.lost("ended while waiting for the lock"));
+                return Err(self.lost("ended, or its queue key was deleted, while it waited"));
             };
             let mine = &kvs[position];
-            leave.revision = Some(mine.create_revision());
             let earlier = &kvs[..position];
             let blocker = match request.mode {
                 Mode::Exclusive => earlier.last().map(|kv| Blocker::Key(kv.key().to_vec())),
@@ -195,13 +228,20 @@ impl StoreSession for EtcdSession {
                     return Err(self.lost("has run out"));
                 }
                 leave.armed = false;
+                self.held().insert(request.key.clone(), me);
                 let token = u64::try_from(mine.create_revision()).unwrap_or(0);
                 return Ok(Some(Grant::new(token)));
             };
             let Some(until) = request.wait_until else {
+                leave.armed = false;
+                self.call(self.client.clone().delete(me.as_str(), None))
+                    .await?;
                 return Ok(None);
             };
             if Instant::now() >= until {
+                leave.armed = false;
+                self.call(self.client.clone().delete(me.as_str(), None))
+                    .await?;
                 return Ok(None);
             }
             // Watch the blocker for its deletion, from the revision read, so
@@ -218,6 +258,10 @@ impl StoreSession for EtcdSession {
                 .await?;
             let deleted = async {
                 while let Ok(Some(message)) = stream.message().await {
+                    if message.canceled() || message.compact_revision() > 0 {
+                        // Compacted past the revision read: read again.
+                        return;
+                    }
                     if message
                         .events()
                         .iter()
@@ -226,16 +270,19 @@ impl StoreSession for EtcdSession {
                         return;
                     }
                 }
-                // The watch ended (e.g. etcd restarted): look again.
+                // The watch ended (etcd restarting?): not at once again.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             };
-            if tokio::time::timeout_at(until, deleted).await.is_err() {
-                return Ok(None);
-            }
+            // In slices: a silent watch is read past, not trusted forever.
+            let slice_end = until.min(Instant::now() + WATCH_SLICE);
+            let _ = tokio::time::timeout_at(slice_end, deleted).await;
         }
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        let me = self.my_key(&held.key);
+        let Some(me) = self.held().get(&held.key).cloned() else {
+            return Err(Error::not_held(&held.key));
+        };
         let revision = i64::try_from(held.token).unwrap_or(i64::MAX);
         if revision <= 0 {
             // No key has create revision 0: that is "absent" to etcd.
@@ -245,6 +292,12 @@ impl StoreSession for EtcdSession {
         let released = self
             .call(EtcdSession::leave(&mut client, &me, revision))
             .await?;
+        {
+            let mut map = self.held();
+            if map.get(&held.key) == Some(&me) {
+                map.remove(&held.key);
+            }
+        }
         if released {
             Ok(())
         } else {
@@ -285,15 +338,25 @@ impl StoreSession for EtcdSession {
             return Ok(RenewReport::all_held());
         }
         // Each held key must still be there, as created when granted.
-        let reads: Vec<TxnOp> = held
-            .iter()
-            .map(|lock| TxnOp::get(self.my_key(&lock.key), None))
-            .collect();
-        let answer = self
-            .call(self.client.clone().txn(Txn::new().and_then(reads)))
-            .await?;
+        let keys: Vec<String> = {
+            let map = self.held();
+            held.iter()
+                .map(|lock| map.get(&lock.key).cloned().unwrap_or_default())
+                .collect()
+        };
+        let mut responses = Vec::with_capacity(held.len());
+        for batch in keys.chunks(MAX_TXN_OPS) {
+            let reads: Vec<TxnOp> = batch
+                .iter()
+                .map(|key| TxnOp::get(key.as_str(), None))
+                .collect();
+            let answer = self
+                .call(self.client.clone().txn(Txn::new().and_then(reads)))
+                .await?;
+            responses.extend(answer.op_responses());
+        }
         let mut lost = Vec::new();
-        for (lock, response) in held.iter().zip(answer.op_responses()) {
+        for (lock, response) in held.iter().zip(responses) {
             let there = match response {
                 TxnOpResponse::Get(got) => got
                     .kvs()
@@ -302,6 +365,10 @@ impl StoreSession for EtcdSession {
                 _ => false,
             };
             if !there {
+                let mut map = self.held();
+                if map.contains_key(&lock.key) {
+                    map.remove(&lock.key);
+                }
                 lost.push(lock.key.clone());
             }
         }
