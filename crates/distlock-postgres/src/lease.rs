@@ -98,7 +98,10 @@ const RENEW: &str = "UPDATE distlock_leases
     RETURNING key";
 
 /// The keys waited on, with how many wait and what wakes them.
-type Listeners = Arc<Mutex<HashMap<String, (usize, Arc<Notify>)>>>;
+type Waiting = Mutex<HashMap<String, (usize, Arc<Notify>)>>;
+
+/// [`Waiting`], shared with the listener.
+type Listeners = Arc<Waiting>;
 
 /// What lease sessions of one store share: a connection for statements
 /// (each one its own transaction, so one connection serves every session)
@@ -108,8 +111,6 @@ pub(crate) struct Leases {
     /// Made again when it breaks (e.g. its backend was terminated): the
     /// leases live in the table, not in a connection.
     client: tokio::sync::Mutex<Arc<Client>>,
-    /// The listening connection lives as long as this client.
-    _listener: Client,
     target: String,
     listeners: Listeners,
 }
@@ -117,42 +118,19 @@ pub(crate) struct Leases {
 impl Leases {
     pub(crate) async fn connect(config: &Config, target: &str) -> Result<Arc<Leases>> {
         let client = open(config, target).await?;
-        // A second connection listens; its messages are read here.
-        let (listener, mut connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|err| query_error(target, &err))?;
         let listeners: Listeners = Arc::default();
-        let delivered = Arc::clone(&listeners);
-        tokio::spawn(async move {
-            loop {
-                let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
-                match message {
-                    Some(Ok(AsyncMessage::Notification(note))) => {
-                        let notify = guard(&delivered)
-                            .get(note.payload())
-                            .map(|(_, notify)| Arc::clone(notify));
-                        if let Some(notify) = notify {
-                            notify.notify_waiters();
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break,
-                }
-            }
-            // The listener is gone: wake every waiter; they retry on timers.
-            for (_, notify) in guard(&delivered).values() {
-                notify.notify_waiters();
-            }
-        });
-        listener
-            .batch_execute("LISTEN distlock_released")
-            .await
-            .map_err(|err| query_error(target, &err))?;
+        // The first listening connection is made here, so that a store
+        // whose LISTEN fails does not start; later ones by the listener.
+        let listening = listen(config, target).await?;
+        tokio::spawn(keep_listening(
+            config.clone(),
+            target.to_owned(),
+            Arc::downgrade(&listeners),
+            listening,
+        ));
         Ok(Arc::new(Leases {
             config: config.clone(),
             client: tokio::sync::Mutex::new(Arc::new(client)),
-            _listener: listener,
             target: target.to_owned(),
             listeners,
         }))
@@ -190,6 +168,104 @@ impl Leases {
             key: key.to_owned(),
             notify,
         }
+    }
+}
+
+/// A connection that listens for releases: its client (which keeps it
+/// open) and the connection itself, whose messages the listener reads.
+type Listening = (
+    Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+);
+
+async fn listen(config: &Config, target: &str) -> Result<Listening> {
+    let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
+    let (client, mut connection) = connecting
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("PostgreSQL at {target} did not finish connecting"),
+            )
+        })?
+        .map_err(|err| query_error(target, &err))?;
+    // The connection must be driven for LISTEN to be answered.
+    {
+        let listen = client.batch_execute("LISTEN distlock_released");
+        tokio::pin!(listen);
+        loop {
+            tokio::select! {
+                done = &mut listen => {
+                    done.map_err(|err| query_error(target, &err))?;
+                    break;
+                }
+                message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                    if !matches!(message, Some(Ok(_))) {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("PostgreSQL at {target} closed the listening connection"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok((client, connection))
+}
+
+/// Hands out release notifications until the store is dropped, listening
+/// again (after a pause) whenever the connection breaks; every break wakes
+/// every waiter, so that none sleeps through a release it missed.
+async fn keep_listening(
+    config: Config,
+    target: String,
+    listeners: std::sync::Weak<Waiting>,
+    first: Listening,
+) {
+    let mut listening = Some(first);
+    loop {
+        if let Some((_client, mut connection)) = listening.take() {
+            loop {
+                let message = tokio::select! {
+                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => message,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                        if listeners.strong_count() == 0 {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let Some(delivered) = listeners.upgrade() else {
+                    return;
+                };
+                match message {
+                    Some(Ok(AsyncMessage::Notification(note))) => {
+                        let notify = guard(&delivered)
+                            .get(note.payload())
+                            .map(|(_, notify)| Arc::clone(notify));
+                        if let Some(notify) = notify {
+                            notify.notify_waiters();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            let Some(delivered) = listeners.upgrade() else {
+                return;
+            };
+            tracing::warn!(
+                "the PostgreSQL listening connection to {target} broke; listening again"
+            );
+            for (_, notify) in guard(&delivered).values() {
+                notify.notify_waiters();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if listeners.strong_count() == 0 {
+            return;
+        }
+        listening = listen(&config, &target).await.ok();
     }
 }
 

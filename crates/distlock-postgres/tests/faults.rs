@@ -254,3 +254,47 @@ async fn a_session_lost_by_its_deadline_gives_its_locks_back_while_still_alive()
     assert!(taken.token() > guard.token());
     drop(frozen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_waiters_are_woken_after_the_listening_connection_is_killed() {
+    // A server of its own: every distlock backend on it is terminated.
+    let server = Postgres::start();
+    let url = format!("{}?mode=lease", server.url());
+    let client = client(&url).await;
+    // Long leases: a waiter that relied on its timer would wait 30 s.
+    let open = || async {
+        client
+            .session()
+            .ttl(Duration::from_secs(60))
+            .open()
+            .await
+            .expect("open")
+    };
+    let (holder, waiter) = (open().await, open().await);
+    let held = holder
+        .lock("faults/listen")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    server.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'distlock' AND pid <> pg_backend_pid()",
+    );
+    // Time to listen again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = tokio::spawn(async move {
+        let guard = waiter
+            .lock("faults/listen")
+            .wait(Duration::from_secs(60))
+            .await
+            .expect("granted after the release");
+        guard.release().await.expect("release");
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.release().await.expect("release");
+    timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release, well before the 30 s timer")
+        .expect("waiter task");
+}
