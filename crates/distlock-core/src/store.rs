@@ -276,6 +276,27 @@ pub trait StoreSession: Send + Sync + 'static {
     fn freeze_for_test(&self) {}
 }
 
+/// Takes the store's own parameter `name` out of a URL: the URL without it
+/// (for the database driver, which would refuse a parameter it does not
+/// know) and its value, if given.
+pub fn take_url_param(url: &url::Url, name: &str) -> (url::Url, Option<String>) {
+    let mut value = None;
+    let mut others = Vec::new();
+    for (key, given) in url.query_pairs() {
+        if key == name {
+            value = Some(given.into_owned());
+        } else {
+            others.push((key.into_owned(), given.into_owned()));
+        }
+    }
+    let mut rest = url.clone();
+    rest.set_query(None);
+    if !others.is_empty() {
+        rest.query_pairs_mut().extend_pairs(others);
+    }
+    (rest, value)
+}
+
 /// Proof that a connection is alive, for stores whose sessions are
 /// connections: every answer on it is marked, and a renewal that cannot
 /// send its own keep-alive (a wait holds the connection) may instead wait
@@ -321,6 +342,19 @@ impl Heartbeat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stores_own_url_parameter_is_taken_out_and_the_rest_kept() {
+        let url = url::Url::parse("pg://u@h/db?mode=lease&sslmode=disable").expect("url");
+        let (rest, mode) = take_url_param(&url, "mode");
+        assert_eq!(mode.as_deref(), Some("lease"));
+        assert_eq!(rest.as_str(), "pg://u@h/db?sslmode=disable");
+        let (rest, ca) = take_url_param(&rest, "ca");
+        assert_eq!(ca, None);
+        assert_eq!(rest.as_str(), "pg://u@h/db?sslmode=disable");
+        let (rest, _) = take_url_param(&url::Url::parse("r://h?ca=x").expect("url"), "ca");
+        assert_eq!(rest.as_str(), "r://h");
+    }
 
     #[test]
     fn stronger_holds_cover_weaker_requests_only() {

@@ -58,7 +58,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+    take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -111,26 +111,17 @@ impl MysqlStore {
             .filter(|host| !host.is_empty())
             .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?
             .to_owned();
-        let mut plain = parsed.clone();
-        let mut others = Vec::new();
-        let mut lease = false;
-        for (key, value) in parsed.query_pairs() {
-            match (&*key, &*value) {
-                ("mode", "named") => lease = false,
-                ("mode", "lease") => lease = true,
-                ("mode", other) => {
-                    return Err(config_error(format!(
-                        "'{url}' asks for mode '{other}'; write mode=named (the default) or \
-                         mode=lease"
-                    )))
-                }
-                _ => others.push((key.into_owned(), value.into_owned())),
+        let (plain, mode) = take_url_param(&parsed, "mode");
+        let lease = match mode.as_deref() {
+            None | Some("named") => false,
+            Some("lease") => true,
+            Some(other) => {
+                return Err(config_error(format!(
+                    "'{url}' asks for mode '{other}'; write mode=named (the default) or \
+                     mode=lease"
+                )))
             }
-        }
-        plain.set_query(None);
-        if !others.is_empty() {
-            plain.query_pairs_mut().extend_pairs(others);
-        }
+        };
         let opts = Opts::from_url(plain.as_str())
             .map_err(|err| config_error(format!("'{url}' is not a usable MySQL URL: {err}")))?;
         let opts: Opts = OptsBuilder::from_opts(opts)

@@ -61,7 +61,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+    take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use url::Url;
@@ -109,26 +109,17 @@ impl PostgresStore {
             .host_str()
             .filter(|host| !host.is_empty())
             .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?;
-        let mut plain = parsed.clone();
-        let mut others = Vec::new();
-        let mut lease_mode = false;
-        for (key, value) in parsed.query_pairs() {
-            match (&*key, &*value) {
-                ("mode", "advisory") => lease_mode = false,
-                ("mode", "lease") => lease_mode = true,
-                ("mode", other) => {
-                    return Err(config_error(format!(
-                        "'{url}' asks for mode '{other}'; write mode=advisory (the default) \
-                         or mode=lease"
-                    )))
-                }
-                _ => others.push((key.into_owned(), value.into_owned())),
+        let (plain, mode) = take_url_param(&parsed, "mode");
+        let lease_mode = match mode.as_deref() {
+            None | Some("advisory") => false,
+            Some("lease") => true,
+            Some(other) => {
+                return Err(config_error(format!(
+                    "'{url}' asks for mode '{other}'; write mode=advisory (the default) or \
+                     mode=lease"
+                )))
             }
-        }
-        plain.set_query(None);
-        if !others.is_empty() {
-            plain.query_pairs_mut().extend_pairs(others);
-        }
+        };
         let mut config = tokio_postgres::Config::from_str(plain.as_str()).map_err(|err| {
             config_error(format!("'{url}' is not a usable PostgreSQL URL: {err}"))
         })?;

@@ -234,20 +234,7 @@ fn single(url: &Url) -> Result<Instance> {
         .filter(|host| !host.is_empty())
         .ok_or_else(|| config_error(format!("'{url}' names no host; write redis://HOST[:PORT]")))?;
     let name = format!("{host}:{}", url.port().unwrap_or(DEFAULT_PORT));
-    let ca = url
-        .query_pairs()
-        .find(|(key, _)| key == "ca")
-        .map(|(_, path)| path.into_owned());
-    let mut plain = url.clone();
-    let others: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(key, _)| key != "ca")
-        .map(|(key, value)| (key.into_owned(), value.into_owned()))
-        .collect();
-    plain.set_query(None);
-    if !others.is_empty() {
-        plain.query_pairs_mut().extend_pairs(others);
-    }
+    let (plain, ca) = distlock_core::store::take_url_param(url, "ca");
     let unusable =
         |err: redis::RedisError| config_error(format!("'{url}' is not a usable Redis URL: {err}"));
     let client = match ca {
