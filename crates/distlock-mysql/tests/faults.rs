@@ -119,16 +119,7 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     assert!(err.to_string().contains("nowhere"), "{err}");
 
     // A port that speaks something else.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let other = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            use tokio::io::AsyncWriteExt;
-            let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
-        }
-    });
+    let other = distlock_core::testkit::daemon::not_a_store().await;
     let err = MysqlStore::connect(&format!("mysql://u:p@127.0.0.1:{other}/db"))
         .await
         .expect_err("not MySQL");

@@ -272,17 +272,10 @@ async fn sessions_on_one_connection_cannot_release_each_others_locks() {
 
 #[tokio::test]
 async fn a_port_that_is_not_a_distlock_server_is_named_as_such() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let _ = socket
-                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                .await;
-        }
-    });
+    let address = format!(
+        "127.0.0.1:{}",
+        distlock_core::testkit::daemon::not_a_store().await
+    );
     let err = store(&format!("distlock://{address}"))
         .await
         .expect_err("not a distlock server");

@@ -17,6 +17,24 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
+/// A port on 127.0.0.1 that answers every connection with an HTTP error,
+/// for tests of a client pointed at something that is not its store.
+pub async fn not_a_store() -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a port on 127.0.0.1");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    port
+}
+
 /// A server process under test.
 #[derive(Debug)]
 pub struct Daemon {
