@@ -1,0 +1,257 @@
+//! The ZooKeeper store: `zk://HOST[:PORT][,HOST[:PORT]…][/CHROOT]`.
+//!
+//! The recipe of Curator's `InterProcessMutex`, with its traps avoided:
+//!
+//! - A session is a ZooKeeper session of its own, asked for with the
+//!   session's TTL as its timeout. If ZooKeeper grants less than the TTL
+//!   (its `maxSessionTimeout`), opening fails: the server would drop the
+//!   session before the client knew. Granted more (its `minSessionTimeout`),
+//!   a dead holder's locks are freed later than the TTL says, never sooner.
+//! - A lock is a queue of ephemeral sequential nodes under
+//!   `/distlock/NAME` (a container node, which ZooKeeper deletes once it is
+//!   empty). Each attempt creates its own node `MODE-NONCE-SEQUENCE`. The
+//!   holder is the node of lowest sequence; readers wait only for earlier
+//!   writers; a semaphore of N admits the N lowest. The fencing token is the
+//!   node's creation zxid (`czxid`), which only grows, across holders, modes
+//!   and restarts of ZooKeeper (each new leader epoch starts above the last).
+//! - A waiter watches only the node that blocks it (its predecessor, or the
+//!   last earlier writer), so no herd wakes; semaphore waiters watch the
+//!   queue. A watch is trusted five seconds at a time, then the queue is read
+//!   again.
+//! - The grant is decided on a fresh read of the queue that still lists the
+//!   waiter's own node. An ephemeral node lives exactly as long as its
+//!   session, so a waiter whose session expired while queued finds its node
+//!   gone and is told its session is lost, never that it holds the lock; a
+//!   session that came back after a reconnect finds its node still there.
+//! - Releases and renewals name the attempt's own node and check its czxid
+//!   and owner, so nothing touches another session's node. An attempt that
+//!   ends without the lock deletes its node, in the background if it was
+//!   dropped half-way (found by its nonce if the create's answer never
+//!   came), and the node goes with the session in any case.
+//!
+//! `lost()` fires when a renewal finds the session expired or a held node
+//! gone; while the connection is down the renewals fail and the session is
+//! lost at its deadline, which comes no later than ZooKeeper's own expiry.
+//! Not given: lock-delay.
+
+mod session;
+
+pub use session::lock_dir;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
+
+/// How long connecting, and each call, may take.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the store's nodes live, under the chroot.
+pub(crate) const BASE: &str = "/distlock";
+
+/// A store on one ZooKeeper ensemble.
+#[derive(Clone)]
+pub struct ZkStore {
+    /// The connect string, hosts and chroot, as the ZooKeeper client takes it.
+    connect: String,
+    /// The hosts, for messages.
+    hosts: String,
+}
+
+impl std::fmt::Debug for ZkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkStore")
+            .field("connect", &self.connect)
+            .finish()
+    }
+}
+
+/// A ZooKeeper error, explained: `Lost` when it says the session is gone.
+pub(crate) fn zk_error(hosts: &str, err: &zookeeper_client::Error) -> Error {
+    use zookeeper_client::Error as Zk;
+    match err {
+        Zk::SessionExpired => Error::new(
+            ErrorKind::Lost,
+            format!("ZooKeeper at {hosts}: the session expired; open a new session"),
+        ),
+        Zk::ClientClosed => Error::new(
+            ErrorKind::Lost,
+            format!("ZooKeeper at {hosts}: the session was closed; open a new session"),
+        ),
+        Zk::NoAuth | Zk::AuthFailed => Error::new(
+            ErrorKind::Config,
+            format!("ZooKeeper at {hosts}: {err}; check the ACLs of the chroot and /distlock"),
+        ),
+        _ => unavailable(hosts, err),
+    }
+}
+
+pub(crate) fn unavailable(hosts: &str, err: &dyn std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("ZooKeeper at {hosts}: {err}; check the hosts and that ZooKeeper runs"),
+    )
+}
+
+pub(crate) fn timed_out(hosts: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("ZooKeeper at {hosts} did not answer in {CALL_TIMEOUT:?}"),
+    )
+}
+
+/// A call bounded in time, its error explained.
+pub(crate) async fn call<T>(
+    hosts: &str,
+    call: impl std::future::Future<Output = std::result::Result<T, ZkError>>,
+) -> Result<T> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| timed_out(hosts))?
+        .map_err(|err| zk_error(hosts, &err))
+}
+
+const USAGE: &str = "write zk://HOST[:PORT][,HOST[:PORT]…][/CHROOT]";
+
+fn config(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+/// Splits `zk://…` into hosts (with ports, 2181 by default) and chroot.
+fn parse(url: &str) -> Result<(Vec<String>, String)> {
+    let Some(rest) = url.strip_prefix("zk://") else {
+        return Err(config(format!("'{url}' is not a ZooKeeper URL; {USAGE}")));
+    };
+    if rest.contains(['?', '#']) {
+        return Err(config(format!(
+            "'{url}' has a query or fragment, which the ZooKeeper store does not take; {USAGE}"
+        )));
+    }
+    let (hosts, chroot) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, ""),
+    };
+    let mut endpoints = Vec::new();
+    for host in hosts.split(',') {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port)) => (name, port),
+            None => (host, "2181"),
+        };
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c));
+        if !valid_name || port.parse::<u16>().map_or(true, |port| port == 0) {
+            return Err(config(format!(
+                "'{host}' in '{url}' is not HOST[:PORT]; {USAGE}"
+            )));
+        }
+        endpoints.push(format!("{name}:{port}"));
+    }
+    let chroot = chroot.strip_suffix('/').unwrap_or(chroot);
+    if !chroot.is_empty() {
+        for segment in chroot[1..].split('/') {
+            if segment.is_empty()
+                || segment == "."
+                || segment == ".."
+                || segment.chars().any(char::is_control)
+            {
+                return Err(config(format!(
+                    "the chroot '{chroot}' in '{url}' is not a ZooKeeper path: it has an \
+                     empty, '.', '..' or control-character segment; {USAGE}"
+                )));
+            }
+        }
+        if chroot == "/zookeeper" || chroot.starts_with("/zookeeper/") {
+            return Err(config(format!(
+                "the chroot '{chroot}' in '{url}' is under /zookeeper, which ZooKeeper \
+                 keeps for itself; choose another path"
+            )));
+        }
+    }
+    Ok((endpoints, chroot.to_owned()))
+}
+
+impl ZkStore {
+    /// Connects to the ensemble a `zk://H1[:P1][,H2[:P2]…][/CHROOT]` URL
+    /// names, and creates the chroot and `/distlock` under it if missing.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (endpoints, chroot) = parse(url)?;
+        let hosts = endpoints.join(",");
+        let client = tokio::time::timeout(
+            CALL_TIMEOUT,
+            Client::connector()
+                .with_session_timeout(CALL_TIMEOUT)
+                .with_fail_eagerly()
+                .connect(&hosts),
+        )
+        .await
+        .map_err(|_| timed_out(&hosts))?
+        .map_err(|err| zk_error(&hosts, &err))?;
+        let base = format!("{chroot}{BASE}");
+        let options = CreateMode::Persistent.with_acls(Acls::anyone_all());
+        call(&hosts, client.mkdir(&base, &options)).await?;
+        Ok(ZkStore {
+            connect: format!("{hosts}{chroot}"),
+            hosts,
+        })
+    }
+
+    /// What ZooKeeper gives.
+    pub fn capabilities() -> Capabilities {
+        let mut capabilities = Capabilities::minimal("zookeeper");
+        capabilities.fair = true;
+        capabilities.shared = true;
+        capabilities.writer_preferring = true;
+        capabilities.semaphore = true;
+        capabilities.push_wakeup = true;
+        capabilities.fencing = Fencing::Durable;
+        capabilities.lease_expiry = true;
+        capabilities.session = SessionModel::Lease;
+        capabilities
+    }
+}
+
+#[async_trait]
+impl LockStore for ZkStore {
+    fn capabilities(&self) -> Capabilities {
+        ZkStore::capabilities()
+    }
+
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+        Ok(Box::new(
+            session::ZkSession::open(&self.connect, &self.hosts, options).await?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_into_hosts_and_chroot() {
+        let (hosts, chroot) = parse("zk://a:1,b,c:3/x/y").expect("valid");
+        assert_eq!(hosts, ["a:1", "b:2181", "c:3"]);
+        assert_eq!(chroot, "/x/y");
+        assert_eq!(parse("zk://a/").expect("valid").1, "");
+        for bad in [
+            "zk://",
+            "zk://a:0",
+            "zk://a:x",
+            "zk://a,,b",
+            "zk://a//b",
+            "zk://a/b/../c",
+            "zk://a/zookeeper/x",
+            "zk://a/b?x=1",
+            "http://a:1",
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! A private ZooKeeper for the tests, on a free port, in a temporary
+//! directory: `zkServer.sh start-foreground` with a generated `zoo.cfg`.
+
+#![allow(dead_code, reason = "each test file uses part of the kit")]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use distlock_core::testkit::daemon::{free_port, Daemon};
+
+/// Where Debian's `zookeeper` package puts the server's script.
+const SCRIPT: &str = "/usr/share/zookeeper/bin/zkServer.sh";
+
+/// One standalone ZooKeeper server.
+pub struct ZooKeeper {
+    daemon: Daemon,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl ZooKeeper {
+    pub fn start() -> ZooKeeper {
+        ZooKeeper::run(tempfile::tempdir().expect("temp dir"), free_port())
+    }
+
+    fn run(dir: tempfile::TempDir, port: u16) -> ZooKeeper {
+        let config = dir.path().join("zoo.cfg");
+        // A short tick, so that sessions as short as the tests' (600 ms)
+        // are granted as asked; the admin server off (it would take port
+        // 8080); four-letter words only to ask whether it serves.
+        let text = format!(
+            "tickTime=100\n\
+             initLimit=10\n\
+             syncLimit=5\n\
+             dataDir={data}\n\
+             clientPort={port}\n\
+             clientPortAddress=127.0.0.1\n\
+             minSessionTimeout=200\n\
+             maxSessionTimeout=120000\n\
+             maxClientCnxns=0\n\
+             admin.enableServer=false\n\
+             4lw.commands.whitelist=ruok,srvr\n\
+             znode.container.checkIntervalMs=1000\n",
+            data = dir.path().join("data").display(),
+        );
+        std::fs::write(&config, text).expect("write zoo.cfg");
+        let mut command = Command::new(SCRIPT);
+        command
+            .arg("start-foreground")
+            .arg(&config)
+            .env("JMXDISABLE", "true")
+            .env("JVMFLAGS", "-Xmx256m -Dzookeeper.root.logger=WARN,CONSOLE");
+        let daemon = Daemon::spawn("zookeeper", command, port, dir.path());
+        let server = ZooKeeper { daemon, dir, port };
+        server.wait_serving();
+        server
+    }
+
+    /// Waits until the server says it serves (it listens a little before).
+    fn wait_serving(&self) {
+        let started = Instant::now();
+        loop {
+            if self.four_letter("srvr").contains("Mode:") {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "ZooKeeper on {} did not serve within a minute:\n{}",
+                self.port,
+                self.daemon.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a four-letter word and returns the answer ("" if none).
+    pub fn four_letter(&self, word: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut answer = String::new();
+        if stream.write_all(word.as_bytes()).is_ok() {
+            let _ = stream.read_to_string(&mut answer);
+        }
+        answer
+    }
+
+    /// A server for all the tests of this binary, killed when it exits.
+    pub fn shared() -> &'static ZooKeeper {
+        static SERVER: std::sync::OnceLock<ZooKeeper> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            let server = ZooKeeper::start();
+            server.daemon.die_with_this_process();
+            server
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn hosts(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("zk://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same data.
+    pub fn crash_and_restart(self) -> ZooKeeper {
+        let ZooKeeper {
+            mut daemon,
+            dir,
+            port,
+        } = self;
+        daemon.kill();
+        drop(daemon);
+        ZooKeeper::run(dir, port)
+    }
+}

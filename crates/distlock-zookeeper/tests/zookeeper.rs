@@ -1,0 +1,18 @@
+//! The conformance suite against a real ZooKeeper.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::ZooKeeper;
+use distlock_core::Client;
+use distlock_zookeeper::ZkStore;
+
+async fn connect() -> Client {
+    let store = ZkStore::connect(&format!("{}/conformance", ZooKeeper::shared().url()))
+        .await
+        .expect("connect to the test's ZooKeeper");
+    Client::new(Arc::new(store))
+}
+
+distlock_core::conformance_suite!(connect);
