@@ -44,3 +44,5 @@ pub use distlock_mysql::MysqlStore;
 pub use distlock_postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use distlock_redis::RedisStore;
+#[cfg(feature = "zookeeper")]
+pub use distlock_zookeeper::ZkStore;

@@ -90,6 +90,12 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "etcd://h1:2379,h2:2379,h3:2379",
         capabilities: distlock_etcd::EtcdStore::capabilities(),
     });
+    #[cfg(feature = "zookeeper")]
+    stores.push(StoreInfo {
+        scheme: "zk",
+        example: "zk://h1:2181,h2:2181,h3:2181/chroot",
+        capabilities: distlock_zookeeper::ZkStore::capabilities(),
+    });
     stores
 }
 
@@ -106,6 +112,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | PostgreSQL advisory locks, or a lease table |
 /// | `mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | MySQL/MariaDB named locks, or a lease table |
 /// | `etcd://H1:P1[,H2:P2…]` | etcd: lease sessions, FIFO queues by revision |
+/// | `zk://H1[:P1][,H2[:P2]…][/CHROOT]` | ZooKeeper: its sessions, FIFO queues of sequential nodes |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
 /// build does not have (the message lists the ones it has), and with the
@@ -115,6 +122,12 @@ pub async fn connect(url: &str) -> Result<Client> {
     if url.starts_with("etcd://") {
         return Ok(Client::new(Arc::new(
             distlock_etcd::EtcdStore::connect(url).await?,
+        )));
+    }
+    #[cfg(feature = "zookeeper")]
+    if url.starts_with("zk://") {
+        return Ok(Client::new(Arc::new(
+            distlock_zookeeper::ZkStore::connect(url).await?,
         )));
     }
     // Several hosts in one authority are not a URL the parser takes.

@@ -30,6 +30,7 @@ pub mod daemon;
 mod leases;
 mod lifecycle;
 mod modes;
+pub mod proxy;
 
 use std::future::Future;
 use std::io::Write;

@@ -1,0 +1,231 @@
+//! ZooKeeper when things go wrong: a holder's session expiring behind a cut
+//! connection, ZooKeeper killed and restarted, and bad URLs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::ZooKeeper;
+use distlock_core::testkit::proxy::{Fault, Proxy};
+use distlock_core::{Client, ErrorKind};
+use distlock_zookeeper::{lock_dir, ZkStore};
+use futures::FutureExt;
+use tokio::time::timeout;
+
+async fn client(url: &str) -> Client {
+    Client::new(Arc::new(ZkStore::connect(url).await.expect("connect")))
+}
+
+/// The nodes left in a lock's queue, seen by a client of its own.
+async fn queue(server: &ZooKeeper, chroot: &str, key: &str) -> Vec<String> {
+    let zk = zookeeper_client::Client::connect(&format!("{}{chroot}", server.hosts()))
+        .await
+        .expect("a plain ZooKeeper client");
+    match zk.list_children(&lock_dir(key)).await {
+        Ok(children) => children,
+        Err(zookeeper_client::Error::NoNode) => Vec::new(),
+        Err(err) => panic!("list the queue: {err}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_session_expires_is_told_and_exactly_one_waiter_takes_over() {
+    let server = ZooKeeper::shared();
+    let chroot = "/faults-expiry";
+    let key = "faults/expiry";
+    // The holder reaches ZooKeeper through a proxy that can cut it off.
+    let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let cut_off = client(&format!("zk://127.0.0.1:{}{chroot}", proxy.port())).await;
+    let direct = client(&format!("{}{chroot}", server.url())).await;
+    let holder = cut_off
+        .session()
+        .ttl(Duration::from_secs(2))
+        .open()
+        .await
+        .expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let session = direct.session().open().await.expect("open");
+        waiters.push(tokio::spawn(async move {
+            let guard = session.lock(key).wait(Duration::from_secs(60)).await;
+            (session, guard)
+        }));
+        // In this order in the queue.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        queue(server, chroot, key).await.len(),
+        4,
+        "holder and 3 waiters"
+    );
+    // Cut the holder off: its session expires at ZooKeeper.
+    proxy.set(Fault::Blackhole);
+    timeout(Duration::from_secs(30), held.lost())
+        .await
+        .expect("the holder is told it lost the lock");
+    assert!(!held.is_held());
+    let first = waiters.remove(0);
+    let (first_session, first_guard) = timeout(Duration::from_secs(30), first)
+        .await
+        .expect("the first waiter takes over")
+        .expect("task");
+    let first_guard = first_guard.expect("granted");
+    assert!(first_guard.token() > held.token());
+    // The others still wait: one holder only.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        waiters.iter().all(|waiter| !waiter.is_finished()),
+        "two holders"
+    );
+    // The cut heals: the old holder's session is gone, and it says so.
+    proxy.set(Fault::None);
+    assert!(held.lost().now_or_never().is_some());
+    let err = held
+        .release()
+        .await
+        .expect_err("the lost lock cannot be released");
+    assert_eq!(err.kind(), ErrorKind::NotHeld, "{err}");
+    // The rest take their turns, and nothing stale is left in the queue.
+    let mut last = first_guard.token();
+    first_guard.release().await.expect("release");
+    drop(first_session);
+    for waiter in waiters {
+        let (session, guard) = timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("each waiter gets its turn")
+            .expect("task");
+        let guard = guard.expect("granted");
+        assert!(guard.token() > last);
+        last = guard.token();
+        guard.release().await.expect("release");
+        session.close().await.expect("close");
+    }
+    assert_eq!(queue(server, chroot, key).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_and_restarting_zookeeper_keeps_tokens_rising_and_the_holder_honest() {
+    let server = ZooKeeper::start();
+    let url = server.url();
+    let key = "faults/restart";
+    let mut tokens = Vec::new();
+    let client = client(&url).await;
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock(key)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    let holder = client
+        .session()
+        .ttl(Duration::from_secs(10))
+        .open()
+        .await
+        .expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    tokens.push(held.token());
+    let server = server.crash_and_restart();
+    // Back within the session timeout: the holder keeps the lock (its
+    // session is restored from ZooKeeper's log) or is told it lost it,
+    // never silently both.
+    let other = client
+        .session()
+        .open()
+        .await
+        .expect("open after the restart");
+    let taken = loop {
+        match other.lock(key).try_lock().await {
+            Ok(taken) => break taken,
+            Err(err) => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    match taken {
+        Some(guard) => {
+            assert!(!held.is_held(), "two holders after the restart");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
+        None if held.is_held() => held.release().await.expect("the holder kept the lock"),
+        None => drop(held),
+    }
+    let session = client.session().open().await.expect("open");
+    let guard = session
+        .lock(key)
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("granted after the restart");
+    tokens.push(guard.token());
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_an_unreachable_ensemble_and_short_max_sessions_get_clear_errors() {
+    for bad in [
+        "zk://",
+        "zk://host:0",
+        "zk://host:99999",
+        "zk://a:1,,b:2",
+        "zk://a:1/bad//chroot",
+        "zk://a:1/bad/../chroot",
+        "zk://a:1/zookeeper/quota",
+        "http://x:1",
+    ] {
+        let err = ZkStore::connect(bad).await.expect_err(bad);
+        assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
+    }
+    let started = tokio::time::Instant::now();
+    let dead = distlock_core::testkit::daemon::free_port();
+    let err = ZkStore::connect(&format!("zk://127.0.0.1:{dead}"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{dead}")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // A port that is not ZooKeeper.
+    let other = distlock_core::testkit::daemon::not_a_store().await;
+    let err = ZkStore::connect(&format!("zk://127.0.0.1:{other}"))
+        .await
+        .expect_err("not ZooKeeper");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    // A TTL above what the server grants is refused, not silently cut.
+    let client = client(&ZooKeeper::shared().url()).await;
+    let err = client
+        .session()
+        .ttl(Duration::from_secs(600))
+        .open()
+        .await
+        .expect_err("above maxSessionTimeout");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("maxSessionTimeout"), "{err}");
+}
