@@ -86,7 +86,21 @@ pub(crate) fn zk_error(hosts: &str, err: &zookeeper_client::Error) -> Error {
             ErrorKind::Config,
             format!("ZooKeeper at {hosts}: {err}; check the ACLs of the chroot and /distlock"),
         ),
-        _ => unavailable(hosts, err),
+        Zk::Unimplemented => Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "ZooKeeper at {hosts} does not know a request of the lock recipe ({err}); \
+                 use ZooKeeper 3.5.3 or later (container nodes, create2)"
+            ),
+        ),
+        Zk::NoHosts | Zk::Timeout | Zk::ConnectionLoss | Zk::Throttled => unavailable(hosts, err),
+        _ => Error::new(
+            ErrorKind::Store,
+            format!(
+                "ZooKeeper at {hosts}: {err}, which the lock recipe did not expect; \
+                     was something under {BASE} changed by hand?"
+            ),
+        ),
     }
 }
 
@@ -100,7 +114,10 @@ pub(crate) fn unavailable(hosts: &str, err: &dyn std::fmt::Display) -> Error {
 pub(crate) fn timed_out(hosts: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
-        format!("ZooKeeper at {hosts} did not answer in {CALL_TIMEOUT:?}"),
+        format!(
+            "ZooKeeper at {hosts} did not answer in {CALL_TIMEOUT:?}; check that it runs, \
+             that it is reachable from here, and that the ensemble has a quorum"
+        ),
     )
 }
 

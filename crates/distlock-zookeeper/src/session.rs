@@ -9,16 +9,24 @@ use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError, SessionInfo, SessionState};
+use zookeeper_client::{
+    Acls, Client, CreateMode, Error as ZkError, MultiWriteError, OneshotWatcher, SessionInfo,
+    SessionState,
+};
 
 use crate::{timed_out, zk_error, BASE, CALL_TIMEOUT};
 
 /// The longest one watch is trusted before the queue is read again.
 const WATCH_SLICE: Duration = Duration::from_secs(5);
 
-/// How many nodes one renewal checks at once.
-const RENEW_BATCH: usize = 1024;
+/// How many nodes one renewal checks in one transaction (their paths must
+/// fit ZooKeeper's 1 MiB request limit: 3 KiB each at most).
+const RENEW_BATCH: usize = 128;
+
+/// How long a waiter whose connection broke waits before it looks again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 
 /// The directory of lock `name`'s queue: the name with `%`, `/` and the
 /// characters ZooKeeper refuses in a node name escaped, so that every name
@@ -75,47 +83,9 @@ struct Node {
     czxid: i64,
 }
 
-/// What a session's attempts share, also after the attempt is gone.
-struct Shared {
-    /// The client: `None` once the session is closed or frozen, so that
-    /// nothing keeps a frozen session's connection alive.
-    client: Mutex<Option<Client>>,
-    /// The connect string (hosts and chroot) and the hosts, for messages.
-    connect: String,
-    hosts: String,
-    /// The session, to attach to it again.
-    info: SessionInfo,
-    /// The session timeout ZooKeeper granted.
-    timeout: Duration,
-    /// Set when the client goes: wakes the waiters.
-    ended: tokio::sync::watch::Sender<bool>,
-}
-
-impl Shared {
-    fn client(&self) -> Option<Client> {
-        lock(&self.client).clone()
-    }
-
-    /// Takes the client away, waking every waiter.
-    fn end(&self) -> Option<Client> {
-        let client = lock(&self.client).take();
-        self.ended.send_replace(true);
-        client
-    }
-
-    /// Attaches to the session again on a connection of its own, to tidy
-    /// up after the client went: `detached` keeps the session open when the
-    /// returned client is dropped, as a frozen process would.
-    async fn attach(&self, detached: bool) -> Result<std::result::Result<Client, ZkError>> {
-        let mut connector = Client::connector();
-        connector = connector
-            .with_session(self.info.clone())
-            .with_session_timeout(self.timeout)
-            .with_fail_eagerly();
-        if detached {
-            connector = connector.with_detached();
-        }
-        raw(&self.hosts, connector.connect(&self.connect)).await
+impl Node {
+    fn is(&self, lock: &HeldLock) -> bool {
+        u64::try_from(self.czxid).ok() == Some(lock.token)
     }
 }
 
@@ -125,11 +95,61 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a session's attempts share, also after the attempt is gone.
+struct Shared {
+    /// The client: `None` once the session is closed or frozen, so that
+    /// nothing keeps a frozen session's connection alive.
+    client: Mutex<Option<Client>>,
+    /// The connect string (hosts and chroot).
+    connect: String,
+    /// The session, to attach to it again and close it.
+    info: SessionInfo,
+    /// The session timeout ZooKeeper granted.
+    timeout: Duration,
+    /// Set when the session ends (closed, or frozen by the test hook): wakes
+    /// the waiters, which leave their queues while the client is still
+    /// there.
+    ending: watch::Sender<bool>,
+    /// How many attempts are under way.
+    attempts: watch::Sender<usize>,
+    /// Frozen by the test hook: the session is lost, not closed.
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn client(&self) -> Option<Client> {
+        lock(&self.client).clone()
+    }
+
+    /// Ends the session's use of its client: wakes the waiters, gives them
+    /// a moment to leave their queues, then takes the client away.
+    async fn end(&self) -> Option<Client> {
+        self.ending.send_replace(true);
+        let mut attempts = self.attempts.subscribe();
+        let _ = tokio::time::timeout(CALL_TIMEOUT, attempts.wait_for(|n| *n == 0)).await;
+        lock(&self.client).take()
+    }
+}
+
+/// Counts an attempt while it is under way.
+struct Attempt<'a>(&'a Shared);
+
+impl<'a> Attempt<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        shared.attempts.send_modify(|n| *n += 1);
+        Attempt(shared)
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.0.attempts.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 pub(crate) struct ZkSession {
     shared: Arc<Shared>,
     hosts: String,
-    session_id: i64,
-
     /// The nodes of the locks held, by lock name: each attempt has a node of
     /// its own, so that nothing left of one attempt is ever taken for
     /// another.
@@ -143,12 +163,20 @@ enum Blocker {
     Any,
 }
 
+/// Where one look at the queue leaves an attempt.
+enum Step {
+    Granted(Grant),
+    Busy,
+    Wait(OneshotWatcher),
+    Again,
+}
+
 /// A call's outcome with ZooKeeper's own error kept, to tell apart the
 /// errors that are answers (`NoNode`, `NodeExists`).
-async fn raw<T>(
+async fn raw<T, E>(
     hosts: &str,
-    call: impl std::future::Future<Output = std::result::Result<T, ZkError>>,
-) -> Result<std::result::Result<T, ZkError>> {
+    call: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<std::result::Result<T, E>> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
         .map_err(|_| timed_out(hosts))
@@ -171,14 +199,14 @@ impl ZkSession {
         .map_err(|_| timed_out(hosts))?
         .map_err(|err| zk_error(hosts, &err))?;
         let session = ZkSession {
-            session_id: client.session_id().0,
             shared: Arc::new(Shared {
                 info: client.session().clone(),
                 timeout: client.session_timeout(),
                 client: Mutex::new(Some(client)),
                 connect: connect.to_owned(),
-                hosts: hosts.to_owned(),
-                ended: tokio::sync::watch::Sender::new(false),
+                ending: watch::Sender::new(false),
+                attempts: watch::Sender::new(0),
+                frozen: std::sync::atomic::AtomicBool::new(false),
             }),
             hosts: hosts.to_owned(),
             held: Mutex::new(HashMap::new()),
@@ -186,7 +214,9 @@ impl ZkSession {
         // ZooKeeper rounds to milliseconds.
         if session.shared.timeout + Duration::from_millis(1) < options.ttl {
             let granted = session.shared.timeout;
-            session.close().await?;
+            if let Err(err) = session.close().await {
+                tracing::debug!("closing a refused session: {err}");
+            }
             return Err(Error::new(
                 ErrorKind::Config,
                 format!(
@@ -202,15 +232,26 @@ impl ZkSession {
     }
 
     fn client(&self) -> Result<Client> {
-        self.shared.client().ok_or_else(|| {
-            Error::new(
+        self.shared.client().ok_or_else(|| self.closed())
+    }
+
+    fn closed(&self) -> Error {
+        if self.shared.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return Error::new(
                 ErrorKind::Lost,
                 format!(
-                    "ZooKeeper at {}: the session was closed; open a new session",
+                    "ZooKeeper at {}: the session stopped answering; open a new session",
                     self.hosts
                 ),
-            )
-        })
+            );
+        }
+        Error::new(
+            ErrorKind::Closed,
+            format!(
+                "ZooKeeper at {}: the session was closed; open a new session",
+                self.hosts
+            ),
+        )
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, Node>> {
@@ -226,14 +267,22 @@ impl ZkSession {
 
     /// Why a waiter's node is gone from its queue.
     fn node_gone(&self, client: &Client) -> Error {
-        let why = if client.state() == SessionState::Expired {
-            "the session expired while it waited"
-        } else {
-            "its queue node was deleted while it waited (from outside, or with an expired session)"
-        };
+        if client.state() == SessionState::Expired {
+            return Error::new(
+                ErrorKind::Lost,
+                format!(
+                    "ZooKeeper at {}: the session expired while it waited; open a new session",
+                    self.hosts
+                ),
+            );
+        }
         Error::new(
-            ErrorKind::Lost,
-            format!("ZooKeeper at {}: {why}; open a new session", self.hosts),
+            ErrorKind::Store,
+            format!(
+                "ZooKeeper at {}: the waiter's queue node was deleted from outside while it \
+                 waited; ask again, and find who deletes nodes under {BASE}",
+                self.hosts
+            ),
         )
     }
 
@@ -264,20 +313,176 @@ impl ZkSession {
             }
         }
         Err(Error::new(
-            ErrorKind::Unavailable,
+            ErrorKind::Store,
             format!(
-                "ZooKeeper at {}: the directory {dir} kept vanishing while a lock was created in it",
+                "ZooKeeper at {}: the directory {dir} was deleted five times while a lock was \
+                 made in it; find who deletes nodes under {BASE}",
                 self.hosts
             ),
         ))
     }
+
+    /// One attempt: joins the queue and waits for its turn.
+    async fn attempt(&self, request: &AcquireRequest, leave: &mut Leave) -> Result<Option<Grant>> {
+        if *self.shared.ending.borrow() {
+            return Err(self.closed());
+        }
+        let dir = leave.dir.clone();
+        let tag = mode_tag(request.mode);
+        let prefix = format!("{dir}/{tag}{}", leave.marker);
+        let mut ending = self.shared.ending.subscribe();
+        // Join the queue, at its tail.
+        let (stat, sequence) = {
+            let client = self.client()?;
+            self.join(&client, &dir, &prefix).await?
+        };
+        let me = format!("{tag}{}{sequence}", leave.marker);
+        let path = format!("{dir}/{me}");
+        leave.path = Some(path.clone());
+        let node = Node {
+            path,
+            czxid: stat.czxid,
+        };
+        loop {
+            if *ending.borrow_and_update() {
+                // Closing, or frozen: leave the queue while the client is
+                // still there.
+                return Err(self.closed());
+            }
+            let client = self.client()?;
+            match self.step(&client, request, &node, &tag, leave).await {
+                Ok(Step::Granted(grant)) => return Ok(Some(grant)),
+                Ok(Step::Busy) => return Ok(None),
+                Ok(Step::Again) => {}
+                Ok(Step::Wait(watcher)) => {
+                    // Hold no client while waiting: a frozen session must be
+                    // able to let its connection go.
+                    drop(client);
+                    let until = request.wait_until.unwrap_or_else(Instant::now);
+                    let slice_end = until.min(Instant::now() + WATCH_SLICE);
+                    tokio::select! {
+                        _ = tokio::time::timeout_at(slice_end, watcher.changed()) => {}
+                        _ = ending.wait_for(|ending| *ending) => {}
+                    }
+                }
+                // A connection lost while waiting: keep the place in the
+                // queue (the node lives as long as the session) and look
+                // again once the client has reconnected.
+                Err(err)
+                    if err.kind() == ErrorKind::Unavailable
+                        && request
+                            .wait_until
+                            .is_some_and(|until| Instant::now() + RECONNECT_PAUSE < until) =>
+                {
+                    drop(client);
+                    tracing::debug!(key = %request.key, "waiting through a lost connection: {err}");
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                        _ = ending.wait_for(|ending| *ending) => {}
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Reads the queue and decides: granted, busy, or what to wait for.
+    async fn step(
+        &self,
+        client: &Client,
+        request: &AcquireRequest,
+        node: &Node,
+        tag: &str,
+        leave: &mut Leave,
+    ) -> Result<Step> {
+        let dir = &leave.dir;
+        let children = match raw(&self.hosts, client.list_children(dir)).await? {
+            Ok(children) => children,
+            Err(ZkError::NoNode) => Vec::new(),
+            Err(err) => return Err(zk_error(&self.hosts, &err)),
+        };
+        let queue = ordered(&children);
+        let me = node.path.rsplit('/').next().unwrap_or_default();
+        let Some(position) = queue.iter().position(|(_, name)| *name == me) else {
+            // The session expired while this waited, or the node was
+            // deleted: never say the lock is held.
+            leave.armed = false;
+            return Err(self.node_gone(client));
+        };
+        let earlier = &queue[..position];
+        let blocker = match request.mode {
+            Mode::Exclusive => earlier
+                .last()
+                .map(|(_, name)| Blocker::Node((*name).to_owned())),
+            Mode::Shared => earlier
+                .iter()
+                .rev()
+                .find(|(_, name)| tag_of(name) != "s")
+                .map(|(_, name)| Blocker::Node((*name).to_owned())),
+            Mode::Semaphore { permits } => {
+                let fits = earlier.len() < permits as usize
+                    && earlier.iter().all(|(_, name)| tag_of(name) == tag);
+                (!fits).then_some(Blocker::Any)
+            }
+        };
+        let Some(blocker) = blocker else {
+            // Granted: the read saw this session's node. A server behind its
+            // leader may answer from the past, but only with nodes ahead of
+            // this one gone that are gone for good; the node itself is there
+            // while the session lives, which the core's lease (renewed
+            // through the leader) vouches for.
+            leave.armed = false;
+            self.held().insert(request.key.clone(), node.clone());
+            let token = u64::try_from(node.czxid).unwrap_or(0);
+            return Ok(Step::Granted(Grant::new(token)));
+        };
+        if request
+            .wait_until
+            .is_none_or(|until| Instant::now() >= until)
+        {
+            match raw(&self.hosts, client.delete(&node.path, None)).await? {
+                Ok(()) | Err(ZkError::NoNode) => leave.armed = false,
+                Err(err) => return Err(zk_error(&self.hosts, &err)),
+            }
+            return Ok(Step::Busy);
+        }
+        match blocker {
+            Blocker::Node(name) => {
+                let watched = format!("{dir}/{name}");
+                match self.call(client.check_and_watch_stat(&watched)).await? {
+                    (Some(_), watcher) => Ok(Step::Wait(watcher)),
+                    // Gone already: read the queue again.
+                    (None, _) => Ok(Step::Again),
+                }
+            }
+            Blocker::Any => {
+                let (now, watcher) = self.call(client.list_and_watch_children(dir)).await?;
+                if ordered(&now) == queue {
+                    Ok(Step::Wait(watcher))
+                } else {
+                    Ok(Step::Again)
+                }
+            }
+        }
+    }
+}
+
+/// The queue nodes among `children`, in the order of their sequence.
+fn ordered(children: &[String]) -> Vec<(i64, &str)> {
+    let mut queue: Vec<(i64, &str)> = children
+        .iter()
+        .filter_map(|name| Some((sequence_of(name)?, name.as_str())))
+        .collect();
+    queue.sort_unstable();
+    queue
 }
 
 /// Takes an attempt's node out of its queue when the attempt is dropped or
 /// fails before it is done (in the background if dropped). The node is the
 /// attempt's own (found by its nonce if the create's answer never came), so
-/// deleting it touches nothing else; a failed delete is tried again for a
-/// while, and the node goes with the session in any case.
+/// deleting it touches nothing else; a failed delete is tried again while
+/// the session's client lives, and the node goes with the session in any
+/// case.
 struct Leave {
     shared: Arc<Shared>,
     dir: String,
@@ -295,16 +500,23 @@ impl Leave {
     ) -> std::result::Result<(), ZkError> {
         let path = match path {
             Some(path) => path.to_owned(),
-            // Requests of a session are answered in order: the create, if it
-            // was sent, is seen by this read.
-            None => match client.list_children(dir).await {
-                Ok(children) => match children.into_iter().find(|name| name.contains(marker)) {
-                    Some(name) => format!("{dir}/{name}"),
-                    None => return Ok(()),
-                },
-                Err(ZkError::NoNode) => return Ok(()),
-                Err(err) => return Err(err),
-            },
+            None => {
+                // The create's answer never came. If the connection broke,
+                // the client may now talk to a server that has not seen the
+                // create yet: catch it up with the leader first.
+                match client.sync(dir).await {
+                    Ok(()) | Err(ZkError::NoNode) => {}
+                    Err(err) => return Err(err),
+                }
+                match client.list_children(dir).await {
+                    Ok(children) => match children.into_iter().find(|name| name.contains(marker)) {
+                        Some(name) => format!("{dir}/{name}"),
+                        None => return Ok(()),
+                    },
+                    Err(ZkError::NoNode) => return Ok(()),
+                    Err(err) => return Err(err),
+                }
+            }
         };
         match client.delete(&path, None).await {
             Ok(()) | Err(ZkError::NoNode) => Ok(()),
@@ -312,18 +524,11 @@ impl Leave {
         }
     }
 
-    /// One try; `true` once nothing is left to do. A session whose client
-    /// went (closed, or frozen by the test hook) is attached to again, so
-    /// its waiters leave the queue at once, as waiters of a dead session
-    /// must; the session itself is left to expire.
+    /// One try; `true` once nothing is left to do. Once the client is gone
+    /// (the session closed, or frozen), the node goes with the session.
     async fn once(shared: &Shared, dir: &str, marker: &str, path: Option<&str>) -> bool {
-        let client = match shared.client() {
-            Some(client) => client,
-            None => match shared.attach(true).await {
-                Ok(Ok(client)) => client,
-                Ok(Err(ZkError::SessionExpired)) => return true,
-                _ => return false,
-            },
+        let Some(client) = shared.client() else {
+            return true;
         };
         let deleted = tokio::time::timeout(CALL_TIMEOUT, Leave::delete(&client, dir, marker, path));
         matches!(
@@ -355,126 +560,19 @@ impl Drop for Leave {
             self.path.take(),
         );
         runtime.spawn(async move {
-            for attempt in 0..30u64 {
-                if Leave::once(&shared, &dir, &marker, path.as_deref()).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+            let mut pause = Duration::from_millis(100);
+            while !Leave::once(&shared, &dir, &marker, path.as_deref()).await {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         });
-    }
-}
-
-impl ZkSession {
-    /// One attempt: joins the queue and waits for its turn.
-    async fn attempt(&self, request: &AcquireRequest, leave: &mut Leave) -> Result<Option<Grant>> {
-        let dir = leave.dir.clone();
-        let tag = mode_tag(request.mode);
-        let prefix = format!("{dir}/{tag}{}", leave.marker);
-        let mut ended = self.shared.ended.subscribe();
-        // Join the queue, at its tail.
-        let (stat, sequence) = {
-            let client = self.client()?;
-            self.join(&client, &dir, &prefix).await?
-        };
-        let me = format!("{tag}{}{sequence}", leave.marker);
-        let path = format!("{dir}/{me}");
-        leave.path = Some(path.clone());
-        loop {
-            let client = self.client()?;
-            let children = match raw(&self.hosts, client.list_children(&dir)).await? {
-                Ok(children) => children,
-                Err(ZkError::NoNode) => Vec::new(),
-                Err(err) => return Err(zk_error(&self.hosts, &err)),
-            };
-            let mut queue: Vec<(i64, &str)> = children
-                .iter()
-                .filter_map(|name| Some((sequence_of(name)?, name.as_str())))
-                .collect();
-            queue.sort_unstable();
-            let Some(position) = queue.iter().position(|(_, name)| *name == me) else {
-                // The session expired while this waited, or the node was
-                // deleted: never say the lock is held.
-                leave.armed = false;
-                return Err(self.node_gone(&client));
-            };
-            let earlier = &queue[..position];
-            let blocker = match request.mode {
-                Mode::Exclusive => earlier
-                    .last()
-                    .map(|(_, name)| Blocker::Node((*name).to_owned())),
-                Mode::Shared => earlier
-                    .iter()
-                    .rev()
-                    .find(|(_, name)| tag_of(name) != "s")
-                    .map(|(_, name)| Blocker::Node((*name).to_owned())),
-                Mode::Semaphore { permits } => {
-                    let fits = earlier.len() < permits as usize
-                        && earlier.iter().all(|(_, name)| tag_of(name) == tag);
-                    (!fits).then_some(Blocker::Any)
-                }
-            };
-            let Some(blocker) = blocker else {
-                // Granted: the read above saw this session's node, so the
-                // session lived when ZooKeeper answered.
-                leave.armed = false;
-                self.held().insert(
-                    request.key.clone(),
-                    Node {
-                        path,
-                        czxid: stat.czxid,
-                    },
-                );
-                let token = u64::try_from(stat.czxid).unwrap_or(0);
-                return Ok(Some(Grant::new(token)));
-            };
-            let until = match request.wait_until {
-                Some(until) if Instant::now() < until => until,
-                _ => {
-                    match raw(&self.hosts, client.delete(&path, None)).await? {
-                        Ok(()) | Err(ZkError::NoNode) => leave.armed = false,
-                        Err(err) => return Err(zk_error(&self.hosts, &err)),
-                    }
-                    return Ok(None);
-                }
-            };
-            let watcher = match blocker {
-                Blocker::Node(name) => {
-                    let watched = format!("{dir}/{name}");
-                    match self.call(client.check_and_watch_stat(&watched)).await? {
-                        (Some(_), watcher) => watcher,
-                        // Gone already: read the queue again.
-                        (None, _) => continue,
-                    }
-                }
-                Blocker::Any => {
-                    let (now, watcher) = self.call(client.list_and_watch_children(&dir)).await?;
-                    let mut now: Vec<&str> = now.iter().map(String::as_str).collect();
-                    let mut then: Vec<&str> = queue.iter().map(|(_, name)| *name).collect();
-                    now.sort_unstable();
-                    then.sort_unstable();
-                    if now != then {
-                        continue;
-                    }
-                    watcher
-                }
-            };
-            // Hold no client while waiting: a frozen session must be able to
-            // let its connection go.
-            drop(client);
-            let slice_end = until.min(Instant::now() + WATCH_SLICE);
-            tokio::select! {
-                _ = tokio::time::timeout_at(slice_end, watcher.changed()) => {}
-                // The session closed or froze: leave the queue now.
-                _ = ended.wait_for(|ended| *ended) => {}
-            }
-        }
     }
 }
 
 #[async_trait]
 impl StoreSession for ZkSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let attempt = Attempt::start(&self.shared);
         let nonce: u64 = rand::random();
         let mut leave = Leave {
             shared: Arc::clone(&self.shared),
@@ -487,73 +585,100 @@ impl StoreSession for ZkSession {
         if leave.armed {
             leave.now().await;
         }
+        drop(attempt);
         outcome
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        let Some(node) = self.held().get(&held.key).cloned() else {
+        let Some(node) = self
+            .held()
+            .get(&held.key)
+            .filter(|node| node.is(held))
+            .cloned()
+        else {
             return Err(Error::not_held(&held.key));
         };
-        if u64::try_from(node.czxid).ok() != Some(held.token) {
-            return Err(Error::not_held(&held.key));
-        }
         let client = self.client()?;
         let deleted = raw(&self.hosts, client.delete(&node.path, None)).await?;
-        {
-            let mut map = self.held();
-            if map.get(&held.key).is_some_and(|now| now.path == node.path) {
-                map.remove(&held.key);
-            }
-        }
-        match deleted {
+        let outcome = match deleted {
             Ok(()) => Ok(()),
-            Err(ZkError::NoNode) => Err(Error::not_held(&held.key)),
-            Err(err) => Err(zk_error(&self.hosts, &err)),
+            Err(ZkError::NoNode | ZkError::SessionExpired | ZkError::ClientClosed) => {
+                Err(Error::not_held(&held.key))
+            }
+            // Perhaps not deleted: still held, to be released again.
+            Err(err) => return Err(zk_error(&self.hosts, &err)),
+        };
+        let mut map = self.held();
+        if map.get(&held.key).is_some_and(|now| now.path == node.path) {
+            map.remove(&held.key);
         }
+        outcome
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
         let client = self.client()?;
-        // ZooKeeper keeps the session alive itself (the client pings it);
-        // a renewal asks something, to prove the session lives, and checks
-        // that each held node is still there, as created, and this
-        // session's.
-        self.call(client.check_stat(BASE)).await?;
-        let nodes: Vec<Option<Node>> = {
+        // The ZooKeeper client pings the server itself. A renewal proves to
+        // the core that the session lives, and checks that each held node
+        // is still there, with a check-only transaction: it goes through
+        // the leader, which refuses it for an expired session, where a read
+        // could be answered by a server that is behind.
+        let mut nodes: Vec<(String, Node)> = {
             let map = self.held();
             held.iter()
-                .map(|lock| map.get(&lock.key).cloned())
+                .filter_map(|lock| {
+                    let node = map.get(&lock.key).filter(|node| node.is(lock))?;
+                    Some((lock.key.clone(), node.clone()))
+                })
                 .collect()
         };
-        let mut lost = Vec::new();
-        for (locks, nodes) in held.chunks(RENEW_BATCH).zip(nodes.chunks(RENEW_BATCH)) {
-            let checks = nodes.iter().map(|node| {
-                let client = &client;
-                async move {
-                    match node {
-                        Some(node) => client.check_stat(&node.path).await,
-                        None => Ok(None),
-                    }
+        let mut lost: Vec<String> = held
+            .iter()
+            .filter(|lock| !nodes.iter().any(|(key, _)| *key == lock.key))
+            .map(|lock| lock.key.clone())
+            .collect();
+        if nodes.is_empty() {
+            let mut check = client.new_multi_writer();
+            check
+                .add_check_version(BASE, -1)
+                .map_err(|err| zk_error(&self.hosts, &err))?;
+            match raw(&self.hosts, check.commit()).await? {
+                Ok(_) => {}
+                // `/distlock` was deleted by hand: making it again proves
+                // the session as well.
+                Err(MultiWriteError::OperationFailed {
+                    source: ZkError::NoNode,
+                    ..
+                }) => {
+                    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+                    self.call(client.mkdir(BASE, &persistent)).await?;
                 }
-            });
-            let stats = self.call(futures::future::try_join_all(checks)).await?;
-            for ((lock, node), stat) in locks.iter().zip(nodes).zip(stats) {
-                let there = node.as_ref().zip(stat).is_some_and(|(node, stat)| {
-                    stat.czxid == node.czxid
-                        && stat.ephemeral_owner == self.session_id
-                        && u64::try_from(node.czxid).ok() == Some(lock.token)
-                });
-                if !there {
+                Err(err) => return Err(zk_error(&self.hosts, &err.into())),
+            }
+        }
+        let mut start = 0;
+        while start < nodes.len() {
+            let end = (start + RENEW_BATCH).min(nodes.len());
+            let mut check = client.new_multi_writer();
+            for (_, node) in &nodes[start..end] {
+                check
+                    .add_check_version(&node.path, -1)
+                    .map_err(|err| zk_error(&self.hosts, &err))?;
+            }
+            match raw(&self.hosts, check.commit()).await? {
+                Ok(_) => start = end,
+                // One node is gone: note it, and check the rest again.
+                Err(MultiWriteError::OperationFailed {
+                    index,
+                    source: ZkError::NoNode,
+                }) if start + index < end => {
+                    let (key, node) = nodes.remove(start + index);
                     let mut map = self.held();
-                    let same = map
-                        .get(&lock.key)
-                        .zip(node.as_ref())
-                        .is_some_and(|(now, node)| now.path == node.path);
-                    if same {
-                        map.remove(&lock.key);
+                    if map.get(&key).is_some_and(|now| now.path == node.path) {
+                        map.remove(&key);
                     }
-                    lost.push(lock.key.clone());
+                    lost.push(key);
                 }
+                Err(err) => return Err(zk_error(&self.hosts, &err.into())),
             }
         }
         Ok(RenewReport::lost(lost))
@@ -561,13 +686,22 @@ impl StoreSession for ZkSession {
 
     async fn close(&self) -> Result<()> {
         // A frozen session is left to expire.
-        let Some(client) = self.shared.end() else {
+        let Some(client) = self.shared.end().await else {
             return Ok(());
         };
         drop(client);
         // The session is detached: attach to it again with a client that
         // closes it when dropped, which deletes every node of the session.
-        match self.shared.attach(false).await? {
+        let closer = raw(
+            &self.hosts,
+            Client::connector()
+                .with_session(self.shared.info.clone())
+                .with_session_timeout(self.shared.timeout)
+                .with_fail_eagerly()
+                .connect(&self.shared.connect),
+        )
+        .await?;
+        match closer {
             Ok(closer) => {
                 let mut state = closer.state_watcher();
                 drop(closer);
@@ -585,7 +719,17 @@ impl StoreSession for ZkSession {
     fn freeze_for_test(&self) {
         // The connection goes without closing the session: ZooKeeper
         // expires it after its timeout, as if the process had stopped.
-        self.shared.end();
+        // Waiters leave their queues first, as a dead session's must.
+        let shared = Arc::clone(&self.shared);
+        shared
+            .frozen
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { drop(shared.end().await) });
+            }
+            Err(_) => drop(lock(&shared.client).take()),
+        }
     }
 }
 

@@ -292,11 +292,17 @@ impl SessionInner {
             *state = Ended::Lost(why);
         }
         self.ended.cancel();
-        // A store whose locks live as long as a connection would keep them
-        // until the application drops the session: they go now. (Lease
-        // stores keep theirs until the lease ends, so that lock-delay
-        // applies.)
-        if self.caps.session != SessionModel::Connection {
+        // A store whose locks live as long as a connection (or a session
+        // the store keeps alive itself, as ZooKeeper's client does) would
+        // keep them until the application drops the session: they go now.
+        // Stores with lock-delay keep theirs until the lease ends, so that
+        // the delay applies; a process's locks go with the process.
+        let keep = match self.caps.session {
+            SessionModel::Connection => false,
+            SessionModel::Lease => self.caps.lock_delay,
+            SessionModel::Process => true,
+        };
+        if keep {
             return;
         }
         let store = Arc::clone(&self.store);
