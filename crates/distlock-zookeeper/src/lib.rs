@@ -14,6 +14,9 @@
 //!   writers; a semaphore of N admits the N lowest. The fencing token is the
 //!   node's creation zxid (`czxid`), which only grows, across holders, modes
 //!   and restarts of ZooKeeper (each new leader epoch starts above the last).
+//!   Holders one after the other get rising tokens; readers or semaphore
+//!   holders that hold at once may see their grants in another order than
+//!   their tokens, as the grants of one release reach them in any order.
 //! - A waiter watches only the node that blocks it (its predecessor, or the
 //!   last earlier writer), so no herd wakes; semaphore waiters watch the
 //!   queue. A watch is trusted five seconds at a time, then the queue is read

@@ -692,27 +692,35 @@ impl StoreSession for ZkSession {
         drop(client);
         // The session is detached: attach to it again with a client that
         // closes it when dropped, which deletes every node of the session.
-        let closer = raw(
-            &self.hosts,
-            Client::connector()
-                .with_session(self.shared.info.clone())
-                .with_session_timeout(self.shared.timeout)
-                .with_fail_eagerly()
-                .connect(&self.shared.connect),
-        )
-        .await?;
-        match closer {
-            Ok(closer) => {
-                let mut state = closer.state_watcher();
-                drop(closer);
-                let closed = async { while !state.changed().await.is_terminated() {} };
-                tokio::time::timeout(CALL_TIMEOUT, closed)
-                    .await
-                    .map_err(|_| timed_out(&self.hosts))
+        // The server may still be letting the old connection go: try again
+        // a few times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let closer = raw(
+                &self.hosts,
+                Client::connector()
+                    .with_session(self.shared.info.clone())
+                    .with_session_timeout(self.shared.timeout)
+                    .with_fail_eagerly()
+                    .connect(&self.shared.connect),
+            )
+            .await;
+            match closer {
+                Ok(Ok(closer)) => {
+                    let mut state = closer.state_watcher();
+                    drop(closer);
+                    let closed = async { while !state.changed().await.is_terminated() {} };
+                    return tokio::time::timeout(CALL_TIMEOUT, closed)
+                        .await
+                        .map_err(|_| timed_out(&self.hosts));
+                }
+                // Gone already: nothing is left to close.
+                Ok(Err(ZkError::SessionExpired)) => return Ok(()),
+                Ok(Err(err)) if tries >= 3 => return Err(zk_error(&self.hosts, &err)),
+                Err(err) if tries >= 3 => return Err(err),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-            // Gone already: nothing is left to close.
-            Err(ZkError::SessionExpired) => Ok(()),
-            Err(err) => Err(zk_error(&self.hosts, &err)),
         }
     }
 
