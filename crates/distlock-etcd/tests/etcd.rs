@@ -1,10 +1,8 @@
 //! The conformance suite against a real etcd.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::Etcd;
+use distlock_core::testkit::servers::Etcd;
 use distlock_core::Client;
 use distlock_etcd::EtcdStore;
 

@@ -1,12 +1,10 @@
 //! etcd when things go wrong: a waiter's lease revoked while it waits (etcd
 //! issue 11456), etcd killed and restarted, and bad URLs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Etcd;
+use distlock_core::testkit::servers::Etcd;
 use distlock_core::{Client, ErrorKind};
 use distlock_etcd::EtcdStore;
 use tokio::time::timeout;

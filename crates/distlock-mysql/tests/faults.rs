@@ -1,12 +1,10 @@
 //! MySQL/MariaDB when things go wrong: a holder's connection killed, the
 //! server crashed and restarted, and bad URLs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Mariadb, DATABASE, PASSWORD, USER};
+use distlock_core::testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use distlock_core::{Client, ErrorKind};
 use distlock_mysql::MysqlStore;
 use tokio::time::timeout;

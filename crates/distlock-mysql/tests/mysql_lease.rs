@@ -1,10 +1,8 @@
 //! The conformance suite against a real MariaDB, lease-table mode.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::Mariadb;
+use distlock_core::testkit::servers::Mariadb;
 use distlock_core::Client;
 use distlock_mysql::MysqlStore;
 

@@ -1,12 +1,10 @@
 //! PostgreSQL when things go wrong: a holder's backend killed, the server
 //! crashed and restarted, and bad URLs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Postgres, PASSWORD};
+use distlock_core::testkit::servers::postgres::{Postgres, PASSWORD};
 use distlock_core::{Client, ErrorKind};
 use distlock_postgres::{advisory_key, PostgresStore};
 use tokio::time::timeout;

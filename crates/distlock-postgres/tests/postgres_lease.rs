@@ -1,10 +1,8 @@
 //! The conformance suite against a real PostgreSQL, lease-table mode.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::Postgres;
+use distlock_core::testkit::servers::Postgres;
 use distlock_core::Client;
 use distlock_postgres::PostgresStore;
 

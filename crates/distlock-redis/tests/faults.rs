@@ -2,12 +2,10 @@
 //! and restarted empty, a holder whose lease ran out, and locks deleted or
 //! expired from outside.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Redis;
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, Mode, SessionOptions};
+use distlock_core::testkit::servers::Redis;
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
 use tokio::time::{sleep, timeout, Instant};

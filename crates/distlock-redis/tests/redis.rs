@@ -1,12 +1,10 @@
 //! The conformance suite against a real single Redis, one private
 //! `redis-server` per test.
 
-mod common;
-
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use common::Redis;
+use distlock_core::testkit::servers::Redis;
 use distlock_core::Client;
 use distlock_redis::RedisStore;
 

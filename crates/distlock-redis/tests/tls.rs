@@ -1,13 +1,12 @@
 //! `rediss://`: TLS to Redis, trusting the CA the URL names.
 
-mod common;
-
+use distlock_core::testkit::servers::Redis;
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
 
 #[tokio::test]
 async fn locks_over_tls_with_the_servers_ca_and_refuses_without_it() {
-    let (server, cert) = common::start_tls();
+    let (server, cert) = Redis::start_tls();
     let url = format!("rediss://localhost:{}?ca={}", server.port(), cert.display());
     let store = RedisStore::connect(&url).await.expect("connect over TLS");
     let client = distlock_core::Client::new(std::sync::Arc::new(store));

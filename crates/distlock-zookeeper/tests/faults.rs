@@ -1,13 +1,11 @@
 //! ZooKeeper when things go wrong: a holder's session expiring behind a cut
 //! connection, ZooKeeper killed and restarted, and bad URLs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::ZooKeeper;
 use distlock_core::testkit::proxy::{Fault, Proxy};
+use distlock_core::testkit::servers::ZooKeeper;
 use distlock_core::{Client, ErrorKind};
 use distlock_zookeeper::{lock_dir, ZkStore};
 use futures::FutureExt;

@@ -1,10 +1,8 @@
 //! The conformance suite against a real ZooKeeper.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::ZooKeeper;
+use distlock_core::testkit::servers::ZooKeeper;
 use distlock_core::Client;
 use distlock_zookeeper::ZkStore;
 

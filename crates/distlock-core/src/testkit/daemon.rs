@@ -1,5 +1,5 @@
-//! Store servers for tests: real processes on free ports, killed when
-//! dropped. Store crates build their own on these (e.g. `redis-server`).
+//! Server processes for tests: real processes on free ports, killed when
+//! dropped. The store servers in [`super::servers`] are built on these.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -2,17 +2,17 @@
 //! temporary directory, on a free port, run as the `postgres` user when the
 //! tests run as root (PostgreSQL refuses root).
 
-#![allow(dead_code, reason = "each test file uses part of the kit")]
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use distlock_core::testkit::daemon::{free_port, Daemon};
+use crate::testkit::daemon::{free_port, Daemon};
 
+/// The password of the `postgres` user over TCP.
 pub const PASSWORD: &str = "distlock-test";
 
 /// One PostgreSQL server.
+#[derive(Debug)]
 pub struct Postgres {
     daemon: Daemon,
     dir: tempfile::TempDir,
@@ -122,10 +122,12 @@ impl Postgres {
         })
     }
 
+    /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> String {
         format!(
             "postgres://postgres:{PASSWORD}@127.0.0.1:{}/postgres",

@@ -1,12 +1,11 @@
 //! A private etcd for the tests, on free ports, in a temporary directory.
 
-#![allow(dead_code, reason = "each test file uses part of the kit")]
-
 use std::process::Command;
 
-use distlock_core::testkit::daemon::{free_port, Daemon};
+use crate::testkit::daemon::{free_port, Daemon};
 
 /// One etcd server.
+#[derive(Debug)]
 pub struct Etcd {
     daemon: Daemon,
     dir: tempfile::TempDir,
@@ -15,6 +14,7 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Starts a new single-member cluster on free ports.
     pub fn start() -> Etcd {
         Etcd::run(
             tempfile::tempdir().expect("temp dir"),
@@ -55,10 +55,12 @@ impl Etcd {
         })
     }
 
+    /// The client port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `etcd://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("etcd://127.0.0.1:{}", self.port)
     }

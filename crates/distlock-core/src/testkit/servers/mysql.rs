@@ -1,18 +1,20 @@
 //! A private MariaDB server for the tests (`mariadb-install-db`, then
 //! `mariadbd --user=mysql`) in a temporary directory, on a free port.
 
-#![allow(dead_code, reason = "each test file uses part of the kit")]
-
 use std::path::Path;
 use std::process::Command;
 
-use distlock_core::testkit::daemon::{free_port, Daemon};
+use crate::testkit::daemon::{free_port, Daemon};
 
+/// The user made for the tests (all privileges, from any host).
 pub const USER: &str = "distlock";
+/// [`USER`]'s password.
 pub const PASSWORD: &str = "distlock-test";
+/// The database made for the tests.
 pub const DATABASE: &str = "distlock_test";
 
 /// One MariaDB server.
+#[derive(Debug)]
 pub struct Mariadb {
     daemon: Daemon,
     dir: tempfile::TempDir,
@@ -108,10 +110,12 @@ impl Mariadb {
         })
     }
 
+    /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `mysql://USER:PASSWORD@127.0.0.1:PORT/DATABASE`.
     pub fn url(&self) -> String {
         format!(
             "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DATABASE}",

@@ -1,19 +1,18 @@
 //! A private ZooKeeper for the tests, on a free port, in a temporary
 //! directory: `zkServer.sh start-foreground` with a generated `zoo.cfg`.
 
-#![allow(dead_code, reason = "each test file uses part of the kit")]
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use distlock_core::testkit::daemon::{free_port, Daemon};
+use crate::testkit::daemon::{free_port, Daemon};
 
 /// Where Debian's `zookeeper` package puts the server's script.
 const SCRIPT: &str = "/usr/share/zookeeper/bin/zkServer.sh";
 
 /// One standalone ZooKeeper server.
+#[derive(Debug)]
 pub struct ZooKeeper {
     daemon: Daemon,
     dir: tempfile::TempDir,
@@ -21,6 +20,7 @@ pub struct ZooKeeper {
 }
 
 impl ZooKeeper {
+    /// Starts a new server on a free port and waits until it serves.
     pub fn start() -> ZooKeeper {
         ZooKeeper::run(tempfile::tempdir().expect("temp dir"), free_port())
     }
@@ -98,14 +98,17 @@ impl ZooKeeper {
         })
     }
 
+    /// The client port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `127.0.0.1:PORT`, as ZooKeeper clients take it.
     pub fn hosts(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// `zk://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("zk://127.0.0.1:{}", self.port)
     }
