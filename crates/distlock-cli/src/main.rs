@@ -6,6 +6,8 @@
 //! every subcommand exits 2 on bad usage or when the store cannot be reached.
 
 mod bench;
+mod demo;
+
 mod run;
 mod serve;
 mod status;
@@ -48,6 +50,9 @@ enum Command {
     Status(status::StatusArgs),
     /// List the stores of this build and what each supports.
     Stores,
+    /// Demonstrations: `distlock demo coupons` runs the coupon system of
+    /// examples/coupons under load and audits it.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the store is: `--url`, else `DISTLOCK_URL`, else a distlock server
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::bench(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Demo(args) => demo::demo(args).await,
             Command::Stores => {
                 print!("{}", distlock::capability_table());
                 Ok(ExitCode::SUCCESS)

@@ -23,6 +23,7 @@
 //! See [`connect`] for the URLs, and the `distlock_core` crate for the store
 //! trait a new store implements.
 
+pub mod fence;
 mod registry;
 
 pub use distlock_core::{
