@@ -16,7 +16,7 @@
 //!    its write refused, however late it wakes;
 //! 4. release.
 //!
-//! [`audit`] then checks the whole history: no coupon issued twice, never
+//! [`audit()`] then checks the whole history: no coupon issued twice, never
 //! more issued than stock, no user with two coupons of one batch, every
 //! redeemed coupon issued and frozen first, no write accepted with a stale
 //! token. `distlock demo coupons` runs it all, against any store.
