@@ -64,53 +64,96 @@ fn assert_caught(db: &str, (success, summary): (bool, serde_json::Value)) {
     );
 }
 
-// One store after another: each run starts 32 workers, and the machine may
-// have two cores.
-#[test]
-fn the_coupon_demo_audits_clean_on_every_store() {
+/// Calls `run` with the URL of every store of this build the test kit can
+/// start, one after another: each run starts 32 workers, and the machine
+/// may have two cores.
+fn each_store(mut run: impl FnMut(&str)) {
     let dir = tempfile::tempdir().expect("temp dir");
-    assert_clean("memory", demo("memory://coupons", None, &[]));
+    run("memory://coupons");
     let files = dir.path().join("locks");
     std::fs::create_dir_all(&files).expect("lock dir");
-    let file_url = format!("file://{}", files.display());
-    assert_clean(&file_url, demo(&file_url, None, &[]));
+    run(&format!("file://{}", files.display()));
 
     let server = common::Server::start(&dir.path().join("server"), &[]);
-    let server_url = format!("distlock://{}", server.address);
-    assert_clean(&server_url, demo(&server_url, None, &[]));
+    run(&format!("distlock://{}", server.address));
     drop(server);
 
     let redis = Redis::start();
-    assert_clean(&redis.url(), demo(&redis.url(), None, &[]));
+    run(&redis.url());
     let more = [Redis::start(), Redis::start()];
-    let redlock = format!(
+    run(&format!(
         "redlock://{},{},{}",
         redis.address(),
         more[0].address(),
         more[1].address()
-    );
-    assert_clean(&redlock, demo(&redlock, None, &[]));
+    ));
     drop((redis, more));
 
     let postgres = Postgres::shared();
-    assert_clean(&postgres.url(), demo(&postgres.url(), None, &[]));
-    let lease = format!("{}?mode=lease", postgres.url());
-    assert_clean(&lease, demo(&lease, None, &[]));
+    run(&postgres.url());
+    run(&format!("{}?mode=lease", postgres.url()));
 
     let mariadb = Mariadb::shared();
-    assert_clean(&mariadb.url(), demo(&mariadb.url(), None, &[]));
-    let lease = format!("{}?mode=lease", mariadb.url());
-    assert_clean(&lease, demo(&lease, None, &[]));
+    run(&mariadb.url());
+    run(&format!("{}?mode=lease", mariadb.url()));
 
     #[cfg(feature = "etcd")]
     {
         let etcd = distlock_core::testkit::servers::Etcd::start();
-        assert_clean(&etcd.url(), demo(&etcd.url(), None, &[]));
+        run(&etcd.url());
     }
 
     let zookeeper = ZooKeeper::start();
-    let url = format!("{}/coupons", zookeeper.url());
-    assert_clean(&url, demo(&url, None, &[]));
+    run(&format!("{}/coupons", zookeeper.url()));
+}
+
+#[test]
+fn the_coupon_demo_audits_clean_on_every_store() {
+    each_store(|url| assert_clean(url, demo(url, None, &[])));
+}
+
+/// The figures for the docs: `cargo test --release -p distlock-cli
+/// --all-features --test demo -- --ignored --nocapture` prints one table of
+/// `distlock demo coupons --url URL` (defaults otherwise) on every store.
+#[test]
+#[ignore = "a benchmark: run by hand, in release"]
+fn coupon_figures() {
+    let mut table = String::from(
+        "| store | operations/s | issue | freeze | unfreeze | redeem | lock wait p50 | p99 | audit |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    each_store(|url| {
+        let output = Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["demo", "coupons", "--json", "--url", url])
+            .output()
+            .expect("run distlock demo coupons");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("a JSON summary");
+        let rate = |kind: &str| summary["per_second"][kind].as_f64().unwrap_or(0.0);
+        let kinds = ["issue", "freeze", "unfreeze", "redeem"];
+        let total: f64 = kinds.iter().map(|kind| rate(kind)).sum();
+        let store = url.split("://").next().unwrap_or(url).to_owned()
+            + if url.contains("mode=lease") {
+                " (lease)"
+            } else {
+                ""
+            };
+        table.push_str(&format!(
+            "| {store} | {total:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} ms | {:.1} ms | {} |\n",
+            rate("issue"),
+            rate("freeze"),
+            rate("unfreeze"),
+            rate("redeem"),
+            summary["lock_wait_p50_ms"].as_f64().unwrap_or(0.0),
+            summary["lock_wait_p99_ms"].as_f64().unwrap_or(0.0),
+            if summary["audit_clean"] == true {
+                "clean"
+            } else {
+                "FAILED"
+            },
+        ));
+    });
+    println!("{table}");
 }
 
 #[test]
