@@ -22,7 +22,17 @@ impl Redis {
 
     /// Starts a server on `port`, empty (no data saved, none loaded).
     pub fn start_on(port: u16) -> Redis {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Redis::run(tempfile::tempdir().expect("temp dir"), port, false)
+    }
+
+    /// Starts a server on a free port that keeps its data as the docs say a
+    /// lock store must: `appendonly yes`, `appendfsync always`. It survives
+    /// [`Redis::crash_and_restart`] with every lock and token.
+    pub fn start_durable() -> Redis {
+        Redis::run(tempfile::tempdir().expect("temp dir"), free_port(), true)
+    }
+
+    fn run(dir: tempfile::TempDir, port: u16, durable: bool) -> Redis {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -32,12 +42,25 @@ impl Redis {
             "--save",
             "",
             "--appendonly",
-            "no",
+            if durable { "yes" } else { "no" },
+            "--appendfsync",
+            "always",
             "--dir",
             dir.path().to_str().expect("utf-8 temp path"),
         ]);
         let daemon = Daemon::spawn("redis-server", command, port, dir.path());
         Redis { daemon, _dir: dir }
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same port and
+    /// directory: a durable server comes back with its data, another empty.
+    pub fn crash_and_restart(self) -> Redis {
+        let Redis { mut daemon, _dir } = self;
+        let port = daemon.port();
+        daemon.kill();
+        drop(daemon);
+        let durable = _dir.path().join("appendonlydir").exists();
+        Redis::run(_dir, port, durable)
     }
 
     /// A `redis-server` that speaks only TLS, with a self-signed certificate

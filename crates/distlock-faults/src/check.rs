@@ -1,0 +1,144 @@
+//! The checker: reads the history and counts what must never happen.
+
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
+use crate::register::{Event, Kind};
+
+/// What the history shows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Findings {
+    /// Grants.
+    pub acquisitions: u64,
+    /// Writes the register refused for a stale token.
+    pub stale_refused: u64,
+    /// Pairs of accepted writes whose holds (from grant to write) overlap.
+    pub overlaps_accepted: u64,
+    /// Grants whose token was not above every earlier grant's.
+    pub token_regressions: u64,
+    /// Losses reported after the lock was granted to another worker.
+    pub lost_late: u64,
+}
+
+/// Checks a history (in the order heard).
+pub fn check(events: &[Event]) -> Findings {
+    let mut findings = Findings::default();
+    // The grant each worker's current hold started with.
+    let mut holding: HashMap<u32, (u64, Instant)> = HashMap::new();
+    // Accepted writes as (hold start, write time, token).
+    let mut writes: Vec<(Instant, Instant, u64)> = Vec::new();
+    let mut highest_grant = 0;
+    // Grants in order, to find the next holder after a loss.
+    let mut grants: Vec<(Instant, u32, u64)> = Vec::new();
+    let mut losses: Vec<(Instant, u32, u64)> = Vec::new();
+    for event in events {
+        match event.kind {
+            Kind::Acquired => {
+                findings.acquisitions += 1;
+                if event.token <= highest_grant {
+                    findings.token_regressions += 1;
+                }
+                highest_grant = highest_grant.max(event.token);
+                holding.insert(event.worker, (event.token, event.at));
+                grants.push((event.at, event.worker, event.token));
+            }
+            Kind::Accepted => {
+                if let Some(&(token, start)) = holding.get(&event.worker) {
+                    if token == event.token {
+                        writes.push((start, event.at, token));
+                    }
+                }
+            }
+            Kind::Refused => findings.stale_refused += 1,
+            Kind::Lost => losses.push((event.at, event.worker, event.token)),
+            Kind::Released | Kind::Failed => {}
+        }
+    }
+    // Overlapping holds among accepted writes: sorted by start, a write
+    // overlaps an earlier one that ends after it starts.
+    writes.sort_by_key(|(start, _, _)| *start);
+    let mut latest_end: Option<(Instant, u64)> = None;
+    for (start, end, token) in writes {
+        if let Some((end_before, token_before)) = latest_end {
+            if start < end_before && token != token_before {
+                findings.overlaps_accepted += 1;
+            }
+        }
+        if latest_end.is_none_or(|(end_before, _)| end > end_before) {
+            latest_end = Some((end, token));
+        }
+    }
+    // A loss must be known before the next grant to another worker.
+    for (at, worker, token) in losses {
+        let next = grants
+            .iter()
+            .find(|(_, other, granted)| *other != worker && *granted > token);
+        if next.is_some_and(|(granted_at, _, _)| *granted_at < at) {
+            findings.lost_late += 1;
+        }
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn event(at: Instant, worker: u32, kind: Kind, token: u64) -> Event {
+        Event {
+            at,
+            worker,
+            pid: worker,
+            kind,
+            token,
+        }
+    }
+
+    #[test]
+    fn overlapping_accepted_writes_and_backward_tokens_are_found() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let history = [
+            event(ms(0), 1, Kind::Acquired, 5),
+            // Worker 1 pauses; its lease runs out; worker 2 gets the lock.
+            event(ms(10), 2, Kind::Acquired, 6),
+            event(ms(11), 2, Kind::Accepted, 6),
+            // Worker 1 wakes and writes: accepted only without fencing.
+            event(ms(20), 1, Kind::Accepted, 5),
+            event(ms(21), 1, Kind::Lost, 5),
+            event(ms(30), 3, Kind::Acquired, 4),
+        ];
+        let findings = check(&history);
+        assert_eq!(findings.acquisitions, 3);
+        assert_eq!(findings.overlaps_accepted, 1);
+        assert_eq!(findings.token_regressions, 1);
+        assert_eq!(findings.lost_late, 1);
+    }
+
+    #[test]
+    fn a_fenced_history_is_clean() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let history = [
+            event(ms(0), 1, Kind::Acquired, 5),
+            event(ms(5), 1, Kind::Lost, 5),
+            event(ms(10), 2, Kind::Acquired, 6),
+            event(ms(11), 2, Kind::Accepted, 6),
+            event(ms(20), 1, Kind::Refused, 5),
+            event(ms(30), 3, Kind::Acquired, 7),
+            event(ms(31), 3, Kind::Accepted, 7),
+        ];
+        let findings = check(&history);
+        assert_eq!(
+            findings,
+            Findings {
+                acquisitions: 3,
+                stale_refused: 1,
+                ..Findings::default()
+            }
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! The CI tier of the fault suite, and its negative control.
+
+use std::path::Path;
+
+use distlock_faults::{run_one, table, Fault, Plan, Store};
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_distlock-faults"))
+}
+
+/// Every store of this build under every fault it supports: no accepted
+/// overlap, no token going backwards, every fault healed within TTL +
+/// lock-delay + 2 s, no lock stuck afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_survives_every_fault() {
+    let plan = Plan::ci();
+    let mut rows = Vec::new();
+    for store in Store::all() {
+        for fault in Fault::all() {
+            if store.supports(fault) {
+                let row = run_one(exe(), store, fault, &plan)
+                    .await
+                    .unwrap_or_else(|err| {
+                        panic!("{} under {}: {err:#}", store.name(), fault.name())
+                    });
+                eprint!(
+                    "{}",
+                    table(std::slice::from_ref(&row))
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                );
+                eprintln!();
+                rows.push(row);
+            }
+        }
+    }
+    let text = table(&rows);
+    println!("{text}");
+    let failed: Vec<_> = rows.iter().filter(|row| !row.passed()).collect();
+    assert!(
+        failed.is_empty(),
+        "violations:\n{text}\nfailures: {:?}",
+        failed.iter().map(|row| &row.failures).collect::<Vec<_>>()
+    );
+}
+
+/// Without fencing, a paused holder that wakes after its lease ran out
+/// writes over its successor: the checker must see the overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fencing_a_paused_holder_overlaps_and_the_checker_sees_it() {
+    let plan = Plan {
+        fencing: false,
+        acquisitions: 100,
+        faults: 2,
+        ..Plan::ci()
+    };
+    let row = run_one(exe(), Store::Server, Fault::Pause, &plan)
+        .await
+        .expect("run");
+    assert!(
+        row.findings.overlaps_accepted > 0,
+        "no overlap seen without fencing:\n{}",
+        table(&[row])
+    );
+}
