@@ -10,7 +10,7 @@
 //! and started again, and, through a TCP proxy, connections delayed,
 //! blackholed or reset. After each fault heals it waits for the next
 //! grant, and after the run it checks that no lock is stuck. The checker
-//! ([`check`]) then counts accepted writes from overlapping holds, tokens
+//! ([`mod@check`]) then counts accepted writes from overlapping holds, tokens
 //! that went backwards, and losses reported after the key was granted on.
 //!
 //! `cargo test -p distlock-faults` runs the CI tier (about 1,000 grants per
