@@ -544,8 +544,11 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut paused_until = Instant::now();
     while row.problems.is_empty()
-        && (row.injected < plan.faults || acquisitions(&register) < plan.acquisitions)
+        && (row.injected < plan.faults
+            || acquisitions(&register) < plan.acquisitions
+            || Instant::now() < paused_until)
     {
         if started.elapsed() > plan.limit {
             row.problems.push(format!(
@@ -578,7 +581,10 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
                     break;
                 };
                 match what {
-                    Done::Paused { at, .. } => {
+                    Done::Paused { at } => {
+                        // The run goes on until the paused worker has woken
+                        // and written: the write the fence must refuse.
+                        paused_until = paused_until.max(at + pause + Duration::from_secs(1));
                         let bound = if pause_counts {
                             base_bound + pause
                         } else {

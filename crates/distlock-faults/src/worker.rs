@@ -45,7 +45,7 @@ impl Line {
         self.write
             .write_all(format!("{}\n", message.replace('\n', " ")).as_bytes())
             .await?;
-                self.lines
+        self.lines
             .next_line()
             .await?
             .ok_or_else(|| anyhow::anyhow!("the register went away"))
@@ -116,7 +116,21 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }
             line.call(&format!("write {token}")).await?;
-            match guard.release().await {
+            // A release cut off from the store may outlast the lease: the
+            // guard's lost() fires at its deadline, which is when the loss
+            // counts as known.
+            let deadline = guard.expires_at();
+            let release = guard.release();
+            tokio::pin!(release);
+            let released = tokio::select! {
+                released = &mut release => released,
+                () = sleep_until_some(deadline), if !lost => {
+                    lost = true;
+                    line.call(&format!("lost {token}")).await?;
+                    release.await
+                }
+            };
+            match released {
                 Ok(()) => {}
                 Err(err) if err.kind() == ErrorKind::NotHeld || err.kind() == ErrorKind::Lost => {
                     if !lost {
@@ -132,5 +146,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 break;
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

@@ -73,7 +73,7 @@ const TOKENS: &str = "CREATE TABLE IF NOT EXISTS distlock_tokens (
     token BIGINT UNSIGNED NOT NULL
 ) ENGINE=InnoDB";
 
-const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, token)
+pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, token)
     VALUES (UNHEX(SHA2(?, 256)), LAST_INSERT_ID(1))
     ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)";
 
@@ -188,20 +188,6 @@ impl MysqlStore {
         capabilities.session = SessionModel::Lease;
         capabilities
     }
-}
-
-/// The next fencing token of `key`.
-pub(crate) async fn next_token(pool: &Pool, target: &str, key: &str) -> Result<u64> {
-    let mut conn = connect::pooled(pool, target).await?;
-    conn.exec_drop(NEXT_TOKEN, (key,))
-        .await
-        .map_err(|err| connect::query_error(target, &err))?;
-    conn.last_insert_id().ok_or_else(|| {
-        Error::new(
-            ErrorKind::Store,
-            format!("MySQL at {target} returned no token"),
-        )
-    })
 }
 
 #[async_trait]

@@ -17,7 +17,6 @@ use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::connect::query_error;
-use crate::next_token;
 
 /// The longest lock name the server takes, in characters.
 const MAX_NAME: usize = 64;
@@ -100,11 +99,11 @@ impl NamedSession {
 /// gives the lock back if nobody takes the answer.
 async fn get_lock(
     mut turn: OwnedMutexGuard<Option<Conn>>,
-    name: String,
+    (name, key): (String, String),
     timeout: f64,
     state: Arc<WaitState>,
     heartbeat: Arc<Heartbeat>,
-    answer: oneshot::Sender<std::result::Result<bool, mysql_async::Error>>,
+    answer: oneshot::Sender<std::result::Result<Option<u64>, mysql_async::Error>>,
 ) {
     let Some(conn) = turn.as_mut() else {
         state.finish().await;
@@ -118,11 +117,29 @@ async fn get_lock(
     }
     // A KILL QUERY on its way must land before the connection moves on.
     state.finish().await;
-    let got = got.map(|row| row == Some(Some(1)));
+    let mut got = got.map(|row| row == Some(Some(1)));
+    // The token, on this connection, before anything else it does: the
+    // lock goes to another session only once this connection lets it go,
+    // after the token is committed, so tokens follow the order of grants
+    // even when this connection dies right after.
+    let mut token = None;
+    if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
+        match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
+            Ok(()) => token = conn.last_insert_id(),
+            Err(err) => got = Err(err),
+        }
+        if got.is_ok() && token.is_none() {
+            got = Err(mysql_async::Error::Other("no token was returned".into()));
+        }
+        if got.is_err() {
+            give_back(conn, &name).await;
+        }
+    }
     if got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         turn.take();
     }
-    if let Err(Ok(true)) = answer.send(got) {
+    let got = got.map(|got| if got { token } else { None });
+    if let Err(Ok(Some(_))) = answer.send(got) {
         // Nobody waits for it any more.
         if let Some(conn) = turn.as_mut() {
             give_back(conn, &name).await;
@@ -182,10 +199,8 @@ impl WaitState {
 /// (`KILL QUERY` while the lock is still awaited) and gives back the lock
 /// if it came.
 struct Pending {
-    answer: oneshot::Receiver<std::result::Result<bool, mysql_async::Error>>,
+    answer: oneshot::Receiver<std::result::Result<Option<u64>, mysql_async::Error>>,
     state: Arc<WaitState>,
-    /// The lock came and is not handed on yet.
-    held: bool,
     done: bool,
     conn: Turn,
     pool: Pool,
@@ -211,7 +226,7 @@ impl Drop for Pending {
             });
         }
         self.answer.close();
-        let came = self.held || matches!(self.answer.try_recv(), Ok(Ok(true)));
+        let came = matches!(self.answer.try_recv(), Ok(Ok(Some(_))));
         if came {
             // Named locks count per connection: releasing once undoes this
             // grant even if a later acquire took the name again.
@@ -257,7 +272,7 @@ impl StoreSession for NamedSession {
         let state = WaitState::new();
         tokio::spawn(get_lock(
             turn,
-            name.clone(),
+            (name.clone(), request.key.clone()),
             timeout,
             Arc::clone(&state),
             Arc::clone(&self.heartbeat),
@@ -266,7 +281,6 @@ impl StoreSession for NamedSession {
         let mut pending = Pending {
             answer: answered,
             state,
-            held: false,
             done: false,
             conn: Arc::clone(&self.conn),
             pool: self.pool.clone(),
@@ -288,15 +302,8 @@ impl StoreSession for NamedSession {
                 return Err(self.lost());
             }
         };
-        if !got {
-            pending.done = true;
-            return Ok(None);
-        }
-        pending.held = true;
-        // If this fails or is dropped, the pending acquire gives it back.
-        let token = next_token(&self.pool, &self.target, &request.key).await?;
         pending.done = true;
-        Ok(Some(Grant::new(token)))
+        Ok(got.map(Grant::new))
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {

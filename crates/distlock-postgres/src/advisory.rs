@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::connect::query_error;
-use crate::tokens::Tokens;
+use crate::tokens;
 
 /// The 64-bit advisory-lock key of a lock name: FNV-1a, stable across
 /// versions and hosts. Two names with the same hash share one lock, which
@@ -36,7 +36,6 @@ pub(crate) struct AdvisorySession {
     /// One command at a time: a wait holds the connection, and a dropped
     /// wait keeps it until its clean-up has run.
     turn: Arc<Mutex<()>>,
-    tokens: Arc<Tokens>,
     target: String,
     /// How long a keep-alive query may take.
     ttl: Duration,
@@ -52,12 +51,11 @@ impl AdvisorySession {
             .map_err(|err| query_error(target, &err))
     }
 
-    pub(crate) fn new(client: Client, tokens: Arc<Tokens>, target: String, ttl: Duration) -> Self {
+    pub(crate) fn new(client: Client, target: String, ttl: Duration) -> Self {
         AdvisorySession {
             client: Arc::new(client),
             heartbeat: Heartbeat::default(),
             turn: Arc::new(Mutex::new(())),
-            tokens,
             target,
             ttl,
         }
@@ -194,7 +192,11 @@ impl StoreSession for AdvisorySession {
             cleanup.disarm();
             return Ok(None);
         }
-        match self.tokens.next(&request.key).await {
+        // The token on this session's connection, while it holds the lock:
+        // the lock passes on only once this connection lets it go, after
+        // the token is committed, so tokens follow the order of grants even
+        // if this connection dies right now.
+        match tokens::next_on(&self.client, &self.target, &request.key).await {
             Ok(token) => {
                 cleanup.disarm();
                 Ok(Some(Grant::new(token)))

@@ -66,8 +66,6 @@ use distlock_core::store::{
 use distlock_core::{Error, ErrorKind, Result};
 use url::Url;
 
-use tokens::Tokens;
-
 /// The advisory-lock key of a lock name, as `pg_locks` shows it
 /// (`classid` is its high 32 bits, `objid` its low 32 bits, `objsubid` 1).
 pub fn advisory_key(name: &str) -> i64 {
@@ -81,7 +79,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PostgresStore {
     config: tokio_postgres::Config,
     target: String,
-    tokens: Arc<Tokens>,
+
     /// Set in lease mode.
     leases: Option<Arc<lease::Leases>>,
 }
@@ -134,9 +132,9 @@ impl PostgresStore {
             .application_name("distlock");
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(5432));
-        let tokens = tokio::time::timeout(
+        tokio::time::timeout(
             CONNECT_TIMEOUT * 2,
-            Tokens::connect(config.clone(), target.clone()),
+            tokens::create_table(config.clone(), target.clone()),
         )
         .await
         .map_err(|_| {
@@ -173,7 +171,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             config,
             target,
-            tokens: Arc::new(tokens),
+
             leases,
         })
     }
@@ -222,7 +220,6 @@ impl LockStore for PostgresStore {
         advisory::AdvisorySession::prepare(&client, &self.target).await?;
         Ok(Box::new(advisory::AdvisorySession::new(
             client,
-            Arc::clone(&self.tokens),
             self.target.clone(),
             options.ttl,
         )))
