@@ -13,9 +13,13 @@ pub struct Findings {
     pub acquisitions: u64,
     /// Writes the register refused for a stale token.
     pub stale_refused: u64,
+    /// Of those, writes whose guard still said it held the lock: the store
+    /// had granted it to another meanwhile.
+    pub refused_while_held: u64,
     /// Pairs of accepted writes whose holds (from grant to write) overlap.
     pub overlaps_accepted: u64,
-    /// Grants whose token was not above every earlier grant's.
+    /// Grants whose token was not above the token of every hold that had
+    /// ended before the grant was heard of (or equal to a token held now).
     pub token_regressions: u64,
     /// Losses reported after the lock was granted to another worker.
     pub lost_late: u64,
@@ -28,7 +32,10 @@ pub fn check(events: &[Event]) -> Findings {
     let mut holding: HashMap<u32, (u64, Instant)> = HashMap::new();
     // Accepted writes as (hold start, write time, token).
     let mut writes: Vec<(Instant, Instant, u64)> = Vec::new();
-    let mut highest_grant = 0;
+    // The highest token of a hold that has ended: reports of grants may
+    // reach the register out of order, but none may come after a later
+    // holder has released.
+    let mut highest_ended = 0;
     // Grants in order, to find the next holder after a loss.
     let mut grants: Vec<(Instant, u32, u64)> = Vec::new();
     let mut losses: Vec<(Instant, u32, u64)> = Vec::new();
@@ -36,10 +43,12 @@ pub fn check(events: &[Event]) -> Findings {
         match event.kind {
             Kind::Acquired => {
                 findings.acquisitions += 1;
-                if event.token <= highest_grant {
+                let duplicate = holding
+                    .iter()
+                    .any(|(worker, (token, _))| *worker != event.worker && *token == event.token);
+                if event.token <= highest_ended || duplicate {
                     findings.token_regressions += 1;
                 }
-                highest_grant = highest_grant.max(event.token);
                 holding.insert(event.worker, (event.token, event.at));
                 grants.push((event.at, event.worker, event.token));
             }
@@ -51,8 +60,21 @@ pub fn check(events: &[Event]) -> Findings {
                 }
             }
             Kind::Refused => findings.stale_refused += 1,
+            Kind::RefusedWhileHeld => {
+                findings.stale_refused += 1;
+                findings.refused_while_held += 1;
+            }
             Kind::Lost => losses.push((event.at, event.worker, event.token)),
-            Kind::Released | Kind::Failed => {}
+            Kind::Released => {
+                if holding
+                    .get(&event.worker)
+                    .is_some_and(|(token, _)| *token == event.token)
+                {
+                    holding.remove(&event.worker);
+                    highest_ended = highest_ended.max(event.token);
+                }
+            }
+            Kind::Trying | Kind::Failed => {}
         }
     }
     // Overlapping holds among accepted writes: sorted by start, a write
@@ -106,9 +128,11 @@ mod tests {
             // Worker 1 pauses; its lease runs out; worker 2 gets the lock.
             event(ms(10), 2, Kind::Acquired, 6),
             event(ms(11), 2, Kind::Accepted, 6),
+            event(ms(12), 2, Kind::Released, 6),
             // Worker 1 wakes and writes: accepted only without fencing.
             event(ms(20), 1, Kind::Accepted, 5),
             event(ms(21), 1, Kind::Lost, 5),
+            // A token below one whose hold has ended.
             event(ms(30), 3, Kind::Acquired, 4),
         ];
         let findings = check(&history);
@@ -116,6 +140,23 @@ mod tests {
         assert_eq!(findings.overlaps_accepted, 1);
         assert_eq!(findings.token_regressions, 1);
         assert_eq!(findings.lost_late, 1);
+    }
+
+    #[test]
+    fn late_reports_are_not_regressions_but_a_refused_holder_is_caught() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let history = [
+            // Granted 5 then 6, heard in the other order: no hold had ended.
+            event(ms(0), 2, Kind::Acquired, 6),
+            event(ms(1), 1, Kind::Acquired, 5),
+            // A write refused while its guard said it held: two holders.
+            event(ms(2), 1, Kind::RefusedWhileHeld, 5),
+        ];
+        let findings = check(&history);
+        assert_eq!(findings.token_regressions, 0);
+        assert_eq!(findings.refused_while_held, 1);
+        assert_eq!(findings.stale_refused, 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use distlock_faults::{run_one, table, Fault, Plan, Store};
+use distlock_faults::{run_store, table, Fault, Plan, Store};
 
 /// The fault suite of distlock.
 #[derive(Debug, Parser)]
@@ -87,8 +87,12 @@ async fn main() -> anyhow::Result<ExitCode> {
             let exe = std::env::current_exe()?;
             let mut rows = Vec::new();
             for store in stores {
-                for &fault in faults.iter().filter(|fault| store.supports(**fault)) {
-                    let row = run_one(&exe, store, fault, &plan).await?;
+                let supported: Vec<Fault> = faults
+                    .iter()
+                    .copied()
+                    .filter(|fault| store.supports(*fault))
+                    .collect();
+                for row in run_store(&exe, store, &supported, &plan).await {
                     eprintln!(
                         "{}",
                         table(std::slice::from_ref(&row))

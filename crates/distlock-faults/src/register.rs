@@ -5,11 +5,15 @@
 //! A worker sends one line per event and waits for the answer:
 //!
 //! - `hello ID PID`: who it is;
+//! - `try`: it starts asking for the lock;
 //! - `acq TOKEN`: it was granted the lock (answered `go` once any fault
-//!   planned for this moment, a pause or a kill, has been done to it);
-//! - `write TOKEN`: its critical section writes the register, which accepts
-//!   the write (`ok`) unless fencing is on and a higher token was accepted
-//!   before (`stale`);
+//!   planned for this moment, a pause or a kill, has been done to it). With
+//!   fencing on, the grant claims the register: the token becomes the
+//!   highest seen, as the first write of a critical section would;
+//! - `write TOKEN HELD`: its critical section writes the register, which
+//!   accepts the write (`ok`) unless fencing is on and a higher token was
+//!   seen before (`stale`); `HELD` is 1 if the guard still said it held the
+//!   lock;
 //! - `lost TOKEN`: its guard reported the lock lost;
 //! - `rel TOKEN`: it released (or gave up) the lock;
 //! - `err MESSAGE`: an operation failed.
@@ -24,12 +28,17 @@ use tokio::time::Instant;
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// Started asking for the lock.
+    Trying,
     /// Granted.
     Acquired,
     /// A write the register accepted.
     Accepted,
     /// A write the register refused: its token was stale.
     Refused,
+    /// A write the register refused although its guard still said it held
+    /// the lock: two holders at once.
+    RefusedWhileHeld,
     /// The guard said the lock was lost.
     Lost,
     /// Released, or given up.
@@ -122,7 +131,9 @@ impl Register {
         let (mut worker, mut pid) = (u32::MAX, 0);
         while let Ok(Some(line)) = lines.next_line().await {
             let (verb, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-            let token: u64 = rest.parse().unwrap_or(0);
+            let mut words = rest.split(' ');
+            let token: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            let still_held = words.next() == Some("1");
             let answer = match verb {
                 "hello" => {
                     let mut parts = rest.split(' ');
@@ -133,8 +144,16 @@ impl Register {
                     pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
                     "ok"
                 }
+                "try" => {
+                    self.record(worker, pid, Kind::Trying, 0);
+                    "ok"
+                }
                 "acq" => {
                     self.record(worker, pid, Kind::Acquired, token);
+                    if self.fencing {
+                        let mut state = self.state();
+                        state.highest = state.highest.max(token);
+                    }
                     let (go, went) = tokio::sync::oneshot::channel();
                     if grants.send(Grant { pid, worker, go }).await.is_ok() {
                         let _ = went.await;
@@ -154,7 +173,12 @@ impl Register {
                         self.record(worker, pid, Kind::Accepted, token);
                         "ok"
                     } else {
-                        self.record(worker, pid, Kind::Refused, token);
+                        let kind = if still_held {
+                            Kind::RefusedWhileHeld
+                        } else {
+                            Kind::Refused
+                        };
+                        self.record(worker, pid, kind, token);
                         "stale"
                     }
                 }

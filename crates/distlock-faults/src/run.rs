@@ -166,7 +166,7 @@ impl Plan {
             workers: 8,
             ttl: Duration::from_secs(1),
             lock_delay: Duration::from_millis(200),
-            hold: Duration::from_millis(1),
+            hold: Duration::ZERO,
             fencing: true,
             limit: Duration::from_secs(90),
         }
@@ -200,6 +200,10 @@ pub struct Row {
     pub bound: Duration,
     /// Whether lost() before regrant is promised for this store and fault.
     pub lost_promised: bool,
+    /// Whether the store promises that a guard that says it holds the lock
+    /// does (lease stores; a connection store learns of a dead connection
+    /// late).
+    pub exclusion_promised: bool,
     /// Problems: a fault that did not heal in time, a lock stuck after the
     /// run, a run that did not finish.
     pub problems: Vec<String>,
@@ -208,10 +212,27 @@ pub struct Row {
 }
 
 impl Row {
+    /// A run that could not be made, with why.
+    pub fn failed(store: Store, fault: Fault, why: &anyhow::Error) -> Row {
+        Row {
+            store,
+            fault,
+            findings: Findings::default(),
+            injected: 0,
+            recovery: Duration::ZERO,
+            bound: Duration::ZERO,
+            lost_promised: false,
+            exclusion_promised: false,
+            problems: vec![format!("{why:#}")],
+            failures: Vec::new(),
+        }
+    }
+
     /// True when nothing was violated.
     pub fn passed(&self) -> bool {
         self.findings.overlaps_accepted == 0
             && self.findings.token_regressions == 0
+            && (!self.exclusion_promised || self.findings.refused_while_held == 0)
             && (!self.lost_promised || self.findings.lost_late == 0)
             && self.recovery <= self.bound
             && self.problems.is_empty()
@@ -385,7 +406,8 @@ enum Done {
 }
 
 fn signal(pid: u32, signal: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
+    // Pid 0 would be this process's own group.
+    if let Ok(pid @ 1..) = i32::try_from(pid) {
         let _ = kill(Pid::from_raw(pid), signal);
     }
 }
@@ -436,11 +458,55 @@ impl Workers {
 
 /// Runs one store under one fault.
 pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> anyhow::Result<Row> {
-    let dir = tempfile::tempdir()?;
-    let mut backend = {
-        let (exe, dir) = (exe.to_owned(), dir.path().to_owned());
-        Some(tokio::task::spawn_blocking(move || Backend::start(store, &exe, &dir)).await??)
+    let mut rows = run_store(exe, store, &[fault], plan).await;
+    rows.pop().context("no row")
+}
+
+/// Runs one store under each of `faults` in turn, on one set of store
+/// processes (a restart keeps their data; each run has a key of its own).
+/// A run that cannot be made is a failed row.
+pub async fn run_store(exe: &Path, store: Store, faults: &[Fault], plan: &Plan) -> Vec<Row> {
+    let started = async {
+        let dir = tempfile::tempdir()?;
+        let (exe, path) = (exe.to_owned(), dir.path().to_owned());
+        let backend =
+            tokio::task::spawn_blocking(move || Backend::start(store, &exe, &path)).await??;
+        Ok::<_, anyhow::Error>((dir, backend))
     };
+    let (_dir, backend) = match started.await {
+        Ok(started) => started,
+        Err(err) => {
+            return faults
+                .iter()
+                .map(|fault| Row::failed(store, *fault, &err))
+                .collect();
+        }
+    };
+    let mut backend = Some(backend);
+    let mut rows = Vec::new();
+    for &fault in faults {
+        let row = match backend.as_ref() {
+            Some(_) => run_fault(exe, store, fault, plan, &mut backend)
+                .await
+                .unwrap_or_else(|err| Row::failed(store, fault, &err)),
+            None => Row::failed(
+                store,
+                fault,
+                &anyhow::anyhow!("the store is gone after a failed restart"),
+            ),
+        };
+        rows.push(row);
+    }
+    rows
+}
+
+async fn run_fault(
+    exe: &Path,
+    store: Store,
+    fault: Fault,
+    plan: &Plan,
+    backend: &mut Option<Backend>,
+) -> anyhow::Result<Row> {
     let direct = backend.as_ref().map(|b| b.url(store)).unwrap_or_default();
     let proxy = match backend.as_ref().and_then(Backend::port) {
         Some(port) if fault.is_network() => Some(Proxy::start(([127, 0, 0, 1], port).into()).await),
@@ -511,13 +577,21 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
             .filter(|event| event.kind == Kind::Acquired)
             .count() as u64
     };
+    // The first grant to a worker that started asking after `at`: grants
+    // under way during the fault say nothing about recovery.
     let first_grant_after = |register: &Register, at: Instant| {
-        register
-            .state()
-            .events
-            .iter()
-            .find(|event| event.kind == Kind::Acquired && event.at > at)
-            .map(|event| event.at)
+        let state = register.state();
+        let mut asked_after = std::collections::HashSet::new();
+        for event in state.events.iter().filter(|event| event.at > at) {
+            match event.kind {
+                Kind::Trying => {
+                    asked_after.insert(event.worker);
+                }
+                Kind::Acquired if asked_after.contains(&event.worker) => return Some(event.at),
+                _ => {}
+            }
+        }
+        None
     };
     // A session without a lease keeps its lock while its process is
     // stopped: it comes back once the process runs again.
@@ -532,6 +606,7 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
         recovery: Duration::ZERO,
         bound: base_bound,
         lost_promised: fault.is_network() && capabilities.session == SessionModel::Lease,
+        exclusion_promised: capabilities.session == SessionModel::Lease,
         problems: Vec::new(),
         failures: Vec::new(),
     };
@@ -559,7 +634,8 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
             ));
             break;
         }
-        if row.injected >= plan.faults {
+        // One fault at a time: a paused worker is woken first.
+        if row.injected >= plan.faults || Instant::now() < paused_until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
@@ -599,9 +675,12 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
                 }
             }
             Fault::Restart => {
-                let old = backend.take().expect("a backend");
-                let restarted = tokio::task::spawn_blocking(move || old.restart()).await??;
-                backend = Some(restarted);
+                let old = backend.take().context("no store to restart")?;
+                let restart = tokio::task::spawn_blocking(move || old.restart());
+                let restarted = tokio::time::timeout(Duration::from_secs(120), restart)
+                    .await
+                    .context("the store did not restart within 2 minutes")???;
+                *backend = Some(restarted);
                 (Instant::now(), base_bound)
             }
             Fault::Delay => {
@@ -638,7 +717,15 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         match recovered {
-            Some(at) => row.recovery = row.recovery.max(at - healed),
+            Some(at) => {
+                let recovery = at - healed;
+                row.recovery = row.recovery.max(recovery);
+                if recovery > bound {
+                    row.problems.push(format!(
+                        "a fault took {recovery:.2?} to heal, over its bound of {bound:.2?}"
+                    ));
+                }
+            }
             None => {
                 row.problems.push(format!(
                     "no grant within {:?} of a fault healing",
@@ -663,7 +750,13 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
         guard.release().await?;
         session.close().await
     };
-    if let Err(err) = stuck.await {
+    let stuck = tokio::time::timeout(Duration::from_secs(60), stuck).await;
+    if let Err(err) = stuck.unwrap_or_else(|_| {
+        Err(distlock::Error::new(
+            distlock::ErrorKind::Timeout,
+            "no answer in 60 s",
+        ))
+    }) {
         row.problems
             .push(format!("the lock was stuck 30 s after the run: {err}"));
     }
@@ -671,14 +764,13 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
     row.findings = check(&state.events);
     row.failures = state.failures.iter().take(3).cloned().collect();
     drop(state);
-    drop(backend);
     Ok(row)
 }
 
 /// The table of rows.
 pub fn table(rows: &[Row]) -> String {
     let mut text = String::from(
-        "| store | fault | acquisitions | faults | stale writes refused | overlaps accepted | token regressions | lost() late | recovery (bound) | result |\n\
+        "| store | fault | acquisitions | faults | stale writes refused (of them while the guard said held) | overlaps accepted | token regressions | lost() late | recovery (bound) | result |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
@@ -688,12 +780,13 @@ pub fn table(rows: &[Row]) -> String {
             format!("{} (not promised)", row.findings.lost_late)
         };
         text.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} s ({:.1} s) | {} |\n",
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2} s ({:.1} s) | {} |\n",
             row.store.name(),
             row.fault.name(),
             row.findings.acquisitions,
             row.injected,
             row.findings.stale_refused,
+            row.findings.refused_while_held,
             row.findings.overlaps_accepted,
             row.findings.token_regressions,
             lost,

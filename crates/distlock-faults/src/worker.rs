@@ -89,6 +89,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             }
         };
         loop {
+            line.call("try").await?;
             let guard = match session.lock(&args.key).wait(Duration::from_secs(30)).await {
                 Ok(guard) => guard,
                 Err(err) if matches!(err.kind(), ErrorKind::Lost | ErrorKind::Closed) => {
@@ -115,7 +116,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     line.call(&format!("lost {token}")).await?;
                 }
             }
-            line.call(&format!("write {token}")).await?;
+            let held = u8::from(guard.is_held());
+            line.call(&format!("write {token} {held}")).await?;
             // A release cut off from the store may outlast the lease: the
             // guard's lost() fires at its deadline, which is when the loss
             // counts as known.
@@ -124,19 +126,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             tokio::pin!(release);
             let released = tokio::select! {
                 released = &mut release => released,
-                () = sleep_until_some(deadline), if !lost => {
-                    lost = true;
+                                () = sleep_until_some(deadline), if !lost => {
                     line.call(&format!("lost {token}")).await?;
                     release.await
                 }
             };
+            // A release that finds the lock gone (NotHeld, Lost) says
+            // nothing about when the loss was known: lost() and the
+            // deadline above do.
             match released {
                 Ok(()) => {}
-                Err(err) if err.kind() == ErrorKind::NotHeld || err.kind() == ErrorKind::Lost => {
-                    if !lost {
-                        line.call(&format!("lost {token}")).await?;
-                    }
-                }
+                Err(err) if err.kind() == ErrorKind::NotHeld || err.kind() == ErrorKind::Lost => {}
                 Err(err) => {
                     line.call(&format!("err release: {err}")).await?;
                 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use distlock_faults::{run_one, table, Fault, Plan, Store};
+use distlock_faults::{run_one, run_store, table, Fault, Plan, Store};
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_distlock-faults"))
@@ -16,23 +16,19 @@ async fn every_store_survives_every_fault() {
     let plan = Plan::ci();
     let mut rows = Vec::new();
     for store in Store::all() {
-        for fault in Fault::all() {
-            if store.supports(fault) {
-                let row = run_one(exe(), store, fault, &plan)
-                    .await
-                    .unwrap_or_else(|err| {
-                        panic!("{} under {}: {err:#}", store.name(), fault.name())
-                    });
-                eprint!(
-                    "{}",
-                    table(std::slice::from_ref(&row))
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                );
-                eprintln!();
-                rows.push(row);
-            }
+        let faults: Vec<Fault> = Fault::all()
+            .into_iter()
+            .filter(|fault| store.supports(*fault))
+            .collect();
+        for row in run_store(exe(), store, &faults, &plan).await {
+            eprintln!(
+                "{}",
+                table(std::slice::from_ref(&row))
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            );
+            rows.push(row);
         }
     }
     let text = table(&rows);

@@ -18,6 +18,8 @@
 //!
 //! [`sql_update`] writes that statement. No row changed means the token is
 //! stale (or the condition failed): roll back, as the lock has passed on.
+//! A section that reads before it writes starts with [`sql_claim`], so that
+//! an older holder cannot write between its read and its write.
 //! `<=` rather than `<` lets one holder write several times under one
 //! grant. Tokens are `u64`; [`sql_token`] gives the signed 64-bit integer
 //! SQL databases store. `examples/coupons` is a whole application that
@@ -72,6 +74,19 @@ pub fn sql_update(
     format!(
         "UPDATE {table} SET {assignments}, {column} = {token} WHERE ({condition}) AND {column} <= {token}"
     )
+}
+
+/// The fenced claim a critical section starts with: it records the token in
+/// the row's `column` if no higher token is there. From then on no write of
+/// an older holder is accepted, so what the section reads next cannot be
+/// changed under it by a holder that paused past its lease and woke.
+///
+/// ```
+/// let sql = distlock::fence::sql_claim("coupons", "id = $1", "fence", "$2");
+/// assert_eq!(sql, "UPDATE coupons SET fence = $2 WHERE (id = $1) AND fence <= $2");
+/// ```
+pub fn sql_claim(table: &str, condition: &str, column: &str, token: &str) -> String {
+    format!("UPDATE {table} SET {column} = {token} WHERE ({condition}) AND {column} <= {token}")
 }
 
 /// A token lower than one the resource already accepted.

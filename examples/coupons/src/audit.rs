@@ -50,6 +50,11 @@ impl Audit {
 
 /// Audits the coupon database.
 ///
+/// The history is read in `seq` order. On SQLite that is commit order; on
+/// PostgreSQL `seq` is drawn at insert, but every change first updates the
+/// one row its lock fences, whose row lock orders the inserts of one key as
+/// their commits are.
+///
 /// - **issued twice**: a coupon with more than one issue;
 /// - **over stock**: a batch with more issued than its stock;
 /// - **two per user**: a user with two coupons of one batch;
@@ -117,6 +122,16 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
                 format!("coupon {coupon}: {} while {}", op.name(), now.0),
             );
         }
+        if op != Op::Issue && owner != now.1 {
+            audit.violation(
+                "state mismatch",
+                format!(
+                    "coupon {coupon}: {} by owner {owner:?}, issued to {:?}",
+                    op.name(),
+                    now.1
+                ),
+            );
+        }
         now.0 = to;
         if op == Op::Issue {
             now.1 = owner;
@@ -145,11 +160,14 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
             continue;
         };
         *audit.states.entry(now.to_owned()).or_default() += 1;
-        let replayed = state.get(&coupon).map_or("available", |(state, _)| state);
-        if replayed != now {
+        let (replayed, owner) = state.get(&coupon).copied().unwrap_or(("available", None));
+        if replayed != now || owner != row[3].int() {
             audit.violation(
                 "state mismatch",
-                format!("coupon {coupon} is {now}, its history says {replayed}"),
+                format!(
+                    "coupon {coupon} is {now} (owner {:?}), its history says {replayed} (owner {owner:?})",
+                    row[3].int()
+                ),
             );
         }
     }

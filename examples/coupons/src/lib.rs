@@ -8,13 +8,23 @@
 //! pattern to copy:
 //!
 //! 1. take the lock ([`distlock::Session::lock`], with a bounded wait);
-//! 2. read what the decision needs, and decide;
-//! 3. write in one transaction whose first statement is *fenced*
-//!    ([`distlock::fence::sql_update`]): it changes the row only if the
-//!    row's `fence` column is not above the guard's token, and records the
-//!    token. A holder that paused past its lease finds its token stale and
-//!    its write refused, however late it wakes;
-//! 4. release.
+//! 2. claim the row the lock guards ([`distlock::fence::sql_claim`]): record
+//!    the guard's token in its `fence` column, unless a higher token is
+//!    there already;
+//! 3. read what the decision needs, and decide;
+//! 4. write in one transaction whose first statement is *fenced*
+//!    ([`distlock::fence::sql_update`]): it changes the row only if its
+//!    `fence` is not above the guard's token. A holder that paused past its
+//!    lease and wakes finds its token stale once a later holder has claimed
+//!    the row, and its write refused; if it wakes before any later claim,
+//!    its write lands before the later holder reads;
+//! 5. release.
+//!
+//! The writes deliberately do not check the state again (`WHERE state =
+//! 'available'`): the lock and the fence are what keep them right, and
+//! the negative control (`--no-lock`) shows what happens without them.
+//! Blocking SQLite calls run in `block_in_place`, which needs tokio's
+//! multi-threaded runtime.
 //!
 //! [`audit()`] then checks the whole history: no coupon issued twice, never
 //! more issued than stock, no user with two coupons of one batch, every
@@ -198,8 +208,16 @@ pub async fn run_workers(
     }
     let mut report = WorkerReport::default();
     while let Some(done) = tasks.join_next().await {
-        let done = done.map_err(|err| Error::Db(format!("a worker task failed: {err}")))?;
-        report.merge(&done);
+        match done {
+            Ok(done) => report.merge(&done),
+            // One task's panic loses its own report, not the others'.
+            Err(err) => {
+                report.errors += 1;
+                report
+                    .error_samples
+                    .push(format!("a worker task failed: {err}"));
+            }
+        }
     }
     Ok(report)
 }

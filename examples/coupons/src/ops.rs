@@ -1,6 +1,7 @@
-//! The four operations, each under a distlock lock with a fenced write.
-//! This is the pattern to copy: lock, read and decide, one transaction
-//! whose first statement is fenced by the guard's token, release.
+//! The four operations, each under a distlock lock with fenced writes.
+//! This is the pattern to copy: lock; claim the row with the guard's token
+//! (a fenced update that records it); read and decide; one transaction
+//! whose first statement is fenced by the token again; release.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -142,7 +143,20 @@ impl Worker {
         outcome
     }
 
+    /// Records the token in the row the lock guards, unless a later holder
+    /// has been there: `false` if the token is stale.
+    async fn claim(&mut self, table: &str, id: i64, held: &Held) -> Result<bool, Error> {
+        let claim = fence::sql_claim(table, "id = $1", "fence", "$2");
+        self.db
+            .fenced(&[(&claim, vec![id.into(), held.token.into()])])
+            .await
+    }
+
     async fn issue_held(&mut self, held: &Held, batch: i64, user: i64) -> Result<Outcome, Error> {
+        // Claim the batch: no older holder writes to it from now on.
+        if !self.claim("coupon_batches", batch, held).await? {
+            return Ok(Outcome::Stale);
+        }
         // Read and decide, under the lock.
         let has = self
             .db
@@ -228,6 +242,9 @@ impl Worker {
         from: &str,
         to: &str,
     ) -> Result<Outcome, Error> {
+        if !self.claim("coupon_coupons", coupon, held).await? {
+            return Ok(Outcome::Stale);
+        }
         // Under the lock, read again: another worker may have changed it
         // between the pick and the lock.
         let now = self
