@@ -48,7 +48,11 @@
 //! a row per key (by the SHA-256 of its name) bumped with
 //! `LAST_INSERT_ID(token + 1)` in one statement, so tokens are committed
 //! and survive a restart of the server (a crash too, with InnoDB's default
-//! `innodb_flush_log_at_trx_commit = 1`).
+//! `innodb_flush_log_at_trx_commit = 1`). A named lock's token is taken on
+//! the session's own connection right after `GET_LOCK`: the lock passes on
+//! only once that connection lets it go, after the token is committed, so
+//! tokens follow the order of grants even if the connection dies between
+//! the two.
 
 mod connect;
 mod lease;
@@ -81,7 +85,7 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
 pub struct MysqlStore {
     opts: Opts,
     target: String,
-    /// Short statements: tokens, `KILL QUERY`, the lease table.
+        /// Short statements: `KILL QUERY`, the lease table.
     pool: Pool,
     lease: bool,
 }

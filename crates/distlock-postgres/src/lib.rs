@@ -48,7 +48,9 @@
 //!
 //! In both modes the token comes from a table (`distlock_tokens`, made on
 //! first use) bumped in one statement, so tokens are committed and survive a
-//! restart of the server, and both modes draw from the same counters.
+//! restart of the server, and both modes draw from the same counters. An
+//! advisory lock's token is taken on the session's own connection while it
+//! holds the lock, so that it is committed before the lock can pass on.
 
 mod advisory;
 mod connect;
