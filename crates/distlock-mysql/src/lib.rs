@@ -85,7 +85,7 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
 pub struct MysqlStore {
     opts: Opts,
     target: String,
-        /// Short statements: `KILL QUERY`, the lease table.
+    /// Short statements: `KILL QUERY`, the lease table.
     pool: Pool,
     lease: bool,
 }

@@ -452,6 +452,22 @@ impl SessionInner {
             let _ = self.store.release(&entry.lock).await;
             return Err(self.ended_error());
         }
+        if self
+            .deadline_of(&entry)
+            .is_some_and(|deadline| deadline <= arrived)
+        {
+            // The store's answer came after the lease it started had run
+            // out (a connection that stalled): the store may have granted
+            // the key on already. Never hand out a guard dead on arrival.
+            let _ = self.store.release(&entry.lock).await;
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the grant of '{key}' arrived after its lease had run out (the store \
+                     answered late); ask again"
+                ),
+            ));
+        }
         lock(&self.held).insert(key.to_owned(), Arc::clone(&entry));
         *slot = Some(Hold {
             entry: Arc::clone(&entry),
