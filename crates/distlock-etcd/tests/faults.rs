@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use distlock_core::testkit::restart::tokens_rise_and_the_holder_stays_honest;
 use distlock_core::testkit::servers::Etcd;
 use distlock_core::{Client, ErrorKind};
 use distlock_etcd::EtcdStore;
@@ -58,73 +59,15 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_and_restarting_etcd_keeps_tokens_rising_and_the_holder_honest() {
     let server = Etcd::start();
-    let url = server.url();
-    let mut tokens = Vec::new();
-    let client = client(&url).await;
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/restart")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
-    let holder = client
-        .session()
-        .ttl(Duration::from_secs(5))
-        .open()
-        .await
-        .expect("open");
-    let held = holder
-        .lock("faults/restart")
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
-    tokens.push(held.token());
-    let server = server.crash_and_restart();
-    // Back within the lease: the holder either keeps the lock or is told it
-    // lost it, never silently both.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let other = client
-        .session()
-        .open()
-        .await
-        .expect("open after the restart");
-    let taken = loop {
-        match other.lock("faults/restart").try_lock().await {
-            Ok(taken) => break taken,
-            Err(err) => {
-                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    match taken {
-        Some(guard) => {
-            assert!(!held.is_held(), "two holders after the restart");
-            tokens.push(guard.token());
-            guard.release().await.expect("release");
-        }
-        // Still held at etcd: by the holder, which, if it still says so,
-        // can release it.
-        None if held.is_held() => held.release().await.expect("the holder kept the lock"),
-        None => drop(held),
-    }
-    let session = client.session().open().await.expect("open");
-    let guard = session
-        .lock("faults/restart")
-        .wait(Duration::from_secs(30))
-        .await
-        .expect("granted after the restart");
-    tokens.push(guard.token());
-    assert!(
-        tokens.windows(2).all(|pair| pair[0] < pair[1]),
-        "tokens went back: {tokens:?}"
-    );
+    let client = client(&server.url()).await;
+    let server = tokens_rise_and_the_holder_stays_honest(
+        &client,
+        "faults/restart",
+        Duration::from_secs(5),
+        server,
+        |server| server.crash_and_restart(),
+    )
+    .await;
     drop(server);
 }
 

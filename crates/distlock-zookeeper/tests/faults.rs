@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::testkit::proxy::{Fault, Proxy};
+use distlock_core::testkit::restart::tokens_rise_and_the_holder_stays_honest;
 use distlock_core::testkit::servers::ZooKeeper;
 use distlock_core::{Client, ErrorKind};
 use distlock_zookeeper::{lock_dir, ZkStore};
@@ -111,72 +112,15 @@ async fn a_holder_whose_session_expires_is_told_and_exactly_one_waiter_takes_ove
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_and_restarting_zookeeper_keeps_tokens_rising_and_the_holder_honest() {
     let server = ZooKeeper::start();
-    let url = server.url();
-    let key = "faults/restart";
-    let mut tokens = Vec::new();
-    let client = client(&url).await;
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock(key)
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
-    let holder = client
-        .session()
-        .ttl(Duration::from_secs(10))
-        .open()
-        .await
-        .expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
-    tokens.push(held.token());
-    let server = server.crash_and_restart();
-    // Back within the session timeout: the holder keeps the lock (its
-    // session is restored from ZooKeeper's log) or is told it lost it,
-    // never silently both.
-    let other = client
-        .session()
-        .open()
-        .await
-        .expect("open after the restart");
-    let taken = loop {
-        match other.lock(key).try_lock().await {
-            Ok(taken) => break taken,
-            Err(err) => {
-                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    match taken {
-        Some(guard) => {
-            assert!(!held.is_held(), "two holders after the restart");
-            tokens.push(guard.token());
-            guard.release().await.expect("release");
-        }
-        None if held.is_held() => held.release().await.expect("the holder kept the lock"),
-        None => drop(held),
-    }
-    let session = client.session().open().await.expect("open");
-    let guard = session
-        .lock(key)
-        .wait(Duration::from_secs(30))
-        .await
-        .expect("granted after the restart");
-    tokens.push(guard.token());
-    assert!(
-        tokens.windows(2).all(|pair| pair[0] < pair[1]),
-        "tokens went back: {tokens:?}"
-    );
+    let client = client(&server.url()).await;
+    let server = tokens_rise_and_the_holder_stays_honest(
+        &client,
+        "faults/restart",
+        Duration::from_secs(10),
+        server,
+        |server| server.crash_and_restart(),
+    )
+    .await;
     drop(server);
 }
 

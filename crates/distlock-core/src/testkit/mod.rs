@@ -31,6 +31,7 @@ mod leases;
 mod lifecycle;
 mod modes;
 pub mod proxy;
+pub mod restart;
 pub mod servers;
 
 use std::future::Future;

@@ -1,0 +1,83 @@
+//! A store's server killed and started again under a holder: shared by the
+//! fault tests of the stores whose sessions outlive a connection (etcd,
+//! ZooKeeper).
+
+use std::time::Duration;
+
+use crate::{Client, ErrorKind};
+
+/// Takes `key` a few times, holds it with a session of `hold_ttl`, has
+/// `restart` kill the server and start it again (it gets `server` and
+/// returns the new one), and checks: tokens rise strictly across all of it,
+/// and after the restart the holder either keeps the lock or no longer
+/// says it holds it, never both with another holder. Returns the server.
+pub async fn tokens_rise_and_the_holder_stays_honest<S: Send + 'static>(
+    client: &Client,
+    key: &str,
+    hold_ttl: Duration,
+    server: S,
+    restart: impl FnOnce(S) -> S + Send + 'static,
+) -> S {
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock(key)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    let holder = client.session().ttl(hold_ttl).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    tokens.push(held.token());
+    let server = tokio::task::spawn_blocking(move || restart(server))
+        .await
+        .expect("restart");
+    // Back within the lease: the holder either keeps the lock or is told
+    // it lost it, never silently both.
+    let other = client
+        .session()
+        .open()
+        .await
+        .expect("open after the restart");
+    let taken = loop {
+        match other.lock(key).try_lock().await {
+            Ok(taken) => break taken,
+            Err(err) => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    match taken {
+        Some(guard) => {
+            assert!(!held.is_held(), "two holders after the restart");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
+        // Still held at the store: by the holder, which, if it still says
+        // so, can release it.
+        None if held.is_held() => held.release().await.expect("the holder kept the lock"),
+        None => drop(held),
+    }
+    let session = client.session().open().await.expect("open");
+    let guard = session
+        .lock(key)
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("granted after the restart");
+    tokens.push(guard.token());
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+    server
+}
