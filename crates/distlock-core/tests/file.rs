@@ -7,10 +7,13 @@ use std::sync::{Arc, OnceLock};
 use distlock_core::{Client, FileStore};
 
 fn lock_dir() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir for lock files"))
-        .path()
-        .to_owned()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir for lock files").keep();
+        distlock_core::testkit::daemon::remove_when_this_process_exits(&dir);
+        dir
+    })
+    .to_owned()
 }
 
 async fn connect() -> Client {

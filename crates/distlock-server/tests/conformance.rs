@@ -12,6 +12,7 @@ fn server() -> SocketAddr {
     static SERVER: OnceLock<SocketAddr> = OnceLock::new();
     *SERVER.get_or_init(|| {
         let data = tempfile::tempdir().expect("temp dir").keep();
+        distlock_core::testkit::daemon::remove_when_this_process_exits(&data);
         let (ready, address) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("server runtime");

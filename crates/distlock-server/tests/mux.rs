@@ -25,17 +25,18 @@ async fn start_server() -> String {
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address").to_string();
+    // The server task owns its data dir: both go when the test's runtime ends.
+    let data = tempfile::tempdir().expect("temp dir");
     let config = distlock_server::Config {
-        data_dir: tempfile::tempdir().expect("temp dir").keep(),
+        data_dir: data.path().to_owned(),
         auth_token: Some(SECRET.to_owned()),
         max_message_bytes: MAX_MESSAGE,
         ..distlock_server::Config::default()
     };
-    tokio::spawn(distlock_server::run(
-        listener,
-        config,
-        std::future::pending(),
-    ));
+    tokio::spawn(async move {
+        let _data = data;
+        distlock_server::run(listener, config, std::future::pending()).await
+    });
     address
 }
 

@@ -7,6 +7,7 @@ token, releases, closes; then sends a garbled request and checks that the
 server refuses it and keeps serving.
 """
 
+import atexit
 import os
 import queue
 import sys
@@ -17,7 +18,10 @@ from grpc_tools import protoc
 
 
 def generate(proto_dir):
-    out = tempfile.mkdtemp()
+    # Removed at exit, not before: the generated modules are imported from it.
+    scratch = tempfile.TemporaryDirectory()
+    atexit.register(scratch.cleanup)
+    out = scratch.name
     status = protoc.main(
         [
             "protoc",

@@ -35,6 +35,30 @@ pub async fn not_a_store() -> u16 {
     port
 }
 
+/// Removes `dir` once this test process has exited: for the scratch
+/// directory of something kept in a static, which is never dropped.
+pub fn remove_when_this_process_exits(dir: &Path) {
+    after_this_process(":", dir);
+}
+
+/// Runs the shell commands `first` once this process has exited, then
+/// removes `dir` (twice if need be: a server's helpers may still be writing
+/// when it is first removed).
+fn after_this_process(first: &str, dir: &Path) {
+    let script = format!(
+        "while kill -0 {parent} 2>/dev/null; do sleep 1; done; {first}; \
+         rm -rf -- \"$1\" 2>/dev/null || {{ sleep 1; rm -rf -- \"$1\"; }}",
+        parent = std::process::id(),
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script, "sh"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 /// A server process under test.
 #[derive(Debug)]
 pub struct Daemon {
@@ -108,23 +132,21 @@ impl Daemon {
     }
 
     /// Has the server killed, within a second or so, once this test process
-    /// has exited: for a server shared by the tests of a binary (kept in a
-    /// static, which is never dropped).
-    pub fn die_with_this_process(&self) {
+    /// has exited, and then its directory `dir` removed: for a server shared
+    /// by the tests of a binary (kept in a static, which is never dropped,
+    /// so neither the process nor its temporary directory would go away).
+    pub fn die_with_this_process(&self, dir: &Path) {
         let Some(child) = self.child.as_ref() else {
             return;
         };
-        let script = format!(
-            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {child} 2>/dev/null",
-            parent = std::process::id(),
+        // Kill it, then wait at most five seconds until it is gone (a zombie
+        // that nobody reaps would keep `kill -0` succeeding for ever).
+        let kill = format!(
+            "kill -9 {child} 2>/dev/null; n=0; \
+             while kill -0 {child} 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done",
             child = child.id()
         );
-        let _ = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        after_this_process(&kill, dir);
     }
 
     /// The port it listens on.

@@ -50,7 +50,7 @@ impl Etcd {
         static SERVER: std::sync::OnceLock<Etcd> = std::sync::OnceLock::new();
         SERVER.get_or_init(|| {
             let server = Etcd::start();
-            server.daemon.die_with_this_process();
+            server.daemon.die_with_this_process(server.dir.path());
             server
         })
     }

@@ -38,7 +38,10 @@ impl Mariadb {
     pub fn start() -> Mariadb {
         let dir = tempfile::tempdir().expect("temp dir");
         give_to_server_user(dir.path());
+        // Its temporary files go in its own directory, which the mysql user
+        // owns, whatever the tests' TMPDIR is.
         let output = Command::new("mariadb-install-db")
+            .env("TMPDIR", dir.path())
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .args([
@@ -66,6 +69,7 @@ impl Mariadb {
         let path = dir.path();
         let mut command = Command::new("mariadbd");
         command
+            .env("TMPDIR", path)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", path.join("data").display()))
             .arg(format!("--socket={}", path.join("sock").display()))
@@ -105,7 +109,7 @@ impl Mariadb {
         static SERVER: std::sync::OnceLock<Mariadb> = std::sync::OnceLock::new();
         SERVER.get_or_init(|| {
             let server = Mariadb::start();
-            server.daemon.die_with_this_process();
+            server.daemon.die_with_this_process(server.dir.path());
             server
         })
     }

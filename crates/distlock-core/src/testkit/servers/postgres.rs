@@ -117,7 +117,7 @@ impl Postgres {
         static SERVER: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
         SERVER.get_or_init(|| {
             let server = Postgres::start();
-            server.daemon.die_with_this_process();
+            server.daemon.die_with_this_process(server.dir.path());
             server
         })
     }

@@ -93,7 +93,7 @@ impl ZooKeeper {
         static SERVER: std::sync::OnceLock<ZooKeeper> = std::sync::OnceLock::new();
         SERVER.get_or_init(|| {
             let server = ZooKeeper::start();
-            server.daemon.die_with_this_process();
+            server.daemon.die_with_this_process(server.dir.path());
             server
         })
     }
