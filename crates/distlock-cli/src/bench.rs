@@ -55,20 +55,21 @@ pub struct BenchArgs {
     /// Time spent inside the critical section of the safety workload.
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     hold: Duration,
-    /// Threads of the load generator's runtime (default: one per core).
-    /// One thread gives the lowest hand-over latency under contention, as
-    /// it never wakes another thread.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
+    /// Threads of the load generator's runtime. One by default: the
+    /// sessions share one connection, whose reader and writer a second
+    /// thread would only wake across threads (which costs more than it
+    /// gives). With several --connections, more threads can help.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 impl BenchArgs {
-    /// The runtime threads asked for, if any.
-    pub fn threads(&self) -> Option<usize> {
-        self.threads.map(usize::from)
+    /// The load generator's runtime threads.
+    pub fn threads(&self) -> usize {
+        usize::from(self.threads)
     }
 }
 
@@ -280,9 +281,7 @@ fn summarize(
         workload: args.workload,
         clients: args.clients,
         connections: args.connections.min(args.clients),
-        threads: args
-            .threads()
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        threads: args.threads(),
         keys: args.keys,
         duration_s: elapsed.as_secs_f64(),
         acquisitions,

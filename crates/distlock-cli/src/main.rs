@@ -94,9 +94,7 @@ fn main() -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Command::Bench(args) = &cli.command {
-        if let Some(threads) = args.threads() {
-            builder.worker_threads(threads);
-        }
+        builder.worker_threads(args.threads());
     }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,

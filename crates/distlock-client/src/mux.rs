@@ -5,7 +5,7 @@
 //! process share a connection cheaply.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -146,9 +146,18 @@ impl MuxConnection {
         }));
         // The reader tells the writer when the connection is dead.
         let dead = CancellationToken::new();
-        tokio::spawn(write_frames(outgoing, write, dead.clone()));
+        // How many sessions the reader's last read woke: the writer waits
+        // for them when there are several.
+        let woken = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_frames(
+            outgoing,
+            write,
+            Arc::clone(&woken),
+            dead.clone(),
+        ));
         tokio::spawn(read_frames(
             inbound,
+            woken,
             Arc::clone(&streams),
             Arc::from(target),
             dead.drop_guard(),
@@ -221,6 +230,7 @@ fn not_distlock(target: &str) -> Error {
 async fn write_frames(
     mut outgoing: UnboundedReceiver<proto::MuxRequest>,
     mut write: OwnedWriteHalf,
+    woken: Arc<AtomicUsize>,
     dead: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
@@ -233,6 +243,15 @@ async fn write_frames(
             request = outgoing.recv() => {
                 let Some(request) = request else { break };
                 mux::put_frame(&mut buf, &request);
+                // When the last read woke several sessions, let them run
+                // first, so that their requests go out in this write too.
+                // Otherwise the first of them wakes this task, which tokio
+                // runs next, and each request costs a write of its own. A
+                // read that woke one or two (a hand-over) is not waited
+                // for: the yield would cost more than it saves.
+                if woken.load(Ordering::Relaxed) > 2 {
+                    tokio::task::yield_now().await;
+                }
                 while buf.len() < WRITE_BATCH {
                     match outgoing.try_recv() {
                         Ok(request) => mux::put_frame(&mut buf, &request),
@@ -261,6 +280,7 @@ async fn write_frames(
 /// then tells every session why.
 async fn read_frames(
     mut inbound: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    woken: Arc<AtomicUsize>,
     streams: Arc<Mutex<Streams>>,
     target: Arc<str>,
     _stop_writer: DropGuard,
@@ -271,6 +291,8 @@ async fn read_frames(
             format!("the connection to the distlock server at {target} was lost: {why}"),
         )
     };
+    // Frames taken from the socket since its buffer was last empty.
+    let mut batch = 0;
     let why = loop {
         let frame = match tokio::time::timeout(SILENCE, inbound.next()).await {
             Ok(Some(Ok(frame))) => frame,
@@ -278,6 +300,11 @@ async fn read_frames(
             Ok(None) => break lost("the server closed it".to_owned()),
             Err(_) => break lost(format!("nothing heard for {SILENCE:?}")),
         };
+        batch += 1;
+        woken.store(batch, Ordering::Relaxed);
+        if inbound.read_buffer().is_empty() {
+            batch = 0;
+        }
         let event = match proto::MuxEvent::decode(frame) {
             Ok(event) => event,
             Err(err) => break lost(format!("garbled frame ({err})")),
