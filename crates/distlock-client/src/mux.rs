@@ -146,8 +146,9 @@ impl MuxConnection {
         }));
         // The reader tells the writer when the connection is dead.
         let dead = CancellationToken::new();
-        // How many sessions the reader's last read woke: the writer waits
-        // for them when there are several.
+        // How many answers the reader handed out in its latest read (up to
+        // when the writer last looked): the writer waits for their sessions
+        // when there are several.
         let woken = Arc::new(AtomicUsize::new(0));
         tokio::spawn(write_frames(
             outgoing,
@@ -243,13 +244,13 @@ async fn write_frames(
             request = outgoing.recv() => {
                 let Some(request) = request else { break };
                 mux::put_frame(&mut buf, &request);
-                // When the last read woke several sessions, let them run
-                // first, so that their requests go out in this write too.
-                // Otherwise the first of them wakes this task, which tokio
-                // runs next, and each request costs a write of its own. A
-                // read that woke one or two (a hand-over) is not waited
-                // for: the yield would cost more than it saves.
-                if woken.load(Ordering::Relaxed) > 2 {
+                // When the latest read handed answers to several sessions,
+                // let them run first, so that their next requests go out in
+                // this write too. Otherwise the first of them wakes this
+                // task, which tokio runs next, and each request costs a
+                // write of its own. One or two answers (a hand-over) are
+                // not waited for: the yield would cost more than it saves.
+                if woken.swap(0, Ordering::Relaxed) > 2 {
                     tokio::task::yield_now().await;
                 }
                 while buf.len() < WRITE_BATCH {
@@ -291,7 +292,7 @@ async fn read_frames(
             format!("the connection to the distlock server at {target} was lost: {why}"),
         )
     };
-    // Frames taken from the socket since its buffer was last empty.
+    // Answers handed out since the read buffer was last empty.
     let mut batch = 0;
     let why = loop {
         let frame = match tokio::time::timeout(SILENCE, inbound.next()).await {
@@ -300,11 +301,7 @@ async fn read_frames(
             Ok(None) => break lost("the server closed it".to_owned()),
             Err(_) => break lost(format!("nothing heard for {SILENCE:?}")),
         };
-        batch += 1;
-        woken.store(batch, Ordering::Relaxed);
-        if inbound.read_buffer().is_empty() {
-            batch = 0;
-        }
+        let last_of_read = inbound.read_buffer().is_empty();
         let event = match proto::MuxEvent::decode(frame) {
             Ok(event) => event,
             Err(err) => break lost(format!("garbled frame ({err})")),
@@ -314,6 +311,8 @@ async fn read_frames(
                 let inbox = lock(&streams).open.get(&event.stream).cloned();
                 if let Some(inbox) = inbox {
                     inbox.deliver(event_of);
+                    batch += 1;
+                    woken.store(batch, Ordering::Relaxed);
                 }
             }
             Some(EventBody::End(end)) if event.stream == 0 => {
@@ -332,6 +331,9 @@ async fn read_frames(
                 }
             }
             Some(EventBody::Pong(_) | EventBody::Welcome(_)) | None => {}
+        }
+        if last_of_read {
+            batch = 0;
         }
     };
     let open = {
