@@ -179,24 +179,55 @@ impl StoreSession for EtcdSession {
             key: me.clone(),
             armed: true,
         };
-        // Join the queue, at its tail.
-        let mut client = self.client.clone();
-        let join = client.put(
-            me.as_str(),
-            mode.as_str(),
-            Some(etcd_client::PutOptions::new().with_lease(self.lease)),
-        );
-        if let Err(err) = self.call(join).await {
-            return Err(self.failure(&err).unwrap_or(err));
-        }
-        loop {
-            let options = GetOptions::new()
+        let queue_options = || {
+            GetOptions::new()
                 .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Ascend);
-            let queue = self
-                .call(self.client.clone().get(prefix.as_str(), Some(options)))
-                .await?;
-            let read_at = queue.header().map_or(0, |header| header.revision());
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+        };
+        // Join the queue, at its tail, and read it, in one round trip.
+        let join = Txn::new().and_then([
+            TxnOp::put(
+                me.as_str(),
+                mode.as_str(),
+                Some(etcd_client::PutOptions::new().with_lease(self.lease)),
+            ),
+            TxnOp::get(prefix.as_str(), Some(queue_options())),
+        ]);
+        let joined = match self.call(self.client.clone().txn(join)).await {
+            Ok(joined) => joined,
+            Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+        };
+        let read_at = joined.header().map_or(0, |header| header.revision());
+        let mut first = joined
+            .op_responses()
+            .into_iter()
+            .find_map(|response| match response {
+                TxnOpResponse::Get(queue) => Some(queue),
+                _ => None,
+            })
+            .map(|queue| (queue, read_at));
+        loop {
+            let (queue, read_at) = match first.take() {
+                // The put with the lease went through in the same
+                // transaction: the lease lived when the queue was read.
+                Some(read) => read,
+                None => {
+                    // The queue, and beside it (so that a grant costs no
+                    // further round trip) whether the lease still lives:
+                    // etcd issue 11456.
+                    let (mut kv, mut lease) = (self.client.clone(), self.client.clone());
+                    let (queue, alive) = tokio::try_join!(
+                        self.call(kv.get(prefix.as_str(), Some(queue_options()))),
+                        self.call(lease.lease_time_to_live(self.lease, None)),
+                    )?;
+                    if alive.ttl() <= 0 {
+                        leave.armed = false;
+                        return Err(self.lost("ran out while it waited"));
+                    }
+                    let read_at = queue.header().map_or(0, |header| header.revision());
+                    (queue, read_at)
+                }
+            };
             let kvs = queue.kvs();
             let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
                 // etcd issue 11456: the lease ended while this waited (or the
@@ -220,13 +251,6 @@ impl StoreSession for EtcdSession {
                 }
             };
             let Some(blocker) = blocker else {
-                // Granted, if the lease still lives (11456 again).
-                let alive = self
-                    .call(self.client.clone().lease_time_to_live(self.lease, None))
-                    .await?;
-                if alive.ttl() <= 0 {
-                    return Err(self.lost("has run out"));
-                }
                 leave.armed = false;
                 self.held().insert(request.key.clone(), me);
                 let token = u64::try_from(mine.create_revision()).unwrap_or(0);
@@ -244,22 +268,61 @@ impl StoreSession for EtcdSession {
                     .await?;
                 return Ok(None);
             }
-            // Watch the blocker for its deletion, from the revision read, so
-            // that a deletion since is seen.
-            let watch_options = WatchOptions::new()
-                .with_start_revision(read_at + 1)
-                .with_filters([WatchFilterType::NoPut]);
-            let (watched, watch_options) = match blocker {
-                Blocker::Key(key) => (key, watch_options),
-                Blocker::Any => (prefix.clone().into_bytes(), watch_options.with_prefix()),
+            // Watch the blocker for its deletion from now, not from the
+            // revision read: etcd serves a watch that starts in the past
+            // from a loop that runs every 100 ms, which would add up to
+            // 100 ms to every hand-over. A deletion between the read and
+            // the watch is found by asking once more (below).
+            let mut watch_options = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+            // What is watched, and how many keys the check below must still
+            // find there for the wait to be needed: the blocker, or for a
+            // semaphore as many keys before this one as were read.
+            let (watched, check, expected) = match blocker {
+                Blocker::Key(key) => (key, GetOptions::new(), 1),
+                Blocker::Any => {
+                    watch_options = watch_options.with_prefix();
+                    let before_me = GetOptions::new()
+                        .with_prefix()
+                        .with_max_create_revision(mine.create_revision() - 1);
+                    let expected = i64::try_from(earlier.len()).unwrap_or(i64::MAX);
+                    (prefix.clone().into_bytes(), before_me, expected)
+                }
             };
             let mut stream = self
-                .call(self.client.clone().watch(watched, Some(watch_options)))
+                .call(
+                    self.client
+                        .clone()
+                        .watch(watched.clone(), Some(watch_options)),
+                )
                 .await?;
+            let created_at = match self.call(stream.message()).await {
+                Ok(Some(created)) if !created.canceled() => created
+                    .header()
+                    .map_or(i64::MAX, |header| header.revision()),
+                // Refused or ended at once (etcd restarting?): not at once
+                // again, then read again.
+                _ => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if created_at > read_at {
+                // The queue changed between the read and the watch: the
+                // blocker may have gone in between.
+                let now = self
+                    .call(
+                        self.client
+                            .clone()
+                            .get(watched, Some(check.with_count_only())),
+                    )
+                    .await?;
+                if now.count() < expected {
+                    continue;
+                }
+            }
             let deleted = async {
                 while let Ok(Some(message)) = stream.message().await {
-                    if message.canceled() || message.compact_revision() > 0 {
-                        // Compacted past the revision read: read again.
+                    if message.canceled() {
                         return;
                     }
                     if message
