@@ -10,9 +10,13 @@
 //!   writers, a semaphore of N admits the N lowest. The fencing token is the
 //!   key's create revision, which only grows, across holders, modes and
 //!   restarts of etcd.
-//! - A waiter watches only the key that blocks it (its predecessor, or the
-//!   last earlier writer), from the revision it read, so no deletion goes
-//!   unseen and no herd wakes. Semaphore waiters watch the lock's keys.
+//! - Joining the queue and reading it is one transaction. A waiter watches
+//!   only the key that blocks it (its predecessor, or the last earlier
+//!   writer), so no herd wakes; semaphore waiters watch the lock's keys.
+//!   The watch starts now, not at the revision read (etcd serves watches
+//!   that start in the past from a loop that runs every 100 ms); if the
+//!   queue moved in between, the waiter asks once more whether its blocker
+//!   is still there, so no deletion goes unseen.
 //! - Before saying the lock is held, the waiter checks that its own key is
 //!   still there and its lease still alive (etcd issue 11456: a waiter whose
 //!   lease ran out while queued must never be told it holds the lock).
