@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 /// How long a server may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a listening server may take to serve.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A TCP port on 127.0.0.1 that nothing listens on just now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -121,6 +124,22 @@ impl Daemon {
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `ready` says the server serves (it may listen a little
+    /// before it does). Panics, with the end of its log, after a minute.
+    pub fn wait_ready(&self, mut ready: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !ready() {
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "{} on {} did not serve within {READY_TIMEOUT:?}:\n{}",
+                self.name,
+                self.port,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -83,24 +83,14 @@ impl Mariadb {
                 "--max-connections=500",
             ]);
         let daemon = Daemon::spawn("mariadbd", command, port, path);
-        let started = std::time::Instant::now();
-        loop {
-            let ready = Command::new("mariadb-admin")
+        daemon.wait_ready(|| {
+            Command::new("mariadb-admin")
                 .arg("--no-defaults")
                 .arg(format!("--socket={}", path.join("sock").display()))
                 .args(["-u", "root", "ping"])
                 .output()
-                .is_ok_and(|output| output.status.success());
-            if ready {
-                break;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(60),
-                "MariaDB never became ready:\n{}",
-                daemon.log_tail()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+                .is_ok_and(|output| output.status.success())
+        });
         Mariadb { daemon, dir, port }
     }
 

@@ -91,24 +91,14 @@ impl Postgres {
         as_server_user(&mut command, dir.path());
         let daemon = Daemon::spawn("postgres", command, port, dir.path());
         // Listening is not ready: wait until it takes queries.
-        let started = std::time::Instant::now();
-        loop {
-            let ready = Command::new(program("pg_isready"))
+        daemon.wait_ready(|| {
+            Command::new(program("pg_isready"))
                 .arg("-h")
                 .arg(dir.path())
                 .args(["-p", &port.to_string(), "-q"])
                 .status()
-                .is_ok_and(|status| status.success());
-            if ready {
-                break;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(60),
-                "PostgreSQL never became ready:\n{}",
-                daemon.log_tail()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+                .is_ok_and(|status| status.success())
+        });
         Postgres { daemon, dir, port }
     }
 

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::testkit::daemon::{free_port, Daemon};
 
@@ -54,25 +54,10 @@ impl ZooKeeper {
             .env("JVMFLAGS", "-Xmx256m -Dzookeeper.root.logger=WARN,CONSOLE");
         let daemon = Daemon::spawn("zookeeper", command, port, dir.path());
         let server = ZooKeeper { daemon, dir, port };
-        server.wait_serving();
         server
-    }
-
-    /// Waits until the server says it serves (it listens a little before).
-    fn wait_serving(&self) {
-        let started = Instant::now();
-        loop {
-            if self.four_letter("srvr").contains("Mode:") {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "ZooKeeper on {} did not serve within a minute:\n{}",
-                self.port,
-                self.daemon.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .daemon
+            .wait_ready(|| server.four_letter("srvr").contains("Mode:"));
+        server
     }
 
     /// Sends a four-letter word and returns the answer ("" if none).
