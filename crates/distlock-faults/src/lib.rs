@@ -22,4 +22,4 @@ pub mod run;
 pub mod worker;
 
 pub use check::{check, Findings};
-pub use run::{run_one, run_store, table, Fault, Plan, Row, Store};
+pub use run::{run_one, run_store, run_stores, table, Fault, Plan, Row, Store};

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use distlock_faults::{run_store, table, Fault, Plan, Store};
+use distlock_faults::{run_stores, table, Fault, Plan, Store};
 
 /// The fault suite of distlock.
 #[derive(Debug, Parser)]
@@ -85,24 +85,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 fault
             };
             let exe = std::env::current_exe()?;
-            let mut rows = Vec::new();
-            for store in stores {
-                let supported: Vec<Fault> = faults
-                    .iter()
-                    .copied()
-                    .filter(|fault| store.supports(*fault))
-                    .collect();
-                for row in run_store(&exe, store, &supported, &plan).await {
-                    eprintln!(
-                        "{}",
-                        table(std::slice::from_ref(&row))
-                            .lines()
-                            .last()
-                            .unwrap_or_default()
-                    );
-                    rows.push(row);
-                }
-            }
+            let rows = run_stores(&exe, &stores, &faults, &plan).await;
             print!("{}", table(&rows));
             Ok(if rows.iter().all(|row| row.passed()) {
                 ExitCode::SUCCESS

@@ -462,6 +462,25 @@ pub async fn run_one(exe: &Path, store: Store, fault: Fault, plan: &Plan) -> any
     rows.pop().context("no row")
 }
 
+/// Runs each of `stores` under those of `faults` it supports, printing
+/// each row to stderr as it is done, and returns the rows.
+pub async fn run_stores(exe: &Path, stores: &[Store], faults: &[Fault], plan: &Plan) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &store in stores {
+        let supported: Vec<Fault> = faults
+            .iter()
+            .copied()
+            .filter(|fault| store.supports(*fault))
+            .collect();
+        for row in run_store(exe, store, &supported, plan).await {
+            let line = table(std::slice::from_ref(&row));
+            eprintln!("{}", line.lines().last().unwrap_or_default());
+            rows.push(row);
+        }
+    }
+    rows
+}
+
 /// Runs one store under each of `faults` in turn, on one set of store
 /// processes (a restart keeps their data; each run has a key of its own).
 /// A run that cannot be made is a failed row.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use distlock_faults::{run_one, run_store, table, Fault, Plan, Store};
+use distlock_faults::{run_one, run_stores, table, Fault, Plan, Store};
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_distlock-faults"))
@@ -14,23 +14,7 @@ fn exe() -> &'static Path {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_store_survives_every_fault() {
     let plan = Plan::ci();
-    let mut rows = Vec::new();
-    for store in Store::all() {
-        let faults: Vec<Fault> = Fault::all()
-            .into_iter()
-            .filter(|fault| store.supports(*fault))
-            .collect();
-        for row in run_store(exe(), store, &faults, &plan).await {
-            eprintln!(
-                "{}",
-                table(std::slice::from_ref(&row))
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            );
-            rows.push(row);
-        }
-    }
+    let rows = run_stores(exe(), &Store::all(), &Fault::all(), &plan).await;
     let text = table(&rows);
     println!("{text}");
     let failed: Vec<_> = rows.iter().filter(|row| !row.passed()).collect();
