@@ -99,6 +99,19 @@ impl Store {
         }
     }
 
+    /// How long a dead holder's lease may last, at most, once the store has
+    /// restarted. etcd grants no lease under its minimum TTL (1.5 s with
+    /// the default election timeout, rounded up to 2 s); a leader that
+    /// takes over gives every lease its full TTL again plus the election
+    /// timeout (1 s, `lessor.Promote`); and expired leases are revoked by
+    /// a loop that runs every 500 ms. Elsewhere it is the TTL.
+    fn lease_after_restart(self, ttl: Duration) -> Duration {
+        match self {
+            Store::Etcd => ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500),
+            _ => ttl,
+        }
+    }
+
     /// Whether the suite can inject `fault` on it: the file store has no
     /// process and no connection to restart or cut.
     pub fn supports(self, fault: Fault) -> bool {
@@ -700,7 +713,8 @@ async fn run_fault(
                     .await
                     .context("the store did not restart within 2 minutes")???;
                 *backend = Some(restarted);
-                (Instant::now(), base_bound)
+                let lease = store.lease_after_restart(plan.ttl);
+                (Instant::now(), base_bound - plan.ttl + lease)
             }
             Fault::Delay => {
                 let proxy = proxy.as_ref().expect("a proxy");

@@ -10,7 +10,8 @@ fn exe() -> &'static Path {
 
 /// Every store of this build under every fault it supports: no accepted
 /// overlap, no token going backwards, every fault healed within TTL +
-/// lock-delay + 2 s, no lock stuck afterwards.
+/// lock-delay + 2 s (after a restart of etcd, within the longer lease etcd
+/// then grants), no lock stuck afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_store_survives_every_fault() {
     let plan = Plan::ci();
