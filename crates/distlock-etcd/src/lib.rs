@@ -4,22 +4,36 @@
 //!
 //! - A session is an etcd lease, kept alive by the core's renewals; when it
 //!   ends, etcd deletes every key of the session.
-//! - A lock is a queue of keys `distlock/NAME/LEASE-NONCE`, one per
-//!   attempt, each put with the session's lease and its mode as value. The holder
-//!   is the key of lowest create revision; readers wait only for earlier
-//!   writers, a semaphore of N admits the N lowest. The fencing token is the
-//!   key's create revision, which only grows, across holders, modes and
-//!   restarts of etcd.
+//! - A lock is a queue of keys `distlock/NAME/LEASE-SLOT`, put with the
+//!   session's lease and its mode as value. The holder is the key of lowest
+//!   create revision; readers wait only for earlier writers, a semaphore of
+//!   N admits the N lowest. The fencing token is the key's create revision,
+//!   which only grows, across holders, modes and restarts of etcd.
+//! - A session's attempts on a lock use the same key (slot 0) again: etcd
+//!   keeps every key ever made in its index until a compaction, and each
+//!   read of a queue walks them all, so a key per attempt would slow every
+//!   read down as the lock is used. A key must be new when an attempt puts
+//!   it (an old one would jump the queue and repeat a token); one still
+//!   there, or still being deleted for an attempt that was dropped, is
+//!   deleted in the background and the next slot is taken.
 //! - Joining the queue and reading it is one transaction. A waiter watches
 //!   only the key that blocks it (its predecessor, or the last earlier
 //!   writer), so no herd wakes; semaphore waiters watch the lock's keys.
-//!   The watch starts now, not at the revision read (etcd serves watches
-//!   that start in the past from a loop that runs every 100 ms); if the
-//!   queue moved in between, the waiter asks once more whether its blocker
-//!   is still there, so no deletion goes unseen.
-//! - Before saying the lock is held, the waiter checks that its own key is
-//!   still there and its lease still alive (etcd issue 11456: a waiter whose
-//!   lease ran out while queued must never be told it holds the lock).
+//!   The watch starts now, not at the revision read: etcd serves watches
+//!   that start in the past from a loop that runs every 100 ms. If the queue
+//!   moved in between, the waiter asks once more whether its blocker (that
+//!   life of the key, by create revision) is still there, so no deletion
+//!   goes unseen.
+//! - A second watch of the blocker, on the same stream, starts a few
+//!   revisions ahead. etcd registers a watch "from now" at the revision it
+//!   read a moment before; a write in between (about one watch in fifty
+//!   under load) leaves the watch to the 100 ms loop, and the whole queue
+//!   stalls behind it. A watch that starts ahead of etcd is always served
+//!   as writes land; the first covers the revisions in between.
+//! - Before saying the lock is held, the waiter reads the queue and finds
+//!   its own key still there, which proves its lease lived at that read
+//!   (etcd issue 11456: a waiter whose lease ran out while queued must never
+//!   be told it holds the lock).
 //! - Releases and checks name the key and its create revision, so nothing
 //!   touches another session's key. An attempt that ends without the lock
 //!   deletes its key; one dropped or failed half-way has it deleted in the

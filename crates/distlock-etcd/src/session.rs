@@ -1,7 +1,8 @@
 //! A session: an etcd lease, and the queue keys of its locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use distlock_core::store::{
@@ -35,10 +36,13 @@ pub(crate) struct EtcdSession {
     endpoints: String,
     lease: i64,
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
-    /// The queue keys of the locks held, by lock name: each attempt has a
-    /// key of its own, so that nothing left of one attempt is ever taken
-    /// for another.
-    held: std::sync::Mutex<HashMap<String, String>>,
+    /// The queue keys of the locks held, by lock name.
+    held: Mutex<HashMap<String, String>>,
+    /// Queue keys whose deletion is still under way (an attempt dropped
+    /// half-way, a key found in place when joining): no attempt uses them
+    /// until they are gone, so that a late deletion never takes a newer
+    /// attempt's key.
+    leaving: Arc<Mutex<HashSet<String>>>,
 }
 
 /// The most operations etcd takes in one transaction (`--max-txn-ops`).
@@ -48,11 +52,22 @@ const MAX_TXN_OPS: usize = 128;
 /// member cut off from its cluster may keep a watch open and silent).
 const WATCH_SLICE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The most keys one session may have in one lock's queue at once: its
+/// attempt's, and those of earlier attempts whose deletion is under way.
+const MAX_SLOTS: usize = 16;
+
 /// What blocks a waiter: one key (its predecessor, or the last earlier
 /// writer), or, for a semaphore, any of the lock's keys.
 enum Blocker {
-    Key(Vec<u8>),
+    /// A key, and its create revision.
+    Key(Vec<u8>, i64),
     Any,
+}
+
+impl Blocker {
+    fn key(kv: &etcd_client::KeyValue) -> Blocker {
+        Blocker::Key(kv.key().to_vec(), kv.create_revision())
+    }
 }
 
 impl EtcdSession {
@@ -69,7 +84,8 @@ impl EtcdSession {
             endpoints,
             lease: 0,
             keeper: tokio::sync::Mutex::new(None),
-            held: std::sync::Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            leaving: Arc::new(Mutex::new(HashSet::new())),
         };
         let granted = session
             .call(session.client.clone().lease_grant(ttl, None))
@@ -91,19 +107,28 @@ impl EtcdSession {
             .map_err(|err| unavailable(&self.endpoints, &err))
     }
 
-    /// A new queue key for an attempt on lock `name`: the session's lease
-    /// and a nonce.
-    fn new_key(&self, name: &str) -> String {
-        format!(
-            "{}{:016x}-{:016x}",
-            lock_prefix(name),
-            self.lease,
-            rand::random::<u64>()
-        )
+    /// The queue key for an attempt on lock `name`: the session's lease and
+    /// the first slot whose key is not still being deleted. The same few
+    /// keys serve every attempt: etcd keeps each key ever made in its index
+    /// until a compaction, and every read of the queue walks them, so a key
+    /// per attempt would slow each read down as the lock is used.
+    fn new_key(&self, name: &str) -> Result<String> {
+        let leaving = lock(&self.leaving);
+        (0..MAX_SLOTS)
+            .map(|slot| format!("{}{:016x}-{slot}", lock_prefix(name), self.lease))
+            .find(|key| !leaving.contains(key))
+            .ok_or_else(|| {
+                unavailable(
+                    &self.endpoints,
+                    &format!(
+                        "{MAX_SLOTS} keys of lock '{name}' of this session are still to be deleted"
+                    ),
+                )
+            })
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn held(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        lock(&self.held)
     }
 
     /// A call's error, as `Lost` when it says the lease is gone.
@@ -136,14 +161,19 @@ impl EtcdSession {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Takes an attempt's key out of the queue, in the background, when the
-/// attempt is dropped or fails before it is done. The key is the attempt's
-/// own, so deleting it by name touches nothing else; a failed delete is
-/// tried again for a while (etcd may be restarting), and the key goes with
-/// the lease in any case.
+/// attempt is dropped or fails before it is done. The key is the session's,
+/// and no attempt uses it until it is gone (see `leaving`), so deleting it
+/// by name touches nothing else; a failed delete is tried again for a while
+/// (etcd may be restarting), and the key goes with the lease in any case.
 struct Leave {
     client: Client,
     key: String,
+    leaving: Arc<Mutex<HashSet<String>>>,
     armed: bool,
 }
 
@@ -153,13 +183,19 @@ impl Drop for Leave {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to delete it with: the key stays out of use, and
+            // goes with the lease.
+            lock(&self.leaving).insert(std::mem::take(&mut self.key));
             return;
         };
         let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
+        lock(&self.leaving).insert(key.clone());
+        let leaving = Arc::clone(&self.leaving);
         runtime.spawn(async move {
             for attempt in 0..30u64 {
                 let deleted = tokio::time::timeout(CALL_TIMEOUT, client.delete(key.as_str(), None));
                 if matches!(deleted.await, Ok(Ok(_))) {
+                    lock(&leaving).remove(&key);
                     return;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
@@ -172,30 +208,40 @@ impl Drop for Leave {
 impl StoreSession for EtcdSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let prefix = lock_prefix(&request.key);
-        let me = self.new_key(&request.key);
         let mode = mode_value(request.mode);
-        let mut leave = Leave {
-            client: self.client.clone(),
-            key: me.clone(),
-            armed: true,
-        };
         let queue_options = || {
             GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Ascend)
         };
-        // Join the queue, at its tail, and read it, in one round trip.
-        let join = Txn::new().and_then([
-            TxnOp::put(
-                me.as_str(),
-                mode.as_str(),
-                Some(etcd_client::PutOptions::new().with_lease(self.lease)),
-            ),
-            TxnOp::get(prefix.as_str(), Some(queue_options())),
-        ]);
-        let joined = match self.call(self.client.clone().txn(join)).await {
-            Ok(joined) => joined,
-            Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+        // Join the queue, at its tail, and read it, in one round trip. The
+        // key must be new: one left in place (a release that failed half-way)
+        // has an old create revision, so it would jump the queue and repeat a
+        // token. Such a key is deleted in the background and the next slot
+        // is taken.
+        let (me, mut leave, joined) = loop {
+            let me = self.new_key(&request.key)?;
+            let leave = Leave {
+                client: self.client.clone(),
+                key: me.clone(),
+                leaving: Arc::clone(&self.leaving),
+                armed: true,
+            };
+            let join = Txn::new()
+                .when([Compare::create_revision(me.as_str(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(
+                        me.as_str(),
+                        mode.as_str(),
+                        Some(etcd_client::PutOptions::new().with_lease(self.lease)),
+                    ),
+                    TxnOp::get(prefix.as_str(), Some(queue_options())),
+                ]);
+            match self.call(self.client.clone().txn(join)).await {
+                Ok(joined) if joined.succeeded() => break (me, leave, joined),
+                Ok(_) => drop(leave),
+                Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+            }
         };
         let read_at = joined.header().map_or(0, |header| header.revision());
         let mut first = joined
@@ -212,18 +258,15 @@ impl StoreSession for EtcdSession {
                 // transaction: the lease lived when the queue was read.
                 Some(read) => read,
                 None => {
-                    // The queue, and beside it (so that a grant costs no
-                    // further round trip) whether the lease still lives:
-                    // etcd issue 11456.
-                    let (mut kv, mut lease) = (self.client.clone(), self.client.clone());
-                    let (queue, alive) = tokio::try_join!(
-                        self.call(kv.get(prefix.as_str(), Some(queue_options()))),
-                        self.call(lease.lease_time_to_live(self.lease, None)),
-                    )?;
-                    if alive.ttl() <= 0 {
-                        leave.armed = false;
-                        return Err(self.lost("ran out while it waited"));
-                    }
+                    // This key is in the queue read only if the lease lived
+                    // at that read (etcd issue 11456; checked below).
+                    let queue = self
+                        .call(
+                            self.client
+                                .clone()
+                                .get(prefix.as_str(), Some(queue_options())),
+                        )
+                        .await?;
                     let read_at = queue.header().map_or(0, |header| header.revision());
                     (queue, read_at)
                 }
@@ -238,12 +281,12 @@ impl StoreSession for EtcdSession {
             let mine = &kvs[position];
             let earlier = &kvs[..position];
             let blocker = match request.mode {
-                Mode::Exclusive => earlier.last().map(|kv| Blocker::Key(kv.key().to_vec())),
+                Mode::Exclusive => earlier.last().map(Blocker::key),
                 Mode::Shared => earlier
                     .iter()
                     .rev()
                     .find(|kv| kv.value() != b"s")
-                    .map(|kv| Blocker::Key(kv.key().to_vec())),
+                    .map(Blocker::key),
                 Mode::Semaphore { permits } => {
                     let fits = earlier.len() < permits as usize
                         && earlier.iter().all(|kv| kv.value() == mode.as_bytes());
@@ -277,22 +320,31 @@ impl StoreSession for EtcdSession {
             // What is watched, and how many keys the check below must still
             // find there for the wait to be needed: the blocker, or for a
             // semaphore as many keys before this one as were read.
+            // (A key's create revision tells which of its lives was read: a
+            // session's keys are used again by its later attempts. And etcd
+            // counts a range before it filters it, so the keys are fetched.)
             let (watched, check, expected) = match blocker {
-                Blocker::Key(key) => (key, GetOptions::new(), 1),
+                Blocker::Key(key, created) => {
+                    let that_one = GetOptions::new()
+                        .with_keys_only()
+                        .with_min_create_revision(created)
+                        .with_max_create_revision(created);
+                    (key, that_one, 1)
+                }
                 Blocker::Any => {
                     watch_options = watch_options.with_prefix();
                     let before_me = GetOptions::new()
                         .with_prefix()
+                        .with_keys_only()
                         .with_max_create_revision(mine.create_revision() - 1);
-                    let expected = i64::try_from(earlier.len()).unwrap_or(i64::MAX);
-                    (prefix.clone().into_bytes(), before_me, expected)
+                    (prefix.clone().into_bytes(), before_me, earlier.len())
                 }
             };
             let mut stream = self
                 .call(
                     self.client
                         .clone()
-                        .watch(watched.clone(), Some(watch_options)),
+                        .watch(watched.clone(), Some(watch_options.clone())),
                 )
                 .await?;
             let created_at = match self.call(stream.message()).await {
@@ -306,17 +358,26 @@ impl StoreSession for EtcdSession {
                     continue;
                 }
             };
+            // etcd starts a watch "from now" at the revision it read just
+            // before it registers the watch; a write landing in between
+            // leaves the watch behind, to be served by the same 100 ms loop.
+            // Under load that is about one watch in fifty, and when it is the
+            // next holder's, the whole queue stalls behind it. So a second
+            // watch of the key, on the same stream, starts a few revisions
+            // ahead: far enough that etcd has not reached that revision when
+            // it registers the watch, so the watch is served as writes land.
+            // The first watch covers the revisions in between.
+            let ahead = 4 + 2 * (created_at - read_at).clamp(0, 30);
+            let ahead = watch_options.with_start_revision(created_at.saturating_add(ahead));
+            // If the stream broke, the wait below finds out.
+            let _ = stream.watch(watched.clone(), Some(ahead)).await;
             if created_at > read_at {
                 // The queue changed between the read and the watch: the
                 // blocker may have gone in between.
                 let now = self
-                    .call(
-                        self.client
-                            .clone()
-                            .get(watched, Some(check.with_count_only())),
-                    )
+                    .call(self.client.clone().get(watched.clone(), Some(check)))
                     .await?;
-                if now.count() < expected {
+                if now.kvs().len() < expected {
                     continue;
                 }
             }

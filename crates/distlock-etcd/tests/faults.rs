@@ -1,5 +1,6 @@
 //! etcd when things go wrong: a waiter's lease revoked while it waits (etcd
-//! issue 11456), etcd killed and restarted, and bad URLs.
+//! issue 11456), a queue key left behind, etcd killed and restarted, and bad
+//! URLs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,61 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
         .expect("waiter task");
     let err = outcome.expect_err("a waiter without a lease must not get the lock");
     assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_key_left_behind_is_never_taken_for_a_new_attempt() {
+    // A session uses the same few queue keys for all its attempts. A key
+    // left in place (here put back by hand, as a release that failed
+    // half-way would leave it) has an old create revision: taken again, it
+    // would jump the queue and repeat a token.
+    let server = Etcd::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/left-behind";
+    let session = client.session().open().await.expect("open");
+    let first = session
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let first_token = first.token();
+    let mut etcd =
+        etcd_client::Client::connect([format!("http://127.0.0.1:{}", server.port())], None)
+            .await
+            .expect("etcd");
+    let queue = etcd
+        .get(
+            "distlock/faults%2Fleft-behind/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("queue");
+    assert_eq!(queue.kvs().len(), 1, "the holder's key is queued");
+    let (left, lease) = (queue.kvs()[0].key().to_vec(), queue.kvs()[0].lease());
+    first.release().await.expect("release");
+    let put = etcd_client::PutOptions::new().with_lease(lease);
+    let stray = etcd
+        .put(left.clone(), "x", Some(put))
+        .await
+        .expect("put back");
+    let stray_revision = stray.header().expect("header").revision();
+
+    let second = timeout(
+        Duration::from_secs(20),
+        session.lock(key).wait(Duration::from_secs(15)),
+    )
+    .await
+    .expect("the attempt ends")
+    .expect("the stray key is deleted, and the lock taken");
+    assert!(
+        second.token() > u64::try_from(stray_revision).expect("revision"),
+        "token {} does not come after the stray key's revision {stray_revision} (first token {first_token})",
+        second.token()
+    );
+    let still = etcd.get(left, None).await.expect("read");
+    assert_eq!(still.kvs().len(), 0, "the stray key was deleted");
+    second.release().await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
