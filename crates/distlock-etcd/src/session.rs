@@ -121,7 +121,8 @@ impl EtcdSession {
                 unavailable(
                     &self.endpoints,
                     &format!(
-                        "{MAX_SLOTS} keys of lock '{name}' of this session are still to be deleted"
+                        "{MAX_SLOTS} earlier keys of lock '{name}' in this session are still to be \
+                         deleted; try again once etcd answers, or open a new session"
                     ),
                 )
             })

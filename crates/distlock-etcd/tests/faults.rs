@@ -9,10 +9,28 @@ use distlock_core::testkit::restart::tokens_rise_and_the_holder_stays_honest;
 use distlock_core::testkit::servers::Etcd;
 use distlock_core::{Client, ErrorKind};
 use distlock_etcd::EtcdStore;
+use etcd_client::KeyValue;
 use tokio::time::timeout;
 
 async fn client(url: &str) -> Client {
     Client::new(Arc::new(EtcdStore::connect(url).await.expect("connect")))
+}
+
+/// A plain etcd client on the test's etcd, and the queue of lock `escaped`
+/// (its name as the store writes it in keys) as it reads now.
+async fn queue_of(server: &Etcd, escaped: &str) -> (etcd_client::Client, Vec<KeyValue>) {
+    let mut etcd =
+        etcd_client::Client::connect([format!("http://127.0.0.1:{}", server.port())], None)
+            .await
+            .expect("etcd");
+    let queue = etcd
+        .get(
+            format!("distlock/{escaped}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("queue");
+    (etcd, queue.kvs().to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,19 +52,9 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Revoke the waiter's lease behind its back: its queue key names it.
-    let mut etcd =
-        etcd_client::Client::connect([format!("http://127.0.0.1:{}", server.port())], None)
-            .await
-            .expect("etcd");
-    let queue = etcd
-        .get(
-            "distlock/faults%2F11456/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("queue");
-    assert_eq!(queue.kvs().len(), 2, "holder and waiter are queued");
-    let waiter_lease = queue.kvs()[1].lease();
+    let (mut etcd, queue) = queue_of(server, "faults%2F11456").await;
+    assert_eq!(queue.len(), 2, "holder and waiter are queued");
+    let waiter_lease = queue[1].lease();
     etcd.lease_revoke(waiter_lease).await.expect("revoke");
     held.release().await.expect("release");
     let outcome = timeout(Duration::from_secs(30), waiting)
@@ -74,19 +82,9 @@ async fn a_queue_key_left_behind_is_never_taken_for_a_new_attempt() {
         .expect("try")
         .expect("free");
     let first_token = first.token();
-    let mut etcd =
-        etcd_client::Client::connect([format!("http://127.0.0.1:{}", server.port())], None)
-            .await
-            .expect("etcd");
-    let queue = etcd
-        .get(
-            "distlock/faults%2Fleft-behind/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .expect("queue");
-    assert_eq!(queue.kvs().len(), 1, "the holder's key is queued");
-    let (left, lease) = (queue.kvs()[0].key().to_vec(), queue.kvs()[0].lease());
+    let (mut etcd, queue) = queue_of(server, "faults%2Fleft-behind").await;
+    assert_eq!(queue.len(), 1, "the holder's key is queued");
+    let (left, lease) = (queue[0].key().to_vec(), queue[0].lease());
     first.release().await.expect("release");
     let put = etcd_client::PutOptions::new().with_lease(lease);
     let stray = etcd
