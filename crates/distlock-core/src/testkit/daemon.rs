@@ -12,8 +12,25 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a listening server may take to serve.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A TCP port on 127.0.0.1 that nothing listens on just now.
+/// A TCP port on 127.0.0.1 that nothing listens on just now, taken below
+/// the range the system hands out to outgoing connections
+/// (`ip_local_port_range`, 32768 and up by default): a port from that range
+/// can be taken by some client's connection between this check and the
+/// server's bind, and the server then fails with "address already in use".
 pub fn free_port() -> u16 {
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral > LOWEST + 1_000 {
+        for _ in 0..100 {
+            let port = rand::random_range(LOWEST..ephemeral);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
