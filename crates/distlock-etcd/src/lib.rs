@@ -23,7 +23,8 @@
 //!   that start in the past from a loop that runs every 100 ms. If the queue
 //!   moved in between, the waiter asks once more whether its blocker (that
 //!   life of the key, by create revision) is still there, so no deletion
-//!   goes unseen.
+//!   goes unseen. That read decides no grant and need only see past the
+//!   watch's start, so it is served from what the member has applied.
 //! - A second watch of the blocker, on the same stream, starts a few
 //!   revisions ahead. etcd registers a watch "from now" at the revision it
 //!   read a moment before; a write in between (about one watch in fifty
