@@ -13,9 +13,12 @@
 //!   keeps every key ever made in its index until a compaction, and each
 //!   read of a queue walks them all, so a key per attempt would slow every
 //!   read down as the lock is used. A key must be new when an attempt puts
-//!   it (an old one would jump the queue and repeat a token); one still
-//!   there, or still being deleted for an attempt that was dropped, is
-//!   deleted in the background and the next slot is taken.
+//!   it (an old one would jump the queue and repeat a token): one still
+//!   there (a release that failed half-way) is taken out first. While a
+//!   dropped attempt's key is still being deleted in the background, the
+//!   next slot is taken. Every delete names the create revision of the life
+//!   of the key it means, so one that lands late never takes a later
+//!   attempt's key.
 //! - Joining the queue and reading it is one transaction. A waiter watches
 //!   only the key that blocks it (its predecessor, or the last earlier
 //!   writer), so no herd wakes; semaphore waiters watch the lock's keys.
@@ -32,9 +35,12 @@
 //!   stalls behind it. A watch that starts ahead of etcd is always served
 //!   as writes land; the first covers the revisions in between.
 //! - Before saying the lock is held, the waiter reads the queue and finds
-//!   its own key still there, which proves its lease lived at that read
-//!   (etcd issue 11456: a waiter whose lease ran out while queued must never
-//!   be told it holds the lock).
+//!   its own key still there, as etcd's own fix of issue 11456 does (a
+//!   waiter whose lease ran out while queued must never be told it holds
+//!   the lock). etcd deletes the keys of a lease that ran out a moment
+//!   after (it revokes in batches), so a key can outlive its lease briefly;
+//!   the core covers that moment, as it refuses a grant that comes after
+//!   the session's own lease deadline.
 //! - Releases and checks name the key and its create revision, so nothing
 //!   touches another session's key. An attempt that ends without the lock
 //!   deletes its key; one dropped or failed half-way has it deleted in the

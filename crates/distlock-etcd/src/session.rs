@@ -166,14 +166,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Takes `key` out of its queue if it is still the life of it created at
+/// `revision`; when that is not known (a join whose answer never came),
+/// whatever life of it is there now. Done either way once the call went
+/// through. Never a delete by name alone: keys are used again, and a
+/// delete that lands late must not take a later attempt's key.
+async fn take_out(
+    client: &mut Client,
+    key: &str,
+    revision: Option<i64>,
+) -> std::result::Result<(), etcd_client::Error> {
+    let revision = match revision {
+        Some(revision) => revision,
+        None => match client.get(key, None).await?.kvs().first() {
+            Some(there) => there.create_revision(),
+            None => return Ok(()),
+        },
+    };
+    EtcdSession::leave(client, key, revision).await?;
+    Ok(())
+}
+
 /// Takes an attempt's key out of the queue, in the background, when the
-/// attempt is dropped or fails before it is done. The key is the session's,
-/// and no attempt uses it until it is gone (see `leaving`), so deleting it
-/// by name touches nothing else; a failed delete is tried again for a while
-/// (etcd may be restarting), and the key goes with the lease in any case.
+/// attempt is dropped or fails before it is done. No attempt uses the key
+/// until it is gone (see `leaving`), and only its own life of the key is
+/// deleted (`take_out`); a failed call is tried again for a while (etcd may
+/// be restarting), and the key goes with the lease in any case.
 struct Leave {
     client: Client,
     key: String,
+    /// The key's create revision, once known.
+    revision: Option<i64>,
     leaving: Arc<Mutex<HashSet<String>>>,
     armed: bool,
 }
@@ -191,11 +214,12 @@ impl Drop for Leave {
         };
         let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
         lock(&self.leaving).insert(key.clone());
-        let leaving = Arc::clone(&self.leaving);
+        let (leaving, revision) = (Arc::clone(&self.leaving), self.revision);
         runtime.spawn(async move {
             for attempt in 0..30u64 {
-                let deleted = tokio::time::timeout(CALL_TIMEOUT, client.delete(key.as_str(), None));
-                if matches!(deleted.await, Ok(Ok(_))) {
+                let deleted =
+                    tokio::time::timeout(CALL_TIMEOUT, take_out(&mut client, &key, revision));
+                if matches!(deleted.await, Ok(Ok(()))) {
                     lock(&leaving).remove(&key);
                     return;
                 }
@@ -218,13 +242,15 @@ impl StoreSession for EtcdSession {
         // Join the queue, at its tail, and read it, in one round trip. The
         // key must be new: one left in place (a release that failed half-way)
         // has an old create revision, so it would jump the queue and repeat a
-        // token. Such a key is deleted in the background and the next slot
-        // is taken.
+        // token. Such a key is taken out first (that life of it only), and
+        // the join tried again.
+        let mut strays = 0;
         let (me, mut leave, joined) = loop {
             let me = self.new_key(&request.key)?;
-            let leave = Leave {
+            let mut leave = Leave {
                 client: self.client.clone(),
                 key: me.clone(),
+                revision: None,
                 leaving: Arc::clone(&self.leaving),
                 armed: true,
             };
@@ -237,12 +263,40 @@ impl StoreSession for EtcdSession {
                         Some(etcd_client::PutOptions::new().with_lease(self.lease)),
                     ),
                     TxnOp::get(prefix.as_str(), Some(queue_options())),
-                ]);
-            match self.call(self.client.clone().txn(join)).await {
-                Ok(joined) if joined.succeeded() => break (me, leave, joined),
-                Ok(_) => drop(leave),
+                ])
+                .or_else([TxnOp::get(me.as_str(), None)]);
+            let joined = match self.call(self.client.clone().txn(join)).await {
+                Ok(joined) => joined,
                 Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+            };
+            if joined.succeeded() {
+                leave.revision = joined.header().map(|header| header.revision());
+                break (me, leave, joined);
             }
+            leave.revision = joined
+                .op_responses()
+                .into_iter()
+                .find_map(|found| match found {
+                    TxnOpResponse::Get(found) => found.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                });
+            strays += 1;
+            if strays > MAX_SLOTS {
+                // Something puts the key back as fast as it goes.
+                return Err(unavailable(
+                    &self.endpoints,
+                    &format!(
+                        "this session's key of lock '{}' keeps coming back",
+                        request.key
+                    ),
+                ));
+            }
+            if let Some(revision) = leave.revision {
+                let mut client = self.client.clone();
+                self.call(EtcdSession::leave(&mut client, &me, revision))
+                    .await?;
+            }
+            leave.armed = false;
         };
         let read_at = joined.header().map_or(0, |header| header.revision());
         let mut first = joined
@@ -300,18 +354,18 @@ impl StoreSession for EtcdSession {
                 let token = u64::try_from(mine.create_revision()).unwrap_or(0);
                 return Ok(Some(Grant::new(token)));
             };
-            let Some(until) = request.wait_until else {
-                leave.armed = false;
-                self.call(self.client.clone().delete(me.as_str(), None))
-                    .await?;
-                return Ok(None);
+            let until = match request.wait_until {
+                Some(until) if Instant::now() < until => until,
+                // Busy, and no (more) waiting: out of the queue. If that
+                // fails, the key is taken out in the background.
+                _ => {
+                    let mut client = self.client.clone();
+                    self.call(EtcdSession::leave(&mut client, &me, mine.create_revision()))
+                        .await?;
+                    leave.armed = false;
+                    return Ok(None);
+                }
             };
-            if Instant::now() >= until {
-                leave.armed = false;
-                self.call(self.client.clone().delete(me.as_str(), None))
-                    .await?;
-                return Ok(None);
-            }
             // Watch the blocker for its deletion from now, not from the
             // revision read: etcd serves a watch that starts in the past
             // from a loop that runs every 100 ms, which would add up to
