@@ -38,10 +38,9 @@ pub(crate) struct EtcdSession {
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
     /// The queue keys of the locks held, by lock name.
     held: Mutex<HashMap<String, String>>,
-    /// Queue keys whose deletion is still under way (an attempt dropped
-    /// half-way, a key found in place when joining): no attempt uses them
-    /// until they are gone, so that a late deletion never takes a newer
-    /// attempt's key.
+    /// Queue keys whose deletion in the background is still under way (an
+    /// attempt dropped or failed half-way): no attempt uses them until they
+    /// are gone.
     leaving: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -159,6 +158,13 @@ impl EtcdSession {
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)]);
         Ok(client.txn(txn).await?.succeeded())
+    }
+
+    /// [`EtcdSession::leave`] now, bounded in time, its error explained.
+    async fn leave_now(&self, key: &str, revision: i64) -> Result<bool> {
+        let mut client = self.client.clone();
+        self.call(EtcdSession::leave(&mut client, key, revision))
+            .await
     }
 }
 
@@ -292,9 +298,7 @@ impl StoreSession for EtcdSession {
                 ));
             }
             if let Some(revision) = leave.revision {
-                let mut client = self.client.clone();
-                self.call(EtcdSession::leave(&mut client, &me, revision))
-                    .await?;
+                self.leave_now(&me, revision).await?;
             }
             leave.armed = false;
         };
@@ -359,9 +363,7 @@ impl StoreSession for EtcdSession {
                 // Busy, and no (more) waiting: out of the queue. If that
                 // fails, the key is taken out in the background.
                 _ => {
-                    let mut client = self.client.clone();
-                    self.call(EtcdSession::leave(&mut client, &me, mine.create_revision()))
-                        .await?;
+                    self.leave_now(&me, mine.create_revision()).await?;
                     leave.armed = false;
                     return Ok(None);
                 }
@@ -479,10 +481,7 @@ impl StoreSession for EtcdSession {
             // No key has create revision 0: that is "absent" to etcd.
             return Err(Error::not_held(&held.key));
         }
-        let mut client = self.client.clone();
-        let released = self
-            .call(EtcdSession::leave(&mut client, &me, revision))
-            .await?;
+        let released = self.leave_now(&me, revision).await?;
         {
             let mut map = self.held();
             if map.get(&held.key) == Some(&me) {

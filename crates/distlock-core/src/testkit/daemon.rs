@@ -18,11 +18,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// can be taken by some client's connection between this check and the
 /// server's bind, and the server then fails with "address already in use".
 pub fn free_port() -> u16 {
-    let port = unused_port();
-    HANDED_OUT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(port);
+    // Held while choosing, so that two threads never choose alike.
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let port = unused_port(&handed_out);
+    handed_out.insert(port);
     port
 }
 
@@ -31,7 +30,7 @@ pub fn free_port() -> u16 {
 static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
-fn unused_port() -> u16 {
+fn unused_port(handed_out: &std::collections::BTreeSet<u16>) -> u16 {
     const LOWEST: u16 = 10_000;
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -40,11 +39,7 @@ fn unused_port() -> u16 {
     if ephemeral > LOWEST + 1_000 {
         for _ in 0..100 {
             let port = rand::random_range(LOWEST..ephemeral);
-            let handed_out = HANDED_OUT
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&port);
-            if !handed_out && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
             }
         }
