@@ -11,7 +11,11 @@
 //! - `w`: a new watch stream with two watches after the hand-over (as a
 //!   waiter's wait);
 //! - `g`: a serializable read after the hand-over (as a waiter's check that
-//!   its blocker is still there).
+//!   its blocker is still there);
+//! - `o`: a new watch stream with one watch (from now) after the hand-over;
+//! - `v`: two watches (from now, and far ahead) added to a stream the task
+//!   keeps open, and the previous two cancelled: what a wait would cost if a
+//!   session kept one watch stream for all its waits.
 //!
 //! ```sh
 //! cargo run --release -p distlock-etcd --example handover_floor -- 127.0.0.1:2379 rj 16 5
@@ -38,7 +42,13 @@ async fn main() -> Result<(), etcd_client::Error> {
             (client.clone(), hops.clone(), extras.clone(), ring.clone());
         let mut watch = client.watch(format!("{ring}{task}"), None).await?;
         watch.message().await?; // created
+        let (mut side, mut side_events) = client
+            .watch(format!("{ring}side/{task}"), None)
+            .await?
+            .split();
+        tokio::spawn(async move { while let Ok(Some(_)) = side_events.message().await {} });
         tokio::spawn(async move {
+            let mut side_ids = 0i64;
             let next = format!("{ring}{}", (task + 1) % tasks);
             let own = format!("{ring}side/{task}");
             while let Ok(Some(message)) = watch.message().await {
@@ -64,6 +74,24 @@ async fn main() -> Result<(), etcd_client::Error> {
                     let ahead = created.map_or(0, |header| header.revision()) + 8;
                     let options = WatchOptions::new().with_start_revision(ahead);
                     wait.watch(own.as_str(), Some(options)).await?;
+                }
+                if extras.contains('o') {
+                    let mut wait = client.watch(own.as_str(), None).await?;
+                    wait.message().await?;
+                }
+                if extras.contains('v') {
+                    for id in [side_ids - 1, side_ids] {
+                        if id > 0 {
+                            side.cancel(id).await?;
+                        }
+                    }
+                    side_ids += 2;
+                    let options = WatchOptions::new().with_watch_id(side_ids - 1);
+                    side.watch(own.as_str(), Some(options)).await?;
+                    let options = WatchOptions::new()
+                        .with_watch_id(side_ids)
+                        .with_start_revision(i64::MAX / 2);
+                    side.watch(own.as_str(), Some(options)).await?;
                 }
                 if extras.contains('g') {
                     let read = GetOptions::new().with_serializable();
