@@ -12,6 +12,9 @@
 //!   waiter's wait);
 //! - `g`: a serializable read after the hand-over (as a waiter's check that
 //!   its blocker is still there);
+//! - `t`: the hand-over, and the put of `j`, as conditional transactions,
+//!   the second also reading the ring (as a lock's release and its join:
+//!   neither can be a plain put);
 //! - `o`: a new watch stream with one watch (from now) after the hand-over;
 //! - `v`: two watches (from now, and far ahead) added to a stream the task
 //!   keeps open, and the previous two cancelled: what a wait would cost if a
@@ -25,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), etcd_client::Error> {
@@ -64,8 +67,22 @@ async fn main() -> Result<(), etcd_client::Error> {
                     let read = ring_read().with_serializable();
                     client.get(ring.as_str(), Some(read)).await?;
                 }
-                client.put(next.as_str(), "x", None).await?;
-                if extras.contains('j') {
+                let always = |key: &str| Compare::version(key, CompareOp::Greater, -1);
+                if extras.contains('t') {
+                    let hand_over = Txn::new()
+                        .when([always(next.as_str())])
+                        .and_then([TxnOp::put(next.as_str(), "x", None)]);
+                    client.txn(hand_over).await?;
+                } else {
+                    client.put(next.as_str(), "x", None).await?;
+                }
+                if extras.contains('j') && extras.contains('t') {
+                    let join = Txn::new().when([always(own.as_str())]).and_then([
+                        TxnOp::put(own.as_str(), "x", None),
+                        TxnOp::get(ring.as_str(), Some(ring_read())),
+                    ]);
+                    client.txn(join).await?;
+                } else if extras.contains('j') {
                     client.put(own.as_str(), "x", None).await?;
                 }
                 if extras.contains('w') {
