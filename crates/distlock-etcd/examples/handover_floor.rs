@@ -45,11 +45,17 @@ async fn main() -> Result<(), etcd_client::Error> {
             (client.clone(), hops.clone(), extras.clone(), ring.clone());
         let mut watch = client.watch(format!("{ring}{task}"), None).await?;
         watch.message().await?; // created
-        let (mut side, mut side_events) = client
-            .watch(format!("{ring}side/{task}"), None)
-            .await?
-            .split();
-        tokio::spawn(async move { while let Ok(Some(_)) = side_events.message().await {} });
+                                // The stream `v` keeps open, and a task that drains it; opened only
+                                // for `v`, as its first watch sees every put of `j`.
+        let mut side = None;
+        if extras.contains('v') {
+            let (sender, mut events) = client
+                .watch(format!("{ring}side/{task}"), None)
+                .await?
+                .split();
+            tokio::spawn(async move { while let Ok(Some(_)) = events.message().await {} });
+            side = Some(sender);
+        }
         tokio::spawn(async move {
             let mut side_ids = 0i64;
             let next = format!("{ring}{}", (task + 1) % tasks);
@@ -96,7 +102,7 @@ async fn main() -> Result<(), etcd_client::Error> {
                     let mut wait = client.watch(own.as_str(), None).await?;
                     wait.message().await?;
                 }
-                if extras.contains('v') {
+                if let Some(side) = side.as_mut() {
                     for id in [side_ids - 1, side_ids] {
                         if id > 0 {
                             side.cancel(id).await?;
