@@ -10,23 +10,42 @@ use redis::AsyncConnectionConfig;
 use redis::Value;
 
 use crate::scripts::{self, LockKeys};
-use crate::wake::{Hub, Watch};
+use crate::wake::Hub;
 
 /// What an acquire script answered.
 pub(crate) enum Attempt {
-    Granted(u64),
-    /// Busy; worth asking again after this long at the latest. With the
-    /// key's fencing counter as it stands.
-    Busy(Duration, u64),
+    /// Held, with this token, for the lease that the call of generation
+    /// `gen` started (or refreshed, for a waiter handed the key).
+    Granted { token: u64, gen: u64 },
+    /// Busy; worth asking again after this long at the latest.
+    Busy(Duration),
     /// The request cannot be granted as asked (e.g. other permits).
     Conflict(String),
+}
+
+/// What one acquire asks of an instance's acquire script.
+pub(crate) struct AcquireCall<'a> {
+    pub(crate) keys: &'a LockKeys,
+    pub(crate) member: &'a str,
+    pub(crate) mode: &'a str,
+    pub(crate) permits: u32,
+    pub(crate) ttl: Duration,
+    pub(crate) waits: bool,
+    /// Which call of the acquire this is; a grant names the one whose
+    /// refresh its lease comes from.
+    pub(crate) gen: u64,
+    /// No answer is worth waiting for past this.
+    pub(crate) limit: Duration,
 }
 
 pub(crate) struct Instance {
     /// `host:port`, for messages.
     pub(crate) name: String,
     client: redis::Client,
-    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The live connection, once made; `None` again after it failed.
+    live: std::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Held while a connection is being made, so that only one is.
+    connecting: tokio::sync::Mutex<()>,
     pub(crate) hub: Arc<Hub>,
 }
 
@@ -41,20 +60,30 @@ fn timed_out(name: &str) -> redis::RedisError {
 }
 
 impl Instance {
-    pub(crate) fn new(name: String, client: redis::Client) -> Self {
+    /// An instance whose hand-overs to this store's waiters come on
+    /// `channel`.
+    pub(crate) fn new(name: String, client: redis::Client, channel: &str) -> Self {
         Instance {
             name,
-            hub: Hub::new(client.clone()),
+            hub: Hub::new(client.clone(), channel.to_owned()),
             client,
-            connection: tokio::sync::Mutex::new(None),
+            live: std::sync::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The connection, made on first use (so that a store of several
     /// instances can start while some are down).
     pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
-        let mut connection = self.connection.lock().await;
-        if let Some(live) = connection.as_ref() {
+        if let Some(live) = self.live().as_ref() {
+            return Ok(live.clone());
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(live) = self.live().as_ref() {
             return Ok(live.clone());
         }
         let config = AsyncConnectionConfig::new()
@@ -67,19 +96,35 @@ impl Instance {
         )
         .await
         .map_err(|_| timed_out(&self.name))??;
-        *connection = Some(made.clone());
+        *self.live() = Some(made.clone());
         Ok(made)
     }
 
-    /// Forgets a connection that failed, so that the next call makes one.
-    async fn broken(&self, err: &redis::RedisError) {
-        if err.is_io_error()
-            || err.is_connection_dropped()
-            || err.is_timeout()
-            || err.is_unrecoverable_error()
-        {
-            self.connection.lock().await.take();
+    /// Runs `call` on the connection, giving up after `limit`; forgets a
+    /// connection that failed, so that the next call makes one.
+    async fn within<T, F>(&self, limit: Duration, call: F) -> redis::RedisResult<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        // The connection gives every answer up after CALL_TIMEOUT itself;
+        // only a shorter limit needs a timer of its own.
+        let result = if limit < CALL_TIMEOUT {
+            tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or_else(|_| Err(timed_out(&self.name)))
+        } else {
+            call.await
+        };
+        if let Err(err) = &result {
+            if err.is_io_error()
+                || err.is_connection_dropped()
+                || err.is_timeout()
+                || err.is_unrecoverable_error()
+            {
+                self.live().take();
+            }
         }
+        result
     }
 
     async fn invoke<T: redis::FromRedisValue>(
@@ -95,92 +140,110 @@ impl Instance {
         invocation: &redis::ScriptInvocation<'_>,
         limit: Duration,
     ) -> redis::RedisResult<T> {
-        let call = async {
+        self.within(limit, async {
             let mut connection = self.connection().await?;
             invocation.invoke_async(&mut connection).await
-        };
-        let result = tokio::time::timeout(limit.min(CALL_TIMEOUT), call)
-            .await
-            .unwrap_or_else(|_| Err(timed_out(&self.name)));
-        if let Err(err) = &result {
-            self.broken(err).await;
-        }
-        result
+        })
+        .await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn acquire(
+    /// The fast path of an exclusive acquire: `SET NX PX` of the main key
+    /// and `INCR` of the fencing counter, in one round trip. `Some(token)`
+    /// if the key was free (nobody holding or waiting).
+    ///
+    /// The two commands are pipelined, not atomic: a grant's `INCR` runs
+    /// right after its `SET`, before its answer can reach the client, so
+    /// only a hold that ran out in between (the TTL passing between two
+    /// pipelined commands) could take a token below an earlier one's — and
+    /// the core refuses a grant whose answer came after its lease.
+    pub(crate) async fn fast_acquire(
         &self,
         keys: &LockKeys,
-        session: &str,
-        mode: &str,
-        permits: u32,
-        ttl: Duration,
-        lock_delay: Duration,
-        waits: bool,
         member: &str,
+        ttl_and_delay: Duration,
         limit: Duration,
+    ) -> redis::RedisResult<Option<u64>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&keys.main)
+            .arg(member)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl_and_delay))
+            .cmd("INCR")
+            .arg(&keys.fence);
+        let (set, token) = self
+            .within(limit, async {
+                let mut connection = self.connection().await?;
+                pipe.query_async::<(Option<redis::Value>, u64)>(&mut connection)
+                    .await
+            })
+            .await?;
+        Ok(set.map(|_| token))
+    }
+
+    pub(crate) async fn acquire(
+        &self,
+        call: &AcquireCall<'_>,
+        channel: &str,
     ) -> redis::RedisResult<Attempt> {
         let mut invocation = scripts::acquire().prepare_invoke();
+        for key in call.keys.all() {
+            invocation.key(key);
+        }
         invocation
-            .key(&keys.holders)
-            .key(&keys.mode)
-            .key(&keys.fence)
-            .key(&keys.writers)
-            .key(&keys.delay)
-            .arg(session)
-            .arg(mode)
-            .arg(permits)
-            .arg(millis(ttl))
-            .arg(millis(lock_delay))
-            .arg(if waits { "1" } else { "0" })
-            .arg(member);
-        let answer: Vec<Value> = self.invoke_within(&invocation, limit).await?;
+            .arg(call.member)
+            .arg(call.mode)
+            .arg(call.permits)
+            .arg(millis(call.ttl))
+            .arg(if call.waits { "1" } else { "0" })
+            .arg(call.gen)
+            .arg(channel);
+        let answer: Vec<Value> = self.invoke_within(&invocation, call.limit).await?;
         let status: i64 = match answer.first() {
             Some(value) => redis::from_redis_value(value.clone())?,
             None => 0,
         };
         let field = |index: usize| answer.get(index).cloned().unwrap_or(Value::Int(0));
         Ok(match status {
-            1 => Attempt::Granted(redis::from_redis_value(field(1))?),
-            0 => Attempt::Busy(
-                Duration::from_millis(redis::from_redis_value(field(1))?),
-                redis::from_redis_value(field(2))?,
-            ),
+            1 => Attempt::Granted {
+                token: redis::from_redis_value(field(1))?,
+                gen: redis::from_redis_value(field(2))?,
+            },
+            0 => Attempt::Busy(Duration::from_millis(redis::from_redis_value(field(1))?)),
             _ => Attempt::Conflict(redis::from_redis_value(field(1))?),
         })
     }
 
-    /// `true` if `member` held the key and now does not.
-    pub(crate) async fn release(&self, keys: &LockKeys, member: &str) -> redis::RedisResult<bool> {
+    /// `true` if `member` held the key and now does not; the key goes to
+    /// the next waiter.
+    pub(crate) async fn release(
+        &self,
+        keys: &LockKeys,
+        member: &str,
+        lock_delay: Duration,
+    ) -> redis::RedisResult<bool> {
         let mut invocation = scripts::release().prepare_invoke();
-        invocation
-            .key(&keys.holders)
-            .key(&keys.mode)
-            .arg(member)
-            .arg(&keys.channel);
+        for key in keys.all() {
+            invocation.key(key);
+        }
+        invocation.arg(member).arg(millis(lock_delay));
         let released: i64 = self.invoke(&invocation).await?;
         Ok(released == 1)
     }
 
-    /// Takes back `members` (holds one acquire made) and the session's
-    /// place among the waiting writers; `publish` tells waiters of the
-    /// holds taken back.
+    /// Takes back what the acquire of `members` made: a hold, a place in
+    /// the queue.
     pub(crate) async fn abandon(
         &self,
         keys: &LockKeys,
-        session: &str,
-        publish: bool,
         members: &[String],
     ) -> redis::RedisResult<()> {
         let mut invocation = scripts::abandon().prepare_invoke();
-        invocation
-            .key(&keys.holders)
-            .key(&keys.writers)
-            .arg(session)
-            .arg(&keys.channel)
-            .arg(if publish { "1" } else { "0" })
-            .arg(members);
+        for key in keys.all() {
+            invocation.key(key);
+        }
+        invocation.arg(members);
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
     }
@@ -190,16 +253,15 @@ impl Instance {
     pub(crate) async fn renew(
         &self,
         ttl: Duration,
-        held: &[(&LockKeys, String, Duration)],
+        held: &[(&LockKeys, &str, Duration)],
     ) -> redis::RedisResult<Vec<bool>> {
         let mut invocation = scripts::renew().prepare_invoke();
         invocation.arg(millis(ttl));
         for (keys, member, delay) in held {
-            invocation
-                .key(&keys.holders)
-                .key(&keys.mode)
-                .arg(member)
-                .arg(millis(*delay));
+            for key in keys.all() {
+                invocation.key(key);
+            }
+            invocation.arg(*member).arg(millis(*delay));
         }
         let flags: Vec<i64> = self.invoke(&invocation).await?;
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
@@ -211,21 +273,6 @@ impl Instance {
         invocation.key(&keys.fence).arg(token);
         let _: i64 = self.invoke(&invocation).await?;
         Ok(())
-    }
-
-    /// Subscribes again to the key's release channel if the subscriber
-    /// connection broke since it was watched (bounded in time).
-    pub(crate) async fn rewatch(&self, keys: &LockKeys) {
-        if self.hub.needs_subscribing(&keys.channel) {
-            let _ = tokio::time::timeout(CALL_TIMEOUT, self.hub.subscribe(&keys.channel)).await;
-        }
-    }
-
-    /// Watches the key's release channel (bounded in time, like any call).
-    pub(crate) async fn watch(&self, keys: &LockKeys) -> redis::RedisResult<Watch> {
-        tokio::time::timeout(CALL_TIMEOUT, self.hub.watch(&keys.channel))
-            .await
-            .map_err(|_| timed_out(&self.name))?
     }
 }
 

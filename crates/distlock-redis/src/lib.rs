@@ -9,39 +9,52 @@
 //!
 //! # How a lock is kept
 //!
-//! A lock is a sorted set of holders in Redis, each scored by when its lease
-//! ends by the Redis server's clock, next to its mode, a fencing counter
-//! that never expires, the writers waiting (for writer preference) and the
-//! lock-delay left by a holder that vanished. Every change is one Lua script,
-//! run with EVALSHA: acquire (grant if free, `INCR` the fencing counter),
-//! release and renew (both owner-checked: a hold is named by its session's
-//! id and a nonce of that grant, so a stale holder can never release or
-//! extend the hold of the one after it), and one renewal that extends every
-//! lock a session holds in one call. All keys of one lock share the hash tag
-//! `{KEY}`, so each lock lives in one slot; the renewal of many locks in one
-//! call needs them on one node (a single server, or each Redlock instance).
+//! An uncontended exclusive lock is the plain Redis lock with a fencing
+//! token: `SET dl:{KEY} MEMBER NX PX TTL+DELAY` pipelined with `INCR` of a
+//! counter that never expires, one round trip; the release is one script,
+//! an owner-checked compare-and-delete. The key's TTL is the lease plus the
+//! holder's lock-delay: past its lease the hold no longer counts, and the
+//! key blocks everyone until the delay is over too.
 //!
-//! A waiter subscribes to the lock's release channel and tries again when a
-//! release is published, or when the earliest holder's lease ends (at most
-//! half its own TTL later), whichever comes first: a waiter of a long-held
-//! lock asks once per half-TTL at most, not on a fixed short interval.
-//! Shared locks prefer writers; semaphores are counted; waiters are not
-//! served in FIFO order.
+//! As soon as anybody waits, or holds in shared or semaphore mode, the lock
+//! is queued: a FIFO queue of waiters in Redis, every change one Lua script
+//! (see `scripts.rs`). Whatever frees the key (a release, a lease found run
+//! out, a waiter giving up) hands it at once to the waiters at the head of
+//! the queue that fit, skipping those whose session ran out, makes each a
+//! holder with its own token, and publishes one message on the channel of
+//! that waiter's store (client): no other waiter wakes, and nobody polls. A
+//! waiter refreshes its place every third of its TTL; a waiter that stops
+//! (its process died) is skipped once its place has run out. A queued lock
+//! that empties becomes fast again. Shared locks and semaphores are served
+//! in arrival order too, so a reader that comes after a waiting writer
+//! waits behind it. Release and renewal are owner-checked: a hold is named
+//! by its session's id and a nonce of its acquire, so a stale holder can
+//! never release or extend the hold of the one after it; one renewal
+//! extends every lock a session holds. All keys of one lock share the hash
+//! tag `{KEY}`, so each lock lives in one slot; the renewal of many locks
+//! in one call needs them on one node (a single server, or each Redlock
+//! instance).
 //!
 //! `lost()` fires when a renewal finds the hold gone (deleted, expired, or
 //! taken over) and in any case when the lease runs out without a renewal:
-//! the lease is counted from when the acquire or renewal was *sent*, minus
-//! 1% + 2 ms for clock drift.
+//! the lease is counted from when the acquire, renewal or refresh of the
+//! waiter's place that started it was *sent*, minus 1% + 2 ms for clock
+//! drift.
 //!
 //! # Redlock
 //!
-//! An acquire must be granted by a majority of the instances within the
-//! validity time (TTL − time taken − drift), else what was granted is given
-//! back; contenders that split the vote try again after a random pause. A
-//! renewal keeps a lock only where a majority renewed it in time. Releases
-//! go to every instance. The fencing token is a quorum register: the client
-//! takes the highest counter of every instance that answered (a majority at
-//! least), and writes it back to a majority before using it. Any two
+//! An acquire asks every instance at once and is decided as soon as a
+//! majority granted it, within the validity time (TTL − time taken −
+//! drift); otherwise what was granted is given back. A waiter queues on
+//! every instance and holds the lock once a majority handed it over; if the
+//! instances handed it to different waiters (they queued them in different
+//! orders) and no majority forms within a moment, each gives its grants
+//! back and queues again after a random pause. A renewal keeps a lock only
+//! where a majority renewed it in time. Releases go to every instance. The
+//! fencing token is a quorum register: each instance counts, and the token
+//! is the highest count of the majority that granted; where that majority
+//! disagrees, the lower counts are raised to it before it is used (in the
+//! usual case, counts that agree, this costs no extra round trip). Any two
 //! majorities meet, so each exclusive grant's token is above every token
 //! before it; one instance that comes back empty is outvoted as long as the
 //! others answer. Two *shared* or *semaphore* holders granted at the same
@@ -137,6 +150,8 @@ impl RedisStore {
     /// Redlock instances a majority must.
     pub async fn connect(url: &str) -> Result<Self> {
         let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        // Hand-overs to this store's waiters are published here.
+        let channel = format!("{KEY_PREFIX}c:{:032x}", rand::random::<u128>());
         let (name, instances) = match scheme {
             "redis" | "rediss" => {
                 let parsed = Url::parse(url).map_err(|err| {
@@ -144,9 +159,9 @@ impl RedisStore {
                         "cannot parse '{url}': {err}; write redis://[:PASSWORD@]HOST[:PORT][/DB]"
                     ))
                 })?;
-                ("redis", vec![single(&parsed)?])
+                ("redis", vec![single(&parsed, &channel)?])
             }
-            "redlock" => ("redlock", redlock(url)?),
+            "redlock" => ("redlock", redlock(url, &channel)?),
             _ => {
                 return Err(config_error(format!(
                     "'{url}' is not a Redis URL; use redis://, rediss:// or redlock://"
@@ -213,6 +228,7 @@ impl RedisStore {
     fn capabilities_of(name: &'static str) -> Capabilities {
         let mut capabilities = Capabilities::minimal(name);
         capabilities.shared = true;
+        capabilities.fair = true;
         capabilities.writer_preferring = true;
         capabilities.semaphore = true;
         capabilities.push_wakeup = true;
@@ -228,7 +244,7 @@ impl RedisStore {
 
 /// The instance of a `redis://` or `rediss://` URL. `rediss://…?ca=PATH`
 /// trusts the CA certificate in PATH (PEM) instead of the system's roots.
-fn single(url: &Url) -> Result<Instance> {
+fn single(url: &Url, channel: &str) -> Result<Instance> {
     let host = url
         .host_str()
         .filter(|host| !host.is_empty())
@@ -257,11 +273,11 @@ fn single(url: &Url) -> Result<Instance> {
         }
         None => redis::Client::open(plain.as_str()).map_err(unusable)?,
     };
-    Ok(Instance::new(name, client))
+    Ok(Instance::new(name, client, channel))
 }
 
 /// The instances of a `redlock://H1:P1,H2:P2,…[/DB]` URL.
-fn redlock(url: &str) -> Result<Vec<Instance>> {
+fn redlock(url: &str, channel: &str) -> Result<Vec<Instance>> {
     let usage = "write redlock://H1:P1,H2:P2,H3:P3 (three or more independent Redis servers)";
     let rest = url.trim_start_matches("redlock://");
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -295,7 +311,7 @@ fn redlock(url: &str) -> Result<Vec<Instance>> {
                 "'{host}' in '{url}' is not a usable address: {err}; {usage}"
             ))
         })?;
-        instances.push(Instance::new(address, client));
+        instances.push(Instance::new(address, client, channel));
     }
     if instances.len() < 3 {
         return Err(config_error(format!(

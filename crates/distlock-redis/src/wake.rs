@@ -1,9 +1,11 @@
-//! Wake-ups by pub/sub: one subscriber connection per Redis instance, shared
-//! by every waiter of the store, subscribed to the release channels that
-//! somebody waits on.
+//! Hand-over messages: one subscriber connection per Redis instance and
+//! store, subscribed to the store's own channel, on which a release that
+//! hands a key to one of this store's waiters publishes `TOKEN GEN MEMBER`.
+//! The message goes to the waiting acquire of that member only: no waiter
+//! is woken by a hand-over to another.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -11,205 +13,183 @@ use futures::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::Notify;
 
-/// How long a subscribe or unsubscribe may take.
+/// How long a connection and its subscribe may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The live subscriber connection, and which one it is.
-type Sink = Arc<tokio::sync::Mutex<Option<(u64, PubSubSink)>>>;
+/// The waiting acquires, by member.
+type Routes = Arc<Mutex<HashMap<String, Arc<Route>>>>;
 
 /// The subscriber of one instance.
 pub(crate) struct Hub {
     client: redis::Client,
-    /// `None` until connected, and again once the connection broke.
-    sink: Sink,
+    channel: String,
+    /// The live, subscribed connection and which one it is; `None` until
+    /// subscribed, and again once the connection broke.
+    sink: Arc<tokio::sync::Mutex<Option<(u64, PubSubSink)>>>,
+    /// Whether `sink` is `Some`, readable without waiting for its lock.
+    subscribed: Arc<AtomicBool>,
     connections: AtomicU64,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    routes: Routes,
 }
 
-struct Channel {
-    watchers: usize,
-    subscribed: bool,
-    notify: Arc<Notify>,
+/// Where a hand-over to one waiting acquire lands.
+#[derive(Default)]
+struct Route {
+    notify: Notify,
+    /// The token and generation of the hand-over, once it came.
+    grant: Mutex<Option<(u64, u64)>>,
 }
 
-fn lock(channels: &Mutex<HashMap<String, Channel>>) -> MutexGuard<'_, HashMap<String, Channel>> {
-    channels.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Hub {
-    pub(crate) fn new(client: redis::Client) -> Arc<Hub> {
+    pub(crate) fn new(client: redis::Client, channel: String) -> Arc<Hub> {
         Arc::new(Hub {
             client,
+            channel,
             sink: Arc::new(tokio::sync::Mutex::new(None)),
+            subscribed: Arc::new(AtomicBool::new(false)),
             connections: AtomicU64::new(0),
-            channels: Arc::new(Mutex::new(HashMap::new())),
+            routes: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
-    /// Watches `channel`: the returned [`Watch`] is notified on every
-    /// message published there, and when the subscriber connection breaks
-    /// (so that nobody sleeps through a lost message). An error means the
-    /// subscription could not be made; the caller then relies on its timer.
-    pub(crate) async fn watch(self: &Arc<Self>, channel: &str) -> redis::RedisResult<Watch> {
-        let notify = {
-            let mut channels = lock(&self.channels);
-            let entry = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| Channel {
-                    watchers: 0,
-                    subscribed: false,
-                    notify: Arc::new(Notify::new()),
-                });
-            entry.watchers += 1;
-            Arc::clone(&entry.notify)
-        };
-        let watch = Watch {
+    /// The store's channel, which waiters give the scripts.
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Expects a hand-over to the acquire of `member`, until the returned
+    /// [`Arrival`] is dropped. Register before joining the queue, so that
+    /// no message can come before it.
+    pub(crate) fn expect(self: &Arc<Self>, member: &str) -> Arrival {
+        let route = Arc::new(Route::default());
+        lock(&self.routes).insert(member.to_owned(), Arc::clone(&route));
+        Arrival {
             hub: Arc::clone(self),
-            channel: channel.to_owned(),
-            notify,
-        };
-        self.subscribe(channel).await?;
-        Ok(watch)
-    }
-
-    /// Whether `channel` is watched but not subscribed (its connection
-    /// broke).
-    pub(crate) fn needs_subscribing(&self, channel: &str) -> bool {
-        lock(&self.channels)
-            .get(channel)
-            .is_some_and(|entry| entry.watchers > 0 && !entry.subscribed)
-    }
-
-    /// Subscribes to a watched `channel` unless it is already, connecting
-    /// first if needed.
-    pub(crate) async fn subscribe(&self, channel: &str) -> redis::RedisResult<()> {
-        let mut sink = self.sink.lock().await;
-        if sink.is_none() {
-            *sink = Some(self.connect().await?);
+            member: member.to_owned(),
+            route,
         }
-        let subscribed = lock(&self.channels)
-            .get(channel)
-            .is_none_or(|entry| entry.subscribed);
-        if subscribed {
+    }
+
+    /// Subscribes to the store's channel unless it is already, connecting
+    /// first. Once this returns `Ok`, every message published on the
+    /// channel reaches its route, or the connection broke and every route
+    /// is woken to ask the store itself.
+    pub(crate) async fn subscribe(&self) -> redis::RedisResult<()> {
+        if self.subscribed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let (_, live) = sink.as_mut().expect("connected above");
-        let done = tokio::time::timeout(CALL_TIMEOUT, live.subscribe(channel)).await;
-        match done {
-            Ok(Ok(())) => {
-                if let Some(entry) = lock(&self.channels).get_mut(channel) {
-                    entry.subscribed = true;
-                }
-                Ok(())
-            }
-            Ok(Err(err)) => {
-                *sink = None;
-                Err(err)
-            }
-            Err(_) => {
-                *sink = None;
-                Err(
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "SUBSCRIBE went unanswered")
-                        .into(),
-                )
-            }
+        let mut sink = self.sink.lock().await;
+        if sink.is_some() {
+            return Ok(());
         }
-    }
-
-    /// A new subscriber connection, and the task that hands its messages
-    /// out. When the connection breaks, the task forgets it, marks every
-    /// channel unsubscribed and wakes every watcher, which subscribes again.
-    async fn connect(&self) -> redis::RedisResult<(u64, PubSubSink)> {
+        let timed_out = |what: &str| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{what} in {CALL_TIMEOUT:?}"),
+            ))
+        };
         let pubsub = tokio::time::timeout(CALL_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no pub/sub connection in time",
-                ))
-            })??;
-        let (sink, mut messages) = pubsub.split();
+            .map_err(|_| timed_out("no pub/sub connection"))??;
+        let (mut live, mut messages) = pubsub.split();
+        tokio::time::timeout(CALL_TIMEOUT, live.subscribe(&self.channel))
+            .await
+            .map_err(|_| timed_out("SUBSCRIBE went unanswered"))??;
         let generation = self.connections.fetch_add(1, Ordering::Relaxed);
-        for entry in lock(&self.channels).values_mut() {
-            entry.subscribed = false;
-        }
-        let (channels, live) = (Arc::clone(&self.channels), Arc::clone(&self.sink));
+        let (routes, current) = (Arc::clone(&self.routes), Arc::clone(&self.sink));
+        let subscribed = Arc::clone(&self.subscribed);
         tokio::spawn(async move {
             while let Some(message) = messages.next().await {
-                let notify = lock(&channels)
-                    .get(message.get_channel_name())
-                    .map(|entry| Arc::clone(&entry.notify));
-                if let Some(notify) = notify {
-                    notify.notify_waiters();
-                }
+                let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+                deliver(&routes, &payload);
             }
             {
-                let mut sink = live.lock().await;
-                if sink
-                    .as_ref()
-                    .is_some_and(|(current, _)| *current == generation)
-                {
+                let mut sink = current.lock().await;
+                if sink.as_ref().is_some_and(|(g, _)| *g == generation) {
                     *sink = None;
+                    subscribed.store(false, Ordering::Release);
                 }
             }
-            for entry in lock(&channels).values_mut() {
-                entry.subscribed = false;
-                entry.notify.notify_waiters();
+            // Messages may have been lost: every waiter asks the store.
+            for route in lock(&routes).values() {
+                route.notify.notify_one();
             }
         });
-        Ok((generation, sink))
+        *sink = Some((generation, live));
+        self.subscribed.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
-/// A waiter's interest in one release channel; dropping it unsubscribes
-/// when nobody else watches the channel.
-pub(crate) struct Watch {
+/// Hands `TOKEN GEN MEMBER` to the route of MEMBER, if it still waits.
+fn deliver(routes: &Mutex<HashMap<String, Arc<Route>>>, payload: &[u8]) {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return;
+    };
+    let mut parts = text.splitn(3, ' ');
+    let (Some(token), Some(gen), Some(member)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let (Ok(token), Ok(gen)) = (token.parse::<u64>(), gen.parse::<u64>()) else {
+        return;
+    };
+    let route = lock(routes).get(member).cloned();
+    if let Some(route) = route {
+        *lock(&route.grant) = Some((token, gen));
+        route.notify.notify_one();
+    }
+}
+
+/// A waiting acquire's place among the routes; dropping it leaves.
+pub(crate) struct Arrival {
     hub: Arc<Hub>,
-    channel: String,
-    notify: Arc<Notify>,
+    member: String,
+    route: Arc<Route>,
 }
 
-impl Watch {
-    pub(crate) fn notify(&self) -> &Notify {
-        &self.notify
+impl Arrival {
+    /// Waits for a hand-over or a broken subscriber connection (after which
+    /// the waiter asks the store).
+    pub(crate) async fn woken(&self) {
+        self.route.notify.notified().await;
+    }
+
+    /// The hand-over that came, if one did: its token and generation.
+    pub(crate) fn take(&self) -> Option<(u64, u64)> {
+        lock(&self.route.grant).take()
     }
 }
 
-impl Drop for Watch {
+impl Drop for Arrival {
     fn drop(&mut self) {
-        let last = {
-            let mut channels = lock(&self.hub.channels);
-            match channels.get_mut(&self.channel) {
-                Some(entry) => {
-                    entry.watchers -= 1;
-                    entry.watchers == 0
-                }
-                None => false,
-            }
-        };
-        if !last {
-            return;
+        let mut routes = lock(&self.hub.routes);
+        if routes
+            .get(&self.member)
+            .is_some_and(|route| Arc::ptr_eq(route, &self.route))
+        {
+            routes.remove(&self.member);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (hub, channel) = (Arc::clone(&self.hub), self.channel.clone());
-        runtime.spawn(async move {
-            let mut sink = hub.sink.lock().await;
-            let unwatched = {
-                let mut channels = lock(&hub.channels);
-                let unwatched = channels.get(&channel).is_some_and(|e| e.watchers == 0);
-                if unwatched {
-                    channels.remove(&channel);
-                }
-                unwatched
-            };
-            if let (true, Some((_, live))) = (unwatched, sink.as_mut()) {
-                let done = tokio::time::timeout(CALL_TIMEOUT, live.unsubscribe(&channel)).await;
-                if !matches!(done, Ok(Ok(()))) {
-                    *sink = None;
-                }
-            }
-        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_reaches_only_the_member_it_names() {
+        let routes: Routes = Arc::default();
+        let (a, b) = (Arc::new(Route::default()), Arc::new(Route::default()));
+        lock(&routes).insert("s|1|0".into(), Arc::clone(&a));
+        lock(&routes).insert("s|2|0".into(), Arc::clone(&b));
+        deliver(&routes, b"7 3 s|2|0");
+        deliver(&routes, b"garbled");
+        deliver(&routes, b"x 3 s|1|0");
+        assert_eq!(*lock(&a.grant), None);
+        assert_eq!(*lock(&b.grant), Some((7, 3)));
     }
 }

@@ -1,0 +1,490 @@
+//! A session: an id, the locks it holds, and the Redlock rules for each
+//! call (a majority of the instances, within the validity time).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+
+use crate::instance::{AcquireCall, Instance};
+use crate::scripts::LockKeys;
+use crate::Shared;
+
+mod queue;
+
+/// A lock this session holds.
+struct Held {
+    token: u64,
+    /// How the hold is written in Redis.
+    member: String,
+    keys: Arc<LockKeys>,
+}
+
+pub(crate) struct RedisSession {
+    shared: Arc<Shared>,
+    id: String,
+    ttl: Duration,
+    lock_delay: Duration,
+    /// The locks held, by key: their tokens and how they are written.
+    held: Mutex<HashMap<String, Held>>,
+    /// Keys whose last acquire found them taken: the next one goes
+    /// straight to the queue, without the fast path's try.
+    contended: Mutex<HashSet<String>>,
+}
+
+/// How many contended keys a session remembers; past it, it forgets them
+/// all (at the cost of one fast try each).
+const CONTENDED_KEYS: usize = 1024;
+
+impl RedisSession {
+    pub(crate) fn new(shared: Arc<Shared>, options: &SessionOptions) -> Self {
+        RedisSession {
+            shared,
+            id: format!("{:032x}", rand::random::<u128>()),
+            ttl: options.ttl,
+            lock_delay: options.lock_delay,
+            held: Mutex::new(HashMap::new()),
+            contended: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn contended(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.contended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets `lock`, if this session still knows it by that token.
+    fn forget(&self, lock: &HeldLock) -> Option<Held> {
+        let mut held = self.held();
+        if held
+            .get(&lock.key)
+            .is_some_and(|held| held.token == lock.token)
+        {
+            return held.remove(&lock.key);
+        }
+        None
+    }
+
+    /// How a new acquire of this session is written in Redis: its id, a
+    /// nonce of this acquire, and its lock-delay.
+    fn new_member(&self) -> String {
+        format!(
+            "{}|{:016x}|{}",
+            self.id,
+            rand::random::<u64>(),
+            self.lock_delay.as_millis()
+        )
+    }
+
+    /// How the hold of `lock` is written, if this session holds it.
+    fn member_of(&self, lock: &HeldLock) -> Option<(String, Arc<LockKeys>)> {
+        self.held()
+            .get(&lock.key)
+            .filter(|held| held.token == lock.token)
+            .map(|held| (held.member.clone(), Arc::clone(&held.keys)))
+    }
+
+    /// Records a grant and hands it to the core.
+    fn granted(
+        &self,
+        key: &str,
+        token: u64,
+        member: String,
+        keys: Arc<LockKeys>,
+        lease_from: Instant,
+    ) -> Grant {
+        self.held().insert(
+            key.to_owned(),
+            Held {
+                token,
+                member,
+                keys,
+            },
+        );
+        Grant::new(token).with_lease_from(lease_from)
+    }
+
+    /// The margin kept for clock drift between client and Redis: as in the
+    /// Redlock algorithm, 1% of the TTL plus 2 ms.
+    fn drift(&self) -> Duration {
+        self.ttl / 100 + Duration::from_millis(2)
+    }
+
+    /// Whether a lease that started when a request was sent at `from` is
+    /// still valid (Redlock's validity time).
+    fn valid(&self, from: Instant) -> bool {
+        from.elapsed() + self.drift() < self.ttl
+    }
+
+    fn keys(&self, key: &str) -> LockKeys {
+        LockKeys::new(crate::KEY_PREFIX, key)
+    }
+
+    fn instances(&self) -> &[Instance] {
+        &self.shared.instances
+    }
+
+    fn quorum(&self) -> usize {
+        self.shared.quorum
+    }
+
+    /// "Only 1 of 3 Redis instances answered (2 needed): …".
+    fn unavailable(&self, answered: usize, failures: &[String]) -> Error {
+        let total = self.instances().len();
+        let message = if total == 1 {
+            format!(
+                "cannot reach Redis at {}; check that redis-server runs there",
+                failures.join("; ")
+            )
+        } else {
+            format!(
+                "only {answered} of {total} Redis instances answered ({} needed): {}",
+                self.quorum(),
+                failures.join("; ")
+            )
+        };
+        Error::new(ErrorKind::Unavailable, message)
+    }
+
+    /// Takes back what the acquire of `members` made, on every instance.
+    async fn abandon(shared: &Shared, keys: &LockKeys, members: &[String]) {
+        join_all(
+            shared
+                .instances
+                .iter()
+                .map(|instance| instance.abandon(keys, members)),
+        )
+        .await;
+    }
+
+    /// The token of a grant by a majority that answered `tokens`: the
+    /// quorum register's read (the highest of them). Where the majority
+    /// disagrees, the lower ones are raised to it first, so that a majority
+    /// holds a counter at least this high: any later majority meets it, and
+    /// every later token is above this one. `None` if too few could be
+    /// raised.
+    async fn settle_token(&self, keys: &LockKeys, tokens: &[(usize, u64)]) -> Option<u64> {
+        let token = tokens.iter().map(|(_, token)| *token).max()?;
+        let behind: Vec<usize> = tokens
+            .iter()
+            .filter(|(_, t)| *t < token)
+            .map(|(index, _)| *index)
+            .collect();
+        if behind.is_empty() {
+            return Some(token);
+        }
+        let raised = join_all(
+            behind
+                .iter()
+                .map(|&index| self.instances()[index].raise(keys, token)),
+        )
+        .await
+        .iter()
+        .filter(|raised| raised.is_ok())
+        .count();
+        (tokens.len() - behind.len() + raised >= self.quorum()).then_some(token)
+    }
+
+    /// The fast path of an exclusive acquire: the key taken with `SET NX`
+    /// on every instance at once, decided as soon as a majority granted it.
+    /// `Ok(None)` if it was not free (held, queued for, or split); what a
+    /// minority granted is taken back first.
+    async fn acquire_fast(
+        &self,
+        request: &AcquireRequest,
+        keys: &Arc<LockKeys>,
+        member: &str,
+    ) -> Result<Option<Grant>> {
+        let sent = Instant::now();
+        let limit = self.ttl.saturating_sub(self.drift());
+        let hold_for = self.ttl + self.lock_delay;
+        let mut granted = Vec::new();
+        let mut failures = Vec::new();
+        let mut tally = |index: usize, result: redis::RedisResult<Option<u64>>| match result {
+            Ok(Some(token)) => granted.push((index, token)),
+            Ok(None) => {}
+            Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+        };
+        if let [single] = self.instances() {
+            tally(0, single.fast_acquire(keys, member, hold_for, limit).await);
+        } else {
+            // Decided as soon as a majority granted: the others' answers
+            // change nothing (a late grant there is released with the rest).
+            let mut calls: FuturesUnordered<_> = self
+                .instances()
+                .iter()
+                .enumerate()
+                .map(|(index, instance)| async move {
+                    (
+                        index,
+                        instance.fast_acquire(keys, member, hold_for, limit).await,
+                    )
+                })
+                .collect();
+            let quorum = self.quorum();
+            let mut grants = 0;
+            while let Some((index, result)) = calls.next().await {
+                grants += usize::from(matches!(result, Ok(Some(_))));
+                tally(index, result);
+                if grants >= quorum {
+                    break;
+                }
+            }
+        }
+        if granted.len() >= self.quorum() {
+            if let Some(token) = self.settle_token(keys, &granted).await {
+                if self.valid(sent) {
+                    let grant = self.granted(
+                        &request.key,
+                        token,
+                        member.to_owned(),
+                        Arc::clone(keys),
+                        sent,
+                    );
+                    return Ok(Some(grant));
+                }
+            }
+        }
+        let answered = self.instances().len() - failures.len();
+        if !granted.is_empty() || answered < self.instances().len() {
+            RedisSession::abandon(&self.shared, keys, &[member.to_owned()]).await;
+        }
+        if answered < self.quorum() {
+            return Err(self.unavailable(answered, &failures));
+        }
+        if granted.len() >= self.quorum() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "Redis granted '{}' but took longer than the lease to; the instances \
+                     are too slow for a TTL of {:?}",
+                    request.key, self.ttl
+                ),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Releases the hold written `member` on every instance; how many did
+    /// hold it, and the instances that failed.
+    async fn release_everywhere(&self, keys: &LockKeys, member: &str) -> (usize, Vec<String>) {
+        if let [single] = self.instances() {
+            return match single.release(keys, member, self.lock_delay).await {
+                Ok(released) => (usize::from(released), Vec::new()),
+                Err(err) => (0, vec![format!("{}: {err}", single.name)]),
+            };
+        }
+        let results = join_all(
+            self.instances()
+                .iter()
+                .map(|instance| instance.release(keys, member, self.lock_delay)),
+        )
+        .await;
+        let mut released = 0;
+        let mut failures = Vec::new();
+        for (instance, result) in self.instances().iter().zip(results) {
+            match result {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+            }
+        }
+        (released, failures)
+    }
+}
+
+/// Takes back, in the background, what an acquire dropped half-way may
+/// have left: a hold whose answer never came, or its place in a queue.
+/// Only that acquire's own (by member): a later acquire of the session is
+/// never touched.
+struct Cleanup {
+    shared: Arc<Shared>,
+    keys: Arc<LockKeys>,
+    members: Vec<String>,
+    armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let keys = Arc::clone(&self.keys);
+        let members = std::mem::take(&mut self.members);
+        runtime.spawn(async move {
+            RedisSession::abandon(&shared, &keys, &members).await;
+        });
+    }
+}
+
+fn mode_args(mode: Mode) -> (&'static str, u32) {
+    match mode {
+        Mode::Exclusive => ("x", 0),
+        Mode::Shared => ("s", 0),
+        Mode::Semaphore { permits } => ("p", permits),
+    }
+}
+
+#[async_trait]
+impl StoreSession for RedisSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let keys = Arc::new(self.keys(&request.key));
+        let member = self.new_member();
+        let mut cleanup = Cleanup {
+            shared: Arc::clone(&self.shared),
+            keys: Arc::clone(&keys),
+            members: vec![member.clone()],
+            armed: true,
+        };
+        let contended = self.contended().contains(&request.key);
+        if request.mode == Mode::Exclusive && !contended {
+            let fast = self.acquire_fast(request, &keys, &member).await;
+            if !matches!(fast, Ok(None)) {
+                // Granted, or failed with what it made taken back.
+                cleanup.armed = false;
+                return fast;
+            }
+            let mut known = self.contended();
+            if known.len() >= CONTENDED_KEYS {
+                known.clear();
+            }
+            known.insert(request.key.clone());
+        }
+        // Takes back itself what it leaves when it ends; only a drop midway
+        // leaves it to the clean-up.
+        let (result, waited) = self.acquire_queued(request, &keys, &member).await;
+        cleanup.armed = false;
+        if contended && !waited {
+            self.contended().remove(&request.key);
+        }
+        result
+    }
+
+    async fn release(&self, lock: &HeldLock) -> Result<()> {
+        let Some((member, keys)) = self.member_of(lock) else {
+            return Err(Error::not_held(&lock.key));
+        };
+        let (released, failures) = self.release_everywhere(&keys, &member).await;
+        self.forget(lock);
+        if released > 0 {
+            return Ok(());
+        }
+        if failures.len() == self.instances().len() {
+            return Err(self.unavailable(0, &failures));
+        }
+        Err(Error::not_held(&lock.key))
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        if held.is_empty() {
+            // A session is nothing in Redis until it holds a lock.
+            return Ok(RenewReport::all_held());
+        }
+        // A lock this session does not know as held is renewed nowhere
+        // (and so reported lost).
+        let written: Vec<(Arc<LockKeys>, String)> = held
+            .iter()
+            .map(|lock| {
+                self.member_of(lock)
+                    .map(|(member, keys)| (keys, member))
+                    .unwrap_or_else(|| (Arc::new(self.keys(&lock.key)), String::new()))
+            })
+            .collect();
+        let members: Vec<(&LockKeys, &str, Duration)> = written
+            .iter()
+            .map(|(keys, member)| (&**keys, member.as_str(), self.lock_delay))
+            .collect();
+        let sent = Instant::now();
+        let results = join_all(
+            self.instances()
+                .iter()
+                .map(|instance| instance.renew(self.ttl, &members)),
+        )
+        .await;
+        let mut kept = vec![0usize; held.len()];
+        let mut failures = Vec::new();
+        for (instance, result) in self.instances().iter().zip(results) {
+            match result {
+                Ok(flags) => {
+                    for (count, flag) in kept.iter_mut().zip(flags) {
+                        *count += usize::from(flag);
+                    }
+                }
+                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+            }
+        }
+        let answered = self.instances().len() - failures.len();
+        if answered < self.quorum() {
+            return Err(self.unavailable(answered, &failures));
+        }
+        if !self.valid(sent) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "renewing took longer than the lease; the locks are not counted as renewed",
+            ));
+        }
+        let quorum = self.quorum();
+        if kept
+            .iter()
+            .any(|count| *count < quorum && count + failures.len() >= quorum)
+        {
+            // The instances that did not answer may still hold it: not
+            // renewed, not lost either; the core asks again.
+            return Err(self.unavailable(answered, &failures));
+        }
+        let mut lost = Vec::new();
+        for (lock, count) in held.iter().zip(kept) {
+            if count < quorum {
+                self.forget(lock);
+                lost.push(lock.key.clone());
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let held: Vec<(String, Held)> = self.held().drain().collect();
+        for (_, held) in held {
+            self.release_everywhere(&held.keys, &held.member).await;
+        }
+        Ok(())
+    }
+}
+
+impl RedisSession {
+    /// Builds the call that asks one instance for `request` as `member`.
+    fn call<'a>(
+        &self,
+        request: &AcquireRequest,
+        keys: &'a LockKeys,
+        member: &'a str,
+        gen: u64,
+    ) -> AcquireCall<'a> {
+        let (mode, permits) = mode_args(request.mode);
+        AcquireCall {
+            keys,
+            member,
+            mode,
+            permits,
+            ttl: self.ttl,
+            waits: request.wait_until.is_some(),
+            gen,
+            limit: self.ttl.saturating_sub(self.drift()),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The queued path of an acquire: join the key's queue on every instance,
+//! then wait for the hand-over message (one per instance), asking the
+//! instances again only to refresh the place (every third of the TTL), when
+//! a lease or lock-delay ends, or when a subscriber connection broke.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock_core::store::{AcquireRequest, Grant};
+use distlock_core::{Error, ErrorKind, Result};
+use futures::future::join_all;
+use tokio::time::{sleep_until, Instant};
+
+use super::RedisSession;
+use crate::instance::Attempt;
+use crate::scripts::LockKeys;
+use crate::wake::Arrival;
+
+/// What an acquire knows of each instance.
+struct Tally {
+    /// The grant of each instance: token and generation.
+    grants: Vec<Option<(u64, u64)>>,
+    /// When each call (generation) was sent.
+    sent_of: Vec<Instant>,
+    /// Hand-over messages of generations below this are stale: their places
+    /// were taken back (a split vote).
+    floor: u64,
+    /// Whether the acquire had to wait (the key was not free at once).
+    waited: bool,
+}
+
+impl Tally {
+    fn granted(&self) -> usize {
+        self.grants.iter().flatten().count()
+    }
+
+    /// When the lease of a grant of generation `gen` started, at the latest
+    /// (the send time of the call that refreshed the place it came from).
+    fn sent(&self, gen: u64) -> Instant {
+        let first = self.sent_of.first().copied().unwrap_or_else(Instant::now);
+        usize::try_from(gen)
+            .ok()
+            .and_then(|gen| self.sent_of.get(gen).copied())
+            .unwrap_or(first)
+    }
+
+    /// Takes the hand-overs that came by message.
+    fn collect(&mut self, arrivals: &[Arrival]) {
+        for (grant, arrival) in self.grants.iter_mut().zip(arrivals) {
+            if let Some((token, gen)) = arrival.take() {
+                if grant.is_none() && gen >= self.floor {
+                    *grant = Some((token, gen));
+                }
+            }
+        }
+    }
+}
+
+/// Wakes on a message to any of `arrivals`, or at `at`; `true` if woken by
+/// a message (a hand-over, or a subscriber connection that broke).
+async fn wait(arrivals: &[Arrival], at: Instant) -> bool {
+    if arrivals.is_empty() {
+        sleep_until(at).await;
+        return false;
+    }
+    let woken = futures::future::select_all(arrivals.iter().map(|a| Box::pin(a.woken())));
+    tokio::select! {
+        _ = woken => true,
+        () = sleep_until(at) => false,
+    }
+}
+
+impl RedisSession {
+    /// Joins the queue on every instance and waits up to the request's
+    /// deadline for a majority to hand the key over. Takes back what it
+    /// made if it ends without a grant; dropped midway, it leaves that to
+    /// the acquire's clean-up.
+    /// Also says whether it had to wait.
+    pub(super) async fn acquire_queued(
+        &self,
+        request: &AcquireRequest,
+        keys: &Arc<LockKeys>,
+        member: &str,
+    ) -> (Result<Option<Grant>>, bool) {
+        let mut tally = Tally {
+            grants: vec![None; self.instances().len()],
+            sent_of: Vec::new(),
+            floor: 0,
+            waited: false,
+        };
+        let result = self.queue_for(request, keys, member, &mut tally).await;
+        (result, tally.waited)
+    }
+
+    async fn queue_for(
+        &self,
+        request: &AcquireRequest,
+        keys: &Arc<LockKeys>,
+        member: &str,
+        tally: &mut Tally,
+    ) -> Result<Option<Grant>> {
+        let instances = self.instances();
+        let until = request.wait_until;
+        // Expect the messages, and subscribe, before joining any queue.
+        let arrivals: Vec<Arrival> = match until {
+            Some(_) => {
+                join_all(instances.iter().map(|i| i.hub.subscribe())).await;
+                instances.iter().map(|i| i.hub.expect(member)).collect()
+            }
+            None => Vec::new(),
+        };
+        let members = [member.to_owned()];
+        loop {
+            let retry = match self.ask(request, keys, member, tally).await {
+                Ok(retry) => retry,
+                Err(err) => {
+                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    return Err(err);
+                }
+            };
+            if let Some(decided) = self.decide(request, keys, member, tally).await {
+                return decided;
+            }
+            tally.waited = true;
+            let Some(until) = until else {
+                if tally.granted() > 0 || instances.len() > 1 {
+                    RedisSession::abandon(&self.shared, keys, &members).await;
+                }
+                return Ok(None);
+            };
+            // Wait for messages until the place needs refreshing or the
+            // store may have changed without one.
+            let refresh_at = Instant::now() + retry.min(self.ttl / 3);
+            // Some instances handed the key over, not yet a majority: the
+            // others follow, unless the vote split (instances that queued
+            // contenders in different orders). Past this instant, every
+            // place is given back and the acquire joins again.
+            let mut split_at: Option<Instant> = None;
+            loop {
+                let now = Instant::now();
+                if now >= until {
+                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    return Ok(None);
+                }
+                if tally.granted() > 0 && split_at.is_none() {
+                    split_at = Some(now + Duration::from_millis(rand::random_range(20..100)));
+                }
+                let wake_at = split_at.map_or(refresh_at, |at| at.min(refresh_at));
+                let woken = wait(&arrivals, wake_at.min(until)).await;
+                tally.collect(&arrivals);
+                if let Some(decided) = self.decide(request, keys, member, tally).await {
+                    return decided;
+                }
+                let now = Instant::now();
+                if split_at.is_some_and(|at| now >= at) {
+                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    tally.grants.iter_mut().for_each(|grant| *grant = None);
+                    tally.floor = tally.sent_of.len() as u64;
+                    let pause = Duration::from_millis(rand::random_range(1..=50));
+                    tokio::time::sleep(pause.min(until.saturating_duration_since(now))).await;
+                    break;
+                }
+                if !woken || now >= refresh_at {
+                    break;
+                }
+                if tally.granted() == 0 {
+                    // Woken with no hand-over: a subscriber connection
+                    // broke, and messages may be lost. Subscribe again and
+                    // ask.
+                    join_all(instances.iter().map(|i| i.hub.subscribe())).await;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Asks every instance that has not granted the key (joining or
+    /// refreshing the place there); how long until asking again is worth
+    /// it at the latest.
+    async fn ask(
+        &self,
+        request: &AcquireRequest,
+        keys: &LockKeys,
+        member: &str,
+        tally: &mut Tally,
+    ) -> Result<Duration> {
+        let gen = tally.sent_of.len() as u64;
+        tally.sent_of.push(Instant::now());
+        let call = self.call(request, keys, member, gen);
+        let asked: Vec<usize> = (0..self.instances().len())
+            .filter(|&index| tally.grants[index].is_none())
+            .collect();
+        let results = join_all(asked.iter().map(|&index| {
+            let instance = &self.instances()[index];
+            instance.acquire(&call, instance.hub.channel())
+        }))
+        .await;
+        let mut retry = self.ttl;
+        let mut busy = 0;
+        let mut failures = Vec::new();
+        for (&index, result) in asked.iter().zip(results) {
+            match result {
+                Ok(Attempt::Granted { token, gen }) => tally.grants[index] = Some((token, gen)),
+                Ok(Attempt::Busy(after)) => {
+                    busy += 1;
+                    retry = retry.min(after);
+                }
+                Ok(Attempt::Conflict(message)) => {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!("cannot lock '{}' as asked: {message}", request.key),
+                    ));
+                }
+                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+            }
+        }
+        let answered = tally.granted() + busy;
+        if answered < self.quorum() {
+            return Err(self.unavailable(answered, &failures));
+        }
+        Ok(retry)
+    }
+
+    /// The acquire's outcome once a majority granted the key: the grant,
+    /// or an error if it came too late to use. `None` while there is no
+    /// majority.
+    async fn decide(
+        &self,
+        request: &AcquireRequest,
+        keys: &Arc<LockKeys>,
+        member: &str,
+        tally: &Tally,
+    ) -> Option<Result<Option<Grant>>> {
+        if tally.granted() < self.quorum() {
+            return None;
+        }
+        let tokens: Vec<(usize, u64)> = tally
+            .grants
+            .iter()
+            .enumerate()
+            .filter_map(|(index, grant)| grant.map(|(token, _)| (index, token)))
+            .collect();
+        let lease_from = tally
+            .grants
+            .iter()
+            .flatten()
+            .map(|(_, gen)| tally.sent(*gen))
+            .min()
+            .unwrap_or_else(Instant::now);
+        let token = self.settle_token(keys, &tokens).await;
+        match token {
+            Some(token) if self.valid(lease_from) => Some(Ok(Some(self.granted(
+                &request.key,
+                token,
+                member.to_owned(),
+                Arc::clone(keys),
+                lease_from,
+            )))),
+            _ => {
+                RedisSession::abandon(&self.shared, keys, &[member.to_owned()]).await;
+                Some(Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "Redis granted '{}' but the grant came too late to use (or its token \
+                         could not be written to a majority); ask again",
+                        request.key
+                    ),
+                )))
+            }
+        }
+    }
+}
