@@ -17,8 +17,9 @@ pub(crate) enum Attempt {
     /// Held, with this token, for the lease that the call of generation
     /// `gen` started (or refreshed, for a waiter handed the key).
     Granted { token: u64, gen: u64 },
-    /// Busy; worth asking again after this long at the latest.
-    Busy(Duration),
+    /// Busy; worth asking again after this long at the latest. With the
+    /// first live holder's member (empty if none).
+    Busy(Duration, String),
     /// The request cannot be granted as asked (e.g. other permits).
     Conflict(String),
 }
@@ -210,7 +211,13 @@ impl Instance {
                 token: redis::from_redis_value(field(1))?,
                 gen: redis::from_redis_value(field(2))?,
             },
-            0 => Attempt::Busy(Duration::from_millis(redis::from_redis_value(field(1))?)),
+            0 => Attempt::Busy(
+                Duration::from_millis(redis::from_redis_value(field(1))?),
+                match answer.get(2) {
+                    Some(holder) => redis::from_redis_value(holder.clone())?,
+                    None => String::new(),
+                },
+            ),
             _ => Attempt::Conflict(redis::from_redis_value(field(1))?),
         })
     }

@@ -180,8 +180,9 @@ end
 ///
 /// Returns `{1, token, gen}` when the member holds the key (granted now,
 /// or handed it since its generation `gen` refreshed its place), `{0,
-/// retry_ms}` when busy (queued if it waits), `{-1, message}` when the
-/// request conflicts with how the key is held.
+/// retry_ms, holder}` when busy (queued if it waits; `holder` is the first
+/// live holder, or empty), `{-1, message}` when the request conflicts with
+/// how the key is held.
 const ACQUIRE_FAST: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if not v and ARGV[2] == 'x' then
@@ -201,7 +202,11 @@ if v and string.sub(v, 1, 1) ~= '*' then
   -- up by the client but not yet run out here, is busy too): a try needs
   -- no queue.
   if not waits or string.sub(v, 1, #session) == session then
-    return {0, math.max(redis.call('PTTL', K[1]) - delay_of(v), 1)}
+    -- Until its lease ends, or past it until its lock-delay does.
+    local left = redis.call('PTTL', K[1])
+    local lease_left = left - delay_of(v)
+    if lease_left <= 0 then lease_left = left end
+    return {0, math.max(lease_left, 1), v}
   end
 end
 v = to_queued(v)
@@ -211,6 +216,10 @@ if mine and string.sub(mine, 1, 2) == 'H|' then
   local score = redis.call('ZSCORE', K[3], member)
   local token, at = string.match(mine, '^H|(%d+)|(%d+)$')
   if score and tonumber(score) > now then return {1, tonumber(token), at} end
+  -- A hand-over whose lease ran out unseen: it ends here (with its
+  -- lock-delay), and the member joins again at the tail.
+  promote('', v, false)
+  v = redis.call('GET', K[1]) or to_queued(nil)
   mine = nil
 end
 -- Who holds it: the first holder (every holder for shared and semaphore
@@ -218,14 +227,15 @@ end
 local last = 0
 if mode ~= 'x' then last = -1 end
 local holders = redis.call('ZRANGE', K[3], 0, last, 'WITHSCORES')
-local retry, live = ttl, false
+local retry, live, first = ttl, false, ''
 for i = 1, #holders, 2 do
   local holder, ends = holders[i], tonumber(holders[i + 1])
   if ends > now then
     if string.sub(holder, 1, #session) == session then
-      return {0, math.max(ends - now, 1)}
+      return {0, math.max(ends - now, 1), holder}
     end
     retry = math.min(retry, ends - now)
+    if not live then first = holder end
     live = true
   end
 end
@@ -248,6 +258,9 @@ if not token and joined and mode == 'p' then
     return {-1, 'the semaphore is held with ' .. string.sub(held, 2) .. ' permits, not ' .. permits}
   end
 end
+if blocked > now then
+  if live then retry = math.max(retry, blocked - now) else retry = blocked - now end
+end
 if not token and not waits then
   redis.call('ZREM', K[4], member)
   redis.call('HDEL', K[5], 'w' .. member)
@@ -255,11 +268,11 @@ if not token and not waits then
   local _
   _, count = promote('', nil, false)
   tidy(count)
+  return {0, math.max(retry, 1), first}
 end
 keep(ttl + delay + 1000)
 if token then return {1, token, gen} end
-if blocked > now then retry = math.max(retry, blocked - now) end
-return {0, math.max(retry, 1)}
+return {0, math.max(retry, 1), first}
 "#;
 
 /// KEYS: main, f, h, q, i. ARGV: member, its lock-delay in ms. Returns 1
@@ -394,6 +407,8 @@ pub(crate) fn raise() -> &'static Script {
 /// The keys of lock `key`, in the order the scripts take them.
 #[derive(Debug)]
 pub(crate) struct LockKeys {
+    /// The lock's key, as the user named it.
+    pub(crate) key: String,
     pub(crate) main: String,
     pub(crate) fence: String,
     pub(crate) holders: String,
@@ -405,6 +420,7 @@ impl LockKeys {
     pub(crate) fn new(prefix: &str, key: &str) -> Self {
         let main = format!("{prefix}{{{key}}}");
         LockKeys {
+            key: key.to_owned(),
             fence: format!("{main}:f"),
             holders: format!("{main}:h"),
             queue: format!("{main}:q"),

@@ -347,7 +347,14 @@ impl SessionInner {
     }
 
     fn gate<'a>(&'a self, key: &'a str) -> GateRef<'a> {
-        let gate = Arc::clone(lock(&self.gates).entry(key.to_owned()).or_default());
+        let mut gates = lock(&self.gates);
+        // Looked up before inserting: a key held or used again needs no
+        // copy of its name.
+        let gate = match gates.get(key) {
+            Some(gate) => Arc::clone(gate),
+            None => Arc::clone(gates.entry(key.to_owned()).or_default()),
+        };
+        drop(gates);
         GateRef {
             session: self,
             key,

@@ -30,7 +30,11 @@ struct Held {
 
 pub(crate) struct RedisSession {
     shared: Arc<Shared>,
-    id: String,
+    /// `ID|`, the start of every member of this session.
+    prefix: String,
+    /// The keys of the lock acquired last: a session that takes one key
+    /// again and again names it once.
+    last_keys: Mutex<Option<Arc<LockKeys>>>,
     ttl: Duration,
     lock_delay: Duration,
     /// The locks held, by key: their tokens and how they are written.
@@ -46,9 +50,11 @@ const CONTENDED_KEYS: usize = 1024;
 
 impl RedisSession {
     pub(crate) fn new(shared: Arc<Shared>, options: &SessionOptions) -> Self {
+        let id = format!("{:032x}", rand::random::<u128>());
         RedisSession {
             shared,
-            id: format!("{:032x}", rand::random::<u128>()),
+            prefix: format!("{id}|"),
+            last_keys: Mutex::new(None),
             ttl: options.ttl,
             lock_delay: options.lock_delay,
             held: Mutex::new(HashMap::new()),
@@ -79,12 +85,16 @@ impl RedisSession {
     /// How a new acquire of this session is written in Redis: its id, a
     /// nonce of this acquire, and its lock-delay.
     fn new_member(&self) -> String {
-        format!(
-            "{}|{:016x}|{}",
-            self.id,
+        use std::fmt::Write;
+        let mut member = String::with_capacity(self.prefix.len() + 24);
+        member.push_str(&self.prefix);
+        let _ = write!(
+            member,
+            "{:016x}|{}",
             rand::random::<u64>(),
             self.lock_delay.as_millis()
-        )
+        );
+        member
     }
 
     /// How the hold of `lock` is written, if this session holds it.
@@ -127,8 +137,16 @@ impl RedisSession {
         from.elapsed() + self.drift() < self.ttl
     }
 
-    fn keys(&self, key: &str) -> LockKeys {
-        LockKeys::new(crate::KEY_PREFIX, key)
+    fn keys(&self, key: &str) -> Arc<LockKeys> {
+        let mut last = self.last_keys.lock().unwrap_or_else(|p| p.into_inner());
+        match last.as_ref() {
+            Some(keys) if keys.key == key => Arc::clone(keys),
+            _ => {
+                let keys = Arc::new(LockKeys::new(crate::KEY_PREFIX, key));
+                *last = Some(Arc::clone(&keys));
+                keys
+            }
+        }
     }
 
     fn instances(&self) -> &[Instance] {
@@ -242,18 +260,18 @@ impl RedisSession {
                 }
             }
         }
+        let mut settled = None;
         if granted.len() >= self.quorum() {
-            if let Some(token) = self.settle_token(keys, &granted).await {
-                if self.valid(sent) {
-                    let grant = self.granted(
-                        &request.key,
-                        token,
-                        member.to_owned(),
-                        Arc::clone(keys),
-                        sent,
-                    );
-                    return Ok(Some(grant));
-                }
+            settled = self.settle_token(keys, &granted).await;
+            if let Some(token) = settled.filter(|_| self.valid(sent)) {
+                let grant = self.granted(
+                    &request.key,
+                    token,
+                    member.to_owned(),
+                    Arc::clone(keys),
+                    sent,
+                );
+                return Ok(Some(grant));
             }
         }
         let answered = self.instances().len() - failures.len();
@@ -264,13 +282,16 @@ impl RedisSession {
             return Err(self.unavailable(answered, &failures));
         }
         if granted.len() >= self.quorum() {
+            let why = match settled {
+                Some(_) => format!(
+                    "took longer than the lease to; the instances are too slow for a TTL of {:?}",
+                    self.ttl
+                ),
+                None => "its token could not be written to a majority".to_owned(),
+            };
             return Err(Error::new(
                 ErrorKind::Unavailable,
-                format!(
-                    "Redis granted '{}' but took longer than the lease to; the instances \
-                     are too slow for a TTL of {:?}",
-                    request.key, self.ttl
-                ),
+                format!("Redis granted '{}' but {why}; ask again", request.key),
             ));
         }
         Ok(None)
@@ -278,26 +299,40 @@ impl RedisSession {
 
     /// Releases the hold written `member` on every instance; how many did
     /// hold it, and the instances that failed.
-    async fn release_everywhere(&self, keys: &LockKeys, member: &str) -> (usize, Vec<String>) {
+    async fn release_everywhere(&self, keys: &Arc<LockKeys>, member: &str) -> (usize, Vec<String>) {
         if let [single] = self.instances() {
             return match single.release(keys, member, self.lock_delay).await {
                 Ok(released) => (usize::from(released), Vec::new()),
                 Err(err) => (0, vec![format!("{}: {err}", single.name)]),
             };
         }
-        let results = join_all(
-            self.instances()
-                .iter()
-                .map(|instance| instance.release(keys, member, self.lock_delay)),
-        )
-        .await;
+        // Each instance's release runs to its end in a task of its own, but
+        // the answer is given once a majority released: a slow or cut-off
+        // instance delays nobody (its hold runs out there by itself).
+        let mut releases: FuturesUnordered<_> = (0..self.instances().len())
+            .map(|index| {
+                let (shared, keys) = (Arc::clone(&self.shared), Arc::clone(keys));
+                let (member, delay) = (member.to_owned(), self.lock_delay);
+                tokio::spawn(async move {
+                    let instance = &shared.instances[index];
+                    let result = instance.release(&keys, &member, delay).await;
+                    (index, result)
+                })
+            })
+            .collect();
         let mut released = 0;
         let mut failures = Vec::new();
-        for (instance, result) in self.instances().iter().zip(results) {
+        while let Some(joined) = releases.next().await {
+            let Ok((index, result)) = joined else {
+                continue;
+            };
             match result {
                 Ok(true) => released += 1,
                 Ok(false) => {}
-                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+            }
+            if released >= self.quorum() {
+                break;
             }
         }
         (released, failures)
@@ -308,14 +343,17 @@ impl RedisSession {
 /// have left: a hold whose answer never came, or its place in a queue.
 /// Only that acquire's own (by member): a later acquire of the session is
 /// never touched.
-struct Cleanup {
-    shared: Arc<Shared>,
-    keys: Arc<LockKeys>,
-    members: Vec<String>,
+struct Cleanup<'a> {
+    shared: &'a Arc<Shared>,
+    keys: &'a Arc<LockKeys>,
+    member: &'a str,
+    /// The members the acquire joined as after `member` (Redlock's
+    /// rounds).
+    more: Vec<String>,
     armed: bool,
 }
 
-impl Drop for Cleanup {
+impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -323,9 +361,10 @@ impl Drop for Cleanup {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let shared = Arc::clone(&self.shared);
-        let keys = Arc::clone(&self.keys);
-        let members = std::mem::take(&mut self.members);
+        let shared = Arc::clone(self.shared);
+        let keys = Arc::clone(self.keys);
+        let mut members = std::mem::take(&mut self.more);
+        members.push(self.member.to_owned());
         runtime.spawn(async move {
             RedisSession::abandon(&shared, &keys, &members).await;
         });
@@ -343,12 +382,13 @@ fn mode_args(mode: Mode) -> (&'static str, u32) {
 #[async_trait]
 impl StoreSession for RedisSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let keys = Arc::new(self.keys(&request.key));
+        let keys = self.keys(&request.key);
         let member = self.new_member();
         let mut cleanup = Cleanup {
-            shared: Arc::clone(&self.shared),
-            keys: Arc::clone(&keys),
-            members: vec![member.clone()],
+            shared: &self.shared,
+            keys: &keys,
+            member: &member,
+            more: Vec::new(),
             armed: true,
         };
         let contended = self.contended().contains(&request.key);
@@ -367,7 +407,19 @@ impl StoreSession for RedisSession {
         }
         // Takes back itself what it leaves when it ends; only a drop midway
         // leaves it to the clean-up.
-        let (result, waited) = self.acquire_queued(request, &keys, &member).await;
+        // Redlock joins as a new member: a late answer to the fast path's
+        // try (or to its give-back) can then change nothing the queue
+        // counts.
+        let queued_as = if self.instances().len() > 1 && !contended {
+            let fresh = self.new_member();
+            cleanup.more.push(fresh.clone());
+            fresh
+        } else {
+            member.clone()
+        };
+        let (result, waited) = self
+            .acquire_queued(request, &keys, &queued_as, &mut cleanup.more)
+            .await;
         cleanup.armed = false;
         if contended && !waited {
             self.contended().remove(&request.key);
@@ -402,7 +454,7 @@ impl StoreSession for RedisSession {
             .map(|lock| {
                 self.member_of(lock)
                     .map(|(member, keys)| (keys, member))
-                    .unwrap_or_else(|| (Arc::new(self.keys(&lock.key)), String::new()))
+                    .unwrap_or_else(|| (self.keys(&lock.key), String::new()))
             })
             .collect();
         let members: Vec<(&LockKeys, &str, Duration)> = written
@@ -410,25 +462,36 @@ impl StoreSession for RedisSession {
             .map(|(keys, member)| (&**keys, member.as_str(), self.lock_delay))
             .collect();
         let sent = Instant::now();
-        let results = join_all(
-            self.instances()
-                .iter()
-                .map(|instance| instance.renew(self.ttl, &members)),
-        )
-        .await;
+        // Decided once a majority renewed every lock: a slow or cut-off
+        // instance does not hold the renewal up.
+        let members = &members;
+        let mut renewals: FuturesUnordered<_> = self
+            .instances()
+            .iter()
+            .enumerate()
+            .map(
+                |(index, instance)| async move { (index, instance.renew(self.ttl, members).await) },
+            )
+            .collect();
         let mut kept = vec![0usize; held.len()];
         let mut failures = Vec::new();
-        for (instance, result) in self.instances().iter().zip(results) {
+        let mut answers = 0;
+        while let Some((index, result)) = renewals.next().await {
+            answers += 1;
             match result {
                 Ok(flags) => {
                     for (count, flag) in kept.iter_mut().zip(flags) {
                         *count += usize::from(flag);
                     }
                 }
-                Err(err) => failures.push(format!("{}: {err}", instance.name)),
+                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+            }
+            if kept.iter().all(|count| *count >= self.quorum()) {
+                break;
             }
         }
-        let answered = self.instances().len() - failures.len();
+        drop(renewals);
+        let answered = answers - failures.len();
         if answered < self.quorum() {
             return Err(self.unavailable(answered, &failures));
         }

@@ -20,6 +20,8 @@ use crate::wake::Arrival;
 struct Tally {
     /// The grant of each instance: token and generation.
     grants: Vec<Option<(u64, u64)>>,
+    /// Who held the key on each instance that was busy at the last ask.
+    holders: Vec<String>,
     /// When each call (generation) was sent.
     sent_of: Vec<Instant>,
     /// Hand-over messages of generations below this are stale: their places
@@ -75,20 +77,25 @@ impl RedisSession {
     /// deadline for a majority to hand the key over. Takes back what it
     /// made if it ends without a grant; dropped midway, it leaves that to
     /// the acquire's clean-up.
-    /// Also says whether it had to wait.
+    /// Also says whether it had to wait. Every member it joined as, past
+    /// `member`, is added to `more` (for the acquire's clean-up).
     pub(super) async fn acquire_queued(
         &self,
         request: &AcquireRequest,
         keys: &Arc<LockKeys>,
         member: &str,
+        more: &mut Vec<String>,
     ) -> (Result<Option<Grant>>, bool) {
         let mut tally = Tally {
             grants: vec![None; self.instances().len()],
+            holders: vec![String::new(); self.instances().len()],
             sent_of: Vec::new(),
             floor: 0,
             waited: false,
         };
-        let result = self.queue_for(request, keys, member, &mut tally).await;
+        let result = self
+            .queue_for(request, keys, member.to_owned(), more, &mut tally)
+            .await;
         (result, tally.waited)
     }
 
@@ -96,35 +103,36 @@ impl RedisSession {
         &self,
         request: &AcquireRequest,
         keys: &Arc<LockKeys>,
-        member: &str,
+        mut member: String,
+        more: &mut Vec<String>,
         tally: &mut Tally,
     ) -> Result<Option<Grant>> {
         let instances = self.instances();
         let until = request.wait_until;
-        // Expect the messages, and subscribe, before joining any queue.
-        let arrivals: Vec<Arrival> = match until {
-            Some(_) => {
-                join_all(instances.iter().map(|i| i.hub.subscribe())).await;
-                instances.iter().map(|i| i.hub.expect(member)).collect()
+        // Expect the messages before subscribing, and both before joining
+        // any queue, so that no message can come unseen.
+        let expect = |member: &str| -> Vec<Arrival> {
+            match until {
+                Some(_) => instances.iter().map(|i| i.hub.expect(member)).collect(),
+                None => Vec::new(),
             }
-            None => Vec::new(),
         };
-        let members = [member.to_owned()];
+        let mut arrivals = expect(&member);
         loop {
-            let retry = match self.ask(request, keys, member, tally).await {
+            let retry = match self.ask(request, keys, &member, tally).await {
                 Ok(retry) => retry,
                 Err(err) => {
-                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    self.abandon_all(keys, &member, more).await;
                     return Err(err);
                 }
             };
-            if let Some(decided) = self.decide(request, keys, member, tally).await {
+            if let Some(decided) = self.decide(request, keys, &member, tally).await {
                 return decided;
             }
             tally.waited = true;
             let Some(until) = until else {
                 if tally.granted() > 0 || instances.len() > 1 {
-                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    self.abandon_all(keys, &member, more).await;
                 }
                 return Ok(None);
             };
@@ -133,13 +141,13 @@ impl RedisSession {
             let refresh_at = Instant::now() + retry.min(self.ttl / 3);
             // Some instances handed the key over, not yet a majority: the
             // others follow, unless the vote split (instances that queued
-            // contenders in different orders). Past this instant, every
-            // place is given back and the acquire joins again.
+            // contenders in different orders, so that nobody can have a
+            // majority). That is looked into past this instant.
             let mut split_at: Option<Instant> = None;
             loop {
                 let now = Instant::now();
                 if now >= until {
-                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    self.abandon_all(keys, &member, more).await;
                     return Ok(None);
                 }
                 if tally.granted() > 0 && split_at.is_none() {
@@ -148,12 +156,30 @@ impl RedisSession {
                 let wake_at = split_at.map_or(refresh_at, |at| at.min(refresh_at));
                 let woken = wait(&arrivals, wake_at.min(until)).await;
                 tally.collect(&arrivals);
-                if let Some(decided) = self.decide(request, keys, member, tally).await {
+                if let Some(decided) = self.decide(request, keys, &member, tally).await {
                     return decided;
                 }
                 let now = Instant::now();
                 if split_at.is_some_and(|at| now >= at) {
-                    RedisSession::abandon(&self.shared, keys, &members).await;
+                    split_at = None;
+                    // Ask again, to learn who holds the other instances.
+                    if let Err(err) = self.ask(request, keys, &member, tally).await {
+                        self.abandon_all(keys, &member, more).await;
+                        return Err(err);
+                    }
+                    if let Some(decided) = self.decide(request, keys, &member, tally).await {
+                        return decided;
+                    }
+                    if self.someone_else_has_a_majority(tally, &member) {
+                        continue;
+                    }
+                    // A split: every grant and place is given back, and the
+                    // acquire joins again at the tails, as a new member (a
+                    // late answer about the old one can then change nothing
+                    // the new one counts), after a random pause.
+                    RedisSession::abandon(&self.shared, keys, std::slice::from_ref(&member)).await;
+                    more.push(std::mem::replace(&mut member, self.new_member()));
+                    arrivals = expect(&member);
                     tally.grants.iter_mut().for_each(|grant| *grant = None);
                     tally.floor = tally.sent_of.len() as u64;
                     let pause = Duration::from_millis(rand::random_range(1..=50));
@@ -165,13 +191,33 @@ impl RedisSession {
                 }
                 if tally.granted() == 0 {
                     // Woken with no hand-over: a subscriber connection
-                    // broke, and messages may be lost. Subscribe again and
-                    // ask.
-                    join_all(instances.iter().map(|i| i.hub.subscribe())).await;
+                    // broke, and messages may be lost. Ask (subscribing
+                    // again first).
                     break;
                 }
             }
         }
+    }
+
+    /// Takes back what this acquire made as `member` and as every member
+    /// before it.
+    async fn abandon_all(&self, keys: &LockKeys, member: &str, more: &[String]) {
+        let mut members = more.to_vec();
+        members.push(member.to_owned());
+        RedisSession::abandon(&self.shared, keys, &members).await;
+    }
+
+    /// Whether the instances that have not granted `member` the key hold it
+    /// for one other member on a majority: then it is no split, and that
+    /// holder's release will hand the key on.
+    fn someone_else_has_a_majority(&self, tally: &Tally, member: &str) -> bool {
+        let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (grant, holder) in tally.grants.iter().zip(&tally.holders) {
+            if grant.is_none() && !holder.is_empty() && holder != member {
+                *counts.entry(holder.as_str()).or_default() += 1;
+            }
+        }
+        counts.values().any(|count| *count >= self.quorum())
     }
 
     /// Asks every instance that has not granted the key (joining or
@@ -190,9 +236,17 @@ impl RedisSession {
         let asked: Vec<usize> = (0..self.instances().len())
             .filter(|&index| tally.grants[index].is_none())
             .collect();
-        let results = join_all(asked.iter().map(|&index| {
+        let waits = request.wait_until.is_some();
+        let call = &call;
+        let results = join_all(asked.iter().map(|&index| async move {
             let instance = &self.instances()[index];
-            instance.acquire(&call, instance.hub.channel())
+            if waits {
+                // Subscribed before the place is refreshed (an atomic
+                // check when it already is); without it, the refreshes
+                // alone move the waiter on.
+                let _ = instance.hub.subscribe().await;
+            }
+            instance.acquire(call, instance.hub.channel()).await
         }))
         .await;
         let mut retry = self.ttl;
@@ -201,9 +255,10 @@ impl RedisSession {
         for (&index, result) in asked.iter().zip(results) {
             match result {
                 Ok(Attempt::Granted { token, gen }) => tally.grants[index] = Some((token, gen)),
-                Ok(Attempt::Busy(after)) => {
+                Ok(Attempt::Busy(after, holder)) => {
                     busy += 1;
                     retry = retry.min(after);
+                    tally.holders[index] = holder;
                 }
                 Ok(Attempt::Conflict(message)) => {
                     return Err(Error::new(
