@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
-use redis::Value;
+use redis::{Cmd, Script, ServerErrorKind, Value};
 
 use crate::scripts::{self, LockKeys};
 use crate::wake::Hub;
@@ -128,22 +128,23 @@ impl Instance {
         result
     }
 
-    async fn invoke<T: redis::FromRedisValue>(
+    /// Runs an [`evalsha`] command, loading its script on NOSCRIPT, giving
+    /// up after `limit`.
+    async fn eval<T: redis::FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> redis::RedisResult<T> {
-        self.invoke_within(invocation, CALL_TIMEOUT).await
-    }
-
-    /// Runs a script, giving up after `limit`.
-    async fn invoke_within<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        script: &Script,
+        cmd: &Cmd,
         limit: Duration,
     ) -> redis::RedisResult<T> {
         self.within(limit, async {
             let mut connection = self.connection().await?;
-            invocation.invoke_async(&mut connection).await
+            match cmd.query_async(&mut connection).await {
+                Err(err) if err.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    script.load_async(&mut connection).await?;
+                    cmd.query_async(&mut connection).await
+                }
+                other => other,
+            }
         })
         .await
     }
@@ -188,19 +189,15 @@ impl Instance {
         call: &AcquireCall<'_>,
         channel: &str,
     ) -> redis::RedisResult<Attempt> {
-        let mut invocation = scripts::acquire().prepare_invoke();
-        for key in call.keys.all() {
-            invocation.key(key);
-        }
-        invocation
-            .arg(call.member)
+        let mut cmd = evalsha(scripts::acquire(), &call.keys.all());
+        cmd.arg(call.member)
             .arg(call.mode)
             .arg(call.permits)
             .arg(millis(call.ttl))
             .arg(if call.waits { "1" } else { "0" })
             .arg(call.gen)
             .arg(channel);
-        let answer: Vec<Value> = self.invoke_within(&invocation, call.limit).await?;
+        let answer: Vec<Value> = self.eval(scripts::acquire(), &cmd, call.limit).await?;
         let status: i64 = match answer.first() {
             Some(value) => redis::from_redis_value(value.clone())?,
             None => 0,
@@ -230,12 +227,9 @@ impl Instance {
         member: &str,
         lock_delay: Duration,
     ) -> redis::RedisResult<bool> {
-        let mut invocation = scripts::release().prepare_invoke();
-        for key in keys.all() {
-            invocation.key(key);
-        }
-        invocation.arg(member).arg(millis(lock_delay));
-        let released: i64 = self.invoke(&invocation).await?;
+        let mut cmd = evalsha(scripts::release(), &keys.all());
+        cmd.arg(member).arg(millis(lock_delay));
+        let released: i64 = self.eval(scripts::release(), &cmd, CALL_TIMEOUT).await?;
         Ok(released == 1)
     }
 
@@ -246,12 +240,9 @@ impl Instance {
         keys: &LockKeys,
         members: &[String],
     ) -> redis::RedisResult<()> {
-        let mut invocation = scripts::abandon().prepare_invoke();
-        for key in keys.all() {
-            invocation.key(key);
-        }
-        invocation.arg(members);
-        let _: i64 = self.invoke(&invocation).await?;
+        let mut cmd = evalsha(scripts::abandon(), &keys.all());
+        cmd.arg(members);
+        let _: i64 = self.eval(scripts::abandon(), &cmd, CALL_TIMEOUT).await?;
         Ok(())
     }
 
@@ -262,25 +253,35 @@ impl Instance {
         ttl: Duration,
         held: &[(&LockKeys, &str, Duration)],
     ) -> redis::RedisResult<Vec<bool>> {
-        let mut invocation = scripts::renew().prepare_invoke();
-        invocation.arg(millis(ttl));
-        for (keys, member, delay) in held {
-            for key in keys.all() {
-                invocation.key(key);
-            }
-            invocation.arg(*member).arg(millis(*delay));
+        let all: Vec<&str> = held.iter().flat_map(|(keys, _, _)| keys.all()).collect();
+        let mut cmd = evalsha(scripts::renew(), &all);
+        cmd.arg(millis(ttl));
+        for (_, member, delay) in held {
+            cmd.arg(*member).arg(millis(*delay));
         }
-        let flags: Vec<i64> = self.invoke(&invocation).await?;
+        let flags: Vec<i64> = self.eval(scripts::renew(), &cmd, CALL_TIMEOUT).await?;
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
     }
 
     /// Raises the key's fencing counter to at least `token`.
     pub(crate) async fn raise(&self, keys: &LockKeys, token: u64) -> redis::RedisResult<()> {
-        let mut invocation = scripts::raise().prepare_invoke();
-        invocation.key(&keys.fence).arg(token);
-        let _: i64 = self.invoke(&invocation).await?;
+        let mut cmd = evalsha(scripts::raise(), &[&keys.fence]);
+        cmd.arg(token);
+        let _: i64 = self.eval(scripts::raise(), &cmd, CALL_TIMEOUT).await?;
         Ok(())
     }
+}
+
+/// An EVALSHA of `script` with `keys`, its arguments to be added: built in
+/// one buffer (a `ScriptInvocation` copies every argument twice).
+fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let size = keys.iter().map(|key| key.len() + 16).sum::<usize>() + 256;
+    let mut cmd = Cmd::with_capacity(3 + keys.len() + 8, size);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {

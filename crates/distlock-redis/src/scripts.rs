@@ -205,8 +205,8 @@ if v and string.sub(v, 1, 1) ~= '*' then
     -- Until its lease ends, or past it until its lock-delay does.
     local left = redis.call('PTTL', K[1])
     local lease_left = left - delay_of(v)
-    if lease_left <= 0 then lease_left = left end
-    return {0, math.max(lease_left, 1), v}
+    if lease_left <= 0 then return {0, math.max(left, 1), ''} end
+    return {0, lease_left, v}
   end
 end
 v = to_queued(v)
@@ -214,8 +214,15 @@ v = to_queued(v)
 local mine = redis.call('HGET', K[5], 'w' .. member)
 if mine and string.sub(mine, 1, 2) == 'H|' then
   local score = redis.call('ZSCORE', K[3], member)
-  local token, at = string.match(mine, '^H|(%d+)|(%d+)$')
-  if score and tonumber(score) > now then return {1, tonumber(token), at} end
+  local token = string.match(mine, '^H|(%d+)|')
+  if score and tonumber(score) > now then
+    -- Held: the ask renews it, from this generation (a Redlock waiter
+    -- holding a minority keeps it while it waits for the rest).
+    redis.call('ZADD', K[3], 'XX', now + ttl, member)
+    redis.call('HSET', K[5], 'w' .. member, 'H|' .. token .. '|' .. gen)
+    keep(ttl + delay + 1000)
+    return {1, tonumber(token), gen}
+  end
   -- A hand-over whose lease ran out unseen: it ends here (with its
   -- lock-delay), and the member joins again at the tail.
   promote('', v, false)
@@ -259,7 +266,7 @@ if not token and joined and mode == 'p' then
   end
 end
 if blocked > now then
-  if live then retry = math.max(retry, blocked - now) else retry = blocked - now end
+  if live then retry = math.min(retry, blocked - now) else retry = blocked - now end
 end
 if not token and not waits then
   redis.call('ZREM', K[4], member)

@@ -16,6 +16,10 @@ use tokio::sync::Notify;
 /// How long a connection and its subscribe may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long after a failed subscribe the next is tried: until then,
+/// waiters rely on refreshing their places.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// The waiting acquires, by member.
 type Routes = Arc<Mutex<HashMap<String, Arc<Route>>>>;
 
@@ -28,6 +32,8 @@ pub(crate) struct Hub {
     sink: Arc<tokio::sync::Mutex<Option<(u64, PubSubSink)>>>,
     /// Whether `sink` is `Some`, readable without waiting for its lock.
     subscribed: Arc<AtomicBool>,
+    /// Until when subscribing is not tried again, after a failure.
+    failed_until: Mutex<Option<tokio::time::Instant>>,
     connections: AtomicU64,
     routes: Routes,
 }
@@ -51,6 +57,7 @@ impl Hub {
             channel,
             sink: Arc::new(tokio::sync::Mutex::new(None)),
             subscribed: Arc::new(AtomicBool::new(false)),
+            failed_until: Mutex::new(None),
             connections: AtomicU64::new(0),
             routes: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -82,10 +89,35 @@ impl Hub {
         if self.subscribed.load(Ordering::Acquire) {
             return Ok(());
         }
+        let failing = || {
+            let until = *lock(&self.failed_until);
+            until.is_some_and(|until| tokio::time::Instant::now() < until)
+        };
+        let not_now = || {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "subscribing failed a moment ago; not tried again yet",
+            ))
+        };
+        if failing() {
+            return Err(not_now());
+        }
         let mut sink = self.sink.lock().await;
         if sink.is_some() {
             return Ok(());
         }
+        if failing() {
+            return Err(not_now());
+        }
+        let result = self.connect(&mut sink).await;
+        if result.is_err() {
+            *lock(&self.failed_until) = Some(tokio::time::Instant::now() + RETRY_AFTER);
+        }
+        result
+    }
+
+    /// Makes the subscriber connection and subscribes, into `sink`.
+    async fn connect(&self, sink: &mut Option<(u64, PubSubSink)>) -> redis::RedisResult<()> {
         let timed_out = |what: &str| {
             redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -104,8 +136,7 @@ impl Hub {
         let subscribed = Arc::clone(&self.subscribed);
         tokio::spawn(async move {
             while let Some(message) = messages.next().await {
-                let payload: Vec<u8> = message.get_payload_bytes().to_vec();
-                deliver(&routes, &payload);
+                deliver(&routes, message.get_payload_bytes());
             }
             {
                 let mut sink = current.lock().await;

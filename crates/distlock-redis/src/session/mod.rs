@@ -412,6 +412,8 @@ impl StoreSession for RedisSession {
         // counts.
         let queued_as = if self.instances().len() > 1 && !contended {
             let fresh = self.new_member();
+            // The fast try's member too: its SET may land late.
+            cleanup.more.push(member.clone());
             cleanup.more.push(fresh.clone());
             fresh
         } else {

@@ -144,13 +144,16 @@ impl RedisSession {
             // contenders in different orders, so that nobody can have a
             // majority). That is looked into past this instant.
             let mut split_at: Option<Instant> = None;
+            // How many had granted it when that was last looked into: it is
+            // looked into again only when that changes, not on a timer.
+            let mut looked_at = 0;
             loop {
                 let now = Instant::now();
                 if now >= until {
                     self.abandon_all(keys, &member, more).await;
                     return Ok(None);
                 }
-                if tally.granted() > 0 && split_at.is_none() {
+                if tally.granted() > 0 && tally.granted() != looked_at && split_at.is_none() {
                     split_at = Some(now + Duration::from_millis(rand::random_range(20..100)));
                 }
                 let wake_at = split_at.map_or(refresh_at, |at| at.min(refresh_at));
@@ -171,6 +174,7 @@ impl RedisSession {
                         return decided;
                     }
                     if self.someone_else_has_a_majority(tally, &member) {
+                        looked_at = tally.granted();
                         continue;
                     }
                     // A split: every grant and place is given back, and the
@@ -230,27 +234,33 @@ impl RedisSession {
         member: &str,
         tally: &mut Tally,
     ) -> Result<Duration> {
+        let waits = request.wait_until.is_some();
+        if waits {
+            // Subscribed before the place is refreshed (at once when it
+            // already is; a failing instance is tried again only after a
+            // pause): without it, the refreshes alone move the waiter on.
+            join_all(self.instances().iter().map(|i| i.hub.subscribe())).await;
+        }
         let gen = tally.sent_of.len() as u64;
         tally.sent_of.push(Instant::now());
         let call = self.call(request, keys, member, gen);
-        let asked: Vec<usize> = (0..self.instances().len())
-            .filter(|&index| tally.grants[index].is_none())
-            .collect();
-        let waits = request.wait_until.is_some();
-        let call = &call;
-        let results = join_all(asked.iter().map(|&index| async move {
+        // Every instance, those that granted too: the ask renews a grant
+        // from this generation, so that one held while the others follow
+        // does not run out.
+        let asked: Vec<usize> = (0..self.instances().len()).collect();
+        for holder in &mut tally.holders {
+            holder.clear();
+        }
+        let results = join_all(asked.iter().map(|&index| {
             let instance = &self.instances()[index];
-            if waits {
-                // Subscribed before the place is refreshed (an atomic
-                // check when it already is); without it, the refreshes
-                // alone move the waiter on.
-                let _ = instance.hub.subscribe().await;
-            }
-            instance.acquire(call, instance.hub.channel()).await
+            instance.acquire(&call, instance.hub.channel())
         }))
         .await;
         let mut retry = self.ttl;
         let mut busy = 0;
+        for grant in &mut tally.grants {
+            *grant = None;
+        }
         let mut failures = Vec::new();
         for (&index, result) in asked.iter().zip(results) {
             match result {
