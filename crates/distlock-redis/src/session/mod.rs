@@ -11,6 +11,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
@@ -306,26 +307,23 @@ impl RedisSession {
                 Err(err) => (0, vec![format!("{}: {err}", single.name)]),
             };
         }
-        // Each instance's release runs to its end in a task of its own, but
-        // the answer is given once a majority released: a slow or cut-off
-        // instance delays nobody (its hold runs out there by itself).
-        let mut releases: FuturesUnordered<_> = (0..self.instances().len())
+        // The answer is given once a majority released: a slow or cut-off
+        // instance delays nobody. What is left runs to its end in a task
+        // (a hold there would otherwise stay until its lease ran out).
+        let mut releases: FuturesUnordered<BoxFuture<'static, _>> = (0..self.instances().len())
             .map(|index| {
                 let (shared, keys) = (Arc::clone(&self.shared), Arc::clone(keys));
                 let (member, delay) = (member.to_owned(), self.lock_delay);
-                tokio::spawn(async move {
+                let release = async move {
                     let instance = &shared.instances[index];
-                    let result = instance.release(&keys, &member, delay).await;
-                    (index, result)
-                })
+                    (index, instance.release(&keys, &member, delay).await)
+                };
+                release.boxed()
             })
             .collect();
         let mut released = 0;
         let mut failures = Vec::new();
-        while let Some(joined) = releases.next().await {
-            let Ok((index, result)) = joined else {
-                continue;
-            };
+        while let Some((index, result)) = releases.next().await {
             match result {
                 Ok(true) => released += 1,
                 Ok(false) => {}
@@ -334,6 +332,9 @@ impl RedisSession {
             if released >= self.quorum() {
                 break;
             }
+        }
+        if !releases.is_empty() {
+            tokio::spawn(async move { while releases.next().await.is_some() {} });
         }
         (released, failures)
     }
