@@ -60,7 +60,9 @@ end
 -- Keeps the queued state at least `ms` more. Only the main key's TTL
 -- matters for safety (while it lives, no fast grant can happen); the other
 -- keys get the same TTL at the same moment, or none, so they never go
--- before it.
+-- before it. A key made after the last extension has none until the next;
+-- if every client of the lock stops before that, it stays until the lock
+-- is queued again and emptied (its entries are all past and ignored).
 local function keep(ms)
   if redis.call('PTTL', K[1]) >= ms then return end
   for _, key in ipairs({K[1], K[3], K[4], K[5]}) do

@@ -406,8 +406,6 @@ impl StoreSession for RedisSession {
             }
             known.insert(request.key.clone());
         }
-        // Takes back itself what it leaves when it ends; only a drop midway
-        // leaves it to the clean-up.
         // Redlock joins as a new member: a late answer to the fast path's
         // try (or to its give-back) can then change nothing the queue
         // counts.
@@ -420,6 +418,8 @@ impl StoreSession for RedisSession {
         } else {
             member.clone()
         };
+        // Takes back itself what it leaves when it ends; only a drop midway
+        // leaves it to the clean-up.
         let (result, waited) = self
             .acquire_queued(request, &keys, &queued_as, &mut cleanup.more)
             .await;

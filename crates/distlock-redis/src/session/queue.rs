@@ -74,11 +74,10 @@ async fn wait(arrivals: &[Arrival], at: Instant) -> bool {
 
 impl RedisSession {
     /// Joins the queue on every instance and waits up to the request's
-    /// deadline for a majority to hand the key over. Takes back what it
-    /// made if it ends without a grant; dropped midway, it leaves that to
-    /// the acquire's clean-up.
-    /// Also says whether it had to wait. Every member it joined as, past
-    /// `member`, is added to `more` (for the acquire's clean-up).
+    /// deadline for a majority to hand the key over; also says whether it
+    /// had to wait. Takes back what it made if it ends without a grant;
+    /// dropped midway, it leaves that to the acquire's clean-up, to which
+    /// every member it joined as past `member` is added (`more`).
     pub(super) async fn acquire_queued(
         &self,
         request: &AcquireRequest,
