@@ -21,7 +21,8 @@ pub struct Findings {
     /// Grants whose token was not above the token of every hold that had
     /// ended before the grant was heard of (or equal to a token held now).
     pub token_regressions: u64,
-    /// Losses reported after the lock was granted to another worker.
+    /// Losses reported after the lock was granted to another worker while
+    /// the holder was still in its section (before its write).
     pub lost_late: u64,
 }
 
@@ -39,7 +40,18 @@ pub fn check(events: &[Event]) -> Findings {
     // Grants in order, to find the next holder after a loss.
     let mut grants: Vec<(Instant, u32, u64)> = Vec::new();
     let mut losses: Vec<(Instant, u32, u64)> = Vec::new();
+    // When each hold's section ended (its write, accepted or not), by
+    // worker and token: after it, the worker only releases.
+    let mut sections_ended: HashMap<(u32, u64), Instant> = HashMap::new();
     for event in events {
+        if matches!(
+            event.kind,
+            Kind::Accepted | Kind::Refused | Kind::RefusedWhileHeld
+        ) {
+            sections_ended
+                .entry((event.worker, event.token))
+                .or_insert(event.at);
+        }
         match event.kind {
             Kind::Acquired => {
                 findings.acquisitions += 1;
@@ -91,12 +103,21 @@ pub fn check(events: &[Event]) -> Findings {
             latest_end = Some((end, token));
         }
     }
-    // A loss must be known before the next grant to another worker.
+    // A loss must be known before the next grant to another worker, unless
+    // the holder's section had already ended by then: a release that
+    // reached the store hands the key on before its answer (and so the
+    // holder's deadline, if the answer is slow) comes back.
     for (at, worker, token) in losses {
         let next = grants
             .iter()
             .find(|(_, other, granted)| *other != worker && *granted > token);
-        if next.is_some_and(|(granted_at, _, _)| *granted_at < at) {
+        let Some(&(granted_at, _, _)) = next else {
+            continue;
+        };
+        let ended_first = sections_ended
+            .get(&(worker, token))
+            .is_some_and(|ended| *ended <= granted_at);
+        if granted_at < at && !ended_first {
             findings.lost_late += 1;
         }
     }
@@ -157,6 +178,28 @@ mod tests {
         assert_eq!(findings.token_regressions, 0);
         assert_eq!(findings.refused_while_held, 1);
         assert_eq!(findings.stale_refused, 1);
+    }
+
+    #[test]
+    fn a_loss_heard_while_releasing_after_the_section_is_not_late() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let history = [
+            event(ms(0), 1, Kind::Acquired, 5),
+            event(ms(5), 1, Kind::Accepted, 5),
+            // Worker 1's release hands the key on; its answer is slow, and
+            // worker 1's deadline passes before it comes.
+            event(ms(10), 2, Kind::Acquired, 6),
+            event(ms(12), 1, Kind::Lost, 5),
+            event(ms(13), 1, Kind::Released, 5),
+            // Worker 3 is granted while worker 2 is still in its section,
+            // and worker 2 hears of its loss only afterwards: late.
+            event(ms(20), 3, Kind::Acquired, 7),
+            event(ms(21), 2, Kind::Lost, 6),
+            event(ms(22), 2, Kind::Refused, 6),
+        ];
+        let findings = check(&history);
+        assert_eq!(findings.lost_late, 1);
     }
 
     #[test]
