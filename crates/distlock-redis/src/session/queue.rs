@@ -24,9 +24,6 @@ struct Tally {
     holders: Vec<String>,
     /// When each call (generation) was sent.
     sent_of: Vec<Instant>,
-    /// Hand-over messages of generations below this are stale: their places
-    /// were taken back (a split vote).
-    floor: u64,
     /// Whether the acquire had to wait (the key was not free at once).
     waited: bool,
 }
@@ -50,7 +47,7 @@ impl Tally {
     fn collect(&mut self, arrivals: &[Arrival]) {
         for (grant, arrival) in self.grants.iter_mut().zip(arrivals) {
             if let Some((token, gen)) = arrival.take() {
-                if grant.is_none() && gen >= self.floor {
+                if grant.is_none() {
                     *grant = Some((token, gen));
                 }
             }
@@ -89,7 +86,6 @@ impl RedisSession {
             grants: vec![None; self.instances().len()],
             holders: vec![String::new(); self.instances().len()],
             sent_of: Vec::new(),
-            floor: 0,
             waited: false,
         };
         let result = self
@@ -183,8 +179,9 @@ impl RedisSession {
                     RedisSession::abandon(&self.shared, keys, std::slice::from_ref(&member)).await;
                     more.push(std::mem::replace(&mut member, self.new_member()));
                     arrivals = expect(&member);
+                    // The old member's routes went with its arrivals: a
+                    // hand-over to it can no longer be counted.
                     tally.grants.iter_mut().for_each(|grant| *grant = None);
-                    tally.floor = tally.sent_of.len() as u64;
                     let pause = Duration::from_millis(rand::random_range(1..=50));
                     tokio::time::sleep(pause.min(until.saturating_duration_since(now))).await;
                     break;
@@ -246,14 +243,14 @@ impl RedisSession {
         // Every instance, those that granted too: the ask renews a grant
         // from this generation, so that one held while the others follow
         // does not run out.
-        let asked: Vec<usize> = (0..self.instances().len()).collect();
         for holder in &mut tally.holders {
             holder.clear();
         }
-        let results = join_all(asked.iter().map(|&index| {
-            let instance = &self.instances()[index];
-            instance.acquire(&call, instance.hub.channel())
-        }))
+        let results = join_all(
+            self.instances()
+                .iter()
+                .map(|instance| instance.acquire(&call, instance.hub.channel())),
+        )
         .await;
         let mut retry = self.ttl;
         let mut busy = 0;
@@ -261,7 +258,7 @@ impl RedisSession {
             *grant = None;
         }
         let mut failures = Vec::new();
-        for (&index, result) in asked.iter().zip(results) {
+        for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(Attempt::Granted { token, gen }) => tally.grants[index] = Some((token, gen)),
                 Ok(Attempt::Busy(after, holder)) => {
