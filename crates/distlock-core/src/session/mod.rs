@@ -384,15 +384,23 @@ impl SessionInner {
             return Err(self.ended_error());
         }
         let gate = self.gate(&key);
-        let gate_mutex = Arc::clone(&gate.gate);
-        let slot = match wait {
+        // The gate is nearly always free: take it without arming a timer.
+        let slot = match Arc::clone(&gate.gate).try_lock_owned() {
+            Ok(slot) => Some(slot),
             // Another task of this session is acquiring or releasing the key
             // right now; for a non-blocking attempt that counts as busy.
-            Wait::TryOnce => gate_mutex.try_lock_owned().ok(),
-            Wait::Until(deadline) => tokio::time::timeout_at(deadline, gate_mutex.lock_owned())
-                .await
-                .ok(),
-            Wait::Forever => Some(gate_mutex.lock_owned().await),
+            Err(_) => {
+                let gate_mutex = Arc::clone(&gate.gate);
+                match wait {
+                    Wait::TryOnce => None,
+                    Wait::Until(deadline) => {
+                        tokio::time::timeout_at(deadline, gate_mutex.lock_owned())
+                            .await
+                            .ok()
+                    }
+                    Wait::Forever => Some(gate_mutex.lock_owned().await),
+                }
+            }
         };
         let result = match slot {
             Some(slot) => self.acquire_in_gate(slot, &key, mode, wait).await,
