@@ -368,3 +368,57 @@ mod tests {
         assert!(!Mode::Exclusive.covers(two));
     }
 }
+
+/// The keys whose last acquire by a session found them taken, for stores
+/// with a cheap try and a costlier wait: a key known contended goes
+/// straight to the wait; any other is tried first. Bounded: past
+/// [`ContendedKeys::LIMIT`] keys it forgets them all (costing one try
+/// each).
+#[derive(Debug, Default)]
+pub struct ContendedKeys(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl ContendedKeys {
+    /// How many keys it remembers at most.
+    pub const LIMIT: usize = 1024;
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the last acquire of `key` found it taken.
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys().contains(key)
+    }
+
+    /// Records how an acquire of `key` went: whether it found it taken.
+    pub fn record(&self, key: &str, taken: bool) {
+        let mut keys = self.keys();
+        if !taken {
+            keys.remove(key);
+            return;
+        }
+        if keys.len() >= Self::LIMIT {
+            keys.clear();
+        }
+        keys.insert(key.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod contended_tests {
+    use super::ContendedKeys;
+
+    #[test]
+    fn remembers_taken_keys_forgets_free_ones_and_stays_bounded() {
+        let keys = ContendedKeys::default();
+        keys.record("a", true);
+        assert!(keys.contains("a"));
+        keys.record("a", false);
+        assert!(!keys.contains("a"));
+        for i in 0..=ContendedKeys::LIMIT {
+            keys.record(&i.to_string(), true);
+        }
+        assert!(keys.keys().len() <= ContendedKeys::LIMIT);
+        assert!(keys.contains(&ContendedKeys::LIMIT.to_string()));
+    }
+}

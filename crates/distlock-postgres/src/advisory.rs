@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+    AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{CancelToken, Client, NoTls};
+use tokio_postgres::{CancelToken, Client, NoTls, Statement};
 
 use crate::connect::query_error;
 use crate::tokens;
@@ -29,8 +29,31 @@ pub(crate) fn lock_id(name: &str) -> i64 {
 /// most a quarter of the session's TTL, so that renewals get their turn).
 const WAIT_SLICE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The session's statements, prepared once on its connection so that each
+/// call is one round trip.
+struct Statements {
+    /// A try for an advisory lock and, if it got it, a token: exclusive,
+    /// shared.
+    try_lock: [Statement; 2],
+    /// A wait for an advisory lock of at most `$2` (`lock_timeout`), then a
+    /// token: exclusive, shared.
+    lock: [Statement; 2],
+    unlock: [Statement; 2],
+}
+
+/// The statements, `{}` standing for the lock function's suffix. Each is
+/// one round trip; the subqueries fence the order: timeout, lock, token.
+const TRY_LOCK: &str = "SELECT CASE WHEN pg_try_advisory_lock{}($1) \
+    THEN nextval('distlock_token_seq') END";
+const LOCK: &str = "SELECT nextval('distlock_token_seq') FROM \
+    (SELECT pg_advisory_lock{}($1) FROM \
+        (SELECT set_config('lock_timeout', $2, true)) AS timeout OFFSET 0) AS locked OFFSET 0";
+const UNLOCK: &str = "SELECT pg_advisory_unlock{}($1)";
+
 pub(crate) struct AdvisorySession {
     client: Arc<Client>,
+    statements: Statements,
+    contended: ContendedKeys,
     /// Answers on the connection, as proof that it lives.
     heartbeat: Heartbeat,
     /// One command at a time: a wait holds the connection, and a dropped
@@ -42,22 +65,71 @@ pub(crate) struct AdvisorySession {
 }
 
 impl AdvisorySession {
-    /// Readies a session's connection: no statement timeout (a server-wide
-    /// one would end long waits as errors).
-    pub(crate) async fn prepare(client: &Client, target: &str) -> Result<()> {
+    /// Readies a session on its connection: no statement timeout (a
+    /// server-wide one would end long waits as errors), and its statements
+    /// prepared.
+    pub(crate) async fn open(client: Client, target: String, ttl: Duration) -> Result<Self> {
+        let error = |err: tokio_postgres::Error| query_error(&target, &err);
+        let texts: Vec<String> = [TRY_LOCK, LOCK, UNLOCK]
+            .iter()
+            .flat_map(|text| ["", "_shared"].map(|suffix| text.replace("{}", suffix)))
+            .collect();
         client
             .batch_execute("SET statement_timeout = 0")
             .await
-            .map_err(|err| query_error(target, &err))
-    }
-
-    pub(crate) fn new(client: Client, target: String, ttl: Duration) -> Self {
-        AdvisorySession {
+            .map_err(error)?;
+        let mut prepared = Vec::with_capacity(texts.len());
+        for text in &texts {
+            prepared.push(client.prepare(text).await.map_err(error)?);
+        }
+        let mut prepared = prepared.into_iter();
+        let mut next = || prepared.next().expect("six statements");
+        let statements = Statements {
+            try_lock: [next(), next()],
+            lock: [next(), next()],
+            unlock: [next(), next()],
+        };
+        Ok(AdvisorySession {
             client: Arc::new(client),
+            statements,
+            contended: ContendedKeys::default(),
             heartbeat: Heartbeat::default(),
             turn: Arc::new(Mutex::new(())),
             target,
             ttl,
+        })
+    }
+
+    /// The lock statement: a try, or a wait of at most `timeout`.
+    async fn lock_query(
+        &self,
+        index: usize,
+        id: i64,
+        timeout: Option<&str>,
+    ) -> std::result::Result<tokio_postgres::Row, tokio_postgres::Error> {
+        match timeout {
+            None => {
+                self.client
+                    .query_one(&self.statements.try_lock[index], &[&id])
+                    .await
+            }
+            Some(timeout) => {
+                self.client
+                    .query_one(&self.statements.lock[index], &[&id, &timeout])
+                    .await
+            }
+        }
+    }
+
+    /// 0 for exclusive, 1 for shared: the statements' order.
+    fn mode_index(mode: Mode) -> Result<usize> {
+        match mode {
+            Mode::Exclusive => Ok(0),
+            Mode::Shared => Ok(1),
+            Mode::Semaphore { .. } => Err(Error::new(
+                ErrorKind::Unsupported,
+                "advisory locks have no semaphores; use a postgres://…?mode=lease URL",
+            )),
         }
     }
 
@@ -72,25 +144,6 @@ impl AdvisorySession {
     }
 }
 
-fn functions(mode: Mode) -> Result<(&'static str, &'static str, &'static str)> {
-    match mode {
-        Mode::Exclusive => Ok((
-            "SELECT pg_try_advisory_lock($1)",
-            "SELECT pg_advisory_lock($1)",
-            "SELECT pg_advisory_unlock($1)",
-        )),
-        Mode::Shared => Ok((
-            "SELECT pg_try_advisory_lock_shared($1)",
-            "SELECT pg_advisory_lock_shared($1)",
-            "SELECT pg_advisory_unlock_shared($1)",
-        )),
-        Mode::Semaphore { .. } => Err(Error::new(
-            ErrorKind::Unsupported,
-            "advisory locks have no semaphores; use a postgres://…?mode=lease URL",
-        )),
-    }
-}
-
 /// Undoes, in the background, an acquire dropped while its query ran: the
 /// query is cancelled, and the lock released in case it came first. The
 /// connection stays taken until then, so no later command overtakes it.
@@ -98,7 +151,7 @@ struct Cleanup {
     turn: Option<OwnedMutexGuard<()>>,
     client: Arc<Client>,
     cancel: CancelToken,
-    unlock: &'static str,
+    unlock: Statement,
     id: i64,
     /// The lock query has not answered yet.
     pending: bool,
@@ -121,12 +174,12 @@ impl Drop for Cleanup {
         let (client, cancel, unlock, id) = (
             Arc::clone(&self.client),
             self.cancel.clone(),
-            self.unlock,
+            self.unlock.clone(),
             self.id,
         );
         runtime.spawn(async move {
             let _ = cancel.cancel_query(NoTls).await;
-            let _ = client.query_one(unlock, &[&id]).await;
+            let _ = client.query_one(&unlock, &[&id]).await;
             drop(turn);
         });
     }
@@ -135,7 +188,8 @@ impl Drop for Cleanup {
 #[async_trait]
 impl StoreSession for AdvisorySession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let (try_lock, lock, unlock) = functions(request.mode)?;
+        let index = Self::mode_index(request.mode)?;
+        let unlock = self.statements.unlock[index].clone();
         let id = lock_id(&request.key);
         let turn = Arc::clone(&self.turn).lock_owned().await;
         if self.client.is_closed() {
@@ -144,25 +198,14 @@ impl StoreSession for AdvisorySession {
         // A wait takes at most a slice of time on the connection, so that the
         // session's releases, renewals and other acquires get their turn in
         // between; the core asks again until its deadline.
-        let lock_query = match request.wait_until {
-            None => try_lock,
-            Some(until) => {
-                let left = until.saturating_duration_since(Instant::now());
-                // Rounded up, so that a wait never ends early.
-                let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
-                let ms = (left.as_millis() + 1).min(slice.as_millis());
-                self.client
-                    .query_one(
-                        "SELECT set_config('lock_timeout', $1, false)",
-                        &[&format!("{ms}ms")],
-                    )
-                    .await
-                    .map_err(|err| query_error(&self.target, &err))?;
-                lock
-            }
-        };
-        // Armed only now: an unlock without a lock query could release a
-        // hold of this session under a colliding name.
+        let timeout = request.wait_until.map(|until| {
+            let left = until.saturating_duration_since(Instant::now());
+            let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
+            // Rounded up, so that a wait never ends early.
+            format!("{}ms", (left.as_millis() + 1).min(slice.as_millis()))
+        });
+        // Armed before the statement is sent: it may take the lock and then
+        // fail (or be dropped) before its token comes back.
         let mut cleanup = Cleanup {
             turn: Some(turn),
             client: Arc::clone(&self.client),
@@ -171,7 +214,25 @@ impl StoreSession for AdvisorySession {
             id,
             pending: true,
         };
-        let answer = self.client.query_one(lock_query, &[&id]).await;
+        // The lock and its token in one statement, on this session's
+        // connection: the lock passes on only once this connection lets it
+        // go, after the token was drawn, so tokens follow the order of
+        // grants even if this connection dies right now. A try costs the
+        // server less than a wait: a waiting acquire tries first, unless
+        // the key was taken the last time.
+        let wait = timeout
+            .as_deref()
+            .filter(|_| self.contended.contains(&request.key));
+        let mut answer = self.lock_query(index, id, wait).await;
+        if let (Some(timeout), None, Ok(row)) = (&timeout, &wait, &answer) {
+            if row.get::<_, Option<i64>>(0).is_none() {
+                self.contended.record(&request.key, true);
+                answer = self.lock_query(index, id, Some(timeout)).await;
+            }
+        } else if wait.is_some() && rand::random::<u8>() < 16 {
+            // Now and then a contended key is tried first again.
+            self.contended.record(&request.key, false);
+        }
         cleanup.pending = false;
         if answer
             .as_ref()
@@ -179,35 +240,29 @@ impl StoreSession for AdvisorySession {
         {
             self.heartbeat.mark();
         }
-        let got = match answer {
-            Ok(row) if lock_query == try_lock => row.get::<_, bool>(0),
-            Ok(_) => true,
-            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
-            Err(err) => {
-                // Whatever the query did, the clean-up undoes it.
-                return Err(query_error(&self.target, &err));
-            }
-        };
-        if !got {
-            cleanup.disarm();
-            return Ok(None);
-        }
-        // The token on this session's connection, while it holds the lock:
-        // the lock passes on only once this connection lets it go, after
-        // the token is committed, so tokens follow the order of grants even
-        // if this connection dies right now.
-        match tokens::next_on(&self.client, &self.target, &request.key).await {
-            Ok(token) => {
+        match answer {
+            Ok(row) => {
+                let Some(drawn) = row.get::<_, Option<i64>>(0) else {
+                    cleanup.disarm();
+                    return Ok(None);
+                };
+                // A token of a reset sequence is replaced while the lock is
+                // held; if that fails, the clean-up gives the lock back.
+                let token = tokens::settle(&self.client, &self.target, drawn).await?;
                 cleanup.disarm();
                 Ok(Some(Grant::new(token)))
             }
-            // The clean-up gives the lock back.
-            Err(err) => Err(err),
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                cleanup.disarm();
+                Ok(None)
+            }
+            // Whatever the statement did, the clean-up undoes it.
+            Err(err) => Err(query_error(&self.target, &err)),
         }
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        let (_, _, unlock) = functions(held.mode)?;
+        let unlock = &self.statements.unlock[Self::mode_index(held.mode)?];
         let _turn = self.turn.lock().await;
         let row = self
             .client

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::connect::{open, query_error};
+use crate::tokens;
 
 /// The table, and the functions that change it, each one statement.
 pub(crate) const SETUP: &str = r#"
@@ -65,9 +66,7 @@ BEGIN
         INSERT INTO distlock_leases (key, holder, mode, expires_at)
             VALUES (lock_key, lock_holder, lock_mode,
                     clock_timestamp() + ttl_ms * interval '1 millisecond');
-        INSERT INTO distlock_tokens AS t (key, token) VALUES (lock_key, 1)
-            ON CONFLICT (key) DO UPDATE SET token = t.token + 1
-            RETURNING t.token INTO fence;
+        fence := nextval('distlock_token_seq');
         granted := true; retry_ms := 0;
     ELSE
         retry_ms := greatest(1, least(ttl_ms,
@@ -361,10 +360,8 @@ impl StoreSession for LeaseSession {
                 armed: true,
             };
             let sent = Instant::now();
-            let row = self
-                .leases
-                .client()
-                .await?
+            let client = self.leases.client().await?;
+            let row = client
                 .query_one(
                     "SELECT granted, fence, retry_ms, conflict \
                      FROM distlock_acquire($1, $2, $3, $4, $5)",
@@ -374,18 +371,22 @@ impl StoreSession for LeaseSession {
                 .map_err(|err| self.error(&err))?;
             let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
-            undo.armed = false;
             if let Some(conflict) = conflict {
+                undo.armed = false;
                 return Err(Error::new(
                     ErrorKind::Conflict,
                     format!("cannot lock '{}' as asked: {conflict}", request.key),
                 ));
             }
             if granted {
-                let token = u64::try_from(fence).unwrap_or(0);
+                // A token of a reset sequence is replaced while the lease
+                // is held; if that fails, the hold is given back.
+                let token = tokens::settle(&client, &self.leases.target, fence).await?;
+                undo.armed = false;
                 guard(&self.held).insert(request.key.clone(), (token, holder));
                 return Ok(Some(Grant::new(token).with_lease_from(sent)));
             }
+            undo.armed = false;
             let Some(until) = request.wait_until else {
                 return Ok(None);
             };

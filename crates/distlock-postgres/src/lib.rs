@@ -219,11 +219,8 @@ impl LockStore for PostgresStore {
             )));
         }
         let client = connect::open(&self.config, &self.target).await?;
-        advisory::AdvisorySession::prepare(&client, &self.target).await?;
-        Ok(Box::new(advisory::AdvisorySession::new(
-            client,
-            self.target.clone(),
-            options.ttl,
-        )))
+        Ok(Box::new(
+            advisory::AdvisorySession::open(client, self.target.clone(), options.ttl).await?,
+        ))
     }
 }

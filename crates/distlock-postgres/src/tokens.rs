@@ -1,42 +1,128 @@
-//! Fencing tokens from a table: one row per key, bumped in one statement
-//! that returns the new value. Committed, so tokens survive a restart.
+//! Fencing tokens without a disk flush per grant: `epoch << 40 | n`.
+//!
+//! Tokens come from one UNLOGGED sequence, `distlock_token_seq`: `nextval`
+//! writes no WAL and makes its transaction wait for no flush. PostgreSQL
+//! resets an unlogged sequence to its start (1) exactly when its value may
+//! be stale or lost: crash recovery, and a standby's promotion. A token
+//! below `1 << 40` therefore means "reset": whoever draws one starts a new
+//! epoch in a logged table, with a synchronous commit, and only then moves
+//! the sequence to `epoch << 40`. So every token is above every token
+//! handed out before it: within an epoch the sequence rises; each new
+//! epoch starts above the whole range of the one before, and is durable
+//! before any token of it exists. An epoch's range is moved on from when
+//! it is nearly spent, 2^30 values before its end.
+//! `docs/0004-sql-tokens.md` has the whole argument and its limits.
 
-use distlock_core::Result;
+use distlock_core::{Error, ErrorKind, Result};
 use tokio_postgres::{Client, Config};
 
 use crate::connect::{open, query_error};
 
+/// The first token of epoch 1; anything below is a reset sequence's.
+pub(crate) const FLOOR: i64 = 1 << 40;
+
+/// How close to its epoch's end a token starts the next epoch.
+const MARGIN: i64 = 1 << 30;
+
+/// Draws a token. Prepared once per connection where it is used often.
+pub(crate) const NEXT: &str = "SELECT nextval('distlock_token_seq')";
+
 /// Made under a transaction-scoped advisory lock: two `CREATE TABLE IF NOT
 /// EXISTS` at once can both try to create it, and one then fails.
-const CREATE: &str = "BEGIN;
+const CREATE: &str = r#"
+BEGIN;
 SELECT pg_advisory_xact_lock(-8081908180553460213);
-CREATE TABLE IF NOT EXISTS distlock_tokens (
-    key text PRIMARY KEY,
-    token bigint NOT NULL
+CREATE TABLE IF NOT EXISTS distlock_epoch (
+    id int PRIMARY KEY CHECK (id = 1),
+    epoch bigint NOT NULL
 );
-COMMIT;";
+INSERT INTO distlock_epoch VALUES (1, 0) ON CONFLICT DO NOTHING;
+-- Never ALTERed: that would copy its current value into the init fork a
+-- reset starts from.
+CREATE UNLOGGED SEQUENCE IF NOT EXISTS distlock_token_seq;
+-- Moves the sequence to a new epoch if it was reset or its epoch is nearly
+-- spent. The epoch is committed (synchronously) before the sequence moves,
+-- and the sequence only ever moves forward.
+CREATE OR REPLACE PROCEDURE distlock_new_epoch()
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    current_epoch bigint;
+    next_epoch bigint;
+    drawn bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(-8081908180553460212);
+    SELECT epoch INTO current_epoch FROM distlock_epoch WHERE id = 1;
+    SELECT last_value INTO drawn FROM distlock_token_seq;
+    IF current_epoch > 0 AND drawn >= current_epoch << 40
+        AND drawn < ((current_epoch + 1) << 40) - 1073741824 THEN
+        RETURN;
+    END IF;
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    UPDATE distlock_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch INTO next_epoch;
+    COMMIT;
+    PERFORM pg_advisory_xact_lock(-8081908180553460212);
+    IF (SELECT last_value FROM distlock_token_seq) < next_epoch << 40 THEN
+        PERFORM setval('distlock_token_seq', next_epoch << 40, false);
+    END IF;
+    COMMIT;
+END
+$fn$;
+COMMIT;
+"#;
 
-const NEXT: &str = "INSERT INTO distlock_tokens AS t (key, token) VALUES ($1, 1)
-    ON CONFLICT (key) DO UPDATE SET token = t.token + 1
-    RETURNING token";
-
-/// Makes the table if it is not there.
+/// Makes the tables, sequence and procedure if they are not there.
 pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     let client = open(&config, &target).await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|err| query_error(&target, &err))?
+        .get(0);
+    if version < 150000 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "PostgreSQL at {target} is version {version}; distlock needs 15 or later \
+                 (its tokens use an unlogged sequence)"
+            ),
+        ));
+    }
     client
         .batch_execute(CREATE)
         .await
         .map_err(|err| query_error(&target, &err))
 }
 
-/// The next token of `key`, on `client`: a session's own connection, so
-/// that the token is committed before the lock it fences can pass on
-/// (which needs that connection to let it go).
-pub(crate) async fn next_on(client: &Client, target: &str, key: &str) -> Result<u64> {
-    let row = client
-        .query_one(NEXT, &[&key])
+/// The token `drawn` stands for: itself if the sequence was in a live
+/// epoch, else (after starting a new epoch) one drawn afresh.
+pub(crate) async fn settle(client: &Client, target: &str, mut drawn: i64) -> Result<u64> {
+    for _ in 0..3 {
+        if drawn >= FLOOR && drawn & (FLOOR - 1) < FLOOR - MARGIN {
+            return Ok(u64::try_from(drawn).unwrap_or(0));
+        }
+        new_epoch(client, target).await?;
+        drawn = client
+            .query_one(NEXT, &[])
+            .await
+            .map_err(|err| query_error(target, &err))?
+            .get(0);
+    }
+    Err(Error::new(
+        ErrorKind::Store,
+        format!(
+            "PostgreSQL at {target}: the token sequence stays below its epoch ({drawn}) after \
+             three new epochs; is distlock_token_seq being reset by hand?"
+        ),
+    ))
+}
+
+/// Starts a new epoch if the sequence still needs one.
+async fn new_epoch(client: &Client, target: &str) -> Result<()> {
+    tracing::info!("PostgreSQL at {target}: the token sequence was reset; starting a new epoch");
+    client
+        .batch_execute("CALL distlock_new_epoch()")
         .await
-        .map_err(|err| query_error(target, &err))?;
-    let token: i64 = row.get(0);
-    Ok(u64::try_from(token).unwrap_or(0))
+        .map_err(|err| query_error(target, &err))
 }

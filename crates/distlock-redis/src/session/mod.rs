@@ -1,13 +1,13 @@
 //! A session: an id, the locks it holds, and the Redlock rules for each
 //! call (a majority of the instances, within the validity time).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    AcquireRequest, ContendedKeys, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
@@ -42,12 +42,8 @@ pub(crate) struct RedisSession {
     held: Mutex<HashMap<String, Held>>,
     /// Keys whose last acquire found them taken: the next one goes
     /// straight to the queue, without the fast path's try.
-    contended: Mutex<HashSet<String>>,
+    contended: ContendedKeys,
 }
-
-/// How many contended keys a session remembers; past it, it forgets them
-/// all (at the cost of one fast try each).
-const CONTENDED_KEYS: usize = 1024;
 
 impl RedisSession {
     pub(crate) fn new(shared: Arc<Shared>, options: &SessionOptions) -> Self {
@@ -59,12 +55,8 @@ impl RedisSession {
             ttl: options.ttl,
             lock_delay: options.lock_delay,
             held: Mutex::new(HashMap::new()),
-            contended: Mutex::new(HashSet::new()),
+            contended: ContendedKeys::default(),
         }
-    }
-
-    fn contended(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.contended.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
@@ -392,7 +384,7 @@ impl StoreSession for RedisSession {
             more: Vec::new(),
             armed: true,
         };
-        let contended = self.contended().contains(&request.key);
+        let contended = self.contended.contains(&request.key);
         if request.mode == Mode::Exclusive && !contended {
             let fast = self.acquire_fast(request, &keys, &member).await;
             if !matches!(fast, Ok(None)) {
@@ -400,11 +392,7 @@ impl StoreSession for RedisSession {
                 cleanup.armed = false;
                 return fast;
             }
-            let mut known = self.contended();
-            if known.len() >= CONTENDED_KEYS {
-                known.clear();
-            }
-            known.insert(request.key.clone());
+            self.contended.record(&request.key, true);
         }
         // Redlock joins as a new member: a late answer to the fast path's
         // try (or to its give-back) can then change nothing the queue
@@ -425,7 +413,7 @@ impl StoreSession for RedisSession {
             .await;
         cleanup.armed = false;
         if contended && !waited {
-            self.contended().remove(&request.key);
+            self.contended.record(&request.key, false);
         }
         result
     }
