@@ -19,7 +19,7 @@ use mysql_async::{IsolationLevel, Pool, TxOpts};
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error};
-use crate::NEXT_TOKEN;
+use crate::{Tokens, NEXT_TOKEN};
 
 pub(crate) const SETUP: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS distlock_keys (
@@ -38,6 +38,7 @@ pub(crate) const SETUP: &[&str] = &[
 pub(crate) struct LeaseSession {
     pool: Pool,
     target: String,
+    tokens: Tokens,
     id: String,
     ttl: Duration,
     /// The holds of this session, by key: token and holder name.
@@ -49,10 +50,16 @@ fn micros(duration: Duration) -> u64 {
 }
 
 impl LeaseSession {
-    pub(crate) fn new(pool: Pool, target: String, options: &SessionOptions) -> Self {
+    pub(crate) fn new(
+        pool: Pool,
+        target: String,
+        tokens: Tokens,
+        options: &SessionOptions,
+    ) -> Self {
         LeaseSession {
             pool,
             target,
+            tokens,
             id: format!("{:016x}", rand::random::<u64>()),
             ttl: options.ttl,
             held: Mutex::new(HashMap::new()),
@@ -154,8 +161,13 @@ impl LeaseSession {
                 (key, holder, mode, micros(self.ttl)),
             )
             .await?;
-            tx.exec_drop(NEXT_TOKEN, (key,)).await?;
-            let token = tx.last_insert_id();
+            let token = match self.tokens {
+                Tokens::Sequence => tx.query_first("SELECT NEXTVAL(distlock_token_seq)").await?,
+                Tokens::Table => {
+                    tx.exec_drop(NEXT_TOKEN, (key,)).await?;
+                    tx.last_insert_id()
+                }
+            };
             tx.commit().await?;
             Ok::<_, mysql_async::Error>(token)
         };

@@ -81,6 +81,22 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
     VALUES (UNHEX(SHA2(?, 256)), LAST_INSERT_ID(1))
     ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)";
 
+/// Where a store's tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tokens {
+    /// MariaDB's `distlock_token_seq`: a value is handed out from a cache
+    /// whose end was written (and flushed at commit) first, so a restart
+    /// skips values and never repeats one; one flush per 1000 grants.
+    Sequence,
+    /// MySQL: a committed row per key, one flush per grant.
+    Table,
+}
+
+/// The sequence, started above every token the table ever gave (an
+/// upgraded database keeps rising).
+const SEQUENCE: &str = "CREATE SEQUENCE IF NOT EXISTS distlock_token_seq
+    START WITH {} CACHE 1000 ENGINE=InnoDB";
+
 /// A store on one MySQL or MariaDB database.
 pub struct MysqlStore {
     opts: Opts,
@@ -88,6 +104,7 @@ pub struct MysqlStore {
     /// Short statements: `KILL QUERY`, the lease table.
     pool: Pool,
     lease: bool,
+    tokens: Tokens,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -138,17 +155,31 @@ impl MysqlStore {
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(3306));
         let pool = Pool::new(opts.clone());
-        let store = MysqlStore {
+        let mut store = MysqlStore {
             opts,
             target,
             pool,
             lease,
+            tokens: Tokens::Table,
         };
         let setup = async {
             let mut conn = connect::pooled(&store.pool, &store.target).await?;
-            conn.query_drop(TOKENS)
-                .await
-                .map_err(|err| connect::query_error(&store.target, &err))?;
+            let failed = |err: mysql_async::Error| connect::query_error(&store.target, &err);
+            conn.query_drop(TOKENS).await.map_err(failed)?;
+            let version: Option<String> =
+                conn.query_first("SELECT VERSION()").await.map_err(failed)?;
+            let tokens = if version.is_some_and(|version| version.contains("MariaDB")) {
+                let above: Option<u64> = conn
+                    .query_first("SELECT COALESCE(MAX(token), 0) + 1 FROM distlock_tokens")
+                    .await
+                    .map_err(failed)?;
+                conn.query_drop(SEQUENCE.replace("{}", &above.unwrap_or(1).to_string()))
+                    .await
+                    .map_err(failed)?;
+                Tokens::Sequence
+            } else {
+                Tokens::Table
+            };
             if lease {
                 for statement in lease::SETUP {
                     conn.query_drop(*statement)
@@ -156,9 +187,9 @@ impl MysqlStore {
                         .map_err(|err| connect::query_error(&store.target, &err))?;
                 }
             }
-            Ok::<_, Error>(())
+            Ok::<_, Error>(tokens)
         };
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
+        store.tokens = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
             .await
             .map_err(|_| {
                 Error::new(
@@ -209,6 +240,7 @@ impl LockStore for MysqlStore {
             return Ok(Box::new(lease::LeaseSession::new(
                 self.pool.clone(),
                 self.target.clone(),
+                self.tokens,
                 options,
             )));
         }
@@ -224,6 +256,7 @@ impl LockStore for MysqlStore {
             conn,
             self.pool.clone(),
             self.target.clone(),
+            self.tokens,
             options.ttl,
         )))
     }

@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::connect::query_error;
+use crate::Tokens;
 
 /// The longest lock name the server takes, in characters.
 const MAX_NAME: usize = 64;
@@ -58,12 +59,20 @@ pub(crate) struct NamedSession {
     id: u32,
     pool: Pool,
     target: String,
+    tokens: Tokens,
     ttl: Duration,
 }
 
 impl NamedSession {
-    pub(crate) fn new(conn: Conn, pool: Pool, target: String, ttl: Duration) -> Self {
+    pub(crate) fn new(
+        conn: Conn,
+        pool: Pool,
+        target: String,
+        tokens: Tokens,
+        ttl: Duration,
+    ) -> Self {
         NamedSession {
+            tokens,
             id: conn.id(),
             conn: Arc::new(Mutex::new(Some(conn))),
             heartbeat: Arc::default(),
@@ -101,6 +110,7 @@ async fn get_lock(
     mut turn: OwnedMutexGuard<Option<Conn>>,
     (name, key): (String, String),
     timeout: f64,
+    tokens: Tokens,
     state: Arc<WaitState>,
     heartbeat: Arc<Heartbeat>,
     answer: oneshot::Sender<std::result::Result<Option<u64>, mysql_async::Error>>,
@@ -109,24 +119,37 @@ async fn get_lock(
         state.finish().await;
         return;
     };
-    let got: std::result::Result<Option<Option<i64>>, _> = conn
-        .exec_first("SELECT GET_LOCK(?, ?)", (&name, timeout))
-        .await;
+    // With a sequence, the lock and its token are one statement: the token
+    // is drawn only if the lock was got. Either way 0 or NULL is "not got".
+    let statement = match tokens {
+        Tokens::Sequence => "SELECT IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)",
+        Tokens::Table => "SELECT GET_LOCK(?, ?)",
+    };
+    let got: std::result::Result<Option<Option<u64>>, _> =
+        conn.exec_first(statement, (&name, timeout)).await;
     if !got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         heartbeat.mark();
     }
     // A KILL QUERY on its way must land before the connection moves on.
     state.finish().await;
-    let mut got = got.map(|row| row == Some(Some(1)));
+    let (mut got, mut token) = match got {
+        Ok(Some(Some(drawn))) if drawn > 0 => {
+            (Ok(true), Some(drawn).filter(|_| tokens == Tokens::Sequence))
+        }
+        Ok(_) => (Ok(false), None),
+        Err(err) => (Err(err), None),
+    };
     // The token, on this connection, before anything else it does: the
     // lock goes to another session only once this connection lets it go,
-    // after the token is committed, so tokens follow the order of grants
-    // even when this connection dies right after.
-    let mut token = None;
+    // after the token is drawn (and, from the table, committed), so tokens
+    // follow the order of grants even when this connection dies right
+    // after.
     if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
-        match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
-            Ok(()) => token = conn.last_insert_id(),
-            Err(err) => got = Err(err),
+        if tokens == Tokens::Table {
+            match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
+                Ok(()) => token = conn.last_insert_id(),
+                Err(err) => got = Err(err),
+            }
         }
         if got.is_ok() && token.is_none() {
             got = Err(mysql_async::Error::Other("no token was returned".into()));
@@ -274,6 +297,7 @@ impl StoreSession for NamedSession {
             turn,
             (name.clone(), request.key.clone()),
             timeout,
+            self.tokens,
             Arc::clone(&state),
             Arc::clone(&self.heartbeat),
             answer,

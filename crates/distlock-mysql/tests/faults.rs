@@ -78,17 +78,19 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
         }
     }
     let server = server.crash_and_restart();
-    let client = client(&server.url()).await;
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/tokens")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
+    for url in [server.url(), format!("{}?mode=lease", server.url())] {
+        let client = client(&url).await;
+        for _ in 0..3 {
+            let session = client.session().open().await.expect("open");
+            let guard = session
+                .lock("faults/tokens")
+                .try_lock()
+                .await
+                .expect("try")
+                .expect("free");
+            tokens.push(guard.token());
+            guard.release().await.expect("release");
+        }
     }
     assert!(
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
