@@ -1,8 +1,9 @@
 //! PostgreSQL when things go wrong: a holder's backend killed, the server
-//! crashed and restarted, and bad URLs.
+//! crashed and restarted, a failover to a promoted replica, and bad URLs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use distlock_core::testkit::servers::postgres::{Postgres, PASSWORD};
 use distlock_core::{Client, ErrorKind};
@@ -116,6 +117,88 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "tokens went back: {tokens:?}"
     );
+}
+
+/// The keys of the failover test, per mode: one mode per key, as the store
+/// asks.
+const ADVISORY_KEYS: [&str; 2] = ["faults/failover/advisory-a", "faults/failover/advisory-b"];
+const LEASE_KEYS: [&str; 2] = ["faults/failover/lease-a", "faults/failover/lease-b"];
+
+/// Takes every failover key a few times, exclusive and shared, in its mode
+/// on the server at `url`, and adds each token to its key's list.
+async fn take_every_key(url: &str, tokens: &mut BTreeMap<&'static str, Vec<u64>>) {
+    let advisory = client(url).await;
+    let lease = client(&format!("{url}?mode=lease")).await;
+    for (client, keys) in [(&advisory, ADVISORY_KEYS), (&lease, LEASE_KEYS)] {
+        for key in keys {
+            for shared in [false, true, false] {
+                let session = client.session().open().await.expect("open");
+                let request = if shared {
+                    session.read(key)
+                } else {
+                    session.lock(key)
+                };
+                let guard = request.try_lock().await.expect("try").expect("free");
+                tokens.entry(key).or_default().push(guard.token());
+                guard.release().await.expect("release");
+            }
+        }
+    }
+}
+
+/// Waits until `replica` has replayed all the WAL `primary` has written.
+fn wait_replayed(primary: &Postgres, replica: &Postgres) {
+    let written = primary.psql("SELECT pg_current_wal_lsn()");
+    let started = Instant::now();
+    let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn");
+    while replica.psql(&caught_up) != "t" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replica did not replay up to {written} within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_across_a_failover_to_a_promoted_replica() {
+    let primary = Postgres::start();
+    let mut before = BTreeMap::new();
+    take_every_key(&primary.url(), &mut before).await;
+    let (primary, replica) = tokio::task::spawn_blocking(move || {
+        let replica = primary.replica();
+        (primary, replica)
+    })
+    .await
+    .expect("make the replica");
+    // Drawn after the backup: the unlogged sequence's values reach the
+    // replica neither way, only the epoch table does.
+    take_every_key(&primary.url(), &mut before).await;
+    let replica = tokio::task::spawn_blocking(move || {
+        wait_replayed(&primary, &replica);
+        primary.kill();
+        replica.promote();
+        replica
+    })
+    .await
+    .expect("fail over");
+    let mut after = BTreeMap::new();
+    take_every_key(&replica.url(), &mut after).await;
+    for key in ADVISORY_KEYS.into_iter().chain(LEASE_KEYS) {
+        let (old, new) = (&before[key], &after[key]);
+        let tokens: Vec<u64> = old.iter().chain(new).copied().collect();
+        assert!(
+            tokens.windows(2).all(|pair| pair[0] < pair[1]),
+            "{key}: tokens went back across the failover: {tokens:?}"
+        );
+        // The promotion reset the sequence, so the replica started an epoch
+        // above every one the primary handed tokens out in.
+        let old_epoch = old.last().expect("tokens before the failover") >> 40;
+        assert!(
+            new.iter().all(|token| token >> 40 > old_epoch),
+            "{key}: tokens after the failover are not in a new epoch: {tokens:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

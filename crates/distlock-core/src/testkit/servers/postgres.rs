@@ -139,6 +139,58 @@ impl Postgres {
         Postgres::run(dir, port)
     }
 
+    /// Kills the server (SIGKILL), as a crash of its machine would, and
+    /// does not start it again.
+    pub fn kill(self) {
+        let Postgres {
+            mut daemon, dir, ..
+        } = self;
+        daemon.kill();
+        // The backends notice the postmaster is gone and exit before their
+        // directory is removed.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        drop(dir);
+    }
+
+    /// A hot standby streaming from this server: `pg_basebackup` over the
+    /// local socket (initdb lets the local `replication` connection in
+    /// with trust), started on a free port.
+    pub fn replica(&self) -> Postgres {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut basebackup = Command::new(program("pg_basebackup"));
+        basebackup
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", "postgres"]);
+        as_server_user(&mut basebackup, dir.path());
+        let output = basebackup.output().expect("run pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Postgres::run(dir, free_port())
+    }
+
+    /// Promotes a standby to a primary and waits until it takes writes.
+    pub fn promote(&self) {
+        let mut promote = Command::new(program("pg_ctl"));
+        promote
+            .args(["promote", "-w", "-D"])
+            .arg(self.dir.path().join("data"));
+        as_server_user(&mut promote, self.dir.path());
+        let output = promote.output().expect("run pg_ctl promote");
+        assert!(
+            output.status.success(),
+            "pg_ctl promote failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.daemon
+            .wait_ready(|| self.psql("SELECT pg_is_in_recovery()") == "f");
+    }
+
     /// Runs SQL with psql over the local socket; its output.
     pub fn psql(&self, sql: &str) -> String {
         let output = Command::new(program("psql"))
