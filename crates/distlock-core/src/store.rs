@@ -369,9 +369,10 @@ mod tests {
     }
 }
 
-/// The keys whose last acquire by a session found them taken, for stores
-/// with a cheap try and a costlier wait: a key known contended goes
-/// straight to the wait; any other is tried first. Bounded: past
+/// The keys a session found taken when it tried them, for stores with a
+/// cheap try and a costlier wait: a key known contended goes straight to
+/// the wait; any other is tried first. A store forgets a key when it learns
+/// the key is free again (or now and then, if it cannot tell). Bounded: past
 /// [`ContendedKeys::LIMIT`] keys it forgets them all (costing one try
 /// each).
 #[derive(Debug, Default)]

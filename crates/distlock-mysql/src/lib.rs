@@ -44,15 +44,27 @@
 //!
 //! # Fencing tokens
 //!
-//! In both modes the token comes from `distlock_tokens` (made on first use),
-//! a row per key (by the SHA-256 of its name) bumped with
-//! `LAST_INSERT_ID(token + 1)` in one statement, so tokens are committed
-//! and survive a restart of the server (a crash too, with InnoDB's default
-//! `innodb_flush_log_at_trx_commit = 1`). A named lock's token is taken on
-//! the session's own connection right after `GET_LOCK`: the lock passes on
-//! only once that connection lets it go, after the token is committed, so
-//! tokens follow the order of grants even if the connection dies between
-//! the two.
+//! On MariaDB (10.3 or later) tokens come from one sequence,
+//! `distlock_token_seq` (made on first use, `CACHE 1000`), drawn in the
+//! same statement as the named lock: `IF(GET_LOCK(?, ?) = 1,
+//! NEXTVAL(distlock_token_seq), 0)`. MariaDB writes the end of a cached
+//! block to the sequence's table (committed, and flushed with InnoDB's
+//! default `innodb_flush_log_at_trx_commit = 1`) before it hands out a
+//! value of the block, and a restart or crash starts from that end: values
+//! are skipped, never repeated, at one flush per 1000 grants. In lease mode
+//! the token is drawn in the grant's transaction. The sequence starts above
+//! every token the older `distlock_tokens` table gave.
+//!
+//! MySQL has no sequences: there the token comes from `distlock_tokens`, a
+//! row per key (by the SHA-256 of its name) bumped with
+//! `LAST_INSERT_ID(token + 1)` in one statement, committed before the lock
+//! can pass on: one flush per grant.
+//!
+//! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit`
+//! set to 0 (or to 2 with a crash of the whole machine), a failover to a
+//! replica behind the primary, or the sequence or table changed by hand.
+//! A named lock's token is drawn on the session's own connection while it
+//! holds the lock, so tokens follow the order of grants.
 
 mod connect;
 mod lease;

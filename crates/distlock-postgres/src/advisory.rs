@@ -45,9 +45,13 @@ struct Statements {
 /// one round trip; the subqueries fence the order: timeout, lock, token.
 const TRY_LOCK: &str = "SELECT CASE WHEN pg_try_advisory_lock{}($1) \
     THEN nextval('distlock_token_seq') END";
+/// The timeout is lifted again before the token is drawn, so that a
+/// `lock_not_available` error always means the lock was not taken.
 const LOCK: &str = "SELECT nextval('distlock_token_seq') FROM \
-    (SELECT pg_advisory_lock{}($1) FROM \
-        (SELECT set_config('lock_timeout', $2, true)) AS timeout OFFSET 0) AS locked OFFSET 0";
+    (SELECT set_config('lock_timeout', '0', true) FROM \
+        (SELECT pg_advisory_lock{}($1) FROM \
+            (SELECT set_config('lock_timeout', $2, true)) AS timeout OFFSET 0) AS locked \
+        OFFSET 0) AS lifted OFFSET 0";
 const UNLOCK: &str = "SELECT pg_advisory_unlock{}($1)";
 
 pub(crate) struct AdvisorySession {
@@ -153,8 +157,6 @@ struct Cleanup {
     cancel: CancelToken,
     unlock: Statement,
     id: i64,
-    /// The lock query has not answered yet.
-    pending: bool,
 }
 
 impl Cleanup {
@@ -206,13 +208,12 @@ impl StoreSession for AdvisorySession {
         });
         // Armed before the statement is sent: it may take the lock and then
         // fail (or be dropped) before its token comes back.
-        let mut cleanup = Cleanup {
+        let cleanup = Cleanup {
             turn: Some(turn),
             client: Arc::clone(&self.client),
             cancel: self.client.cancel_token(),
             unlock,
             id,
-            pending: true,
         };
         // The lock and its token in one statement, on this session's
         // connection: the lock passes on only once this connection lets it
@@ -224,16 +225,17 @@ impl StoreSession for AdvisorySession {
             .as_deref()
             .filter(|_| self.contended.contains(&request.key));
         let mut answer = self.lock_query(index, id, wait).await;
+        let mut waited = wait.is_some();
         if let (Some(timeout), None, Ok(row)) = (&timeout, &wait, &answer) {
             if row.get::<_, Option<i64>>(0).is_none() {
                 self.contended.record(&request.key, true);
                 answer = self.lock_query(index, id, Some(timeout)).await;
+                waited = true;
             }
         } else if wait.is_some() && rand::random::<u8>() < 16 {
             // Now and then a contended key is tried first again.
             self.contended.record(&request.key, false);
         }
-        cleanup.pending = false;
         if answer
             .as_ref()
             .map_or_else(|err| !err.is_closed(), |_| true)
@@ -252,7 +254,8 @@ impl StoreSession for AdvisorySession {
                 cleanup.disarm();
                 Ok(Some(Grant::new(token)))
             }
-            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            // The wait timed out: not taken.
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && waited => {
                 cleanup.disarm();
                 Ok(None)
             }

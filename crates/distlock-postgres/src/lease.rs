@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS distlock_leases (
     PRIMARY KEY (key, holder)
 );
 CREATE INDEX IF NOT EXISTS distlock_leases_holder ON distlock_leases (holder);
-CREATE OR REPLACE FUNCTION distlock_acquire(
+CREATE OR REPLACE FUNCTION distlock_acquire_v2(
     lock_key text, lock_holder text, lock_mode text, lock_permits int, ttl_ms bigint,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
 LANGUAGE plpgsql AS $fn$
@@ -364,7 +364,7 @@ impl StoreSession for LeaseSession {
             let row = client
                 .query_one(
                     "SELECT granted, fence, retry_ms, conflict \
-                     FROM distlock_acquire($1, $2, $3, $4, $5)",
+                     FROM distlock_acquire_v2($1, $2, $3, $4, $5)",
                     &[&request.key, &holder, &mode, &permits, &millis(self.ttl)],
                 )
                 .await

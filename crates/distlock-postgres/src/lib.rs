@@ -46,11 +46,25 @@
 //!
 //! # Fencing tokens
 //!
-//! In both modes the token comes from a table (`distlock_tokens`, made on
-//! first use) bumped in one statement, so tokens are committed and survive a
-//! restart of the server, and both modes draw from the same counters. An
-//! advisory lock's token is taken on the session's own connection while it
-//! holds the lock, so that it is committed before the lock can pass on.
+//! In both modes a token is `epoch << 40 | n`, drawn from one UNLOGGED
+//! sequence (`distlock_token_seq`) in the same statement as the grant, so a
+//! grant waits for no disk flush. The epoch lives in a logged table
+//! (`distlock_epoch`). PostgreSQL resets an unlogged sequence after a crash
+//! and when a standby is promoted; the first grant after that draws a value
+//! below `1 << 40`, starts a new epoch with a synchronous commit, and only
+//! then moves the sequence on. Tokens therefore rise per key (and across
+//! keys) through restarts, crashes and a failover to a streaming replica
+//! that had the latest epoch. What could make them go back, plainly: a
+//! failover to an asynchronous replica that missed more than 15 epoch
+//! bumps (each bump steps by 16), a point-in-time recovery to before a
+//! bump, or someone altering, resetting or recreating the sequence by hand
+//! (the store refuses a sequence that is not unlogged, step 1, cache 1, no
+//! cycle). Needs PostgreSQL 15 or later (unlogged sequences). An advisory
+//! lock's token is drawn on the session's own connection while it holds
+//! the lock, so tokens follow the order of grants. `docs/0004-sql-tokens.md`
+//! has the argument. Older clients counted tokens per key in
+//! `distlock_tokens`, below `1 << 40`: stop them all before the first
+//! client with these tokens starts, or their tokens will be lower.
 
 mod advisory;
 mod connect;
@@ -100,7 +114,8 @@ fn config_error(message: String) -> Error {
 
 impl PostgresStore {
     /// Connects to the database a `postgres://` or `postgresql://` URL
-    /// names, and makes the token table if it is not there.
+    /// names, and makes the token sequence, its epoch table and procedure
+    /// if they are not there.
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
         let parsed = Url::parse(url)

@@ -24,7 +24,7 @@ pub(crate) const FLOOR: i64 = 1 << 40;
 /// How close to its epoch's end a token starts the next epoch.
 const MARGIN: i64 = 1 << 30;
 
-/// Draws a token. Prepared once per connection where it is used often.
+/// Draws a token.
 pub(crate) const NEXT: &str = "SELECT nextval('distlock_token_seq')";
 
 /// Made under a transaction-scoped advisory lock: two `CREATE TABLE IF NOT
@@ -41,8 +41,12 @@ INSERT INTO distlock_epoch VALUES (1, 0) ON CONFLICT DO NOTHING;
 -- reset starts from.
 CREATE UNLOGGED SEQUENCE IF NOT EXISTS distlock_token_seq;
 -- Moves the sequence to a new epoch if it was reset or its epoch is nearly
--- spent. The epoch is committed (synchronously) before the sequence moves,
--- and the sequence only ever moves forward.
+-- spent. The epoch is committed (synchronously, to a synchronous standby
+-- too if there is one) before the sequence moves, and the sequence only
+-- ever moves forward. Epochs go up by 16, so that a standby promoted
+-- without the last few bumps still starts above them; and above the
+-- sequence's own epoch, so that a restored dump whose sequence ran ahead
+-- of its epoch row cannot repeat one.
 CREATE OR REPLACE PROCEDURE distlock_new_epoch()
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -50,6 +54,11 @@ DECLARE
     next_epoch bigint;
     drawn bigint;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'distlock needs read committed transactions, not %',
+            current_setting('transaction_isolation')
+            USING HINT = 'ALTER ROLE ... SET default_transaction_isolation = ''read committed''';
+    END IF;
     PERFORM pg_advisory_xact_lock(-8081908180553460212);
     SELECT epoch INTO current_epoch FROM distlock_epoch WHERE id = 1;
     SELECT last_value INTO drawn FROM distlock_token_seq;
@@ -57,10 +66,11 @@ BEGIN
         AND drawn < ((current_epoch + 1) << 40) - 1073741824 THEN
         RETURN;
     END IF;
-    IF current_setting('synchronous_commit') = 'off' THEN
+    IF current_setting('synchronous_commit') <> 'remote_apply' THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
-    UPDATE distlock_epoch SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch INTO next_epoch;
+    UPDATE distlock_epoch SET epoch = greatest(epoch, drawn >> 40) + 16 WHERE id = 1
+        RETURNING epoch INTO next_epoch;
     COMMIT;
     PERFORM pg_advisory_xact_lock(-8081908180553460212);
     IF (SELECT last_value FROM distlock_token_seq) < next_epoch << 40 THEN
@@ -92,7 +102,37 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     client
         .batch_execute(CREATE)
         .await
-        .map_err(|err| query_error(&target, &err))
+        .map_err(|err| query_error(&target, &err))?;
+    check_sequence(&client, &target).await
+}
+
+/// Refuses a `distlock_token_seq` that could hand out tokens out of order
+/// or come back from a reset inside a live epoch: it must be unlogged,
+/// step by 1, cache 1 value and not cycle. (`ALTER SEQUENCE` and `SET
+/// LOGGED` copy the current value into what a reset starts from.)
+async fn check_sequence(client: &Client, target: &str) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT c.relpersistence = 'u' AND s.increment_by = 1 AND s.cache_size = 1 \
+                 AND NOT s.cycle AND s.max_value = 9223372036854775807 \
+             FROM pg_sequences s \
+             JOIN pg_class c ON c.oid = format('%I.%I', s.schemaname, s.sequencename)::regclass \
+             WHERE c.oid = 'distlock_token_seq'::regclass",
+            &[],
+        )
+        .await
+        .map_err(|err| query_error(target, &err))?;
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!(
+            "PostgreSQL at {target}: distlock_token_seq was changed (it must be UNLOGGED, \
+             INCREMENT 1, CACHE 1, NO CYCLE); drop it and let distlock make it again while no \
+             client runs, and never ALTER it"
+        ),
+    ))
 }
 
 /// The token `drawn` stands for: itself if the sequence was in a live
@@ -112,15 +152,18 @@ pub(crate) async fn settle(client: &Client, target: &str, mut drawn: i64) -> Res
     Err(Error::new(
         ErrorKind::Store,
         format!(
-            "PostgreSQL at {target}: the token sequence stays below its epoch ({drawn}) after \
-             three new epochs; is distlock_token_seq being reset by hand?"
+            "PostgreSQL at {target}: distlock_token_seq gave {drawn}, outside a live epoch, \
+             three times in a row; is it being changed by hand?"
         ),
     ))
 }
 
 /// Starts a new epoch if the sequence still needs one.
 async fn new_epoch(client: &Client, target: &str) -> Result<()> {
-    tracing::info!("PostgreSQL at {target}: the token sequence was reset; starting a new epoch");
+    tracing::info!(
+        "PostgreSQL at {target}: the token sequence was reset or its epoch is nearly spent; \
+         starting a new epoch"
+    );
     client
         .batch_execute("CALL distlock_new_epoch()")
         .await

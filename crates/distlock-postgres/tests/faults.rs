@@ -87,7 +87,7 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
             guard.release().await.expect("release");
         }
     }
-    // The lease table draws from the same counters.
+    // The lease table draws from the same sequence.
     {
         let lease = client(&format!("{url}?mode=lease")).await;
         let session = lease.session().open().await.expect("open");
@@ -100,23 +100,74 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
         tokens.push(guard.token());
         guard.release().await.expect("release");
     }
+    let before = *tokens.last().expect("tokens");
     let server = server.crash_and_restart();
-    let client = client(&server.url()).await;
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/tokens")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
+    // Several sessions at once into the new epoch, waiting and trying, in
+    // both modes.
+    for url in [server.url(), format!("{}?mode=lease", server.url())] {
+        let client = client(&url).await;
+        let takers: Vec<_> = (0..4)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let session = client.session().open().await.expect("open");
+                    let guard = session
+                        .lock("faults/tokens")
+                        .wait(Duration::from_secs(10))
+                        .await
+                        .expect("granted");
+                    let token = guard.token();
+                    guard.release().await.expect("release");
+                    token
+                })
+            })
+            .collect();
+        let mut taken = Vec::new();
+        for taker in takers {
+            taken.push(taker.await.expect("taker"));
+        }
+        taken.sort_unstable();
+        tokens.extend(taken);
     }
     assert!(
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "tokens went back: {tokens:?}"
     );
+    assert!(
+        tokens.last().expect("tokens") >> 40 > before >> 40,
+        "no new epoch after the crash: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_nearly_spent_moves_on_to_the_next() {
+    let server = Postgres::start();
+    let client = client(&server.url()).await;
+    let take = || async {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/margin")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        let token = guard.token();
+        guard.release().await.expect("release");
+        token
+    };
+    let first = take().await;
+    // Just below the margin: the next draw is the epoch's last usable
+    // token, and the one after starts a new epoch.
+    let edge = ((first >> 40) + 1) * (1 << 40) - (1 << 30) - 2;
+    server.psql(&format!("SELECT setval('distlock_token_seq', {edge})"));
+    let last = take().await;
+    let next = take().await;
+    assert_eq!(last, edge + 1, "the last token of the epoch");
+    assert!(
+        next >> 40 > first >> 40,
+        "a new epoch: {first} {last} {next}"
+    );
+    assert!(next > last);
 }
 
 /// The keys of the failover test, per mode: one mode per key, as the store
