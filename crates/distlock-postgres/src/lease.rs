@@ -17,31 +17,50 @@ use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::connect::{open, query_error};
 use crate::tokens;
 
-/// The table, and the functions that change it, each one statement.
+/// The table, and the functions that change it, each one statement. The
+/// table is UNLOGGED: no change to it waits for a disk flush. PostgreSQL
+/// empties it exactly when it resets the token sequence (crash recovery, a
+/// standby's promotion); the grant that finds the sequence reset starts a
+/// new epoch, which marks the reset, and no lease is granted until the
+/// longest lease ever granted (`max_ttl_ms`, raised durably before a longer
+/// one is granted) has run out since: every lease lost with the table has
+/// ended by then.
 pub(crate) const SETUP: &str = r#"
 BEGIN;
 SELECT pg_advisory_xact_lock(-8081908180553460213);
-CREATE TABLE IF NOT EXISTS distlock_leases (
+CREATE UNLOGGED TABLE IF NOT EXISTS distlock_leases_v2 (
     key text NOT NULL,
     holder text NOT NULL,
     mode text NOT NULL,
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (key, holder)
 );
-CREATE INDEX IF NOT EXISTS distlock_leases_holder ON distlock_leases (holder);
+CREATE INDEX IF NOT EXISTS distlock_leases_v2_holder ON distlock_leases_v2 (holder);
+-- Who waits for a key, until when: a release notifies only if someone does
+-- (NOTIFY serializes every notifying commit of the server).
+CREATE UNLOGGED TABLE IF NOT EXISTS distlock_waiters (
+    key text NOT NULL,
+    waiter text NOT NULL,
+    until timestamptz NOT NULL,
+    PRIMARY KEY (key, waiter)
+);
 CREATE OR REPLACE FUNCTION distlock_acquire_v2(
-    lock_key text, lock_holder text, lock_mode text, lock_permits int, ttl_ms bigint,
+    lock_key text, lock_holder text, lock_waiter text, lock_mode text, lock_permits int,
+    ttl_ms bigint, wait_ms bigint,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     held_mode text;
     holders int;
     first_end timestamptz;
+    closed_until timestamptz;
+    longest bigint;
 BEGIN
     -- Under a snapshot older than the lock below, a holder that just
     -- committed would go unseen.
@@ -51,9 +70,9 @@ BEGIN
             USING HINT = 'ALTER ROLE ... SET default_transaction_isolation = ''read committed''';
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended('distlock:' || lock_key, 0));
-    DELETE FROM distlock_leases WHERE key = lock_key AND expires_at <= clock_timestamp();
+    DELETE FROM distlock_leases_v2 WHERE key = lock_key AND expires_at <= clock_timestamp();
     SELECT min(l.mode), count(*), min(l.expires_at) INTO held_mode, holders, first_end
-        FROM distlock_leases l WHERE l.key = lock_key;
+        FROM distlock_leases_v2 l WHERE l.key = lock_key;
     granted := false; fence := 0; retry_ms := ttl_ms; conflict := NULL;
     IF lock_mode LIKE 'p%' AND held_mode LIKE 'p%' AND held_mode <> lock_mode THEN
         conflict := 'the semaphore is held with ' || substr(held_mode, 2)
@@ -63,35 +82,77 @@ BEGIN
     IF holders = 0
         OR (lock_mode = 's' AND held_mode = 's')
         OR (lock_mode LIKE 'p%' AND held_mode = lock_mode AND holders < lock_permits) THEN
-        INSERT INTO distlock_leases (key, holder, mode, expires_at)
+        fence := nextval('distlock_token_seq');
+        IF fence < 1099511627776 OR fence & 1099511627775 >= 1099511627776 - 1073741824 THEN
+            RAISE EXCEPTION 'distlock: the token sequence needs a new epoch'
+                USING ERRCODE = 'DL001';
+        END IF;
+        -- Read after the draw: a draw in a new epoch sees its reset mark.
+        SELECT reset_at + max_ttl_ms * interval '1 millisecond', max_ttl_ms
+            INTO closed_until, longest FROM distlock_epoch WHERE id = 1;
+        IF ttl_ms > longest THEN
+            RAISE EXCEPTION 'distlock: a lease of % ms is longer than any granted before', ttl_ms
+                USING ERRCODE = 'DL002';
+        END IF;
+        IF closed_until > clock_timestamp() THEN
+            fence := 0;
+            retry_ms := greatest(1, ceil(extract(epoch FROM (closed_until - clock_timestamp()))
+                * 1000)::bigint);
+            RETURN;
+        END IF;
+        INSERT INTO distlock_leases_v2 (key, holder, mode, expires_at)
             VALUES (lock_key, lock_holder, lock_mode,
                     clock_timestamp() + ttl_ms * interval '1 millisecond');
-        fence := nextval('distlock_token_seq');
         granted := true; retry_ms := 0;
+        IF wait_ms > 0 THEN
+            DELETE FROM distlock_waiters WHERE key = lock_key AND waiter = lock_waiter;
+        END IF;
     ELSE
         retry_ms := greatest(1, least(ttl_ms,
             ceil(extract(epoch FROM (first_end - clock_timestamp())) * 1000)::bigint));
+        -- Seen by every release that checks after this commit; one that
+        -- checked just before it is caught by the waiter's early retry.
+        IF wait_ms > 0 THEN
+            INSERT INTO distlock_waiters (key, waiter, until)
+                VALUES (lock_key, lock_waiter,
+                        clock_timestamp() + wait_ms * interval '1 millisecond')
+                ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until;
+        END IF;
     END IF;
 END
 $fn$;
-CREATE OR REPLACE FUNCTION distlock_release(lock_key text, lock_holder text)
+CREATE OR REPLACE FUNCTION distlock_release_v2(lock_key text, lock_holder text)
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 BEGIN
-    DELETE FROM distlock_leases
+    DELETE FROM distlock_leases_v2
         WHERE key = lock_key AND holder = lock_holder AND expires_at > clock_timestamp();
-    IF FOUND THEN
-        PERFORM pg_notify('distlock_released', lock_key);
-        RETURN true;
+    IF NOT FOUND THEN
+        RETURN false;
     END IF;
-    RETURN false;
+    IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
+        DELETE FROM distlock_waiters WHERE key = lock_key AND until <= clock_timestamp();
+        IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
+            PERFORM pg_notify('distlock_released', lock_key);
+        END IF;
+    END IF;
+    RETURN true;
 END
 $fn$;
 COMMIT;
 "#;
 
+/// How soon a waiter looks again after it was first registered.
+const FIRST_LOOK: Duration = Duration::from_millis(10);
+
+/// Raises the longest lease granted, durably, before a longer one is.
+const LONGER: &str = "BEGIN;
+SET LOCAL synchronous_commit = on;
+UPDATE distlock_epoch SET max_ttl_ms = greatest(max_ttl_ms, {}) WHERE id = 1;
+COMMIT;";
+
 /// Keeps every hold of `holders` still unexpired for `ttl_ms` more; the
 /// keys of those kept.
-const RENEW: &str = "UPDATE distlock_leases
+const RENEW: &str = "UPDATE distlock_leases_v2
     SET expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
     WHERE holder = ANY($1) AND expires_at > clock_timestamp()
     RETURNING key";
@@ -344,6 +405,7 @@ impl StoreSession for LeaseSession {
         };
         let permits = i32::try_from(permits).unwrap_or(i32::MAX);
         let watch = request.wait_until.map(|_| self.leases.watch(&request.key));
+        let mut registered = false;
         loop {
             let mut woken: Option<Pin<Box<Notified<'_>>>> = watch.as_ref().map(|watch| {
                 let mut notified = Box::pin(watch.notify.notified());
@@ -361,14 +423,44 @@ impl StoreSession for LeaseSession {
             };
             let sent = Instant::now();
             let client = self.leases.client().await?;
-            let row = client
+            // Registered as a waiter (until its deadline) if not granted.
+            let wait_ms = request.wait_until.map_or(0, |until| {
+                millis(until.saturating_duration_since(sent)).max(1)
+            });
+            let answer = client
                 .query_one(
                     "SELECT granted, fence, retry_ms, conflict \
-                     FROM distlock_acquire_v2($1, $2, $3, $4, $5)",
-                    &[&request.key, &holder, &mode, &permits, &millis(self.ttl)],
+                     FROM distlock_acquire_v2($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &request.key,
+                        &holder,
+                        &self.id,
+                        &mode,
+                        &permits,
+                        &millis(self.ttl),
+                        &wait_ms,
+                    ],
                 )
-                .await
-                .map_err(|err| self.error(&err))?;
+                .await;
+            let row = match answer {
+                Ok(row) => row,
+                // Nothing was granted; what it asks for is done, and the
+                // acquire asks again.
+                Err(err) if err.code().map(SqlState::code) == Some("DL001") => {
+                    undo.armed = false;
+                    tokens::settle(&client, &self.leases.target, 0).await?;
+                    continue;
+                }
+                Err(err) if err.code().map(SqlState::code) == Some("DL002") => {
+                    undo.armed = false;
+                    client
+                        .batch_execute(&LONGER.replace("{}", &millis(self.ttl).to_string()))
+                        .await
+                        .map_err(|err| self.error(&err))?;
+                    continue;
+                }
+                Err(err) => return Err(self.error(&err)),
+            };
             let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
             if let Some(conflict) = conflict {
@@ -379,9 +471,7 @@ impl StoreSession for LeaseSession {
                 ));
             }
             if granted {
-                // A token of a reset sequence is replaced while the lease
-                // is held; if that fails, the hold is given back.
-                let token = tokens::settle(&client, &self.leases.target, fence).await?;
+                let token = u64::try_from(fence).unwrap_or(0);
                 undo.armed = false;
                 guard(&self.held).insert(request.key.clone(), (token, holder));
                 return Ok(Some(Grant::new(token).with_lease_from(sent)));
@@ -395,7 +485,13 @@ impl StoreSession for LeaseSession {
                 return Ok(None);
             }
             let retry = Duration::from_millis(u64::try_from(retry_ms).unwrap_or(1));
-            let pause = retry.min(self.ttl / 2).min(until - now);
+            let mut pause = retry.min(self.ttl / 2).min(until - now);
+            if !registered {
+                // A release that looked for waiters just before this one
+                // was registered sent no notification: look again soon.
+                registered = true;
+                pause = pause.min(FIRST_LOOK);
+            }
             match woken.take() {
                 Some(woken) => {
                     let _ = tokio::time::timeout(pause, woken).await;
@@ -413,7 +509,7 @@ impl StoreSession for LeaseSession {
             .leases
             .client()
             .await?
-            .query_one("SELECT distlock_release($1, $2)", &[&held.key, &holder])
+            .query_one("SELECT distlock_release_v2($1, $2)", &[&held.key, &holder])
             .await
             .map_err(|err| self.error(&err))?;
         self.forget(held);
@@ -455,7 +551,7 @@ impl StoreSession for LeaseSession {
         let client = self.leases.client().await?;
         for (key, (_, holder)) in held {
             let _ = client
-                .query_one("SELECT distlock_release($1, $2)", &[&key, &holder])
+                .query_one("SELECT distlock_release_v2($1, $2)", &[&key, &holder])
                 .await;
         }
         Ok(())
@@ -487,7 +583,7 @@ impl Drop for Undo {
         runtime.spawn(async move {
             if let Ok(client) = leases.client().await {
                 let _ = client
-                    .query_one("SELECT distlock_release($1, $2)", &[&key, &holder])
+                    .query_one("SELECT distlock_release_v2($1, $2)", &[&key, &holder])
                     .await;
             }
         });

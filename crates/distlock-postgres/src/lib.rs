@@ -27,20 +27,29 @@
 //!
 //! # A lease table (`?mode=lease`)
 //!
-//! A lock is a row per holder in `distlock_leases`, with the time its lease
-//! ends by the server's clock. Acquire, release and renewal are each one
+//! A lock is a row per holder in `distlock_leases_v2`, with the time its
+//! lease ends by the server's clock. Acquire, release and renewal are each one
 //! statement (functions made on first use; acquire takes a transaction-scoped
 //! advisory lock on the key, prunes expired rows and grants if the mode
 //! allows, and needs READ COMMITTED, the default), so a lease outlives the
 //! connection it was taken on and the mode can run through a pooler in
 //! transaction mode, if the pooler keeps prepared statements (PgBouncer
 //! 1.21 or later with `max_prepared_statements`). The first connect makes
-//! the tables and functions, which needs the right to create them. Releases are announced
-//! with NOTIFY; waiters LISTEN on a connection of the store's and try again
-//! on a release or at the earliest holder's lease end. Exclusive, shared and
-//! semaphore modes; not FIFO, no writer preference, no lock-delay. Behind a
-//! transaction pooler LISTEN may not be delivered: waiters then rely on
-//! their timers.
+//! the tables and functions, which needs the right to create them. Releases
+//! are announced with NOTIFY when someone waits; waiters LISTEN on a
+//! connection of the store's and try again on a release or at the earliest
+//! holder's lease end. Exclusive, shared and semaphore modes; not FIFO, no
+//! writer preference, no lock-delay. Behind a transaction pooler LISTEN may
+//! not be delivered: waiters then rely on their timers.
+//!
+//! The lease table is UNLOGGED, so no grant, release or renewal waits for a
+//! disk flush. PostgreSQL empties it after a crash and on a promoted
+//! standby, together with the token sequence (below); the first grant after
+//! that marks the reset, and no lease is granted until the longest lease
+//! ever granted has run out since (the longest is kept durably, raised
+//! before a longer one is granted). Holders learn at their next renewal
+//! that their lease is gone. The wait measures the new server's clock, so
+//! a standby whose clock runs far behind the old primary's shortens it.
 //!
 //! The two modes do not exclude each other: use one mode per key.
 //!

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS distlock_epoch (
     epoch bigint NOT NULL
 );
 INSERT INTO distlock_epoch VALUES (1, 0) ON CONFLICT DO NOTHING;
+-- When the unlogged data was last found reset, and the longest lease
+-- granted: no lease is granted until that long after a reset.
+ALTER TABLE distlock_epoch ADD COLUMN IF NOT EXISTS reset_at timestamptz,
+    ADD COLUMN IF NOT EXISTS max_ttl_ms bigint NOT NULL DEFAULT 0;
 -- Never ALTERed: that would copy its current value into the init fork a
 -- reset starts from.
 CREATE UNLOGGED SEQUENCE IF NOT EXISTS distlock_token_seq;
@@ -69,7 +73,12 @@ BEGIN
     IF current_setting('synchronous_commit') <> 'remote_apply' THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
-    UPDATE distlock_epoch SET epoch = greatest(epoch, drawn >> 40) + 16 WHERE id = 1
+    -- Below the live epoch is a reset (not a fresh database, nor an epoch
+    -- nearly spent): the leases the reset lost must run out first.
+    UPDATE distlock_epoch SET epoch = greatest(epoch, drawn >> 40) + 16,
+        reset_at = CASE WHEN current_epoch > 0 AND drawn < current_epoch << 40
+            THEN clock_timestamp() ELSE reset_at END
+        WHERE id = 1
         RETURNING epoch INTO next_epoch;
     COMMIT;
     PERFORM pg_advisory_xact_lock(-8081908180553460212);

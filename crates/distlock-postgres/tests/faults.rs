@@ -70,6 +70,8 @@ async fn killing_the_holders_backend_fires_lost_and_frees_the_lock_for_the_waite
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
+    // The longest lease the test grants.
+    const LEASE: Duration = Duration::from_secs(2);
     let server = Postgres::start();
     let url = server.url();
     let mut tokens = Vec::new();
@@ -87,10 +89,11 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
             guard.release().await.expect("release");
         }
     }
-    // The lease table draws from the same sequence.
+    // The lease table draws from the same sequence. A lease of 2 s is the
+    // longest granted, so after the crash none is granted for 2 s.
     {
         let lease = client(&format!("{url}?mode=lease")).await;
-        let session = lease.session().open().await.expect("open");
+        let session = lease.session().ttl(LEASE).open().await.expect("open");
         let guard = session
             .semaphore("faults/tokens", 2)
             .try_lock()
@@ -100,35 +103,62 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
         tokens.push(guard.token());
         guard.release().await.expect("release");
     }
-    let before = *tokens.last().expect("tokens");
+    // A lease held across the crash, which the crash takes away.
+    let holder_client = client(&format!("{url}?mode=lease")).await;
+    let holder = holder_client
+        .session()
+        .ttl(LEASE)
+        .open()
+        .await
+        .expect("open");
+    let held = holder
+        .lock("faults/held")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let before = held.token();
+    tokens.push(before);
     let server = server.crash_and_restart();
-    // Several sessions at once into the new epoch, waiting and trying, in
-    // both modes.
+    let restarted = Instant::now();
+    // Several sessions at once into the new epoch, in both modes.
     for url in [server.url(), format!("{}?mode=lease", server.url())] {
         let client = client(&url).await;
         let takers: Vec<_> = (0..4)
             .map(|_| {
                 let client = client.clone();
                 tokio::spawn(async move {
-                    let session = client.session().open().await.expect("open");
+                    let session = client.session().ttl(LEASE).open().await.expect("open");
                     let guard = session
                         .lock("faults/tokens")
                         .wait(Duration::from_secs(10))
                         .await
                         .expect("granted");
+                    let granted = Instant::now();
                     let token = guard.token();
                     guard.release().await.expect("release");
-                    token
+                    (token, granted)
                 })
             })
             .collect();
         let mut taken = Vec::new();
         for taker in takers {
-            taken.push(taker.await.expect("taker"));
+            let (token, granted) = taker.await.expect("taker");
+            if url.ends_with("mode=lease") {
+                assert!(
+                    granted - restarted >= LEASE,
+                    "a lease granted {:?} after the crash, within the longest lease",
+                    granted - restarted
+                );
+            }
+            taken.push(token);
         }
         taken.sort_unstable();
         tokens.extend(taken);
     }
+    timeout(LEASE * 2, held.lost())
+        .await
+        .expect("the lease held across the crash is lost");
     assert!(
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "tokens went back: {tokens:?}"
@@ -183,13 +213,23 @@ async fn take_every_key(url: &str, tokens: &mut BTreeMap<&'static str, Vec<u64>>
     for (client, keys) in [(&advisory, ADVISORY_KEYS), (&lease, LEASE_KEYS)] {
         for key in keys {
             for shared in [false, true, false] {
-                let session = client.session().open().await.expect("open");
+                // Short leases: after the failover none is granted until the
+                // longest has run out.
+                let session = client
+                    .session()
+                    .ttl(Duration::from_secs(1))
+                    .open()
+                    .await
+                    .expect("open");
                 let request = if shared {
                     session.read(key)
                 } else {
                     session.lock(key)
                 };
-                let guard = request.try_lock().await.expect("try").expect("free");
+                let guard = request
+                    .wait(Duration::from_secs(10))
+                    .await
+                    .expect("granted");
                 tokens.entry(key).or_default().push(guard.token());
                 guard.release().await.expect("release");
             }
