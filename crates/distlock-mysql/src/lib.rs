@@ -44,31 +44,36 @@
 //!
 //! # Fencing tokens
 //!
-//! On MariaDB (10.3 or later) tokens come from one sequence,
-//! `distlock_token_seq` (made on first use, `CACHE 1000`), drawn in the
-//! same statement as the named lock: `IF(GET_LOCK(?, ?) = 1,
-//! NEXTVAL(distlock_token_seq), 0)`. MariaDB writes the end of a cached
-//! block to the sequence's table (committed, and flushed with InnoDB's
-//! default `innodb_flush_log_at_trx_commit = 1`) before it hands out a
-//! value of the block, and a restart or crash starts from that end: values
-//! are skipped, never repeated, at one flush per 1000 grants. In lease mode
-//! the token is drawn in the grant's transaction. The sequence starts above
-//! every token the older `distlock_tokens` table gave.
+//! On MariaDB 10.3 or later (outside a Galera cluster) a token is
+//! `epoch << 40 | n`: `n` from one sequence, `distlock_token_seq` (`CACHE
+//! 1000`), drawn in the same statement as the named lock,
+//! `IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)`, or in the
+//! lease grant's transaction. MariaDB does not flush a sequence's cache
+//! reservations, so after a crash the sequence may resume below values it
+//! handed out; hence the epoch, kept in the InnoDB table `distlock_epoch`:
+//! after every restart of the server (a MEMORY table, `distlock_alive`,
+//! tells), the first named session commits a new epoch (flushed) and only
+//! then moves the sequence to it. No grant waits for a flush. A lease
+//! grant's commit flushes its own draw.
 //!
 //! MySQL has no sequences: there the token comes from `distlock_tokens`, a
 //! row per key (by the SHA-256 of its name) bumped with
 //! `LAST_INSERT_ID(token + 1)` in one statement, committed before the lock
 //! can pass on: one flush per grant.
 //!
-//! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit`
-//! set to 0 (or to 2 with a crash of the whole machine), a failover to a
-//! replica behind the primary, or the sequence or table changed by hand.
-//! A named lock's token is drawn on the session's own connection while it
-//! holds the lock, so tokens follow the order of grants.
+//! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit
+//! = 0` (or `2` and a crash of the whole machine), a failover to a replica
+//! behind the primary, the sequence or tables changed by hand, or a key used
+//! in both modes at once. Older clients counted tokens per key in
+//! `distlock_tokens`, below `1 << 40`: stop them before the first client
+//! with these tokens starts. A named lock's token is drawn on the session's
+//! own connection while it holds the lock, so tokens follow the order of
+//! grants. `docs/0004-sql-tokens.md` has the argument.
 
 mod connect;
 mod lease;
 mod named;
+mod tokens;
 
 use std::time::Duration;
 
@@ -96,18 +101,12 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
 /// Where a store's tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tokens {
-    /// MariaDB's `distlock_token_seq`: a value is handed out from a cache
-    /// whose end was written (and flushed at commit) first, so a restart
-    /// skips values and never repeats one; one flush per 1000 grants.
+    /// MariaDB 10.3 or later, not in a Galera cluster: `epoch << 40 | n`,
+    /// `n` from a cached sequence (see [`tokens`]).
     Sequence,
     /// MySQL: a committed row per key, one flush per grant.
     Table,
 }
-
-/// The sequence, started above every token the table ever gave (an
-/// upgraded database keeps rising).
-const SEQUENCE: &str = "CREATE SEQUENCE IF NOT EXISTS distlock_token_seq
-    START WITH {} CACHE 1000 ENGINE=InnoDB";
 
 /// A store on one MySQL or MariaDB database.
 pub struct MysqlStore {
@@ -134,7 +133,8 @@ fn config_error(message: String) -> Error {
 
 impl MysqlStore {
     /// Connects to the database a `mysql://` URL names, and makes the token
-    /// table (and in lease mode the lease tables) if they are not there.
+    /// table, sequence and epoch tables (and in lease mode the lease tables)
+    /// if they are not there.
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
         let parsed = Url::parse(url)
@@ -180,14 +180,13 @@ impl MysqlStore {
             conn.query_drop(TOKENS).await.map_err(failed)?;
             let version: Option<String> =
                 conn.query_first("SELECT VERSION()").await.map_err(failed)?;
-            let tokens = if version.is_some_and(|version| version.contains("MariaDB")) {
-                let above: Option<u64> = conn
-                    .query_first("SELECT COALESCE(MAX(token), 0) + 1 FROM distlock_tokens")
-                    .await
-                    .map_err(failed)?;
-                conn.query_drop(SEQUENCE.replace("{}", &above.unwrap_or(1).to_string()))
-                    .await
-                    .map_err(failed)?;
+            // Galera replicates cached sequences wrongly (MDEV-27862).
+            let galera: Option<u8> = conn
+                .query_first("SELECT @@GLOBAL.wsrep_on")
+                .await
+                .unwrap_or(None);
+            let tokens = if has_sequences(version.as_deref()) && galera != Some(1) {
+                tokens::setup(&mut conn, &store.target).await?;
                 Tokens::Sequence
             } else {
                 Tokens::Table
@@ -264,6 +263,11 @@ impl LockStore for MysqlStore {
         conn.query_drop(format!("SET SESSION wait_timeout = {idle}"))
             .await
             .map_err(|err| connect::query_error(&self.target, &err))?;
+        // A named lock's token is drawn without a flush: after a restart
+        // of the server, a new epoch comes first.
+        if self.tokens == Tokens::Sequence {
+            tokens::ensure_epoch(&mut conn, &self.target, false).await?;
+        }
         Ok(Box::new(named::NamedSession::new(
             conn,
             self.pool.clone(),
@@ -271,5 +275,32 @@ impl LockStore for MysqlStore {
             self.tokens,
             options.ttl,
         )))
+    }
+}
+
+/// Whether `VERSION()` names a MariaDB with sequences (10.3 or later).
+fn has_sequences(version: Option<&str>) -> bool {
+    let Some(version) = version.filter(|version| version.contains("MariaDB")) else {
+        return false;
+    };
+    let mut parts = version.split(['.', '-']).map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (10, 3),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_sequences;
+
+    #[test]
+    fn sequences_from_mariadb_10_3_only() {
+        assert!(has_sequences(Some("10.11.19-MariaDB-0+deb12u1")));
+        assert!(has_sequences(Some("11.4.2-MariaDB")));
+        assert!(has_sequences(Some("10.3.0-MariaDB")));
+        assert!(!has_sequences(Some("10.2.44-MariaDB")));
+        assert!(!has_sequences(Some("8.0.36")));
+        assert!(!has_sequences(None));
     }
 }

@@ -110,7 +110,7 @@ async fn get_lock(
     mut turn: OwnedMutexGuard<Option<Conn>>,
     (name, key): (String, String),
     timeout: f64,
-    tokens: Tokens,
+    (tokens, target): (Tokens, String),
     state: Arc<WaitState>,
     heartbeat: Arc<Heartbeat>,
     answer: oneshot::Sender<std::result::Result<Option<u64>, mysql_async::Error>>,
@@ -139,17 +139,34 @@ async fn get_lock(
         Ok(_) => (Ok(false), None),
         Err(err) => (Err(err), None),
     };
+    // The statement failed, perhaps after GET_LOCK took the lock (the draw
+    // failed, or a KILL QUERY landed late): give back what it took.
+    if let (Err(err), Some(conn)) = (&got, turn.as_mut()) {
+        if !err.is_fatal() && holds(conn, &name).await {
+            give_back(conn, &name).await;
+        }
+    }
     // The token, on this connection, before anything else it does: the
     // lock goes to another session only once this connection lets it go,
     // after the token is drawn (and, from the table, committed), so tokens
     // follow the order of grants even when this connection dies right
     // after.
     if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
-        if tokens == Tokens::Table {
-            match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
+        match tokens {
+            Tokens::Table => match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
                 Ok(()) => token = conn.last_insert_id(),
                 Err(err) => got = Err(err),
+            },
+            // Outside a live epoch (the epoch nearly spent): a new one,
+            // while the lock is held, and a token of it.
+            Tokens::Sequence if !token.is_some_and(crate::tokens::live) => {
+                token = None;
+                match redraw(conn, &target).await {
+                    Ok(drawn) => token = Some(drawn),
+                    Err(err) => got = Err(mysql_async::Error::Other(err.to_string().into())),
+                }
             }
+            Tokens::Sequence => {}
         }
         if got.is_ok() && token.is_none() {
             got = Err(mysql_async::Error::Other("no token was returned".into()));
@@ -168,6 +185,31 @@ async fn get_lock(
             give_back(conn, &name).await;
         }
     }
+}
+
+/// Whether this connection holds the named lock `name`.
+async fn holds(conn: &mut Conn, name: &str) -> bool {
+    let owner: std::result::Result<Option<Option<i64>>, _> = conn
+        .exec_first("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", (name,))
+        .await;
+    matches!(owner, Ok(Some(Some(1))))
+}
+
+/// A token of a new epoch, for a draw that fell outside a live one.
+async fn redraw(conn: &mut Conn, target: &str) -> Result<u64> {
+    crate::tokens::ensure_epoch(conn, target, true).await?;
+    let drawn: Option<u64> = conn
+        .query_first("SELECT NEXTVAL(distlock_token_seq)")
+        .await
+        .map_err(|err| query_error(target, &err))?;
+    drawn
+        .filter(|drawn| crate::tokens::live(*drawn))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Store,
+                format!("MariaDB at {target}: distlock_token_seq gave no token of a live epoch"),
+            )
+        })
 }
 
 /// Releases `name` once, again if a KILL QUERY interrupted the release.
@@ -297,7 +339,7 @@ impl StoreSession for NamedSession {
             turn,
             (name.clone(), request.key.clone()),
             timeout,
-            self.tokens,
+            (self.tokens, self.target.clone()),
             Arc::clone(&state),
             Arc::clone(&self.heartbeat),
             answer,

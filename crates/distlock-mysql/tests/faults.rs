@@ -99,6 +99,43 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_tokens_rise_across_a_crash_right_after_a_grant() {
+    // Named grants only, and the crash at once: nothing else commits (and
+    // so flushes) after the sequence reserved its block.
+    let server = Mariadb::start();
+    let before = client(&server.url()).await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let session = before.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/crash")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    let server = server.crash_and_restart();
+    let after = client(&server.url()).await;
+    for _ in 0..3 {
+        let session = after.session().open().await.expect("open");
+        let guard = session
+            .lock("faults/crash")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     let server = Mariadb::shared();
     let port = server.port();
