@@ -268,13 +268,16 @@ impl LockStore for MysqlStore {
         if self.tokens == Tokens::Sequence {
             tokens::ensure_epoch(&mut conn, &self.target, false).await?;
         }
-        Ok(Box::new(named::NamedSession::new(
-            conn,
-            self.pool.clone(),
-            self.target.clone(),
-            self.tokens,
-            options.ttl,
-        )))
+        Ok(Box::new(
+            named::NamedSession::open(
+                conn,
+                self.pool.clone(),
+                self.target.clone(),
+                self.tokens,
+                options.ttl,
+            )
+            .await?,
+        ))
     }
 }
 

@@ -10,7 +10,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Pool};
+use mysql_async::{Conn, Pool, Statement};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
@@ -60,18 +60,35 @@ pub(crate) struct NamedSession {
     pool: Pool,
     target: String,
     tokens: Tokens,
+    /// The lock (and token) statement, prepared.
+    lock: Statement,
+    release: Statement,
     ttl: Duration,
 }
 
 impl NamedSession {
-    pub(crate) fn new(
-        conn: Conn,
+    /// Readies a session on its dedicated connection, its statements
+    /// prepared once.
+    pub(crate) async fn open(
+        mut conn: Conn,
         pool: Pool,
         target: String,
         tokens: Tokens,
         ttl: Duration,
-    ) -> Self {
-        NamedSession {
+    ) -> Result<Self> {
+        // With a sequence, the lock and its token are one statement: the
+        // token is drawn only if the lock was got. Either way 0 or NULL is
+        // "not got".
+        let lock = match tokens {
+            Tokens::Sequence => "SELECT IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)",
+            Tokens::Table => "SELECT GET_LOCK(?, ?)",
+        };
+        let failed = |err: mysql_async::Error| query_error(&target, &err);
+        let lock = conn.prep(lock).await.map_err(failed)?;
+        let release = conn.prep("SELECT RELEASE_LOCK(?)").await.map_err(failed)?;
+        Ok(NamedSession {
+            lock,
+            release,
             tokens,
             id: conn.id(),
             conn: Arc::new(Mutex::new(Some(conn))),
@@ -79,7 +96,7 @@ impl NamedSession {
             pool,
             target,
             ttl,
-        }
+        })
     }
 
     fn lost(&self) -> Error {
@@ -110,7 +127,7 @@ async fn get_lock(
     mut turn: OwnedMutexGuard<Option<Conn>>,
     (name, key): (String, String),
     timeout: f64,
-    (tokens, target): (Tokens, String),
+    (tokens, target, lock): (Tokens, String, Statement),
     state: Arc<WaitState>,
     heartbeat: Arc<Heartbeat>,
     answer: oneshot::Sender<std::result::Result<Option<u64>, mysql_async::Error>>,
@@ -119,14 +136,8 @@ async fn get_lock(
         state.finish().await;
         return;
     };
-    // With a sequence, the lock and its token are one statement: the token
-    // is drawn only if the lock was got. Either way 0 or NULL is "not got".
-    let statement = match tokens {
-        Tokens::Sequence => "SELECT IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)",
-        Tokens::Table => "SELECT GET_LOCK(?, ?)",
-    };
     let got: std::result::Result<Option<Option<u64>>, _> =
-        conn.exec_first(statement, (&name, timeout)).await;
+        conn.exec_first(lock, (&name, timeout)).await;
     if !got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         heartbeat.mark();
     }
@@ -339,7 +350,7 @@ impl StoreSession for NamedSession {
             turn,
             (name.clone(), request.key.clone()),
             timeout,
-            (self.tokens, self.target.clone()),
+            (self.tokens, self.target.clone(), self.lock.clone()),
             Arc::clone(&state),
             Arc::clone(&self.heartbeat),
             answer,
@@ -378,7 +389,7 @@ impl StoreSession for NamedSession {
             return Err(self.lost());
         };
         let released: std::result::Result<Option<Option<i64>>, _> = conn
-            .exec_first("SELECT RELEASE_LOCK(?)", (lock_name(&held.key),))
+            .exec_first(&self.release, (lock_name(&held.key),))
             .await;
         match released {
             Ok(Some(Some(1))) => Ok(()),
