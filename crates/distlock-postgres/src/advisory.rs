@@ -13,7 +13,7 @@ use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{CancelToken, Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::connect::query_error;
 use crate::tokens;
@@ -154,7 +154,6 @@ impl AdvisorySession {
 struct Cleanup {
     turn: Option<OwnedMutexGuard<()>>,
     client: Arc<Client>,
-    cancel: CancelToken,
     unlock: Statement,
     id: i64,
 }
@@ -175,7 +174,7 @@ impl Drop for Cleanup {
         };
         let (client, cancel, unlock, id) = (
             Arc::clone(&self.client),
-            self.cancel.clone(),
+            self.client.cancel_token(),
             self.unlock.clone(),
             self.id,
         );
@@ -211,7 +210,6 @@ impl StoreSession for AdvisorySession {
         let cleanup = Cleanup {
             turn: Some(turn),
             client: Arc::clone(&self.client),
-            cancel: self.client.cancel_token(),
             unlock,
             id,
         };
