@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use distlock_core::testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
+use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
 
 /// Runs the demo and returns its exit success and JSON summary.
 fn demo(url: &str, db: Option<&str>, extra: &[&str]) -> (bool, serde_json::Value) {
@@ -99,7 +99,7 @@ fn each_store(mut run: impl FnMut(&str)) {
 
     #[cfg(feature = "etcd")]
     {
-        let etcd = distlock_core::testkit::servers::Etcd::start();
+        let etcd = distlock_testkit::servers::Etcd::start();
         run(&etcd.url());
     }
 

@@ -1,6 +1,6 @@
 //! The core of distlock: the lock API, the store trait every store
-//! implements, the memory and file stores, and (with the `testkit` feature)
-//! the conformance suite every store must pass.
+//! implements, and the memory and file stores. The conformance suite every
+//! store must pass is the `distlock-testkit` crate.
 //!
 //! Users depend on the `distlock` crate, which adds `connect(url)`; store
 //! authors depend on this one.
@@ -31,8 +31,6 @@ mod request;
 mod session;
 pub mod store;
 pub mod table;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 
 pub use client::{Client, SessionBuilder, DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_TTL, MIN_TTL};
 pub use error::{Error, ErrorKind, Result};

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::testkit::restart::tokens_rise_and_the_holder_stays_honest;
-use distlock_core::testkit::servers::Etcd;
 use distlock_core::{Client, ErrorKind};
 use distlock_etcd::EtcdStore;
+use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
+use distlock_testkit::servers::Etcd;
 use etcd_client::KeyValue;
 use tokio::time::timeout;
 
@@ -148,7 +148,7 @@ async fn bad_urls_and_an_unreachable_cluster_get_clear_errors_in_bounded_time() 
         assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
     }
     let started = tokio::time::Instant::now();
-    let dead = distlock_core::testkit::daemon::free_port();
+    let dead = distlock_testkit::daemon::free_port();
     let err = EtcdStore::connect(&format!("etcd://127.0.0.1:{dead}"))
         .await
         .expect_err("nothing listens");

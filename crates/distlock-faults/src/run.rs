@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distlock::SessionModel;
-use distlock_core::testkit::proxy::{self, Proxy};
-use distlock_core::testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
+use distlock_testkit::proxy::{self, Proxy};
+use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand::Rng;
@@ -261,7 +261,7 @@ enum Backend {
     Postgres(Postgres),
     Mysql(Mariadb),
     #[cfg(feature = "etcd")]
-    Etcd(distlock_core::testkit::servers::Etcd),
+    Etcd(distlock_testkit::servers::Etcd),
     Zookeeper(ZooKeeper),
 }
 
@@ -317,7 +317,7 @@ impl Backend {
             Store::Server => Backend::Server(ServerProcess::start(
                 exe,
                 &dir.join("server"),
-                distlock_core::testkit::daemon::free_port(),
+                distlock_testkit::daemon::free_port(),
             )?),
             Store::File => {
                 let files = dir.join("locks");
@@ -329,7 +329,7 @@ impl Backend {
             Store::Postgres | Store::PostgresLease => Backend::Postgres(Postgres::start()),
             Store::Mysql | Store::MysqlLease => Backend::Mysql(Mariadb::start()),
             #[cfg(feature = "etcd")]
-            Store::Etcd => Backend::Etcd(distlock_core::testkit::servers::Etcd::start()),
+            Store::Etcd => Backend::Etcd(distlock_testkit::servers::Etcd::start()),
             #[cfg(not(feature = "etcd"))]
             Store::Etcd => anyhow::bail!("etcd needs the etcd feature"),
             Store::Zookeeper => Backend::Zookeeper(ZooKeeper::start()),

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use distlock_core::{Client, ErrorKind};
 use distlock_mysql::MysqlStore;
+use distlock_testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use tokio::time::timeout;
 
 async fn client(url: &str) -> Client {
@@ -156,13 +156,13 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     assert!(err.to_string().contains("nowhere"), "{err}");
 
     // A port that speaks something else.
-    let other = distlock_core::testkit::daemon::not_a_store().await;
+    let other = distlock_testkit::daemon::not_a_store().await;
     let err = MysqlStore::connect(&format!("mysql://u:p@127.0.0.1:{other}/db"))
         .await
         .expect_err("not MySQL");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 
-    let dead = distlock_core::testkit::daemon::free_port();
+    let dead = distlock_testkit::daemon::free_port();
     let err = MysqlStore::connect(&format!("mysql://u:p@127.0.0.1:{dead}/db"))
         .await
         .expect_err("nothing listens");

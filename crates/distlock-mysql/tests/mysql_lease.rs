@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use distlock_core::testkit::servers::Mariadb;
 use distlock_core::Client;
 use distlock_mysql::MysqlStore;
+use distlock_testkit::servers::Mariadb;
 
 async fn connect() -> Client {
     let url = format!("{}?mode=lease", Mariadb::shared().url());
@@ -14,4 +14,4 @@ async fn connect() -> Client {
     Client::new(Arc::new(store))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock_core::testkit::servers::postgres::{Postgres, PASSWORD};
 use distlock_core::{Client, ErrorKind};
 use distlock_postgres::{advisory_key, PostgresStore};
+use distlock_testkit::servers::postgres::{Postgres, PASSWORD};
 use tokio::time::timeout;
 
 async fn client(url: &str) -> Client {
@@ -349,14 +349,14 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     assert!(err.to_string().contains("nowhere"), "{err}");
 
     // A port that speaks something else.
-    let other = distlock_core::testkit::daemon::not_a_store().await;
+    let other = distlock_testkit::daemon::not_a_store().await;
     let err = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{other}/db"))
         .await
         .expect_err("not PostgreSQL");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 
     // Nothing listening.
-    let dead = distlock_core::testkit::daemon::free_port();
+    let dead = distlock_testkit::daemon::free_port();
     let err = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{dead}/db"))
         .await
         .expect_err("nothing listens");

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use distlock_core::testkit::servers::Postgres;
 use distlock_core::Client;
 use distlock_postgres::PostgresStore;
+use distlock_testkit::servers::Postgres;
 
 async fn connect() -> Client {
     let store = PostgresStore::connect(&Postgres::shared().url())
@@ -13,4 +13,4 @@ async fn connect() -> Client {
     Client::new(Arc::new(store))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);

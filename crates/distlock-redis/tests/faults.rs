@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, Mode, SessionOptions};
-use distlock_core::testkit::servers::Redis;
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
+use distlock_testkit::servers::Redis;
 use tokio::time::{sleep, timeout, Instant};
 
 fn redlock_url(servers: &[Redis]) -> String {
@@ -224,7 +224,7 @@ async fn lost_fires_when_the_lock_is_deleted_or_expired_from_outside() {
 async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
     let dead = format!(
         "redis://127.0.0.1:{}",
-        distlock_core::testkit::daemon::free_port()
+        distlock_testkit::daemon::free_port()
     );
     let started = Instant::now();
     let err = RedisStore::connect(&dead)
@@ -255,8 +255,8 @@ async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
     let server = Redis::start();
     let up = server.address();
     let ports = [
-        distlock_core::testkit::daemon::free_port(),
-        distlock_core::testkit::daemon::free_port(),
+        distlock_testkit::daemon::free_port(),
+        distlock_testkit::daemon::free_port(),
     ];
     let url = format!(
         "redlock://{up},127.0.0.1:{},127.0.0.1:{}",

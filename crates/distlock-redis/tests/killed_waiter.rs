@@ -19,9 +19,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use distlock_core::testkit::servers::Redis;
 use distlock_core::{Client, Session};
 use distlock_redis::RedisStore;
+use distlock_testkit::servers::Redis;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;

@@ -4,9 +4,9 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use distlock_core::testkit::servers::Redis;
 use distlock_core::Client;
 use distlock_redis::RedisStore;
+use distlock_testkit::servers::Redis;
 
 thread_local! {
     /// The test's three servers, killed when the test ends.
@@ -28,4 +28,4 @@ async fn connect() -> Client {
     Client::new(Arc::new(store))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);

@@ -1,8 +1,8 @@
 //! `rediss://`: TLS to Redis, trusting the CA the URL names.
 
-use distlock_core::testkit::servers::Redis;
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
+use distlock_testkit::servers::Redis;
 
 #[tokio::test]
 async fn locks_over_tls_with_the_servers_ca_and_refuses_without_it() {

@@ -12,7 +12,7 @@ fn server() -> SocketAddr {
     static SERVER: OnceLock<SocketAddr> = OnceLock::new();
     *SERVER.get_or_init(|| {
         let data = tempfile::tempdir().expect("temp dir").keep();
-        distlock_core::testkit::daemon::remove_when_this_process_exits(&data);
+        distlock_testkit::daemon::remove_when_this_process_exits(&data);
         let (ready, address) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("server runtime");
@@ -50,7 +50,7 @@ async fn connect() -> Client {
     connect_with("").await
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);
 
 /// A gRPC stream per session: what `distlocks://` and other languages use.
 mod grpc {
@@ -58,5 +58,5 @@ mod grpc {
         super::connect_with("?transport=grpc").await
     }
 
-    distlock_core::conformance_suite!(connect);
+    distlock_testkit::conformance_suite!(connect);
 }

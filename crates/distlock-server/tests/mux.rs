@@ -275,7 +275,7 @@ async fn sessions_on_one_connection_cannot_release_each_others_locks() {
 async fn a_port_that_is_not_a_distlock_server_is_named_as_such() {
     let address = format!(
         "127.0.0.1:{}",
-        distlock_core::testkit::daemon::not_a_store().await
+        distlock_testkit::daemon::not_a_store().await
     );
     let err = store(&format!("distlock://{address}"))
         .await

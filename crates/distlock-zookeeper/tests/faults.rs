@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::testkit::proxy::{Fault, Proxy};
-use distlock_core::testkit::restart::tokens_rise_and_the_holder_stays_honest;
-use distlock_core::testkit::servers::ZooKeeper;
 use distlock_core::{Client, ErrorKind};
+use distlock_testkit::proxy::{Fault, Proxy};
+use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
+use distlock_testkit::servers::ZooKeeper;
 use distlock_zookeeper::{lock_dir, ZkStore};
 use futures::FutureExt;
 use tokio::time::timeout;
@@ -140,7 +140,7 @@ async fn bad_urls_an_unreachable_ensemble_and_short_max_sessions_get_clear_error
         assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
     }
     let started = tokio::time::Instant::now();
-    let dead = distlock_core::testkit::daemon::free_port();
+    let dead = distlock_testkit::daemon::free_port();
     let err = ZkStore::connect(&format!("zk://127.0.0.1:{dead}"))
         .await
         .expect_err("nothing listens");
@@ -155,7 +155,7 @@ async fn bad_urls_an_unreachable_ensemble_and_short_max_sessions_get_clear_error
         started.elapsed()
     );
     // A port that is not ZooKeeper.
-    let other = distlock_core::testkit::daemon::not_a_store().await;
+    let other = distlock_testkit::daemon::not_a_store().await;
     let err = ZkStore::connect(&format!("zk://127.0.0.1:{other}"))
         .await
         .expect_err("not ZooKeeper");

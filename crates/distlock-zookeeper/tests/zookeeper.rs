@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use distlock_core::testkit::servers::ZooKeeper;
 use distlock_core::Client;
+use distlock_testkit::servers::ZooKeeper;
 use distlock_zookeeper::ZkStore;
 
 async fn connect() -> Client {
@@ -13,4 +13,4 @@ async fn connect() -> Client {
     Client::new(Arc::new(store))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);

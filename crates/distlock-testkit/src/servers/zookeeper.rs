@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::testkit::daemon::{free_port, Daemon};
+use crate::daemon::{free_port, Daemon};
 
 /// Where Debian's `zookeeper` package puts the server's script.
 const SCRIPT: &str = "/usr/share/zookeeper/bin/zkServer.sh";

@@ -8,4 +8,4 @@ async fn connect() -> Client {
     Client::new(Arc::new(MemoryStore::named("conformance")))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! async fn connect() -> distlock_core::Client { /* start or reach the store */ }
-//! distlock_core::conformance_suite!(connect);
+//! distlock_testkit::conformance_suite!(connect);
 //! ```
 //!
 //! That makes one `#[test]` per behaviour. A behaviour that needs a
@@ -38,7 +38,7 @@ use std::future::Future;
 use std::io::Write;
 use std::time::Duration;
 
-use crate::{Capabilities, Client, Session};
+use distlock_core::{Capabilities, Client, Session};
 
 pub use basics::*;
 pub use leases::*;
@@ -173,7 +173,7 @@ macro_rules! conformance_suite {
         $(
             #[test]
             fn $behaviour() {
-                $crate::testkit::run(stringify!($behaviour), $connect, $crate::testkit::$behaviour);
+                $crate::run(stringify!($behaviour), $connect, $crate::$behaviour);
             }
         )*
     };

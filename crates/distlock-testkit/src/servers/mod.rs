@@ -11,7 +11,7 @@
 //! up, is a panic that shows the end of the server's log.
 //!
 //! ```no_run
-//! use distlock_core::testkit::servers::Redis;
+//! use distlock_testkit::servers::Redis;
 //!
 //! let server = Redis::start();
 //! let url = server.url(); // redis://127.0.0.1:PORT

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::testkit::daemon::{free_port, Daemon};
+use crate::daemon::{free_port, Daemon};
 
 /// The user made for the tests (all privileges, from any host).
 pub const USER: &str = "distlock";

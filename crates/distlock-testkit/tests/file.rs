@@ -10,7 +10,7 @@ fn lock_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir for lock files").keep();
-        distlock_core::testkit::daemon::remove_when_this_process_exits(&dir);
+        distlock_testkit::daemon::remove_when_this_process_exits(&dir);
         dir
     })
     .to_owned()
@@ -23,7 +23,7 @@ async fn connect() -> Client {
     Client::new(Arc::new(store))
 }
 
-distlock_core::conformance_suite!(connect);
+distlock_testkit::conformance_suite!(connect);
 
 /// A lock file deleted under its holder is a lost lock: the next renewal
 /// sees the path no longer names the locked file.

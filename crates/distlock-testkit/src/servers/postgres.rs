@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::testkit::daemon::{free_port, Daemon};
+use crate::daemon::{free_port, Daemon};
 
 /// The password of the `postgres` user over TCP.
 pub const PASSWORD: &str = "distlock-test";

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::testkit::daemon::{free_port, Daemon};
+use crate::daemon::{free_port, Daemon};
 
 /// One `redis-server`.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Kit, Outcome, PATIENCE};
-use crate::{ErrorKind, Mode};
+use distlock_core::{ErrorKind, Mode};
 
 /// N tasks × M acquisitions on one key, each with its own session: a shared
 /// counter read, a yield, and a write inside; no update is lost, no two
@@ -204,14 +204,18 @@ pub async fn tokens_increase_across_holders_and_modes(kit: Kit) -> Outcome {
 /// string works, and different keys are different locks.
 pub async fn bad_keys_are_rejected(kit: Kit) -> Outcome {
     let (a, b) = (kit.session().await, kit.session().await);
-    for bad in [String::new(), "k".repeat(crate::MAX_KEY_BYTES + 1)] {
+    for bad in [String::new(), "k".repeat(distlock_core::MAX_KEY_BYTES + 1)] {
         let err = a.lock(bad).try_lock().await.expect_err("bad key");
         assert_eq!(err.kind(), ErrorKind::InvalidKey, "{err}");
         assert!(err.to_string().contains("1 to 1024 bytes"), "{err}");
     }
-    let longest = format!("{}{}", kit.key("x"), "k".repeat(crate::MAX_KEY_BYTES));
+    let longest = format!(
+        "{}{}",
+        kit.key("x"),
+        "k".repeat(distlock_core::MAX_KEY_BYTES)
+    );
     // Cut at the end, so that the key keeps this run's prefix (ASCII).
-    let longest = longest[..crate::MAX_KEY_BYTES].to_owned();
+    let longest = longest[..distlock_core::MAX_KEY_BYTES].to_owned();
     let odd = [
         "a/b",
         "a_b",

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::testkit::daemon::{free_port, Daemon};
+use crate::daemon::{free_port, Daemon};
 
 /// One etcd server.
 #[derive(Debug)]

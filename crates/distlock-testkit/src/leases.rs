@@ -6,7 +6,7 @@ use futures::FutureExt;
 use tokio::time::{sleep, timeout, Instant};
 
 use super::{Kit, Outcome, PATIENCE, SETTLE};
-use crate::ErrorKind;
+use distlock_core::ErrorKind;
 
 /// Releasing a lock lost to lease expiry is `NotHeld` and does not free the
 /// lock of the session that holds it now.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{Client, ErrorKind};
+use distlock_core::{Client, ErrorKind};
 
 /// Takes `key` a few times, holds it with a session of `hold_ttl`, has
 /// `restart` kill the server and start it again (it gets `server` and

@@ -11,7 +11,7 @@
 //! the latency of the acquire.
 //!
 //! ```sh
-//! cargo run --release -p distlock-mysql --example baseline -- \
+//! cargo run --release -p distlock-mysql --example get_lock -- \
 //!     contended mysql://user:password@127.0.0.1:3306/db 16 10
 //! ```
 //!
@@ -36,7 +36,7 @@ enum Workload {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: baseline uncontended|contended URL [CLIENTS] [SECONDS] [THREADS]";
+    let usage = "usage: get_lock uncontended|contended URL [CLIENTS] [SECONDS] [THREADS]";
     let [workload, url, rest @ ..] = args.as_slice() else {
         eprintln!("{usage}");
         std::process::exit(2);

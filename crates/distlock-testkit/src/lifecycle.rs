@@ -6,7 +6,7 @@ use futures::FutureExt;
 use tokio::time::{sleep, timeout, Instant};
 
 use super::{Kit, Outcome, PATIENCE, SETTLE};
-use crate::{ErrorKind, Guard, Mode};
+use distlock_core::{ErrorKind, Guard, Mode};
 
 /// Tries until it gets `Some` or the suite's patience runs out. A remote
 /// store hears of a dropped acquire asynchronously (the cancel travels on the
@@ -14,7 +14,7 @@ use crate::{ErrorKind, Guard, Mode};
 async fn eventually<F, Fut>(mut attempt: F) -> Option<Guard>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::Result<Option<Guard>>>,
+    Fut: std::future::Future<Output = distlock_core::Result<Option<Guard>>>,
 {
     let deadline = Instant::now() + PATIENCE;
     loop {
