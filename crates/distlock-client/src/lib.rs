@@ -17,6 +17,7 @@
 
 mod mux;
 mod session;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;

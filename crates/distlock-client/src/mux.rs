@@ -23,7 +23,7 @@ use tokio_stream::StreamExt;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::session::{Inbox, Outlet};
+use crate::stream::{Inbox, Outlet};
 use crate::CONNECT_TIMEOUT;
 
 /// How often the client pings; the server answers each.

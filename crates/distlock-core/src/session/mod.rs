@@ -11,17 +11,19 @@ use tokio::sync::{watch, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod guard;
 mod renewal;
+mod request;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::Guard;
 use crate::key::validate_key;
-use crate::request::LockRequest;
 use crate::store::{
     AcquireRequest, Capabilities, Grant, HeldLock, LockStore, Mode, SessionModel, SessionOptions,
     StoreSession,
 };
+pub use guard::Guard;
+pub use request::LockRequest;
 
 /// What a session was opened with.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tokio::time::{sleep_until, Instant};
 
+use super::{HeldEntry, SessionInner};
 use crate::error::Result;
-use crate::session::{HeldEntry, SessionInner};
 use crate::store::Mode;
 
 /// Proof of holding a lock.

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::guard::Guard;
+use super::{Session, Wait};
 use crate::error::Result;
-use crate::guard::Guard;
-use crate::session::{Session, Wait};
 use crate::store::Mode;
 
 /// A request for a lock, made by [`Session::lock`], [`Session::read`],
