@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use distlock_core::store::lock;
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::{mux, v1 as proto};
 use prost::Message;
@@ -55,12 +56,6 @@ pub(crate) struct MuxConnection {
     next_stream: AtomicU32,
     /// The largest frame the server takes.
     max_frame: usize,
-}
-
-fn lock(streams: &Mutex<Streams>) -> MutexGuard<'_, Streams> {
-    streams
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The error kind for a server's `End` code.

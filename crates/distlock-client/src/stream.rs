@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use distlock_core::store::lock;
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::v1 as proto;
 use proto::mux_request::Body as MuxBody;
@@ -71,9 +72,7 @@ impl Inbox {
     }
 
     fn answers(&self) -> MutexGuard<'_, Answers> {
-        self.answers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.answers)
     }
 
     /// Sends request `id` and returns where its answer will come.

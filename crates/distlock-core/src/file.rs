@@ -30,7 +30,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
-    AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, Mode, RenewReport,
+    lock, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, Mode, RenewReport,
     SessionModel, SessionOptions, StoreSession,
 };
 
@@ -253,9 +253,7 @@ struct FileSession {
 }
 
 fn held(files: &Mutex<HashMap<String, HeldFile>>) -> MutexGuard<'_, HashMap<String, HeldFile>> {
-    files
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock(files)
 }
 
 #[async_trait]

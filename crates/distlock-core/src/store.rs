@@ -297,6 +297,15 @@ pub fn take_url_param(url: &url::Url, name: &str) -> (url::Url, Option<String>) 
     (rest, value)
 }
 
+/// Locks a std mutex. The one way distlock does: a panic while another
+/// holder had it does not poison it for the rest, as every piece of state
+/// so guarded is whole between statements (a map, a set, an instant).
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Proof that a connection is alive, for stores whose sessions are
 /// connections: every answer on it is marked, and a renewal that cannot
 /// send its own keep-alive (a wait holds the connection) may instead wait
@@ -319,7 +328,7 @@ impl Default for Heartbeat {
 impl Heartbeat {
     /// The connection answered just now.
     pub fn mark(&self) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *lock(&self.last) = Instant::now();
         self.beat.notify_waiters();
     }
 
@@ -329,7 +338,7 @@ impl Heartbeat {
             let beat = self.beat.notified();
             tokio::pin!(beat);
             beat.as_mut().enable();
-            if *self.last.lock().unwrap_or_else(|p| p.into_inner()) >= since {
+            if *lock(&self.last) >= since {
                 return true;
             }
             if tokio::time::timeout_at(deadline, beat).await.is_err() {
@@ -383,7 +392,7 @@ impl ContendedKeys {
     pub const LIMIT: usize = 1024;
 
     fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.0)
     }
 
     /// Whether the last acquire of `key` found it taken.

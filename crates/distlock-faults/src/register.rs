@@ -20,6 +20,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use distlock_core::store::lock;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -111,7 +112,7 @@ impl Register {
 
     /// The state, locked.
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn record(&self, worker: u32, pid: u32, kind: Kind, token: u64) {

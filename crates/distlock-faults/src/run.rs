@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distlock::SessionModel;
+use distlock_core::store::lock;
 use distlock_testkit::proxy::{self, Proxy};
 use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
 use nix::sys::signal::{kill, Signal};
@@ -564,7 +565,7 @@ async fn run_fault(
         let armed = Arc::clone(&armed);
         tokio::spawn(async move {
             while let Some(grant) = grants.recv().await {
-                let fault = armed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let fault = lock(&armed).take();
                 match fault {
                     Some(OnGrant::Pause(pause)) => {
                         signal(grant.pid, Signal::SIGSTOP);
@@ -676,7 +677,7 @@ async fn run_fault(
         let (healed, bound) = match fault {
             Fault::Pause | Fault::Kill => {
                 let pause = plan.ttl.mul_f64(rand::rng().random_range(1.5..3.0));
-                *armed.lock().unwrap_or_else(|p| p.into_inner()) = Some(if fault == Fault::Pause {
+                *lock(&armed) = Some(if fault == Fault::Pause {
                     OnGrant::Pause(pause)
                 } else {
                     OnGrant::Kill

@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::store::lock;
 use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
@@ -67,7 +68,7 @@ impl LeaseSession {
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, (u64, String)>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.held)
     }
 
     fn error(&self, err: &mysql_async::Error) -> Error {

@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::store::lock as guard;
 use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
@@ -327,10 +328,6 @@ async fn keep_listening(
         }
         listening = listen(&config, &target).await.ok();
     }
-}
-
-fn guard<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Watch {

@@ -2,6 +2,7 @@
 //! (at once, so that a dead instance costs a refused connection, not a
 //! back-off), the pub/sub hub, and the scripts as calls.
 
+use distlock_core::store::lock;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +75,7 @@ impl Instance {
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.live)
     }
 
     /// The connection, made on first use (so that a store of several

@@ -4,9 +4,10 @@
 //! The message goes to the waiting acquire of that member only: no waiter
 //! is woken by a hand-over to another.
 
+use distlock_core::store::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -44,10 +45,6 @@ struct Route {
     notify: Notify,
     /// The token and generation of the hand-over, once it came.
     grant: Mutex<Option<(u64, u64)>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Hub {

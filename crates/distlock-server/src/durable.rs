@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use distlock_core::store::lock;
 use distlock_core::table::TokenRange;
 
 /// Bits of a token below the epoch.
@@ -127,9 +128,7 @@ impl DataDir {
     }
 
     fn saved(&self) -> MutexGuard<'_, Saved> {
-        self.saved
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.saved)
     }
 
     /// Changes the saved state, if `change` says how, durably (temp file,

@@ -28,6 +28,7 @@ use tonic::Status;
 
 use crate::session::{end_frame, Outbound, SessionStream, Waits};
 use crate::{same_secret, Shared};
+use distlock_core::store::lock;
 
 /// How long a client has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,7 +107,7 @@ impl Workers {
     /// Hands a connection that began with the mux preface to a worker;
     /// once the workers are finishing, it is closed instead.
     pub(crate) fn serve(&self, socket: TcpStream) {
-        let inboxes = self.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let inboxes = lock(&self.inboxes);
         let Some(inboxes) = inboxes.as_ref() else {
             return;
         };
@@ -122,11 +123,8 @@ impl Workers {
     /// Takes no more connections and waits until every worker has stopped
     /// (their connections end on `stop`).
     pub(crate) async fn finish(&self) {
-        self.inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let done = std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
+        lock(&self.inboxes).take();
+        let done = std::mem::take(&mut *lock(&self.done));
         for finished in done {
             let _ = finished.await;
         }

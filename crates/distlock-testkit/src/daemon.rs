@@ -1,6 +1,7 @@
 //! Server processes for tests: real processes on free ports, killed when
 //! dropped. The store servers in [`super::servers`] are built on these.
 
+use distlock_core::store::lock;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +20,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// server's bind, and the server then fails with "address already in use".
 pub fn free_port() -> u16 {
     // Held while choosing, so that two threads never choose alike.
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut handed_out = lock(&HANDED_OUT);
     let port = unused_port(&handed_out);
     handed_out.insert(port);
     port

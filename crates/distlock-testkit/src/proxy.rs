@@ -2,6 +2,7 @@
 //! and reset connections: the network faults of the tests (`tc netem` is
 //! not at hand everywhere).
 
+use distlock_core::store::lock;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl Proxy {
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let fault = fault.subscribe();
-                    let mut set = connections.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut set = lock(&connections);
                     set.spawn(carry(client, server, fault));
                 }
             })
@@ -82,10 +83,7 @@ impl Proxy {
 
     /// Resets every open connection (the peers see them end at once).
     pub fn reset(&self) {
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .abort_all();
+        lock(&self.connections).abort_all();
     }
 }
 

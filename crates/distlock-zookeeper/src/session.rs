@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::store::lock;
 use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
@@ -87,12 +88,6 @@ impl Node {
     fn is(&self, lock: &HeldLock) -> bool {
         u64::try_from(self.czxid).ok() == Some(lock.token)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What a session's attempts share, also after the attempt is gone.

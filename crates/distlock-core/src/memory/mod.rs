@@ -44,10 +44,7 @@ impl MemoryStore {
     /// same name shares one lock table for the life of the process.
     pub fn named(name: &str) -> Self {
         static NAMED: OnceLock<Mutex<HashMap<String, SharedTable>>> = OnceLock::new();
-        let mut named = NAMED
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut named = crate::store::lock(NAMED.get_or_init(Mutex::default));
         let table = Arc::clone(named.entry(name.to_owned()).or_default());
         MemoryStore {
             name: name.to_owned(),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -19,8 +19,8 @@ use crate::backoff::Backoff;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::validate_key;
 use crate::store::{
-    AcquireRequest, Capabilities, Grant, HeldLock, LockStore, Mode, SessionModel, SessionOptions,
-    StoreSession,
+    lock, AcquireRequest, Capabilities, Grant, HeldLock, LockStore, Mode, SessionModel,
+    SessionOptions, StoreSession,
 };
 pub use guard::Guard;
 pub use request::LockRequest;
@@ -129,14 +129,6 @@ pub(crate) struct SessionInner {
     pub(crate) ended: CancellationToken,
     state: Mutex<Ended>,
     frozen: AtomicBool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these mutexes stays consistent at every await-free
-    // step, so a panic elsewhere cannot leave it half-changed.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A session: the identity that owns locks, kept alive by a lease that a

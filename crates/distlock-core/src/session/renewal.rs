@@ -8,9 +8,10 @@ use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{lock, HeldEntry, SessionInner};
+use super::{HeldEntry, SessionInner};
 use crate::backoff::Backoff;
 use crate::error::ErrorKind;
+use crate::store::lock;
 use crate::store::HeldLock;
 
 pub(super) async fn expire_at_max_hold(

@@ -6,6 +6,7 @@ use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use super::{LockTable, SessionId, WaiterId};
+use crate::store::lock;
 
 /// A table behind the one mutex that guards it.
 pub type SharedTable = Arc<Mutex<LockTable>>;
@@ -13,9 +14,7 @@ pub type SharedTable = Arc<Mutex<LockTable>>;
 /// Locks the table. Every step of the table finishes without awaiting or
 /// panicking half-way, so a poisoned lock still guards a consistent table.
 pub fn lock_table(table: &Mutex<LockTable>) -> MutexGuard<'_, LockTable> {
-    table
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock(table)
 }
 
 /// How a wait ended.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::store::lock;
 use distlock_core::store::{
     AcquireRequest, ContendedKeys, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
@@ -60,7 +61,7 @@ impl RedisSession {
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.held)
     }
 
     /// Forgets `lock`, if this session still knows it by that token.
@@ -131,7 +132,7 @@ impl RedisSession {
     }
 
     fn keys(&self, key: &str) -> Arc<LockKeys> {
-        let mut last = self.last_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last_keys);
         match last.as_ref() {
             Some(keys) if keys.key == key => Arc::clone(keys),
             _ => {
