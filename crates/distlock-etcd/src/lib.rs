@@ -13,51 +13,40 @@
 //!   keeps every key ever made in its index until a compaction, and each
 //!   read of a queue walks them all, so a key per attempt would slow every
 //!   read down as the lock is used. A key must be new when an attempt puts
-//!   it (an old one would jump the queue and repeat a token): a put that
-//!   finds one still there takes that life out and joins again. While a
+//!   it (an old one would jump the queue and repeat a token): one still
+//!   there (a release that failed half-way) is taken out first. While a
 //!   dropped attempt's key is still being deleted in the background, the
-//!   next slot is taken.
-//! - Joining the queue and reading it is one transaction, with no compare
-//!   (the put reports a key it found): under 256 bytes for usual names, the
-//!   request leaves in one write with its end of stream (h2 sends larger
-//!   bodies apart).
-//!   Releasing is a delete by name, not a transaction: etcd 3.4 copies its
-//!   unsaved writes for every transaction, on the path of every write.
-//!   Only the session makes lives of its keys, none while its release is
-//!   unanswered; a release that fails or is dropped may land late, so its
-//!   key is never used again by the session. Every other delete (an
-//!   attempt that gives up or is dropped) names the create revision of the
-//!   life of the key it means.
-//! - A waiter watches only the keys that block it (its predecessor, or the
-//!   last earlier writer), so no herd wakes; semaphore waiters watch the
-//!   lock's keys. Watches start now, not at the revision read: etcd serves
-//!   watches that start in the past from a loop that runs every 100 ms. If
-//!   the queue moved in between, the waiter asks once more whether its
-//!   blocker (that life of the key) is still there. A second watch starts
-//!   a few revisions ahead: etcd registers a watch "from now" at the
-//!   revision it read a moment before, and a write in between (one watch
-//!   in fifty under load) leaves it to the 100 ms loop.
-//! - A waiter woken by a deletion reads its queue again before it is told
-//!   it holds, and finds its own key still there, as etcd's own fix of
-//!   issue 11456 does. Keys before it only go (later keys come later), so
-//!   that read is served from what the member has applied, once that is
-//!   past the deletion. etcd deletes the keys of a lease that ran out a
-//!   moment after (it revokes in batches), so a key can outlive its lease
-//!   briefly; the core covers that moment, as it refuses a grant that comes
-//!   after the session's own lease deadline.
-//! - An exclusive waiter second in line needs no read: it watches its
-//!   predecessor and its own key with one watch, started by a read that
-//!   showed only the predecessor before it. etcd reports one watch's events
-//!   in order and leaves none out, so the predecessor's deletion, with none
-//!   of the waiter's own key before it, says the waiter is first and its
-//!   key (so its lease) still there. Further back, it also watches the key
-//!   before its predecessor, and reads when that goes, while the
-//!   predecessor holds.
-//! - An attempt that ends without the lock deletes its key; one dropped or
-//!   failed half-way has it deleted in the background (tried again while
-//!   etcd is unreachable), and the key goes with the session's lease in any
-//!   case. A watch is trusted five seconds at a time, then the queue is
-//!   read again.
+//!   next slot is taken. Every delete names the create revision of the life
+//!   of the key it means, so one that lands late never takes a later
+//!   attempt's key.
+//! - Joining the queue and reading it is one transaction. A waiter watches
+//!   only the key that blocks it (its predecessor, or the last earlier
+//!   writer), so no herd wakes; semaphore waiters watch the lock's keys.
+//!   The watch starts now, not at the revision read: etcd serves watches
+//!   that start in the past from a loop that runs every 100 ms. If the queue
+//!   moved in between, the waiter asks once more whether its blocker (that
+//!   life of the key, by create revision) is still there, so no deletion
+//!   goes unseen. That read decides no grant and need only see past the
+//!   watch's start, so it is served from what the member has applied.
+//! - A second watch of the blocker, on the same stream, starts a few
+//!   revisions ahead. etcd registers a watch "from now" at the revision it
+//!   read a moment before; a write in between (about one watch in fifty
+//!   under load) leaves the watch to the 100 ms loop, and the whole queue
+//!   stalls behind it. A watch that starts ahead of etcd is always served
+//!   as writes land; the first covers the revisions in between.
+//! - Before saying the lock is held, the waiter reads the queue and finds
+//!   its own key still there, as etcd's own fix of issue 11456 does (a
+//!   waiter whose lease ran out while queued must never be told it holds
+//!   the lock). etcd deletes the keys of a lease that ran out a moment
+//!   after (it revokes in batches), so a key can outlive its lease briefly;
+//!   the core covers that moment, as it refuses a grant that comes after
+//!   the session's own lease deadline.
+//! - Releases and checks name the key and its create revision, so nothing
+//!   touches another session's key. An attempt that ends without the lock
+//!   deletes its key; one dropped or failed half-way has it deleted in the
+//!   background (tried again while etcd is unreachable), and the key goes
+//!   with the session's lease in any case. A watch is trusted five seconds
+//!   at a time, then the queue is read again.
 //!
 //! `lost()` fires when a renewal finds the lease gone or a held key deleted.
 //! Not given: lock-delay.

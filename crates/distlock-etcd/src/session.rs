@@ -5,23 +5,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use distlock_core::store::lock;
 use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, KvClient, LeaseClient,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchClient,
+    Client, Compare, CompareOp, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use tokio::time::Instant;
 
 use crate::{timed_out, unavailable, CALL_TIMEOUT, PREFIX};
-
-mod queue;
-mod wait;
-
-use queue::{Place, Woken};
 
 /// The keys of one lock start with this: the name with `%` and `/` escaped,
 /// so that no lock's prefix is another's.
@@ -38,11 +32,7 @@ fn mode_value(mode: Mode) -> String {
 }
 
 pub(crate) struct EtcdSession {
-    /// The parts of the store's client this uses: each call clones only its
-    /// own (a whole `Client` is eighteen gRPC handles).
-    kv: KvClient,
-    watcher: WatchClient,
-    leases: LeaseClient,
+    client: Client,
     endpoints: String,
     lease: i64,
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
@@ -50,16 +40,34 @@ pub(crate) struct EtcdSession {
     held: Mutex<HashMap<String, String>>,
     /// Queue keys whose deletion in the background is still under way (an
     /// attempt dropped or failed half-way): no attempt uses them until they
-    /// are gone. A key whose release went unanswered stays for good.
+    /// are gone.
     leaving: Arc<Mutex<HashSet<String>>>,
 }
 
 /// The most operations etcd takes in one transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
 
+/// The longest one watch is trusted before the queue is read again (a
+/// member cut off from its cluster may keep a watch open and silent).
+const WATCH_SLICE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The most keys one session may have in one lock's queue at once: its
 /// attempt's, and those of earlier attempts whose deletion is under way.
 const MAX_SLOTS: usize = 16;
+
+/// What blocks a waiter: one key (its predecessor, or the last earlier
+/// writer), or, for a semaphore, any of the lock's keys.
+enum Blocker {
+    /// A key, and its create revision.
+    Key(Vec<u8>, i64),
+    Any,
+}
+
+impl Blocker {
+    fn key(kv: &etcd_client::KeyValue) -> Blocker {
+        Blocker::Key(kv.key().to_vec(), kv.create_revision())
+    }
+}
 
 impl EtcdSession {
     pub(crate) async fn open(
@@ -71,9 +79,7 @@ impl EtcdSession {
             .unwrap_or(i64::MAX)
             .max(1);
         let session = EtcdSession {
-            kv: client.kv_client(),
-            watcher: client.watch_client(),
-            leases: client.lease_client(),
+            client,
             endpoints,
             lease: 0,
             keeper: tokio::sync::Mutex::new(None),
@@ -81,7 +87,7 @@ impl EtcdSession {
             leaving: Arc::new(Mutex::new(HashSet::new())),
         };
         let granted = session
-            .call(session.leases.clone().grant(ttl, None))
+            .call(session.client.clone().lease_grant(ttl, None))
             .await?;
         Ok(EtcdSession {
             lease: granted.id(),
@@ -105,10 +111,10 @@ impl EtcdSession {
     /// keys serve every attempt: etcd keeps each key ever made in its index
     /// until a compaction, and every read of the queue walks them, so a key
     /// per attempt would slow each read down as the lock is used.
-    fn new_key(&self, name: &str, prefix: &str) -> Result<String> {
+    fn new_key(&self, name: &str) -> Result<String> {
         let leaving = lock(&self.leaving);
         (0..MAX_SLOTS)
-            .map(|slot| format!("{prefix}{:016x}-{slot}", self.lease))
+            .map(|slot| format!("{}{:016x}-{slot}", lock_prefix(name), self.lease))
             .find(|key| !leaving.contains(key))
             .ok_or_else(|| {
                 unavailable(
@@ -144,115 +150,26 @@ impl EtcdSession {
 
     /// Takes `key` out of its queue, if it is the one created at `revision`.
     async fn leave(
-        kv: &mut KvClient,
+        client: &mut Client,
         key: &str,
         revision: i64,
     ) -> std::result::Result<bool, etcd_client::Error> {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)]);
-        Ok(kv.txn(txn).await?.succeeded())
+        Ok(client.txn(txn).await?.succeeded())
     }
 
     /// [`EtcdSession::leave`] now, bounded in time, its error explained.
     async fn leave_now(&self, key: &str, revision: i64) -> Result<bool> {
-        self.call(EtcdSession::leave(&mut self.kv.clone(), key, revision))
+        let mut client = self.client.clone();
+        self.call(EtcdSession::leave(&mut client, key, revision))
             .await
-    }
-
-    /// Reads `key` as `options` say: from what the member has applied when
-    /// that reaches revision `since` (a read that must see past an event),
-    /// with a round of consensus when it does not or there is no `since`.
-    async fn read(
-        &self,
-        key: &[u8],
-        options: GetOptions,
-        since: Option<i64>,
-    ) -> Result<GetResponse> {
-        if let Some(since) = since {
-            let local = options.clone().with_serializable();
-            let read = self.call(self.kv.clone().get(key, Some(local))).await?;
-            if revision(read.header()) >= since {
-                return Ok(read);
-            }
-        }
-        self.call(self.kv.clone().get(key, Some(options))).await
-    }
-
-    /// Joins lock `name`'s queue (under `prefix`) at its tail and reads it,
-    /// in one transaction: the attempt's key, its clean-up if the attempt
-    /// is dropped, and the queue as read.
-    async fn join(
-        &self,
-        name: &str,
-        prefix: &str,
-        mode: Mode,
-    ) -> Result<(String, Leave, GetResponse)> {
-        let value = mode_value(mode);
-        let put = PutOptions::new().with_lease(self.lease).with_prev_key();
-        for _ in 0..=MAX_SLOTS {
-            let me = self.new_key(name, prefix)?;
-            let mut leave = Leave {
-                kv: self.kv.clone(),
-                key: me.clone(),
-                revision: None,
-                leaving: Arc::clone(&self.leaving),
-                armed: true,
-            };
-            // No compare (and no read of the key on its failure): the
-            // request then fits one frame, and a put that finds the key
-            // there says so.
-            let join = Txn::new().and_then([
-                TxnOp::put(me.as_str(), value.as_str(), Some(put.clone())),
-                TxnOp::get(prefix, Some(queue::read_options(mode, None))),
-            ]);
-            let joined = match self.call(self.kv.clone().txn(join)).await {
-                Ok(joined) => joined,
-                Err(err) => return Err(self.failure(&err).unwrap_or(err)),
-            };
-            let (mut found, mut read) = (None, None);
-            for response in joined.op_responses() {
-                match response {
-                    TxnOpResponse::Put(put) => found = Some(put.prev_key().cloned()),
-                    TxnOpResponse::Get(got) => read = Some(got),
-                    _ => {}
-                }
-            }
-            let (Some(found), Some(read)) = (found, read) else {
-                return Err(unavailable(
-                    &self.endpoints,
-                    &"a join came back without its answers",
-                ));
-            };
-            let Some(left) = found else {
-                leave.revision = Some(revision(joined.header()));
-                return Ok((me, leave, read));
-            };
-            // The key was there (left behind, or put back by hand): the put
-            // kept its old create revision, so it would jump the queue and
-            // repeat a token. That life goes, and the join is tried again.
-            leave.revision = Some(left.create_revision());
-            self.leave_now(&me, left.create_revision()).await?;
-            leave.armed = false;
-        }
-        // Something puts the key back as fast as it goes.
-        Err(unavailable(
-            &self.endpoints,
-            &format!("this session's key of lock '{name}' keeps coming back"),
-        ))
-    }
-
-    /// The grant of lock `name` to the attempt with key `me`, at `place`.
-    fn granted(&self, name: &str, me: String, leave: &mut Leave, place: &Place) -> Grant {
-        leave.armed = false;
-        self.held().insert(name.to_owned(), me);
-        Grant::new(u64::try_from(place.mine().create_revision()).unwrap_or(0))
     }
 }
 
-/// The revision a response was served at (0 if it does not say).
-fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
-    header.map_or(0, |header| header.revision())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes `key` out of its queue if it is still the life of it created at
@@ -261,18 +178,18 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
 /// through. Never a delete by name alone: keys are used again, and a
 /// delete that lands late must not take a later attempt's key.
 async fn take_out(
-    kv: &mut KvClient,
+    client: &mut Client,
     key: &str,
     revision: Option<i64>,
 ) -> std::result::Result<(), etcd_client::Error> {
     let revision = match revision {
         Some(revision) => revision,
-        None => match kv.get(key, None).await?.kvs().first() {
+        None => match client.get(key, None).await?.kvs().first() {
             Some(there) => there.create_revision(),
             None => return Ok(()),
         },
     };
-    EtcdSession::leave(kv, key, revision).await?;
+    EtcdSession::leave(client, key, revision).await?;
     Ok(())
 }
 
@@ -282,7 +199,7 @@ async fn take_out(
 /// deleted (`take_out`); a failed call is tried again for a while (etcd may
 /// be restarting), and the key goes with the lease in any case.
 struct Leave {
-    kv: KvClient,
+    client: Client,
     key: String,
     /// The key's create revision, once known.
     revision: Option<i64>,
@@ -301,12 +218,13 @@ impl Drop for Leave {
             lock(&self.leaving).insert(std::mem::take(&mut self.key));
             return;
         };
-        let (mut kv, key) = (self.kv.clone(), std::mem::take(&mut self.key));
+        let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
         lock(&self.leaving).insert(key.clone());
         let (leaving, revision) = (Arc::clone(&self.leaving), self.revision);
         runtime.spawn(async move {
             for attempt in 0..30u64 {
-                let deleted = tokio::time::timeout(CALL_TIMEOUT, take_out(&mut kv, &key, revision));
+                let deleted =
+                    tokio::time::timeout(CALL_TIMEOUT, take_out(&mut client, &key, revision));
                 if matches!(deleted.await, Ok(Ok(()))) {
                     lock(&leaving).remove(&key);
                     return;
@@ -321,57 +239,236 @@ impl Drop for Leave {
 impl StoreSession for EtcdSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let prefix = lock_prefix(&request.key);
-        let (me, mut leave, mut read) = self.join(&request.key, &prefix, request.mode).await?;
-        // The join's put is in the queue it read: the lease lived then.
-        let mut woken = None;
-        loop {
-            // Keys before this one only go (later keys come later), so a read
-            // at or after the wake-up that finds none still holds; finding its
-            // own key there, its lease lived then (etcd issue 11456), and
-            // `lost()` covers after.
-            if let Some(woken) = woken.take() {
-                let options = queue::read_options(request.mode, leave.revision);
-                read = match woken {
-                    Woken::Read(now) => now,
-                    Woken::Since(since) => {
-                        self.read(prefix.as_bytes(), options, Some(since)).await?
-                    }
-                    Woken::Unsure | Woken::Holds => {
-                        self.read(prefix.as_bytes(), options, None).await?
-                    }
-                };
+        let mode = mode_value(request.mode);
+        let queue_options = || {
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+        };
+        // Join the queue, at its tail, and read it, in one round trip. The
+        // key must be new: one left in place (a release that failed half-way)
+        // has an old create revision, so it would jump the queue and repeat a
+        // token. Such a key is taken out first (that life of it only), and
+        // the join tried again.
+        let mut strays = 0;
+        let (me, mut leave, joined) = loop {
+            let me = self.new_key(&request.key)?;
+            let mut leave = Leave {
+                client: self.client.clone(),
+                key: me.clone(),
+                revision: None,
+                leaving: Arc::clone(&self.leaving),
+                armed: true,
+            };
+            let join = Txn::new()
+                .when([Compare::create_revision(me.as_str(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(
+                        me.as_str(),
+                        mode.as_str(),
+                        Some(etcd_client::PutOptions::new().with_lease(self.lease)),
+                    ),
+                    TxnOp::get(prefix.as_str(), Some(queue_options())),
+                ])
+                .or_else([TxnOp::get(me.as_str(), None)]);
+            let joined = match self.call(self.client.clone().txn(join)).await {
+                Ok(joined) => joined,
+                Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+            };
+            if joined.succeeded() {
+                leave.revision = joined.header().map(|header| header.revision());
+                break (me, leave, joined);
             }
-            let Some(place) = Place::of(read.take_kvs(), me.as_bytes()) else {
+            leave.revision = joined
+                .op_responses()
+                .into_iter()
+                .find_map(|found| match found {
+                    TxnOpResponse::Get(found) => found.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                });
+            strays += 1;
+            if strays > MAX_SLOTS {
+                // Something puts the key back as fast as it goes.
+                return Err(unavailable(
+                    &self.endpoints,
+                    &format!(
+                        "this session's key of lock '{}' keeps coming back",
+                        request.key
+                    ),
+                ));
+            }
+            if let Some(revision) = leave.revision {
+                self.leave_now(&me, revision).await?;
+            }
+            leave.armed = false;
+        };
+        let read_at = joined.header().map_or(0, |header| header.revision());
+        let mut first = joined
+            .op_responses()
+            .into_iter()
+            .find_map(|response| match response {
+                TxnOpResponse::Get(queue) => Some(queue),
+                _ => None,
+            })
+            .map(|queue| (queue, read_at));
+        loop {
+            let (queue, read_at) = match first.take() {
+                // The put with the lease went through in the same
+                // transaction: the lease lived when the queue was read.
+                Some(read) => read,
+                None => {
+                    // This key is in the queue read only if the lease lived
+                    // at that read (etcd issue 11456; checked below).
+                    let queue = self
+                        .call(
+                            self.client
+                                .clone()
+                                .get(prefix.as_str(), Some(queue_options())),
+                        )
+                        .await?;
+                    let read_at = queue.header().map_or(0, |header| header.revision());
+                    (queue, read_at)
+                }
+            };
+            let kvs = queue.kvs();
+            let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
                 // etcd issue 11456: the lease ended while this waited (or the
                 // key was deleted from outside).
                 leave.armed = false;
                 return Err(self.lost("ended, or its queue key was deleted, while it waited"));
             };
-            let Some(blocker) = place.blocker(request.mode) else {
-                return Ok(Some(self.granted(&request.key, me, &mut leave, &place)));
+            let mine = &kvs[position];
+            let earlier = &kvs[..position];
+            let blocker = match request.mode {
+                Mode::Exclusive => earlier.last().map(Blocker::key),
+                Mode::Shared => earlier
+                    .iter()
+                    .rev()
+                    .find(|kv| kv.value() != b"s")
+                    .map(Blocker::key),
+                Mode::Semaphore { permits } => {
+                    let fits = earlier.len() < permits as usize
+                        && earlier.iter().all(|kv| kv.value() == mode.as_bytes());
+                    (!fits).then_some(Blocker::Any)
+                }
+            };
+            let Some(blocker) = blocker else {
+                leave.armed = false;
+                self.held().insert(request.key.clone(), me);
+                let token = u64::try_from(mine.create_revision()).unwrap_or(0);
+                return Ok(Some(Grant::new(token)));
             };
             let until = match request.wait_until {
                 Some(until) if Instant::now() < until => until,
                 // Busy, and no (more) waiting: out of the queue. If that
                 // fails, the key is taken out in the background.
                 _ => {
-                    self.leave_now(&me, place.mine().create_revision()).await?;
+                    self.leave_now(&me, mine.create_revision()).await?;
                     leave.armed = false;
                     return Ok(None);
                 }
             };
-            let read_at = revision(read.header());
-            let wait = match request.mode {
-                Mode::Exclusive => self.wait_in_line(&prefix, &place, read_at, until).await?,
-                _ => {
-                    self.wait_for(&prefix, &place, blocker, read_at, until)
-                        .await?
+            // Watch the blocker for its deletion from now, not from the
+            // revision read: etcd serves a watch that starts in the past
+            // from a loop that runs every 100 ms, which would add up to
+            // 100 ms to every hand-over. A deletion between the read and
+            // the watch is found by asking once more (below).
+            let mut watch_options = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+            // What is watched, and how many keys the check below must still
+            // find there for the wait to be needed: the blocker, or for a
+            // semaphore as many keys before this one as were read.
+            // (A key's create revision tells which of its lives was read: a
+            // session's keys are used again by its later attempts. And etcd
+            // counts a range before it filters it, so the keys are fetched.)
+            let (watched, check, expected) = match blocker {
+                Blocker::Key(key, created) => {
+                    let that_one = GetOptions::new()
+                        .with_keys_only()
+                        .with_min_create_revision(created)
+                        .with_max_create_revision(created);
+                    (key, that_one, 1)
+                }
+                Blocker::Any => {
+                    watch_options = watch_options.with_prefix();
+                    let before_me = GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(mine.create_revision() - 1);
+                    (prefix.clone().into_bytes(), before_me, earlier.len())
                 }
             };
-            if let Woken::Holds = wait {
-                return Ok(Some(self.granted(&request.key, me, &mut leave, &place)));
+            let mut stream = self
+                .call(
+                    self.client
+                        .clone()
+                        .watch(watched.clone(), Some(watch_options.clone())),
+                )
+                .await?;
+            let created_at = match self.call(stream.message()).await {
+                Ok(Some(created)) if !created.canceled() => created
+                    .header()
+                    .map_or(i64::MAX, |header| header.revision()),
+                // Refused or ended at once (etcd restarting?): not at once
+                // again, then read again.
+                _ => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // etcd starts a watch "from now" at the revision it read just
+            // before it registers the watch; a write landing in between
+            // leaves the watch behind, to be served by the same 100 ms loop.
+            // Under load that is about one watch in fifty, and when it is the
+            // next holder's, the whole queue stalls behind it. So a second
+            // watch of the key, on the same stream, starts a few revisions
+            // ahead: far enough that etcd has not reached that revision when
+            // it registers the watch, so the watch is served as writes land.
+            // The first watch covers the revisions in between.
+            let ahead = 4 + 2 * (created_at - read_at).clamp(0, 30);
+            let ahead = watch_options.with_start_revision(created_at.saturating_add(ahead));
+            // If the stream broke, the wait below finds out.
+            let _ = stream.watch(watched.clone(), Some(ahead)).await;
+            if created_at > read_at {
+                // The queue changed between the read and the watch: the
+                // blocker may have gone in between. This read decides no
+                // grant; it need only see past the watch's start, so the
+                // member answers from what it has applied when that is far
+                // enough, without a round of consensus.
+                let mut now = self
+                    .call(
+                        self.client
+                            .clone()
+                            .get(watched.clone(), Some(check.clone().with_serializable())),
+                    )
+                    .await?;
+                if now.header().map_or(0, |header| header.revision()) < created_at {
+                    now = self
+                        .call(self.client.clone().get(watched.clone(), Some(check)))
+                        .await?;
+                }
+                if now.kvs().len() < expected {
+                    continue;
+                }
             }
-            woken = Some(wait);
+            let deleted = async {
+                while let Ok(Some(message)) = stream.message().await {
+                    if message.canceled() {
+                        return;
+                    }
+                    if message
+                        .events()
+                        .iter()
+                        .any(|event| event.event_type() == EventType::Delete)
+                    {
+                        return;
+                    }
+                }
+                // The watch ended (etcd restarting?): not at once again.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            // In slices: a silent watch is read past, not trusted forever.
+            let slice_end = until.min(Instant::now() + WATCH_SLICE);
+            let _ = tokio::time::timeout_at(slice_end, deleted).await;
         }
     }
 
@@ -384,26 +481,17 @@ impl StoreSession for EtcdSession {
             // No key has create revision 0: that is "absent" to etcd.
             return Err(Error::not_held(&held.key));
         }
-        // A delete by name, not a transaction: etcd 3.4 copies its unsaved
-        // writes for every transaction's compares, on the path of every write.
-        // Only this session makes lives of `me`, none while the core holds
-        // the lock's gate for this release, and none until this delete is
-        // answered (a dropped or failed one may land late: the key retires).
-        lock(&self.leaving).insert(me.clone());
-        let mut kv = self.kv.clone();
-        let delete = kv.delete(me.as_str(), Some(DeleteOptions::new().with_prev_key()));
-        let deleted = self.call(delete).await?;
-        lock(&self.leaving).remove(&me);
+        let released = self.leave_now(&me, revision).await?;
         {
             let mut map = self.held();
             if map.get(&held.key) == Some(&me) {
                 map.remove(&held.key);
             }
         }
-        // Any other life of the key was a stray: gone too, and not held.
-        match deleted.prev_kvs().first() {
-            Some(gone) if gone.create_revision() == revision => Ok(()),
-            _ => Err(Error::not_held(&held.key)),
+        if released {
+            Ok(())
+        } else {
+            Err(Error::not_held(&held.key))
         }
     }
 
@@ -412,7 +500,7 @@ impl StoreSession for EtcdSession {
             let mut keeper = self.keeper.lock().await;
             if keeper.is_none() {
                 *keeper = Some(
-                    self.call(self.leases.clone().keep_alive(self.lease))
+                    self.call(self.client.clone().lease_keep_alive(self.lease))
                         .await?,
                 );
             }
@@ -453,7 +541,7 @@ impl StoreSession for EtcdSession {
                 .map(|key| TxnOp::get(key.as_str(), None))
                 .collect();
             let answer = self
-                .call(self.kv.clone().txn(Txn::new().and_then(reads)))
+                .call(self.client.clone().txn(Txn::new().and_then(reads)))
                 .await?;
             responses.extend(answer.op_responses());
         }
@@ -479,7 +567,8 @@ impl StoreSession for EtcdSession {
 
     async fn close(&self) -> Result<()> {
         // Revoking the lease deletes every key of the session.
-        self.call(self.leases.clone().revoke(self.lease)).await?;
+        self.call(self.client.clone().lease_revoke(self.lease))
+            .await?;
         Ok(())
     }
 }
