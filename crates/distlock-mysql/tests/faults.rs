@@ -53,45 +53,24 @@ async fn killing_the_holders_connection_fires_lost_and_frees_the_lock_for_the_wa
     assert!(next > guard.token());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
-    let server = Mariadb::start();
-    let url = server.url();
-    let mut tokens = Vec::new();
-    for lease in [false, true, false] {
-        let url = if lease {
-            format!("{url}?mode=lease")
-        } else {
-            url.clone()
-        };
-        let client = client(&url).await;
-        for _ in 0..3 {
-            let session = client.session().open().await.expect("open");
-            let guard = session
-                .lock("faults/tokens")
-                .try_lock()
-                .await
-                .expect("try")
-                .expect("free");
-            tokens.push(guard.token());
-            guard.release().await.expect("release");
-        }
+/// Takes `key` three times in a row, each by a new session of `url`'s
+/// store, and adds the tokens to `tokens`.
+async fn take_three(url: &str, key: &str, tokens: &mut Vec<u64>) {
+    let client = client(url).await;
+    for _ in 0..3 {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock(key)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
     }
-    let server = server.crash_and_restart();
-    for url in [server.url(), format!("{}?mode=lease", server.url())] {
-        let client = client(&url).await;
-        for _ in 0..3 {
-            let session = client.session().open().await.expect("open");
-            let guard = session
-                .lock("faults/tokens")
-                .try_lock()
-                .await
-                .expect("try")
-                .expect("free");
-            tokens.push(guard.token());
-            guard.release().await.expect("release");
-        }
-    }
+}
+
+fn assert_rising(tokens: &[u64]) {
     assert!(
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "tokens went back: {tokens:?}"
@@ -99,40 +78,30 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
+    let server = Mariadb::start();
+    let (url, lease) = (server.url(), format!("{}?mode=lease", server.url()));
+    let mut tokens = Vec::new();
+    for url in [&url, &lease, &url] {
+        take_three(url, "faults/tokens", &mut tokens).await;
+    }
+    let server = server.crash_and_restart();
+    for url in [server.url(), format!("{}?mode=lease", server.url())] {
+        take_three(&url, "faults/tokens", &mut tokens).await;
+    }
+    assert_rising(&tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_tokens_rise_across_a_crash_right_after_a_grant() {
     // Named grants only, and the crash at once: nothing else commits (and
     // so flushes) after the sequence reserved its block.
     let server = Mariadb::start();
-    let before = client(&server.url()).await;
     let mut tokens = Vec::new();
-    for _ in 0..3 {
-        let session = before.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/crash")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
+    take_three(&server.url(), "faults/crash", &mut tokens).await;
     let server = server.crash_and_restart();
-    let after = client(&server.url()).await;
-    for _ in 0..3 {
-        let session = after.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/crash")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
-    assert!(
-        tokens.windows(2).all(|pair| pair[0] < pair[1]),
-        "tokens went back: {tokens:?}"
-    );
+    take_three(&server.url(), "faults/crash", &mut tokens).await;
+    assert_rising(&tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
