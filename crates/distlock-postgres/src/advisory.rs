@@ -13,7 +13,7 @@ use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Config, Statement};
 
 use crate::connect::query_error;
 use crate::tokens;
@@ -54,8 +54,68 @@ const LOCK: &str = "SELECT nextval('distlock_token_seq') FROM \
         OFFSET 0) AS lifted OFFSET 0";
 const UNLOCK: &str = "SELECT pg_advisory_unlock{}($1)";
 
+/// A backend (server process) of one server: its pid, and when it started
+/// in microseconds since 1970, so that a pid the server reused, or the same
+/// pid on another server, is never taken for it.
+#[derive(Clone, Copy, Debug)]
+struct Backend {
+    pid: i32,
+    started: i64,
+}
+
+/// Who the session's backend is, asked in the round trip that readies it.
+const WHO_AM_I: &str = "SET statement_timeout = 0; \
+    SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
+    FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// Cancels the statements of dropped acquires, from a connection of the
+/// store's, opened on first use.
+pub(crate) struct Canceller {
+    config: Config,
+    target: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl Canceller {
+    pub(crate) fn new(config: Config, target: String) -> Arc<Self> {
+        Arc::new(Canceller {
+            config,
+            target,
+            client: Mutex::new(None),
+        })
+    }
+
+    /// Cancels what `backend` runs, if anything. Once this returns the
+    /// backend has been signalled (`pg_cancel_backend` signals before it
+    /// answers), so the cancel lands on what runs now or finds the backend
+    /// idle, where PostgreSQL ignores it: never on a statement sent after.
+    /// The cancel protocol of tokio-postgres gives no such bound, and a late
+    /// cancel would fail a later statement of the session. Errors are left
+    /// to the caller's fallback: the wait ends at its `lock_timeout`.
+    async fn cancel(&self, backend: Backend) {
+        let mut client = self.client.lock().await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            *client = crate::connect::open(&self.config, &self.target).await.ok();
+        }
+        if let Some(client) = client.as_ref() {
+            let cancelled = client
+                .query(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = $1 \
+                     AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2",
+                    &[&backend.pid, &backend.started],
+                )
+                .await;
+            if let Err(err) = cancelled {
+                tracing::debug!("could not cancel a dropped wait on {}: {err}", self.target);
+            }
+        }
+    }
+}
+
 pub(crate) struct AdvisorySession {
     client: Arc<Client>,
+    backend: Option<Backend>,
+    canceller: Arc<Canceller>,
     statements: Statements,
     contended: ContendedKeys,
     /// Answers on the connection, as proof that it lives.
@@ -72,16 +132,27 @@ impl AdvisorySession {
     /// Readies a session on its connection: no statement timeout (a
     /// server-wide one would end long waits as errors), and its statements
     /// prepared.
-    pub(crate) async fn open(client: Client, target: String, ttl: Duration) -> Result<Self> {
+    pub(crate) async fn open(
+        client: Client,
+        canceller: Arc<Canceller>,
+        target: String,
+        ttl: Duration,
+    ) -> Result<Self> {
         let error = |err: tokio_postgres::Error| query_error(&target, &err);
         let texts: Vec<String> = [TRY_LOCK, LOCK, UNLOCK]
             .iter()
             .flat_map(|text| ["", "_shared"].map(|suffix| text.replace("{}", suffix)))
             .collect();
-        client
-            .batch_execute("SET statement_timeout = 0")
-            .await
-            .map_err(error)?;
+        let answers = client.simple_query(WHO_AM_I).await.map_err(error)?;
+        // Without a row (statistics hidden from this user) a dropped wait
+        // runs to its `lock_timeout`.
+        let backend = answers.iter().find_map(|answer| match answer {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(Backend {
+                pid: row.get(0)?.parse().ok()?,
+                started: row.get(1)?.parse().ok()?,
+            }),
+            _ => None,
+        });
         let mut prepared = Vec::with_capacity(texts.len());
         for text in &texts {
             prepared.push(client.prepare(text).await.map_err(error)?);
@@ -95,6 +166,8 @@ impl AdvisorySession {
         };
         Ok(AdvisorySession {
             client: Arc::new(client),
+            backend,
+            canceller,
             statements,
             contended: ContendedKeys::default(),
             heartbeat: Heartbeat::default(),
@@ -154,6 +227,8 @@ impl AdvisorySession {
 struct Cleanup {
     turn: Option<OwnedMutexGuard<()>>,
     client: Arc<Client>,
+    backend: Option<Backend>,
+    canceller: Arc<Canceller>,
     unlock: Statement,
     id: i64,
 }
@@ -172,15 +247,26 @@ impl Drop for Cleanup {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, cancel, unlock, id) = (
+        let (client, backend, canceller, unlock, id) = (
             Arc::clone(&self.client),
-            self.client.cancel_token(),
+            self.backend,
+            Arc::clone(&self.canceller),
             self.unlock.clone(),
             self.id,
         );
         runtime.spawn(async move {
-            let _ = cancel.cancel_query(NoTls).await;
-            let _ = client.query_one(&unlock, &[&id]).await;
+            if let Some(backend) = backend {
+                canceller.cancel(backend).await;
+            }
+            // The unlock waits for the cancelled statement's end; a cancel
+            // that still hit it (its sender lost its connection before the
+            // answer) is answered by unlocking again.
+            for _ in 0..3 {
+                match client.query_one(&unlock, &[&id]).await {
+                    Err(err) if err.code() == Some(&SqlState::QUERY_CANCELED) => continue,
+                    _ => break,
+                }
+            }
             drop(turn);
         });
     }
@@ -210,6 +296,8 @@ impl StoreSession for AdvisorySession {
         let cleanup = Cleanup {
             turn: Some(turn),
             client: Arc::clone(&self.client),
+            backend: self.backend,
+            canceller: Arc::clone(&self.canceller),
             unlock,
             id,
         };

@@ -14,8 +14,9 @@
 //! slices of at most a second (and a quarter of the session's TTL), so that
 //! the session's releases, renewals and other acquires take their turns on
 //! its connection in between; an acquire dropped while it waits has its
-//! query cancelled, and the lock released if it came first. Losing the connection is losing the locks: the server frees
-//! them at once, and the client finds out from the connection closing, from
+//! query cancelled (`pg_cancel_backend`, from a connection of the store's),
+//! and the lock released if it came first. Losing the connection is losing
+//! the locks: the server frees them at once, and the client finds out from the connection closing, from
 //! a keep-alive query at a third of the session's TTL, and from TCP
 //! keep-alive, and reports `lost()`.
 //!
@@ -107,6 +108,8 @@ pub struct PostgresStore {
 
     /// Set in lease mode.
     leases: Option<Arc<lease::Leases>>,
+    /// Advisory mode: cancels the waits of dropped acquires.
+    canceller: Arc<advisory::Canceller>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -195,9 +198,9 @@ impl PostgresStore {
             None
         };
         Ok(PostgresStore {
+            canceller: advisory::Canceller::new(config.clone(), target.clone()),
             config,
             target,
-
             leases,
         })
     }
@@ -244,7 +247,13 @@ impl LockStore for PostgresStore {
         }
         let client = connect::open(&self.config, &self.target).await?;
         Ok(Box::new(
-            advisory::AdvisorySession::open(client, self.target.clone(), options.ttl).await?,
+            advisory::AdvisorySession::open(
+                client,
+                Arc::clone(&self.canceller),
+                self.target.clone(),
+                options.ttl,
+            )
+            .await?,
         ))
     }
 }
