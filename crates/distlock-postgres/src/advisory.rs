@@ -13,8 +13,9 @@ use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, Statement};
+use tokio_postgres::{Client, Statement};
 
+use crate::cancel::{Backend, Cancelled, Canceller};
 use crate::connect::query_error;
 use crate::tokens;
 
@@ -54,64 +55,6 @@ const LOCK: &str = "SELECT nextval('distlock_token_seq') FROM \
         OFFSET 0) AS lifted OFFSET 0";
 const UNLOCK: &str = "SELECT pg_advisory_unlock{}($1)";
 
-/// A backend (server process) of one server: its pid, and when it started
-/// in microseconds since 1970, so that a pid the server reused, or the same
-/// pid on another server, is never taken for it.
-#[derive(Clone, Copy, Debug)]
-struct Backend {
-    pid: i32,
-    started: i64,
-}
-
-/// Who the session's backend is, asked in the round trip that readies it.
-const WHO_AM_I: &str = "SET statement_timeout = 0; \
-    SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
-    FROM pg_stat_activity WHERE pid = pg_backend_pid()";
-
-/// Cancels the statements of dropped acquires, from a connection of the
-/// store's, opened on first use.
-pub(crate) struct Canceller {
-    config: Config,
-    target: String,
-    client: Mutex<Option<Client>>,
-}
-
-impl Canceller {
-    pub(crate) fn new(config: Config, target: String) -> Arc<Self> {
-        Arc::new(Canceller {
-            config,
-            target,
-            client: Mutex::new(None),
-        })
-    }
-
-    /// Cancels what `backend` runs, if anything. Once this returns the
-    /// backend has been signalled (`pg_cancel_backend` signals before it
-    /// answers), so the cancel lands on what runs now or finds the backend
-    /// idle, where PostgreSQL ignores it: never on a statement sent after.
-    /// The cancel protocol of tokio-postgres gives no such bound, and a late
-    /// cancel would fail a later statement of the session. Errors are left
-    /// to the caller's fallback: the wait ends at its `lock_timeout`.
-    async fn cancel(&self, backend: Backend) {
-        let mut client = self.client.lock().await;
-        if client.as_ref().is_none_or(Client::is_closed) {
-            *client = crate::connect::open(&self.config, &self.target).await.ok();
-        }
-        if let Some(client) = client.as_ref() {
-            let cancelled = client
-                .query(
-                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = $1 \
-                     AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2",
-                    &[&backend.pid, &backend.started],
-                )
-                .await;
-            if let Err(err) = cancelled {
-                tracing::debug!("could not cancel a dropped wait on {}: {err}", self.target);
-            }
-        }
-    }
-}
-
 pub(crate) struct AdvisorySession {
     client: Arc<Client>,
     backend: Option<Backend>,
@@ -143,16 +86,11 @@ impl AdvisorySession {
             .iter()
             .flat_map(|text| ["", "_shared"].map(|suffix| text.replace("{}", suffix)))
             .collect();
-        let answers = client.simple_query(WHO_AM_I).await.map_err(error)?;
-        // Without a row (statistics hidden from this user) a dropped wait
-        // runs to its `lock_timeout`.
-        let backend = answers.iter().find_map(|answer| match answer {
-            tokio_postgres::SimpleQueryMessage::Row(row) => Some(Backend {
-                pid: row.get(0)?.parse().ok()?,
-                started: row.get(1)?.parse().ok()?,
-            }),
-            _ => None,
-        });
+        let (timeout, backend) = tokio::join!(
+            client.batch_execute("SET statement_timeout = 0"),
+            Backend::of(&client, &target)
+        );
+        timeout.map_err(error)?;
         let mut prepared = Vec::with_capacity(texts.len());
         for text in &texts {
             prepared.push(client.prepare(text).await.map_err(error)?);
@@ -221,6 +159,10 @@ impl AdvisorySession {
     }
 }
 
+/// How long a session's connection waits for a cancel whose answer never
+/// came (the store's connection broke) before it takes another statement.
+const LATE_CANCEL: Duration = Duration::from_secs(5);
+
 /// Undoes, in the background, an acquire dropped while its query ran: the
 /// query is cancelled, and the lock released in case it came first. The
 /// connection stays taken until then, so no later command overtakes it.
@@ -255,15 +197,27 @@ impl Drop for Cleanup {
             self.id,
         );
         runtime.spawn(async move {
-            if let Some(backend) = backend {
-                canceller.cancel(backend).await;
+            let cancelled = match backend {
+                Some(backend) if !client.is_closed() => canceller.cancel(backend).await,
+                _ => Cancelled::Settled,
+            };
+            if cancelled == Cancelled::Unknown {
+                // The cancel may still land: the connection waits, so that it
+                // lands on nothing or on the unlock (which then runs again).
+                tracing::warn!("a cancel's answer did not come; its session waits {LATE_CANCEL:?}");
+                tokio::time::sleep(LATE_CANCEL).await;
             }
-            // The unlock waits for the cancelled statement's end; a cancel
-            // that still hit it (its sender lost its connection before the
-            // answer) is answered by unlocking again.
+            // The unlock runs after the cancelled statement's end.
             for _ in 0..3 {
                 match client.query_one(&unlock, &[&id]).await {
                     Err(err) if err.code() == Some(&SqlState::QUERY_CANCELED) => continue,
+                    Err(err) if !err.is_closed() => {
+                        tracing::warn!(
+                            "could not unlock after a dropped acquire ({err}); the lock stays \
+                             held until its session ends"
+                        );
+                        break;
+                    }
                     _ => break,
                 }
             }

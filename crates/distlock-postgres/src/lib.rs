@@ -14,11 +14,13 @@
 //! slices of at most a second (and a quarter of the session's TTL), so that
 //! the session's releases, renewals and other acquires take their turns on
 //! its connection in between; an acquire dropped while it waits has its
-//! query cancelled (`pg_cancel_backend`, from a connection of the store's),
-//! and the lock released if it came first. Losing the connection is losing
-//! the locks: the server frees them at once, and the client finds out from the connection closing, from
-//! a keep-alive query at a third of the session's TTL, and from TCP
-//! keep-alive, and reports `lost()`.
+//! query cancelled (`pg_cancel_backend`, from one more connection of the
+//! store's, opened on first use; it needs read access to
+//! `pg_stat_activity`, or the wait ends at its `lock_timeout`), and the
+//! lock released if it came first. Losing the connection is losing the
+//! locks: the server frees them at once, and the client finds out from the
+//! connection closing, from a keep-alive query at a third of the session's
+//! TTL, and from TCP keep-alive, and reports `lost()`.
 //!
 //! Not given: semaphores (advisory locks count no permits), FIFO order
 //! (PostgreSQL's lock queue is not a promise), leases (a frozen client keeps
@@ -77,6 +79,7 @@
 //! client with these tokens starts, or their tokens will be lower.
 
 mod advisory;
+mod cancel;
 mod connect;
 mod lease;
 mod tokens;
@@ -109,7 +112,7 @@ pub struct PostgresStore {
     /// Set in lease mode.
     leases: Option<Arc<lease::Leases>>,
     /// Advisory mode: cancels the waits of dropped acquires.
-    canceller: Arc<advisory::Canceller>,
+    canceller: Arc<cancel::Canceller>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -198,7 +201,7 @@ impl PostgresStore {
             None
         };
         Ok(PostgresStore {
-            canceller: advisory::Canceller::new(config.clone(), target.clone()),
+            canceller: cancel::Canceller::new(config.clone(), target.clone()),
             config,
             target,
             leases,
