@@ -272,8 +272,27 @@ pub trait StoreSession: Send + Sync + 'static {
     /// Test hook: stop answering for this session as if its process froze,
     /// so that its lease runs out at the store. Stores whose sessions cannot
     /// expire ignore it.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     fn freeze_for_test(&self) {}
+}
+
+/// Keeps the items inside only when the `test-hooks` feature is on, as the
+/// hooks of [`StoreSession`] are: a store implements a hook inside it, and
+/// the implementation follows the trait whatever the store's own features.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! test_hook {
+    ($($item:tt)*) => { $($item)* };
+}
+
+/// Keeps the items inside only when the `test-hooks` feature is on.
+#[cfg(not(feature = "test-hooks"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! test_hook {
+    ($($item:tt)*) => {};
 }
 
 /// Takes the store's own parameter `name` out of a URL: the URL without it

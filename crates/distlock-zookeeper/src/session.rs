@@ -719,19 +719,21 @@ impl StoreSession for ZkSession {
         }
     }
 
-    fn freeze_for_test(&self) {
-        // The connection goes without closing the session: ZooKeeper
-        // expires it after its timeout, as if the process had stopped.
-        // Waiters leave their queues first, as a dead session's must.
-        let shared = Arc::clone(&self.shared);
-        shared
-            .frozen
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move { drop(shared.end().await) });
+    distlock_core::test_hook! {
+        fn freeze_for_test(&self) {
+            // The connection goes without closing the session: ZooKeeper
+            // expires it after its timeout, as if the process had stopped.
+            // Waiters leave their queues first, as a dead session's must.
+            let shared = Arc::clone(&self.shared);
+            shared
+                .frozen
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move { drop(shared.end().await) });
+                }
+                Err(_) => drop(lock(&shared.client).take()),
             }
-            Err(_) => drop(lock(&shared.client).take()),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The session's background work: renewal every third of the TTL, and the
 //! end of holds at `max_hold`.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -64,7 +63,8 @@ pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationT
         let Some(session) = session.upgrade() else {
             return;
         };
-        if session.frozen.load(Ordering::SeqCst) {
+        #[cfg(feature = "test-hooks")]
+        if session.frozen.load(std::sync::atomic::Ordering::SeqCst) {
             next = Instant::now() + every;
             continue;
         }
