@@ -1,55 +1,24 @@
 //! The etcd store: `etcd://HOST:PORT[,HOST:PORT…]`.
 //!
-//! The recipe of etcd's `concurrency.Mutex`, with its traps avoided:
-//!
-//! - A session is an etcd lease, kept alive by the core's renewals; when it
-//!   ends, etcd deletes every key of the session.
-//! - A lock is a queue of keys `distlock/NAME/LEASE-SLOT`, put with the
-//!   session's lease and its mode as value. The holder is the key of lowest
-//!   create revision; readers wait only for earlier writers, a semaphore of
-//!   N admits the N lowest. The fencing token is the key's create revision,
-//!   which only grows, across holders, modes and restarts of etcd.
-//! - A session's attempts on a lock use the same key (slot 0) again: etcd
-//!   keeps every key ever made in its index until a compaction, and each
-//!   read of a queue walks them all, so a key per attempt would slow every
-//!   read down as the lock is used. A key must be new when an attempt puts
-//!   it (an old one would jump the queue and repeat a token): one still
-//!   there (a release that failed half-way) is taken out first. While a
-//!   dropped attempt's key is still being deleted in the background, the
-//!   next slot is taken. Every delete names the create revision of the life
-//!   of the key it means, so one that lands late never takes a later
-//!   attempt's key.
-//! - Joining the queue and reading it is one transaction. A waiter watches
-//!   only the key that blocks it (its predecessor, or the last earlier
-//!   writer), so no herd wakes; semaphore waiters watch the lock's keys.
-//!   The watch starts now, not at the revision read: etcd serves watches
-//!   that start in the past from a loop that runs every 100 ms. If the queue
-//!   moved in between, the waiter asks once more whether its blocker (that
-//!   life of the key, by create revision) is still there, so no deletion
-//!   goes unseen. That read decides no grant and need only see past the
-//!   watch's start, so it is served from what the member has applied.
-//! - A second watch of the blocker, on the same stream, starts a few
-//!   revisions ahead. etcd registers a watch "from now" at the revision it
-//!   read a moment before; a write in between (about one watch in fifty
-//!   under load) leaves the watch to the 100 ms loop, and the whole queue
-//!   stalls behind it. A watch that starts ahead of etcd is always served
-//!   as writes land; the first covers the revisions in between.
-//! - Before saying the lock is held, the waiter reads the queue and finds
-//!   its own key still there, as etcd's own fix of issue 11456 does (a
-//!   waiter whose lease ran out while queued must never be told it holds
-//!   the lock). etcd deletes the keys of a lease that ran out a moment
-//!   after (it revokes in batches), so a key can outlive its lease briefly;
-//!   the core covers that moment, as it refuses a grant that comes after
-//!   the session's own lease deadline.
-//! - Releases and checks name the key and its create revision, so nothing
-//!   touches another session's key. An attempt that ends without the lock
-//!   deletes its key; one dropped or failed half-way has it deleted in the
-//!   background (tried again while etcd is unreachable), and the key goes
-//!   with the session's lease in any case. A watch is trusted five seconds
-//!   at a time, then the queue is read again.
+//! - A session is an etcd lease, renewed by the core; when it ends, etcd
+//!   deletes every key of the session.
+//! - A lock is a queue of keys `distlock/NAME/LEASE-SLOT`, in order of
+//!   create revision: FIFO. Exclusive, shared (readers wait only for
+//!   earlier writers) and semaphore (N permits admit the N lowest) modes.
+//! - The fencing token is the key's create revision, which only grows,
+//!   across holders, modes and restarts of etcd.
+//! - A waiter watches only the key that blocks it: no herd wakes, nobody
+//!   polls. It is told it holds the lock only after a read still finds its
+//!   own key, so a waiter whose lease ran out while queued never is.
+//! - Every release, check and delete names a key and its create revision,
+//!   so nothing touches another session's key, or a later life of its own.
+//!   An attempt that ends without the lock deletes its key (in the
+//!   background if it was dropped); the lease takes it in any case.
 //!
 //! `lost()` fires when a renewal finds the lease gone or a held key deleted.
 //! Not given: lock-delay.
+//!
+//! See `docs/0005-etcd.md` for the reasoning.
 
 mod session;
 

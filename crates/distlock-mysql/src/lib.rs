@@ -1,74 +1,47 @@
-//! The MySQL and MariaDB store: `mysql://USER[:PASSWORD]@HOST[:PORT]/DB`.
+//! The MySQL and MariaDB store: `mysql://USER[:PASSWORD]@HOST[:PORT]/DB`,
+//! in one of two modes. The two do not exclude each other: use one mode per
+//! key.
 //!
 //! # Named locks (the default)
 //!
 //! Each session is a dedicated connection, and its locks are the server's
-//! named locks of that connection: `GET_LOCK(name, timeout)` and
-//! `RELEASE_LOCK(name)`, exclusive only. A short key of printable ASCII is
-//! its own name (`dl:KEY`); any other key becomes `dl#` and a 64-bit hash
-//! (FNV-1a) of it, since servers limit names and MySQL refuses 4-byte
-//! characters in them. MySQL compares names without case. Keys whose names
-//! collide share one lock: one may wait for the other, but two never hold
-//! either at once.
-//!
-//! A waiting acquire waits in the server in slices of at most a second (and
-//! a quarter of the session's TTL; MySQL rounds them to whole seconds,
-//! MariaDB does not), so that the session's releases, renewals and other
-//! acquires take their turns on its connection in between. An acquire
-//! dropped while it waits has its query killed (`KILL QUERY` from a
-//! connection of the store's, sent only while that query still waits, and
-//! landed before the connection moves on) and the lock released if it came
-//! first. When the connection goes, the server frees its locks as soon as
-//! it notices: at once for a killed connection or a closed socket, and
-//! within the session's TTL for a client that vanished (the connection's
-//! `wait_timeout` is set to the TTL plus 2 s). The client finds out from a
-//! ping at a third of the TTL, or an answer to a wait since, and reports
-//! `lost()`.
+//! named locks of that connection (`GET_LOCK`), exclusive only. Keys that
+//! are not short printable ASCII are hashed into their lock names, and
+//! MySQL compares names without case: keys whose names collide share one
+//! lock, so one may wait for the other, but two never hold either at once.
+//! Waits happen in the server, and an acquire dropped while it waits
+//! leaves no trace. When the connection goes, its locks go: at once for a
+//! killed connection or a closed socket, within the session's TTL for a
+//! client that vanished; `lost()` fires.
 //!
 //! Not given: shared locks and semaphores, FIFO order, leases (a frozen
 //! client keeps its locks while its connection lives), lock-delay.
 //!
 //! # A lease table (`?mode=lease`)
 //!
-//! The classic table lock, done right: a row per holder with the time its
-//! lease ends by the server's clock (in UTC, so that no daylight-saving
-//! jump ends leases early). An acquire is a READ COMMITTED transaction that
-//! first locks the key's row in a table of keys (so two acquires of one key
-//! take turns); release and renewal are single statements that name the
-//! holder, so no session touches another's hold. Servers that log
-//! statement-based binary logs refuse READ COMMITTED: use row-based
-//! logging. Exclusive, shared
-//! and semaphore modes. MySQL has no notifications, so a waiter is polled
-//! by the core with jittered exponential back-off (1 to 50 ms). The two
-//! modes do not exclude each other: use one mode per key.
+//! A row per holder with the time its lease ends by the server's clock.
+//! Exclusive, shared and semaphore modes; no session touches another's
+//! hold. Servers that log statement-based binary logs refuse the READ
+//! COMMITTED it needs: use row-based logging. MySQL has no notifications,
+//! so a waiter is polled (jittered back-off, 1 to 50 ms).
 //!
 //! # Fencing tokens
 //!
 //! On MariaDB 10.3 or later (outside a Galera cluster) a token is
-//! `epoch << 40 | n`: `n` from one sequence, `distlock_token_seq` (`CACHE
-//! 1000`), drawn in the same statement as the named lock,
-//! `IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)`, or in the
-//! lease grant's transaction. MariaDB does not flush a sequence's cache
-//! reservations, so after a crash the sequence may resume below values it
-//! handed out; hence the epoch, kept in the InnoDB table `distlock_epoch`:
-//! after every restart of the server (a MEMORY table, `distlock_alive`,
-//! tells), the first named session commits a new epoch (flushed) and only
-//! then moves the sequence to it. No grant waits for a flush. A lease
-//! grant's commit flushes its own draw.
-//!
-//! MySQL has no sequences: there the token comes from `distlock_tokens`, a
-//! row per key (by the SHA-256 of its name) bumped with
-//! `LAST_INSERT_ID(token + 1)` in one statement, committed before the lock
-//! can pass on: one flush per grant.
+//! `epoch << 40 | n`, drawn in the same statement as the grant, with no
+//! flush per grant; the epoch moves on after every restart of the server.
+//! Elsewhere the token comes from `distlock_tokens`, a row per key, with
+//! one flush per grant.
 //!
 //! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit
 //! = 0` (or `2` and a crash of the whole machine), a failover to a replica
 //! behind the primary, the sequence or tables changed by hand, or a key used
 //! in both modes at once. Older clients counted tokens per key in
 //! `distlock_tokens`, below `1 << 40`: stop them before the first client
-//! with these tokens starts. A named lock's token is drawn on the session's
-//! own connection while it holds the lock, so tokens follow the order of
-//! grants. `docs/0004-sql-tokens.md` has the argument.
+//! with these tokens starts.
+//!
+//! See `docs/0008-mysql.md` for the reasoning, and
+//! `docs/0004-sql-tokens.md` for the tokens.
 
 mod connect;
 mod lease;

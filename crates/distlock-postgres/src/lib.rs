@@ -1,82 +1,52 @@
 //! The PostgreSQL store: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, in
-//! one of two modes.
+//! one of two modes. The two do not exclude each other: use one mode per
+//! key.
 //!
 //! # Advisory locks (the default, `?mode=advisory`)
 //!
-//! Each session is a dedicated connection, and its locks are PostgreSQL
-//! advisory locks of that connection: `pg_advisory_lock` for exclusive,
-//! `pg_advisory_lock_shared` for shared, on a 64-bit key hashed from the
-//! lock name (FNV-1a, see [`advisory_key`]). A hash collision makes two
-//! names share one lock: one may wait for the other, but exclusion is never
-//! broken.
+//! Each session is a dedicated connection, and its locks are advisory
+//! locks of that connection, exclusive or shared, on a 64-bit key hashed
+//! from the lock name (see [`advisory_key`]). Names whose hashes collide
+//! share one lock: one may wait for the other, but exclusion is never
+//! broken. Waits happen in the server, and an acquire dropped while it
+//! waits leaves no trace (its cancel needs read access to
+//! `pg_stat_activity`; without it the wait ends at its `lock_timeout`, at
+//! most a second later). Losing the connection is losing the locks, and
+//! `lost()` fires.
 //!
-//! A waiting acquire waits in the server, bounded by `lock_timeout`, in
-//! slices of at most a second (and a quarter of the session's TTL), so that
-//! the session's releases, renewals and other acquires take their turns on
-//! its connection in between; an acquire dropped while it waits has its
-//! query cancelled (`pg_cancel_backend`, from one more connection of the
-//! store's, opened on first use; it needs read access to
-//! `pg_stat_activity`, or the wait ends at its `lock_timeout`), and the
-//! lock released if it came first. Losing the connection is losing the
-//! locks: the server frees them at once, and the client finds out from the
-//! connection closing, from a keep-alive query at a third of the session's
-//! TTL, and from TCP keep-alive, and reports `lost()`.
-//!
-//! Not given: semaphores (advisory locks count no permits), FIFO order
-//! (PostgreSQL's lock queue is not a promise), leases (a frozen client keeps
-//! its locks as long as its connection lives), and lock-delay. It does not
-//! work through a pooler in transaction mode, such as PgBouncer: advisory
-//! locks belong to a server connection.
+//! Not given: semaphores, FIFO order, leases (a frozen client keeps its
+//! locks as long as its connection lives), lock-delay. It does not work
+//! through a pooler in transaction mode, such as PgBouncer.
 //!
 //! # A lease table (`?mode=lease`)
 //!
 //! A lock is a row per holder in `distlock_leases_v2`, with the time its
-//! lease ends by the server's clock. Acquire, release and renewal are each one
-//! statement (functions made on first use; acquire takes a transaction-scoped
-//! advisory lock on the key, prunes expired rows and grants if the mode
-//! allows, and needs READ COMMITTED, the default), so a lease outlives the
-//! connection it was taken on and the mode can run through a pooler in
-//! transaction mode, if the pooler keeps prepared statements (PgBouncer
-//! 1.21 or later with `max_prepared_statements`). The first connect makes
-//! the tables and functions, which needs the right to create them. Releases
-//! are announced with NOTIFY when someone waits; waiters LISTEN on a
-//! connection of the store's and try again on a release or at the earliest
-//! holder's lease end. Exclusive, shared and semaphore modes; not FIFO, no
-//! writer preference, no lock-delay. Behind a transaction pooler LISTEN may
-//! not be delivered: waiters then rely on their timers.
-//!
-//! The lease table is UNLOGGED, so no grant, release or renewal waits for a
-//! disk flush. PostgreSQL empties it after a crash and on a promoted
-//! standby, together with the token sequence (below); the first grant after
-//! that marks the reset, and no lease is granted until the longest lease
-//! ever granted has run out since (the longest is kept durably, raised
-//! before a longer one is granted). Holders learn at their next renewal
-//! that their lease is gone. The wait measures the new server's clock, so
-//! a standby whose clock runs far behind the old primary's shortens it.
-//!
-//! The two modes do not exclude each other: use one mode per key.
+//! lease ends by the server's clock; a lease outlives its connection.
+//! Exclusive, shared and semaphore modes; waiters are woken by
+//! LISTEN/NOTIFY. Not given: FIFO order, writer preference, lock-delay.
+//! Needs READ COMMITTED (the default) and, on first connect, the right to
+//! create tables and functions. Through a pooler in transaction mode it
+//! works if the pooler keeps prepared statements (PgBouncer 1.21 or later
+//! with `max_prepared_statements`); LISTEN may then not be delivered, and
+//! waiters rely on their timers. After a crash or a standby's promotion no
+//! lease is granted until the longest lease ever granted has run out, by
+//! the new server's clock.
 //!
 //! # Fencing tokens
 //!
-//! In both modes a token is `epoch << 40 | n`, drawn from one UNLOGGED
-//! sequence (`distlock_token_seq`) in the same statement as the grant, so a
-//! grant waits for no disk flush. The epoch lives in a logged table
-//! (`distlock_epoch`). PostgreSQL resets an unlogged sequence after a crash
-//! and when a standby is promoted; the first grant after that draws a value
-//! below `1 << 40`, starts a new epoch with a synchronous commit, and only
-//! then moves the sequence on. Tokens therefore rise per key (and across
-//! keys) through restarts, crashes and a failover to a streaming replica
-//! that had the latest epoch. What could make them go back, plainly: a
-//! failover to an asynchronous replica that missed more than 15 epoch
-//! bumps (each bump steps by 16), a point-in-time recovery to before a
-//! bump, or someone altering, resetting or recreating the sequence by hand
-//! (the store refuses a sequence that is not unlogged, step 1, cache 1, no
-//! cycle). Needs PostgreSQL 15 or later (unlogged sequences). An advisory
-//! lock's token is drawn on the session's own connection while it holds
-//! the lock, so tokens follow the order of grants. `docs/0004-sql-tokens.md`
-//! has the argument. Older clients counted tokens per key in
+//! In both modes a token is `epoch << 40 | n`, drawn in the same statement
+//! as the grant, with no disk flush per grant. Tokens rise per key (and
+//! across keys) through restarts, crashes and a failover to a streaming
+//! replica that had the latest epoch. What could make them go back,
+//! plainly: a failover to an asynchronous replica that missed more than 15
+//! epoch bumps, a point-in-time recovery to before a bump, or someone
+//! altering, resetting or recreating `distlock_token_seq` by hand. Needs
+//! PostgreSQL 15 or later (unlogged sequences). Older clients counted tokens per key in
 //! `distlock_tokens`, below `1 << 40`: stop them all before the first
 //! client with these tokens starts, or their tokens will be lower.
+//!
+//! See `docs/0007-postgres.md` for the reasoning, and
+//! `docs/0004-sql-tokens.md` for the tokens.
 
 mod advisory;
 mod cancel;

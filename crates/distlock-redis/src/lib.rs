@@ -7,58 +7,27 @@
 //!   algorithm on three or more independent Redis servers (not replicas of
 //!   each other).
 //!
-//! # How a lock is kept
+//! # What it gives
 //!
-//! An uncontended exclusive lock is the plain Redis lock with a fencing
-//! token: `SET dl:{KEY} MEMBER NX PX TTL+DELAY` pipelined with `INCR` of a
-//! counter that never expires, one round trip; the release is one script,
-//! an owner-checked compare-and-delete. The key's TTL is the lease plus the
-//! holder's lock-delay: past its lease the hold no longer counts, and the
-//! key blocks everyone until the delay is over too.
-//!
-//! As soon as anybody waits, or holds in shared or semaphore mode, the lock
-//! is queued: a FIFO queue of waiters in Redis, every change one Lua script
-//! (see `scripts.rs`). Whatever frees the key (a release, a lease found run
-//! out, a waiter giving up) hands it at once to the waiters at the head of
-//! the queue that fit, skipping those whose session ran out, makes each a
-//! holder with its own token, and publishes one message on the channel of
-//! that waiter's store (client): no other waiter wakes, and nobody polls. A
-//! waiter refreshes its place every third of its TTL; a waiter that stops
-//! (its process died) is skipped once its place has run out. A queued lock
-//! that empties becomes fast again. Shared locks and semaphores are served
-//! in arrival order too, so a reader that comes after a waiting writer
-//! waits behind it. Release and renewal are owner-checked: a hold is named
-//! by its session's id and a nonce of its acquire, so a stale holder can
-//! never release or extend the hold of the one after it; one renewal
-//! extends every lock a session holds. All keys of one lock share the hash
-//! tag `{KEY}`, so each lock lives in one slot; the renewal of many locks
-//! in one call needs them on one node (a single server, or each Redlock
-//! instance).
-//!
-//! `lost()` fires when a renewal finds the hold gone (deleted, expired, or
-//! taken over) and in any case when the lease runs out without a renewal:
-//! the lease is counted from when the acquire, renewal or refresh of the
-//! waiter's place that started it was *sent*, minus 1% + 2 ms for clock
-//! drift.
-//!
-//! # Redlock
-//!
-//! An acquire asks every instance at once and is decided as soon as a
-//! majority granted it, within the validity time (TTL − time taken −
-//! drift); otherwise what was granted is given back. A waiter queues on
-//! every instance and holds the lock once a majority handed it over; if the
-//! instances handed it to different waiters (they queued them in different
-//! orders) and no majority forms within a moment, each gives its grants
-//! back and queues again after a random pause. A renewal keeps a lock only
-//! where a majority renewed it in time. Releases go to every instance. The
-//! fencing token is a quorum register: each instance counts, and the token
-//! is the highest count of the majority that granted; where that majority
-//! disagrees, the lower counts are raised to it before it is used (in the
-//! usual case, counts that agree, this costs no extra round trip). Any two
-//! majorities meet, so each exclusive grant's token is above every token
-//! before it; one instance that comes back empty is outvoted as long as the
-//! others answer. Two *shared* or *semaphore* holders granted at the same
-//! moment on different majorities may get the same token.
+//! - Exclusive, shared and semaphore modes, all served in arrival order: a
+//!   reader that comes after a waiting writer waits behind it. A freed lock
+//!   is handed to the head of the queue with one message to that waiter; no
+//!   other waiter wakes, and nobody polls.
+//! - Leases and lock-delay: a hold ends with its lease unless renewed (one
+//!   renewal extends every lock of a session), and a key whose holder
+//!   vanished is granted to nobody until its lock-delay is over too.
+//! - Release and renewal are owner-checked: a stale holder never releases
+//!   or extends the hold of the one after it.
+//! - Fencing tokens rise with every grant of a key, from a counter that
+//!   never expires; on Redlock, from a majority of the instances, so each
+//!   exclusive grant's token is above every token before it. Two *shared* or *semaphore* holders
+//!   granted at the same moment on different majorities may get the same
+//!   token.
+//! - `lost()` fires when a renewal finds the hold gone (deleted, expired,
+//!   or taken over), and in any case when the lease runs out unrenewed.
+//! - All keys of one lock share the hash tag `{KEY}`, so a lock lives in
+//!   one slot; renewing many locks in one call needs them on one node (a
+//!   single server, or each Redlock instance).
 //!
 //! # What this does not protect against
 //!
@@ -86,8 +55,10 @@
 //! In each of these, a resource that remembers the highest token it has
 //! seen and refuses lower ones turns away the stale holder's writes, except
 //! where tokens themselves went back (data lost on a single server, or on
-//! more Redlock instances than the outvoting allows). Redis 6.2 or later is
-//! needed (the scripts read the server's clock before writing).
+//! more Redlock instances than the outvoting allows). Needs Redis 6.2 or
+//! later.
+//!
+//! See `docs/0003-redis-queue.md` for how a lock is kept, and why.
 
 mod instance;
 mod scripts;

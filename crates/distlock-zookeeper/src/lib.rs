@@ -1,41 +1,29 @@
 //! The ZooKeeper store: `zk://HOST[:PORT][,HOST[:PORT]…][/CHROOT]`.
 //!
-//! The recipe of Curator's `InterProcessMutex`, with its traps avoided:
-//!
-//! - A session is a ZooKeeper session of its own, asked for with the
-//!   session's TTL as its timeout. If ZooKeeper grants less than the TTL
-//!   (its `maxSessionTimeout`), opening fails: the server would drop the
-//!   session before the client knew. Granted more (its `minSessionTimeout`),
-//!   a dead holder's locks are freed later than the TTL says, never sooner.
-//! - A lock is a queue of ephemeral sequential nodes under
-//!   `/distlock/NAME` (a container node, which ZooKeeper deletes once it is
-//!   empty). Each attempt creates its own node `MODE-NONCE-SEQUENCE`. The
-//!   holder is the node of lowest sequence; readers wait only for earlier
-//!   writers; a semaphore of N admits the N lowest. The fencing token is the
-//!   node's creation zxid (`czxid`), which only grows, across holders, modes
-//!   and restarts of ZooKeeper (each new leader epoch starts above the last).
-//!   Holders one after the other get rising tokens; readers or semaphore
-//!   holders that hold at once may see their grants in another order than
-//!   their tokens, as the grants of one release reach them in any order.
-//! - A waiter watches only the node that blocks it (its predecessor, or the
-//!   last earlier writer), so no herd wakes; semaphore waiters watch the
-//!   queue. A watch is trusted five seconds at a time, then the queue is read
-//!   again.
-//! - The grant is decided on a fresh read of the queue that still lists the
-//!   waiter's own node. An ephemeral node lives exactly as long as its
-//!   session, so a waiter whose session expired while queued finds its node
-//!   gone and is told its session is lost, never that it holds the lock; a
-//!   session that came back after a reconnect finds its node still there.
-//! - Releases and renewals name the attempt's own node and check its czxid
-//!   and owner, so nothing touches another session's node. An attempt that
-//!   ends without the lock deletes its node, in the background if it was
-//!   dropped half-way (found by its nonce if the create's answer never
-//!   came), and the node goes with the session in any case.
+//! - A session is a ZooKeeper session of its own, with the session's TTL as
+//!   its timeout. Opening fails if ZooKeeper grants less (its
+//!   `maxSessionTimeout`); granted more, a dead holder's locks are freed
+//!   later than the TTL says, never sooner.
+//! - A lock is a queue of ephemeral sequential nodes under `/distlock/NAME`,
+//!   in order of sequence: FIFO. Exclusive, shared (readers wait only for
+//!   earlier writers) and semaphore (N permits admit the N lowest) modes.
+//! - The fencing token is the node's creation zxid (`czxid`), which only
+//!   grows, across holders, modes and restarts of ZooKeeper. Readers or
+//!   semaphore holders that hold at once may see their grants in another
+//!   order than their tokens.
+//! - A waiter watches only the node that blocks it: no herd wakes, nobody
+//!   polls. A waiter whose session expired while queued is told its session
+//!   is lost, never that it holds the lock.
+//! - Releases and renewals name the attempt's own node, so nothing touches
+//!   another session's node. An attempt that ends without the lock deletes
+//!   its node (in the background if it was dropped); the session takes it
+//!   in any case.
 //!
 //! `lost()` fires when a renewal finds the session expired or a held node
-//! gone; while the connection is down the renewals fail and the session is
-//! lost at its deadline, which comes no later than ZooKeeper's own expiry.
-//! Not given: lock-delay.
+//! gone; while the connection is down the session is lost at its deadline,
+//! no later than ZooKeeper's own expiry. Not given: lock-delay.
+//!
+//! See `docs/0006-zookeeper.md` for the reasoning.
 
 mod session;
 

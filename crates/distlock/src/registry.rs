@@ -1,5 +1,7 @@
 //! The URL registry: which store a URL scheme opens. Adding a store is one
-//! entry in [`STORES`] and one arm in [`open`].
+//! entry in [`stores`], one row in the table of [`connect`], and one arm in
+//! [`open`] (or, for a URL of several hosts that [`Url`] cannot parse, one
+//! prefix test in [`connect`]).
 
 use std::sync::Arc;
 
@@ -23,7 +25,10 @@ pub struct StoreInfo {
     pub capabilities: Capabilities,
 }
 
-/// Every store compiled into this build, in the order the docs list them.
+/// Every store compiled into this build, in the order of the table of
+/// [`connect`]: once per mode (PostgreSQL and MySQL have two), under its
+/// main scheme (`distlocks`, `rediss` and `postgresql` open the same stores
+/// as `distlock`, `redis` and `postgres`).
 #[allow(
     clippy::vec_init_then_push,
     reason = "each store is pushed under its own Cargo feature"
@@ -101,6 +106,10 @@ pub fn stores() -> Vec<StoreInfo> {
 
 /// Opens the store a URL names and returns a client for it.
 ///
+/// Each store needs its Cargo feature; all are on by default except `etcd`
+/// (building the etcd client needs `protoc`). [`stores`] lists those of
+/// this build.
+///
 /// | URL | store |
 /// |---|---|
 /// | `distlock://[:SECRET@]HOST[:PORT]` | the distlock server (`distlock serve`), port 7890 by default |
@@ -109,9 +118,9 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `file:///absolute/dir` | lock files in a directory, across processes of one host |
 /// | `redis://[:PASSWORD@]HOST[:PORT][/DB]`, `rediss://…` | one Redis server (TLS with `rediss`) |
 /// | `redlock://H1:P1,H2:P2,H3:P3[,…]` | Redlock on three or more independent Redis servers |
-/// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | PostgreSQL advisory locks, or a lease table |
+/// | `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]`, `postgresql://…` | PostgreSQL advisory locks, or a lease table |
 /// | `mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | MySQL/MariaDB named locks, or a lease table |
-/// | `etcd://H1:P1[,H2:P2…]` | etcd: lease sessions, FIFO queues by revision |
+/// | `etcd://H1:P1[,H2:P2…]` | etcd (feature `etcd`): lease sessions, FIFO queues by revision |
 /// | `zk://H1[:P1][,H2[:P2]…][/CHROOT]` | ZooKeeper: its sessions, FIFO queues of sequential nodes |
 ///
 /// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
