@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7890")]
+    #[arg(long, default_value_t = format!("127.0.0.1:{}", distlock_server::DEFAULT_PORT))]
     listen: String,
     /// Where the server keeps its state (the token epoch) [default:
     /// ./distlock-data, or the config file's data_dir].

@@ -31,8 +31,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use url::Url;
 
-/// The port the server listens on unless told otherwise.
-pub const DEFAULT_PORT: u16 = 7890;
+pub use distlock_proto::DEFAULT_PORT;
 
 /// How long connecting may take before the server counts as unreachable.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,10 +70,6 @@ impl std::fmt::Debug for RemoteStore {
     }
 }
 
-fn config_error(message: String) -> Error {
-    Error::new(ErrorKind::Config, message)
-}
-
 impl RemoteStore {
     /// Connects to the server a `distlock://` URL names.
     pub async fn connect(url: &Url) -> Result<Self> {
@@ -82,7 +77,7 @@ impl RemoteStore {
             .host_str()
             .filter(|host| !host.is_empty())
             .ok_or_else(|| {
-                config_error(format!(
+                Error::config(format!(
                     "'{url}' names no server; write distlock://HOST[:PORT]"
                 ))
             })?;
@@ -90,14 +85,14 @@ impl RemoteStore {
         let target = format!("{host}:{port}");
         let auth = match url.password() {
             Some(secret) => Some(format!("Bearer {secret}").parse().map_err(|_| {
-                config_error("the secret in the URL has characters that cannot be sent".to_owned())
+                Error::config("the secret in the URL has characters that cannot be sent".to_owned())
             })?),
             None => None,
         };
         let tls = url.scheme() == "distlocks";
         let http = if tls { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{http}://{target}"))
-            .map_err(|err| config_error(format!("'{url}' is not a usable server address: {err}")))?
+            .map_err(|err| Error::config(format!("'{url}' is not a usable server address: {err}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // A server that stops answering is found out even between
@@ -108,14 +103,14 @@ impl RemoteStore {
         if tls {
             endpoint = endpoint
                 .tls_config(tls_config(url, host)?)
-                .map_err(|err| config_error(format!("cannot set up TLS for '{url}': {err}")))?;
+                .map_err(|err| Error::config(format!("cannot set up TLS for '{url}': {err}")))?;
         }
         let mux = match url.query_pairs().find(|(name, _)| name == "transport") {
             None => !tls,
             Some((_, transport)) if transport == "grpc" => false,
             Some((_, transport)) if transport == "mux" && !tls => true,
             Some((_, transport)) => {
-                return Err(config_error(format!(
+                return Err(Error::config(format!(
                     "'{url}' asks for transport '{transport}'; distlock:// takes ?transport=mux \
                      (the default) or ?transport=grpc, and distlocks:// speaks only gRPC"
                 )))
@@ -204,7 +199,7 @@ fn tls_config(url: &Url, host: &str) -> Result<ClientTlsConfig> {
     match url.query_pairs().find(|(name, _)| name == "ca") {
         Some((_, path)) => {
             let pem = std::fs::read(&*path).map_err(|err| {
-                config_error(format!(
+                Error::config(format!(
                     "cannot read the CA certificate {path} named in the URL: {err}"
                 ))
             })?;

@@ -111,12 +111,14 @@ impl Error {
         Error::new(ErrorKind::InvalidKey, message)
     }
 
-    pub(crate) fn config(message: impl Into<String>) -> Self {
-        Error::new(ErrorKind::Config, message)
-    }
-
     pub(crate) fn lost(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Lost, message)
+    }
+
+    /// A `Config` error: the URL or a setting is wrong; `message` says what
+    /// to write instead.
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config, message)
     }
 
     /// `NotHeld` for `key`, as every store says it.

@@ -100,10 +100,6 @@ impl std::fmt::Debug for MysqlStore {
     }
 }
 
-fn config_error(message: String) -> Error {
-    Error::new(ErrorKind::Config, message)
-}
-
 impl MysqlStore {
     /// Connects to the database a `mysql://` URL names, and makes the token
     /// table, sequence and epoch tables (and in lease mode the lease tables)
@@ -111,25 +107,25 @@ impl MysqlStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
         let parsed = Url::parse(url)
-            .map_err(|err| config_error(format!("cannot parse '{url}': {err}; {usage}")))?;
+            .map_err(|err| Error::config(format!("cannot parse '{url}': {err}; {usage}")))?;
         let host = parsed
             .host_str()
             .filter(|host| !host.is_empty())
-            .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?
+            .ok_or_else(|| Error::config(format!("'{url}' names no host; {usage}")))?
             .to_owned();
         let (plain, mode) = take_url_param(&parsed, "mode");
         let lease = match mode.as_deref() {
             None | Some("named") => false,
             Some("lease") => true,
             Some(other) => {
-                return Err(config_error(format!(
+                return Err(Error::config(format!(
                     "'{url}' asks for mode '{other}'; write mode=named (the default) or \
                      mode=lease"
                 )))
             }
         };
         let opts = Opts::from_url(plain.as_str())
-            .map_err(|err| config_error(format!("'{url}' is not a usable MySQL URL: {err}")))?;
+            .map_err(|err| Error::config(format!("'{url}' is not a usable MySQL URL: {err}")))?;
         let opts: Opts = OptsBuilder::from_opts(opts)
             .tcp_keepalive(Some(Duration::from_secs(5)))
             .prefer_socket(false)

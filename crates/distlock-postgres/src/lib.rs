@@ -93,10 +93,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn config_error(message: String) -> Error {
-    Error::new(ErrorKind::Config, message)
-}
-
 impl PostgresStore {
     /// Connects to the database a `postgres://` or `postgresql://` URL
     /// names, and makes the token sequence, its epoch table and procedure
@@ -104,24 +100,24 @@ impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
         let parsed = Url::parse(url)
-            .map_err(|err| config_error(format!("cannot parse '{url}': {err}; {usage}")))?;
+            .map_err(|err| Error::config(format!("cannot parse '{url}': {err}; {usage}")))?;
         let host = parsed
             .host_str()
             .filter(|host| !host.is_empty())
-            .ok_or_else(|| config_error(format!("'{url}' names no host; {usage}")))?;
+            .ok_or_else(|| Error::config(format!("'{url}' names no host; {usage}")))?;
         let (plain, mode) = take_url_param(&parsed, "mode");
         let lease_mode = match mode.as_deref() {
             None | Some("advisory") => false,
             Some("lease") => true,
             Some(other) => {
-                return Err(config_error(format!(
+                return Err(Error::config(format!(
                     "'{url}' asks for mode '{other}'; write mode=advisory (the default) or \
                      mode=lease"
                 )))
             }
         };
         let mut config = tokio_postgres::Config::from_str(plain.as_str()).map_err(|err| {
-            config_error(format!("'{url}' is not a usable PostgreSQL URL: {err}"))
+            Error::config(format!("'{url}' is not a usable PostgreSQL URL: {err}"))
         })?;
         config
             .connect_timeout(CONNECT_TIMEOUT)

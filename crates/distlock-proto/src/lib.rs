@@ -3,6 +3,10 @@
 //! transport ([`mux`]). Clients in other languages generate theirs from the
 //! same file.
 
+/// The port a distlock server listens on unless told otherwise: the one
+/// definition the server, the client and the CLI use.
+pub const DEFAULT_PORT: u16 = 7890;
+
 /// Version 1 of the protocol.
 #[allow(missing_docs, clippy::all, reason = "generated code")]
 pub mod v1 {

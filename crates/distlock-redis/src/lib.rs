@@ -111,10 +111,6 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn config_error(message: String) -> Error {
-    Error::new(ErrorKind::Config, message)
-}
-
 impl RedisStore {
     /// Connects to the Redis server (`redis://`, `rediss://`) or the Redlock
     /// instances (`redlock://`) a URL names. A single server must answer; of
@@ -126,7 +122,7 @@ impl RedisStore {
         let (name, instances) = match scheme {
             "redis" | "rediss" => {
                 let parsed = Url::parse(url).map_err(|err| {
-                    config_error(format!(
+                    Error::config(format!(
                         "cannot parse '{url}': {err}; write redis://[:PASSWORD@]HOST[:PORT][/DB]"
                     ))
                 })?;
@@ -134,7 +130,7 @@ impl RedisStore {
             }
             "redlock" => ("redlock", redlock(url, &channel)?),
             _ => {
-                return Err(config_error(format!(
+                return Err(Error::config(format!(
                     "'{url}' is not a Redis URL; use redis://, rediss:// or redlock://"
                 )))
             }
@@ -219,15 +215,17 @@ fn single(url: &Url, channel: &str) -> Result<Instance> {
     let host = url
         .host_str()
         .filter(|host| !host.is_empty())
-        .ok_or_else(|| config_error(format!("'{url}' names no host; write redis://HOST[:PORT]")))?;
+        .ok_or_else(|| {
+            Error::config(format!("'{url}' names no host; write redis://HOST[:PORT]"))
+        })?;
     let name = format!("{host}:{}", url.port().unwrap_or(DEFAULT_PORT));
     let (plain, ca) = distlock_core::store::take_url_param(url, "ca");
     let unusable =
-        |err: redis::RedisError| config_error(format!("'{url}' is not a usable Redis URL: {err}"));
+        |err: redis::RedisError| Error::config(format!("'{url}' is not a usable Redis URL: {err}"));
     let client = match ca {
         Some(path) if url.scheme() == "rediss" => {
             let pem = std::fs::read(&path).map_err(|err| {
-                config_error(format!(
+                Error::config(format!(
                     "cannot read the CA certificate {path} named in the URL: {err}"
                 ))
             })?;
@@ -238,7 +236,7 @@ fn single(url: &Url, channel: &str) -> Result<Instance> {
             redis::Client::build_with_tls(plain.as_str(), certificates).map_err(unusable)?
         }
         Some(_) => {
-            return Err(config_error(format!(
+            return Err(Error::config(format!(
                 "'{url}' names a CA certificate but not TLS; write rediss:// to use it"
             )))
         }
@@ -261,14 +259,14 @@ fn redlock(url: &str, channel: &str) -> Result<Vec<Instance>> {
     };
     let db = path.split(['?', '#']).next().unwrap_or_default();
     if !db.is_empty() && db.parse::<u32>().is_err() {
-        return Err(config_error(format!(
+        return Err(Error::config(format!(
             "'{db}' in '{url}' is not a database number; {usage}"
         )));
     }
     let mut instances = Vec::new();
     for host in hosts.split(',') {
         if host.is_empty() {
-            return Err(config_error(format!("'{url}' has an empty host; {usage}")));
+            return Err(Error::config(format!("'{url}' has an empty host; {usage}")));
         }
         let address = if host.contains(':') {
             host.to_owned()
@@ -278,14 +276,14 @@ fn redlock(url: &str, channel: &str) -> Result<Vec<Instance>> {
         let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
         let one = format!("redis://{auth}{address}/{db}");
         let client = redis::Client::open(one.as_str()).map_err(|err| {
-            config_error(format!(
+            Error::config(format!(
                 "'{host}' in '{url}' is not a usable address: {err}; {usage}"
             ))
         })?;
         instances.push(Instance::new(address, client, channel));
     }
     if instances.len() < 3 {
-        return Err(config_error(format!(
+        return Err(Error::config(format!(
             "'{url}' names {} instance(s); Redlock needs at least three, and for one \
              server use redis://HOST:PORT",
             instances.len()

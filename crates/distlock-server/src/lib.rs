@@ -56,8 +56,7 @@ pub use config::{Config, ConfigError};
 use durable::{DataDir, EpochTokens};
 use metrics::Metrics;
 
-/// The default port of the distlock server.
-pub const DEFAULT_PORT: u16 = 7890;
+pub use distlock_proto::DEFAULT_PORT;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
