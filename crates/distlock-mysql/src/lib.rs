@@ -113,7 +113,13 @@ impl MysqlStore {
             .filter(|host| !host.is_empty())
             .ok_or_else(|| Error::config(format!("'{url}' names no host; {usage}")))?
             .to_owned();
-        let (plain, mode) = take_url_param(&parsed, "mode");
+        let (mut plain, mode) = take_url_param(&parsed, "mode");
+        // The driver knows only mysql://; mariadb:// names the same server.
+        if plain.scheme() == "mariadb" {
+            plain
+                .set_scheme("mysql")
+                .map_err(|()| Error::config(format!("cannot read '{url}'; {usage}")))?;
+        }
         let lease = match mode.as_deref() {
             None | Some("named") => false,
             Some("lease") => true,

@@ -105,6 +105,17 @@ async fn named_tokens_rise_across_a_crash_right_after_a_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_url_names_the_same_store() {
+    let url = Mariadb::shared()
+        .url()
+        .replacen("mysql://", "mariadb://", 1);
+    assert!(url.starts_with("mariadb://"), "{url}");
+    let session = client(&url).await.session().open().await.expect("open");
+    let guard = session.lock("mariadb-scheme").await.expect("lock");
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     let server = Mariadb::shared();
     let port = server.port();
