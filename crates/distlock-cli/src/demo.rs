@@ -1,5 +1,5 @@
-//! `distlock demo coupons`: the coupon system of `examples/coupons` under
-//! load from several processes, then its audit.
+//! `distlock demo coupons`: the coupon system of `crates/distlock-coupons`
+//! under load from several processes, then its audit.
 
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use coupons::{Audit, Db, Location, WorkerConfig, WorkerReport};
+use distlock_coupons::{Audit, Db, Location, WorkerConfig, WorkerReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -109,7 +109,7 @@ async fn worker(args: CouponArgs) -> anyhow::Result<ExitCode> {
             }
         })
     };
-    let report = coupons::run_workers(&client, &args.config(&db), progress).await;
+    let report = distlock_coupons::run_workers(&client, &args.config(&db), progress).await;
     ticker.abort();
     println!("report {}", serde_json::to_string(&report?)?);
     Ok(ExitCode::SUCCESS)
@@ -204,7 +204,7 @@ async fn coupons(args: CouponArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("coupons.db").display()));
     let location = Location::parse(&db_text);
     let mut db = Db::open(&location).await?;
-    coupons::setup(&mut db, args.batches, args.stock).await?;
+    distlock_coupons::setup(&mut db, args.batches, args.stock).await?;
 
     let progress = ProgressBar::new(args.duration.as_millis() as u64);
     progress.set_style(
@@ -222,7 +222,7 @@ async fn coupons(args: CouponArgs) -> anyhow::Result<ExitCode> {
         let config = args.config(&db_text);
         let done = Arc::clone(&done);
         children.push(tokio::spawn(async move {
-            let report = coupons::run_workers(&client, &config, done).await;
+            let report = distlock_coupons::run_workers(&client, &config, done).await;
             let status = match &report {
                 Ok(_) => Ok(format!("in-process group {i} done")),
                 Err(err) => Err(std::io::Error::other(err.to_string())),
@@ -304,7 +304,7 @@ async fn coupons(args: CouponArgs) -> anyhow::Result<ExitCode> {
         })?;
         total.merge(&report);
     }
-    let audit = coupons::audit(&mut db).await?;
+    let audit = distlock_coupons::audit(&mut db).await?;
     if let Some(embedded) = embedded {
         embedded.stop().await;
     }

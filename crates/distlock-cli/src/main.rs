@@ -51,7 +51,7 @@ enum Command {
     /// List the stores of this build and what each supports.
     Stores,
     /// Demonstrations: `distlock demo coupons` runs the coupon system of
-    /// examples/coupons under load and audits it.
+    /// crates/distlock-coupons under load and audits it.
     Demo(demo::DemoArgs),
 }
 

@@ -22,8 +22,8 @@
 //! an older holder cannot write between its read and its write.
 //! `<=` rather than `<` lets one holder write several times under one
 //! grant. Tokens are `u64`; [`sql_token`] gives the signed 64-bit integer
-//! SQL databases store. `examples/coupons` is a whole application that
-//! does this.
+//! SQL databases store. `crates/distlock-coupons` is a whole application
+//! that does this.
 //!
 //! # In a service
 //!
