@@ -16,7 +16,9 @@
 //! `cargo test -p distlock-faults` runs the CI tier (about 1,000 grants per
 //! store and fault); `distlock-faults run --long` the long tier (10,000).
 
+mod backend;
 pub mod check;
+mod harness;
 pub mod register;
 pub mod run;
 pub mod worker;

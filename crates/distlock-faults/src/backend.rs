@@ -1,0 +1,163 @@
+//! The store's processes: started, addressed, and killed and restarted on
+//! the same data and port.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
+
+use crate::run::Store;
+
+/// The store's processes.
+pub(crate) enum Backend {
+    Server(ServerProcess),
+    File(PathBuf),
+    Redis(Redis),
+    Redlock(Vec<Redis>),
+    Postgres(Postgres),
+    Mysql(Mariadb),
+    #[cfg(feature = "etcd")]
+    Etcd(distlock_testkit::servers::Etcd),
+    Zookeeper(ZooKeeper),
+}
+
+/// `distlock-faults serve`: a distlock server in a process of its own.
+pub(crate) struct ServerProcess {
+    exe: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    fn start(exe: &Path, dir: &Path, port: u16) -> anyhow::Result<ServerProcess> {
+        let child = std::process::Command::new(exe)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start the distlock server")?;
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "the distlock server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(ServerProcess {
+            exe: exe.to_owned(),
+            dir: dir.to_owned(),
+            port,
+            child,
+        })
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Backend {
+    pub(crate) fn start(store: Store, exe: &Path, dir: &Path) -> anyhow::Result<Backend> {
+        Ok(match store {
+            Store::Server => Backend::Server(ServerProcess::start(
+                exe,
+                &dir.join("server"),
+                distlock_testkit::daemon::free_port(),
+            )?),
+            Store::File => {
+                let files = dir.join("locks");
+                std::fs::create_dir_all(&files)?;
+                Backend::File(files)
+            }
+            Store::Redis => Backend::Redis(Redis::start_durable()),
+            Store::Redlock => Backend::Redlock((0..3).map(|_| Redis::start_durable()).collect()),
+            Store::Postgres | Store::PostgresLease => Backend::Postgres(Postgres::start()),
+            Store::Mysql | Store::MysqlLease => Backend::Mysql(Mariadb::start()),
+            #[cfg(feature = "etcd")]
+            Store::Etcd => Backend::Etcd(distlock_testkit::servers::Etcd::start()),
+            #[cfg(not(feature = "etcd"))]
+            Store::Etcd => anyhow::bail!("etcd needs the etcd feature"),
+            Store::Zookeeper => Backend::Zookeeper(ZooKeeper::start()),
+        })
+    }
+
+    pub(crate) fn url(&self, store: Store) -> String {
+        let lease = |url: String| {
+            if matches!(store, Store::PostgresLease | Store::MysqlLease) {
+                format!("{url}?mode=lease")
+            } else {
+                url
+            }
+        };
+        match self {
+            Backend::Server(server) => format!("distlock://127.0.0.1:{}", server.port),
+            Backend::File(dir) => format!("file://{}", dir.display()),
+            Backend::Redis(redis) => redis.url(),
+            Backend::Redlock(instances) => format!(
+                "redlock://{}",
+                instances
+                    .iter()
+                    .map(Redis::address)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Backend::Postgres(postgres) => lease(postgres.url()),
+            Backend::Mysql(mariadb) => lease(mariadb.url()),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(etcd) => etcd.url(),
+            Backend::Zookeeper(zookeeper) => format!("{}/faults", zookeeper.url()),
+        }
+    }
+
+    /// The port a proxy goes in front of (Redlock: its first instance).
+    pub(crate) fn port(&self) -> Option<u16> {
+        match self {
+            Backend::Server(server) => Some(server.port),
+            Backend::File(_) => None,
+            Backend::Redis(redis) => Some(redis.port()),
+            Backend::Redlock(instances) => Some(instances[0].port()),
+            Backend::Postgres(postgres) => Some(postgres.port()),
+            Backend::Mysql(mariadb) => Some(mariadb.port()),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(etcd) => Some(etcd.port()),
+            Backend::Zookeeper(zookeeper) => Some(zookeeper.port()),
+        }
+    }
+
+    /// Kills the store's process (SIGKILL) and starts it again on the same
+    /// data and port.
+    pub(crate) fn restart(self) -> anyhow::Result<Backend> {
+        Ok(match self {
+            Backend::Server(server) => {
+                let (exe, dir, port) = (server.exe.clone(), server.dir.clone(), server.port);
+                drop(server);
+                Backend::Server(ServerProcess::start(&exe, &dir, port)?)
+            }
+            Backend::File(dir) => Backend::File(dir),
+            Backend::Redis(redis) => Backend::Redis(redis.crash_and_restart()),
+            Backend::Redlock(mut instances) => {
+                let first = instances.remove(0).crash_and_restart();
+                instances.insert(0, first);
+                Backend::Redlock(instances)
+            }
+            Backend::Postgres(postgres) => Backend::Postgres(postgres.crash_and_restart()),
+            Backend::Mysql(mariadb) => Backend::Mysql(mariadb.crash_and_restart()),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(etcd) => Backend::Etcd(etcd.crash_and_restart()),
+            Backend::Zookeeper(zookeeper) => Backend::Zookeeper(zookeeper.crash_and_restart()),
+        })
+    }
+}
