@@ -1,7 +1,7 @@
 //! Holds many locks at once, to measure a store's memory:
 //!
 //! ```text
-//! cargo run --release --example hold_many -- distlock://127.0.0.1:7890 10000 100
+//! cargo run --release -p distlock-bench --bin hold_many -- distlock://127.0.0.1:7890 10000 100
 //! ```
 //!
 //! opens SESSIONS sessions over up to 100 connections, takes LOCKS locks in

@@ -21,7 +21,8 @@
 //!   session kept one watch stream for all its waits.
 //!
 //! ```sh
-//! cargo run --release -p distlock-etcd --example handover_floor -- 127.0.0.1:2379 rj 16 5
+//! cargo run --release -p distlock-bench --features etcd --bin etcd_handover_floor -- \
+//!     127.0.0.1:2379 rj 16 5
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,8 @@
 //! Redis; the mean wait of a task is C hops.
 //!
 //! ```sh
-//! cargo run --release -p distlock-redis --example redis_handover_floor -- redis://127.0.0.1:6379 16 10
+//! cargo run --release -p distlock-bench --bin redis_handover_floor -- \
+//!     redis://127.0.0.1:6379 16 10
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
