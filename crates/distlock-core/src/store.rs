@@ -14,6 +14,8 @@ use tokio::time::Instant;
 
 use crate::error::Result;
 
+pub mod queue;
+
 /// How a lock is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -185,11 +185,7 @@ impl LeaseSession {
 #[async_trait]
 impl StoreSession for LeaseSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let (mode, permits) = match request.mode {
-            Mode::Exclusive => ("x".to_owned(), 0),
-            Mode::Shared => ("s".to_owned(), 0),
-            Mode::Semaphore { permits } => (format!("p{permits}"), permits),
-        };
+        let (mode, permits) = (request.mode.tag(), request.mode.permits());
         let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
         // Dropped, or failed, after the commit was sent, the hold may be
         // there: it is given back by its unique name.

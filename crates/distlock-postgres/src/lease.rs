@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock as guard;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::futures::Notified;
@@ -395,11 +395,7 @@ fn millis(duration: Duration) -> i64 {
 #[async_trait]
 impl StoreSession for LeaseSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let (mode, permits) = match request.mode {
-            Mode::Exclusive => ("x".to_owned(), 0),
-            Mode::Shared => ("s".to_owned(), 0),
-            Mode::Semaphore { permits } => (format!("p{permits}"), permits),
-        };
+        let (mode, permits) = (request.mode.tag(), request.mode.permits());
         let permits = i32::try_from(permits).unwrap_or(i32::MAX);
         let watch = request.wait_until.map(|_| self.leases.watch(&request.key));
         let mut registered = false;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::watch;
@@ -20,9 +20,6 @@ use crate::{timed_out, zk_error, BASE, CALL_TIMEOUT};
 mod queue;
 
 use queue::Leave;
-
-/// The longest one watch is trusted before the queue is read again.
-const WATCH_SLICE: Duration = Duration::from_secs(5);
 
 /// How many nodes one renewal checks in one transaction (their paths must
 /// fit ZooKeeper's 1 MiB request limit: 3 KiB each at most).
@@ -59,15 +56,6 @@ pub fn lock_dir(name: &str) -> String {
         _ => {}
     }
     format!("{BASE}/{escaped}")
-}
-
-/// The first part of a queue node's name: what the attempt wants.
-fn mode_tag(mode: Mode) -> String {
-    match mode {
-        Mode::Exclusive => "x".to_owned(),
-        Mode::Shared => "s".to_owned(),
-        Mode::Semaphore { permits } => format!("p{permits}"),
-    }
 }
 
 /// A queue node's name is `TAG-NONCE-SEQUENCE`.

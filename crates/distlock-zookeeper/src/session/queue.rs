@@ -4,22 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::store::{AcquireRequest, Grant, Mode};
+use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
+use distlock_core::store::{AcquireRequest, Grant};
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::time::Instant;
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError, OneshotWatcher};
 
-use super::{
-    mode_tag, raw, sequence_of, tag_of, Node, Shared, ZkSession, RECONNECT_PAUSE, WATCH_SLICE,
-};
+use super::{raw, sequence_of, tag_of, Node, Shared, ZkSession, RECONNECT_PAUSE};
 use crate::{zk_error, BASE, CALL_TIMEOUT};
-
-/// What blocks a waiter: one node (its predecessor, or the last earlier
-/// writer), or, for a semaphore, any change to the queue.
-enum Blocker {
-    Node(String),
-    Any,
-}
 
 /// Where one look at the queue leaves an attempt.
 enum Step {
@@ -76,7 +68,7 @@ impl ZkSession {
             return Err(self.closed());
         }
         let dir = leave.dir.clone();
-        let tag = mode_tag(request.mode);
+        let tag = request.mode.tag();
         let prefix = format!("{dir}/{tag}{}", leave.marker);
         let mut ending = self.shared.ending.subscribe();
         // Join the queue, at its tail.
@@ -98,7 +90,7 @@ impl ZkSession {
                 return Err(self.closed());
             }
             let client = self.client()?;
-            match self.step(&client, request, &node, &tag, leave).await {
+            match self.step(&client, request, &node, leave).await {
                 Ok(Step::Granted(grant)) => return Ok(Some(grant)),
                 Ok(Step::Busy) => return Ok(None),
                 Ok(Step::Again) => {}
@@ -140,7 +132,6 @@ impl ZkSession {
         client: &Client,
         request: &AcquireRequest,
         node: &Node,
-        tag: &str,
         leave: &mut Leave,
     ) -> Result<Step> {
         let dir = &leave.dir;
@@ -158,22 +149,8 @@ impl ZkSession {
             return Err(self.node_gone(client));
         };
         let earlier = &queue[..position];
-        let blocker = match request.mode {
-            Mode::Exclusive => earlier
-                .last()
-                .map(|(_, name)| Blocker::Node((*name).to_owned())),
-            Mode::Shared => earlier
-                .iter()
-                .rev()
-                .find(|(_, name)| tag_of(name) != "s")
-                .map(|(_, name)| Blocker::Node((*name).to_owned())),
-            Mode::Semaphore { permits } => {
-                let fits = earlier.len() < permits as usize
-                    && earlier.iter().all(|(_, name)| tag_of(name) == tag);
-                (!fits).then_some(Blocker::Any)
-            }
-        };
-        let Some(blocker) = blocker else {
+        let tags: Vec<&str> = earlier.iter().map(|(_, name)| tag_of(name)).collect();
+        let Some(blocker) = queue::blocker(request.mode, &tags) else {
             // Granted: the read saw this session's node. A server behind its
             // leader may answer from the past, but only with nodes ahead of
             // this one gone that are gone for good; the node itself is there
@@ -195,15 +172,15 @@ impl ZkSession {
             return Ok(Step::Busy);
         }
         match blocker {
-            Blocker::Node(name) => {
-                let watched = format!("{dir}/{name}");
+            Blocker::Entry(index) => {
+                let watched = format!("{dir}/{}", earlier[index].1);
                 match self.call(client.check_and_watch_stat(&watched)).await? {
                     (Some(_), watcher) => Ok(Step::Wait(watcher)),
                     // Gone already: read the queue again.
                     (None, _) => Ok(Step::Again),
                 }
             }
-            Blocker::Any => {
+            Blocker::AnyChange => {
                 let (now, watcher) = self.call(client.list_and_watch_children(dir)).await?;
                 if ordered(&now) == queue {
                     Ok(Step::Wait(watcher))

@@ -1,0 +1,313 @@
+//! A session: an etcd lease, and the queue keys of its locks.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use distlock_core::store::{
+    lock, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+};
+use distlock_core::{Error, ErrorKind, Result};
+use etcd_client::{
+    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse,
+};
+
+use crate::{timed_out, unavailable, CALL_TIMEOUT, PREFIX};
+
+mod queue;
+
+/// The keys of one lock start with this: the name with `%` and `/` escaped,
+/// so that no lock's prefix is another's.
+fn lock_prefix(name: &str) -> String {
+    format!("{PREFIX}{}/", name.replace('%', "%25").replace('/', "%2F"))
+}
+
+pub(crate) struct EtcdSession {
+    client: Client,
+    endpoints: String,
+    lease: i64,
+    keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
+    /// The queue keys of the locks held, by lock name.
+    held: Mutex<HashMap<String, String>>,
+    /// Queue keys whose deletion in the background is still under way (an
+    /// attempt dropped or failed half-way): no attempt uses them until they
+    /// are gone.
+    leaving: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The most operations etcd takes in one transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+/// The most keys one session may have in one lock's queue at once: its
+/// attempt's, and those of earlier attempts whose deletion is under way.
+const MAX_SLOTS: usize = 16;
+
+impl EtcdSession {
+    pub(crate) async fn open(
+        client: Client,
+        endpoints: String,
+        options: &SessionOptions,
+    ) -> Result<Self> {
+        let ttl = i64::try_from(options.ttl.as_secs_f64().ceil() as u64)
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let session = EtcdSession {
+            client,
+            endpoints,
+            lease: 0,
+            keeper: tokio::sync::Mutex::new(None),
+            held: Mutex::new(HashMap::new()),
+            leaving: Arc::new(Mutex::new(HashSet::new())),
+        };
+        let granted = session
+            .call(session.client.clone().lease_grant(ttl, None))
+            .await?;
+        Ok(EtcdSession {
+            lease: granted.id(),
+            ..session
+        })
+    }
+
+    /// A call bounded in time, its error explained.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| timed_out(&self.endpoints))?
+            .map_err(|err| unavailable(&self.endpoints, &err))
+    }
+
+    /// The queue key for an attempt on lock `name`: the session's lease and
+    /// the first slot whose key is not still being deleted. The same few
+    /// keys serve every attempt: etcd keeps each key ever made in its index
+    /// until a compaction, and every read of the queue walks them, so a key
+    /// per attempt would slow each read down as the lock is used.
+    fn new_key(&self, name: &str) -> Result<String> {
+        let leaving = lock(&self.leaving);
+        (0..MAX_SLOTS)
+            .map(|slot| format!("{}{:016x}-{slot}", lock_prefix(name), self.lease))
+            .find(|key| !leaving.contains(key))
+            .ok_or_else(|| {
+                unavailable(
+                    &self.endpoints,
+                    &format!(
+                        "{MAX_SLOTS} earlier keys of lock '{name}' in this session are still to be \
+                         deleted; try again once etcd answers, or open a new session"
+                    ),
+                )
+            })
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        lock(&self.held)
+    }
+
+    /// A call's error, as `Lost` when it says the lease is gone.
+    fn failure(&self, err: &Error) -> Option<Error> {
+        err.message()
+            .contains("lease not found")
+            .then(|| self.lost("is gone"))
+    }
+
+    fn lost(&self, why: &str) -> Error {
+        Error::new(
+            ErrorKind::Lost,
+            format!(
+                "etcd at {}: the session's lease {why}; open a new session",
+                self.endpoints
+            ),
+        )
+    }
+
+    /// Takes `key` out of its queue, if it is the one created at `revision`.
+    async fn leave(
+        client: &mut Client,
+        key: &str,
+        revision: i64,
+    ) -> std::result::Result<bool, etcd_client::Error> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(client.txn(txn).await?.succeeded())
+    }
+
+    /// [`EtcdSession::leave`] now, bounded in time, its error explained.
+    async fn leave_now(&self, key: &str, revision: i64) -> Result<bool> {
+        let mut client = self.client.clone();
+        self.call(EtcdSession::leave(&mut client, key, revision))
+            .await
+    }
+}
+
+/// Takes `key` out of its queue if it is still the life of it created at
+/// `revision`; when that is not known (a join whose answer never came),
+/// whatever life of it is there now. Done either way once the call went
+/// through. Never a delete by name alone: keys are used again, and a
+/// delete that lands late must not take a later attempt's key.
+async fn take_out(
+    client: &mut Client,
+    key: &str,
+    revision: Option<i64>,
+) -> std::result::Result<(), etcd_client::Error> {
+    let revision = match revision {
+        Some(revision) => revision,
+        None => match client.get(key, None).await?.kvs().first() {
+            Some(there) => there.create_revision(),
+            None => return Ok(()),
+        },
+    };
+    EtcdSession::leave(client, key, revision).await?;
+    Ok(())
+}
+
+/// Takes an attempt's key out of the queue, in the background, when the
+/// attempt is dropped or fails before it is done. No attempt uses the key
+/// until it is gone (see `leaving`), and only its own life of the key is
+/// deleted (`take_out`); a failed call is tried again for a while (etcd may
+/// be restarting), and the key goes with the lease in any case.
+struct Leave {
+    client: Client,
+    key: String,
+    /// The key's create revision, once known.
+    revision: Option<i64>,
+    leaving: Arc<Mutex<HashSet<String>>>,
+    armed: bool,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to delete it with: the key stays out of use, and
+            // goes with the lease.
+            lock(&self.leaving).insert(std::mem::take(&mut self.key));
+            return;
+        };
+        let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
+        lock(&self.leaving).insert(key.clone());
+        let (leaving, revision) = (Arc::clone(&self.leaving), self.revision);
+        runtime.spawn(async move {
+            for attempt in 0..30u64 {
+                let deleted =
+                    tokio::time::timeout(CALL_TIMEOUT, take_out(&mut client, &key, revision));
+                if matches!(deleted.await, Ok(Ok(()))) {
+                    lock(&leaving).remove(&key);
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl StoreSession for EtcdSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        self.acquire_in_queue(request).await
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let Some(me) = self.held().get(&held.key).cloned() else {
+            return Err(Error::not_held(&held.key));
+        };
+        let revision = i64::try_from(held.token).unwrap_or(i64::MAX);
+        if revision <= 0 {
+            // No key has create revision 0: that is "absent" to etcd.
+            return Err(Error::not_held(&held.key));
+        }
+        let released = self.leave_now(&me, revision).await?;
+        {
+            let mut map = self.held();
+            if map.get(&held.key) == Some(&me) {
+                map.remove(&held.key);
+            }
+        }
+        if released {
+            Ok(())
+        } else {
+            Err(Error::not_held(&held.key))
+        }
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        let ttl = {
+            let mut keeper = self.keeper.lock().await;
+            if keeper.is_none() {
+                *keeper = Some(
+                    self.call(self.client.clone().lease_keep_alive(self.lease))
+                        .await?,
+                );
+            }
+            let (sender, answers) = keeper.as_mut().expect("made above");
+            let sent = async {
+                sender.keep_alive().await?;
+                answers.message().await
+            };
+            match self.call(sent).await {
+                Ok(Some(answer)) => answer.ttl(),
+                Ok(None) | Err(_) => {
+                    // The stream broke: a new one next time.
+                    keeper.take();
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("etcd at {} did not renew the lease", self.endpoints),
+                    ));
+                }
+            }
+        };
+        if ttl <= 0 {
+            return Err(self.lost("has run out"));
+        }
+        if held.is_empty() {
+            return Ok(RenewReport::all_held());
+        }
+        // Each held key must still be there, as created when granted.
+        let keys: Vec<String> = {
+            let map = self.held();
+            held.iter()
+                .map(|lock| map.get(&lock.key).cloned().unwrap_or_default())
+                .collect()
+        };
+        let mut responses = Vec::with_capacity(held.len());
+        for batch in keys.chunks(MAX_TXN_OPS) {
+            let reads: Vec<TxnOp> = batch
+                .iter()
+                .map(|key| TxnOp::get(key.as_str(), None))
+                .collect();
+            let answer = self
+                .call(self.client.clone().txn(Txn::new().and_then(reads)))
+                .await?;
+            responses.extend(answer.op_responses());
+        }
+        let mut lost = Vec::new();
+        for (lock, response) in held.iter().zip(responses) {
+            let there = match response {
+                TxnOpResponse::Get(got) => got
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| u64::try_from(kv.create_revision()).ok() == Some(lock.token)),
+                _ => false,
+            };
+            if !there {
+                let mut map = self.held();
+                if map.contains_key(&lock.key) {
+                    map.remove(&lock.key);
+                }
+                lost.push(lock.key.clone());
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Revoking the lease deletes every key of the session.
+        self.call(self.client.clone().lease_revoke(self.lease))
+            .await?;
+        Ok(())
+    }
+}

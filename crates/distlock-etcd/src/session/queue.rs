@@ -1,0 +1,286 @@
+//! An acquire in steps: join the lock's queue, decide from the keys ahead
+//! (`distlock_core::store::queue`), and wait for the blocker to go.
+
+use std::sync::Arc;
+
+use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
+use distlock_core::store::{AcquireRequest, Grant};
+use distlock_core::Result;
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
+};
+use tokio::time::Instant;
+
+use super::{lock_prefix, EtcdSession, Leave, MAX_SLOTS};
+use crate::unavailable;
+
+/// A lock's queue as it is read: every key under its prefix, oldest first.
+fn queue_options() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+}
+
+/// What a waiter watches for deletions, and a read that tells whether the
+/// wait is still needed: it must find `expected` keys.
+struct Watch {
+    watched: Vec<u8>,
+    options: WatchOptions,
+    check: GetOptions,
+    expected: usize,
+}
+
+impl Watch {
+    /// The blocker, or for a semaphore as many keys before `mine` as were
+    /// read. (A key's create revision tells which of its lives was read: a
+    /// session's keys are used again by its later attempts. And etcd counts
+    /// a range before it filters it, so the keys are fetched.)
+    fn of(blocker: Blocker, earlier: &[KeyValue], mine: &KeyValue, prefix: &str) -> Watch {
+        let options = WatchOptions::new().with_filters([WatchFilterType::NoPut]);
+        match blocker {
+            Blocker::Entry(index) => {
+                let created = earlier[index].create_revision();
+                Watch {
+                    watched: earlier[index].key().to_vec(),
+                    options,
+                    check: GetOptions::new()
+                        .with_keys_only()
+                        .with_min_create_revision(created)
+                        .with_max_create_revision(created),
+                    expected: 1,
+                }
+            }
+            Blocker::AnyChange => Watch {
+                watched: prefix.as_bytes().to_vec(),
+                options: options.with_prefix(),
+                check: GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_max_create_revision(mine.create_revision() - 1),
+                expected: earlier.len(),
+            },
+        }
+    }
+}
+
+impl EtcdSession {
+    /// Joins the queue, at its tail, and reads it, in one round trip.
+    pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let prefix = lock_prefix(&request.key);
+        let (me, mut leave, joined) = self.join(request, &prefix).await?;
+        let read_at = joined.header().map_or(0, |header| header.revision());
+        let mut first = joined
+            .op_responses()
+            .into_iter()
+            .find_map(|response| match response {
+                TxnOpResponse::Get(queue) => Some(queue),
+                _ => None,
+            })
+            .map(|queue| (queue, read_at));
+        loop {
+            let (queue, read_at) = match first.take() {
+                // The put with the lease went through in the same
+                // transaction: the lease lived when the queue was read.
+                Some(read) => read,
+                // This key is in the queue read only if the lease lived at
+                // that read (etcd issue 11456; checked below).
+                None => self.read_queue(&prefix).await?,
+            };
+            let kvs = queue.kvs();
+            let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
+                // etcd issue 11456: the lease ended while this waited (or the
+                // key was deleted from outside).
+                leave.armed = false;
+                return Err(self.lost("ended, or its queue key was deleted, while it waited"));
+            };
+            let mine = &kvs[position];
+            let earlier = &kvs[..position];
+            let tags: Vec<&str> = earlier
+                .iter()
+                .map(|kv| std::str::from_utf8(kv.value()).unwrap_or_default())
+                .collect();
+            let Some(blocker) = queue::blocker(request.mode, &tags) else {
+                leave.armed = false;
+                self.held().insert(request.key.clone(), me);
+                let token = u64::try_from(mine.create_revision()).unwrap_or(0);
+                return Ok(Some(Grant::new(token)));
+            };
+            let until = match request.wait_until {
+                Some(until) if Instant::now() < until => until,
+                // Busy, and no (more) waiting: out of the queue. If that
+                // fails, the key is taken out in the background.
+                _ => {
+                    self.leave_now(&me, mine.create_revision()).await?;
+                    leave.armed = false;
+                    return Ok(None);
+                }
+            };
+            let watch = Watch::of(blocker, earlier, mine, &prefix);
+            self.wait(watch, read_at, until).await?;
+        }
+    }
+
+    /// Puts a new key of this session at the queue's tail and reads the
+    /// queue, in one transaction. The key must be new: one left in place (a
+    /// release that failed half-way) has an old create revision, so it
+    /// would jump the queue and repeat a token. Such a key is taken out
+    /// first (that life of it only), and the join tried again.
+    async fn join(
+        &self,
+        request: &AcquireRequest,
+        prefix: &str,
+    ) -> Result<(String, Leave, TxnResponse)> {
+        let mode = request.mode.tag();
+        let mut strays = 0;
+        loop {
+            let me = self.new_key(&request.key)?;
+            let mut leave = Leave {
+                client: self.client.clone(),
+                key: me.clone(),
+                revision: None,
+                leaving: Arc::clone(&self.leaving),
+                armed: true,
+            };
+            let join = Txn::new()
+                .when([Compare::create_revision(me.as_str(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(
+                        me.as_str(),
+                        mode.as_str(),
+                        Some(etcd_client::PutOptions::new().with_lease(self.lease)),
+                    ),
+                    TxnOp::get(prefix, Some(queue_options())),
+                ])
+                .or_else([TxnOp::get(me.as_str(), None)]);
+            let joined = match self.call(self.client.clone().txn(join)).await {
+                Ok(joined) => joined,
+                Err(err) => return Err(self.failure(&err).unwrap_or(err)),
+            };
+            if joined.succeeded() {
+                leave.revision = joined.header().map(|header| header.revision());
+                return Ok((me, leave, joined));
+            }
+            leave.revision = joined
+                .op_responses()
+                .into_iter()
+                .find_map(|found| match found {
+                    TxnOpResponse::Get(found) => found.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                });
+            strays += 1;
+            if strays > MAX_SLOTS {
+                // Something puts the key back as fast as it goes.
+                return Err(unavailable(
+                    &self.endpoints,
+                    &format!(
+                        "this session's key of lock '{}' keeps coming back",
+                        request.key
+                    ),
+                ));
+            }
+            if let Some(revision) = leave.revision {
+                self.leave_now(&me, revision).await?;
+            }
+            leave.armed = false;
+        }
+    }
+
+    /// The queue, and the revision it was read at.
+    async fn read_queue(&self, prefix: &str) -> Result<(GetResponse, i64)> {
+        let queue = self
+            .call(self.client.clone().get(prefix, Some(queue_options())))
+            .await?;
+        let read_at = queue.header().map_or(0, |header| header.revision());
+        Ok((queue, read_at))
+    }
+
+    /// Waits until what `watch` watches may have gone (or `until`, or a
+    /// slice of [`WATCH_SLICE`]): then the queue is read again.
+    ///
+    /// The watch starts from now, not from the revision read: etcd serves a
+    /// watch that starts in the past from a loop that runs every 100 ms,
+    /// which would add up to 100 ms to every hand-over. A deletion between
+    /// the read and the watch is found by asking once more.
+    async fn wait(&self, watch: Watch, read_at: i64, until: Instant) -> Result<()> {
+        let Watch {
+            watched,
+            options,
+            check,
+            expected,
+        } = watch;
+        let mut stream = self
+            .call(
+                self.client
+                    .clone()
+                    .watch(watched.clone(), Some(options.clone())),
+            )
+            .await?;
+        let created_at = match self.call(stream.message()).await {
+            Ok(Some(created)) if !created.canceled() => created
+                .header()
+                .map_or(i64::MAX, |header| header.revision()),
+            // Refused or ended at once (etcd restarting?): not at once
+            // again, then read again.
+            _ => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                return Ok(());
+            }
+        };
+        // etcd starts a watch "from now" at the revision it read just
+        // before it registers the watch; a write landing in between leaves
+        // the watch behind, to be served by the same 100 ms loop. Under load
+        // that is about one watch in fifty, and when it is the next
+        // holder's, the whole queue stalls behind it. So a second watch of
+        // the key, on the same stream, starts a few revisions ahead: far
+        // enough that etcd has not reached that revision when it registers
+        // the watch, so the watch is served as writes land. The first watch
+        // covers the revisions in between.
+        let ahead = 4 + 2 * (created_at - read_at).clamp(0, 30);
+        let ahead = options.with_start_revision(created_at.saturating_add(ahead));
+        // If the stream broke, the wait below finds out.
+        let _ = stream.watch(watched.clone(), Some(ahead)).await;
+        if created_at > read_at {
+            // The queue changed between the read and the watch: the blocker
+            // may have gone in between. This read decides no grant; it need
+            // only see past the watch's start, so the member answers from
+            // what it has applied when that is far enough, without a round
+            // of consensus.
+            let mut now = self
+                .call(
+                    self.client
+                        .clone()
+                        .get(watched.clone(), Some(check.clone().with_serializable())),
+                )
+                .await?;
+            if now.header().map_or(0, |header| header.revision()) < created_at {
+                now = self
+                    .call(self.client.clone().get(watched.clone(), Some(check)))
+                    .await?;
+            }
+            if now.kvs().len() < expected {
+                return Ok(());
+            }
+        }
+        let deleted = async {
+            while let Ok(Some(message)) = stream.message().await {
+                if message.canceled() {
+                    return;
+                }
+                if message
+                    .events()
+                    .iter()
+                    .any(|event| event.event_type() == EventType::Delete)
+                {
+                    return;
+                }
+            }
+            // The watch ended (etcd restarting?): not at once again.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        // In slices: a silent watch is read past, not trusted forever.
+        let slice_end = until.min(Instant::now() + WATCH_SLICE);
+        let _ = tokio::time::timeout_at(slice_end, deleted).await;
+        Ok(())
+    }
+}
