@@ -57,19 +57,30 @@ DECLARE
     current_epoch bigint;
     next_epoch bigint;
     drawn bigint;
+    looks int := 0;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'distlock needs read committed transactions, not %',
             current_setting('transaction_isolation')
             USING HINT = 'ALTER ROLE ... SET default_transaction_isolation = ''read committed''';
     END IF;
-    PERFORM pg_advisory_xact_lock(-8081908180553460212);
-    SELECT epoch INTO current_epoch FROM distlock_epoch WHERE id = 1;
-    SELECT last_value INTO drawn FROM distlock_token_seq;
-    IF current_epoch > 0 AND drawn >= current_epoch << 40
-        AND drawn < ((current_epoch + 1) << 40) - 1073741824 THEN
-        RETURN;
-    END IF;
+    LOOP
+        PERFORM pg_advisory_xact_lock(-8081908180553460212);
+        SELECT epoch INTO current_epoch FROM distlock_epoch WHERE id = 1;
+        SELECT last_value INTO drawn FROM distlock_token_seq;
+        IF current_epoch > 0 AND drawn >= current_epoch << 40
+            AND drawn < ((current_epoch + 1) << 40) - 1073741824 THEN
+            RETURN;
+        END IF;
+        -- Below a live epoch is a reset, or another call between its
+        -- epoch's commit and its move of the sequence (which releases the
+        -- lock). That gap is short: look again for half a second before
+        -- taking it for a reset.
+        EXIT WHEN current_epoch = 0 OR drawn >= current_epoch << 40 OR looks >= 50;
+        looks := looks + 1;
+        COMMIT;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
     IF current_setting('synchronous_commit') <> 'remote_apply' THEN
         PERFORM set_config('synchronous_commit', 'on', true);
     END IF;
