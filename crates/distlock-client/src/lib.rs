@@ -25,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::{Capabilities, Fencing, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, ErrorKind, Result};
+use distlock_proto::kinds::kind_of_status;
 use distlock_proto::v1 as proto;
 use proto::locks_client::LocksClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -221,18 +222,8 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// A gRPC status from the server as a distlock error.
 pub(crate) fn from_status(target: &str, status: tonic::Status) -> Error {
-    use tonic::Code;
-    let kind = match status.code() {
-        Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => {
-            ErrorKind::Config
-        }
-        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled => {
-            ErrorKind::Unavailable
-        }
-        _ => ErrorKind::Store,
-    };
     Error::new(
-        kind,
+        kind_of_status(status.code()),
         format!("distlock server at {target}: {}", status.message()),
     )
 }

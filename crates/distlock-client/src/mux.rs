@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use distlock_core::store::lock;
 use distlock_core::{Error, ErrorKind, Result};
+use distlock_proto::kinds::kind_of_end;
 use distlock_proto::{mux, v1 as proto};
 use prost::Message;
 use proto::mux_event::Body as EventBody;
@@ -56,16 +57,6 @@ pub(crate) struct MuxConnection {
     next_stream: AtomicU32,
     /// The largest frame the server takes.
     max_frame: usize,
-}
-
-/// The error kind for a server's `End` code.
-fn kind_of(code: i32) -> ErrorKind {
-    match proto::Code::try_from(code) {
-        Ok(proto::Code::Unspecified) => ErrorKind::Closed,
-        Ok(proto::Code::Unauthenticated | proto::Code::InvalidArgument) => ErrorKind::Config,
-        Ok(proto::Code::ResourceExhausted | proto::Code::Unavailable) => ErrorKind::Unavailable,
-        _ => ErrorKind::Store,
-    }
 }
 
 impl MuxConnection {
@@ -115,7 +106,7 @@ impl MuxConnection {
                         body: Some(EventBody::End(end)),
                         ..
                     }) => Err(Error::new(
-                        kind_of(end.code),
+                        kind_of_end(end.code),
                         format!("distlock server at {target}: {}", end.message),
                     )),
                     _ => Err(not_distlock(target)),
@@ -312,7 +303,7 @@ async fn read_frames(
             }
             Some(EventBody::End(end)) if event.stream == 0 => {
                 break (
-                    kind_of(end.code),
+                    kind_of_end(end.code),
                     format!("distlock server at {target}: {}", end.message),
                 );
             }
@@ -320,7 +311,7 @@ async fn read_frames(
                 let inbox = lock(&streams).open.remove(&event.stream);
                 if let Some(inbox) = inbox {
                     inbox.end(Some((
-                        kind_of(end.code),
+                        kind_of_end(end.code),
                         format!("distlock server at {target}: {}", end.message),
                     )));
                 }

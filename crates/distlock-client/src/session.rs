@@ -10,7 +10,7 @@ use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
-use distlock_proto::v1 as proto;
+use distlock_proto::{kinds, v1 as proto};
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
 use tokio::sync::{mpsc, oneshot};
@@ -129,18 +129,8 @@ impl RemoteSession {
 }
 
 fn failure(target: &str, failed: proto::Failed) -> Error {
-    let kind = match proto::Code::try_from(failed.code) {
-        Ok(proto::Code::InvalidArgument) if failed.message.starts_with("lock key") => {
-            ErrorKind::InvalidKey
-        }
-        Ok(proto::Code::InvalidArgument) => ErrorKind::Config,
-        Ok(proto::Code::NotHeld) => ErrorKind::NotHeld,
-        Ok(proto::Code::SessionLost) => ErrorKind::Lost,
-        Ok(proto::Code::ResourceExhausted | proto::Code::Unavailable) => ErrorKind::Unavailable,
-        _ => ErrorKind::Store,
-    };
     Error::new(
-        kind,
+        kinds::kind_of(failed.code),
         format!("distlock server at {target}: {}", failed.message),
     )
 }

@@ -1,7 +1,10 @@
 //! The distlock protocol: messages and the `Locks` gRPC service, generated
-//! from `proto/distlock.proto`, and the framing of the multiplexed
-//! transport ([`mux`]). Clients in other languages generate theirs from the
-//! same file.
+//! from `proto/distlock.proto`, the framing of the multiplexed transport
+//! ([`mux`]), and the [`ErrorKind`](distlock_core::ErrorKind) a client
+//! reports for each of the server's codes ([`kinds`]). Clients in other
+//! languages generate theirs from the same file.
+
+pub mod kinds;
 
 /// The port a distlock server listens on unless told otherwise: the one
 /// definition the server, the client and the CLI use.

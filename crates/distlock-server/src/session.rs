@@ -303,7 +303,7 @@ impl SessionStream {
         let max_key = self.shared.config.max_key_bytes;
         if acquire.key.is_empty() || acquire.key.len() > max_key {
             return Some(failed(
-                proto::Code::InvalidArgument,
+                proto::Code::InvalidKey,
                 format!(
                     "lock key is {} bytes long; a key is any UTF-8 string of 1 to {max_key} bytes",
                     acquire.key.len()

@@ -15,6 +15,11 @@ use tonic::{Code, Streaming};
 const SECRET: &str = "open sesame";
 
 async fn start_server() -> String {
+    start_server_with(Some(SECRET)).await
+}
+
+/// A server with small limits (64-byte keys) and `secret`, if any.
+async fn start_server_with(secret: Option<&str>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -23,7 +28,7 @@ async fn start_server() -> String {
     let data = tempfile::tempdir().expect("temp dir");
     let config = distlock_server::Config {
         data_dir: data.path().to_owned(),
-        auth_token: Some(SECRET.to_owned()),
+        auth_token: secret.map(str::to_owned),
         max_key_bytes: 64,
         max_message_bytes: 64 * 1024,
         max_ttl: Duration::from_secs(60),
@@ -140,7 +145,7 @@ async fn over_long_keys_and_bad_modes_fail_the_request_not_the_stream() {
     let mut stream = Stream::open(&address, open(5_000)).await.expect("open");
     assert!(matches!(stream.next().await, Ok(Event::Opened(_))));
     let too_long = failed(stream.ask(2, acquire(&"k".repeat(65))).await);
-    assert_eq!(too_long.code, i32::from(proto::Code::InvalidArgument));
+    assert_eq!(too_long.code, i32::from(proto::Code::InvalidKey));
     assert!(too_long.message.contains("1 to 64 bytes"), "{too_long:?}");
     let bad_mode = Request::Acquire(proto::Acquire {
         key: "k".to_owned(),
@@ -164,6 +169,28 @@ async fn over_long_keys_and_bad_modes_fail_the_request_not_the_stream() {
         matches!(stream.ask(5, acquire("k")).await, Event::Granted(_)),
         "the stream goes on"
     );
+}
+
+/// A key the client takes but the server does not is `InvalidKey` to the
+/// Rust client, from the code alone, over both transports.
+#[tokio::test]
+async fn a_key_over_the_servers_limit_is_an_invalid_key() {
+    let address = start_server_with(None).await;
+    for query in ["", "?transport=grpc"] {
+        let url = url::Url::parse(&format!("distlock://{address}{query}")).expect("url");
+        let store = distlock_client::RemoteStore::connect(&url)
+            .await
+            .expect("connect");
+        let client = distlock_core::Client::new(std::sync::Arc::new(store));
+        let session = client.session().open().await.expect("session");
+        let err = session
+            .lock("k".repeat(65))
+            .try_lock()
+            .await
+            .expect_err("over the server's 64 bytes");
+        assert_eq!(err.kind(), distlock_core::ErrorKind::InvalidKey, "{err}");
+        assert!(err.to_string().contains("1 to 64 bytes"), "{err}");
+    }
 }
 
 #[tokio::test]
