@@ -130,6 +130,7 @@ impl RemoteStore {
                         root_cause(&err)
                     ),
                 )
+                .with_source(err)
             })?
         };
         let transport = if mux {
@@ -220,12 +221,14 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// A gRPC status from the server as a distlock error.
+/// A gRPC status from the server as a distlock error, the status its
+/// source.
 pub(crate) fn from_status(target: &str, status: tonic::Status) -> Error {
     Error::new(
         kind_of_status(status.code()),
         format!("distlock server at {target}: {}", status.message()),
     )
+    .with_source(status)
 }
 
 #[async_trait]

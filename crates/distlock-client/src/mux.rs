@@ -25,7 +25,7 @@ use tokio_stream::StreamExt;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::stream::{Inbox, Outlet};
+use crate::stream::{Inbox, Outlet, Why};
 use crate::CONNECT_TIMEOUT;
 
 /// How often the client pings; the server answers each.
@@ -39,9 +39,6 @@ const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// Writes are gathered up to about this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
-
-/// Why something ended: the kind of error to report, and its message.
-type Why = (ErrorKind, String);
 
 /// The open streams of a connection, by number.
 struct Streams {
@@ -74,7 +71,7 @@ impl MuxConnection {
         };
         let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(socket)) => socket,
-            Ok(Err(err)) => return Err(unreachable(err.to_string())),
+            Ok(Err(err)) => return Err(unreachable(err.to_string()).with_source(err)),
             Err(_) => return Err(unreachable(format!("no answer in {CONNECT_TIMEOUT:?}"))),
         };
         let _ = socket.set_nodelay(true);
@@ -95,7 +92,7 @@ impl MuxConnection {
             write
                 .write_all(&hello)
                 .await
-                .map_err(|err| unreachable(err.to_string()))?;
+                .map_err(|err| unreachable(err.to_string()).with_source(err))?;
             match inbound.next().await {
                 Some(Ok(frame)) => match proto::MuxEvent::decode(frame) {
                     Ok(proto::MuxEvent {
@@ -273,7 +270,7 @@ async fn read_frames(
     _stop_writer: DropGuard,
 ) {
     let lost = |why: String| {
-        (
+        Why::new(
             ErrorKind::Unavailable,
             format!("the connection to the distlock server at {target} was lost: {why}"),
         )
@@ -283,14 +280,14 @@ async fn read_frames(
     let why = loop {
         let frame = match tokio::time::timeout(SILENCE, inbound.next()).await {
             Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(err))) => break lost(err.to_string()),
+            Ok(Some(Err(err))) => break lost(err.to_string()).caused_by(err),
             Ok(None) => break lost("the server closed it".to_owned()),
             Err(_) => break lost(format!("nothing heard for {SILENCE:?}")),
         };
         let last_of_read = inbound.read_buffer().is_empty();
         let event = match proto::MuxEvent::decode(frame) {
             Ok(event) => event,
-            Err(err) => break lost(format!("garbled frame ({err})")),
+            Err(err) => break lost(format!("garbled frame ({err})")).caused_by(err),
         };
         match event.body {
             Some(EventBody::Event(event_of)) => {
@@ -302,7 +299,7 @@ async fn read_frames(
                 }
             }
             Some(EventBody::End(end)) if event.stream == 0 => {
-                break (
+                break Why::new(
                     kind_of_end(end.code),
                     format!("distlock server at {target}: {}", end.message),
                 );
@@ -310,7 +307,7 @@ async fn read_frames(
             Some(EventBody::End(end)) => {
                 let inbox = lock(&streams).open.remove(&event.stream);
                 if let Some(inbox) = inbox {
-                    inbox.end(Some((
+                    inbox.end(Some(Why::new(
                         kind_of_end(end.code),
                         format!("distlock server at {target}: {}", end.message),
                     )));

@@ -43,12 +43,50 @@ impl Outlet {
     }
 }
 
+/// Why a stream ended: the kind and message of the error each of its
+/// requests gets, and the transport's error behind it, if any (shared by
+/// every stream of a connection).
+#[derive(Clone)]
+pub(crate) struct Why {
+    kind: ErrorKind,
+    message: String,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Why {
+    pub(crate) fn new(kind: ErrorKind, message: String) -> Self {
+        Why {
+            kind,
+            message,
+            cause: None,
+        }
+    }
+
+    /// The same, with the transport's error as the source.
+    pub(crate) fn caused_by(
+        mut self,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.cause = Some(Arc::new(cause));
+        self
+    }
+
+    /// The error a request of the stream gets.
+    pub(crate) fn error(&self) -> Error {
+        let error = Error::new(self.kind, self.message.clone());
+        match &self.cause {
+            Some(cause) => error.with_source(Arc::clone(cause)),
+            None => error,
+        }
+    }
+}
+
 /// Requests waiting for their answer, until the stream ends.
 struct Answers {
     waiting: HashMap<u64, oneshot::Sender<Event>>,
     /// Why the stream ended, once it has: no request then waits for an
     /// answer that cannot come.
-    ended: Option<(ErrorKind, String)>,
+    ended: Option<Why>,
 }
 
 /// A session's side of its stream: where its requests go and who waits for
@@ -116,11 +154,11 @@ impl Inbox {
 
     /// The stream has ended: every waiting request is told, with `why` (or
     /// "connection lost"), and every later one turned away.
-    pub(crate) fn end(&self, why: Option<(ErrorKind, String)>) {
+    pub(crate) fn end(&self, why: Option<Why>) {
         let mut answers = self.answers();
         answers.ended.get_or_insert_with(|| {
             why.unwrap_or_else(|| {
-                (
+                Why::new(
                     ErrorKind::Unavailable,
                     format!(
                         "the connection to the distlock server at {} was lost",
@@ -136,7 +174,7 @@ impl Inbox {
     /// Why the stream ended (or that it did).
     pub(crate) fn ended(&self) -> Error {
         match &self.answers().ended {
-            Some((kind, message)) => Error::new(*kind, message.clone()),
+            Some(why) => why.error(),
             None => connection_lost(&self.target),
         }
     }

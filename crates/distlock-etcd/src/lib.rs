@@ -52,6 +52,11 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// A failed call to etcd, with the client's error as its source.
+pub(crate) fn etcd_error(endpoints: &str, err: etcd_client::Error) -> Error {
+    unavailable(endpoints, &err).with_source(err)
+}
+
 pub(crate) fn unavailable(endpoints: &str, err: &dyn std::fmt::Display) -> Error {
     Error::new(
         ErrorKind::Unavailable,
@@ -104,12 +109,12 @@ impl EtcdStore {
             tokio::time::timeout(CALL_TIMEOUT, Client::connect(&endpoints, Some(options)))
                 .await
                 .map_err(|_| timed_out(&shown))?
-                .map_err(|err| unavailable(&shown, &err))?;
+                .map_err(|err| etcd_error(&shown, err))?;
         // A connection alone proves little: ask something.
         tokio::time::timeout(CALL_TIMEOUT, client.status())
             .await
             .map_err(|_| timed_out(&shown))?
-            .map_err(|err| unavailable(&shown, &err))?;
+            .map_err(|err| etcd_error(&shown, err))?;
         Ok(EtcdStore {
             client,
             endpoints: shown,

@@ -9,7 +9,7 @@ use crate::CONNECT_TIMEOUT;
 pub(crate) async fn dedicated(opts: &Opts, target: &str) -> Result<Conn, Error> {
     match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(connect_error(target, &err)),
+        Ok(Err(err)) => Err(connect_error(target, err)),
         Err(_) => Err(no_answer(target)),
     }
 }
@@ -18,7 +18,7 @@ pub(crate) async fn dedicated(opts: &Opts, target: &str) -> Result<Conn, Error> 
 pub(crate) async fn pooled(pool: &Pool, target: &str) -> Result<Conn, Error> {
     match tokio::time::timeout(CONNECT_TIMEOUT, pool.get_conn()).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(connect_error(target, &err)),
+        Ok(Err(err)) => Err(connect_error(target, err)),
         Err(_) => Err(no_answer(target)),
     }
 }
@@ -30,9 +30,10 @@ fn no_answer(target: &str) -> Error {
     )
 }
 
-/// Why a connection could not be made, and what to do.
-fn connect_error(target: &str, err: &mysql_async::Error) -> Error {
-    match err {
+/// Why a connection could not be made, and what to do; the driver's error
+/// is the source.
+fn connect_error(target: &str, err: mysql_async::Error) -> Error {
+    let error = match &err {
         // Access denied (the login, or the database).
         mysql_async::Error::Server(server) if server.code == 1045 || server.code == 1044 => {
             Error::new(
@@ -57,15 +58,17 @@ fn connect_error(target: &str, err: &mysql_async::Error) -> Error {
                 "cannot reach MySQL at {target} ({other}); check the URL and that the server runs"
             ),
         ),
-    }
+    };
+    error.with_source(err)
 }
 
-/// An error of a statement on a connection that was up.
-pub(crate) fn query_error(target: &str, err: &mysql_async::Error) -> Error {
+/// An error of a statement on a connection that was up; the driver's error
+/// is the source.
+pub(crate) fn query_error(target: &str, err: mysql_async::Error) -> Error {
     let kind = if err.is_fatal() {
         ErrorKind::Unavailable
     } else {
         ErrorKind::Store
     };
-    Error::new(kind, format!("MySQL at {target}: {err}"))
+    Error::new(kind, format!("MySQL at {target}: {err}")).with_source(err)
 }

@@ -71,7 +71,7 @@ impl LeaseSession {
         lock(&self.held)
     }
 
-    fn error(&self, err: &mysql_async::Error) -> Error {
+    fn error(&self, err: mysql_async::Error) -> Error {
         query_error(&self.target, err)
     }
 
@@ -108,7 +108,7 @@ impl LeaseSession {
         let mut tx = conn
             .start_transaction(options)
             .await
-            .map_err(|err| self.error(&err))?;
+            .map_err(|err| self.error(err))?;
         let run = async {
             // Locks the key's row at once (an INSERT IGNORE then a SELECT
             // … FOR UPDATE would take a shared lock first, and two acquires
@@ -133,7 +133,7 @@ impl LeaseSession {
                 .await?;
             Ok::<_, mysql_async::Error>(holders)
         };
-        let holders = run.await.map_err(|err| self.error(&err))?;
+        let holders = run.await.map_err(|err| self.error(err))?;
         if let Some(held) = holders.first() {
             if mode.starts_with('p') && held.starts_with('p') && held != mode {
                 return Err(Error::new(
@@ -172,7 +172,7 @@ impl LeaseSession {
             tx.commit().await?;
             Ok::<_, mysql_async::Error>(token)
         };
-        let token = grant.await.map_err(|err| self.error(&err))?;
+        let token = grant.await.map_err(|err| self.error(err))?;
         token.map(Some).ok_or_else(|| {
             Error::new(
                 ErrorKind::Store,
@@ -231,7 +231,7 @@ impl StoreSession for LeaseSession {
             (&held.key, &holder),
         )
         .await
-        .map_err(|err| self.error(&err))?;
+        .map_err(|err| self.error(err))?;
         let released = conn.affected_rows() == 1;
         self.forget(held);
         if released {
@@ -265,7 +265,7 @@ impl StoreSession for LeaseSession {
             mysql_async::Params::Positional(extend),
         )
         .await
-        .map_err(|err| self.error(&err))?;
+        .map_err(|err| self.error(err))?;
         let kept: Vec<String> = conn
             .exec(
                 format!(
@@ -275,7 +275,7 @@ impl StoreSession for LeaseSession {
                 mysql_async::Params::Positional(names),
             )
             .await
-            .map_err(|err| self.error(&err))?;
+            .map_err(|err| self.error(err))?;
         let mut lost = Vec::new();
         for (lock, (_, holder)) in held.iter().zip(&holders) {
             if !kept.contains(holder) {
@@ -299,7 +299,7 @@ impl StoreSession for LeaseSession {
             mysql_async::Params::Positional(names),
         )
         .await
-        .map_err(|err| self.error(&err))?;
+        .map_err(|err| self.error(err))?;
         Ok(())
     }
 }

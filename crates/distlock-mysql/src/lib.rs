@@ -151,7 +151,7 @@ impl MysqlStore {
         };
         let setup = async {
             let mut conn = connect::pooled(&store.pool, &store.target).await?;
-            let failed = |err: mysql_async::Error| connect::query_error(&store.target, &err);
+            let failed = |err: mysql_async::Error| connect::query_error(&store.target, err);
             conn.query_drop(TOKENS).await.map_err(failed)?;
             let version: Option<String> =
                 conn.query_first("SELECT VERSION()").await.map_err(failed)?;
@@ -170,7 +170,7 @@ impl MysqlStore {
                 for statement in lease::SETUP {
                     conn.query_drop(*statement)
                         .await
-                        .map_err(|err| connect::query_error(&store.target, &err))?;
+                        .map_err(|err| connect::query_error(&store.target, err))?;
                 }
             }
             Ok::<_, Error>(tokens)
@@ -237,7 +237,7 @@ impl LockStore for MysqlStore {
         let idle = options.ttl.as_secs() + 2;
         conn.query_drop(format!("SET SESSION wait_timeout = {idle}"))
             .await
-            .map_err(|err| connect::query_error(&self.target, &err))?;
+            .map_err(|err| connect::query_error(&self.target, err))?;
         // A named lock's token is drawn without a flush: after a restart
         // of the server, a new epoch comes first.
         if self.tokens == Tokens::Sequence {

@@ -83,7 +83,7 @@ impl NamedSession {
             Tokens::Sequence => "SELECT IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)",
             Tokens::Table => "SELECT GET_LOCK(?, ?)",
         };
-        let failed = |err: mysql_async::Error| query_error(&target, &err);
+        let failed = |err: mysql_async::Error| query_error(&target, err);
         let lock = conn.prep(lock).await.map_err(failed)?;
         let release = conn.prep("SELECT RELEASE_LOCK(?)").await.map_err(failed)?;
         Ok(NamedSession {
@@ -110,7 +110,7 @@ impl NamedSession {
     }
 
     /// A failed statement; a broken connection is forgotten.
-    fn failed(&self, conn: &mut Option<Conn>, err: &mysql_async::Error) -> Error {
+    fn failed(&self, conn: &mut Option<Conn>, err: mysql_async::Error) -> Error {
         if err.is_fatal() {
             conn.take();
             self.lost()
@@ -212,7 +212,7 @@ async fn redraw(conn: &mut Conn, target: &str) -> Result<u64> {
     let drawn: Option<u64> = conn
         .query_first("SELECT NEXTVAL(distlock_token_seq)")
         .await
-        .map_err(|err| query_error(target, &err))?;
+        .map_err(|err| query_error(target, err))?;
     drawn
         .filter(|drawn| crate::tokens::live(*drawn))
         .ok_or_else(|| {
@@ -371,7 +371,7 @@ impl StoreSession for NamedSession {
                 return Err(if err.is_fatal() {
                     self.lost()
                 } else {
-                    query_error(&self.target, &err)
+                    query_error(&self.target, err)
                 });
             }
             Err(_) => {
@@ -394,7 +394,7 @@ impl StoreSession for NamedSession {
         match released {
             Ok(Some(Some(1))) => Ok(()),
             Ok(_) => Err(Error::not_held(&held.key)),
-            Err(err) => Err(self.failed(&mut turn, &err)),
+            Err(err) => Err(self.failed(&mut turn, err)),
         }
     }
 
@@ -428,7 +428,7 @@ impl StoreSession for NamedSession {
                 self.heartbeat.mark();
                 Ok(RenewReport::all_held())
             }
-            Ok(Err(err)) => Err(self.failed(&mut turn, &err)),
+            Ok(Err(err)) => Err(self.failed(&mut turn, err)),
             Err(_) => Err(no_answer()),
         }
     }

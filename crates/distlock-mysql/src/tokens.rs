@@ -44,7 +44,7 @@ pub(crate) fn live(drawn: u64) -> bool {
 /// Makes the epoch tables and the sequence, and refuses a sequence that
 /// could give values out of order.
 pub(crate) async fn setup(conn: &mut Conn, target: &str) -> Result<()> {
-    let failed = |err: mysql_async::Error| query_error(target, &err);
+    let failed = |err: mysql_async::Error| query_error(target, err);
     for statement in SETUP {
         conn.query_drop(statement).await.map_err(failed)?;
     }
@@ -82,7 +82,7 @@ pub(crate) async fn setup(conn: &mut Conn, target: &str) -> Result<()> {
 /// with `spent`, if the live epoch is nearly used up). Serialized by a
 /// named lock; cheap when nothing is to be done.
 pub(crate) async fn ensure_epoch(conn: &mut Conn, target: &str, spent: bool) -> Result<()> {
-    let failed = |err: mysql_async::Error| query_error(target, &err);
+    let failed = |err: mysql_async::Error| query_error(target, err);
     if !spent && alive(conn).await.map_err(failed)? {
         return Ok(());
     }

@@ -81,7 +81,7 @@ impl AdvisorySession {
         target: String,
         ttl: Duration,
     ) -> Result<Self> {
-        let error = |err: tokio_postgres::Error| query_error(&target, &err);
+        let error = |err: tokio_postgres::Error| query_error(&target, err);
         let texts: Vec<String> = [TRY_LOCK, LOCK, UNLOCK]
             .iter()
             .flat_map(|text| ["", "_shared"].map(|suffix| text.replace("{}", suffix)))
@@ -300,7 +300,7 @@ impl StoreSession for AdvisorySession {
                 Ok(None)
             }
             // Whatever the statement did, the clean-up undoes it.
-            Err(err) => Err(query_error(&self.target, &err)),
+            Err(err) => Err(query_error(&self.target, err)),
         }
     }
 
@@ -315,7 +315,7 @@ impl StoreSession for AdvisorySession {
                 if err.is_closed() {
                     self.lost()
                 } else {
-                    query_error(&self.target, &err)
+                    query_error(&self.target, err)
                 }
             })?;
         if row.get::<_, bool>(0) {
@@ -359,7 +359,7 @@ impl StoreSession for AdvisorySession {
         match tokio::time::timeout_at(deadline, self.client.simple_query("SELECT 1")).await {
             Ok(Ok(_)) => self.heartbeat.mark(),
             Ok(Err(err)) if err.is_closed() => return Err(self.lost()),
-            Ok(Err(err)) => return Err(query_error(&self.target, &err)),
+            Ok(Err(err)) => return Err(query_error(&self.target, err)),
             Err(_) => return Err(no_answer()),
         }
         if self.client.is_closed() {

@@ -20,7 +20,7 @@ pub(crate) async fn open(config: &Config, target: &str) -> Result<Client, Error>
                 ),
             )
         })?
-        .map_err(|err| connect_error(target, &err))?;
+        .map_err(|err| connect_error(target, err))?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!("PostgreSQL connection ended: {err}");
@@ -29,14 +29,15 @@ pub(crate) async fn open(config: &Config, target: &str) -> Result<Client, Error>
     Ok(client)
 }
 
-/// Why a connection could not be made, and what to do.
-fn connect_error(target: &str, err: &tokio_postgres::Error) -> Error {
+/// Why a connection could not be made, and what to do; the driver's error
+/// is the source.
+fn connect_error(target: &str, err: tokio_postgres::Error) -> Error {
     let code = err.code();
     let detail = err
         .as_db_error()
         .map(|db| db.message().to_owned())
-        .unwrap_or_else(|| root_cause(err));
-    if code == Some(&SqlState::INVALID_PASSWORD)
+        .unwrap_or_else(|| root_cause(&err));
+    let error = if code == Some(&SqlState::INVALID_PASSWORD)
         || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     {
         Error::new(
@@ -53,11 +54,13 @@ fn connect_error(target: &str, err: &tokio_postgres::Error) -> Error {
             ErrorKind::Unavailable,
             format!("cannot reach PostgreSQL at {target} ({detail}); check the URL and that the server runs"),
         )
-    }
+    };
+    error.with_source(err)
 }
 
-/// An error of a query on a connection that was up.
-pub(crate) fn query_error(target: &str, err: &tokio_postgres::Error) -> Error {
+/// An error of a query on a connection that was up; the driver's error is
+/// the source.
+pub(crate) fn query_error(target: &str, err: tokio_postgres::Error) -> Error {
     let kind = if err.is_closed() {
         ErrorKind::Unavailable
     } else {
@@ -66,8 +69,8 @@ pub(crate) fn query_error(target: &str, err: &tokio_postgres::Error) -> Error {
     let detail = err
         .as_db_error()
         .map(|db| db.message().to_owned())
-        .unwrap_or_else(|| root_cause(err));
-    Error::new(kind, format!("PostgreSQL at {target}: {detail}"))
+        .unwrap_or_else(|| root_cause(&err));
+    Error::new(kind, format!("PostgreSQL at {target}: {detail}")).with_source(err)
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {

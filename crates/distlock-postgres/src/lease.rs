@@ -212,7 +212,7 @@ impl Leases {
             .await?
             .batch_execute(SETUP)
             .await
-            .map_err(|err| query_error(&self.target, &err))
+            .map_err(|err| query_error(&self.target, err))
     }
 
     fn watch(self: &Arc<Self>, key: &str) -> Watch {
@@ -249,7 +249,7 @@ async fn listen(config: &Config, target: &str) -> Result<Listening> {
                 format!("PostgreSQL at {target} did not finish connecting"),
             )
         })?
-        .map_err(|err| query_error(target, &err))?;
+        .map_err(|err| query_error(target, err))?;
     // The connection must be driven for LISTEN to be answered.
     {
         let listen = client.batch_execute("LISTEN distlock_released");
@@ -257,7 +257,7 @@ async fn listen(config: &Config, target: &str) -> Result<Listening> {
         loop {
             tokio::select! {
                 done = &mut listen => {
-                    done.map_err(|err| query_error(target, &err))?;
+                    done.map_err(|err| query_error(target, err))?;
                     break;
                 }
                 message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
@@ -366,7 +366,7 @@ impl LeaseSession {
         }
     }
 
-    fn error(&self, err: &tokio_postgres::Error) -> Error {
+    fn error(&self, err: tokio_postgres::Error) -> Error {
         query_error(&self.leases.target, err)
     }
 
@@ -449,10 +449,10 @@ impl StoreSession for LeaseSession {
                     client
                         .batch_execute(&LONGER.replace("{}", &millis(self.ttl).to_string()))
                         .await
-                        .map_err(|err| self.error(&err))?;
+                        .map_err(|err| self.error(err))?;
                     continue;
                 }
-                Err(err) => return Err(self.error(&err)),
+                Err(err) => return Err(self.error(err)),
             };
             let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -504,7 +504,7 @@ impl StoreSession for LeaseSession {
             .await?
             .query_one("SELECT distlock_release_v2($1, $2)", &[&held.key, &holder])
             .await
-            .map_err(|err| self.error(&err))?;
+            .map_err(|err| self.error(err))?;
         self.forget(held);
         if row.get::<_, bool>(0) {
             Ok(())
@@ -527,7 +527,7 @@ impl StoreSession for LeaseSession {
             .await?
             .query(RENEW, &[&holders, &millis(self.ttl)])
             .await
-            .map_err(|err| self.error(&err))?;
+            .map_err(|err| self.error(err))?;
         let kept: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
         let mut lost = Vec::new();
         for lock in held {

@@ -108,7 +108,7 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(|err| query_error(&target, &err))?
+        .map_err(|err| query_error(&target, err))?
         .get(0);
     if version < 150000 {
         return Err(Error::new(
@@ -122,7 +122,7 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     client
         .batch_execute(CREATE)
         .await
-        .map_err(|err| query_error(&target, &err))?;
+        .map_err(|err| query_error(&target, err))?;
     check_sequence(&client, &target).await
 }
 
@@ -141,7 +141,7 @@ async fn check_sequence(client: &Client, target: &str) -> Result<()> {
             &[],
         )
         .await
-        .map_err(|err| query_error(target, &err))?;
+        .map_err(|err| query_error(target, err))?;
     if row.get::<_, bool>(0) {
         return Ok(());
     }
@@ -166,7 +166,7 @@ pub(crate) async fn settle(client: &Client, target: &str, mut drawn: i64) -> Res
         drawn = client
             .query_one(NEXT, &[])
             .await
-            .map_err(|err| query_error(target, &err))?
+            .map_err(|err| query_error(target, err))?
             .get(0);
     }
     Err(Error::new(
@@ -187,5 +187,5 @@ async fn new_epoch(client: &Client, target: &str) -> Result<()> {
     client
         .batch_execute("CALL distlock_new_epoch()")
         .await
-        .map_err(|err| query_error(target, &err))
+        .map_err(|err| query_error(target, err))
 }

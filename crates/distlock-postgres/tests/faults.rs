@@ -328,6 +328,26 @@ async fn a_lease_outlives_its_connection_being_killed() {
     guard.release().await.expect("release");
 }
 
+/// The error says what to do, and keeps the driver's error, with its SQL
+/// state, as its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_keeps_the_drivers_error_as_its_source() {
+    let port = Postgres::shared().port();
+    let wrong = format!("postgres://postgres:guess@127.0.0.1:{port}/postgres");
+    let err = PostgresStore::connect(&wrong)
+        .await
+        .expect_err("wrong password");
+    let source = std::error::Error::source(&err).expect("a source");
+    let driver = source
+        .downcast_ref::<tokio_postgres::Error>()
+        .unwrap_or_else(|| panic!("not the driver's error: {source:?}"));
+    assert_eq!(
+        driver.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{driver:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     let server = Postgres::shared();

@@ -3,6 +3,7 @@
 //! back-off), the pub/sub hub, and the scripts as calls.
 
 use distlock_core::store::lock;
+use distlock_core::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +60,42 @@ fn timed_out(name: &str) -> redis::RedisError {
         std::io::ErrorKind::TimedOut,
         format!("{name} did not answer in {CALL_TIMEOUT:?}"),
     ))
+}
+
+/// The instances that failed a call, each with its error.
+#[derive(Default)]
+pub(crate) struct Failures(Vec<(String, redis::RedisError)>);
+
+impl Failures {
+    pub(crate) fn push(&mut self, instance: &Instance, err: redis::RedisError) {
+        self.0.push((instance.name.clone(), err));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `error` with the first failure's error as its source; the message
+    /// names every failure already (through [`Display`](std::fmt::Display)).
+    pub(crate) fn source_of(&self, error: Error) -> Error {
+        match self.0.first() {
+            Some((_, err)) => error.with_source(err.clone()),
+            None => error,
+        }
+    }
+}
+
+/// `NAME: ERROR; NAME: ERROR`, for messages.
+impl std::fmt::Display for Failures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, (name, err)) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{name}: {err}")?;
+        }
+        Ok(())
+    }
 }
 
 impl Instance {

@@ -75,7 +75,7 @@ use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
 use url::Url;
 
-use instance::Instance;
+use instance::{Failures, Instance};
 
 /// Where the store's keys start.
 pub(crate) const KEY_PREFIX: &str = "dl:";
@@ -155,31 +155,28 @@ impl RedisStore {
                 .await
         }))
         .await;
-        let failures: Vec<String> = instances
-            .iter()
-            .zip(results)
-            .filter_map(|(instance, result)| {
-                result.err().map(|err| format!("{}: {err}", instance.name))
-            })
-            .collect();
+        let mut failures = Failures::default();
+        for (instance, result) in instances.iter().zip(results) {
+            if let Err(err) = result {
+                failures.push(instance, err);
+            }
+        }
         let answered = instances.len() - failures.len();
         if answered >= self.shared.quorum {
             return Ok(());
         }
         let message = if instances.len() == 1 {
             format!(
-                "cannot reach Redis at {}; check the URL and that redis-server runs there",
-                failures.join("; ")
+                "cannot reach Redis at {failures}; check the URL and that redis-server runs there"
             )
         } else {
             format!(
-                "only {answered} of {} Redlock instances answered ({} needed): {}",
+                "only {answered} of {} Redlock instances answered ({} needed): {failures}",
                 instances.len(),
                 self.shared.quorum,
-                failures.join("; ")
             )
         };
-        Err(Error::new(ErrorKind::Unavailable, message))
+        Err(failures.source_of(Error::new(ErrorKind::Unavailable, message)))
     }
 
     /// What a single Redis gives.
@@ -220,8 +217,9 @@ fn single(url: &Url, channel: &str) -> Result<Instance> {
         })?;
     let name = format!("{host}:{}", url.port().unwrap_or(DEFAULT_PORT));
     let (plain, ca) = distlock_core::store::take_url_param(url, "ca");
-    let unusable =
-        |err: redis::RedisError| Error::config(format!("'{url}' is not a usable Redis URL: {err}"));
+    let unusable = |err: redis::RedisError| {
+        Error::config(format!("'{url}' is not a usable Redis URL: {err}")).with_source(err)
+    };
     let client = match ca {
         Some(path) if url.scheme() == "rediss" => {
             let pem = std::fs::read(&path).map_err(|err| {

@@ -62,9 +62,10 @@ impl std::fmt::Debug for ZkStore {
 }
 
 /// A ZooKeeper error, explained: `Lost` when it says the session is gone.
+/// The client's error is the source.
 pub(crate) fn zk_error(hosts: &str, err: &zookeeper_client::Error) -> Error {
     use zookeeper_client::Error as Zk;
-    match err {
+    let error = match err {
         Zk::SessionExpired => Error::new(
             ErrorKind::Lost,
             format!("ZooKeeper at {hosts}: the session expired; open a new session"),
@@ -92,7 +93,8 @@ pub(crate) fn zk_error(hosts: &str, err: &zookeeper_client::Error) -> Error {
                      was something under {BASE} changed by hand?"
             ),
         ),
-    }
+    };
+    error.with_source(err.clone())
 }
 
 pub(crate) fn unavailable(hosts: &str, err: &dyn std::fmt::Display) -> Error {
@@ -125,17 +127,15 @@ pub(crate) async fn call<T>(
 
 const USAGE: &str = "write zk://HOST[:PORT][,HOST[:PORT]…][/CHROOT]";
 
-fn config(message: String) -> Error {
-    Error::new(ErrorKind::Config, message)
-}
-
 /// Splits `zk://…` into hosts (with ports, 2181 by default) and chroot.
 fn parse(url: &str) -> Result<(Vec<String>, String)> {
     let Some(rest) = url.strip_prefix("zk://") else {
-        return Err(config(format!("'{url}' is not a ZooKeeper URL; {USAGE}")));
+        return Err(Error::config(format!(
+            "'{url}' is not a ZooKeeper URL; {USAGE}"
+        )));
     };
     if rest.contains(['?', '#']) {
-        return Err(config(format!(
+        return Err(Error::config(format!(
             "'{url}' has a query or fragment, which the ZooKeeper store does not take; {USAGE}"
         )));
     }
@@ -154,7 +154,7 @@ fn parse(url: &str) -> Result<(Vec<String>, String)> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c));
         if !valid_name || port.parse::<u16>().map_or(true, |port| port == 0) {
-            return Err(config(format!(
+            return Err(Error::config(format!(
                 "'{host}' in '{url}' is not HOST[:PORT]; {USAGE}"
             )));
         }
@@ -168,14 +168,14 @@ fn parse(url: &str) -> Result<(Vec<String>, String)> {
                 || segment == ".."
                 || segment.chars().any(char::is_control)
             {
-                return Err(config(format!(
+                return Err(Error::config(format!(
                     "the chroot '{chroot}' in '{url}' is not a ZooKeeper path: it has an \
                      empty, '.', '..' or control-character segment; {USAGE}"
                 )));
             }
         }
         if chroot == "/zookeeper" || chroot.starts_with("/zookeeper/") {
-            return Err(config(format!(
+            return Err(Error::config(format!(
                 "the chroot '{chroot}' in '{url}' is under /zookeeper, which ZooKeeper \
                  keeps for itself; choose another path"
             )));

@@ -16,7 +16,7 @@ use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
-use crate::instance::{AcquireCall, Instance};
+use crate::instance::{AcquireCall, Failures, Instance};
 use crate::scripts::LockKeys;
 use crate::Shared;
 
@@ -152,21 +152,17 @@ impl RedisSession {
     }
 
     /// "Only 1 of 3 Redis instances answered (2 needed): …".
-    fn unavailable(&self, answered: usize, failures: &[String]) -> Error {
+    fn unavailable(&self, answered: usize, failures: &Failures) -> Error {
         let total = self.instances().len();
         let message = if total == 1 {
-            format!(
-                "cannot reach Redis at {}; check that redis-server runs there",
-                failures.join("; ")
-            )
+            format!("cannot reach Redis at {failures}; check that redis-server runs there")
         } else {
             format!(
-                "only {answered} of {total} Redis instances answered ({} needed): {}",
+                "only {answered} of {total} Redis instances answered ({} needed): {failures}",
                 self.quorum(),
-                failures.join("; ")
             )
         };
-        Error::new(ErrorKind::Unavailable, message)
+        failures.source_of(Error::new(ErrorKind::Unavailable, message))
     }
 
     /// Takes back what the acquire of `members` made, on every instance.
@@ -222,11 +218,11 @@ impl RedisSession {
         let limit = self.ttl.saturating_sub(self.drift());
         let hold_for = self.ttl + self.lock_delay;
         let mut granted = Vec::new();
-        let mut failures = Vec::new();
+        let mut failures = Failures::default();
         let mut tally = |index: usize, result: redis::RedisResult<Option<u64>>| match result {
             Ok(Some(token)) => granted.push((index, token)),
             Ok(None) => {}
-            Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+            Err(err) => failures.push(&self.instances()[index], err),
         };
         if let [single] = self.instances() {
             tally(0, single.fast_acquire(keys, member, hold_for, limit).await);
@@ -293,11 +289,15 @@ impl RedisSession {
 
     /// Releases the hold written `member` on every instance; how many did
     /// hold it, and the instances that failed.
-    async fn release_everywhere(&self, keys: &Arc<LockKeys>, member: &str) -> (usize, Vec<String>) {
+    async fn release_everywhere(&self, keys: &Arc<LockKeys>, member: &str) -> (usize, Failures) {
         if let [single] = self.instances() {
             return match single.release(keys, member, self.lock_delay).await {
-                Ok(released) => (usize::from(released), Vec::new()),
-                Err(err) => (0, vec![format!("{}: {err}", single.name)]),
+                Ok(released) => (usize::from(released), Failures::default()),
+                Err(err) => {
+                    let mut failures = Failures::default();
+                    failures.push(single, err);
+                    (0, failures)
+                }
             };
         }
         // The answer is given once a majority released: a slow or cut-off
@@ -315,12 +315,12 @@ impl RedisSession {
             })
             .collect();
         let mut released = 0;
-        let mut failures = Vec::new();
+        let mut failures = Failures::default();
         while let Some((index, result)) = releases.next().await {
             match result {
                 Ok(true) => released += 1,
                 Ok(false) => {}
-                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+                Err(err) => failures.push(&self.instances()[index], err),
             }
             if released >= self.quorum() {
                 break;
@@ -466,7 +466,7 @@ impl StoreSession for RedisSession {
             )
             .collect();
         let mut kept = vec![0usize; held.len()];
-        let mut failures = Vec::new();
+        let mut failures = Failures::default();
         let mut answers = 0;
         while let Some((index, result)) = renewals.next().await {
             answers += 1;
@@ -476,7 +476,7 @@ impl StoreSession for RedisSession {
                         *count += usize::from(flag);
                     }
                 }
-                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+                Err(err) => failures.push(&self.instances()[index], err),
             }
             if kept.iter().all(|count| *count >= self.quorum()) {
                 break;

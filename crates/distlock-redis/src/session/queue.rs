@@ -12,7 +12,7 @@ use futures::future::join_all;
 use tokio::time::{sleep_until, Instant};
 
 use super::RedisSession;
-use crate::instance::Attempt;
+use crate::instance::{Attempt, Failures};
 use crate::scripts::LockKeys;
 use crate::wake::Arrival;
 
@@ -257,7 +257,7 @@ impl RedisSession {
         for grant in &mut tally.grants {
             *grant = None;
         }
-        let mut failures = Vec::new();
+        let mut failures = Failures::default();
         for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(Attempt::Granted { token, gen }) => tally.grants[index] = Some((token, gen)),
@@ -272,7 +272,7 @@ impl RedisSession {
                         format!("cannot lock '{}' as asked: {message}", request.key),
                     ));
                 }
-                Err(err) => failures.push(format!("{}: {err}", self.instances()[index].name)),
+                Err(err) => failures.push(&self.instances()[index], err),
             }
         }
         let answered = tally.granted() + busy;
