@@ -20,16 +20,16 @@
 //! # }
 //! ```
 //!
-//! See [`connect`] for the URLs, and the `distlock_core` crate for the store
-//! trait a new store implements.
+//! See [`connect`] for the URLs. A store of your own implements the
+//! traits in [`raw`], and [`Client::new`] takes it.
 
 pub mod fence;
 mod registry;
 
 pub use distlock_core::{
-    store, validate_key, Capabilities, Client, Error, ErrorKind, Fencing, FileStore, Guard,
-    LockRequest, LockStore, MemoryStore, Mode, Result, Session, SessionBuilder, SessionModel,
-    DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_KEY_BYTES, MAX_TTL, MIN_TTL,
+    validate_key, Capabilities, Client, Error, ErrorKind, Fencing, Guard, LockRequest, Mode,
+    Result, Session, SessionBuilder, SessionModel, DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_KEY_BYTES,
+    MAX_TTL, MIN_TTL,
 };
 pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 
@@ -37,13 +37,21 @@ pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 /// and `check`.
 #[cfg(feature = "distlock")]
 pub use distlock_client::RemoteStore;
-#[cfg(feature = "etcd")]
-pub use distlock_etcd::EtcdStore;
-#[cfg(feature = "mysql")]
-pub use distlock_mysql::MysqlStore;
-#[cfg(feature = "postgres")]
-pub use distlock_postgres::PostgresStore;
-#[cfg(feature = "redis")]
-pub use distlock_redis::RedisStore;
-#[cfg(feature = "zookeeper")]
-pub use distlock_zookeeper::ZkStore;
+
+/// For store authors and for code that builds a store itself: the traits a
+/// store implements and the helpers stores share, and the stores' own
+/// types (which [`connect`] builds from a URL).
+pub mod raw {
+    pub use distlock_core::store::*;
+    pub use distlock_core::{FileStore, MemoryStore};
+    #[cfg(feature = "etcd")]
+    pub use distlock_etcd::EtcdStore;
+    #[cfg(feature = "mysql")]
+    pub use distlock_mysql::MysqlStore;
+    #[cfg(feature = "postgres")]
+    pub use distlock_postgres::PostgresStore;
+    #[cfg(feature = "redis")]
+    pub use distlock_redis::RedisStore;
+    #[cfg(feature = "zookeeper")]
+    pub use distlock_zookeeper::ZkStore;
+}
