@@ -446,10 +446,13 @@ impl StoreSession for LeaseSession {
                 }
                 Err(err) if err.code().map(SqlState::code) == Some("DL002") => {
                     undo.armed = false;
-                    client
-                        .batch_execute(&LONGER.replace("{}", &millis(self.ttl).to_string()))
-                        .await
-                        .map_err(|err| self.error(err))?;
+                    let longer = LONGER.replace("{}", &millis(self.ttl).to_string());
+                    if let Err(err) = client.batch_execute(&longer).await {
+                        // A shared connection is not left in a failed
+                        // transaction block.
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        return Err(self.error(err));
+                    }
                     continue;
                 }
                 Err(err) => return Err(self.error(err)),

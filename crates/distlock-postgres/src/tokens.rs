@@ -58,6 +58,7 @@ DECLARE
     next_epoch bigint;
     drawn bigint;
     looks int := 0;
+    seen bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'distlock needs read committed transactions, not %',
@@ -75,7 +76,14 @@ BEGIN
         -- Below a live epoch is a reset, or another call between its
         -- epoch's commit and its move of the sequence (which releases the
         -- lock). That gap is short: look again for half a second before
-        -- taking it for a reset.
+        -- taking it for a reset. (A session of a TTL under 1.5 s may miss
+        -- a renewal while this waits; it happens only after a reset, or if
+        -- a caller stopped in that gap.)
+        -- Another caller's new epoch starts the half second again.
+        IF current_epoch IS DISTINCT FROM seen THEN
+            seen := current_epoch;
+            looks := 0;
+        END IF;
         EXIT WHEN current_epoch = 0 OR drawn >= current_epoch << 40 OR looks >= 50;
         looks := looks + 1;
         COMMIT;
