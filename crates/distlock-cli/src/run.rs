@@ -162,13 +162,7 @@ async fn show_waiting(url: String, key: String) {
             if let Some(status) = reply.keys.first() {
                 let holder = status.holders.first().map_or_else(
                     || "nobody (lock-delay or restart wait-out)".to_owned(),
-                    |h| {
-                        format!(
-                            "session {} for {:.1}s",
-                            h.session_id,
-                            h.held_ms as f64 / 1000.0
-                        )
-                    },
+                    |h| format!("session {} for {:.1}s", h.session, h.held_for.as_secs_f64()),
                 );
                 eprint!(
                     "\r\x1b[Kdistlock: waiting for '{key}': held by {holder}; {} in the queue",

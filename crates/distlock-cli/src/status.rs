@@ -1,6 +1,7 @@
 //! `distlock status`: holders and waiters, as the server sees them.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use distlock::RemoteStore;
 use serde_json::json;
@@ -21,16 +22,12 @@ pub struct StatusArgs {
     json: bool,
 }
 
-fn mode_name(mode: i32, permits: u32) -> String {
-    match mode {
-        0 => "exclusive".to_owned(),
-        1 => "shared".to_owned(),
-        _ => format!("semaphore({permits})"),
-    }
+fn seconds(duration: Duration) -> String {
+    format!("{:.1}s", duration.as_secs_f64())
 }
 
-fn seconds(ms: u64) -> String {
-    format!("{:.1}s", ms as f64 / 1000.0)
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -42,7 +39,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     );
     let store = RemoteStore::connect(&url).await?;
     let reply = store.status(args.key.as_deref(), &args.prefix).await?;
-    let counters = reply.counters.unwrap_or_default();
+    let counters = reply.counters;
     if args.json {
         let keys: Vec<_> = reply
             .keys
@@ -52,12 +49,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     "key": key.key,
                     "last_token": key.last_token,
                     "holders": key.holders.iter().map(|h| json!({
-                        "session": h.session_id, "mode": mode_name(h.mode, h.permits),
-                        "token": h.token, "held_ms": h.held_ms, "lease_left_ms": h.lease_left_ms,
+                        "session": h.session, "mode": h.mode.to_string(),
+                        "token": h.token, "held_ms": millis(h.held_for),
+                        "lease_left_ms": millis(h.lease_left),
                     })).collect::<Vec<_>>(),
                     "waiters": key.waiters.iter().map(|w| json!({
-                        "session": w.session_id, "mode": mode_name(w.mode, w.permits),
-                        "waiting_ms": w.waiting_ms,
+                        "session": w.session, "mode": w.mode.to_string(),
+                        "waiting_ms": millis(w.waiting_for),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -81,20 +79,20 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         for h in &key.holders {
             println!(
                 "  holder   session {:<6} {:<14} token {:<16} held {:<8} lease left {}",
-                h.session_id,
-                mode_name(h.mode, h.permits),
+                h.session,
+                h.mode.to_string(),
                 h.token,
-                seconds(h.held_ms),
-                seconds(h.lease_left_ms)
+                seconds(h.held_for),
+                seconds(h.lease_left)
             );
         }
         for (place, w) in key.waiters.iter().enumerate() {
             println!(
                 "  waiter {:>2}. session {:<6} {:<14} waiting {}",
                 place + 1,
-                w.session_id,
-                mode_name(w.mode, w.permits),
-                seconds(w.waiting_ms)
+                w.session,
+                w.mode.to_string(),
+                seconds(w.waiting_for)
             );
         }
     }

@@ -27,6 +27,7 @@ mod file;
 mod key;
 mod memory;
 mod session;
+pub mod status;
 pub mod store;
 pub mod table;
 

@@ -1,6 +1,6 @@
 //! Between the protocol's messages and the lock table's types.
 
-use distlock_core::table::{Counters, HolderStatus, KeyStatus, WaiterStatus};
+use distlock_core::status::{Counters, HolderStatus, KeyStatus, WaiterStatus};
 use distlock_core::Mode;
 use distlock_proto::v1 as proto;
 

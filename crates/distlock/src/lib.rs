@@ -26,6 +26,9 @@
 pub mod fence;
 mod registry;
 
+/// Who holds and who waits, as [`RemoteStore::status`] reports it.
+#[cfg(feature = "distlock")]
+pub use distlock_core::status;
 pub use distlock_core::{
     validate_key, Capabilities, Client, Error, ErrorKind, Fencing, Guard, LockRequest, Mode,
     Result, Session, SessionBuilder, SessionModel, DEFAULT_LOCK_DELAY, DEFAULT_TTL, MAX_KEY_BYTES,

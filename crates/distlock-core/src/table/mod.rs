@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::status::Counters;
 use crate::store::{Capabilities, Fencing, Mode, SessionModel};
-pub use status::{Counters, HolderStatus, KeyStatus, WaiterStatus};
 pub use wait::{lock_table, SharedTable, Ticket, Waited};
 
 /// What a store backed by a lock table supports: everything the table does
