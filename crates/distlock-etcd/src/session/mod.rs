@@ -13,7 +13,7 @@ use etcd_client::{
     Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse,
 };
 
-use crate::{timed_out, unavailable, CALL_TIMEOUT, PREFIX};
+use crate::{etcd_error, timed_out, unavailable, CALL_TIMEOUT, PREFIX};
 
 mod queue;
 
@@ -77,7 +77,7 @@ impl EtcdSession {
         tokio::time::timeout(CALL_TIMEOUT, call)
             .await
             .map_err(|_| timed_out(&self.endpoints))?
-            .map_err(|err| unavailable(&self.endpoints, &err))
+            .map_err(|err| etcd_error(&self.endpoints, err))
     }
 
     /// The queue key for an attempt on lock `name`: the session's lease and
