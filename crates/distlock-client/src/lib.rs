@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Counters, HolderStatus, KeyStatus, Status, WaiterStatus};
-use distlock_core::store::{Capabilities, Fencing, LockStore, Mode, SessionOptions, StoreSession};
+use distlock_core::status::Status;
+use distlock_core::store::{Capabilities, Fencing, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::kinds::kind_of_status;
 use distlock_proto::v1 as proto;
@@ -180,7 +180,7 @@ impl RemoteStore {
         let reply = reply
             .map_err(|status| from_status(&self.target, status))?
             .into_inner();
-        Ok(status_of(reply))
+        Ok(distlock_proto::convert::status_of(reply))
     }
 
     /// Whether `token` is the token of a current holder of `key`.
@@ -194,58 +194,6 @@ impl RemoteStore {
             .map_err(|status| from_status(&self.target, status))?
             .into_inner()
             .current)
-    }
-}
-
-/// The status the server sent, in distlock's types.
-fn status_of(reply: proto::StatusReply) -> Status {
-    // A mode this client does not know reads as exclusive: the strongest.
-    let mode = |mode: i32, permits: u32| match proto::Mode::try_from(mode) {
-        Ok(proto::Mode::Shared) => Mode::Shared,
-        Ok(proto::Mode::Semaphore) => Mode::Semaphore { permits },
-        _ => Mode::Exclusive,
-    };
-    let keys = reply
-        .keys
-        .into_iter()
-        .map(|key| KeyStatus {
-            key: key.key,
-            holders: key
-                .holders
-                .into_iter()
-                .map(|h| HolderStatus {
-                    session: h.session_id,
-                    mode: mode(h.mode, h.permits),
-                    token: h.token,
-                    held_for: Duration::from_millis(h.held_ms),
-                    lease_left: Duration::from_millis(h.lease_left_ms),
-                })
-                .collect(),
-            waiters: key
-                .waiters
-                .into_iter()
-                .map(|w| WaiterStatus {
-                    session: w.session_id,
-                    mode: mode(w.mode, w.permits),
-                    waiting_for: Duration::from_millis(w.waiting_ms),
-                })
-                .collect(),
-            last_token: key.last_token,
-        })
-        .collect();
-    let counters = reply.counters.unwrap_or_default();
-    Status {
-        keys,
-        counters: Counters {
-            sessions: counters.sessions,
-            held: counters.held,
-            waiters: counters.waiters,
-            sessions_opened: counters.sessions_opened,
-            sessions_expired: counters.sessions_expired,
-            holds_expired: counters.holds_expired,
-            grants: counters.grants,
-            releases: counters.releases,
-        },
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::{kinds, v1 as proto};
@@ -196,11 +196,7 @@ impl Drop for InFlight<'_> {
 #[async_trait]
 impl StoreSession for RemoteSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let (mode, permits) = match request.mode {
-            Mode::Exclusive => (proto::Mode::Exclusive, 0),
-            Mode::Shared => (proto::Mode::Shared, 0),
-            Mode::Semaphore { permits } => (proto::Mode::Semaphore, permits),
-        };
+        let (mode, permits) = distlock_proto::convert::proto_mode(request.mode);
         // Round up, so that a wait never ends before the caller's deadline.
         let wait_ms = request.wait_until.map_or(0, |until| {
             let left = until.saturating_duration_since(Instant::now());

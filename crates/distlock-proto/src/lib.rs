@@ -1,9 +1,11 @@
 //! The distlock protocol: messages and the `Locks` gRPC service, generated
 //! from `proto/distlock.proto`, the framing of the multiplexed transport
-//! ([`mux`]), and the [`ErrorKind`](distlock_core::ErrorKind) a client
+//! ([`mux`]), the conversions between its messages and distlock's types
+//! ([`convert`]), and the [`ErrorKind`](distlock_core::ErrorKind) a client
 //! reports for each of the server's codes ([`kinds`]). Clients in other
 //! languages generate theirs from the same file.
 
+pub mod convert;
 pub mod kinds;
 
 /// The port a distlock server listens on unless told otherwise: the one

@@ -28,7 +28,6 @@
 //! ```
 
 mod config;
-mod convert;
 mod durable;
 mod metrics;
 mod mux;
@@ -129,8 +128,11 @@ impl Locks for Service {
             (keys, table.counters())
         };
         Ok(Response::new(proto::StatusReply {
-            keys: keys.into_iter().map(convert::key_status).collect(),
-            counters: Some(convert::counters(counters)),
+            keys: keys
+                .into_iter()
+                .map(distlock_proto::convert::key_status)
+                .collect(),
+            counters: Some(distlock_proto::convert::counters(counters)),
         }))
     }
 }

@@ -17,8 +17,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
-use crate::convert::mode_of;
 use crate::Shared;
+use distlock_proto::convert::mode_of;
 
 /// Where a session's events go: its gRPC stream, or its stream number on a
 /// multiplexed connection.

@@ -1,0 +1,192 @@
+//! Between the protocol's messages and distlock's types, both ways: the
+//! server and the client convert here, so that they cannot disagree.
+
+use std::time::Duration;
+
+use distlock_core::status::{Counters, HolderStatus, KeyStatus, Status, WaiterStatus};
+use distlock_core::Mode;
+
+use crate::v1 as proto;
+
+/// The core mode of a request, or why it is not one.
+pub fn mode_of(mode: i32, permits: u32) -> Result<Mode, String> {
+    match proto::Mode::try_from(mode) {
+        Ok(proto::Mode::Exclusive) => Ok(Mode::Exclusive),
+        Ok(proto::Mode::Shared) => Ok(Mode::Shared),
+        Ok(proto::Mode::Semaphore) if permits == 0 => {
+            Err("a semaphore needs at least 1 permit".to_owned())
+        }
+        Ok(proto::Mode::Semaphore) => Ok(Mode::Semaphore { permits }),
+        Err(_) => Err(format!(
+            "unknown mode {mode}; use 0 (exclusive), 1 (shared) or 2 (semaphore)"
+        )),
+    }
+}
+
+/// The protocol's mode and permits of a core mode.
+pub fn proto_mode(mode: Mode) -> (proto::Mode, u32) {
+    match mode {
+        Mode::Exclusive => (proto::Mode::Exclusive, 0),
+        Mode::Shared => (proto::Mode::Shared, 0),
+        Mode::Semaphore { permits } => (proto::Mode::Semaphore, permits),
+    }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A key's status, as the server sends it.
+pub fn key_status(status: KeyStatus) -> proto::KeyStatus {
+    let holder = |h: HolderStatus| {
+        let (mode, permits) = proto_mode(h.mode);
+        proto::Holder {
+            session_id: h.session,
+            mode: mode.into(),
+            permits,
+            token: h.token,
+            held_ms: millis(h.held_for),
+            lease_left_ms: millis(h.lease_left),
+        }
+    };
+    let waiter = |w: WaiterStatus| {
+        let (mode, permits) = proto_mode(w.mode);
+        proto::Waiter {
+            session_id: w.session,
+            mode: mode.into(),
+            permits,
+            waiting_ms: millis(w.waiting_for),
+        }
+    };
+    proto::KeyStatus {
+        key: status.key,
+        holders: status.holders.into_iter().map(holder).collect(),
+        waiters: status.waiters.into_iter().map(waiter).collect(),
+        last_token: status.last_token,
+    }
+}
+
+/// The counters, as the server sends them.
+pub fn counters(counters: Counters) -> proto::Counters {
+    proto::Counters {
+        sessions: counters.sessions,
+        held: counters.held,
+        waiters: counters.waiters,
+        sessions_opened: counters.sessions_opened,
+        sessions_expired: counters.sessions_expired,
+        holds_expired: counters.holds_expired,
+        grants: counters.grants,
+        releases: counters.releases,
+    }
+}
+
+/// The status the server sent, as a client reports it. A mode the client
+/// does not know reads as exclusive, the strongest.
+pub fn status_of(reply: proto::StatusReply) -> Status {
+    let mode = |mode: i32, permits: u32| mode_of(mode, permits).unwrap_or(Mode::Exclusive);
+    let keys = reply
+        .keys
+        .into_iter()
+        .map(|key| KeyStatus {
+            key: key.key,
+            holders: key
+                .holders
+                .into_iter()
+                .map(|h| HolderStatus {
+                    session: h.session_id,
+                    mode: mode(h.mode, h.permits),
+                    token: h.token,
+                    held_for: Duration::from_millis(h.held_ms),
+                    lease_left: Duration::from_millis(h.lease_left_ms),
+                })
+                .collect(),
+            waiters: key
+                .waiters
+                .into_iter()
+                .map(|w| WaiterStatus {
+                    session: w.session_id,
+                    mode: mode(w.mode, w.permits),
+                    waiting_for: Duration::from_millis(w.waiting_ms),
+                })
+                .collect(),
+            last_token: key.last_token,
+        })
+        .collect();
+    let counters = reply.counters.unwrap_or_default();
+    Status {
+        keys,
+        counters: Counters {
+            sessions: counters.sessions,
+            held: counters.held,
+            waiters: counters.waiters,
+            sessions_opened: counters.sessions_opened,
+            sessions_expired: counters.sessions_expired,
+            holds_expired: counters.holds_expired,
+            grants: counters.grants,
+            releases: counters.releases,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reads_back_as_it_was_sent() {
+        let modes = [
+            Mode::Exclusive,
+            Mode::Shared,
+            Mode::Semaphore { permits: 3 },
+        ];
+        let keys: Vec<KeyStatus> = modes
+            .iter()
+            .enumerate()
+            .map(|(i, &mode)| KeyStatus {
+                key: format!("k{i}"),
+                holders: vec![HolderStatus {
+                    session: i as u64,
+                    mode,
+                    token: 10 + i as u64,
+                    held_for: Duration::from_millis(1500),
+                    lease_left: Duration::from_millis(250),
+                }],
+                waiters: vec![WaiterStatus {
+                    session: 100 + i as u64,
+                    mode,
+                    waiting_for: Duration::from_millis(7),
+                }],
+                last_token: 20 + i as u64,
+            })
+            .collect();
+        let counters = Counters {
+            sessions: 1,
+            held: 2,
+            waiters: 3,
+            sessions_opened: 4,
+            sessions_expired: 5,
+            holds_expired: 6,
+            grants: 7,
+            releases: 8,
+        };
+        let reply = proto::StatusReply {
+            keys: keys.iter().cloned().map(key_status).collect(),
+            counters: Some(super::counters(counters.clone())),
+        };
+        assert_eq!(status_of(reply), Status { keys, counters });
+    }
+
+    #[test]
+    fn modes_read_back_and_bad_ones_are_refused() {
+        for mode in [
+            Mode::Exclusive,
+            Mode::Shared,
+            Mode::Semaphore { permits: 9 },
+        ] {
+            let (wire, permits) = proto_mode(mode);
+            assert_eq!(mode_of(wire.into(), permits), Ok(mode));
+        }
+        assert!(mode_of(proto::Mode::Semaphore.into(), 0).is_err());
+        assert!(mode_of(42, 1).is_err());
+    }
+}
