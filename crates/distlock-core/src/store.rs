@@ -297,6 +297,20 @@ macro_rules! test_hook {
     ($($item:tt)*) => {};
 }
 
+/// Runs `cleanup` in the background on the tokio runtime of the calling
+/// thread: the undoing, from a `Drop`, of an acquire dropped or failed
+/// half-way. Without a runtime (a drop outside one) nothing runs, and it
+/// returns `false`: what the clean-up would remove goes with the session.
+pub fn spawn_cleanup(cleanup: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(cleanup);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// Takes the store's own parameter `name` out of a URL: the URL without it
 /// (for the database driver, which would refuse a parameter it does not
 /// know) and its value, if given.

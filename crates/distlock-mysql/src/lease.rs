@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -317,11 +317,8 @@ impl Drop for Undo {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (pool, holder) = (self.pool.clone(), std::mem::take(&mut self.holder));
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             if let Ok(mut conn) = pool.get_conn().await {
                 let _ = conn
                     .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+    spawn_cleanup, AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock, Mode, RenewReport,
+    StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -186,9 +187,6 @@ impl Drop for Cleanup {
         let Some(turn) = self.turn.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (client, backend, canceller, unlock, id) = (
             Arc::clone(&self.client),
             self.backend,
@@ -196,7 +194,7 @@ impl Drop for Cleanup {
             self.unlock.clone(),
             self.id,
         );
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             let cancelled = match backend {
                 Some(backend) if !client.is_closed() => canceller.cancel(backend).await,
                 _ => Cancelled::Settled,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock as guard;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::futures::Notified;
@@ -568,15 +568,12 @@ impl Drop for Undo {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let leases = Arc::clone(&self.leases);
         let (key, holder) = (
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.holder),
         );
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             if let Ok(client) = leases.client().await {
                 let _ = client
                     .query_one("SELECT distlock_release_v2($1, $2)", &[&key, &holder])

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    lock, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    lock, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use etcd_client::{
@@ -182,16 +182,12 @@ impl Drop for Leave {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to delete it with: the key stays out of use, and
-            // goes with the lease.
-            lock(&self.leaving).insert(std::mem::take(&mut self.key));
-            return;
-        };
+        // Out of use until deleted; without a runtime to delete it with, it
+        // stays out of use, and goes with the lease.
         let (mut client, key) = (self.client.clone(), std::mem::take(&mut self.key));
         lock(&self.leaving).insert(key.clone());
         let (leaving, revision) = (Arc::clone(&self.leaving), self.revision);
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             for attempt in 0..30u64 {
                 let deleted =
                     tokio::time::timeout(CALL_TIMEOUT, take_out(&mut client, &key, revision));

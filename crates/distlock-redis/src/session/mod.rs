@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock;
 use distlock_core::store::{
-    AcquireRequest, ContendedKeys, Grant, HeldLock, Mode, RenewReport, SessionOptions, StoreSession,
+    spawn_cleanup, AcquireRequest, ContendedKeys, Grant, HeldLock, Mode, RenewReport,
+    SessionOptions, StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
@@ -352,14 +353,11 @@ impl Drop for Cleanup<'_> {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let shared = Arc::clone(self.shared);
         let keys = Arc::clone(self.keys);
         let mut members = std::mem::take(&mut self.more);
         members.push(self.member.to_owned());
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             RedisSession::abandon(&shared, &keys, &members).await;
         });
     }

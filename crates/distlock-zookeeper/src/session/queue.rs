@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
-use distlock_core::store::{AcquireRequest, Grant};
+use distlock_core::store::{spawn_cleanup, AcquireRequest, Grant};
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::time::Instant;
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError, OneshotWatcher};
@@ -275,16 +275,13 @@ impl Drop for Leave {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let shared = Arc::clone(&self.shared);
         let (dir, marker, path) = (
             std::mem::take(&mut self.dir),
             std::mem::take(&mut self.marker),
             self.path.take(),
         );
-        runtime.spawn(async move {
+        spawn_cleanup(async move {
             let mut pause = Duration::from_millis(100);
             while !Leave::once(&shared, &dir, &marker, path.as_deref()).await {
                 tokio::time::sleep(pause).await;
