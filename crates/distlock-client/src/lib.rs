@@ -85,7 +85,24 @@ impl RemoteStore {
             })?;
         let port = url.port().unwrap_or(DEFAULT_PORT);
         let target = format!("{host}:{port}");
-        let auth = match url.password() {
+        // The URL keeps the secret percent-encoded; the server wants it as
+        // it is.
+        let secret = match url.password() {
+            Some(encoded) => Some(
+                percent_encoding::percent_decode_str(encoded)
+                    .decode_utf8()
+                    .map_err(|_| {
+                        Error::config(
+                            "the secret in the URL is not UTF-8 once decoded; write it \
+                             percent-encoded UTF-8"
+                                .to_owned(),
+                        )
+                    })?
+                    .into_owned(),
+            ),
+            None => None,
+        };
+        let auth = match &secret {
             Some(secret) => Some(format!("Bearer {secret}").parse().map_err(|_| {
                 Error::config("the secret in the URL has characters that cannot be sent".to_owned())
             })?),
@@ -135,7 +152,6 @@ impl RemoteStore {
             })?
         };
         let transport = if mux {
-            let secret = url.password().map(str::to_owned);
             Transport::Mux(Arc::new(
                 mux::Connections::connect(target.clone(), secret).await?,
             ))

@@ -193,6 +193,24 @@ async fn a_key_over_the_servers_limit_is_an_invalid_key() {
     }
 }
 
+/// A secret with characters a URL must escape (here a space) is written
+/// percent-encoded, and the server gets the secret itself, on both
+/// transports.
+#[tokio::test]
+async fn a_percent_encoded_secret_in_the_url_authenticates() {
+    let address = start_server().await;
+    for query in ["", "?transport=grpc"] {
+        let url = format!("distlock://:open%20sesame@{address}{query}");
+        let store = distlock_client::RemoteStore::connect(&url::Url::parse(&url).expect("url"))
+            .await
+            .expect("connect");
+        let client = distlock_core::Client::new(std::sync::Arc::new(store));
+        let session = client.session().open().await.expect("session");
+        let guard = session.lock("k").try_lock().await.expect("try");
+        assert!(guard.is_some(), "{url}: a free key");
+    }
+}
+
 #[tokio::test]
 async fn requests_without_a_session_are_refused() {
     let address = start_server().await;
