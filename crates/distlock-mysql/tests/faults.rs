@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use distlock_core::{Client, ErrorKind};
 use distlock_mysql::MysqlStore;
+use distlock_testkit::restart::{assert_rising, take_in_turn};
 use distlock_testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use tokio::time::timeout;
 
@@ -56,25 +57,7 @@ async fn killing_the_holders_connection_fires_lost_and_frees_the_lock_for_the_wa
 /// Takes `key` three times in a row, each by a new session of `url`'s
 /// store, and adds the tokens to `tokens`.
 async fn take_three(url: &str, key: &str, tokens: &mut Vec<u64>) {
-    let client = client(url).await;
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock(key)
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
-}
-
-fn assert_rising(tokens: &[u64]) {
-    assert!(
-        tokens.windows(2).all(|pair| pair[0] < pair[1]),
-        "tokens went back: {tokens:?}"
-    );
+    tokens.extend(take_in_turn(&client(url).await, key, 3).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,36 @@
-//! A store's server killed and started again under a holder: shared by the
-//! fault tests of the stores whose sessions outlive a connection (etcd,
-//! ZooKeeper).
+//! Token checks the stores' fault tests share, and a store's server killed
+//! and started again under a holder (for the stores whose sessions outlive
+//! a connection: etcd, ZooKeeper).
 
 use std::time::Duration;
 
 use distlock_core::{Client, ErrorKind};
+
+/// Takes `key` `times` times in a row, each by a new session of `client`
+/// that finds it free; the tokens, in order.
+pub async fn take_in_turn(client: &Client, key: &str, times: usize) -> Vec<u64> {
+    let mut tokens = Vec::with_capacity(times);
+    for _ in 0..times {
+        let session = client.session().open().await.expect("open");
+        let guard = session
+            .lock(key)
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    tokens
+}
+
+/// Fails unless `tokens` rise strictly.
+pub fn assert_rising(tokens: &[u64]) {
+    assert!(
+        tokens.windows(2).all(|pair| pair[0] < pair[1]),
+        "tokens went back: {tokens:?}"
+    );
+}
 
 /// Takes `key` a few times, holds it with a session of `hold_ttl`, has
 /// `restart` kill the server and start it again (it gets `server` and
@@ -18,18 +44,7 @@ pub async fn tokens_rise_and_the_holder_stays_honest<S: Send + 'static>(
     server: S,
     restart: impl FnOnce(S) -> S + Send + 'static,
 ) -> S {
-    let mut tokens = Vec::new();
-    for _ in 0..3 {
-        let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock(key)
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
-    }
+    let mut tokens = take_in_turn(client, key, 3).await;
     let holder = client.session().ttl(hold_ttl).open().await.expect("open");
     let held = holder
         .lock(key)
@@ -75,9 +90,6 @@ pub async fn tokens_rise_and_the_holder_stays_honest<S: Send + 'static>(
         .await
         .expect("granted after the restart");
     tokens.push(guard.token());
-    assert!(
-        tokens.windows(2).all(|pair| pair[0] < pair[1]),
-        "tokens went back: {tokens:?}"
-    );
+    assert_rising(&tokens);
     server
 }
