@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::status::Status;
 use distlock_core::store::{Capabilities, Fencing, LockStore, SessionOptions, StoreSession};
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use distlock_proto::kinds::kind_of_status;
 use distlock_proto::v1 as proto;
 use proto::locks_client::LocksClient;
@@ -140,14 +140,11 @@ impl RemoteStore {
             endpoint.connect_lazy()
         } else {
             endpoint.connect().await.map_err(|err| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "cannot reach the distlock server at {target} ({}); start one with \
-                         `distlock serve`",
-                        root_cause(&err)
-                    ),
-                )
+                Error::unavailable(format!(
+                    "cannot reach the distlock server at {target} ({}); start one with \
+                     `distlock serve`",
+                    root_cause(&err)
+                ))
                 .with_source(err)
             })?
         };

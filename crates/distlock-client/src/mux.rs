@@ -61,13 +61,10 @@ impl MuxConnection {
     /// shared secret if there is one.
     pub(crate) async fn connect(target: &str, auth_token: Option<&str>) -> Result<Arc<Self>> {
         let unreachable = |why: String| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "cannot reach the distlock server at {target} ({why}); start one with \
-                     `distlock serve`"
-                ),
-            )
+            Error::unavailable(format!(
+                "cannot reach the distlock server at {target} ({why}); start one with \
+                 `distlock serve`"
+            ))
         };
         let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(socket)) => socket,
@@ -200,13 +197,10 @@ impl MuxConnection {
 }
 
 fn not_distlock(target: &str) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!(
-            "{target} did not answer as a distlock server does; check the host and port \
-             (a server older than the mux transport needs ?transport=grpc)"
-        ),
-    )
+    Error::unavailable(format!(
+        "{target} did not answer as a distlock server does; check the host and port \
+         (a server older than the mux transport needs ?transport=grpc)"
+    ))
 }
 
 /// Sends the connection's frames, every frame that is ready in one write,

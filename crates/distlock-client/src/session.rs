@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use distlock_proto::{kinds, v1 as proto};
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
@@ -136,10 +136,9 @@ fn failure(target: &str, failed: proto::Failed) -> Error {
 }
 
 fn unexpected(target: &str, event: &Event) -> Error {
-    Error::new(
-        ErrorKind::Store,
-        format!("distlock server at {target} answered with an unexpected {event:?}"),
-    )
+    Error::store(format!(
+        "distlock server at {target} answered with an unexpected {event:?}"
+    ))
 }
 
 /// Delivers the events of a gRPC stream to its session.

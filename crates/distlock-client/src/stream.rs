@@ -191,8 +191,7 @@ impl Inbox {
 }
 
 pub(crate) fn connection_lost(target: &str) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("the connection to the distlock server at {target} was lost"),
-    )
+    Error::unavailable(format!(
+        "the connection to the distlock server at {target} was lost"
+    ))
 }

@@ -111,8 +111,24 @@ impl Error {
         Error::new(ErrorKind::InvalidKey, message)
     }
 
-    pub(crate) fn lost(message: impl Into<String>) -> Self {
+    /// A `Lost` error: the session or the lock is gone.
+    pub fn lost(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Lost, message)
+    }
+
+    /// An `Unavailable` error: the store cannot be reached or did not answer.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unavailable, message)
+    }
+
+    /// An `Unsupported` error: the store cannot do what was asked.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unsupported, message)
+    }
+
+    /// A `Store` error: the store answered with an error of its own.
+    pub fn store(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Store, message)
     }
 
     /// A `Config` error: the URL or a setting is wrong; `message` says what

@@ -71,14 +71,11 @@ impl FileStore {
 
 fn check_dir(dir: &Path) -> Result<()> {
     let unusable = |what: &str, err: io::Error| {
-        Error::new(
-            ErrorKind::Config,
-            format!(
-                "cannot {what} lock directory {}: {err}; choose a directory this user can write, \
-                 or fix its permissions",
-                dir.display()
-            ),
-        )
+        Error::config(format!(
+            "cannot {what} lock directory {}: {err}; choose a directory this user can write, \
+             or fix its permissions",
+            dir.display()
+        ))
         .with_source(err)
     };
     std::fs::create_dir_all(dir).map_err(|err| unusable("create", err))?;
@@ -96,7 +93,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|err| Error::new(ErrorKind::Store, "file store task failed").with_source(err))?
+        .map_err(|err| Error::store("file store task failed").with_source(err))?
 }
 
 /// The file name stem of a key: the key itself when it is short and made of
@@ -168,14 +165,11 @@ fn bump_fence(path: &Path) -> Result<u64> {
     let last: u64 = match text.trim() {
         "" => 0,
         digits => digits.parse().map_err(|_| {
-            Error::new(
-                ErrorKind::Store,
-                format!(
-                    "fencing counter {} is corrupt (holds {digits:?}); write the highest token \
-                     ever used into it, or a larger number",
-                    path.display()
-                ),
-            )
+            Error::store(format!(
+                "fencing counter {} is corrupt (holds {digits:?}); write the highest token \
+                 ever used into it, or a larger number",
+                path.display()
+            ))
         })?,
     };
     let next = last + 1;

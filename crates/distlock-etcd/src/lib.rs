@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use etcd_client::{Client, ConnectOptions};
 
 /// How long connecting, and each call, may take.
@@ -58,17 +58,15 @@ pub(crate) fn etcd_error(endpoints: &str, err: etcd_client::Error) -> Error {
 }
 
 pub(crate) fn unavailable(endpoints: &str, err: &dyn std::fmt::Display) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("etcd at {endpoints}: {err}; check the endpoints and that etcd runs"),
-    )
+    Error::unavailable(format!(
+        "etcd at {endpoints}: {err}; check the endpoints and that etcd runs"
+    ))
 }
 
 pub(crate) fn timed_out(endpoints: &str) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("etcd at {endpoints} did not answer in {CALL_TIMEOUT:?}"),
-    )
+    Error::unavailable(format!(
+        "etcd at {endpoints} did not answer in {CALL_TIMEOUT:?}"
+    ))
 }
 
 impl EtcdStore {
@@ -76,25 +74,22 @@ impl EtcdStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write etcd://HOST:PORT[,HOST:PORT…]";
         let Some(rest) = url.strip_prefix("etcd://") else {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("'{url}' is not an etcd URL; {usage}"),
-            ));
+            return Err(Error::config(format!(
+                "'{url}' is not an etcd URL; {usage}"
+            )));
         };
         let hosts = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let mut endpoints = Vec::new();
         for host in hosts.split(',') {
             let Some((name, port)) = host.rsplit_once(':') else {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("'{host}' in '{url}' has no port; {usage}"),
-                ));
+                return Err(Error::config(format!(
+                    "'{host}' in '{url}' has no port; {usage}"
+                )));
             };
             if name.is_empty() || port.parse::<u16>().is_err() {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("'{host}' in '{url}' is not HOST:PORT; {usage}"),
-                ));
+                return Err(Error::config(format!(
+                    "'{host}' in '{url}' is not HOST:PORT; {usage}"
+                )));
             }
             endpoints.push(format!("http://{host}"));
         }

@@ -24,10 +24,10 @@ pub(crate) async fn pooled(pool: &Pool, target: &str) -> Result<Conn, Error> {
 }
 
 fn no_answer(target: &str) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("cannot reach MySQL at {target} (no answer in {CONNECT_TIMEOUT:?}); check the URL and that the server runs"),
-    )
+    Error::unavailable(format!(
+        "cannot reach MySQL at {target} (no answer in {CONNECT_TIMEOUT:?}); check the URL and \
+         that the server runs"
+    ))
 }
 
 /// Why a connection could not be made, and what to do; the driver's error
@@ -36,28 +36,19 @@ fn connect_error(target: &str, err: mysql_async::Error) -> Error {
     let error = match &err {
         // Access denied (the login, or the database).
         mysql_async::Error::Server(server) if server.code == 1045 || server.code == 1044 => {
-            Error::new(
-                ErrorKind::Config,
-                format!(
+            Error::config(format!(
                 "MySQL at {target} refused the login ({}); check the user and password in the URL",
                 server.message
-            ),
-            )
+            ))
         }
         // Unknown database.
-        mysql_async::Error::Server(server) if server.code == 1049 => Error::new(
-            ErrorKind::Config,
-            format!(
-                "MySQL at {target}: {}; create it or name another in the URL",
-                server.message
-            ),
-        ),
-        other => Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "cannot reach MySQL at {target} ({other}); check the URL and that the server runs"
-            ),
-        ),
+        mysql_async::Error::Server(server) if server.code == 1049 => Error::config(format!(
+            "MySQL at {target}: {}; create it or name another in the URL",
+            server.message
+        )),
+        other => Error::unavailable(format!(
+            "cannot reach MySQL at {target} ({other}); check the URL and that the server runs"
+        )),
     };
     error.with_source(err)
 }

@@ -173,12 +173,9 @@ impl LeaseSession {
             Ok::<_, mysql_async::Error>(token)
         };
         let token = grant.await.map_err(|err| self.error(err))?;
-        token.map(Some).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Store,
-                format!("MySQL at {} returned no token", self.target),
-            )
-        })
+        token
+            .map(Some)
+            .ok_or_else(|| Error::store(format!("MySQL at {} returned no token", self.target)))
     }
 }
 

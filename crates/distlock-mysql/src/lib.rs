@@ -54,7 +54,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Pool};
 use url::Url;
@@ -178,14 +178,11 @@ impl MysqlStore {
         store.tokens = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
             .await
             .map_err(|_| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "MySQL at {} did not answer in {:?}",
-                        store.target,
-                        CONNECT_TIMEOUT * 2
-                    ),
-                )
+                Error::unavailable(format!(
+                    "MySQL at {} did not answer in {:?}",
+                    store.target,
+                    CONNECT_TIMEOUT * 2
+                ))
             })??;
         Ok(store)
     }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     AcquireRequest, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool, Statement};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -100,13 +100,10 @@ impl NamedSession {
     }
 
     fn lost(&self) -> Error {
-        Error::new(
-            ErrorKind::Lost,
-            format!(
-                "the connection to MySQL at {} is gone, and with it every lock of the session",
-                self.target
-            ),
-        )
+        Error::lost(format!(
+            "the connection to MySQL at {} is gone, and with it every lock of the session",
+            self.target
+        ))
     }
 
     /// A failed statement; a broken connection is forgotten.
@@ -216,10 +213,9 @@ async fn redraw(conn: &mut Conn, target: &str) -> Result<u64> {
     drawn
         .filter(|drawn| crate::tokens::live(*drawn))
         .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Store,
-                format!("MariaDB at {target}: distlock_token_seq gave no token of a live epoch"),
-            )
+            Error::store(format!(
+                "MariaDB at {target}: distlock_token_seq gave no token of a live epoch"
+            ))
         })
 }
 
@@ -321,8 +317,7 @@ impl Drop for Pending {
 impl StoreSession for NamedSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         if request.mode != Mode::Exclusive {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
+            return Err(Error::unsupported(
                 "MySQL named locks are exclusive only; use a mysql://…?mode=lease URL for \
                  shared locks and semaphores",
             ));
@@ -402,12 +397,8 @@ impl StoreSession for NamedSession {
         // A ping on the connection's turn (waits take it for a slice at
         // most); without an answer in time the locks are not counted as
         // renewed.
-        let no_answer = || {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("MySQL at {} did not answer a ping", self.target),
-            )
-        };
+        let no_answer =
+            || Error::unavailable(format!("MySQL at {} did not answer a ping", self.target));
         // Or, while waits keep the connection busy, an answer to one of
         // them that came after this renewal began.
         let start = Instant::now();

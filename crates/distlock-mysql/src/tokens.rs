@@ -13,7 +13,7 @@
 //! the old ones. An epoch's range is moved on from 2^30 values before its
 //! end. `docs/0004-sql-tokens.md` has the argument.
 
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
@@ -67,13 +67,10 @@ pub(crate) async fn setup(conn: &mut Conn, target: &str) -> Result<()> {
         .await
         .map_err(failed)?;
     if shape != Some((1, 0)) {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "MariaDB at {target}: distlock_token_seq was changed (it must be INCREMENT 1, \
-                 NOCYCLE); drop it and let distlock make it again while no client runs"
-            ),
-        ));
+        return Err(Error::config(format!(
+            "MariaDB at {target}: distlock_token_seq was changed (it must be INCREMENT 1, \
+             NOCYCLE); drop it and let distlock make it again while no client runs"
+        )));
     }
     ensure_epoch(conn, target, false).await
 }
@@ -91,10 +88,9 @@ pub(crate) async fn ensure_epoch(conn: &mut Conn, target: &str, spent: bool) -> 
         .await
         .map_err(failed)?;
     if got != Some(Some(1)) {
-        return Err(Error::new(
-            ErrorKind::Unavailable,
-            format!("MariaDB at {target}: another client has been starting a token epoch for 10 s"),
-        ));
+        return Err(Error::unavailable(format!(
+            "MariaDB at {target}: another client has been starting a token epoch for 10 s"
+        )));
     }
     let moved = move_on(conn, spent).await;
     let _ = conn.query_drop("DO RELEASE_LOCK('distlock:epoch')").await;

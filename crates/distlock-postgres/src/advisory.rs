@@ -10,7 +10,7 @@ use distlock_core::store::{
     spawn_cleanup, AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock, Mode, RenewReport,
     StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
@@ -142,21 +142,17 @@ impl AdvisorySession {
         match mode {
             Mode::Exclusive => Ok(0),
             Mode::Shared => Ok(1),
-            Mode::Semaphore { .. } => Err(Error::new(
-                ErrorKind::Unsupported,
+            Mode::Semaphore { .. } => Err(Error::unsupported(
                 "advisory locks have no semaphores; use a postgres://…?mode=lease URL",
             )),
         }
     }
 
     fn lost(&self) -> Error {
-        Error::new(
-            ErrorKind::Lost,
-            format!(
-                "the connection to PostgreSQL at {} is gone, and with it every lock of the session",
-                self.target
-            ),
-        )
+        Error::lost(format!(
+            "the connection to PostgreSQL at {} is gone, and with it every lock of the session",
+            self.target
+        ))
     }
 }
 
@@ -331,10 +327,10 @@ impl StoreSession for AdvisorySession {
         // second at most. Without an answer in time the locks are not
         // counted as renewed (the core asks again until the lease ends).
         let no_answer = || {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("PostgreSQL at {} did not answer a keep-alive", self.target),
-            )
+            Error::unavailable(format!(
+                "PostgreSQL at {} did not answer a keep-alive",
+                self.target
+            ))
         };
         // Or, while waits keep the connection busy, an answer to one of
         // them that came after this renewal began.

@@ -11,14 +11,11 @@ pub(crate) async fn open(config: &Config, target: &str) -> Result<Client, Error>
     let (client, connection) = connecting
         .await
         .map_err(|_| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "PostgreSQL at {target} did not finish connecting in {:?}; check the URL \
-                     and that the server runs",
-                    crate::CONNECT_TIMEOUT
-                ),
-            )
+            Error::unavailable(format!(
+                "PostgreSQL at {target} did not finish connecting in {:?}; check the URL \
+                 and that the server runs",
+                crate::CONNECT_TIMEOUT
+            ))
         })?
         .map_err(|err| connect_error(target, err))?;
     tokio::spawn(async move {
@@ -40,20 +37,19 @@ fn connect_error(target: &str, err: tokio_postgres::Error) -> Error {
     let error = if code == Some(&SqlState::INVALID_PASSWORD)
         || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     {
-        Error::new(
-            ErrorKind::Config,
-            format!("PostgreSQL at {target} refused the login ({detail}); check the user and password in the URL"),
-        )
+        Error::config(format!(
+            "PostgreSQL at {target} refused the login ({detail}); check the user and password \
+             in the URL"
+        ))
     } else if code == Some(&SqlState::INVALID_CATALOG_NAME) {
-        Error::new(
-            ErrorKind::Config,
-            format!("PostgreSQL at {target}: {detail}; create it or name another in the URL"),
-        )
+        Error::config(format!(
+            "PostgreSQL at {target}: {detail}; create it or name another in the URL"
+        ))
     } else {
-        Error::new(
-            ErrorKind::Unavailable,
-            format!("cannot reach PostgreSQL at {target} ({detail}); check the URL and that the server runs"),
-        )
+        Error::unavailable(format!(
+            "cannot reach PostgreSQL at {target} ({detail}); check the URL and that the server \
+             runs"
+        ))
     };
     error.with_source(err)
 }

@@ -244,10 +244,7 @@ async fn listen(config: &Config, target: &str) -> Result<Listening> {
     let (client, mut connection) = connecting
         .await
         .map_err(|_| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("PostgreSQL at {target} did not finish connecting"),
-            )
+            Error::unavailable(format!("PostgreSQL at {target} did not finish connecting"))
         })?
         .map_err(|err| query_error(target, err))?;
     // The connection must be driven for LISTEN to be answered.
@@ -262,10 +259,9 @@ async fn listen(config: &Config, target: &str) -> Result<Listening> {
                 }
                 message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
                     if !matches!(message, Some(Ok(_))) {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            format!("PostgreSQL at {target} closed the listening connection"),
-                        ));
+                        return Err(Error::unavailable(format!(
+                            "PostgreSQL at {target} closed the listening connection"
+                        )));
                     }
                 }
             }

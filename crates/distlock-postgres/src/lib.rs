@@ -62,7 +62,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use url::Url;
 
 /// The advisory-lock key of a lock name, as `pg_locks` shows it
@@ -136,13 +136,10 @@ impl PostgresStore {
         )
         .await
         .map_err(|_| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "PostgreSQL at {target} did not answer in {:?}",
-                    CONNECT_TIMEOUT * 2
-                ),
-            )
+            Error::unavailable(format!(
+                "PostgreSQL at {target} did not answer in {:?}",
+                CONNECT_TIMEOUT * 2
+            ))
         })??;
         let leases = if lease_mode {
             let setup = async {
@@ -154,13 +151,10 @@ impl PostgresStore {
                 tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
                     .await
                     .map_err(|_| {
-                        Error::new(
-                            ErrorKind::Unavailable,
-                            format!(
-                                "PostgreSQL at {target} did not answer in {:?}",
-                                CONNECT_TIMEOUT * 2
-                            ),
-                        )
+                        Error::unavailable(format!(
+                            "PostgreSQL at {target} did not answer in {:?}",
+                            CONNECT_TIMEOUT * 2
+                        ))
                     })??,
             )
         } else {

@@ -13,7 +13,7 @@
 //! it is nearly spent, 2^30 values before its end.
 //! `docs/0004-sql-tokens.md` has the whole argument and its limits.
 
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use tokio_postgres::{Client, Config};
 
 use crate::connect::{open, query_error};
@@ -119,13 +119,10 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
         .map_err(|err| query_error(&target, err))?
         .get(0);
     if version < 150000 {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "PostgreSQL at {target} is version {version}; distlock needs 15 or later \
-                 (its tokens use an unlogged sequence)"
-            ),
-        ));
+        return Err(Error::config(format!(
+            "PostgreSQL at {target} is version {version}; distlock needs 15 or later \
+             (its tokens use an unlogged sequence)"
+        )));
     }
     client
         .batch_execute(CREATE)
@@ -142,7 +139,7 @@ async fn check_sequence(client: &Client, target: &str) -> Result<()> {
     let row = client
         .query_one(
             "SELECT c.relpersistence = 'u' AND s.increment_by = 1 AND s.cache_size = 1 \
-                 AND NOT s.cycle AND s.max_value = 9223372036854775807 \
+             AND NOT s.cycle AND s.max_value = 9223372036854775807 \
              FROM pg_sequences s \
              JOIN pg_class c ON c.oid = format('%I.%I', s.schemaname, s.sequencename)::regclass \
              WHERE c.oid = 'distlock_token_seq'::regclass",
@@ -153,14 +150,11 @@ async fn check_sequence(client: &Client, target: &str) -> Result<()> {
     if row.get::<_, bool>(0) {
         return Ok(());
     }
-    Err(Error::new(
-        ErrorKind::Config,
-        format!(
-            "PostgreSQL at {target}: distlock_token_seq was changed (it must be UNLOGGED, \
-             INCREMENT 1, CACHE 1, NO CYCLE); drop it and let distlock make it again while no \
-             client runs, and never ALTER it"
-        ),
-    ))
+    Err(Error::config(format!(
+        "PostgreSQL at {target}: distlock_token_seq was changed (it must be UNLOGGED, \
+         INCREMENT 1, CACHE 1, NO CYCLE); drop it and let distlock make it again while no \
+         client runs, and never ALTER it"
+    )))
 }
 
 /// The token `drawn` stands for: itself if the sequence was in a live
@@ -177,13 +171,10 @@ pub(crate) async fn settle(client: &Client, target: &str, mut drawn: i64) -> Res
             .map_err(|err| query_error(target, err))?
             .get(0);
     }
-    Err(Error::new(
-        ErrorKind::Store,
-        format!(
-            "PostgreSQL at {target}: distlock_token_seq gave {drawn}, outside a live epoch, \
-             three times in a row; is it being changed by hand?"
-        ),
-    ))
+    Err(Error::store(format!(
+        "PostgreSQL at {target}: distlock_token_seq gave {drawn}, outside a live epoch, \
+         three times in a row; is it being changed by hand?"
+    )))
 }
 
 /// Starts a new epoch if the sequence still needs one.

@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
 
 /// How long connecting, and each call, may take.
@@ -66,52 +66,39 @@ impl std::fmt::Debug for ZkStore {
 pub(crate) fn zk_error(hosts: &str, err: &zookeeper_client::Error) -> Error {
     use zookeeper_client::Error as Zk;
     let error = match err {
-        Zk::SessionExpired => Error::new(
-            ErrorKind::Lost,
-            format!("ZooKeeper at {hosts}: the session expired; open a new session"),
-        ),
-        Zk::ClientClosed => Error::new(
-            ErrorKind::Lost,
-            format!("ZooKeeper at {hosts}: the session was closed; open a new session"),
-        ),
-        Zk::NoAuth | Zk::AuthFailed => Error::new(
-            ErrorKind::Config,
-            format!("ZooKeeper at {hosts}: {err}; check the ACLs of the chroot and /distlock"),
-        ),
-        Zk::Unimplemented => Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "ZooKeeper at {hosts} does not know a request of the lock recipe ({err}); \
-                 use ZooKeeper 3.5.3 or later (container nodes, create2)"
-            ),
-        ),
+        Zk::SessionExpired => Error::lost(format!(
+            "ZooKeeper at {hosts}: the session expired; open a new session"
+        )),
+        Zk::ClientClosed => Error::lost(format!(
+            "ZooKeeper at {hosts}: the session was closed; open a new session"
+        )),
+        Zk::NoAuth | Zk::AuthFailed => Error::config(format!(
+            "ZooKeeper at {hosts}: {err}; check the ACLs of the chroot and /distlock"
+        )),
+        Zk::Unimplemented => Error::unsupported(format!(
+            "ZooKeeper at {hosts} does not know a request of the lock recipe ({err}); \
+             use ZooKeeper 3.5.3 or later (container nodes, create2)"
+        )),
         Zk::NoHosts | Zk::Timeout | Zk::ConnectionLoss | Zk::Throttled => unavailable(hosts, err),
-        _ => Error::new(
-            ErrorKind::Store,
-            format!(
-                "ZooKeeper at {hosts}: {err}, which the lock recipe did not expect; \
-                     was something under {BASE} changed by hand?"
-            ),
-        ),
+        _ => Error::store(format!(
+            "ZooKeeper at {hosts}: {err}, which the lock recipe did not expect; \
+             was something under {BASE} changed by hand?"
+        )),
     };
     error.with_source(err.clone())
 }
 
 pub(crate) fn unavailable(hosts: &str, err: &dyn std::fmt::Display) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("ZooKeeper at {hosts}: {err}; check the hosts and that ZooKeeper runs"),
-    )
+    Error::unavailable(format!(
+        "ZooKeeper at {hosts}: {err}; check the hosts and that ZooKeeper runs"
+    ))
 }
 
 pub(crate) fn timed_out(hosts: &str) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!(
-            "ZooKeeper at {hosts} did not answer in {CALL_TIMEOUT:?}; check that it runs, \
-             that it is reachable from here, and that the ensemble has a quorum"
-        ),
-    )
+    Error::unavailable(format!(
+        "ZooKeeper at {hosts} did not answer in {CALL_TIMEOUT:?}; check that it runs, \
+         that it is reachable from here, and that the ensemble has a quorum"
+    ))
 }
 
 /// A call bounded in time, its error explained.
@@ -240,6 +227,7 @@ impl LockStore for ZkStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distlock_core::ErrorKind;
 
     #[test]
     fn urls_parse_into_hosts_and_chroot() {

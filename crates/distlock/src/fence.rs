@@ -33,7 +33,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{Error, ErrorKind, Result};
+use crate::{Error, Result};
 
 /// The HTTP header a client sends its fencing token in.
 pub const HTTP_HEADER: &str = "Distlock-Fencing-Token";
@@ -43,10 +43,9 @@ pub const HTTP_HEADER: &str = "Distlock-Fencing-Token";
 /// no store hands out in practice.
 pub fn sql_token(token: u64) -> Result<i64> {
     i64::try_from(token).map_err(|_| {
-        Error::new(
-            ErrorKind::Store,
-            format!("fencing token {token} does not fit a signed 64-bit SQL column"),
-        )
+        Error::store(format!(
+            "fencing token {token} does not fit a signed 64-bit SQL column"
+        ))
     })
 }
 

@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use distlock_core::{
-    Capabilities, Client, Error, ErrorKind, Fencing, LockStore, Result, SessionModel,
-};
+use distlock_core::{Capabilities, Client, Error, Fencing, LockStore, Result, SessionModel};
 use url::Url;
 
 /// Where the CLI looks when given no URL: a distlock server on this host.
@@ -123,9 +121,10 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `etcd://H1:P1[,H2:P2…]` | etcd (feature `etcd`): lease sessions, FIFO queues by revision |
 /// | `zk://H1[:P1][,H2[:P2]…][/CHROOT]` | ZooKeeper: its sessions, FIFO queues of sequential nodes |
 ///
-/// Errors with [`ErrorKind::Config`] for a malformed URL or a scheme this
-/// build does not have (the message lists the ones it has), and with the
-/// store's own error if it cannot be reached or used.
+/// Errors with [`ErrorKind::Config`](crate::ErrorKind::Config) for a
+/// malformed URL or a scheme this build does not have (the message lists
+/// the ones it has), and with the store's own error if it cannot be reached
+/// or used.
 pub async fn connect(url: &str) -> Result<Client> {
     #[cfg(feature = "etcd")]
     if url.starts_with("etcd://") {
@@ -147,13 +146,10 @@ pub async fn connect(url: &str) -> Result<Client> {
         )));
     }
     let parsed = Url::parse(url).map_err(|err| {
-        Error::new(
-            ErrorKind::Config,
-            format!(
-                "cannot parse store URL '{url}': {err}; expected e.g. {}",
-                examples()
-            ),
-        )
+        Error::config(format!(
+            "cannot parse store URL '{url}': {err}; expected e.g. {}",
+            examples()
+        ))
     })?;
     Ok(Client::new(open(url, &parsed).await?))
 }
@@ -180,20 +176,14 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
         #[cfg(feature = "file")]
         "file" => {
             if parsed.host_str().is_some_and(|host| !host.is_empty()) {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "file store URL '{url}' names a host; give an absolute directory with \
-                         three slashes, e.g. file:///var/lock/distlock"
-                    ),
-                ));
+                return Err(Error::config(format!(
+                    "file store URL '{url}' names a host; give an absolute directory with \
+                     three slashes, e.g. file:///var/lock/distlock"
+                )));
             }
-            let dir = parsed.to_file_path().map_err(|()| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("'{url}' is not a usable directory path"),
-                )
-            })?;
+            let dir = parsed
+                .to_file_path()
+                .map_err(|()| Error::config(format!("'{url}' is not a usable directory path")))?;
             Ok(Arc::new(distlock_core::FileStore::open(dir).await?))
         }
         #[cfg(feature = "redis")]
@@ -211,14 +201,11 @@ async fn open(url: &str, parsed: &Url) -> Result<Arc<dyn LockStore>> {
                 .collect();
             // A store may be listed once per mode.
             known.dedup();
-            Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "unknown store URL scheme '{scheme}://' in '{url}'; this build knows {} \
-                     (other stores need their Cargo feature)",
-                    known.join(", ")
-                ),
-            ))
+            Err(Error::config(format!(
+                "unknown store URL scheme '{scheme}://' in '{url}'; this build knows {} \
+                 (other stores need their Cargo feature)",
+                known.join(", ")
+            )))
         }
     }
 }
@@ -268,6 +255,7 @@ pub fn capability_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distlock_core::ErrorKind;
 
     async fn error_of(url: &str) -> Error {
         connect(url).await.expect_err("must be refused")

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::store::{
     AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, RenewReport, SessionOptions,
     StoreSession,
@@ -98,10 +98,7 @@ struct MemorySession {
 }
 
 fn session_gone() -> Error {
-    Error::new(
-        ErrorKind::Lost,
-        "the memory store ended this session (its lease ran out)",
-    )
+    Error::lost("the memory store ended this session (its lease ran out)")
 }
 
 #[async_trait]
@@ -123,8 +120,7 @@ impl StoreSession for MemorySession {
                 }
             }
             Attempt::SessionGone => Err(session_gone()),
-            Attempt::AlreadyHeld | Attempt::QueueFull | Attempt::NoTokens => Err(Error::new(
-                ErrorKind::Store,
+            Attempt::AlreadyHeld | Attempt::QueueFull | Attempt::NoTokens => Err(Error::store(
                 "the memory store refused a request the core never makes; this is a bug",
             )),
         }

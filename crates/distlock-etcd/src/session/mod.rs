@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use distlock_core::store::{
     lock, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use etcd_client::{
     Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse,
 };
@@ -113,13 +113,10 @@ impl EtcdSession {
     }
 
     fn lost(&self, why: &str) -> Error {
-        Error::new(
-            ErrorKind::Lost,
-            format!(
-                "etcd at {}: the session's lease {why}; open a new session",
-                self.endpoints
-            ),
-        )
+        Error::lost(format!(
+            "etcd at {}: the session's lease {why}; open a new session",
+            self.endpoints
+        ))
     }
 
     /// Takes `key` out of its queue, if it is the one created at `revision`.
@@ -249,10 +246,10 @@ impl StoreSession for EtcdSession {
                 Ok(None) | Err(_) => {
                     // The stream broke: a new one next time.
                     keeper.take();
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        format!("etcd at {} did not renew the lease", self.endpoints),
-                    ));
+                    return Err(Error::unavailable(format!(
+                        "etcd at {} did not renew the lease",
+                        self.endpoints
+                    )));
                 }
             }
         };

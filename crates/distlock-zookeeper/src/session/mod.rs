@@ -187,16 +187,13 @@ impl ZkSession {
             if let Err(err) = session.close().await {
                 tracing::debug!("closing a refused session: {err}");
             }
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "ZooKeeper at {hosts} grants sessions of at most {granted:?} \
-                     (its maxSessionTimeout), less than the TTL of {:?}: it would drop \
-                     the session before its lease ran out; use a TTL of at most \
-                     {granted:?}, or raise maxSessionTimeout",
-                    options.ttl
-                ),
-            ));
+            return Err(Error::config(format!(
+                "ZooKeeper at {hosts} grants sessions of at most {granted:?} \
+                 (its maxSessionTimeout), less than the TTL of {:?}: it would drop \
+                 the session before its lease ran out; use a TTL of at most \
+                 {granted:?}, or raise maxSessionTimeout",
+                options.ttl
+            )));
         }
         Ok(session)
     }
@@ -207,13 +204,10 @@ impl ZkSession {
 
     fn closed(&self) -> Error {
         if self.shared.frozen.load(std::sync::atomic::Ordering::SeqCst) {
-            return Error::new(
-                ErrorKind::Lost,
-                format!(
-                    "ZooKeeper at {}: the session stopped answering; open a new session",
-                    self.hosts
-                ),
-            );
+            return Error::lost(format!(
+                "ZooKeeper at {}: the session stopped answering; open a new session",
+                self.hosts
+            ));
         }
         Error::new(
             ErrorKind::Closed,
@@ -238,22 +232,16 @@ impl ZkSession {
     /// Why a waiter's node is gone from its queue.
     fn node_gone(&self, client: &Client) -> Error {
         if client.state() == SessionState::Expired {
-            return Error::new(
-                ErrorKind::Lost,
-                format!(
-                    "ZooKeeper at {}: the session expired while it waited; open a new session",
-                    self.hosts
-                ),
-            );
-        }
-        Error::new(
-            ErrorKind::Store,
-            format!(
-                "ZooKeeper at {}: the waiter's queue node was deleted from outside while it \
-                 waited; ask again, and find who deletes nodes under {BASE}",
+            return Error::lost(format!(
+                "ZooKeeper at {}: the session expired while it waited; open a new session",
                 self.hosts
-            ),
-        )
+            ));
+        }
+        Error::store(format!(
+            "ZooKeeper at {}: the waiter's queue node was deleted from outside while it \
+             waited; ask again, and find who deletes nodes under {BASE}",
+            self.hosts
+        ))
     }
 }
 

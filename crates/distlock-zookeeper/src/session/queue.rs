@@ -48,14 +48,11 @@ impl ZkSession {
                 Err(err) => return Err(zk_error(&self.hosts, &err)),
             }
         }
-        Err(Error::new(
-            ErrorKind::Store,
-            format!(
-                "ZooKeeper at {}: the directory {dir} was deleted five times while a lock was \
-                 made in it; find who deletes nodes under {BASE}",
-                self.hosts
-            ),
-        ))
+        Err(Error::store(format!(
+            "ZooKeeper at {}: the directory {dir} was deleted five times while a lock was \
+             made in it; find who deletes nodes under {BASE}",
+            self.hosts
+        )))
     }
 
     /// One attempt: joins the queue and waits for its turn.
