@@ -144,18 +144,16 @@ fn sqlite_value(value: rusqlite::types::ValueRef<'_>) -> Value {
     }
 }
 
-fn postgres_params(params: &[Value]) -> Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> {
+fn postgres_params(params: &[Value]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
     params
         .iter()
-        .map(
-            |value| -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
-                match value {
-                    Value::Null => Box::new(None::<i64>),
-                    Value::Int(value) => Box::new(*value),
-                    Value::Text(value) => Box::new(value.clone()),
-                }
-            },
-        )
+        .map(|value| -> &(dyn tokio_postgres::types::ToSql + Sync) {
+            match value {
+                Value::Null => &None::<i64>,
+                Value::Int(value) => value,
+                Value::Text(value) => value,
+            }
+        })
         .collect()
 }
 
@@ -246,12 +244,8 @@ impl Db {
             })
             .map_err(|err: rusqlite::Error| db_error(err)),
             Db::Postgres(client) => {
-                let owned = postgres_params(params);
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = owned
-                    .iter()
-                    .map(|value| value.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                let rows = client.query(sql, &refs).await.map_err(db_error)?;
+                let params = postgres_params(params);
+                let rows = client.query(sql, &params).await.map_err(db_error)?;
                 Ok(rows.iter().map(postgres_row).collect())
             }
         }
@@ -282,12 +276,8 @@ impl Db {
             Db::Postgres(client) => {
                 let transaction = client.transaction().await.map_err(db_error)?;
                 for (i, (sql, params)) in statements.iter().enumerate() {
-                    let owned = postgres_params(params);
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = owned
-                        .iter()
-                        .map(|value| value.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                        .collect();
-                    let changed = transaction.execute(*sql, &refs).await.map_err(db_error)?;
+                    let params = postgres_params(params);
+                    let changed = transaction.execute(*sql, &params).await.map_err(db_error)?;
                     if i == 0 && changed == 0 {
                         return Ok(false);
                     }

@@ -182,11 +182,6 @@ impl WorkerReport {
         }
         histogram
     }
-
-    /// Operations that changed a coupon, all kinds.
-    pub fn total_done(&self) -> u64 {
-        self.done.values().sum()
-    }
 }
 
 /// Runs `config.workers` tasks against the lock store `client` for
