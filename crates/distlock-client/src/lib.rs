@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::status::Status;
-use distlock_core::store::{Capabilities, Fencing, LockStore, SessionOptions, StoreSession};
+use distlock_core::store::{
+    root_cause, Capabilities, Fencing, LockStore, SessionOptions, StoreSession,
+};
 use distlock_core::{Error, Result};
 use distlock_proto::kinds::kind_of_status;
 use distlock_proto::v1 as proto;
@@ -225,16 +227,6 @@ fn tls_config(url: &Url, host: &str) -> Result<ClientTlsConfig> {
         }
         None => Ok(config.with_native_roots()),
     }
-}
-
-/// The innermost cause of an error: "Connection refused (os error 111)"
-/// rather than "transport error".
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }
 
 /// A gRPC status from the server as a distlock error, the status its

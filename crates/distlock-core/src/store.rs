@@ -311,6 +311,26 @@ pub fn spawn_cleanup(cleanup: impl std::future::Future<Output = ()> + Send + 'st
     }
 }
 
+/// What a release returns: `Ok` if the store found and ended the
+/// session's hold of `key`, else [`Error::not_held`](crate::Error::not_held).
+pub fn release_outcome(released: bool, key: &str) -> Result<()> {
+    if released {
+        Ok(())
+    } else {
+        Err(crate::Error::not_held(key))
+    }
+}
+
+/// The innermost cause of an error, for messages: "Connection refused (os
+/// error 111)" rather than "transport error".
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
 /// Takes the store's own parameter `name` out of a URL: the URL without it
 /// (for the database driver, which would refuse a parameter it does not
 /// know) and its value, if given.

@@ -12,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock;
 use distlock_core::store::{
-    spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    release_outcome, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions,
+    StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -231,11 +232,7 @@ impl StoreSession for LeaseSession {
         .map_err(|err| self.error(err))?;
         let released = conn.affected_rows() == 1;
         self.forget(held);
-        if released {
-            Ok(())
-        } else {
-            Err(Error::not_held(&held.key))
-        }
+        release_outcome(released, &held.key)
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {

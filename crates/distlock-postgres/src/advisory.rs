@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    spawn_cleanup, AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock, Mode, RenewReport,
-    StoreSession,
+    release_outcome, spawn_cleanup, AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock,
+    Mode, RenewReport, StoreSession,
 };
 use distlock_core::{Error, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -312,11 +312,7 @@ impl StoreSession for AdvisorySession {
                     query_error(&self.target, err)
                 }
             })?;
-        if row.get::<_, bool>(0) {
-            Ok(())
-        } else {
-            Err(Error::not_held(&held.key))
-        }
+        release_outcome(row.get(0), &held.key)
     }
 
     async fn renew(&self, _held: &[HeldLock]) -> Result<RenewReport> {

@@ -1,5 +1,6 @@
 //! Connections, and PostgreSQL's errors as distlock's.
 
+use distlock_core::store::root_cause;
 use distlock_core::{Error, ErrorKind};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
@@ -67,12 +68,4 @@ pub(crate) fn query_error(target: &str, err: tokio_postgres::Error) -> Error {
         .map(|db| db.message().to_owned())
         .unwrap_or_else(|| root_cause(&err));
     Error::new(kind, format!("PostgreSQL at {target}: {detail}")).with_source(err)
-}
-
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }

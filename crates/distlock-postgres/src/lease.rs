@@ -12,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::store::lock as guard;
 use distlock_core::store::{
-    spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    release_outcome, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions,
+    StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::futures::Notified;
@@ -505,11 +506,7 @@ impl StoreSession for LeaseSession {
             .await
             .map_err(|err| self.error(err))?;
         self.forget(held);
-        if row.get::<_, bool>(0) {
-            Ok(())
-        } else {
-            Err(Error::not_held(&held.key))
-        }
+        release_outcome(row.get(0), &held.key)
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, RenewReport, SessionOptions,
-    StoreSession,
+    release_outcome, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore,
+    RenewReport, SessionOptions, StoreSession,
 };
 use crate::table::{
     lock_table as lock, Attempt, SessionId, SessionSpec, SharedTable, Ticket, Waited,
@@ -127,11 +127,8 @@ impl StoreSession for MemorySession {
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        if lock(&self.table).release(self.id, &held.key, Some(held.token)) {
-            Ok(())
-        } else {
-            Err(Error::not_held(&held.key))
-        }
+        let released = lock(&self.table).release(self.id, &held.key, Some(held.token));
+        release_outcome(released, &held.key)
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {

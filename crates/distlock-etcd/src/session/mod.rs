@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    lock, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    lock, release_outcome, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport,
+    SessionOptions, StoreSession,
 };
 use distlock_core::{Error, Result};
 use etcd_client::{
@@ -220,11 +221,7 @@ impl StoreSession for EtcdSession {
                 map.remove(&held.key);
             }
         }
-        if released {
-            Ok(())
-        } else {
-            Err(Error::not_held(&held.key))
-        }
+        release_outcome(released, &held.key)
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
