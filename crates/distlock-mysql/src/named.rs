@@ -154,11 +154,8 @@ async fn get_lock(
             give_back(conn, &name).await;
         }
     }
-    // The token, on this connection, before anything else it does: the
-    // lock goes to another session only once this connection lets it go,
-    // after the token is drawn (and, from the table, committed), so tokens
-    // follow the order of grants even when this connection dies right
-    // after.
+    // The token, on this connection, before anything else it does, so
+    // tokens follow the order of grants (docs/0008-mysql.md).
     if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
         match tokens {
             Tokens::Table => match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
@@ -359,23 +356,13 @@ impl StoreSession for NamedSession {
             id: self.id,
             name,
         };
-        let got = match (&mut pending.answer).await {
-            Ok(Ok(got)) => got,
-            Ok(Err(err)) => {
-                pending.done = true;
-                return Err(if err.is_fatal() {
-                    self.lost()
-                } else {
-                    query_error(&self.target, err)
-                });
-            }
-            Err(_) => {
-                pending.done = true;
-                return Err(self.lost());
-            }
-        };
+        let answer = (&mut pending.answer).await;
         pending.done = true;
-        Ok(got.map(Grant::new))
+        match answer {
+            Ok(Ok(got)) => Ok(got.map(Grant::new)),
+            Ok(Err(err)) if !err.is_fatal() => Err(query_error(&self.target, err)),
+            Ok(Err(_)) | Err(_) => Err(self.lost()),
+        }
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {

@@ -249,12 +249,9 @@ impl StoreSession for AdvisorySession {
             unlock,
             id,
         };
-        // The lock and its token in one statement, on this session's
-        // connection: the lock passes on only once this connection lets it
-        // go, after the token was drawn, so tokens follow the order of
-        // grants even if this connection dies right now. A try costs the
-        // server less than a wait: a waiting acquire tries first, unless
-        // the key was taken the last time.
+        // The lock and its token in one statement, so tokens follow the
+        // order of grants; a wait tries first unless the key was taken the
+        // last time (docs/0007-postgres.md).
         let wait = timeout
             .as_deref()
             .filter(|_| self.contended.contains(&request.key));

@@ -130,33 +130,24 @@ impl PostgresStore {
             .application_name("distlock");
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(5432));
-        tokio::time::timeout(
-            CONNECT_TIMEOUT * 2,
-            tokens::create_table(config.clone(), target.clone()),
-        )
-        .await
-        .map_err(|_| {
+        let no_answer = |_| {
             Error::unavailable(format!(
                 "PostgreSQL at {target} did not answer in {:?}",
                 CONNECT_TIMEOUT * 2
             ))
-        })??;
+        };
+        let create = tokens::create_table(config.clone(), target.clone());
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, create)
+            .await
+            .map_err(no_answer)??;
         let leases = if lease_mode {
             let setup = async {
                 let leases = lease::Leases::connect(&config, &target).await?;
                 leases.setup().await?;
                 Ok::<_, Error>(leases)
             };
-            Some(
-                tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
-                    .await
-                    .map_err(|_| {
-                        Error::unavailable(format!(
-                            "PostgreSQL at {target} did not answer in {:?}",
-                            CONNECT_TIMEOUT * 2
-                        ))
-                    })??,
-            )
+            let setup = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await;
+            Some(setup.map_err(no_answer)??)
         } else {
             None
         };

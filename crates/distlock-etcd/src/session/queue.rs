@@ -227,25 +227,15 @@ impl EtcdSession {
                 return Ok(());
             }
         };
-        // etcd starts a watch "from now" at the revision it read just
-        // before it registers the watch; a write landing in between leaves
-        // the watch behind, to be served by the same 100 ms loop. Under load
-        // that is about one watch in fifty, and when it is the next
-        // holder's, the whole queue stalls behind it. So a second watch of
-        // the key, on the same stream, starts a few revisions ahead: far
-        // enough that etcd has not reached that revision when it registers
-        // the watch, so the watch is served as writes land. The first watch
-        // covers the revisions in between.
+        // A second watch starts ahead of etcd, so it is served as writes
+        // land, never by the 100 ms loop (docs/0005-etcd.md).
         let ahead = 4 + 2 * (created_at - read_at).clamp(0, 30);
         let ahead = options.with_start_revision(created_at.saturating_add(ahead));
         // If the stream broke, the wait below finds out.
         let _ = stream.watch(watched.clone(), Some(ahead)).await;
         if created_at > read_at {
-            // The queue changed between the read and the watch: the blocker
-            // may have gone in between. This read decides no grant; it need
-            // only see past the watch's start, so the member answers from
-            // what it has applied when that is far enough, without a round
-            // of consensus.
+            // The blocker may have gone between the read and the watch. This
+            // read decides no grant: serializable will do (docs/0005-etcd.md).
             let mut now = self
                 .call(
                     self.client

@@ -293,11 +293,8 @@ impl StoreSession for ZkSession {
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
         let client = self.client()?;
-        // The ZooKeeper client pings the server itself. A renewal proves to
-        // the core that the session lives, and checks that each held node
-        // is still there, with a check-only transaction: it goes through
-        // the leader, which refuses it for an expired session, where a read
-        // could be answered by a server that is behind.
+        // Check-only transactions, through the leader: a read could come
+        // from a server that is behind (docs/0006-zookeeper.md).
         let mut nodes: Vec<(String, Node)> = {
             let map = self.held();
             held.iter()

@@ -148,11 +148,8 @@ impl ZkSession {
         let earlier = &queue[..position];
         let tags: Vec<&str> = earlier.iter().map(|(_, name)| tag_of(name)).collect();
         let Some(blocker) = queue::blocker(request.mode, &tags) else {
-            // Granted: the read saw this session's node. A server behind its
-            // leader may answer from the past, but only with nodes ahead of
-            // this one gone that are gone for good; the node itself is there
-            // while the session lives, which the core's lease (renewed
-            // through the leader) vouches for.
+            // Granted, even if read from a server behind its leader
+            // (docs/0006-zookeeper.md).
             leave.armed = false;
             self.held().insert(request.key.clone(), node.clone());
             let token = u64::try_from(node.czxid).unwrap_or(0);
