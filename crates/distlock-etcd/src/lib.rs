@@ -25,9 +25,7 @@ mod session;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
-};
+use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use etcd_client::{Client, ConnectOptions};
 
@@ -116,18 +114,9 @@ impl EtcdStore {
         })
     }
 
-    /// What etcd gives.
+    /// What etcd gives: what every store with a queue per key does.
     pub fn capabilities() -> Capabilities {
-        let mut capabilities = Capabilities::minimal("etcd");
-        capabilities.fair = true;
-        capabilities.shared = true;
-        capabilities.writer_preferring = true;
-        capabilities.semaphore = true;
-        capabilities.push_wakeup = true;
-        capabilities.fencing = Fencing::Durable;
-        capabilities.lease_expiry = true;
-        capabilities.session = SessionModel::Lease;
-        capabilities
+        distlock_core::store::queue::capabilities("etcd")
     }
 }
 

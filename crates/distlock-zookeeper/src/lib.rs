@@ -32,9 +32,7 @@ pub use session::lock_dir;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
-};
+use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
 
@@ -196,18 +194,9 @@ impl ZkStore {
         })
     }
 
-    /// What ZooKeeper gives.
+    /// What ZooKeeper gives: what every store with a queue per key does.
     pub fn capabilities() -> Capabilities {
-        let mut capabilities = Capabilities::minimal("zookeeper");
-        capabilities.fair = true;
-        capabilities.shared = true;
-        capabilities.writer_preferring = true;
-        capabilities.semaphore = true;
-        capabilities.push_wakeup = true;
-        capabilities.fencing = Fencing::Durable;
-        capabilities.lease_expiry = true;
-        capabilities.session = SessionModel::Lease;
-        capabilities
+        distlock_core::store::queue::capabilities("zookeeper")
     }
 }
 

@@ -5,7 +5,22 @@
 
 use std::time::Duration;
 
-use super::Mode;
+use super::{Capabilities, Fencing, Mode};
+
+/// What a store with a FIFO queue per key gives (etcd, ZooKeeper): fair,
+/// writer-preferring shared locks and semaphores, pushed grants, durable
+/// tokens, lease sessions.
+pub fn capabilities(name: &'static str) -> Capabilities {
+    let mut caps = Capabilities::minimal(name);
+    caps.fair = true;
+    caps.shared = true;
+    caps.writer_preferring = true;
+    caps.semaphore = true;
+    caps.push_wakeup = true;
+    caps.fencing = Fencing::Durable;
+    caps.lease_expiry = true;
+    caps
+}
 
 /// The longest a waiter trusts one watch before it reads the queue again:
 /// a member cut off from its cluster may keep a watch open and silent.

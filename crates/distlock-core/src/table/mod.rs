@@ -19,23 +19,16 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::status::Counters;
-use crate::store::{Capabilities, Fencing, Mode, SessionModel};
+use crate::store::{Capabilities, Fencing, Mode};
 pub use wait::{lock_table, SharedTable, Ticket, Waited};
 
 /// What a store backed by a lock table supports: everything the table does
 /// (FIFO, writer-preferring shared locks, semaphores, pushed grants, leases,
 /// lock-delay), with the store's name and the strength of its tokens.
 pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
-    let mut caps = Capabilities::minimal(name);
-    caps.fair = true;
-    caps.shared = true;
-    caps.writer_preferring = true;
-    caps.semaphore = true;
-    caps.push_wakeup = true;
+    let mut caps = crate::store::queue::capabilities(name);
     caps.fencing = fencing;
-    caps.lease_expiry = true;
     caps.lock_delay = true;
-    caps.session = SessionModel::Lease;
     caps
 }
 
