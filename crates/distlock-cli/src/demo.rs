@@ -187,14 +187,12 @@ async fn coupons(args: CouponArgs) -> anyhow::Result<ExitCode> {
         .prefix("distlock-demo-")
         .tempdir()
         .context("cannot make a temporary directory")?;
-    let embedded = match &args.url {
-        Some(_) => None,
-        None => Some(Embedded::start(dir.path()).await?),
-    };
-    let url = match (&args.url, &embedded) {
-        (Some(url), _) => url.clone(),
-        (None, Some(embedded)) => embedded.url.clone(),
-        (None, None) => unreachable!("started above"),
+    let (url, embedded) = match &args.url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let embedded = Embedded::start(dir.path()).await?;
+            (embedded.url.clone(), Some(embedded))
+        }
     };
     // The store must answer before workers are started on it.
     distlock::connect(&url).await?;

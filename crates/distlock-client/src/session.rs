@@ -10,6 +10,7 @@ use distlock_core::store::{
     AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, Result};
+use distlock_proto::convert::millis;
 use distlock_proto::{kinds, v1 as proto};
 use proto::session_event::Body as Event;
 use proto::session_request::Body as Request;
@@ -27,10 +28,6 @@ const KEEP_ALIVE_BYTES: usize = 1024 * 1024;
 
 /// What a key adds to a keep-alive besides its bytes (tag and length).
 const KEY_OVERHEAD: usize = 8;
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
 
 /// What a session holds on to of its transport while it lives.
 enum Link {

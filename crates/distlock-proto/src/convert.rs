@@ -32,7 +32,9 @@ pub fn proto_mode(mode: Mode) -> (proto::Mode, u32) {
     }
 }
 
-fn millis(duration: std::time::Duration) -> u64 {
+/// A duration in whole milliseconds, as the protocol carries it (rounded
+/// down; `u64::MAX` past that).
+pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

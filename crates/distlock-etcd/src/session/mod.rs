@@ -284,10 +284,7 @@ impl StoreSession for EtcdSession {
                 _ => false,
             };
             if !there {
-                let mut map = self.held();
-                if map.contains_key(&lock.key) {
-                    map.remove(&lock.key);
-                }
+                self.held().remove(&lock.key);
                 lost.push(lock.key.clone());
             }
         }
