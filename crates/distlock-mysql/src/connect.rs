@@ -53,6 +53,14 @@ fn connect_error(target: &str, err: mysql_async::Error) -> Error {
     error.with_source(err)
 }
 
+/// The server's error code behind `err`, if the server refused a statement.
+pub(crate) fn server_code(err: &Error) -> Option<u16> {
+    match std::error::Error::source(err)?.downcast_ref::<mysql_async::Error>()? {
+        mysql_async::Error::Server(server) => Some(server.code),
+        _ => None,
+    }
+}
+
 /// An error of a statement on a connection that was up; the driver's error
 /// is the source.
 pub(crate) fn query_error(target: &str, err: mysql_async::Error) -> Error {

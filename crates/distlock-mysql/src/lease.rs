@@ -20,8 +20,14 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{IsolationLevel, Pool, TxOpts};
 use tokio::time::Instant;
 
-use crate::connect::{pooled, query_error};
+use crate::connect::{pooled, query_error, server_code};
 use crate::{Tokens, NEXT_TOKEN};
+
+/// `ER_LOCK_DEADLOCK` (SQLSTATE 40001): the server rolled this transaction
+/// back to break a deadlock.
+const ER_LOCK_DEADLOCK: u16 = 1213;
+/// `ER_LOCK_WAIT_TIMEOUT`: a row stayed locked past `innodb_lock_wait_timeout`.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 
 pub(crate) const SETUP: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS distlock_keys (
@@ -201,10 +207,12 @@ impl StoreSession for LeaseSession {
             {
                 Ok(granted) => break (sent, granted),
                 // A deadlock the server broke by rolling this one back.
-                Err(err) if attempts < 3 && err.to_string().contains("(40001)") => attempts += 1,
+                Err(err) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
+                    attempts += 1
+                }
                 // The key's row stayed locked (a client gone mid-transaction):
                 // busy for now.
-                Err(err) if err.to_string().contains("1205") => {
+                Err(err) if server_code(&err) == Some(ER_LOCK_WAIT_TIMEOUT) => {
                     undo.armed = false;
                     return Ok(None);
                 }

@@ -136,8 +136,9 @@ impl MysqlStore {
             .tcp_keepalive(Some(Duration::from_secs(5)))
             .prefer_socket(false)
             // A key row left locked (a client gone mid-transaction) makes
-            // acquires busy after a second, not InnoDB's 50.
-            .init(vec!["SET SESSION innodb_lock_wait_timeout = 1"])
+            // acquires busy after a second, not InnoDB's 50: set again after
+            // every reset of a pooled connection, which would undo it.
+            .setup(vec!["SET SESSION innodb_lock_wait_timeout = 1"])
             .into();
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(3306));

@@ -164,3 +164,42 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
         guard.release().await.expect("release");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_row_locked_by_a_stray_transaction_is_busy_not_an_error() {
+    use mysql_async::prelude::Queryable;
+    let url = format!("{}?mode=lease", Mariadb::shared().url());
+    let client = client(&url).await;
+    let key = "faults/stray-row-lock";
+    // Makes the key's row, as a first acquire does.
+    let session = client.session().open().await.expect("open");
+    let guard = session.lock(key).await.expect("free");
+    guard.release().await.expect("release");
+    // A client that locked the row and went quiet mid-transaction.
+    let mut stray = mysql_async::Conn::from_url(Mariadb::shared().url())
+        .await
+        .expect("a plain connection");
+    stray.query_drop("BEGIN").await.expect("begin");
+    stray
+        .exec_drop(
+            "SELECT key_hash FROM distlock_keys WHERE key_hash = UNHEX(SHA2(?, 256)) FOR UPDATE",
+            (key,),
+        )
+        .await
+        .expect("lock the row");
+    // Busy once the store's row lock wait (a second) runs out, not
+    // InnoDB's default fifty.
+    let attempt = timeout(Duration::from_secs(10), session.lock(key).try_lock())
+        .await
+        .expect("a stray row lock holds a try_lock up for about a second");
+    assert!(
+        matches!(attempt, Ok(None)),
+        "a row lock wait timeout counts as busy, got {attempt:?}"
+    );
+    stray.query_drop("ROLLBACK").await.expect("rollback");
+    let guard = session.lock(key).try_lock().await.expect("try");
+    assert!(
+        guard.is_some(),
+        "free again once the stray transaction ends"
+    );
+}
