@@ -5,6 +5,7 @@ use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
+use distlock::status::{HolderStatus, StatusQuery};
 use distlock::{ErrorKind, Guard};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -51,6 +52,10 @@ pub struct RunArgs {
     /// Take a shared (read) lock instead of an exclusive one.
     #[arg(long)]
     shared: bool,
+    /// Who holds the lock, as `distlock status` shows it. Default:
+    /// `user@host pid N (distlock)`.
+    #[arg(long)]
+    owner: Option<String>,
     /// Keep the command in distlock's process group, so that it can read
     /// from the terminal (the default when stdin is a terminal). Then a lost
     /// lock stops only the command itself, not processes it started.
@@ -64,12 +69,11 @@ pub struct RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     distlock::validate_key(&args.key)?;
     let client = args.store.connect().await?;
-    let session = client
-        .session()
-        .ttl(args.lease)
-        .open()
-        .await
-        .context("cannot open a session")?;
+    let mut session = client.session().ttl(args.lease);
+    if let Some(owner) = &args.owner {
+        session = session.owner(owner);
+    }
+    let session = session.open().await.context("cannot open a session")?;
     let request = match (args.semaphore, args.shared) {
         (Some(permits), _) => session.semaphore(&args.key, permits),
         (None, true) => session.read(&args.key),
@@ -77,7 +81,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // On a terminal, say who holds the key while we wait.
     let show = (std::io::stderr().is_terminal() && args.wait != Some(Duration::ZERO))
-        .then(|| tokio::spawn(show_waiting(args.store.url.clone(), args.key.clone())));
+        .then(|| tokio::spawn(show_waiting(client.clone(), args.key.clone())));
     let acquired = match args.wait {
         Some(Duration::ZERO) => request.try_lock().await,
         Some(wait) => request.wait(wait).await.map(Some),
@@ -142,35 +146,44 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Shows, on one terminal line refreshed every second, who holds `key` and
-/// how many wait, where the store can say (a distlock server); elsewhere
-/// just that we wait.
-async fn show_waiting(url: String, key: String) {
+/// how many wait, where the store can list them; elsewhere just that we
+/// wait.
+async fn show_waiting(client: distlock::Client, key: String) {
     // Only a wait that takes a moment needs a line.
     tokio::time::sleep(Duration::from_millis(300)).await;
     eprint!("\r\x1b[Kdistlock: waiting for '{key}'…");
-    let parsed = url::Url::parse(&url);
-    let Some(store) = (match parsed {
-        Ok(parsed) if matches!(parsed.scheme(), "distlock" | "distlocks") => {
-            distlock::RemoteStore::connect(&parsed).await.ok()
-        }
-        _ => None,
-    }) else {
-        return;
-    };
+    let query = StatusQuery::Key(key.clone());
     loop {
-        if let Ok(reply) = store.status(Some(&key), "").await {
-            if let Some(status) = reply.keys.first() {
-                let holder = status.holders.first().map_or_else(
-                    || "nobody (lock-delay or restart wait-out)".to_owned(),
-                    |h| format!("session {} for {:.1}s", h.session, h.held_for.as_secs_f64()),
-                );
-                eprint!(
-                    "\r\x1b[Kdistlock: waiting for '{key}': held by {holder}; {} in the queue",
-                    status.waiters.len()
-                );
+        match client.status(&query).await {
+            Ok(status) => {
+                if let Some(status) = status.keys.first() {
+                    let holder = status.holders.first().map_or_else(
+                        || "nobody (lock-delay or restart wait-out)".to_owned(),
+                        describe_holder,
+                    );
+                    eprint!(
+                        "\r\x1b[Kdistlock: waiting for '{key}': held by {holder}; {} waiting",
+                        status.waiters.len()
+                    );
+                }
             }
+            Err(err) if err.kind() == ErrorKind::Unsupported => return,
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// "ops@web1 pid 7 (job) for 3.2s", with what the store knows.
+fn describe_holder(holder: &HolderStatus) -> String {
+    let who = match (holder.owner.as_str(), holder.session.as_str()) {
+        ("", "") => "another session".to_owned(),
+        ("", session) => format!("session {session}"),
+        (owner, _) => owner.to_owned(),
+    };
+    match holder.held_for {
+        Some(held) => format!("{who} for {:.1}s", held.as_secs_f64()),
+        None => who,
     }
 }
 

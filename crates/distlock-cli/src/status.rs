@@ -1,12 +1,17 @@
-//! `distlock status`: holders and waiters, as the server sees them.
+//! `distlock status`: who holds and who waits, on any store that can list
+//! them, in one table (or JSON) for all.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use distlock::RemoteStore;
-use serde_json::json;
+use distlock::status::{Counters, HolderStatus, KeyStatus, StatusQuery, WaiterStatus};
+use distlock::ErrorKind;
+use serde_json::{json, Value};
 
 use crate::StoreArgs;
+
+/// Exit code when the store cannot list its holders.
+pub const EXIT_UNSUPPORTED: u8 = 69;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -22,89 +27,120 @@ pub struct StatusArgs {
     json: bool,
 }
 
-fn seconds(duration: Duration) -> String {
-    format!("{:.1}s", duration.as_secs_f64())
+fn seconds(duration: Option<Duration>) -> String {
+    duration.map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()))
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+fn millis(duration: Option<Duration>) -> Value {
+    duration.map_or(Value::Null, |d| {
+        json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+fn holder_json(h: &HolderStatus) -> Value {
+    json!({
+        "session": h.session, "owner": h.owner, "mode": h.mode.to_string(),
+        "token": h.token, "held_ms": millis(h.held_for), "lease_left_ms": millis(h.lease_left),
+    })
+}
+
+fn waiter_json(w: &WaiterStatus) -> Value {
+    json!({
+        "session": w.session, "owner": w.owner, "mode": w.mode.to_string(),
+        "waiting_ms": millis(w.waiting_for),
+    })
+}
+
+fn key_json(key: &KeyStatus) -> Value {
+    json!({
+        "key": key.key,
+        "last_token": key.last_token,
+        "holders": key.holders.iter().map(holder_json).collect::<Vec<_>>(),
+        "waiters": key.waiters.iter().map(waiter_json).collect::<Vec<_>>(),
+    })
+}
+
+fn counters_json(c: &Counters) -> Value {
+    json!({
+        "sessions": c.sessions, "held": c.held, "waiters": c.waiters,
+        "sessions_opened": c.sessions_opened, "sessions_expired": c.sessions_expired,
+        "holds_expired": c.holds_expired, "grants": c.grants, "releases": c.releases,
+    })
+}
+
+fn print_key(key: &KeyStatus) {
+    match key.last_token {
+        Some(token) => println!("{}  (last token {token})", key.key),
+        None => println!("{}", key.key),
+    }
+    for h in &key.holders {
+        println!(
+            "  holder   {:<14} token {:<20} held {:<8} lease left {:<8} {}",
+            h.mode.to_string(),
+            h.token.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+            seconds(h.held_for),
+            seconds(h.lease_left),
+            or_dash(&h.owner),
+        );
+    }
+    for (place, w) in key.waiters.iter().enumerate() {
+        println!(
+            "  waiter {:>2}. {:<14} waiting {:<8} {}",
+            place + 1,
+            w.mode.to_string(),
+            seconds(w.waiting_for),
+            or_dash(&w.owner),
+        );
+    }
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let url = url::Url::parse(&args.store.url)?;
-    anyhow::ensure!(
-        matches!(url.scheme(), "distlock" | "distlocks"),
-        "status asks a distlock server (distlock://HOST:PORT); {} keeps no status to ask",
-        args.store.url
-    );
-    let store = RemoteStore::connect(&url).await?;
-    let reply = store.status(args.key.as_deref(), &args.prefix).await?;
-    let counters = reply.counters;
+    let client = args.store.connect().await?;
+    let query = match args.key {
+        Some(key) => StatusQuery::Key(key),
+        None => StatusQuery::Prefix(args.prefix),
+    };
+    let status = match client.status(&query).await {
+        Ok(status) => status,
+        Err(err) if err.kind() == ErrorKind::Unsupported => {
+            eprintln!("distlock: {err}");
+            return Ok(ExitCode::from(EXIT_UNSUPPORTED));
+        }
+        Err(err) => return Err(err.into()),
+    };
     if args.json {
-        let keys: Vec<_> = reply
-            .keys
-            .iter()
-            .map(|key| {
-                json!({
-                    "key": key.key,
-                    "last_token": key.last_token,
-                    "holders": key.holders.iter().map(|h| json!({
-                        "session": h.session, "mode": h.mode.to_string(),
-                        "token": h.token, "held_ms": millis(h.held_for),
-                        "lease_left_ms": millis(h.lease_left),
-                    })).collect::<Vec<_>>(),
-                    "waiters": key.waiters.iter().map(|w| json!({
-                        "session": w.session, "mode": w.mode.to_string(),
-                        "waiting_ms": millis(w.waiting_for),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let counters = json!({
-            "sessions": counters.sessions, "held": counters.held, "waiters": counters.waiters,
-            "sessions_opened": counters.sessions_opened, "sessions_expired": counters.sessions_expired,
-            "holds_expired": counters.holds_expired, "grants": counters.grants, "releases": counters.releases,
-        });
+        let keys: Vec<_> = status.keys.iter().map(key_json).collect();
+        let counters = status.counters.as_ref().map(counters_json);
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({ "keys": keys, "counters": counters }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
-    if reply.keys.is_empty() {
+    if status.keys.is_empty() {
         println!("no key held or waited for");
     }
-    for key in &reply.keys {
-        println!("{}  (last token {})", key.key, key.last_token);
-        for h in &key.holders {
-            println!(
-                "  holder   session {:<6} {:<14} token {:<16} held {:<8} lease left {}",
-                h.session,
-                h.mode.to_string(),
-                h.token,
-                seconds(h.held_for),
-                seconds(h.lease_left)
-            );
-        }
-        for (place, w) in key.waiters.iter().enumerate() {
-            println!(
-                "  waiter {:>2}. session {:<6} {:<14} waiting {}",
-                place + 1,
-                w.session,
-                w.mode.to_string(),
-                seconds(w.waiting_for)
-            );
-        }
+    status.keys.iter().for_each(print_key);
+    if let Some(c) = &status.counters {
+        println!(
+            "{} sessions, {} holds, {} waiting; {} grants, {} releases, {} sessions expired, \
+             {} holds ended by max_hold",
+            c.sessions,
+            c.held,
+            c.waiters,
+            c.grants,
+            c.releases,
+            c.sessions_expired,
+            c.holds_expired
+        );
     }
-    println!(
-        "{} sessions, {} holds, {} waiting; {} grants, {} releases, {} sessions expired, {} holds ended by max_hold",
-        counters.sessions,
-        counters.held,
-        counters.waiters,
-        counters.grants,
-        counters.releases,
-        counters.sessions_expired,
-        counters.holds_expired
-    );
     Ok(ExitCode::SUCCESS)
 }

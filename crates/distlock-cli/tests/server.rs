@@ -47,7 +47,14 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
     assert!(b > a, "token {b} after {a}");
 
     let mut holder = Command::new(env!("CARGO_BIN_EXE_distlock"))
-        .args(["run", "--key", "report", "--", "sleep", "30"])
+        .args([
+            "run",
+            "--key",
+            "report",
+            "--owner",
+            "nightly report on web1",
+        ])
+        .args(["--", "sleep", "30"])
         .env("DISTLOCK_URL", &url)
         .spawn()
         .expect("start a holder");
@@ -63,16 +70,17 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
     let key = &status["keys"][0];
     assert_eq!(key["key"], "report");
     assert_eq!(key["holders"][0]["mode"], "exclusive");
+    assert_eq!(key["holders"][0]["owner"], "nightly report on web1");
     let busy = distlock(
         &url,
         &["run", "--key", "report", "--wait", "100ms", "--", "true"],
     );
     assert_eq!(busy.status.code(), Some(75), "{}", text(&busy.stderr));
     let table = distlock(&url, &["status", "--prefix", "rep"]);
+    let table = text(&table.stdout);
     assert!(
-        text(&table.stdout).contains("holder   session"),
-        "{}",
-        text(&table.stdout)
+        table.contains("holder   exclusive") && table.contains("nightly report on web1"),
+        "{table}"
     );
     holder.kill().expect("stop the holder");
     holder.wait().expect("reap");

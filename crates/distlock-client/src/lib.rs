@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::Status;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{
     root_cause, Capabilities, Fencing, LockStore, SessionOptions, StoreSession,
 };
@@ -184,20 +184,6 @@ impl RemoteStore {
         request
     }
 
-    /// Holders and waiters of `key` exactly, or of every key under `prefix`,
-    /// and the server's counters.
-    pub async fn status(&self, key: Option<&str>, prefix: &str) -> Result<Status> {
-        let message = proto::StatusRequest {
-            key: key.unwrap_or_default().to_owned(),
-            prefix: prefix.to_owned(),
-        };
-        let reply = self.client.clone().status(self.request(message)).await;
-        let reply = reply
-            .map_err(|status| from_status(&self.target, status))?
-            .into_inner();
-        Ok(distlock_proto::convert::status_of(reply))
-    }
-
     /// Whether `token` is the token of a current holder of `key`.
     pub async fn check(&self, key: &str, token: u64) -> Result<bool> {
         let message = proto::CheckRequest {
@@ -247,5 +233,25 @@ impl LockStore for RemoteStore {
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
         Ok(Box::new(session::RemoteSession::open(self, options).await?))
+    }
+
+    /// Holders and waiters as the server's lock table has them, and the
+    /// server's counters.
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        let message = match query {
+            StatusQuery::Key(key) => proto::StatusRequest {
+                key: key.clone(),
+                prefix: String::new(),
+            },
+            StatusQuery::Prefix(prefix) => proto::StatusRequest {
+                key: String::new(),
+                prefix: prefix.clone(),
+            },
+        };
+        let reply = self.client.clone().status(self.request(message)).await;
+        let reply = reply
+            .map_err(|status| from_status(&self.target, status))?
+            .into_inner();
+        Ok(distlock_proto::convert::status_of(reply))
     }
 }

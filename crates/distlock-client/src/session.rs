@@ -50,6 +50,7 @@ impl RemoteSession {
             lock_delay_ms: millis(options.lock_delay),
             // The core ends holds at max_hold itself, counting from each grant.
             max_hold_ms: 0,
+            owner: options.owner.clone(),
         };
         let target: Arc<str> = Arc::from(store.target.as_str());
         let (inbox, link) = match &store.transport {

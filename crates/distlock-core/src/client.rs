@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::session::{Session, SessionConfig};
-use crate::store::{Capabilities, LockStore};
+use crate::status::{Status, StatusQuery};
+use crate::store::{validate_owner, Capabilities, LockStore};
 
 /// The shortest session lease: renewal runs at a third of it.
 pub const MIN_TTL: Duration = Duration::from_millis(50);
@@ -49,8 +50,17 @@ impl Client {
                 ttl: DEFAULT_TTL,
                 lock_delay: DEFAULT_LOCK_DELAY,
                 max_hold: None,
+                owner: None,
             },
         }
+    }
+
+    /// Who holds and who waits for the keys `query` names, with each
+    /// holder's owner, token, time held and lease left, where the store can
+    /// tell; [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) from
+    /// a store that cannot list its holders.
+    pub async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        self.store.status(query).await
     }
 }
 
@@ -87,6 +97,14 @@ impl SessionBuilder {
         self
     }
 
+    /// Who this session says it is, shown beside its holds by `status`
+    /// (default `user@host pid N (program)`). At most 256 bytes, on one
+    /// line.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.config.owner = Some(owner.into());
+        self
+    }
+
     /// Opens the session at the store and starts its renewal task.
     ///
     /// Needs a tokio runtime with the time driver.
@@ -96,6 +114,9 @@ impl SessionBuilder {
             return Err(Error::config(format!(
                 "session ttl {ttl:?} is out of range; use between {MIN_TTL:?} and {MAX_TTL:?}"
             )));
+        }
+        if let Some(owner) = &self.config.owner {
+            validate_owner(owner)?;
         }
         if self.config.max_hold == Some(Duration::ZERO) {
             return Err(Error::config(

@@ -12,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::status::{Status, StatusQuery};
 
 pub mod queue;
 
@@ -107,6 +108,11 @@ pub struct Capabilities {
     pub survives_restart: bool,
     /// What a session is.
     pub session: SessionModel,
+    /// [`LockStore::status`] lists holders and waiters.
+    pub status: bool,
+    /// Each hold carries its session's owner description, which `status`
+    /// shows.
+    pub keeps_owner: bool,
 }
 
 impl Capabilities {
@@ -125,6 +131,8 @@ impl Capabilities {
             lock_delay: false,
             survives_restart: false,
             session: SessionModel::Lease,
+            status: false,
+            keeps_owner: false,
         }
     }
 }
@@ -137,13 +145,81 @@ pub struct SessionOptions {
     pub ttl: Duration,
     /// How long a key stays blocked after this session expires holding it.
     pub lock_delay: Duration,
+    /// Who the session says it is: kept with each hold where the store can
+    /// keep a value, and shown by `status`. At most [`MAX_OWNER_BYTES`], no
+    /// control characters.
+    pub owner: String,
 }
 
+/// The longest owner description a session may carry.
+pub const MAX_OWNER_BYTES: usize = 256;
+
 impl SessionOptions {
-    /// Options with the given lease and lock-delay.
+    /// Options with the given lease and lock-delay, and this process's
+    /// [`default_owner`].
     pub fn new(ttl: Duration, lock_delay: Duration) -> Self {
-        SessionOptions { ttl, lock_delay }
+        SessionOptions {
+            ttl,
+            lock_delay,
+            owner: default_owner(),
+        }
     }
+
+    /// The same options with another owner description.
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+}
+
+/// `user@host pid N (program)`: who a session is unless told otherwise.
+pub fn default_owner() -> String {
+    let user = ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let owner = format!("{user}@{host} pid {} ({program})", std::process::id());
+    sanitize_owner(&owner)
+}
+
+/// `owner` as a store keeps it: control characters replaced, cut to
+/// [`MAX_OWNER_BYTES`] on a character boundary.
+fn sanitize_owner(owner: &str) -> String {
+    let mut clean = String::with_capacity(owner.len().min(MAX_OWNER_BYTES));
+    for c in owner.chars().map(|c| if c.is_control() { '?' } else { c }) {
+        if clean.len() + c.len_utf8() > MAX_OWNER_BYTES {
+            break;
+        }
+        clean.push(c);
+    }
+    clean
+}
+
+/// Checks an owner description given by the user.
+pub fn validate_owner(owner: &str) -> Result<()> {
+    if owner.len() > MAX_OWNER_BYTES {
+        return Err(Error::config(format!(
+            "the owner description is {} bytes; keep it to {MAX_OWNER_BYTES}",
+            owner.len()
+        )));
+    }
+    if owner.chars().any(char::is_control) {
+        return Err(Error::config(
+            "the owner description has a control character (a newline?); write it on one line",
+        ));
+    }
+    Ok(())
 }
 
 /// One acquire attempt.
@@ -242,6 +318,17 @@ pub trait LockStore: fmt::Debug + Send + Sync + 'static {
     /// Opens a session with the given lease. Errors if the store cannot be
     /// reached, saying where it was looked for.
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>>;
+
+    /// Who holds and who waits, for the keys `query` names, sorted by key.
+    /// A store that cannot list its holders answers
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), saying so.
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        let _ = query;
+        Err(Error::unsupported(format!(
+            "the {} store cannot list who holds or waits for its locks",
+            self.capabilities().name
+        )))
+    }
 }
 
 /// One session as the store sees it.

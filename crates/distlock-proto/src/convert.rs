@@ -43,28 +43,30 @@ pub fn key_status(status: KeyStatus) -> proto::KeyStatus {
     let holder = |h: HolderStatus| {
         let (mode, permits) = proto_mode(h.mode);
         proto::Holder {
-            session_id: h.session,
+            session_id: h.session.parse().unwrap_or_default(),
             mode: mode.into(),
             permits,
-            token: h.token,
-            held_ms: millis(h.held_for),
-            lease_left_ms: millis(h.lease_left),
+            token: h.token.unwrap_or_default(),
+            held_ms: h.held_for.map(millis).unwrap_or_default(),
+            lease_left_ms: h.lease_left.map(millis).unwrap_or_default(),
+            owner: h.owner,
         }
     };
     let waiter = |w: WaiterStatus| {
         let (mode, permits) = proto_mode(w.mode);
         proto::Waiter {
-            session_id: w.session,
+            session_id: w.session.parse().unwrap_or_default(),
             mode: mode.into(),
             permits,
-            waiting_ms: millis(w.waiting_for),
+            waiting_ms: w.waiting_for.map(millis).unwrap_or_default(),
+            owner: w.owner,
         }
     };
     proto::KeyStatus {
         key: status.key,
         holders: status.holders.into_iter().map(holder).collect(),
         waiters: status.waiters.into_iter().map(waiter).collect(),
-        last_token: status.last_token,
+        last_token: status.last_token.unwrap_or_default(),
     }
 }
 
@@ -95,39 +97,38 @@ pub fn status_of(reply: proto::StatusReply) -> Status {
                 .holders
                 .into_iter()
                 .map(|h| HolderStatus {
-                    session: h.session_id,
+                    session: h.session_id.to_string(),
+                    owner: h.owner,
                     mode: mode(h.mode, h.permits),
-                    token: h.token,
-                    held_for: Duration::from_millis(h.held_ms),
-                    lease_left: Duration::from_millis(h.lease_left_ms),
+                    token: Some(h.token),
+                    held_for: Some(Duration::from_millis(h.held_ms)),
+                    lease_left: Some(Duration::from_millis(h.lease_left_ms)),
                 })
                 .collect(),
             waiters: key
                 .waiters
                 .into_iter()
                 .map(|w| WaiterStatus {
-                    session: w.session_id,
+                    session: w.session_id.to_string(),
+                    owner: w.owner,
                     mode: mode(w.mode, w.permits),
-                    waiting_for: Duration::from_millis(w.waiting_ms),
+                    waiting_for: Some(Duration::from_millis(w.waiting_ms)),
                 })
                 .collect(),
-            last_token: key.last_token,
+            last_token: Some(key.last_token),
         })
         .collect();
-    let counters = reply.counters.unwrap_or_default();
-    Status {
-        keys,
-        counters: Counters {
-            sessions: counters.sessions,
-            held: counters.held,
-            waiters: counters.waiters,
-            sessions_opened: counters.sessions_opened,
-            sessions_expired: counters.sessions_expired,
-            holds_expired: counters.holds_expired,
-            grants: counters.grants,
-            releases: counters.releases,
-        },
-    }
+    let counters = reply.counters.map(|counters| Counters {
+        sessions: counters.sessions,
+        held: counters.held,
+        waiters: counters.waiters,
+        sessions_opened: counters.sessions_opened,
+        sessions_expired: counters.sessions_expired,
+        holds_expired: counters.holds_expired,
+        grants: counters.grants,
+        releases: counters.releases,
+    });
+    Status { keys, counters }
 }
 
 #[cfg(test)]
@@ -147,18 +148,20 @@ mod tests {
             .map(|(i, &mode)| KeyStatus {
                 key: format!("k{i}"),
                 holders: vec![HolderStatus {
-                    session: i as u64,
+                    session: i.to_string(),
+                    owner: format!("ops@host{i} pid 7 (job)"),
                     mode,
-                    token: 10 + i as u64,
-                    held_for: Duration::from_millis(1500),
-                    lease_left: Duration::from_millis(250),
+                    token: Some(10 + i as u64),
+                    held_for: Some(Duration::from_millis(1500)),
+                    lease_left: Some(Duration::from_millis(250)),
                 }],
                 waiters: vec![WaiterStatus {
-                    session: 100 + i as u64,
+                    session: (100 + i).to_string(),
+                    owner: String::new(),
                     mode,
-                    waiting_for: Duration::from_millis(7),
+                    waiting_for: Some(Duration::from_millis(7)),
                 }],
-                last_token: 20 + i as u64,
+                last_token: Some(20 + i as u64),
             })
             .collect();
         let counters = Counters {
@@ -175,6 +178,7 @@ mod tests {
             keys: keys.iter().cloned().map(key_status).collect(),
             counters: Some(super::counters(counters.clone())),
         };
+        let counters = Some(counters);
         assert_eq!(status_of(reply), Status { keys, counters });
     }
 

@@ -36,6 +36,7 @@ mod session;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use distlock_core::status::StatusQuery;
 use distlock_core::table::{lock_table, Limits, LockTable, SharedTable};
 use distlock_proto::v1 as proto;
 use proto::locks_server::{Locks, LocksServer};
@@ -116,16 +117,12 @@ impl Locks for Service {
         let request = request.into_inner();
         let (keys, counters) = {
             let mut table = lock_table(&self.shared.table);
-            let prefix = if request.key.is_empty() {
-                &request.prefix
+            let query = if request.key.is_empty() {
+                StatusQuery::Prefix(request.prefix)
             } else {
-                &request.key
+                StatusQuery::Key(request.key)
             };
-            let mut keys = table.status(prefix);
-            if !request.key.is_empty() {
-                keys.retain(|status| status.key == request.key);
-            }
-            (keys, table.counters())
+            (table.status(&query), table.counters())
         };
         Ok(Response::new(proto::StatusReply {
             keys: keys

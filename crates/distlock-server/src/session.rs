@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use distlock_core::store::validate_owner;
 use distlock_core::table::{lock_table, Attempt, SessionId, SessionSpec, Ticket, Waited};
 use distlock_proto::v1 as proto;
 use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
@@ -129,7 +130,9 @@ fn session_spec(shared: &Shared, open: &proto::Open) -> Result<SessionSpec, Stat
         )));
     }
     let max_hold = (open.max_hold_ms > 0).then(|| Duration::from_millis(open.max_hold_ms));
+    validate_owner(&open.owner).map_err(|err| Status::invalid_argument(err.to_string()))?;
     Ok(SessionSpec {
+        owner: open.owner.clone(),
         ttl,
         lock_delay,
         max_hold,

@@ -95,6 +95,7 @@ fn open(ttl_ms: u64) -> Request {
         ttl_ms,
         lock_delay_ms: 0,
         max_hold_ms: 0,
+        owner: String::new(),
     })
 }
 

@@ -130,6 +130,7 @@ fn open() -> Request {
         ttl_ms: 10_000,
         lock_delay_ms: 0,
         max_hold_ms: 0,
+        owner: String::new(),
     })
 }
 

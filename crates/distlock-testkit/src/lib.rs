@@ -33,6 +33,7 @@ mod modes;
 pub mod proxy;
 pub mod restart;
 pub mod servers;
+mod status;
 
 use std::future::Future;
 use std::io::Write;
@@ -44,6 +45,7 @@ pub use basics::*;
 pub use leases::*;
 pub use lifecycle::*;
 pub use modes::*;
+pub use status::*;
 
 /// Long enough that a lock that should come never fails to on a slow host.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -167,6 +169,7 @@ macro_rules! conformance_suite {
             max_hold_releases,
             waiter_whose_session_dies_leaves_queue,
             long_wait_keeps_the_lock_on_arrival,
+            status_lists_holders_and_waiters,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

@@ -26,8 +26,7 @@
 pub mod fence;
 mod registry;
 
-/// Who holds and who waits, as [`RemoteStore::status`] reports it.
-#[cfg(feature = "distlock")]
+/// Who holds and who waits, as [`Client::status`] reports it.
 pub use distlock_core::status;
 pub use distlock_core::{
     validate_key, Capabilities, Client, Error, ErrorKind, Fencing, Guard, LockRequest, Mode,
@@ -36,8 +35,7 @@ pub use distlock_core::{
 };
 pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 
-/// The `distlock://` store, for what only the server answers: `status`
-/// and `check`.
+/// The `distlock://` store, for what only the server answers: `check`.
 #[cfg(feature = "distlock")]
 pub use distlock_client::RemoteStore;
 

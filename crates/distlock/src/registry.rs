@@ -221,8 +221,8 @@ fn yes(flag: bool) -> &'static str {
 /// The README's store table, made from the stores' capability declarations.
 pub fn capability_table() -> String {
     let mut table = String::from(
-        "| store | URL | session | fair (FIFO) | shared | semaphore | wake-up | fencing | lease expiry | lock-delay |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| store | URL | session | fair (FIFO) | shared | semaphore | wake-up | fencing | lease expiry | lock-delay | status |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for store in stores() {
         let caps = &store.capabilities;
@@ -238,8 +238,13 @@ pub fn capability_table() -> String {
             _ => "other",
         };
         let wakeup = if caps.push_wakeup { "push" } else { "poll" };
+        let status = match (caps.status, caps.keeps_owner) {
+            (true, true) => "with owners",
+            (true, false) => "yes",
+            (false, _) => "no",
+        };
         table.push_str(&format!(
-            "| {} | `{}` | {session} | {} | {} | {} | {wakeup} | {fencing} | {} | {} |\n",
+            "| {} | `{}` | {session} | {} | {} | {} | {wakeup} | {fencing} | {} | {} | {status} |\n",
             caps.name,
             store.example,
             yes(caps.fair),

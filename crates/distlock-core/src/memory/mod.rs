@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::status::{Status, StatusQuery};
 use crate::store::{
     release_outcome, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore,
     RenewReport, SessionOptions, StoreSession,
@@ -78,6 +79,7 @@ impl LockStore for MemoryStore {
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
         let spec = SessionSpec {
+            owner: options.owner.clone(),
             ttl: options.ttl,
             lock_delay: options.lock_delay,
             max_hold: None,
@@ -89,6 +91,14 @@ impl LockStore for MemoryStore {
             table: Arc::clone(&self.table),
             id,
         }))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        let mut table = lock(&self.table);
+        Ok(Status {
+            keys: table.status(query),
+            counters: Some(table.counters()),
+        })
     }
 }
 

@@ -28,6 +28,8 @@ pub(crate) struct SessionConfig {
     pub(crate) ttl: Duration,
     pub(crate) lock_delay: Duration,
     pub(crate) max_hold: Option<Duration>,
+    /// `None`: [`default_owner`](crate::store::default_owner).
+    pub(crate) owner: Option<String>,
 }
 
 /// How long an acquire may wait.
@@ -144,7 +146,10 @@ impl Session {
         let sent = Instant::now();
         // max_hold is the core's alone: it counts from when a grant arrives,
         // which no store sees.
-        let options = SessionOptions::new(config.ttl, config.lock_delay);
+        let mut options = SessionOptions::new(config.ttl, config.lock_delay);
+        if let Some(owner) = &config.owner {
+            options.owner.clone_from(owner);
+        }
         let store_session: Arc<dyn StoreSession> = Arc::from(store.open_session(&options).await?);
         let lease = lease_deadline(&caps, config.ttl, sent);
         let inner = Arc::new(SessionInner {

@@ -29,6 +29,8 @@ pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
     let mut caps = crate::store::queue::capabilities(name);
     caps.fencing = fencing;
     caps.lock_delay = true;
+    caps.status = true;
+    caps.keeps_owner = true;
     caps
 }
 
@@ -38,8 +40,10 @@ pub type SessionId = u64;
 pub type WaiterId = u64;
 
 /// What a session is opened with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionSpec {
+    /// Who the session says it is, for `status`.
+    pub owner: String,
     /// The lease.
     pub ttl: Duration,
     /// How long its keys stay blocked if it expires holding them.

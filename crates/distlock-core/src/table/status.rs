@@ -3,7 +3,7 @@
 use tokio::time::Instant;
 
 use super::LockTable;
-use crate::status::{Counters, HolderStatus, KeyStatus, WaiterStatus};
+use crate::status::{Counters, HolderStatus, KeyStatus, StatusQuery, WaiterStatus};
 
 impl LockTable {
     /// Whether `token` is the token of a current holder of `key` (Chubby's
@@ -15,15 +15,21 @@ impl LockTable {
             .is_some_and(|state| state.holders.iter().any(|h| h.token == token))
     }
 
-    /// The keys that are held or waited for and start with `prefix` (all of
-    /// them for `""`), sorted by key.
-    pub fn status(&mut self, prefix: &str) -> Vec<KeyStatus> {
+    /// The keys that are held or waited for and match `query`, sorted by
+    /// key.
+    pub fn status(&mut self, query: &StatusQuery) -> Vec<KeyStatus> {
         let now = Instant::now();
         self.purge(now);
+        let owner = |session| {
+            self.sessions
+                .get(&session)
+                .map(|s| s.spec.owner.clone())
+                .unwrap_or_default()
+        };
         let mut keys: Vec<KeyStatus> = self
             .keys
             .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
+            .filter(|(key, _)| query.matches(key))
             .map(|(key, state)| KeyStatus {
                 key: key.clone(),
                 holders: state
@@ -33,11 +39,12 @@ impl LockTable {
                         let lease = self.sessions.get(&h.session).map(|s| s.expires_at);
                         let ends = lease.into_iter().chain(h.until).min().unwrap_or(now);
                         HolderStatus {
-                            session: h.session,
+                            session: h.session.to_string(),
+                            owner: owner(h.session),
                             mode: h.mode,
-                            token: h.token,
-                            held_for: now - h.acquired_at,
-                            lease_left: ends.saturating_duration_since(now),
+                            token: Some(h.token),
+                            held_for: Some(now - h.acquired_at),
+                            lease_left: Some(ends.saturating_duration_since(now)),
                         }
                     })
                     .collect(),
@@ -45,12 +52,13 @@ impl LockTable {
                     .queue
                     .iter()
                     .map(|w| WaiterStatus {
-                        session: w.session,
+                        session: w.session.to_string(),
+                        owner: owner(w.session),
                         mode: w.mode,
-                        waiting_for: now - w.since,
+                        waiting_for: Some(now - w.since),
                     })
                     .collect(),
-                last_token: state.last_token,
+                last_token: Some(state.last_token),
             })
             .collect();
         keys.sort_by(|a, b| a.key.cmp(&b.key));

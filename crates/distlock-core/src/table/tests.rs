@@ -5,11 +5,13 @@ use std::time::Duration;
 use tokio::time::{advance, Instant};
 
 use super::*;
+use crate::status::StatusQuery;
 
 const SECOND: Duration = Duration::from_secs(1);
 
 fn spec(ttl: Duration) -> SessionSpec {
     SessionSpec {
+        owner: String::new(),
         ttl,
         lock_delay: Duration::ZERO,
         max_hold: None,
@@ -28,6 +30,7 @@ async fn max_hold_ends_a_hold_and_blocks_for_lock_delay() {
     let mut table = LockTable::default();
     let holder = table
         .open_session(SessionSpec {
+            owner: String::new(),
             ttl: 60 * SECOND,
             lock_delay: 2 * SECOND,
             max_hold: Some(5 * SECOND),
@@ -63,14 +66,15 @@ async fn check_and_status_describe_holders_and_waiters_in_order() {
     advance(3 * SECOND).await;
     assert!(table.check("jobs/a", token));
     assert!(!table.check("jobs/a", token + 1));
-    let status = table.status("jobs/");
+    let status = table.status(&StatusQuery::Prefix("jobs/".into()));
     assert_eq!(status.len(), 1, "prefix filter");
+    assert_eq!(table.status(&StatusQuery::Key("jobs".into())).len(), 0);
     let key = &status[0];
-    assert_eq!(key.holders[0].token, token);
-    assert_eq!(key.holders[0].held_for, 3 * SECOND);
-    assert_eq!(key.holders[0].lease_left, 7 * SECOND);
-    let order: Vec<SessionId> = key.waiters.iter().map(|w| w.session).collect();
-    assert_eq!(order, vec![ids[1], ids[2]]);
+    assert_eq!(key.holders[0].token, Some(token));
+    assert_eq!(key.holders[0].held_for, Some(3 * SECOND));
+    assert_eq!(key.holders[0].lease_left, Some(7 * SECOND));
+    let order: Vec<String> = key.waiters.iter().map(|w| w.session.clone()).collect();
+    assert_eq!(order, vec![ids[1].to_string(), ids[2].to_string()]);
     let counters = table.counters();
     assert_eq!(
         (counters.sessions, counters.held, counters.waiters),
