@@ -323,3 +323,48 @@ fn signals_are_forwarded_to_the_command() {
         stderr(&output)
     );
 }
+
+#[test]
+fn status_on_the_file_store_shows_another_process_and_its_owner() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(dir.path());
+    let ready = dir.path().join("holding");
+    let holder_script = format!("touch {}; sleep 30", ready.display());
+    let mut holder = distlock()
+        .args(["run", "--url", &url, "--key", "jobs/nightly report"])
+        .args([
+            "--owner",
+            "nightly on web1",
+            "--",
+            "sh",
+            "-c",
+            &holder_script,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the holder");
+    wait_for(&ready);
+    let output = run(&["status", "--url", &url, "--prefix", "jobs/", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let key = &json["keys"][0];
+    assert_eq!(key["key"], "jobs/nightly report", "{json}");
+    let holder_json = &key["holders"][0];
+    assert_eq!(holder_json["owner"], "nightly on web1", "{json}");
+    assert_eq!(holder_json["mode"], "exclusive", "{json}");
+    assert_eq!(holder_json["token"], key["last_token"], "{json}");
+    assert_eq!(
+        holder_json["session"],
+        format!("pid {}", holder.id()),
+        "{json}"
+    );
+    holder.kill().expect("stop the holder");
+    holder.wait().expect("reap");
+    let output = run(&["status", "--url", &url, "jobs/nightly report"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "no key held or waited for",
+        "the kernel dropped the flock with the process"
+    );
+}

@@ -18,17 +18,23 @@
 //!
 //! A guard reports `lost()` if its lock file is deleted or replaced while it
 //! is held, checked at every renewal.
+//!
+//! `status` (Linux) finds holders in `/proc/locks`, the kernel's list of
+//! `flock`s; an exclusive or semaphore holder writes its key, pid, token,
+//! mode and owner into its lock file, so those are shown. A shared holder
+//! is shown by its pid: many share the file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::status::{HolderStatus, KeyStatus, Status, StatusQuery};
 use crate::store::{
     lock, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore, Mode, RenewReport,
     SessionModel, SessionOptions, StoreSession,
@@ -65,6 +71,8 @@ impl FileStore {
         caps.semaphore = true;
         caps.fencing = Fencing::Durable;
         caps.session = SessionModel::Process;
+        caps.status = cfg!(target_os = "linux");
+        caps.keeps_owner = cfg!(target_os = "linux");
         caps
     }
 }
@@ -199,7 +207,37 @@ impl HeldFile {
     }
 }
 
-fn acquire_files(dir: &Path, key: &str, mode: Mode) -> Result<Option<(HeldFile, u64)>> {
+/// Writes who holds `held` into its lock file, for `status`: the key, then
+/// (for a sole holder) its pid, token, mode and owner, a line each. Shared
+/// holders only name the key, and only in a file that names nothing yet.
+/// Best effort: the lock is held whether or not this lands.
+fn describe(held: &HeldFile, key: &str, token: u64, mode: Mode, owner: &str) {
+    let written = if mode == Mode::Shared {
+        match held.file.metadata() {
+            Ok(meta) if meta.len() == 0 => held.file.write_all_at(format!("{key}\n").as_bytes(), 0),
+            other => other.map(drop),
+        }
+    } else {
+        let text = format!(
+            "{key}\n{}\n{token}\n{}\n{owner}\n",
+            std::process::id(),
+            mode.tag()
+        );
+        held.file
+            .set_len(0)
+            .and_then(|()| held.file.write_all_at(text.as_bytes(), 0))
+    };
+    if let Err(err) = written {
+        tracing::debug!(path = %held.path.display(), "cannot describe a hold for status: {err}");
+    }
+}
+
+fn acquire_files(
+    dir: &Path,
+    key: &str,
+    mode: Mode,
+    owner: &str,
+) -> Result<Option<(HeldFile, u64)>> {
     let stem = file_stem(key);
     let locked = match mode {
         Mode::Exclusive | Mode::Shared => {
@@ -222,7 +260,126 @@ fn acquire_files(dir: &Path, key: &str, mode: Mode) -> Result<Option<(HeldFile, 
         return Ok(None);
     };
     let token = bump_fence(&dir.join(format!("{stem}~fence")))?;
+    describe(&held, key, token, mode, owner);
     Ok(Some((held, token)))
+}
+
+/// `flock`s by device (major, minor) and inode: each holder's pid and
+/// whether it holds exclusively.
+type Flocks = HashMap<(u64, u64, u64), Vec<(u32, bool)>>;
+
+/// The `flock`s of the host, from `/proc/locks`; waiters (`->` lines) are
+/// left out.
+fn host_flocks() -> Result<Flocks> {
+    let text = std::fs::read_to_string("/proc/locks").map_err(|err| {
+        Error::unsupported(format!(
+            "the file store finds holders in /proc/locks (Linux), which cannot be read \
+             here: {err}"
+        ))
+    })?;
+    let mut flocks: HashMap<_, Vec<_>> = HashMap::new();
+    for line in text.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:56789 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, kind, pid, place, ..] = fields[..] else {
+            continue;
+        };
+        let mut place = place.split(':');
+        let (Some(major), Some(minor), Some(inode)) = (place.next(), place.next(), place.next())
+        else {
+            continue;
+        };
+        let parsed = (
+            u64::from_str_radix(major, 16),
+            u64::from_str_radix(minor, 16),
+            inode.parse::<u64>(),
+            pid.parse::<u32>(),
+        );
+        if let (Ok(major), Ok(minor), Ok(inode), Ok(pid)) = parsed {
+            flocks
+                .entry((major, minor, inode))
+                .or_default()
+                .push((pid, kind == "WRITE"));
+        }
+    }
+    Ok(flocks)
+}
+
+/// A device number's (major, minor), as `/proc/locks` prints them.
+fn major_minor(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0fff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0xff);
+    (major, minor)
+}
+
+/// Who holds the locks of `dir` that `query` names.
+fn file_status(dir: &Path, query: &StatusQuery) -> Result<Status> {
+    let flocks = host_flocks()?;
+    let unreadable = |err: io::Error| io_error(format!("cannot read {}", dir.display()), err);
+    let mut keys: BTreeMap<String, KeyStatus> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".lock") else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        let (major, minor) = major_minor(meta.dev());
+        let Some(holders) = flocks.get(&(major, minor, meta.ino())) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        // A file written by an older distlock names no key: its stem then.
+        let key = match lines.first() {
+            Some(key) if !key.is_empty() => (*key).to_owned(),
+            _ => stem.to_owned(),
+        };
+        if !query.matches(&key) {
+            continue;
+        }
+        let fence = stem.rsplit_once("~slot").map_or(stem, |(base, _)| base);
+        let status = keys.entry(key.clone()).or_insert_with(|| KeyStatus {
+            key,
+            holders: Vec::new(),
+            waiters: Vec::new(),
+            last_token: std::fs::read_to_string(dir.join(format!("{fence}~fence")))
+                .ok()
+                .and_then(|text| text.trim().parse().ok()),
+        });
+        let held_for = meta.modified().ok().and_then(|at| at.elapsed().ok());
+        for &(pid, sole) in holders {
+            let described = match lines[..] {
+                [_, by, token, tag, owner, ..] if sole && by == pid.to_string() => {
+                    Some((token.parse().ok(), Mode::from_tag(tag), owner))
+                }
+                _ => None,
+            };
+            let holder = match described {
+                Some((token, mode, owner)) => HolderStatus {
+                    session: format!("pid {pid}"),
+                    owner: owner.to_owned(),
+                    mode: mode.unwrap_or(Mode::Exclusive),
+                    token,
+                    held_for,
+                    lease_left: None,
+                },
+                None => HolderStatus {
+                    session: format!("pid {pid}"),
+                    owner: String::new(),
+                    mode: if sole { Mode::Exclusive } else { Mode::Shared },
+                    token: None,
+                    held_for: None,
+                    lease_left: None,
+                },
+            };
+            status.holders.push(holder);
+        }
+    }
+    Ok(Status {
+        keys: keys.into_values().collect(),
+        counters: None,
+    })
 }
 
 #[async_trait]
@@ -231,11 +388,17 @@ impl LockStore for FileStore {
         FileStore::capabilities()
     }
 
-    async fn open_session(&self, _options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
+    async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
         Ok(Box::new(FileSession {
             dir: Arc::clone(&self.dir),
+            owner: Arc::from(options.owner.as_str()),
             held: Arc::default(),
         }))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        let (dir, query) = (Arc::clone(&self.dir), query.clone());
+        blocking(move || file_status(&dir, &query)).await
     }
 }
 
@@ -243,6 +406,7 @@ type HeldFiles = Arc<Mutex<HashMap<String, HeldFile>>>;
 
 struct FileSession {
     dir: Arc<PathBuf>,
+    owner: Arc<str>,
     held: HeldFiles,
 }
 
@@ -253,12 +417,13 @@ fn held(files: &Mutex<HashMap<String, HeldFile>>) -> MutexGuard<'_, HashMap<Stri
 #[async_trait]
 impl StoreSession for FileSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let dir = Arc::clone(&self.dir);
+        let (dir, owner) = (Arc::clone(&self.dir), Arc::clone(&self.owner));
         let (key, mode) = (request.key.clone(), request.mode);
         // The attempt never blocks. If this future is dropped before the task
         // answers, the task's result is dropped with it, closing the file and
         // so dropping its flock: a cancelled acquire leaves no holder.
-        let Some((file, token)) = blocking(move || acquire_files(&dir, &key, mode)).await? else {
+        let Some((file, token)) = blocking(move || acquire_files(&dir, &key, mode, &owner)).await?
+        else {
             return Ok(None);
         };
         held(&self.held).insert(request.key.clone(), file);

@@ -37,6 +37,19 @@ impl Mode {
         }
     }
 
+    /// The mode a [`tag`](Mode::tag) names; `None` for any other text (a
+    /// semaphore of 0 permits too).
+    pub fn from_tag(tag: &str) -> Option<Mode> {
+        match tag {
+            "x" => Some(Mode::Exclusive),
+            "s" => Some(Mode::Shared),
+            _ => match tag.strip_prefix('p')?.parse() {
+                Ok(0) | Err(_) => None,
+                Ok(permits) => Some(Mode::Semaphore { permits }),
+            },
+        }
+    }
+
     /// How many holders the mode admits together: a semaphore's permits,
     /// else 0 (one writer, or any number of readers).
     pub fn permits(self) -> u32 {
@@ -102,6 +115,12 @@ mod tests {
         ]
         .map(Mode::tag);
         assert_eq!(tags, ["x", "s", "p2", "p100"]);
+        for tag in tags {
+            assert_eq!(Mode::from_tag(&tag).map(Mode::tag).as_deref(), Some(&*tag));
+        }
+        for bad in ["", "p", "p0", "px", "X", "p-1"] {
+            assert_eq!(Mode::from_tag(bad), None, "{bad:?}");
+        }
         assert_eq!((Mode::Exclusive.permits(), P2.permits()), (0, 2));
     }
 
