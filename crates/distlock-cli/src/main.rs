@@ -8,6 +8,7 @@
 mod bench;
 mod demo;
 
+mod release;
 mod run;
 mod serve;
 mod status;
@@ -46,8 +47,12 @@ enum Command {
     /// Run the distlock lock server.
     Serve(serve::ServeArgs),
     /// Show the holders and waiters of a key, or of every key under a prefix,
-    /// on a distlock server.
+    /// with their owners, tokens and leases, where the store can list them.
+    /// Exit code 69 where it cannot.
     Status(status::StatusArgs),
+    /// End every hold on a key (--force): the next grant's token is higher,
+    /// so the old holder's fenced writes are refused, and its lost() fires.
+    Release(release::ReleaseArgs),
     /// List the stores of this build and what each supports.
     Stores,
     /// Demonstrations: `distlock demo coupons` runs the coupon system of
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::bench(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Release(args) => release::release(args).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Stores => {
                 print!("{}", distlock::capability_table());

@@ -89,6 +89,54 @@ fn run_and_status_against_a_server_and_a_clean_stop() {
 }
 
 #[test]
+fn release_force_takes_the_lock_from_a_stuck_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), &[]);
+    let url = server.url();
+    let refused = distlock(&url, &["release", "job"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("--force"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let mut stuck = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args([
+            "run",
+            "--key",
+            "job",
+            "--lease",
+            "3s",
+            "--owner",
+            "stuck job",
+        ])
+        .args(["--", "sleep", "60"])
+        .env("DISTLOCK_URL", &url)
+        .spawn()
+        .expect("start a holder");
+    loop {
+        let status = distlock(&url, &["status", "job", "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+        if json["keys"][0]["holders"][0]["owner"] == "stuck job" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let forced = distlock(&url, &["release", "--force", "job"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert!(
+        text(&forced.stdout).contains("by stuck job"),
+        "{}",
+        text(&forced.stdout)
+    );
+    let taken = distlock(&url, &["run", "--key", "job", "--wait", "5s", "--", "true"]);
+    assert!(taken.status.success(), "{}", text(&taken.stderr));
+    let code = stuck.wait().expect("the stuck run ends").code();
+    assert_eq!(code, Some(76), "the old holder's run reports the lock lost");
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn metrics_count_grants_and_time_acquires() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
     root_cause, Capabilities, Fencing, LockStore, SessionOptions, StoreSession,
 };
@@ -253,5 +253,25 @@ impl LockStore for RemoteStore {
             .map_err(|status| from_status(&self.target, status))?
             .into_inner();
         Ok(distlock_proto::convert::status_of(reply))
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let message = proto::ForceReleaseRequest {
+            key: key.to_owned(),
+            requested_by: requested_by.to_owned(),
+        };
+        let reply = self
+            .client
+            .clone()
+            .force_release(self.request(message))
+            .await;
+        let reply = reply
+            .map_err(|status| from_status(&self.target, status))?
+            .into_inner();
+        Ok(reply
+            .released
+            .into_iter()
+            .map(distlock_proto::convert::holder_status)
+            .collect())
     }
 }

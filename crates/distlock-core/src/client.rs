@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::session::{Session, SessionConfig};
-use crate::status::{Status, StatusQuery};
-use crate::store::{validate_owner, Capabilities, LockStore};
+use crate::status::{HolderStatus, Status, StatusQuery};
+use crate::store::{default_owner, validate_owner, Capabilities, LockStore};
 
 /// The shortest session lease: renewal runs at a third of it.
 pub const MIN_TTL: Duration = Duration::from_millis(50);
@@ -61,6 +61,15 @@ impl Client {
     /// a store that cannot list its holders.
     pub async fn status(&self, query: &StatusQuery) -> Result<Status> {
         self.store.status(query).await
+    }
+
+    /// Ends every hold on `key`, whoever holds it: the next grant carries a
+    /// higher token, so the old holders' fenced writes are refused, and
+    /// their `lost()` fires (at their next renewal). For an operator taking
+    /// a lock away from a stuck holder; answers what was held.
+    pub async fn force_release(&self, key: &str) -> Result<Vec<HolderStatus>> {
+        crate::key::validate_key(key)?;
+        self.store.force_release(key, &default_owner()).await
     }
 }
 

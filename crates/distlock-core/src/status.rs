@@ -91,6 +91,8 @@ pub struct Counters {
     pub grants: u64,
     /// Releases ever made.
     pub releases: u64,
+    /// Forced releases that ended at least one hold.
+    pub forced_releases: u64,
 }
 
 /// The keys asked about, and the counters of a store that keeps them.

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::status::{Status, StatusQuery};
+use crate::status::{HolderStatus, Status, StatusQuery};
 
 pub mod queue;
 
@@ -113,6 +113,8 @@ pub struct Capabilities {
     /// Each hold carries its session's owner description, which `status`
     /// shows.
     pub keeps_owner: bool,
+    /// [`LockStore::force_release`] ends other sessions' holds.
+    pub force_release: bool,
 }
 
 impl Capabilities {
@@ -133,6 +135,7 @@ impl Capabilities {
             session: SessionModel::Lease,
             status: false,
             keeps_owner: false,
+            force_release: false,
         }
     }
 }
@@ -326,6 +329,19 @@ pub trait LockStore: fmt::Debug + Send + Sync + 'static {
         let _ = query;
         Err(Error::unsupported(format!(
             "the {} store cannot list who holds or waits for its locks",
+            self.capabilities().name
+        )))
+    }
+
+    /// Ends every hold on `key`, whoever holds it, so that the next grant
+    /// carries a higher token (the old holders' fenced writes are refused)
+    /// and each old holder's `lost()` fires. `requested_by` says who asked,
+    /// for the store's log. Answers what was held; a store that cannot
+    /// answers [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let _ = (key, requested_by);
+        Err(Error::unsupported(format!(
+            "the {} store cannot end another session's hold",
             self.capabilities().name
         )))
     }

@@ -38,20 +38,36 @@ pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A holder, as the server sends it (the server's table knows every
+/// field).
+pub fn holder(h: HolderStatus) -> proto::Holder {
+    let (mode, permits) = proto_mode(h.mode);
+    proto::Holder {
+        session_id: h.session.parse().unwrap_or_default(),
+        mode: mode.into(),
+        permits,
+        token: h.token.unwrap_or_default(),
+        held_ms: h.held_for.map(millis).unwrap_or_default(),
+        lease_left_ms: h.lease_left.map(millis).unwrap_or_default(),
+        owner: h.owner,
+    }
+}
+
+/// A holder the server sent. A mode the client does not know reads as
+/// exclusive, the strongest.
+pub fn holder_status(h: proto::Holder) -> HolderStatus {
+    HolderStatus {
+        session: h.session_id.to_string(),
+        owner: h.owner,
+        mode: mode_of(h.mode, h.permits).unwrap_or(Mode::Exclusive),
+        token: Some(h.token),
+        held_for: Some(Duration::from_millis(h.held_ms)),
+        lease_left: Some(Duration::from_millis(h.lease_left_ms)),
+    }
+}
+
 /// A key's status, as the server sends it.
 pub fn key_status(status: KeyStatus) -> proto::KeyStatus {
-    let holder = |h: HolderStatus| {
-        let (mode, permits) = proto_mode(h.mode);
-        proto::Holder {
-            session_id: h.session.parse().unwrap_or_default(),
-            mode: mode.into(),
-            permits,
-            token: h.token.unwrap_or_default(),
-            held_ms: h.held_for.map(millis).unwrap_or_default(),
-            lease_left_ms: h.lease_left.map(millis).unwrap_or_default(),
-            owner: h.owner,
-        }
-    };
     let waiter = |w: WaiterStatus| {
         let (mode, permits) = proto_mode(w.mode);
         proto::Waiter {
@@ -81,6 +97,7 @@ pub fn counters(counters: Counters) -> proto::Counters {
         holds_expired: counters.holds_expired,
         grants: counters.grants,
         releases: counters.releases,
+        forced_releases: counters.forced_releases,
     }
 }
 
@@ -93,18 +110,7 @@ pub fn status_of(reply: proto::StatusReply) -> Status {
         .into_iter()
         .map(|key| KeyStatus {
             key: key.key,
-            holders: key
-                .holders
-                .into_iter()
-                .map(|h| HolderStatus {
-                    session: h.session_id.to_string(),
-                    owner: h.owner,
-                    mode: mode(h.mode, h.permits),
-                    token: Some(h.token),
-                    held_for: Some(Duration::from_millis(h.held_ms)),
-                    lease_left: Some(Duration::from_millis(h.lease_left_ms)),
-                })
-                .collect(),
+            holders: key.holders.into_iter().map(holder_status).collect(),
             waiters: key
                 .waiters
                 .into_iter()
@@ -127,6 +133,7 @@ pub fn status_of(reply: proto::StatusReply) -> Status {
         holds_expired: counters.holds_expired,
         grants: counters.grants,
         releases: counters.releases,
+        forced_releases: counters.forced_releases,
     });
     Status { keys, counters }
 }
@@ -173,6 +180,7 @@ mod tests {
             holds_expired: 6,
             grants: 7,
             releases: 8,
+            forced_releases: 9,
         };
         let reply = proto::StatusReply {
             keys: keys.iter().cloned().map(key_status).collect(),

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use distlock_core::status::StatusQuery;
 use distlock_core::table::{lock_table, Limits, LockTable, SharedTable};
+use distlock_core::validate_key;
 use distlock_proto::v1 as proto;
 use proto::locks_server::{Locks, LocksServer};
 use std::time::Duration;
@@ -99,6 +100,43 @@ impl Locks for Service {
             session::Outbound::Grpc(out),
         ));
         Ok(Response::new(UnboundedReceiverStream::new(events)))
+    }
+
+    async fn force_release(
+        &self,
+        request: Request<proto::ForceReleaseRequest>,
+    ) -> Result<Response<proto::ForceReleaseReply>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "a local client".to_owned(), |addr| addr.to_string());
+        let request = request.into_inner();
+        validate_key(&request.key).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let released = lock_table(&self.shared.table).force_release(&request.key);
+        let held: Vec<String> = released
+            .iter()
+            .map(|h| {
+                format!(
+                    "session {} ({}) {} token {}",
+                    h.session,
+                    h.owner,
+                    h.mode,
+                    h.token.unwrap_or_default()
+                )
+            })
+            .collect();
+        tracing::warn!(
+            key = %request.key,
+            requested_by = %request.requested_by,
+            %peer,
+            "forced release ended {} hold(s): {}",
+            held.len(),
+            held.join("; ")
+        );
+        let released = released
+            .into_iter()
+            .map(distlock_proto::convert::holder)
+            .collect();
+        Ok(Response::new(proto::ForceReleaseReply { released }))
     }
 
     async fn check(

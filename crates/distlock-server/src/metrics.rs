@@ -63,6 +63,11 @@ impl Collector for TableCollector {
             ),
             ("distlock_grants", "Locks granted.", counters.grants),
             ("distlock_releases", "Locks released.", counters.releases),
+            (
+                "distlock_forced_releases",
+                "Forced releases that ended a hold.",
+                counters.forced_releases,
+            ),
         ];
         for (name, help, value) in totals {
             let metric = ConstCounter::new(value);

@@ -277,6 +277,77 @@ async fn a_wrong_or_missing_token_is_unauthenticated() {
 }
 
 #[tokio::test]
+async fn a_forced_release_needs_the_token_and_ends_the_hold() {
+    let address = start_server().await;
+    let mut owner = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(owner.next().await, Ok(Event::Opened(_))));
+    let Event::Granted(granted) = owner.ask(2, acquire("stuck")).await else {
+        panic!("the key is free");
+    };
+    let ask = || proto::ForceReleaseRequest {
+        key: "stuck".to_owned(),
+        requested_by: "ops@console pid 1 (test)".to_owned(),
+    };
+    for request in [tonic::Request::new(ask()), authorized(ask(), "guess")] {
+        let status = client(&address)
+            .await
+            .force_release(request)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    let reply = client(&address)
+        .await
+        .check(authorized(
+            proto::CheckRequest {
+                key: "stuck".to_owned(),
+                token: granted.token,
+            },
+            SECRET,
+        ))
+        .await
+        .expect("check");
+    assert!(reply.into_inner().current, "still held after refused asks");
+    let released = client(&address)
+        .await
+        .force_release(authorized(ask(), SECRET))
+        .await
+        .expect("with the token")
+        .into_inner()
+        .released;
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0].token, granted.token);
+    let reply = client(&address)
+        .await
+        .check(authorized(
+            proto::CheckRequest {
+                key: "stuck".to_owned(),
+                token: granted.token,
+            },
+            SECRET,
+        ))
+        .await
+        .expect("check");
+    assert!(
+        !reply.into_inner().current,
+        "a fenced write with it is refused"
+    );
+    let Event::Renewed(renewed) = owner
+        .ask(
+            3,
+            Request::KeepAlive(proto::KeepAlive {
+                keys: vec!["stuck".to_owned()],
+            }),
+        )
+        .await
+    else {
+        panic!("the keep-alive is answered");
+    };
+    assert_eq!(renewed.lost_keys, ["stuck"], "the holder learns it lost");
+    still_serving(&address).await;
+}
+
+#[tokio::test]
 async fn one_session_cannot_release_another_sessions_lock() {
     let address = start_server().await;
     let mut owner = Stream::open(&address, open(5_000)).await.expect("open");

@@ -170,6 +170,7 @@ macro_rules! conformance_suite {
             waiter_whose_session_dies_leaves_queue,
             long_wait_keeps_the_lock_on_arrival,
             status_lists_holders_and_waiters,
+            forced_release_ends_holds_and_fences_them,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

@@ -115,3 +115,56 @@ pub async fn status_lists_holders_and_waiters(kit: Kit) -> Outcome {
     b.close().await.expect("close");
     Outcome::Passed
 }
+
+/// A forced release ends every hold on a key, whoever holds it: the next
+/// grant's token is above the ended one's, the old holder's `lost()` fires,
+/// and its own release is refused; what was held is reported.
+pub async fn forced_release_ends_holds_and_fences_them(kit: Kit) -> Outcome {
+    require!(
+        kit.caps.force_release,
+        "the store cannot end another session's hold"
+    );
+    let key = kit.key("stuck");
+    let owner = "conformance@host-s pid 13 (stuck)";
+    let stuck = kit.session_owned_by(owner).await;
+    let held = stuck.lock(&key).await.expect("free");
+    let ended = kit.client.force_release(&key).await.expect("force release");
+    assert_eq!(ended.len(), 1, "one hold ended: {ended:?}");
+    if let Some(token) = ended[0].token {
+        assert_eq!(token, held.token(), "the ended hold's token");
+    }
+    if kit.caps.keeps_owner {
+        assert_eq!(ended[0].owner, owner, "the ended hold's owner");
+    }
+    let next = kit.session().await;
+    let taken = next
+        .lock(&key)
+        .wait(PATIENCE)
+        .await
+        .expect("the key is free again");
+    assert!(
+        taken.token() > held.token(),
+        "token {} after the ended {}: a write fenced with the old one is refused",
+        taken.token(),
+        held.token()
+    );
+    tokio::time::timeout(PATIENCE, held.lost())
+        .await
+        .expect("the old holder learns it lost the key");
+    assert!(
+        held.release().await.is_err(),
+        "the old holder cannot release what it no longer holds"
+    );
+    assert!(
+        kit.client
+            .force_release(&kit.key("never-held"))
+            .await
+            .expect("force release of a free key")
+            .is_empty(),
+        "nothing to end on a free key"
+    );
+    taken.release().await.expect("release");
+    stuck.close().await.expect("close");
+    next.close().await.expect("close");
+    Outcome::Passed
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::status::{Status, StatusQuery};
+use crate::status::{HolderStatus, Status, StatusQuery};
 use crate::store::{
     release_outcome, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore,
     RenewReport, SessionOptions, StoreSession,
@@ -99,6 +99,10 @@ impl LockStore for MemoryStore {
             keys: table.status(query),
             counters: Some(table.counters()),
         })
+    }
+
+    async fn force_release(&self, key: &str, _requested_by: &str) -> Result<Vec<HolderStatus>> {
+        Ok(lock(&self.table).force_release(key))
     }
 }
 

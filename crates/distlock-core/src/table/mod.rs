@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::status::Counters;
+use crate::status::{Counters, HolderStatus};
 use crate::store::{Capabilities, Fencing, Mode};
 pub use wait::{lock_table, SharedTable, Ticket, Waited};
 
@@ -31,6 +31,7 @@ pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
     caps.lock_delay = true;
     caps.status = true;
     caps.keeps_owner = true;
+    caps.force_release = true;
     caps
 }
 
@@ -528,6 +529,34 @@ impl LockTable {
         }
         self.pump(key, now);
         released
+    }
+
+    /// Ends every hold on `key` (an operator's forced release) and grants it
+    /// on: the next holder's token is above every ended one's, and each
+    /// ended holder's next renewal reports the key lost. What was held.
+    pub fn force_release(&mut self, key: &str) -> Vec<HolderStatus> {
+        let now = Instant::now();
+        self.purge(now);
+        let query = crate::status::StatusQuery::Key(key.to_owned());
+        let held = self
+            .status(&query)
+            .pop()
+            .map(|status| status.holders)
+            .unwrap_or_default();
+        let sessions: Vec<SessionId> = self
+            .keys
+            .get(key)
+            .map(|state| state.holders.iter().map(|h| h.session).collect())
+            .unwrap_or_default();
+        for id in sessions {
+            self.remove_holder(id, key, None);
+        }
+        if !held.is_empty() {
+            self.counters.forced_releases += 1;
+        }
+        self.pump(key, now);
+        self.tidy(key, now);
+        held
     }
 
     /// A waiter gave up (timeout or dropped future): it leaves the queue, or
