@@ -280,6 +280,10 @@ impl StoreSession for RemoteSession {
             other => Err(unexpected(&self.inbox.target, &other)),
         }
     }
+
+    async fn renewal_wanted(&self) {
+        self.inbox.renewal_wanted.notified().await;
+    }
 }
 
 impl Drop for RemoteSession {

@@ -95,6 +95,8 @@ pub(crate) struct Inbox {
     pub(crate) target: Arc<str>,
     pub(crate) outlet: Outlet,
     answers: Mutex<Answers>,
+    /// Told when the server pushes news of holds it ended.
+    pub(crate) renewal_wanted: tokio::sync::Notify,
 }
 
 impl Inbox {
@@ -106,6 +108,7 @@ impl Inbox {
                 waiting: HashMap::new(),
                 ended: None,
             }),
+            renewal_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -137,7 +140,8 @@ impl Inbox {
     }
 
     /// Hands an event to the request waiting for it. A grant nobody waits
-    /// for any more (its acquire was dropped) is released.
+    /// for any more (its acquire was dropped) is released; pushed news of
+    /// lost holds wakes the session's renewal.
     pub(crate) fn deliver(&self, event: proto::SessionEvent) {
         let Some(body) = event.body else {
             return;
@@ -147,8 +151,11 @@ impl Inbox {
             Some(answer) => answer.send(body).err(),
             None => Some(body),
         };
-        if let Some(Event::Granted(granted)) = unclaimed {
-            self.give_back(granted);
+        match unclaimed {
+            Some(Event::Granted(granted)) => self.give_back(granted),
+            // A renewal now learns which holds ended.
+            Some(Event::Lost(_)) => self.renewal_wanted.notify_one(),
+            _ => {}
         }
     }
 

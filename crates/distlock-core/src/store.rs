@@ -374,6 +374,13 @@ pub trait StoreSession: Send + Sync + 'static {
     /// Ends the session, releasing everything it holds.
     async fn close(&self) -> Result<()>;
 
+    /// Resolves when the store tells this session that a hold of it ended
+    /// (someone forced its release): the core then renews at once, and the
+    /// renewal reports the key lost. Never, for stores that cannot tell.
+    async fn renewal_wanted(&self) {
+        std::future::pending::<()>().await;
+    }
+
     /// Test hook: stop answering for this session as if its process froze,
     /// so that its lease runs out at the store. Stores whose sessions cannot
     /// expire ignore it.

@@ -33,17 +33,20 @@ mod metrics;
 mod mux;
 mod session;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use distlock_core::status::StatusQuery;
-use distlock_core::table::{lock_table, Limits, LockTable, SharedTable};
+use distlock_core::store::lock;
+use distlock_core::table::{lock_table, Limits, LockTable, SessionId, SharedTable};
 use distlock_core::validate_key;
 use distlock_proto::v1 as proto;
 use proto::locks_server::{Locks, LocksServer};
 use std::time::Duration;
 
 use distlock_proto::mux::PREFACE;
+use proto::session_event::Body as Event;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
@@ -76,6 +79,8 @@ pub enum ServerError {
 /// What every stream and call of one server shares.
 pub(crate) struct Shared {
     pub(crate) table: SharedTable,
+    /// Each open session's stream, for events no request asked for.
+    pub(crate) streams: Mutex<HashMap<SessionId, session::Outbound>>,
     pub(crate) config: Config,
     pub(crate) data: Arc<DataDir>,
     pub(crate) metrics: Metrics,
@@ -112,6 +117,15 @@ impl Locks for Service {
         let request = request.into_inner();
         validate_key(&request.key).map_err(|err| Status::invalid_argument(err.to_string()))?;
         let released = lock_table(&self.shared.table).force_release(&request.key);
+        let streams = lock(&self.shared.streams);
+        for holder in &released {
+            let stream = holder.session.parse().ok().and_then(|id| streams.get(&id));
+            if let Some(stream) = stream {
+                let keys = vec![request.key.clone()];
+                stream.event(0, Event::Lost(proto::Lost { keys }));
+            }
+        }
+        drop(streams);
         let held: Vec<String> = released
             .iter()
             .map(|h| {
@@ -312,6 +326,7 @@ pub async fn run(
         None => None,
     };
     let shared = Arc::new(Shared {
+        streams: Mutex::default(),
         metrics: Metrics::new(Arc::clone(&table)),
         table,
         config,

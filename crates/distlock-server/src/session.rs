@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::store::validate_owner;
+use distlock_core::store::{lock, validate_owner};
 use distlock_core::table::{lock_table, Attempt, SessionId, SessionSpec, Ticket, Waited};
 use distlock_proto::v1 as proto;
 use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
@@ -35,7 +35,7 @@ pub(crate) enum Outbound {
 impl Outbound {
     /// Sends an event. A closed channel means the client left; the session
     /// then expires.
-    fn event(&self, id: u64, body: Event) {
+    pub(crate) fn event(&self, id: u64, body: Event) {
         let event = proto::SessionEvent {
             id,
             body: Some(body),
@@ -194,6 +194,7 @@ pub(crate) struct SessionStream {
 
 impl Drop for SessionStream {
     fn drop(&mut self) {
+        lock(&self.shared.streams).remove(&self.session);
         // Its waiters leave the queues.
         for wait in self.wait_handles.values() {
             wait.abort();
@@ -252,6 +253,7 @@ impl SessionStream {
                 session_id: session,
             }),
         );
+        lock(&shared.streams).insert(session, out.clone());
         Some(SessionStream {
             shared,
             session,

@@ -60,3 +60,27 @@ mod grpc {
 
     distlock_testkit::conformance_suite!(connect);
 }
+
+/// A forced release is pushed to the holder's stream: its `lost()` fires at
+/// once, not at its next renewal (a third of a 60 s lease away), on both
+/// transports.
+#[tokio::test]
+async fn a_forced_release_reaches_the_holder_at_once() {
+    for query in ["", "?transport=grpc"] {
+        let client = connect_with(query).await;
+        let key = format!("pushed-loss/{query}");
+        let holder = client
+            .session()
+            .ttl(std::time::Duration::from_secs(60))
+            .open()
+            .await
+            .expect("open");
+        let guard = holder.lock(&key).await.expect("free");
+        let ended = client.force_release(&key).await.expect("force release");
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(10), guard.lost())
+            .await
+            .expect("lost() fires well before the next renewal, 20 s away");
+        holder.close().await.expect("close");
+    }
+}

@@ -46,13 +46,15 @@ pub(super) async fn renew_loop(session: Weak<SessionInner>, ended: CancellationT
     let retry_after = (ttl / 10).max(Duration::from_millis(10));
     let mut next = Instant::now() + every;
     loop {
-        let deadline = match session.upgrade() {
-            Some(session) => *session.lease.borrow(),
+        let (deadline, store) = match session.upgrade() {
+            Some(session) => (*session.lease.borrow(), Arc::clone(&session.store)),
             None => return,
         };
         tokio::select! {
             () = ended.cancelled() => return,
             () = sleep_until(next) => {}
+            // The store says a hold ended: the renewal finds which.
+            () = store.renewal_wanted() => {}
             () = sleep_until_some(deadline) => {
                 if let Some(session) = session.upgrade() {
                     session.lose(format!("no renewal succeeded within the {ttl:?} lease"));
