@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::lock as guard;
 use distlock_core::store::{
     release_outcome, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions,
@@ -41,6 +42,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS distlock_leases_v2 (
     holder text NOT NULL,
     mode text NOT NULL,
     expires_at timestamptz NOT NULL,
+    owner text,
+    token bigint,
+    granted_at timestamptz,
     PRIMARY KEY (key, holder)
 );
 CREATE INDEX IF NOT EXISTS distlock_leases_v2_holder ON distlock_leases_v2 (holder);
@@ -50,11 +54,33 @@ CREATE UNLOGGED TABLE IF NOT EXISTS distlock_waiters (
     key text NOT NULL,
     waiter text NOT NULL,
     until timestamptz NOT NULL,
+    mode text,
+    owner text,
+    since timestamptz,
     PRIMARY KEY (key, waiter)
 );
+-- Tables made by an older version get the columns status reads (NULL in
+-- the rows older clients write). Looked up first: ALTER TABLE locks the
+-- table even when there is nothing to add.
+DO $do$
+BEGIN
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'distlock_leases_v2'::regclass
+            AND attname IN ('owner', 'token', 'granted_at') AND NOT attisdropped) < 3 THEN
+        ALTER TABLE distlock_leases_v2 ADD COLUMN IF NOT EXISTS owner text,
+            ADD COLUMN IF NOT EXISTS token bigint,
+            ADD COLUMN IF NOT EXISTS granted_at timestamptz;
+    END IF;
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'distlock_waiters'::regclass
+            AND attname IN ('mode', 'owner', 'since') AND NOT attisdropped) < 3 THEN
+        ALTER TABLE distlock_waiters ADD COLUMN IF NOT EXISTS mode text,
+            ADD COLUMN IF NOT EXISTS owner text,
+            ADD COLUMN IF NOT EXISTS since timestamptz;
+    END IF;
+END
+$do$;
 CREATE OR REPLACE FUNCTION distlock_acquire_v2(
     lock_key text, lock_holder text, lock_waiter text, lock_mode text, lock_permits int,
-    ttl_ms bigint, wait_ms bigint,
+    ttl_ms bigint, wait_ms bigint, lock_owner text,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -102,9 +128,10 @@ BEGIN
                 * 1000)::bigint);
             RETURN;
         END IF;
-        INSERT INTO distlock_leases_v2 (key, holder, mode, expires_at)
+        INSERT INTO distlock_leases_v2 (key, holder, mode, expires_at, owner, token, granted_at)
             VALUES (lock_key, lock_holder, lock_mode,
-                    clock_timestamp() + ttl_ms * interval '1 millisecond');
+                    clock_timestamp() + ttl_ms * interval '1 millisecond', lock_owner, fence,
+                    clock_timestamp());
         granted := true; retry_ms := 0;
         IF wait_ms > 0 THEN
             DELETE FROM distlock_waiters WHERE key = lock_key AND waiter = lock_waiter;
@@ -115,9 +142,10 @@ BEGIN
         -- Seen by every release that checks after this commit; one that
         -- checked just before it is caught by the waiter's early retry.
         IF wait_ms > 0 THEN
-            INSERT INTO distlock_waiters (key, waiter, until)
+            INSERT INTO distlock_waiters (key, waiter, until, mode, owner, since)
                 VALUES (lock_key, lock_waiter,
-                        clock_timestamp() + wait_ms * interval '1 millisecond')
+                        clock_timestamp() + wait_ms * interval '1 millisecond', lock_mode,
+                        lock_owner, clock_timestamp())
                 ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until;
         END IF;
     END IF;
@@ -199,12 +227,17 @@ impl Leases {
     }
 
     /// The statement connection, connecting again if it broke.
-    async fn client(&self) -> Result<Arc<Client>> {
+    pub(crate) async fn client(&self) -> Result<Arc<Client>> {
         let mut client = self.client.lock().await;
         if client.is_closed() {
             *client = Arc::new(open(&self.config, &self.target).await?);
         }
         Ok(Arc::clone(&client))
+    }
+
+    /// Who holds and who waits, from the table.
+    pub(crate) async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        crate::status::leases(&*self.client().await?, &self.target, query).await
     }
 
     /// Makes the table and its functions if they are not there.
@@ -349,6 +382,8 @@ pub(crate) struct LeaseSession {
     leases: Arc<Leases>,
     id: String,
     ttl: Duration,
+    /// Written with each hold and each wait, for `status`.
+    owner: String,
     /// The holds of this session, by key: token and holder name.
     held: Mutex<HashMap<String, (u64, String)>>,
 }
@@ -359,6 +394,7 @@ impl LeaseSession {
             leases,
             id: format!("{:016x}", rand::random::<u64>()),
             ttl: options.ttl,
+            owner: options.owner.clone(),
             held: Mutex::new(HashMap::new()),
         }
     }
@@ -395,7 +431,16 @@ impl StoreSession for LeaseSession {
         let (mode, permits) = (request.mode.tag(), request.mode.permits());
         let permits = i32::try_from(permits).unwrap_or(i32::MAX);
         let watch = request.wait_until.map(|_| self.leases.watch(&request.key));
-        let mut registered = false;
+        // This acquire's own name as a waiter, so that giving up removes
+        // its record and no other; armed from the first statement on, which
+        // may register it even if its answer never comes.
+        let mut registered = Registered {
+            leases: Arc::clone(&self.leases),
+            key: request.key.clone(),
+            waiter: format!("{}|{:016x}", self.id, rand::random::<u64>()),
+            armed: request.wait_until.is_some(),
+        };
+        let mut first_look = true;
         loop {
             let mut woken: Option<Pin<Box<Notified<'_>>>> = watch.as_ref().map(|watch| {
                 let mut notified = Box::pin(watch.notify.notified());
@@ -420,15 +465,16 @@ impl StoreSession for LeaseSession {
             let answer = client
                 .query_one(
                     "SELECT granted, fence, retry_ms, conflict \
-                     FROM distlock_acquire_v2($1, $2, $3, $4, $5, $6, $7)",
+                     FROM distlock_acquire_v2($1, $2, $3, $4, $5, $6, $7, $8)",
                     &[
                         &request.key,
                         &holder,
-                        &self.id,
+                        &registered.waiter,
                         &mode,
                         &permits,
                         &millis(self.ttl),
                         &wait_ms,
+                        &self.owner,
                     ],
                 )
                 .await;
@@ -466,6 +512,8 @@ impl StoreSession for LeaseSession {
             if granted {
                 let token = u64::try_from(fence).unwrap_or(0);
                 undo.armed = false;
+                // The grant removed the record.
+                registered.armed = false;
                 guard(&self.held).insert(request.key.clone(), (token, holder));
                 return Ok(Some(Grant::new(token).with_lease_from(sent)));
             }
@@ -475,14 +523,16 @@ impl StoreSession for LeaseSession {
             };
             let now = Instant::now();
             if now >= until {
+                // The record ends now by itself.
+                registered.armed = false;
                 return Ok(None);
             }
             let retry = Duration::from_millis(u64::try_from(retry_ms).unwrap_or(1));
             let mut pause = retry.min(self.ttl / 2).min(until - now);
-            if !registered {
+            if first_look {
                 // A release that looked for waiters just before this one
                 // was registered sent no notification: look again soon.
-                registered = true;
+                first_look = false;
                 pause = pause.min(FIRST_LOOK);
             }
             match woken.take() {
@@ -544,6 +594,40 @@ impl StoreSession for LeaseSession {
                 .await;
         }
         Ok(())
+    }
+}
+
+/// Removes, in the background, the waiter record of an acquire that gave
+/// up before its deadline (dropped, or failed), if it made one: otherwise
+/// it would stay until then, shown by `status` and making releases notify.
+/// On the statement connection, so after the acquire's own statement.
+struct Registered {
+    leases: Arc<Leases>,
+    key: String,
+    waiter: String,
+    armed: bool,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let leases = Arc::clone(&self.leases);
+        let (key, waiter) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.waiter),
+        );
+        spawn_cleanup(async move {
+            if let Ok(client) = leases.client().await {
+                let _ = client
+                    .execute(
+                        "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
+                        &[&key, &waiter],
+                    )
+                    .await;
+            }
+        });
     }
 }
 

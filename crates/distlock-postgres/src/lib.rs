@@ -18,12 +18,20 @@
 //! locks as long as its connection lives), lock-delay. It does not work
 //! through a pooler in transaction mode, such as PgBouncer.
 //!
+//! `status` answers for one key, from `pg_locks`: its holders and waiters
+//! (the waiters in the order their current wait began), each with its
+//! session's owner as `application_name`, which PostgreSQL cuts to 63
+//! bytes; no tokens or times held. A prefix cannot be listed: the locks
+//! are numbers.
+//!
 //! # A lease table (`?mode=lease`)
 //!
 //! A lock is a row per holder in `distlock_leases_v2`, with the time its
 //! lease ends by the server's clock; a lease outlives its connection.
 //! Exclusive, shared and semaphore modes; waiters are woken by
 //! LISTEN/NOTIFY. Not given: FIFO order, writer preference, lock-delay.
+//! `status` lists holders (owner, token, time held, lease left) and
+//! waiters (owner, mode, time waited) by key or prefix, from the rows.
 //! Needs READ COMMITTED (the default) and, on first connect, the right to
 //! create tables and functions. Through a pooler in transaction mode it
 //! works if the pooler keeps prepared statements (PgBouncer 1.21 or later
@@ -52,6 +60,7 @@ mod advisory;
 mod cancel;
 mod connect;
 mod lease;
+mod status;
 mod tokens;
 
 use std::str::FromStr;
@@ -59,6 +68,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -168,10 +178,13 @@ impl PostgresStore {
         capabilities.fencing = Fencing::Durable;
         capabilities.lease_expiry = true;
         capabilities.session = SessionModel::Lease;
+        capabilities.status = true;
+        capabilities.keeps_owner = true;
         capabilities
     }
 
-    /// What advisory locks give.
+    /// What advisory locks give. `status` answers for one key only (a
+    /// prefix cannot be listed), so it is not claimed.
     pub fn capabilities() -> Capabilities {
         let mut capabilities = Capabilities::minimal("postgres");
         capabilities.shared = true;
@@ -199,7 +212,11 @@ impl LockStore for PostgresStore {
                 options,
             )));
         }
-        let client = connect::open(&self.config, &self.target).await?;
+        // Who the session is, where `pg_stat_activity` (and `status`)
+        // shows it; in the start-up message, so it costs no round trip.
+        let mut config = self.config.clone();
+        config.application_name(&options.owner);
+        let client = connect::open(&config, &self.target).await?;
         Ok(Box::new(
             advisory::AdvisorySession::open(
                 client,
@@ -209,5 +226,16 @@ impl LockStore for PostgresStore {
             )
             .await?,
         ))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        if let Some(leases) = &self.leases {
+            return leases.status(query).await;
+        }
+        let StatusQuery::Key(key) = query else {
+            return status::advisory_prefix();
+        };
+        let client = connect::open(&self.config, &self.target).await?;
+        status::advisory(&client, &self.target, key).await
     }
 }
