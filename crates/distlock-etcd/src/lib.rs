@@ -15,16 +15,25 @@
 //!   An attempt that ends without the lock deletes its key (in the
 //!   background if it was dropped); the lease takes it in any case.
 //!
+//! - Each queue key's value is its mode and its session's owner, written by
+//!   the put that joins the queue. `status` reads the queues in one range
+//!   read and splits them with the same decision: holders (token, lease
+//!   left), then waiters in queue order; etcd keeps no time with a key, so
+//!   how long each has held or waited is not known.
+//!
 //! `lost()` fires when a renewal finds the lease gone or a held key deleted.
 //! Not given: lock-delay.
 //!
 //! See `docs/0005-etcd.md` for the reasoning.
 
+mod entry;
 mod session;
+mod status;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use etcd_client::{Client, ConnectOptions};
@@ -59,6 +68,17 @@ pub(crate) fn unavailable(endpoints: &str, err: &dyn std::fmt::Display) -> Error
     Error::unavailable(format!(
         "etcd at {endpoints}: {err}; check the endpoints and that etcd runs"
     ))
+}
+
+/// A call bounded in time, its error explained.
+pub(crate) async fn call<T>(
+    endpoints: &str,
+    call: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| timed_out(endpoints))?
+        .map_err(|err| etcd_error(endpoints, err))
 }
 
 pub(crate) fn timed_out(endpoints: &str) -> Error {
@@ -114,9 +134,13 @@ impl EtcdStore {
         })
     }
 
-    /// What etcd gives: what every store with a queue per key does.
+    /// What etcd gives: what every store with a queue per key does, and
+    /// `status` with each entry's owner.
     pub fn capabilities() -> Capabilities {
-        distlock_core::store::queue::capabilities("etcd")
+        let mut caps = distlock_core::store::queue::capabilities("etcd");
+        caps.status = true;
+        caps.keeps_owner = true;
+        caps
     }
 }
 
@@ -131,5 +155,9 @@ impl LockStore for EtcdStore {
             session::EtcdSession::open(self.client.clone(), self.endpoints.clone(), options)
                 .await?,
         ))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        self.read_status(query).await
     }
 }

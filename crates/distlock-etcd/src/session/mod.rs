@@ -14,20 +14,17 @@ use etcd_client::{
     Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse,
 };
 
-use crate::{etcd_error, timed_out, unavailable, CALL_TIMEOUT, PREFIX};
+use crate::entry::lock_prefix;
+use crate::{unavailable, CALL_TIMEOUT};
 
 mod queue;
-
-/// The keys of one lock start with this: the name with `%` and `/` escaped,
-/// so that no lock's prefix is another's.
-fn lock_prefix(name: &str) -> String {
-    format!("{PREFIX}{}/", name.replace('%', "%25").replace('/', "%2F"))
-}
 
 pub(crate) struct EtcdSession {
     client: Client,
     endpoints: String,
     lease: i64,
+    /// Who the session says it is: written into each of its queue entries.
+    owner: String,
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
     /// The queue keys of the locks held, by lock name.
     held: Mutex<HashMap<String, String>>,
@@ -57,6 +54,7 @@ impl EtcdSession {
             client,
             endpoints,
             lease: 0,
+            owner: options.owner.clone(),
             keeper: tokio::sync::Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             leaving: Arc::new(Mutex::new(HashSet::new())),
@@ -75,10 +73,7 @@ impl EtcdSession {
         &self,
         call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
     ) -> Result<T> {
-        tokio::time::timeout(CALL_TIMEOUT, call)
-            .await
-            .map_err(|_| timed_out(&self.endpoints))?
-            .map_err(|err| etcd_error(&self.endpoints, err))
+        crate::call(&self.endpoints, call).await
     }
 
     /// The queue key for an attempt on lock `name`: the session's lease and

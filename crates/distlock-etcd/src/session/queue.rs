@@ -13,7 +13,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use super::{lock_prefix, EtcdSession, Leave, MAX_SLOTS};
-use crate::unavailable;
+use crate::{entry, unavailable};
 
 /// A lock's queue as it is read: every key under its prefix, oldest first.
 fn queue_options() -> GetOptions {
@@ -96,10 +96,7 @@ impl EtcdSession {
             };
             let mine = &kvs[position];
             let earlier = &kvs[..position];
-            let tags: Vec<&str> = earlier
-                .iter()
-                .map(|kv| std::str::from_utf8(kv.value()).unwrap_or_default())
-                .collect();
+            let tags: Vec<&str> = earlier.iter().map(|kv| entry::tag(kv.value())).collect();
             let Some(blocker) = queue::blocker(request.mode, &tags) else {
                 leave.armed = false;
                 self.held().insert(request.key.clone(), me);
@@ -131,7 +128,8 @@ impl EtcdSession {
         request: &AcquireRequest,
         prefix: &str,
     ) -> Result<(String, Leave, TxnResponse)> {
-        let mode = request.mode.tag();
+        // The owner goes in the put that joins: no extra round trip.
+        let value = entry::value(request.mode, &self.owner);
         let mut strays = 0;
         loop {
             let me = self.new_key(&request.key)?;
@@ -147,7 +145,7 @@ impl EtcdSession {
                 .and_then([
                     TxnOp::put(
                         me.as_str(),
-                        mode.as_str(),
+                        value.as_str(),
                         Some(etcd_client::PutOptions::new().with_lease(self.lease)),
                     ),
                     TxnOp::get(prefix, Some(queue_options())),

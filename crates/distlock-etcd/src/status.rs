@@ -1,0 +1,159 @@
+//! `status`: the queues of the keys asked about, read in one range read and
+//! split into holders and waiters by the core's queue decision.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use distlock_core::status::{HolderStatus, KeyStatus, Status, StatusQuery, WaiterStatus};
+use distlock_core::store::queue;
+use distlock_core::store::Mode;
+use distlock_core::Result;
+use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+
+use crate::entry::{self, escape, lock_prefix};
+use crate::{call, EtcdStore, PREFIX};
+
+/// The mode a tag names. A tag that names none blocks like a writer in
+/// the queue decision, and is shown as one.
+fn mode_of(tag: &str) -> Mode {
+    Mode::from_tag(tag).unwrap_or(Mode::Exclusive)
+}
+
+/// Which entries of a queue (by their tags, oldest first) the queue
+/// decision grants now: the holders; the rest wait.
+fn granted<T: AsRef<str>>(tags: &[T]) -> Vec<bool> {
+    (0..tags.len())
+        .map(|at| queue::blocker(mode_of(tags[at].as_ref()), &tags[..at]).is_none())
+        .collect()
+}
+
+impl EtcdStore {
+    /// Reads the queues `query` names, in one range read, and then the time
+    /// left of each holder's lease.
+    pub(crate) async fn read_status(&self, query: &StatusQuery) -> Result<Status> {
+        let range = match query {
+            StatusQuery::Key(key) => lock_prefix(key),
+            StatusQuery::Prefix(prefix) => format!("{PREFIX}{}", escape(prefix)),
+        };
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let read = call(
+            &self.endpoints,
+            self.client.clone().get(range, Some(options)),
+        )
+        .await?;
+        // By lock, each queue oldest first; sorted by key.
+        let mut queues: BTreeMap<String, Vec<&KeyValue>> = BTreeMap::new();
+        for kv in read.kvs() {
+            match entry::lock_name(kv.key()) {
+                Some(name) if query.matches(&name) => queues.entry(name).or_default().push(kv),
+                _ => {}
+            }
+        }
+        let (mut keys, holder_leases): (Vec<KeyStatus>, Vec<Vec<i64>>) = queues
+            .into_iter()
+            .map(|(key, queue)| key_status(key, &queue))
+            .unzip();
+        let mut leases: Vec<i64> = holder_leases.iter().flatten().copied().collect();
+        leases.sort_unstable();
+        leases.dedup();
+        let left = self.leases_left(&leases).await?;
+        for (key, leases) in keys.iter_mut().zip(&holder_leases) {
+            for (holder, lease) in key.holders.iter_mut().zip(leases) {
+                holder.lease_left = left.get(lease).copied();
+            }
+        }
+        Ok(Status {
+            keys,
+            counters: None,
+        })
+    }
+
+    /// The time left of each lease, asked all at once. A lease etcd no
+    /// longer knows has none left (its keys go a moment later).
+    async fn leases_left(&self, leases: &[i64]) -> Result<HashMap<i64, Duration>> {
+        let asked = leases.iter().map(|&lease| async move {
+            let answer = call(
+                &self.endpoints,
+                self.client.clone().lease_time_to_live(lease, None),
+            )
+            .await;
+            match answer {
+                Ok(answer) => Ok((lease, u64::try_from(answer.ttl()).unwrap_or(0))),
+                Err(err) if err.message().contains("lease not found") => Ok((lease, 0)),
+                Err(err) => Err(err),
+            }
+        });
+        let answers = futures::future::try_join_all(asked).await?;
+        Ok(answers
+            .into_iter()
+            .map(|(lease, seconds)| (lease, Duration::from_secs(seconds)))
+            .collect())
+    }
+}
+
+/// One lock's queue, oldest first, as holders and waiters, and the lease of
+/// each holder. etcd keeps no time with a key: how long each has held or
+/// waited is not known.
+fn key_status(key: String, queue: &[&KeyValue]) -> (KeyStatus, Vec<i64>) {
+    let tags: Vec<&str> = queue.iter().map(|kv| entry::tag(kv.value())).collect();
+    let mut status = KeyStatus {
+        key,
+        holders: Vec::new(),
+        waiters: Vec::new(),
+        last_token: None,
+    };
+    let mut leases = Vec::new();
+    for ((kv, tag), holds) in queue.iter().zip(&tags).zip(granted(&tags)) {
+        let (session, owner, mode) = (
+            format!("{:016x}", kv.lease()),
+            entry::owner(kv.value()),
+            mode_of(tag),
+        );
+        if holds {
+            leases.push(kv.lease());
+            status.holders.push(HolderStatus {
+                session,
+                owner,
+                mode,
+                token: u64::try_from(kv.create_revision()).ok(),
+                held_for: None,
+                lease_left: None,
+            });
+        } else {
+            status.waiters.push(WaiterStatus {
+                session,
+                owner,
+                mode,
+                waiting_for: None,
+            });
+        }
+    }
+    (status, leases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_decision_splits_holders_from_waiters() {
+        assert_eq!(granted(&["x", "x", "s"]), [true, false, false]);
+        assert_eq!(granted(&["s", "s", "x", "s"]), [true, true, false, false]);
+        assert_eq!(granted(&["p2", "p2", "p2"]), [true, true, false]);
+        assert_eq!(granted(&["garbage", "s"]), [true, false]);
+        let none: [&str; 0] = [];
+        assert!(granted(&none).is_empty());
+    }
+
+    #[test]
+    fn tags_give_their_mode() {
+        assert_eq!(mode_of("x"), Mode::Exclusive);
+        assert_eq!(mode_of("s"), Mode::Shared);
+        assert_eq!(mode_of("p12"), Mode::Semaphore { permits: 12 });
+        for odd in ["p0", "p", "", "q"] {
+            assert_eq!(mode_of(odd), Mode::Exclusive, "{odd}");
+        }
+    }
+}
