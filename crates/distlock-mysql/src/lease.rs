@@ -17,7 +17,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{IsolationLevel, Pool, TxOpts};
+use mysql_async::{Conn, IsolationLevel, Pool, TxOpts};
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error, server_code};
@@ -38,10 +38,58 @@ pub(crate) const SETUP: &[&str] = &[
         holder VARCHAR(64) NOT NULL,
         mode VARCHAR(16) NOT NULL,
         expires_at DATETIME(6) NOT NULL,
+        lock_key VARBINARY(1024) NULL,
+        owner VARCHAR(256) CHARACTER SET utf8mb4 NULL,
+        token BIGINT UNSIGNED NULL,
+        granted_at DATETIME(6) NULL,
         PRIMARY KEY (key_hash, holder),
         KEY (holder)
     ) ENGINE=InnoDB",
 ];
+
+/// The columns `status` reads, which a table made by an older version
+/// lacks (its rows have them NULL): the key itself, the owner, the token
+/// and the grant time.
+const STATUS_COLUMNS: [(&str, &str); 4] = [
+    ("lock_key", "VARBINARY(1024) NULL"),
+    ("owner", "VARCHAR(256) CHARACTER SET utf8mb4 NULL"),
+    ("token", "BIGINT UNSIGNED NULL"),
+    ("granted_at", "DATETIME(6) NULL"),
+];
+
+/// `ER_DUP_FIELDNAME`: another client added the column first.
+const ER_DUP_FIELDNAME: u16 = 1060;
+
+/// Adds the [`STATUS_COLUMNS`] a table of an older version lacks. Looked up
+/// first, since MySQL 8 has no `ADD COLUMN IF NOT EXISTS` and an `ALTER
+/// TABLE` takes a metadata lock even when there is nothing to do.
+pub(crate) async fn add_status_columns(conn: &mut Conn, target: &str) -> Result<()> {
+    let present: Vec<String> = conn
+        .query(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'distlock_leases'",
+        )
+        .await
+        .map_err(|err| query_error(target, err))?;
+    for (name, definition) in STATUS_COLUMNS {
+        if present
+            .iter()
+            .any(|column| column.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        let added = conn
+            .query_drop(format!(
+                "ALTER TABLE distlock_leases ADD COLUMN {name} {definition}"
+            ))
+            .await;
+        match added {
+            Err(mysql_async::Error::Server(err)) if err.code == ER_DUP_FIELDNAME => {}
+            other => other.map_err(|err| query_error(target, err))?,
+        }
+    }
+    Ok(())
+}
 
 pub(crate) struct LeaseSession {
     pool: Pool,
@@ -49,6 +97,8 @@ pub(crate) struct LeaseSession {
     tokens: Tokens,
     id: String,
     ttl: Duration,
+    /// Written with each hold, for `status`.
+    owner: String,
     /// The holds of this session, by key: token and holder name.
     held: Mutex<HashMap<String, (u64, String)>>,
 }
@@ -70,6 +120,7 @@ impl LeaseSession {
             tokens,
             id: format!("{:016x}", rand::random::<u64>()),
             ttl: options.ttl,
+            owner: options.owner.clone(),
             held: Mutex::new(HashMap::new()),
         }
     }
@@ -162,22 +213,29 @@ impl LeaseSession {
             // Dropping the transaction rolls it back.
             return Ok(None);
         }
+        // The token first, so that the row keeps it; the key's row lock
+        // orders the grants of a key either way.
         let grant = async {
-            tx.exec_drop(
-                "INSERT INTO distlock_leases (key_hash, holder, mode, expires_at)
-                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
-                (key, holder, mode, micros(self.ttl)),
-            )
-            .await?;
-            let token = match self.tokens {
+            let token: Option<u64> = match self.tokens {
                 Tokens::Sequence => tx.query_first("SELECT NEXTVAL(distlock_token_seq)").await?,
                 Tokens::Table => {
                     tx.exec_drop(NEXT_TOKEN, (key,)).await?;
                     tx.last_insert_id()
                 }
             };
+            let Some(token) = token else {
+                return Ok(None);
+            };
+            tx.exec_drop(
+                "INSERT INTO distlock_leases
+                 (key_hash, holder, mode, expires_at, lock_key, owner, token, granted_at)
+                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND,
+                         ?, ?, ?, UTC_TIMESTAMP(6))",
+                (key, holder, mode, micros(self.ttl), key, &self.owner, token),
+            )
+            .await?;
             tx.commit().await?;
-            Ok::<_, mysql_async::Error>(token)
+            Ok::<_, mysql_async::Error>(Some(token))
         };
         let token = grant.await.map_err(|err| self.error(err))?;
         token

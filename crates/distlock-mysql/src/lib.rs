@@ -17,13 +17,20 @@
 //! Not given: shared locks and semaphores, FIFO order, leases (a frozen
 //! client keeps its locks while its connection lives), lock-delay.
 //!
+//! `status` shows the holding connection of one key (`IS_USED_LOCK`);
+//! no owner, token or waiters, which the server does not keep or show by
+//! name. A prefix is listed only through MariaDB's `metadata_lock_info`
+//! plugin, and then only keys that are their own lock names.
+//!
 //! # A lease table (`?mode=lease`)
 //!
 //! A row per holder with the time its lease ends by the server's clock.
 //! Exclusive, shared and semaphore modes; no session touches another's
 //! hold. Servers that log statement-based binary logs refuse the READ
 //! COMMITTED it needs: use row-based logging. MySQL has no notifications,
-//! so a waiter is polled (jittered back-off, 1 to 50 ms).
+//! so a waiter is polled (jittered back-off, 1 to 50 ms). `status` lists
+//! holders (owner, token, time held, lease left) by key or prefix, from
+//! the rows; there are no waiters to list.
 //!
 //! # Fencing tokens
 //!
@@ -46,11 +53,13 @@
 mod connect;
 mod lease;
 mod named;
+mod status;
 mod tokens;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -173,6 +182,7 @@ impl MysqlStore {
                         .await
                         .map_err(|err| connect::query_error(&store.target, err))?;
                 }
+                lease::add_status_columns(&mut conn, &store.target).await?;
             }
             Ok::<_, Error>(tokens)
         };
@@ -188,7 +198,9 @@ impl MysqlStore {
         Ok(store)
     }
 
-    /// What named locks give.
+    /// What named locks give. `status` lists a prefix only where the
+    /// server can (MariaDB's `metadata_lock_info` plugin), so it is not
+    /// claimed.
     pub fn capabilities() -> Capabilities {
         let mut capabilities = Capabilities::minimal("mysql");
         capabilities.push_wakeup = true;
@@ -205,6 +217,8 @@ impl MysqlStore {
         capabilities.fencing = Fencing::Durable;
         capabilities.lease_expiry = true;
         capabilities.session = SessionModel::Lease;
+        capabilities.status = true;
+        capabilities.keeps_owner = true;
         capabilities
     }
 }
@@ -251,6 +265,15 @@ impl LockStore for MysqlStore {
             )
             .await?,
         ))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        let mut conn = connect::pooled(&self.pool, &self.target).await?;
+        if self.lease {
+            status::leases(&mut conn, &self.target, query).await
+        } else {
+            status::named(&mut conn, &self.target, query).await
+        }
     }
 }
 

@@ -22,6 +22,9 @@ use crate::Tokens;
 /// The longest lock name the server takes, in characters.
 const MAX_NAME: usize = 64;
 
+/// What the name of a key that is its own name starts with.
+pub(crate) const NAME_PREFIX: &str = "dl:";
+
 /// The server's name for lock `key`: `dl:KEY` for a short key of printable
 /// ASCII, else `dl#HASH#` and the key's first ASCII letters and digits.
 /// Servers limit names (64 characters on MySQL, 192 bytes on MariaDB), MySQL
@@ -32,8 +35,8 @@ const MAX_NAME: usize = 64;
 /// either at once.
 pub(crate) fn lock_name(key: &str) -> String {
     let printable = key.bytes().all(|byte| (0x20..0x7f).contains(&byte));
-    if printable && key.len() + 3 <= MAX_NAME {
-        return format!("dl:{key}");
+    if printable && key.len() + NAME_PREFIX.len() <= MAX_NAME {
+        return format!("{NAME_PREFIX}{key}");
     }
     let hash = distlock_core::key_hash(key);
     let head: String = key
