@@ -19,6 +19,12 @@
 //!   its node (in the background if it was dropped); the session takes it
 //!   in any case.
 //!
+//! - Each queue node's data is its session's owner, written by the create
+//!   that joins the queue. `status` reads the queues (for a prefix, the lock
+//!   directories whose names decode to a key under it) and splits them with
+//!   the same decision: holders (token, time since their node was made),
+//!   then waiters in queue order. Another session's time left is not known.
+//!
 //! `lost()` fires when a renewal finds the session expired or a held node
 //! gone; while the connection is down the session is lost at its deadline,
 //! no later than ZooKeeper's own expiry. Not given: lock-delay.
@@ -26,12 +32,15 @@
 //! See `docs/0006-zookeeper.md` for the reasoning.
 
 mod session;
+mod status;
 
 pub use session::lock_dir;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
@@ -49,6 +58,9 @@ pub struct ZkStore {
     connect: String,
     /// The hosts, for messages.
     hosts: String,
+    /// The client `status` reads with: made at its first use, and again
+    /// once its session has ended.
+    reader: Arc<tokio::sync::Mutex<Option<Client>>>,
 }
 
 impl std::fmt::Debug for ZkStore {
@@ -191,12 +203,39 @@ impl ZkStore {
         Ok(ZkStore {
             connect: format!("{hosts}{chroot}"),
             hosts,
+            reader: Arc::default(),
         })
     }
 
-    /// What ZooKeeper gives: what every store with a queue per key does.
+    /// What ZooKeeper gives: what every store with a queue per key does, and
+    /// `status` with each node's owner.
     pub fn capabilities() -> Capabilities {
-        distlock_core::store::queue::capabilities("zookeeper")
+        let mut caps = distlock_core::store::queue::capabilities("zookeeper");
+        caps.status = true;
+        caps.keeps_owner = true;
+        caps
+    }
+
+    /// The client `status` reads with.
+    async fn reader(&self) -> Result<Client> {
+        let mut reader = self.reader.lock().await;
+        if let Some(client) = reader.as_ref() {
+            if !client.state().is_terminated() {
+                return Ok(client.clone());
+            }
+        }
+        let client = tokio::time::timeout(
+            CALL_TIMEOUT,
+            Client::connector()
+                .with_session_timeout(CALL_TIMEOUT)
+                .with_fail_eagerly()
+                .connect(&self.connect),
+        )
+        .await
+        .map_err(|_| timed_out(&self.hosts))?
+        .map_err(|err| zk_error(&self.hosts, &err))?;
+        *reader = Some(client.clone());
+        Ok(client)
     }
 }
 
@@ -210,6 +249,10 @@ impl LockStore for ZkStore {
         Ok(Box::new(
             session::ZkSession::open(&self.connect, &self.hosts, options).await?,
         ))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        self.read_status(query).await
     }
 }
 

@@ -19,6 +19,7 @@ use crate::{timed_out, zk_error, BASE, CALL_TIMEOUT};
 
 mod queue;
 
+pub(crate) use queue::ordered;
 use queue::Leave;
 
 /// How many nodes one renewal checks in one transaction (their paths must
@@ -58,8 +59,26 @@ pub fn lock_dir(name: &str) -> String {
     format!("{BASE}/{escaped}")
 }
 
+/// The lock whose directory is `BASE/name`; `None` for a node the store
+/// did not make.
+pub(crate) fn key_of(name: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(at) = rest.find('%') {
+        bytes.extend_from_slice(&rest.as_bytes()[..at]);
+        let hex = rest.get(at + 1..at + 3)?;
+        bytes.push(u8::from_str_radix(hex, 16).ok()?);
+        rest = &rest[at + 3..];
+    }
+    bytes.extend_from_slice(rest.as_bytes());
+    let key = String::from_utf8(bytes).ok()?;
+    // Only the one spelling `lock_dir` writes (`%41` is not `A`'s).
+    let dir = lock_dir(&key);
+    (dir.strip_prefix(BASE)?.strip_prefix('/')? == name).then_some(key)
+}
+
 /// A queue node's name is `TAG-NONCE-SEQUENCE`.
-fn tag_of(name: &str) -> &str {
+pub(crate) fn tag_of(name: &str) -> &str {
     name.split('-').next().unwrap_or_default()
 }
 
@@ -135,6 +154,8 @@ impl Drop for Attempt<'_> {
 pub(crate) struct ZkSession {
     shared: Arc<Shared>,
     hosts: String,
+    /// Who the session says it is: the data of each of its queue nodes.
+    owner: String,
     /// The nodes of the locks held, by lock name: each attempt has a node of
     /// its own, so that nothing left of one attempt is ever taken for
     /// another.
@@ -143,7 +164,7 @@ pub(crate) struct ZkSession {
 
 /// A call's outcome with ZooKeeper's own error kept, to tell apart the
 /// errors that are answers (`NoNode`, `NodeExists`).
-async fn raw<T, E>(
+pub(crate) async fn raw<T, E>(
     hosts: &str,
     call: impl std::future::Future<Output = std::result::Result<T, E>>,
 ) -> Result<std::result::Result<T, E>> {
@@ -179,6 +200,7 @@ impl ZkSession {
                 frozen: std::sync::atomic::AtomicBool::new(false),
             }),
             hosts: hosts.to_owned(),
+            owner: options.owner.clone(),
             held: Mutex::new(HashMap::new()),
         };
         // ZooKeeper rounds to milliseconds.
@@ -430,6 +452,18 @@ mod tests {
         assert_eq!(lock_dir("x\ny"), "/distlock/x%0Ay");
         assert_eq!(lock_dir("ü"), "/distlock/ü");
         assert_eq!(lock_dir("🔒"), "/distlock/%F0%9F%94%92");
+    }
+
+    #[test]
+    fn directories_give_their_lock_back() {
+        for key in ["a/b", "a%2Fb", ".", "..", "%2E", "x\ny", "ü", "🔒", "a b-c"] {
+            let dir = lock_dir(key);
+            let name = dir.strip_prefix("/distlock/").expect("under /distlock");
+            assert_eq!(key_of(name).as_deref(), Some(key), "{dir}");
+        }
+        for foreign in ["%41", "%2e", "%2", "%zz", "a/b", "%FF"] {
+            assert_eq!(key_of(foreign), None, "{foreign}");
+        }
     }
 
     #[test]

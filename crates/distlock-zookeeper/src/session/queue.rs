@@ -22,8 +22,9 @@ enum Step {
 }
 
 impl ZkSession {
-    /// Creates the attempt's node `PREFIX` + sequence, making the lock's
-    /// directory (and `/distlock`) if missing.
+    /// Creates the attempt's node `PREFIX` + sequence, the session's owner
+    /// as its data, making the lock's directory (and `/distlock`) if
+    /// missing.
     async fn join(
         &self,
         client: &Client,
@@ -34,7 +35,9 @@ impl ZkSession {
         let container = CreateMode::Container.with_acls(Acls::anyone_all());
         let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
         for _ in 0..5 {
-            match raw(&self.hosts, client.create(prefix, b"", &node)).await? {
+            // The owner goes in the create that joins: no extra round trip.
+            let owner = self.owner.as_bytes();
+            match raw(&self.hosts, client.create(prefix, owner, &node)).await? {
                 Ok(made) => return Ok(made),
                 // The directory is missing: the lock's first use, or its
                 // empty container was reaped.
@@ -187,7 +190,7 @@ impl ZkSession {
 }
 
 /// The queue nodes among `children`, in the order of their sequence.
-fn ordered(children: &[String]) -> Vec<(i64, &str)> {
+pub(crate) fn ordered(children: &[String]) -> Vec<(i64, &str)> {
     let mut queue: Vec<(i64, &str)> = children
         .iter()
         .filter_map(|name| Some((sequence_of(name)?, name.as_str())))
