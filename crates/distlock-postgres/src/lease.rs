@@ -18,13 +18,13 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 
 use crate::connect::{open, query_error};
 use crate::tokens;
+use crate::wakeup::{keep_listening, listen, Listeners, Watch};
 
 /// The table, and the functions that change it, each one statement. The
 /// table is UNLOGGED: no change to it waits for a disk flush. PostgreSQL
@@ -187,12 +187,6 @@ const RENEW: &str = "UPDATE distlock_leases_v2
     WHERE holder = ANY($1) AND expires_at > clock_timestamp()
     RETURNING key";
 
-/// The keys waited on, with how many wait and what wakes them.
-type Waiting = Mutex<HashMap<String, (usize, Arc<Notify>)>>;
-
-/// [`Waiting`], shared with the listener.
-type Listeners = Arc<Waiting>;
-
 /// What lease sessions of one store share: a connection for statements
 /// (each one its own transaction, so one connection serves every session)
 /// and the listener of releases.
@@ -249,132 +243,8 @@ impl Leases {
             .map_err(|err| query_error(&self.target, err))
     }
 
-    fn watch(self: &Arc<Self>, key: &str) -> Watch {
-        let notify = {
-            let mut listeners = guard(&self.listeners);
-            let entry = listeners
-                .entry(key.to_owned())
-                .or_insert_with(|| (0, Arc::new(Notify::new())));
-            entry.0 += 1;
-            Arc::clone(&entry.1)
-        };
-        Watch {
-            leases: Arc::clone(self),
-            key: key.to_owned(),
-            notify,
-        }
-    }
-}
-
-/// A connection that listens for releases: its client (which keeps it
-/// open) and the connection itself, whose messages the listener reads.
-type Listening = (
-    Client,
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-);
-
-async fn listen(config: &Config, target: &str) -> Result<Listening> {
-    let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
-    let (client, mut connection) = connecting
-        .await
-        .map_err(|_| {
-            Error::unavailable(format!("PostgreSQL at {target} did not finish connecting"))
-        })?
-        .map_err(|err| query_error(target, err))?;
-    // The connection must be driven for LISTEN to be answered.
-    {
-        let listen = client.batch_execute("LISTEN distlock_released");
-        tokio::pin!(listen);
-        loop {
-            tokio::select! {
-                done = &mut listen => {
-                    done.map_err(|err| query_error(target, err))?;
-                    break;
-                }
-                message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
-                    if !matches!(message, Some(Ok(_))) {
-                        return Err(Error::unavailable(format!(
-                            "PostgreSQL at {target} closed the listening connection"
-                        )));
-                    }
-                }
-            }
-        }
-    }
-    Ok((client, connection))
-}
-
-/// Hands out release notifications until the store is dropped, listening
-/// again (after a pause) whenever the connection breaks; every break wakes
-/// every waiter, so that none sleeps through a release it missed.
-async fn keep_listening(
-    config: Config,
-    target: String,
-    listeners: std::sync::Weak<Waiting>,
-    first: Listening,
-) {
-    let mut listening = Some(first);
-    loop {
-        if let Some((_client, mut connection)) = listening.take() {
-            loop {
-                let message = tokio::select! {
-                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => message,
-                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
-                        if listeners.strong_count() == 0 {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-                let Some(delivered) = listeners.upgrade() else {
-                    return;
-                };
-                match message {
-                    Some(Ok(AsyncMessage::Notification(note))) => {
-                        let notify = guard(&delivered)
-                            .get(note.payload())
-                            .map(|(_, notify)| Arc::clone(notify));
-                        if let Some(notify) = notify {
-                            notify.notify_waiters();
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break,
-                }
-            }
-            let Some(delivered) = listeners.upgrade() else {
-                return;
-            };
-            tracing::warn!(
-                "the PostgreSQL listening connection to {target} broke; listening again"
-            );
-            for (_, notify) in guard(&delivered).values() {
-                notify.notify_waiters();
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        if listeners.strong_count() == 0 {
-            return;
-        }
-        listening = listen(&config, &target).await.ok();
-    }
-}
-
-struct Watch {
-    leases: Arc<Leases>,
-    key: String,
-    notify: Arc<Notify>,
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let mut listeners = guard(&self.leases.listeners);
-        if let Some(entry) = listeners.get_mut(&self.key) {
-            entry.0 -= 1;
-            if entry.0 == 0 {
-                listeners.remove(&self.key);
-            }
-        }
+    fn watch(&self, key: &str) -> Watch {
+        Watch::new(&self.listeners, key)
     }
 }
 

@@ -62,6 +62,7 @@ mod connect;
 mod lease;
 mod status;
 mod tokens;
+mod wakeup;
 
 use std::str::FromStr;
 use std::sync::Arc;
