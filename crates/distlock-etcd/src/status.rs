@@ -9,9 +9,13 @@ use distlock_core::store::queue;
 use distlock_core::store::Mode;
 use distlock_core::Result;
 use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+use futures::{StreamExt, TryStreamExt};
 
 use crate::entry::{self, escape, lock_prefix};
 use crate::{call, EtcdStore, PREFIX};
+
+/// How many leases a status asks about at once.
+const AT_ONCE: usize = 32;
 
 /// The mode a tag names. A tag that names none blocks like a writer in
 /// the queue decision, and is shown as one.
@@ -70,22 +74,29 @@ impl EtcdStore {
         })
     }
 
-    /// The time left of each lease, asked all at once. A lease etcd no
-    /// longer knows has none left (its keys go a moment later).
+    /// The time left of each lease, asked [`AT_ONCE`] at a time. A lease
+    /// etcd no longer knows has none left (its keys go a moment later).
     async fn leases_left(&self, leases: &[i64]) -> Result<HashMap<i64, Duration>> {
-        let asked = leases.iter().map(|&lease| async move {
-            let answer = call(
-                &self.endpoints,
-                self.client.clone().lease_time_to_live(lease, None),
-            )
-            .await;
-            match answer {
-                Ok(answer) => Ok((lease, u64::try_from(answer.ttl()).unwrap_or(0))),
-                Err(err) if err.message().contains("lease not found") => Ok((lease, 0)),
-                Err(err) => Err(err),
-            }
-        });
-        let answers = futures::future::try_join_all(asked).await?;
+        // Made first: a stream that maps with a closure would not be `Send`.
+        let asked: Vec<_> = leases
+            .iter()
+            .map(|&lease| async move {
+                let answer = call(
+                    &self.endpoints,
+                    self.client.clone().lease_time_to_live(lease, None),
+                )
+                .await;
+                match answer {
+                    Ok(answer) => Ok((lease, u64::try_from(answer.ttl()).unwrap_or(0))),
+                    Err(err) if err.message().contains("lease not found") => Ok((lease, 0)),
+                    Err(err) => Err(err),
+                }
+            })
+            .collect();
+        let answers: Vec<(i64, u64)> = futures::stream::iter(asked)
+            .buffer_unordered(AT_ONCE)
+            .try_collect()
+            .await?;
         Ok(answers
             .into_iter()
             .map(|(lease, seconds)| (lease, Duration::from_secs(seconds)))

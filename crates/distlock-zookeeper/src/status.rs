@@ -8,10 +8,14 @@ use distlock_core::status::{HolderStatus, KeyStatus, Status, StatusQuery, Waiter
 use distlock_core::store::{queue, Mode};
 use distlock_core::Result;
 use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
 use zookeeper_client::{Client, Error as ZkError, Stat};
 
 use crate::session::{key_of, lock_dir, ordered, raw, tag_of};
 use crate::{zk_error, ZkStore, BASE};
+
+/// How many queues a status reads at once.
+const AT_ONCE: usize = 16;
 
 /// The mode a tag names. A tag that names none blocks like a writer in
 /// the queue decision, and is shown as one.
@@ -29,8 +33,8 @@ fn granted<T: AsRef<str>>(tags: &[T]) -> Vec<bool> {
 
 impl ZkStore {
     /// Reads the queues `query` names: the lock directories (for a prefix,
-    /// the children of `/distlock` whose lock matches), then each queue's
-    /// nodes, all at once.
+    /// the children of `/distlock` whose lock matches), [`AT_ONCE`] at a
+    /// time, each with all its nodes at once.
     pub(crate) async fn read_status(&self, query: &StatusQuery) -> Result<Status> {
         let client = self.reader().await?;
         let hosts = self.hosts.as_str();
@@ -57,7 +61,11 @@ impl ZkStore {
             }
         };
         let read = keys.into_iter().map(|key| read_queue(&client, hosts, key));
-        let mut keys: Vec<KeyStatus> = try_join_all(read).await?.into_iter().flatten().collect();
+        let read: Vec<Option<KeyStatus>> = futures::stream::iter(read)
+            .buffer_unordered(AT_ONCE)
+            .try_collect()
+            .await?;
+        let mut keys: Vec<KeyStatus> = read.into_iter().flatten().collect();
         keys.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(Status {
             keys,
