@@ -141,7 +141,7 @@ impl Instance {
 
     /// Runs `call` on the connection, giving up after `limit`; forgets a
     /// connection that failed, so that the next call makes one.
-    async fn within<T, F>(&self, limit: Duration, call: F) -> redis::RedisResult<T>
+    pub(crate) async fn within<T, F>(&self, limit: Duration, call: F) -> redis::RedisResult<T>
     where
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
@@ -167,22 +167,33 @@ impl Instance {
     }
 
     /// Runs an [`evalsha`] command, loading its script on NOSCRIPT, giving
-    /// up after `limit`.
+    /// up after `limit`; with `owner`, the session's owner write goes in the
+    /// same round trip, before it.
     async fn eval<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         cmd: &Cmd,
         limit: Duration,
+        owner: Option<&Cmd>,
     ) -> redis::RedisResult<T> {
         self.within(limit, async {
             let mut connection = self.connection().await?;
-            match cmd.query_async(&mut connection).await {
+            match query(&mut connection, cmd, owner).await {
                 Err(err) if err.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
                     script.load_async(&mut connection).await?;
-                    cmd.query_async(&mut connection).await
+                    query(&mut connection, cmd, owner).await
                 }
                 other => other,
             }
+        })
+        .await
+    }
+
+    /// Runs one plain command, such as the delete of a session's owner.
+    pub(crate) async fn send(&self, cmd: &Cmd) -> redis::RedisResult<()> {
+        self.within(CALL_TIMEOUT, async {
+            let mut connection = self.connection().await?;
+            cmd.query_async(&mut connection).await
         })
         .await
     }
@@ -196,12 +207,16 @@ impl Instance {
     /// only a hold that ran out in between (the TTL passing between two
     /// pipelined commands) could take a token below an earlier one's — and
     /// the core refuses a grant whose answer came after its lease.
+    ///
+    /// `owner`, the session's owner write if due, rides in the same round
+    /// trip.
     pub(crate) async fn fast_acquire(
         &self,
         keys: &LockKeys,
         member: &str,
         ttl_and_delay: Duration,
         limit: Duration,
+        owner: Option<&Cmd>,
     ) -> redis::RedisResult<Option<u64>> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -212,6 +227,9 @@ impl Instance {
             .arg(millis(ttl_and_delay))
             .cmd("INCR")
             .arg(&keys.fence);
+        if let Some(owner) = owner {
+            pipe.add_command(owner.clone()).ignore();
+        }
         let (set, token) = self
             .within(limit, async {
                 let mut connection = self.connection().await?;
@@ -226,6 +244,7 @@ impl Instance {
         &self,
         call: &AcquireCall<'_>,
         channel: &str,
+        owner: Option<&Cmd>,
     ) -> redis::RedisResult<Attempt> {
         let mut cmd = evalsha(scripts::acquire(), &call.keys.all());
         cmd.arg(call.member)
@@ -235,7 +254,9 @@ impl Instance {
             .arg(if call.waits { "1" } else { "0" })
             .arg(call.gen)
             .arg(channel);
-        let answer: Vec<Value> = self.eval(scripts::acquire(), &cmd, call.limit).await?;
+        let answer: Vec<Value> = self
+            .eval(scripts::acquire(), &cmd, call.limit, owner)
+            .await?;
         let status: i64 = match answer.first() {
             Some(value) => redis::from_redis_value(value.clone())?,
             None => 0,
@@ -267,7 +288,9 @@ impl Instance {
     ) -> redis::RedisResult<bool> {
         let mut cmd = evalsha(scripts::release(), &keys.all());
         cmd.arg(member).arg(millis(lock_delay));
-        let released: i64 = self.eval(scripts::release(), &cmd, CALL_TIMEOUT).await?;
+        let released: i64 = self
+            .eval(scripts::release(), &cmd, CALL_TIMEOUT, None)
+            .await?;
         Ok(released == 1)
     }
 
@@ -280,16 +303,20 @@ impl Instance {
     ) -> redis::RedisResult<()> {
         let mut cmd = evalsha(scripts::abandon(), &keys.all());
         cmd.arg(members);
-        let _: i64 = self.eval(scripts::abandon(), &cmd, CALL_TIMEOUT).await?;
+        let _: i64 = self
+            .eval(scripts::abandon(), &cmd, CALL_TIMEOUT, None)
+            .await?;
         Ok(())
     }
 
     /// Extends the leases of `held` (keys and members, with their
-    /// lock-delays); `true` for each one still held.
+    /// lock-delays); `true` for each one still held. `owner`, the session's
+    /// owner write if due, rides in the same round trip.
     pub(crate) async fn renew(
         &self,
         ttl: Duration,
         held: &[(&LockKeys, &str, Duration)],
+        owner: Option<&Cmd>,
     ) -> redis::RedisResult<Vec<bool>> {
         let all: Vec<&str> = held.iter().flat_map(|(keys, _, _)| keys.all()).collect();
         let mut cmd = evalsha(scripts::renew(), &all);
@@ -297,7 +324,9 @@ impl Instance {
         for (_, member, delay) in held {
             cmd.arg(*member).arg(millis(*delay));
         }
-        let flags: Vec<i64> = self.eval(scripts::renew(), &cmd, CALL_TIMEOUT).await?;
+        let flags: Vec<i64> = self
+            .eval(scripts::renew(), &cmd, CALL_TIMEOUT, owner)
+            .await?;
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
     }
 
@@ -305,9 +334,28 @@ impl Instance {
     pub(crate) async fn raise(&self, keys: &LockKeys, token: u64) -> redis::RedisResult<()> {
         let mut cmd = evalsha(scripts::raise(), &[&keys.fence]);
         cmd.arg(token);
-        let _: i64 = self.eval(scripts::raise(), &cmd, CALL_TIMEOUT).await?;
+        let _: i64 = self
+            .eval(scripts::raise(), &cmd, CALL_TIMEOUT, None)
+            .await?;
         Ok(())
     }
+}
+
+/// Runs `cmd`, after `owner` in the same round trip if given.
+async fn query<T: redis::FromRedisValue>(
+    connection: &mut MultiplexedConnection,
+    cmd: &Cmd,
+    owner: Option<&Cmd>,
+) -> redis::RedisResult<T> {
+    let Some(owner) = owner else {
+        return cmd.query_async(connection).await;
+    };
+    let mut pipe = redis::pipe();
+    pipe.add_command(owner.clone())
+        .ignore()
+        .add_command(cmd.clone());
+    let (answer,): (T,) = pipe.query_async(connection).await?;
+    Ok(answer)
 }
 
 /// An EVALSHA of `script` with `keys`, its arguments to be added: built in

@@ -61,6 +61,7 @@
 //! See `docs/0003-redis-queue.md` for how a lock is kept, and why.
 
 mod instance;
+mod owner;
 mod scripts;
 mod session;
 mod wake;

@@ -18,6 +18,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use crate::instance::{AcquireCall, Failures, Instance};
+use crate::owner::{Owner, OwnerWrite};
 use crate::scripts::LockKeys;
 use crate::Shared;
 
@@ -45,6 +46,8 @@ pub(crate) struct RedisSession {
     /// Keys whose last acquire found them taken: the next one goes
     /// straight to the queue, without the fast path's try.
     contended: ContendedKeys,
+    /// Who the session is, written beside its holds for `status`.
+    owner: Owner,
 }
 
 impl RedisSession {
@@ -58,6 +61,7 @@ impl RedisSession {
             lock_delay: options.lock_delay,
             held: Mutex::new(HashMap::new()),
             contended: ContendedKeys::default(),
+            owner: Owner::new(&id, &options.owner, options.ttl),
         }
     }
 
@@ -218,6 +222,8 @@ impl RedisSession {
         let sent = Instant::now();
         let limit = self.ttl.saturating_sub(self.drift());
         let hold_for = self.ttl + self.lock_delay;
+        let owner_write = self.owner.due();
+        let owner = owner_write.as_ref().map(OwnerWrite::command);
         let mut granted = Vec::new();
         let mut failures = Failures::default();
         let mut tally = |index: usize, result: redis::RedisResult<Option<u64>>| match result {
@@ -226,7 +232,10 @@ impl RedisSession {
             Err(err) => failures.push(&self.instances()[index], err),
         };
         if let [single] = self.instances() {
-            tally(0, single.fast_acquire(keys, member, hold_for, limit).await);
+            let answer = single
+                .fast_acquire(keys, member, hold_for, limit, owner)
+                .await;
+            tally(0, answer);
         } else {
             // Decided as soon as a majority granted: the others' answers
             // change nothing (a late grant there is released with the rest).
@@ -237,7 +246,9 @@ impl RedisSession {
                 .map(|(index, instance)| async move {
                     (
                         index,
-                        instance.fast_acquire(keys, member, hold_for, limit).await,
+                        instance
+                            .fast_acquire(keys, member, hold_for, limit, owner)
+                            .await,
                     )
                 })
                 .collect();
@@ -250,6 +261,9 @@ impl RedisSession {
                     break;
                 }
             }
+        }
+        if let Some(write) = owner_write {
+            write.finish(failures.len() > 0);
         }
         let mut settled = None;
         if granted.len() >= self.quorum() {
@@ -455,13 +469,15 @@ impl StoreSession for RedisSession {
         // Decided once a majority renewed every lock: a slow or cut-off
         // instance does not hold the renewal up.
         let members = &members;
+        let owner_write = self.owner.due();
+        let owner = owner_write.as_ref().map(OwnerWrite::command);
         let mut renewals: FuturesUnordered<_> = self
             .instances()
             .iter()
             .enumerate()
-            .map(
-                |(index, instance)| async move { (index, instance.renew(self.ttl, members).await) },
-            )
+            .map(|(index, instance)| async move {
+                (index, instance.renew(self.ttl, members, owner).await)
+            })
             .collect();
         let mut kept = vec![0usize; held.len()];
         let mut failures = Failures::default();
@@ -481,6 +497,9 @@ impl StoreSession for RedisSession {
             }
         }
         drop(renewals);
+        if let Some(write) = owner_write {
+            write.finish(failures.len() > 0);
+        }
         let answered = answers - failures.len();
         if answered < self.quorum() {
             return Err(self.unavailable(answered, &failures));
@@ -514,6 +533,11 @@ impl StoreSession for RedisSession {
         let held: Vec<(String, Held)> = self.held().drain().collect();
         for (_, held) in held {
             self.release_everywhere(&held.keys, &held.member).await;
+        }
+        if let Some(delete) = self.owner.delete() {
+            // Left to expire where it fails: it names nothing held.
+            let delete = &delete;
+            join_all(self.instances().iter().map(|i| i.send(delete))).await;
         }
         Ok(())
     }

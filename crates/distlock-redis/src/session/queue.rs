@@ -13,6 +13,7 @@ use tokio::time::{sleep_until, Instant};
 
 use super::RedisSession;
 use crate::instance::{Attempt, Failures};
+use crate::owner::OwnerWrite;
 use crate::scripts::LockKeys;
 use crate::wake::Arrival;
 
@@ -246,12 +247,17 @@ impl RedisSession {
         for holder in &mut tally.holders {
             holder.clear();
         }
+        let owner_write = self.owner.due();
+        let owner = owner_write.as_ref().map(OwnerWrite::command);
         let results = join_all(
             self.instances()
                 .iter()
-                .map(|instance| instance.acquire(&call, instance.hub.channel())),
+                .map(|instance| instance.acquire(&call, instance.hub.channel(), owner)),
         )
         .await;
+        if let Some(write) = owner_write {
+            write.finish(results.iter().any(Result::is_err));
+        }
         let mut retry = self.ttl;
         let mut busy = 0;
         for grant in &mut tally.grants {
