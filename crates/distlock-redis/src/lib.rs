@@ -28,6 +28,10 @@
 //! - All keys of one lock share the hash tag `{KEY}`, so a lock lives in
 //!   one slot; renewing many locks in one call needs them on one node (a
 //!   single server, or each Redlock instance).
+//! - `status` lists a lock's holders and its waiters in queue order, each
+//!   with its session's owner (written once per session, in `dl:o:SESSION`,
+//!   not with every hold), its lease left, and its token where Redis keeps
+//!   it; on Redlock, what a majority of the instances lists.
 //!
 //! # What this does not protect against
 //!
@@ -64,11 +68,13 @@ mod instance;
 mod owner;
 mod scripts;
 mod session;
+mod status;
 mod wake;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use distlock_core::status::{Status, StatusQuery};
 use distlock_core::store::{
     Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -203,6 +209,8 @@ impl RedisStore {
         capabilities.lease_expiry = true;
         capabilities.lock_delay = true;
         capabilities.session = SessionModel::Lease;
+        capabilities.status = true;
+        capabilities.keeps_owner = true;
         capabilities
     }
 }
@@ -302,5 +310,9 @@ impl LockStore for RedisStore {
             Arc::clone(&self.shared),
             options,
         )))
+    }
+
+    async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        status::read(&self.shared, query).await
     }
 }
