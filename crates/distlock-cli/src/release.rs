@@ -43,8 +43,8 @@ pub async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
             .token
             .map_or_else(|| "-".to_owned(), |token| token.to_string());
         println!(
-            "ended {} hold of '{}' by {} (session {}, token {token}); its next renewal \
-             reports it lost, and the next grant's token is higher",
+            "ended {} hold of '{}' by {} (session {}, token {token}); its holder is told \
+             it lost the lock, and the next grant's token is higher",
             holder.mode,
             args.key,
             if holder.owner.is_empty() {

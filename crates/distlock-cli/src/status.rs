@@ -73,6 +73,7 @@ fn counters_json(c: &Counters) -> Value {
         "sessions": c.sessions, "held": c.held, "waiters": c.waiters,
         "sessions_opened": c.sessions_opened, "sessions_expired": c.sessions_expired,
         "holds_expired": c.holds_expired, "grants": c.grants, "releases": c.releases,
+        "forced_releases": c.forced_releases,
     })
 }
 
@@ -131,13 +132,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     status.keys.iter().for_each(print_key);
     if let Some(c) = &status.counters {
         println!(
-            "{} sessions, {} holds, {} waiting; {} grants, {} releases, {} sessions expired, \
-             {} holds ended by max_hold",
+            "{} sessions, {} holds, {} waiting; {} grants, {} releases, {} forced, {} sessions \
+             expired, {} holds ended by max_hold",
             c.sessions,
             c.held,
             c.waiters,
             c.grants,
             c.releases,
+            c.forced_releases,
             c.sessions_expired,
             c.holds_expired
         );

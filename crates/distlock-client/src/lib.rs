@@ -266,7 +266,14 @@ impl LockStore for RemoteStore {
             .force_release(self.request(message))
             .await;
         let reply = reply
-            .map_err(|status| from_status(&self.target, status))?
+            .map_err(|status| match status.code() {
+                tonic::Code::Unimplemented => Error::unsupported(format!(
+                    "the distlock server at {} is older than this client and cannot force a \
+                     release; upgrade it",
+                    self.target
+                )),
+                _ => from_status(&self.target, status),
+            })?
             .into_inner();
         Ok(reply
             .released

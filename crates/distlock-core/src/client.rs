@@ -60,6 +60,9 @@ impl Client {
     /// tell; [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) from
     /// a store that cannot list its holders.
     pub async fn status(&self, query: &StatusQuery) -> Result<Status> {
+        if let StatusQuery::Key(key) = query {
+            crate::key::validate_key(key)?;
+        }
         self.store.status(query).await
     }
 

@@ -209,24 +209,29 @@ impl HeldFile {
 
 /// Writes who holds `held` into its lock file, for `status`: the key, then
 /// (for a sole holder) its pid, token, mode and owner, a line each. Shared
-/// holders only name the key, and only in a file that names nothing yet.
-/// Best effort: the lock is held whether or not this lands.
+/// holders write the key only, where the file does not name it already.
+/// Written before the file is cut to length, so a reader never finds it
+/// empty; a key with a newline is not written (`status` shows the file's
+/// name instead). Best effort: the lock is held whether or not this lands.
 fn describe(held: &HeldFile, key: &str, token: u64, mode: Mode, owner: &str) {
-    let written = if mode == Mode::Shared {
-        match held.file.metadata() {
-            Ok(meta) if meta.len() == 0 => held.file.write_all_at(format!("{key}\n").as_bytes(), 0),
-            other => other.map(drop),
+    let key = if key.contains('\n') { "" } else { key };
+    let text = if mode == Mode::Shared {
+        let current = std::fs::read_to_string(&held.path).unwrap_or_default();
+        if current.lines().next() == Some(key) {
+            return;
         }
+        format!("{key}\n")
     } else {
-        let text = format!(
+        format!(
             "{key}\n{}\n{token}\n{}\n{owner}\n",
             std::process::id(),
             mode.tag()
-        );
-        held.file
-            .set_len(0)
-            .and_then(|()| held.file.write_all_at(text.as_bytes(), 0))
+        )
     };
+    let written = held
+        .file
+        .write_all_at(text.as_bytes(), 0)
+        .and_then(|()| held.file.set_len(text.len() as u64));
     if let Err(err) = written {
         tracing::debug!(path = %held.path.display(), "cannot describe a hold for status: {err}");
     }
@@ -330,15 +335,16 @@ fn file_status(dir: &Path, query: &StatusQuery) -> Result<Status> {
         };
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        // A file written by an older distlock names no key: its stem then.
+        // The named key only if it is this file's (a file written by an
+        // older distlock, or half-written, names none): else its stem.
+        let fence = stem.rsplit_once("~slot").map_or(stem, |(base, _)| base);
         let key = match lines.first() {
-            Some(key) if !key.is_empty() => (*key).to_owned(),
+            Some(key) if !key.is_empty() && file_stem(key) == fence => (*key).to_owned(),
             _ => stem.to_owned(),
         };
         if !query.matches(&key) {
             continue;
         }
-        let fence = stem.rsplit_once("~slot").map_or(stem, |(base, _)| base);
         let status = keys.entry(key.clone()).or_insert_with(|| KeyStatus {
             key,
             holders: Vec::new(),

@@ -45,6 +45,8 @@ pub fn kind_of_status(code: tonic::Code) -> ErrorKind {
         Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled => {
             ErrorKind::Unavailable
         }
+        // A server older than the client, without the call.
+        Code::Unimplemented => ErrorKind::Unsupported,
         _ => ErrorKind::Store,
     }
 }

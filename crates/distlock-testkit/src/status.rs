@@ -77,8 +77,15 @@ pub async fn status_lists_holders_and_waiters(kit: Kit) -> Outcome {
             let (b, first) = (b.clone(), first.clone());
             tokio::spawn(async move { b.lock(&first).wait(PATIENCE).await })
         };
-        sleep(SETTLE).await;
-        let queued = kit.status(StatusQuery::Key(first.clone())).await;
+        // Polled: the waiter reaches the store's queue when it does.
+        let started = tokio::time::Instant::now();
+        let queued = loop {
+            let queued = kit.status(StatusQuery::Key(first.clone())).await;
+            if !queued[0].waiters.is_empty() || started.elapsed() > PATIENCE {
+                break queued;
+            }
+            sleep(SETTLE / 4).await;
+        };
         assert_eq!(queued[0].waiters.len(), 1, "one waiter: {queued:?}");
         if kit.caps.keeps_owner {
             assert_eq!(queued[0].waiters[0].owner, owner_b, "the waiter's owner");
