@@ -114,12 +114,17 @@ fn release_force_takes_the_lock_from_a_stuck_run() {
         .env("DISTLOCK_URL", &url)
         .spawn()
         .expect("start a holder");
+    let started = std::time::Instant::now();
     loop {
         let status = distlock(&url, &["status", "job", "--json"]);
         let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
         if json["keys"][0]["holders"][0]["owner"] == "stuck job" {
             break;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the holder never held: {json}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let forced = distlock(&url, &["release", "--force", "job"]);
@@ -133,6 +138,29 @@ fn release_force_takes_the_lock_from_a_stuck_run() {
     assert!(taken.status.success(), "{}", text(&taken.stderr));
     let code = stuck.wait().expect("the stuck run ends").code();
     assert_eq!(code, Some(76), "the old holder's run reports the lock lost");
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn a_run_survives_a_reset_of_its_connection() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), &[]);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime for the proxy");
+    let target = server.url().trim_start_matches("distlock://").to_owned();
+    let proxy = runtime.block_on(distlock_testkit::proxy::Proxy::start(
+        target.parse().expect("the server's address"),
+    ));
+    let through = format!("distlock://{}", proxy.addr());
+    let mut run = Command::new(env!("CARGO_BIN_EXE_distlock"))
+        .args(["run", "--key", "nightly", "--lease", "3s", "--"])
+        .args(["sh", "-c", "sleep 5; exit 7"])
+        .env("DISTLOCK_URL", &through)
+        .spawn()
+        .expect("start a run");
+    std::thread::sleep(Duration::from_secs(1));
+    proxy.reset();
+    let code = run.wait().expect("the run ends").code();
+    assert_eq!(code, Some(7), "the command's own exit code, not 76 (lost)");
     assert!(server.terminate().success());
 }
 

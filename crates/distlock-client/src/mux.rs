@@ -161,9 +161,7 @@ impl MuxConnection {
         lock(&self.streams).ended.is_some() || self.frames.is_closed()
     }
 
-    /// A new stream for a session: its inbox and its number. On a
-    /// connection that has ended the inbox is ended too.
-    pub(crate) fn open_stream(&self, target: Arc<str>) -> (Arc<Inbox>, u32) {
+    fn next_stream(&self) -> (u32, Outlet) {
         let mut stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         if stream == 0 {
             // Stream 0 is the connection's; after 2³² sessions, skip it.
@@ -173,6 +171,13 @@ impl MuxConnection {
             stream,
             frames: self.frames.clone(),
         };
+        (stream, outlet)
+    }
+
+    /// A new stream for a session: its inbox and its number. On a
+    /// connection that has ended the inbox is ended too.
+    pub(crate) fn open_stream(&self, target: Arc<str>) -> (Arc<Inbox>, u32) {
+        let (stream, outlet) = self.next_stream();
         let inbox = Arc::new(Inbox::new(target, outlet));
         let mut streams = lock(&self.streams);
         match &streams.ended {
@@ -182,6 +187,19 @@ impl MuxConnection {
             }
         }
         (inbox, stream)
+    }
+
+    /// A new stream for a session resuming on this connection, delivering
+    /// to its `inbox`: the stream's number and where its requests go;
+    /// `None` if this connection has ended too.
+    pub(crate) fn attach(&self, inbox: &Arc<Inbox>) -> Option<(u32, Outlet)> {
+        let (stream, outlet) = self.next_stream();
+        let mut streams = lock(&self.streams);
+        if streams.ended.is_some() {
+            return None;
+        }
+        streams.open.insert(stream, Arc::clone(inbox));
+        Some((stream, outlet))
     }
 
     /// Ends a session's stream, as a dropped gRPC stream would be: the
@@ -318,8 +336,11 @@ async fn read_frames(
         streams.ended = Some(why.clone());
         std::mem::take(&mut streams.open)
     };
+    tracing::warn!("{}", why.error());
+    // Their sessions live on at the server until their leases end: each
+    // resumes on a new connection.
     for inbox in open.values() {
-        inbox.end(Some(why.clone()));
+        inbox.broken();
     }
 }
 

@@ -1,15 +1,16 @@
 //! One session: a gRPC stream or a stream of the multiplexed connection,
 //! requests matched to replies by id.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    lock, AcquireRequest, Backoff, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, Result};
+use distlock_core::{Error, ErrorKind, Result};
 use distlock_proto::convert::millis;
 use distlock_proto::{kinds, v1 as proto};
 use proto::session_event::Body as Event;
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::mux::MuxConnection;
-use crate::stream::{connection_lost, Inbox, Outlet};
+use crate::stream::{connection_lost, Inbox, Outlet, Released, Why};
 use crate::{from_status, RemoteStore, Transport};
 
 /// The most key bytes one keep-alive names; more are sent in several.
@@ -37,10 +38,34 @@ enum Link {
     Mux(Arc<MuxConnection>, u32),
 }
 
+impl Link {
+    /// Lets the stream go: the server then forgets its waits.
+    fn close(&self) {
+        match self {
+            Link::Grpc(reader) => reader.abort(),
+            Link::Mux(connection, stream) => connection.close_stream(*stream),
+        }
+    }
+}
+
+/// What a session needs to take itself back on a new stream.
+struct Resume {
+    store: RemoteStore,
+    session_id: u64,
+    secret: Vec<u8>,
+    ttl: Duration,
+}
+
+/// The grants a session knows it holds, by key: what a resume keeps.
+type Held = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+
 pub(crate) struct RemoteSession {
     inbox: Arc<Inbox>,
     next_id: AtomicU64,
-    link: Link,
+    link: Arc<std::sync::Mutex<Link>>,
+    held: Held,
+    /// Takes the session back whenever its stream breaks.
+    resumer: JoinHandle<()>,
 }
 
 impl RemoteSession {
@@ -53,45 +78,67 @@ impl RemoteSession {
             owner: options.owner.clone(),
         };
         let target: Arc<str> = Arc::from(store.target.as_str());
-        let (inbox, link) = match &store.transport {
-            Transport::Grpc => Self::open_grpc(store, target, open).await?,
+        let (inbox, link, opened) = match &store.transport {
+            Transport::Grpc => Self::start_grpc(store, target, Request::Open(open), None).await?,
             Transport::Mux(connections) => {
                 let connection = connections.get().await?;
                 let (inbox, stream) = connection.open_stream(target);
                 let link = Link::Mux(connection, stream);
-                // Dropped on failure, the link ends the stream.
-                let opened = inbox.send(0, Request::Open(open));
-                let opened = match opened {
+                let opened = match inbox.send(0, Request::Open(open)) {
                     Ok(opened) => opened.await.map_err(|_| inbox.ended()),
                     Err(err) => Err(err),
                 };
-                let session = RemoteSession {
-                    inbox,
-                    next_id: AtomicU64::new(1),
-                    link,
+                let opened = match opened {
+                    Ok(Event::Opened(opened)) => opened,
+                    Ok(other) => {
+                        Err(unexpected(&inbox.target, &other)).inspect_err(|_| link.close())?
+                    }
+                    Err(err) => {
+                        link.close();
+                        return Err(err);
+                    }
                 };
-                return match opened? {
-                    Event::Opened(_) => Ok(session),
-                    other => Err(unexpected(&session.inbox.target, &other)),
-                };
+                (inbox, link, opened)
             }
         };
+        let link = Arc::new(std::sync::Mutex::new(link));
+        let held = Held::default();
+        let resume = Resume {
+            store: store.clone(),
+            session_id: opened.session_id,
+            secret: opened.resume_secret,
+            ttl: options.ttl,
+        };
+        // A server too old to resume sends no secret: a broken stream then
+        // ends the session's use, as before.
+        inbox.set_resumable(!resume.secret.is_empty());
+        let resumer = tokio::spawn(keep_resuming(
+            resume,
+            Arc::clone(&inbox),
+            Arc::clone(&link),
+            Arc::clone(&held),
+        ));
         Ok(RemoteSession {
             inbox,
             next_id: AtomicU64::new(1),
             link,
+            held,
+            resumer,
         })
     }
 
-    async fn open_grpc(
+    /// Starts a gRPC stream with `first` (an Open or a Resume) and waits for
+    /// its Opened; the stream delivers to `inbox` if given, else to a new one.
+    async fn start_grpc(
         store: &RemoteStore,
         target: Arc<str>,
-        open: proto::Open,
-    ) -> Result<(Arc<Inbox>, Link)> {
+        first: Request,
+        resuming: Option<(&Arc<Inbox>, Released<'_>)>,
+    ) -> Result<(Arc<Inbox>, Link, proto::Opened)> {
         let (requests, outgoing) = mpsc::unbounded_channel();
         let _ = requests.send(proto::SessionRequest {
             id: 0,
-            body: Some(Request::Open(open)),
+            body: Some(first),
         });
         let stream = store.request(UnboundedReceiverStream::new(outgoing));
         let mut events = store
@@ -101,17 +148,24 @@ impl RemoteSession {
             .await
             .map_err(|status| from_status(&target, status))?
             .into_inner();
-        match events.message().await {
+        let opened = match events.message().await {
             Ok(Some(proto::SessionEvent {
-                body: Some(Event::Opened(_)),
+                body: Some(Event::Opened(opened)),
                 ..
-            })) => {}
+            })) => opened,
             Ok(_) => return Err(connection_lost(&target)),
             Err(status) => return Err(from_status(&target, status)),
-        }
-        let inbox = Arc::new(Inbox::new(Arc::clone(&target), Outlet::Grpc(requests)));
+        };
+        let outlet = Outlet::Grpc(requests);
+        let inbox = match resuming {
+            Some((inbox, released)) => {
+                inbox.resumed(outlet, released);
+                Arc::clone(inbox)
+            }
+            None => Arc::new(Inbox::new(Arc::clone(&target), outlet)),
+        };
         let reader = tokio::spawn(read_events(events, Arc::clone(&inbox)));
-        Ok((inbox, Link::Grpc(reader)))
+        Ok((inbox, Link::Grpc(reader), opened))
     }
 
     /// Sends a request; returns its id and where its answer will come.
@@ -123,6 +177,140 @@ impl RemoteSession {
     async fn call(&self, body: Request) -> Result<Event> {
         let (_, answered) = self.send(body)?;
         answered.await.map_err(|_| self.inbox.ended())
+    }
+}
+
+/// Why one attempt to resume failed.
+enum NotResumed {
+    /// The server has no such session (any more): give up.
+    Gone(Error),
+    /// The server could not be reached: try again.
+    Unreachable(Error),
+}
+
+/// Whenever the session's stream breaks, takes the session back on a new
+/// stream, again and again until it works or the lease has surely run out
+/// at the server; then ends the inbox, so that every request fails.
+async fn keep_resuming(
+    resume: Resume,
+    inbox: Arc<Inbox>,
+    link: Arc<std::sync::Mutex<Link>>,
+    held: Held,
+) {
+    loop {
+        inbox.broke.notified().await;
+        if inbox.is_ended() {
+            return;
+        }
+        if !inbox.is_broken() {
+            continue;
+        }
+        let broke_at = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            if inbox.is_ended() {
+                return;
+            }
+            match resume_once(&resume, &inbox, &held).await {
+                Ok(resumed) => {
+                    let old = std::mem::replace(&mut *lock(&link), resumed);
+                    old.close();
+                    tracing::info!(target = %inbox.target, "session resumed");
+                    break;
+                }
+                Err(NotResumed::Gone(err)) => {
+                    tracing::warn!("{err}");
+                    inbox.end(Some(Why::new(ErrorKind::Lost, err.to_string())));
+                    return;
+                }
+                Err(NotResumed::Unreachable(err)) if broke_at.elapsed() >= resume.ttl => {
+                    inbox.end(Some(Why::new(
+                        ErrorKind::Lost,
+                        format!(
+                            "the session could not be resumed within its {:?} lease: {err}",
+                            resume.ttl
+                        ),
+                    )));
+                    return;
+                }
+                Err(NotResumed::Unreachable(err)) => {
+                    tracing::debug!("resuming failed, trying again: {err}");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}
+
+/// One attempt to take the session back: a new stream that starts with
+/// Resume, naming what the session knows it holds; on success the inbox
+/// sends its waiting requests there (releases excepted: the resume ended
+/// those holds).
+async fn resume_once(
+    resume: &Resume,
+    inbox: &Arc<Inbox>,
+    held: &Held,
+) -> std::result::Result<Link, NotResumed> {
+    let store = &resume.store;
+    let target: Arc<str> = Arc::clone(&inbox.target);
+    let kept: Vec<proto::HeldKey> = lock(held)
+        .iter()
+        .map(|(key, &token)| proto::HeldKey {
+            key: key.clone(),
+            token,
+        })
+        .collect();
+    let request = Request::Resume(proto::Resume {
+        session_id: resume.session_id,
+        secret: resume.secret.clone(),
+        held: kept.clone(),
+    });
+    let classify = |err: Error| match err.kind() {
+        ErrorKind::Unavailable | ErrorKind::Timeout => NotResumed::Unreachable(err),
+        _ => NotResumed::Gone(err),
+    };
+    // The releases still waiting were of keys the session no longer
+    // names: the resume ends those holds, which is what they asked.
+    let released = |request: &Request| {
+        matches!(request, Request::Release(release)
+            if !kept.iter().any(|k| k.key == release.key && k.token == release.token))
+    };
+    match &store.transport {
+        Transport::Grpc => {
+            let resuming: (&Arc<Inbox>, Released<'_>) = (inbox, &released);
+            let (_, link, _) = RemoteSession::start_grpc(store, target, request, Some(resuming))
+                .await
+                .map_err(classify)?;
+            Ok(link)
+        }
+        Transport::Mux(connections) => {
+            let connection = connections.get().await.map_err(classify)?;
+            let Some((stream, outlet)) = connection.attach(inbox) else {
+                return Err(NotResumed::Unreachable(connection_lost(&target)));
+            };
+            let link = Link::Mux(Arc::clone(&connection), stream);
+            let (answer, answered) = oneshot::channel();
+            inbox.expect_resume(answer);
+            outlet.send(0, request);
+            match tokio::time::timeout(crate::CONNECT_TIMEOUT, answered).await {
+                Ok(Ok(Event::Opened(_))) => {
+                    inbox.resumed(outlet, &released);
+                    Ok(link)
+                }
+                Ok(Ok(other)) => {
+                    link.close();
+                    Err(NotResumed::Gone(unexpected(&target, &other)))
+                }
+                Ok(Err(_)) => {
+                    link.close();
+                    Err(classify(inbox.ended()))
+                }
+                Err(_) => {
+                    link.close();
+                    Err(NotResumed::Unreachable(connection_lost(&target)))
+                }
+            }
+        }
     }
 }
 
@@ -155,7 +343,8 @@ async fn read_events(mut events: tonic::Streaming<proto::SessionEvent>, inbox: A
             }
         }
     }
-    inbox.end(None);
+    // The session lives on at the server until its lease ends.
+    inbox.broken();
 }
 
 /// An acquire in flight; dropped before its answer, it cancels the wait and
@@ -174,12 +363,9 @@ impl Drop for InFlight<'_> {
         }
         let inbox = &self.session.inbox;
         inbox.forget(self.id);
-        inbox.outlet.send(
-            0,
-            Request::Cancel(proto::Cancel {
-                acquire_id: self.id,
-            }),
-        );
+        inbox.send_once(Request::Cancel(proto::Cancel {
+            acquire_id: self.id,
+        }));
         // Closed first: the reader may have taken this request out of the
         // map but not yet sent its answer; after close that send fails and
         // the reader gives the grant back itself.
@@ -212,10 +398,30 @@ impl StoreSession for RemoteSession {
             answered,
             done: false,
         };
-        let answer = (&mut in_flight.answered).await;
+        // A request sent again on a resumed stream asks for its whole wait
+        // again: the caller's deadline bounds it here.
+        let answer = match request.wait_until {
+            Some(until) => {
+                let grace = until + Duration::from_millis(100);
+                match tokio::time::timeout_at(grace, &mut in_flight.answered).await {
+                    Ok(answer) => answer,
+                    // Dropping the request in flight cancels it.
+                    Err(_) => return Ok(None),
+                }
+            }
+            None => (&mut in_flight.answered).await,
+        };
         in_flight.done = true;
         match answer.map_err(|_| self.inbox.ended())? {
-            Event::Granted(granted) => Ok(Some(Grant::new(granted.token))),
+            // Ended by a forced release before its answer arrived: not
+            // held; the core asks again.
+            Event::Granted(granted) if self.inbox.take_ended(&request.key, granted.token) => {
+                Ok(None)
+            }
+            Event::Granted(granted) => {
+                lock(&self.held).insert(request.key.clone(), granted.token);
+                Ok(Some(Grant::new(granted.token)))
+            }
             Event::NotGranted(_) => Ok(None),
             // The release of a grant that crossed a cancel has not landed
             // yet: busy for now; the core asks again.
@@ -226,6 +432,8 @@ impl StoreSession for RemoteSession {
     }
 
     async fn release(&self, lock: &HeldLock) -> Result<()> {
+        // Not named by a resume from now on: one ends the hold too.
+        distlock_core::store::lock(&self.held).remove(&lock.key);
         let release = proto::Release {
             key: lock.key.clone(),
             token: lock.token,
@@ -240,7 +448,7 @@ impl StoreSession for RemoteSession {
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
         // Within the server's message limit however many keys are held; an
         // empty list still renews the lease.
-        let limit = match &self.link {
+        let limit = match &*lock(&self.link) {
             Link::Mux(connection, _) => KEEP_ALIVE_BYTES.min(connection.max_frame() / 2),
             Link::Grpc(_) => KEEP_ALIVE_BYTES,
         };
@@ -259,7 +467,14 @@ impl StoreSession for RemoteSession {
                 .expect("never empty")
                 .push(lock.key.clone());
         }
-        let mut lost_keys = Vec::new();
+        // Holds the server said it ended count as lost even if this
+        // renewal's answer came before the news (a grant racing a forced
+        // release).
+        let mut lost_keys: Vec<String> = held
+            .iter()
+            .filter(|lock| self.inbox.take_ended(&lock.key, lock.token))
+            .map(|lock| lock.key.clone())
+            .collect();
         for keys in chunks {
             match self
                 .call(Request::KeepAlive(proto::KeepAlive { keys }))
@@ -270,10 +485,13 @@ impl StoreSession for RemoteSession {
                 other => return Err(unexpected(&self.inbox.target, &other)),
             }
         }
+        lost_keys.sort_unstable();
+        lost_keys.dedup();
         Ok(RenewReport::lost(lost_keys))
     }
 
     async fn close(&self) -> Result<()> {
+        self.inbox.set_resumable(false);
         match self.call(Request::Close(proto::Close {})).await? {
             Event::Closed(_) => Ok(()),
             Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
@@ -288,9 +506,8 @@ impl StoreSession for RemoteSession {
 
 impl Drop for RemoteSession {
     fn drop(&mut self) {
-        match &self.link {
-            Link::Grpc(reader) => reader.abort(),
-            Link::Mux(connection, stream) => connection.close_stream(*stream),
-        }
+        self.resumer.abort();
+        self.inbox.set_resumable(false);
+        lock(&self.link).close();
     }
 }

@@ -81,34 +81,61 @@ impl Why {
     }
 }
 
+/// Which waiting requests a resume answers itself, unsent: the releases of
+/// holds the resume ended.
+pub(crate) type Released<'a> = &'a (dyn Fn(&Request) -> bool + Sync);
+
 /// Requests waiting for their answer, until the stream ends.
 struct Answers {
-    waiting: HashMap<u64, oneshot::Sender<Event>>,
-    /// Why the stream ended, once it has: no request then waits for an
-    /// answer that cannot come.
+    /// Each request, kept to send again on a resumed stream, and where its
+    /// answer goes.
+    waiting: HashMap<u64, (Request, oneshot::Sender<Event>)>,
+    /// The stream broke and the session waits to be resumed: requests wait
+    /// unsent until then.
+    broken: bool,
+    /// Why the stream ended, once it has for good: no request then waits
+    /// for an answer that cannot come.
     ended: Option<Why>,
+    /// Whether a broken stream is resumed (the session has a secret and is
+    /// not closing) rather than ended.
+    resumable: bool,
+    /// Where the answer to a Resume goes (the first event of id 0 on the
+    /// new stream).
+    resume: Option<oneshot::Sender<Event>>,
 }
 
 /// A session's side of its stream: where its requests go and who waits for
 /// which answer. The stream's reader delivers the server's events here.
+/// When the stream breaks the inbox keeps its requests, and a resumed stream
+/// gets them again.
 pub(crate) struct Inbox {
     pub(crate) target: Arc<str>,
-    pub(crate) outlet: Outlet,
+    outlet: Mutex<Outlet>,
     answers: Mutex<Answers>,
     /// Told when the server pushes news of holds it ended.
     pub(crate) renewal_wanted: tokio::sync::Notify,
+    /// The holds the server said it ended (key, token), until an acquire or
+    /// a renewal has taken the news.
+    ended_holds: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Told when the stream breaks and the session should be resumed.
+    pub(crate) broke: tokio::sync::Notify,
 }
 
 impl Inbox {
     pub(crate) fn new(target: Arc<str>, outlet: Outlet) -> Self {
         Inbox {
             target,
-            outlet,
+            outlet: Mutex::new(outlet),
             answers: Mutex::new(Answers {
                 waiting: HashMap::new(),
+                broken: false,
                 ended: None,
+                resumable: false,
+                resume: None,
             }),
             renewal_wanted: tokio::sync::Notify::new(),
+            ended_holds: Mutex::default(),
+            broke: tokio::sync::Notify::new(),
         }
     }
 
@@ -116,22 +143,33 @@ impl Inbox {
         lock(&self.answers)
     }
 
-    /// Sends request `id` and returns where its answer will come.
+    /// Sends request `id` and returns where its answer will come. While the
+    /// stream is broken the request waits to be sent on the resumed one.
     pub(crate) fn send(&self, id: u64, body: Request) -> Result<oneshot::Receiver<Event>> {
         let (answer, answered) = oneshot::channel();
-        {
-            let mut answers = self.answers();
-            if answers.ended.is_some() {
-                drop(answers);
-                return Err(self.ended());
-            }
-            answers.waiting.insert(id, answer);
-        }
-        if !self.outlet.send(id, body) {
-            self.answers().waiting.remove(&id);
+        let mut answers = self.answers();
+        if answers.ended.is_some() {
+            drop(answers);
             return Err(self.ended());
         }
+        // Sent under the lock, so that a resume cannot send it a second
+        // time. A send that finds the connection gone waits for the resume
+        // too: the stream's reader says it broke.
+        if !answers.broken {
+            lock(&self.outlet).send(id, body.clone());
+        }
+        answers.waiting.insert(id, (body, answer));
         Ok(answered)
+    }
+
+    /// Sends a request no answer is awaited for (a cancel, a give-back);
+    /// dropped while the stream is broken, as a resume ends what it was
+    /// about.
+    pub(crate) fn send_once(&self, body: Request) {
+        let answers = self.answers();
+        if !answers.broken {
+            lock(&self.outlet).send(0, body);
+        }
     }
 
     /// Stops waiting for the answer to request `id`.
@@ -146,21 +184,90 @@ impl Inbox {
         let Some(body) = event.body else {
             return;
         };
-        let answer = self.answers().waiting.remove(&event.id);
+        let answer = {
+            let mut answers = self.answers();
+            if event.id == 0 {
+                if let Some(resume) = answers.resume.take() {
+                    let _ = resume.send(body);
+                    return;
+                }
+            }
+            answers.waiting.remove(&event.id)
+        };
         let unclaimed = match answer {
-            Some(answer) => answer.send(body).err(),
+            Some((_, answer)) => answer.send(body).err(),
             None => Some(body),
         };
         match unclaimed {
             Some(Event::Granted(granted)) => self.give_back(granted),
-            // A renewal now learns which holds ended.
-            Some(Event::Lost(_)) => self.renewal_wanted.notify_one(),
+            // Kept for the acquire or renewal that takes them; a renewal
+            // now.
+            Some(Event::Lost(lost)) => {
+                lock(&self.ended_holds)
+                    .extend(lost.ended.into_iter().map(|held| (held.key, held.token)));
+                self.renewal_wanted.notify_one();
+            }
             _ => {}
         }
     }
 
-    /// The stream has ended: every waiting request is told, with `why` (or
-    /// "connection lost"), and every later one turned away.
+    /// Whether a broken stream is to be resumed: yes once the session is
+    /// open and has its secret, no once it closes.
+    pub(crate) fn set_resumable(&self, resumable: bool) {
+        self.answers().resumable = resumable;
+    }
+
+    /// Where the answer to the Resume about to be sent goes.
+    pub(crate) fn expect_resume(&self, answer: oneshot::Sender<Event>) {
+        self.answers().resume = Some(answer);
+    }
+
+    /// The stream broke, but the session may live on at the server: the
+    /// requests wait for a resumed stream (see [`resumed`](Inbox::resumed)).
+    /// A session that cannot be resumed ends here.
+    pub(crate) fn broken(&self) {
+        let mut answers = self.answers();
+        if !answers.resumable {
+            drop(answers);
+            self.end(None);
+            return;
+        }
+        if answers.ended.is_none() && !answers.broken {
+            answers.broken = true;
+            drop(answers);
+            tracing::info!(target = %self.target, "session stream broke; resuming");
+            self.broke.notify_one();
+        }
+    }
+
+    /// Whether the stream is broken and not yet resumed.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.answers().broken
+    }
+
+    /// A resumed stream: requests go to `outlet`, and those still waiting
+    /// are sent again, in the order they were made — but for the release
+    /// of a key `released` names: the resume ended those holds already.
+    pub(crate) fn resumed(&self, outlet: Outlet, released: Released<'_>) {
+        let mut answers = self.answers();
+        *lock(&self.outlet) = outlet;
+        answers.broken = false;
+        let mut ids: Vec<u64> = answers.waiting.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let (request, _) = &answers.waiting[&id];
+            if released(request) {
+                if let Some((_, answer)) = answers.waiting.remove(&id) {
+                    let _ = answer.send(Event::Released(proto::Released {}));
+                }
+            } else {
+                lock(&self.outlet).send(id, request.clone());
+            }
+        }
+    }
+
+    /// The stream has ended for good: every waiting request is told, with
+    /// `why` (or "connection lost"), and every later one turned away.
     pub(crate) fn end(&self, why: Option<Why>) {
         let mut answers = self.answers();
         answers.ended.get_or_insert_with(|| {
@@ -174,8 +281,24 @@ impl Inbox {
                 )
             })
         });
+        answers.broken = false;
         // Dropping the senders wakes the requests that wait.
         answers.waiting.clear();
+        answers.resume = None;
+        drop(answers);
+        // A resumer waiting for a break learns the session is over.
+        self.broke.notify_one();
+    }
+
+    /// Takes the news that the server ended the hold of `key` with
+    /// `token`, if it sent any.
+    pub(crate) fn take_ended(&self, key: &str, token: u64) -> bool {
+        lock(&self.ended_holds).remove(&(key.to_owned(), token))
+    }
+
+    /// Whether the stream has ended for good.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.answers().ended.is_some()
     }
 
     /// Why the stream ended (or that it did).
@@ -193,7 +316,7 @@ impl Inbox {
             key: granted.key,
             token: granted.token,
         };
-        self.outlet.send(0, Request::Release(release));
+        self.send_once(Request::Release(release));
     }
 }
 

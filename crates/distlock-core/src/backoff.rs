@@ -8,18 +8,19 @@ use rand::Rng;
 /// the upper half of the current step ("equal jitter"), so that waiters that
 /// collided once do not collide again in lockstep.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     step: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(first: Duration, cap: Duration) -> Self {
+    /// Delays from `first`, doubling up to `cap`.
+    pub fn new(first: Duration, cap: Duration) -> Self {
         Backoff { step: first, cap }
     }
 
     /// The next delay.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let step = self.step;
         self.step = (self.step * 2).min(self.cap);
         let half = step / 2;

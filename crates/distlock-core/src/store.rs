@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+pub use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::status::{HolderStatus, Status, StatusQuery};
 

@@ -24,6 +24,8 @@ pub struct Findings {
     /// Losses reported after the lock was granted to another worker while
     /// the holder was still in its section (before its write).
     pub lost_late: u64,
+    /// Losses reported at all.
+    pub losses: u64,
 }
 
 /// Checks a history (in the order heard).
@@ -76,7 +78,10 @@ pub fn check(events: &[Event]) -> Findings {
                 findings.stale_refused += 1;
                 findings.refused_while_held += 1;
             }
-            Kind::Lost => losses.push((event.at, event.worker, event.token)),
+            Kind::Lost => {
+                findings.losses += 1;
+                losses.push((event.at, event.worker, event.token));
+            }
             Kind::Released => {
                 if holding
                     .get(&event.worker)

@@ -408,6 +408,8 @@ pub(crate) async fn run_fault(
         bound: run.base_bound,
         lost_promised: fault.is_network() && capabilities.session == SessionModel::Lease,
         exclusion_promised: capabilities.session == SessionModel::Lease,
+        // The server's client takes a session back on a new connection.
+        loss_free: store == Store::Server && fault == Fault::Reset,
         problems: Vec::new(),
         failures: Vec::new(),
     };

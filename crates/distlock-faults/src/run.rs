@@ -207,6 +207,9 @@ pub struct Row {
     /// does (lease stores; a connection store learns of a dead connection
     /// late).
     pub exclusion_promised: bool,
+    /// Whether the store promises no loss at all under this fault: the
+    /// server's sessions survive a reset shorter than their lease.
+    pub loss_free: bool,
     /// Problems: a fault that did not heal in time, a lock stuck after the
     /// run, a run that did not finish.
     pub problems: Vec<String>,
@@ -226,6 +229,7 @@ impl Row {
             bound: Duration::ZERO,
             lost_promised: false,
             exclusion_promised: false,
+            loss_free: false,
             problems: vec![format!("{why:#}")],
             failures: Vec::new(),
         }
@@ -237,6 +241,7 @@ impl Row {
             && self.findings.token_regressions == 0
             && (!self.exclusion_promised || self.findings.refused_while_held == 0)
             && (!self.lost_promised || self.findings.lost_late == 0)
+            && (!self.loss_free || self.findings.losses == 0)
             && self.recovery <= self.bound
             && self.problems.is_empty()
     }
@@ -308,8 +313,8 @@ pub async fn run_store(exe: &Path, store: Store, faults: &[Fault], plan: &Plan) 
 /// The table of rows.
 pub fn table(rows: &[Row]) -> String {
     let mut text = String::from(
-        "| store | fault | acquisitions | faults | stale writes refused (of them while the guard said held) | overlaps accepted | token regressions | lost() late | recovery (bound) | result |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| store | fault | acquisitions | faults | stale writes refused (of them while the guard said held) | overlaps accepted | token regressions | losses | lost() late | recovery (bound) | result |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let lost = if row.lost_promised {
@@ -317,8 +322,13 @@ pub fn table(rows: &[Row]) -> String {
         } else {
             format!("{} (not promised)", row.findings.lost_late)
         };
+        let losses = if row.loss_free {
+            format!("{} (must be 0)", row.findings.losses)
+        } else {
+            row.findings.losses.to_string()
+        };
         text.push_str(&format!(
-            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2} s ({:.1} s) | {} |\n",
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {losses} | {} | {:.2} s ({:.1} s) | {} |\n",
             row.store.name(),
             row.fault.name(),
             row.findings.acquisitions,

@@ -38,7 +38,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use distlock_core::status::StatusQuery;
-use distlock_core::store::lock;
+use distlock_core::store::{lock, validate_owner};
 use distlock_core::table::{lock_table, Limits, LockTable, SessionId, SharedTable};
 use distlock_core::validate_key;
 use distlock_proto::v1 as proto;
@@ -79,8 +79,8 @@ pub enum ServerError {
 /// What every stream and call of one server shares.
 pub(crate) struct Shared {
     pub(crate) table: SharedTable,
-    /// Each open session's stream, for events no request asked for.
-    pub(crate) streams: Mutex<HashMap<SessionId, session::Outbound>>,
+    /// Each open session's stream and resume secret.
+    pub(crate) sessions: Mutex<HashMap<SessionId, session::Registered>>,
     pub(crate) config: Config,
     pub(crate) data: Arc<DataDir>,
     pub(crate) metrics: Metrics,
@@ -116,16 +116,22 @@ impl Locks for Service {
             .map_or_else(|| "a local client".to_owned(), |addr| addr.to_string());
         let request = request.into_inner();
         validate_key(&request.key).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        // It goes into the log: one line, of bounded length.
+        validate_owner(&request.requested_by)
+            .map_err(|err| Status::invalid_argument(format!("requested_by: {err}")))?;
         let released = lock_table(&self.shared.table).force_release(&request.key);
-        let streams = lock(&self.shared.streams);
+        let sessions = lock(&self.shared.sessions);
         for holder in &released {
-            let stream = holder.session.parse().ok().and_then(|id| streams.get(&id));
-            if let Some(stream) = stream {
-                let keys = vec![request.key.clone()];
-                stream.event(0, Event::Lost(proto::Lost { keys }));
+            let session = holder.session.parse().ok().and_then(|id| sessions.get(&id));
+            if let Some(session) = session {
+                let ended = vec![proto::HeldKey {
+                    key: request.key.clone(),
+                    token: holder.token.unwrap_or_default(),
+                }];
+                session.event(0, Event::Lost(proto::Lost { ended }));
             }
         }
-        drop(streams);
+        drop(sessions);
         let held: Vec<String> = released
             .iter()
             .map(|h| {
@@ -326,7 +332,7 @@ pub async fn run(
         None => None,
     };
     let shared = Arc::new(Shared {
-        streams: Mutex::default(),
+        sessions: Mutex::default(),
         metrics: Metrics::new(Arc::clone(&table)),
         table,
         config,

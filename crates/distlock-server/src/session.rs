@@ -185,26 +185,71 @@ pub(crate) async fn serve(
     // places in the queues back.
 }
 
+/// The waits of one stream of a session, by request id.
+type WaitHandles = Arc<std::sync::Mutex<HashMap<u64, AbortHandle>>>;
+
+/// What the server keeps of an open session beside the table: the stream
+/// it is served on (for events no request asked for), that stream's waits,
+/// and the secret with which its client takes it back on a new stream.
+pub(crate) struct Registered {
+    secret: [u8; 16],
+    /// Which stream of the session is current: a replaced stream's end
+    /// leaves the entry alone.
+    generation: u64,
+    /// The current stream; `None` while the session has none (holding a
+    /// sender would keep a broken stream's channel open).
+    out: Option<Outbound>,
+    waits: WaitHandles,
+}
+
+impl Registered {
+    /// Sends an event to the session's current stream, if it has one.
+    pub(crate) fn event(&self, id: u64, body: Event) {
+        if let Some(out) = &self.out {
+            out.event(id, body);
+        }
+    }
+}
+
+/// How many session opens pass between two sweeps of the registry for
+/// sessions whose leases ran out.
+const SWEEP_EVERY: u64 = 1024;
+
 pub(crate) struct SessionStream {
     shared: Arc<Shared>,
     session: SessionId,
+    generation: u64,
     out: Outbound,
-    wait_handles: HashMap<u64, AbortHandle>,
+    wait_handles: WaitHandles,
 }
 
 impl Drop for SessionStream {
     fn drop(&mut self) {
-        lock(&self.shared.streams).remove(&self.session);
+        let mut sessions = lock(&self.shared.sessions);
+        if let Some(entry) = sessions.get_mut(&self.session) {
+            if entry.generation == self.generation {
+                // The stream broke or ended; the session lives on (until
+                // its lease ends) and may be resumed.
+                entry.out = None;
+                entry.waits = WaitHandles::default();
+            }
+        }
+        drop(sessions);
         // Its waiters leave the queues.
-        for wait in self.wait_handles.values() {
+        for wait in lock(&self.wait_handles).values() {
             wait.abort();
         }
     }
 }
 
+/// Equal, in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 impl SessionStream {
-    /// Opens the session a stream's first request asks for; `None`, with the
-    /// stream ended and the reason sent, if it cannot be opened.
+    /// Opens (or resumes) the session a stream's first request asks for;
+    /// `None`, with the stream ended and the reason sent, if it cannot.
     pub(crate) fn open(
         shared: Arc<Shared>,
         first: proto::SessionRequest,
@@ -215,9 +260,13 @@ impl SessionStream {
                 id,
                 body: Some(Request::Open(open)),
             } => (id, open),
+            proto::SessionRequest {
+                id,
+                body: Some(Request::Resume(resume)),
+            } => return Self::resume(shared, id, resume, out),
             _ => {
                 out.end(Status::failed_precondition(
-                    "the first message of a session stream must be Open",
+                    "the first message of a session stream must be Open (or Resume)",
                 ));
                 return None;
             }
@@ -247,24 +296,119 @@ impl SessionStream {
                 return None;
             }
         };
+        if session % SWEEP_EVERY == 0 {
+            Self::sweep(&shared);
+        }
+        let secret: [u8; 16] = rand::random();
+        let wait_handles = WaitHandles::default();
+        lock(&shared.sessions).insert(
+            session,
+            Registered {
+                secret,
+                generation: 0,
+                out: Some(out.clone()),
+                waits: Arc::clone(&wait_handles),
+            },
+        );
         out.event(
             open_id,
             Event::Opened(proto::Opened {
                 session_id: session,
+                resume_secret: secret.to_vec(),
             }),
         );
-        lock(&shared.streams).insert(session, out.clone());
         Some(SessionStream {
             shared,
             session,
+            generation: 0,
             out,
-            wait_handles: HashMap::new(),
+            wait_handles,
+        })
+    }
+
+    /// Forgets registered sessions the table no longer has. Locks the
+    /// registry before the table, as `resume` does.
+    fn sweep(shared: &Shared) {
+        let mut sessions = lock(&shared.sessions);
+        let table = lock_table(&shared.table);
+        sessions.retain(|&id, _| table.has_session(id));
+    }
+
+    /// Takes back a session whose stream broke: the broken stream's waits
+    /// end, and so does every hold the client does not name; the lease is
+    /// renewed.
+    fn resume(
+        shared: Arc<Shared>,
+        id: u64,
+        resume: proto::Resume,
+        out: Outbound,
+    ) -> Option<SessionStream> {
+        let session = resume.session_id;
+        let mut sessions = lock(&shared.sessions);
+        let Some(entry) = sessions
+            .get_mut(&session)
+            .filter(|entry| same_secret(&entry.secret, &resume.secret))
+        else {
+            drop(sessions);
+            out.end(Status::permission_denied(format!(
+                "session {session} cannot be resumed: it has ended, or the secret is not its \
+                 own; open a new session"
+            )));
+            return None;
+        };
+        for wait in lock(&entry.waits).values() {
+            wait.abort();
+        }
+        let mut table = lock_table(&shared.table);
+        if !table.renew(session) {
+            drop(table);
+            sessions.remove(&session);
+            drop(sessions);
+            out.end(Status::not_found(format!(
+                "session {session} has ended (its lease ran out) and cannot be resumed; \
+                 open a new session"
+            )));
+            return None;
+        }
+        let held: Vec<(String, u64)> = resume
+            .held
+            .into_iter()
+            .map(|held| (held.key, held.token))
+            .collect();
+        let ended = table.keep_only(session, &held);
+        drop(table);
+        if !ended.is_empty() {
+            tracing::info!(
+                session,
+                ?ended,
+                "resumed session: ended holds its client did not know"
+            );
+        }
+        let wait_handles = WaitHandles::default();
+        entry.generation += 1;
+        entry.out = Some(out.clone());
+        entry.waits = Arc::clone(&wait_handles);
+        let (generation, secret) = (entry.generation, entry.secret);
+        drop(sessions);
+        out.event(
+            id,
+            Event::Opened(proto::Opened {
+                session_id: session,
+                resume_secret: secret.to_vec(),
+            }),
+        );
+        Some(SessionStream {
+            shared,
+            session,
+            generation,
+            out,
+            wait_handles,
         })
     }
 
     /// Forgets a wait that has ended.
     pub(crate) fn wait_ended(&mut self, id: u64) {
-        self.wait_handles.remove(&id);
+        lock(&self.wait_handles).remove(&id);
     }
 
     /// Answers one request, starting its wait in `waits` if it has to wait;
@@ -276,17 +420,18 @@ impl SessionStream {
             Some(Request::Release(release)) => Some(self.release(&release.key, release.token)),
             Some(Request::KeepAlive(keep_alive)) => Some(self.keep_alive(keep_alive.keys)),
             Some(Request::Cancel(cancel)) => {
-                if let Some(wait) = self.wait_handles.remove(&cancel.acquire_id) {
+                if let Some(wait) = lock(&self.wait_handles).remove(&cancel.acquire_id) {
                     wait.abort();
                 }
                 None
             }
             Some(Request::Close(_)) => {
                 lock_table(&self.shared.table).end_session(self.session, None);
+                lock(&self.shared.sessions).remove(&self.session);
                 self.out.event(id, Event::Closed(proto::Closed {}));
                 return false;
             }
-            Some(Request::Open(_)) => Some(failed(
+            Some(Request::Open(_) | Request::Resume(_)) => Some(failed(
                 proto::Code::InvalidArgument,
                 "this stream already has a session; open another stream for another session",
             )),
@@ -299,7 +444,7 @@ impl SessionStream {
     }
 
     fn acquire(&mut self, id: u64, acquire: proto::Acquire, waits: &Waits) -> Option<Event> {
-        if self.wait_handles.contains_key(&id) {
+        if lock(&self.wait_handles).contains_key(&id) {
             return Some(failed(
                 proto::Code::InvalidArgument,
                 format!("request id {id} is already waiting; give each request its own id"),
@@ -393,7 +538,7 @@ impl SessionStream {
                 };
                 let (handle, registration) = AbortHandle::new_pair();
                 waits.push(Abortable::new(wait, registration).boxed());
-                self.wait_handles.insert(id, handle);
+                lock(&self.wait_handles).insert(id, handle);
                 None
             }
         }

@@ -277,6 +277,40 @@ impl LockTable {
         true
     }
 
+    /// Ends every hold of session `id` but those named in `keep` (key and
+    /// token): a resumed session keeps only what its client knows it holds.
+    /// The keys it ended.
+    pub fn keep_only(&mut self, id: SessionId, keep: &[(String, u64)]) -> Vec<String> {
+        let holding: Vec<String> = match self.sessions.get(&id) {
+            Some(session) => session.holding.iter().cloned().collect(),
+            None => return Vec::new(),
+        };
+        let mut ended = Vec::new();
+        for key in holding {
+            let tokens: Vec<u64> = self.keys.get(&key).map_or_else(Vec::new, |state| {
+                state
+                    .holders
+                    .iter()
+                    .filter(|h| h.session == id)
+                    .map(|h| h.token)
+                    .collect()
+            });
+            for token in tokens {
+                if !keep.iter().any(|(k, t)| *k == key && *t == token) {
+                    self.release(id, &key, Some(token));
+                    ended.push(key.clone());
+                }
+            }
+        }
+        ended
+    }
+
+    /// Whether session `id` is open (its lease may have run out since the
+    /// last purge).
+    pub fn has_session(&self, id: SessionId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
     /// Whether the session holds `key`.
     pub fn holds(&self, id: SessionId, key: &str) -> bool {
         self.sessions
