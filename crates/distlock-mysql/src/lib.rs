@@ -59,7 +59,7 @@ mod tokens;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -219,6 +219,7 @@ impl MysqlStore {
         capabilities.session = SessionModel::Lease;
         capabilities.status = true;
         capabilities.keeps_owner = true;
+        capabilities.force_release = true;
         capabilities
     }
 }
@@ -274,6 +275,20 @@ impl LockStore for MysqlStore {
         } else {
             status::named(&mut conn, &self.target, query).await
         }
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        if !self.lease {
+            return Err(Error::unsupported(
+                "a named lock ends only with its holder's connection: end that (KILL the \
+                 connection distlock status shows), or use a mysql://…?mode=lease URL, whose \
+                 holds can be ended",
+            ));
+        }
+        let mut conn = connect::pooled(&self.pool, &self.target).await?;
+        let ended = status::force_release_lease(&mut conn, &self.target, key).await?;
+        tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
+        Ok(ended)
     }
 }
 

@@ -50,14 +50,60 @@ fn key_status(key: String) -> KeyStatus {
 
 /// Who holds in the lease table, for the keys `query` names. The table
 /// keeps no waiters: a waiter polls.
-pub(crate) async fn leases(conn: &mut Conn, target: &str, query: &StatusQuery) -> Result<Status> {
+pub(crate) async fn leases(
+    conn: &mut impl Queryable,
+    target: &str,
+    query: &StatusQuery,
+) -> Result<Status> {
+    leases_locked(conn, target, query, "").await
+}
+
+/// Ends every unexpired hold of `key` in the lease table, in one
+/// transaction; what was held. Each old holder's next renewal finds its row
+/// gone and reports the key lost; the next grant draws a higher token.
+pub(crate) async fn force_release_lease(
+    conn: &mut Conn,
+    target: &str,
+    key: &str,
+) -> Result<Vec<HolderStatus>> {
+    let error = |err| query_error(target, err);
+    let mut tx = conn
+        .start_transaction(mysql_async::TxOpts::default())
+        .await
+        .map_err(error)?;
+    let query = StatusQuery::Key(key.to_owned());
+    let held = leases_locked(&mut tx, target, &query, " FOR UPDATE").await?;
+    tx.exec_drop(
+        "DELETE FROM distlock_leases
+         WHERE key_hash = UNHEX(SHA2(?, 256)) AND expires_at > UTC_TIMESTAMP(6)",
+        (key,),
+    )
+    .await
+    .map_err(error)?;
+    tx.commit().await.map_err(error)?;
+    Ok(held
+        .keys
+        .into_iter()
+        .next()
+        .map(|status| status.holders)
+        .unwrap_or_default())
+}
+
+/// `leases`, the rows read with `locking` (e.g. ` FOR UPDATE`) appended.
+async fn leases_locked(
+    conn: &mut impl Queryable,
+    target: &str,
+    query: &StatusQuery,
+    locking: &str,
+) -> Result<Status> {
     let rows: Vec<LeaseRow> = match query {
         StatusQuery::Key(key) => {
-            let sql = LEASE_HOLDERS.replace("{}", "key_hash = UNHEX(SHA2(?, 256))");
+            let sql = LEASE_HOLDERS.replace("{}", "key_hash = UNHEX(SHA2(?, 256))") + locking;
             conn.exec(sql, (key,)).await
         }
         StatusQuery::Prefix(prefix) => {
-            let sql = LEASE_HOLDERS.replace("{}", "LEFT(lock_key, ?) = CAST(? AS BINARY)");
+            let sql =
+                LEASE_HOLDERS.replace("{}", "LEFT(lock_key, ?) = CAST(? AS BINARY)") + locking;
             conn.exec(sql, (prefix.len(), prefix)).await
         }
     }

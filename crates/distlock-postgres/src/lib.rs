@@ -69,7 +69,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
     take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -181,6 +181,7 @@ impl PostgresStore {
         capabilities.session = SessionModel::Lease;
         capabilities.status = true;
         capabilities.keeps_owner = true;
+        capabilities.force_release = true;
         capabilities
     }
 
@@ -238,5 +239,19 @@ impl LockStore for PostgresStore {
         };
         let client = connect::open(&self.config, &self.target).await?;
         status::advisory(&client, &self.target, key).await
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let Some(leases) = &self.leases else {
+            return Err(Error::unsupported(
+                "a PostgreSQL advisory lock ends only with its holder's connection: end that \
+                 (pg_terminate_backend of the pid distlock status shows), or use a \
+                 postgres://…?mode=lease URL, whose holds can be ended",
+            ));
+        };
+        let client = leases.client().await?;
+        let ended = status::force_release_lease(&client, &self.target, key).await?;
+        tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
+        Ok(ended)
     }
 }

@@ -71,21 +71,10 @@ pub(crate) async fn leases(client: &Client, target: &str, query: &StatusQuery) -
         .await
         .map_err(error)?;
     let mut keys = BTreeMap::new();
-    for row in holders {
-        let Some(mode) = Mode::from_tag(row.get(2)) else {
-            continue;
-        };
-        let holder = HolderStatus {
-            session: session_of(row.get(1)),
-            owner: row.get::<_, Option<String>>(3).unwrap_or_default(),
-            mode,
-            token: row
-                .get::<_, Option<i64>>(4)
-                .and_then(|token| u64::try_from(token).ok()),
-            held_for: micros(row.get(6)),
-            lease_left: micros(row.get(5)),
-        };
-        entry(&mut keys, row.get(0)).holders.push(holder);
+    for row in &holders {
+        if let Some(holder) = lease_holder(row) {
+            entry(&mut keys, row.get(0)).holders.push(holder);
+        }
     }
     for row in waiters {
         let Some(mode) = Mode::from_tag(row.get(2)) else {
@@ -104,6 +93,50 @@ pub(crate) async fn leases(client: &Client, target: &str, query: &StatusQuery) -
         counters: None,
     })
 }
+
+/// A row of the lease table (key, holder, mode, owner, token, microseconds
+/// left and held) as a holder; `None` for a mode this version does not know.
+fn lease_holder(row: &tokio_postgres::Row) -> Option<HolderStatus> {
+    Some(HolderStatus {
+        session: session_of(row.get(1)),
+        owner: row.get::<_, Option<String>>(3).unwrap_or_default(),
+        mode: Mode::from_tag(row.get(2))?,
+        token: row
+            .get::<_, Option<i64>>(4)
+            .and_then(|token| u64::try_from(token).ok()),
+        held_for: micros(row.get(6)),
+        lease_left: micros(row.get(5)),
+    })
+}
+
+/// Ends every unexpired hold of `key` in the lease table, and wakes its
+/// waiters; what was held. Each old holder's next renewal finds its row
+/// gone and reports the key lost; the next grant draws a higher token.
+pub(crate) async fn force_release_lease(
+    client: &Client,
+    target: &str,
+    key: &str,
+) -> Result<Vec<HolderStatus>> {
+    let error = |err| query_error(target, err);
+    let ended = client.query(FORCE_RELEASE, &[&key]).await.map_err(error)?;
+    if !ended.is_empty() {
+        client
+            .execute("SELECT pg_notify('distlock_released', $1)", &[&key])
+            .await
+            .map_err(error)?;
+    }
+    Ok(ended.iter().filter_map(lease_holder).collect())
+}
+
+/// Deletes the unexpired holds of a key, returning them as `LEASE_HOLDERS`
+/// reads them.
+const FORCE_RELEASE: &str = "WITH ended AS (
+        DELETE FROM distlock_leases_v2 WHERE key = $1 AND expires_at > clock_timestamp()
+        RETURNING key, holder, mode, owner, token, expires_at, granted_at)
+    SELECT key, holder, mode, owner, token,
+        (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8,
+        (extract(epoch FROM clock_timestamp() - granted_at) * 1000000)::int8
+    FROM ended";
 
 /// Advisory locks by prefix: refused, saying what to do instead.
 pub(crate) fn advisory_prefix() -> Result<Status> {
