@@ -228,13 +228,20 @@ impl Instance {
             .cmd("INCR")
             .arg(&keys.fence);
         if let Some(owner) = owner {
-            pipe.add_command(owner.clone()).ignore();
+            // Its failure (an out-of-memory or ACL refusal) is not the
+            // acquire's: each command's answer is read on its own.
+            pipe.add_command(owner.clone()).ignore().ignore_errors();
         }
         let (set, token) = self
             .within(limit, async {
                 let mut connection = self.connection().await?;
-                pipe.query_async::<(Option<redis::Value>, u64)>(&mut connection)
-                    .await
+                let (set, token) = pipe
+                    .query_async::<(
+                        redis::RedisResult<Option<redis::Value>>,
+                        redis::RedisResult<u64>,
+                    )>(&mut connection)
+                    .await?;
+                Ok((set?, token?))
             })
             .await?;
         Ok(set.map(|_| token))
@@ -350,12 +357,15 @@ async fn query<T: redis::FromRedisValue>(
     let Some(owner) = owner else {
         return cmd.query_async(connection).await;
     };
+    // The owner write's failure (an out-of-memory or ACL refusal) is not
+    // the call's: each command's answer is read on its own.
     let mut pipe = redis::pipe();
     pipe.add_command(owner.clone())
         .ignore()
-        .add_command(cmd.clone());
-    let (answer,): (T,) = pipe.query_async(connection).await?;
-    Ok(answer)
+        .add_command(cmd.clone())
+        .ignore_errors();
+    let (answer,): (redis::RedisResult<T>,) = pipe.query_async(connection).await?;
+    answer
 }
 
 /// An EVALSHA of `script` with `keys`, its arguments to be added: built in

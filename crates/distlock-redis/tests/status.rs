@@ -309,8 +309,14 @@ async fn redlock_status_needs_a_majority() {
     let client = connect(&redlock_url(&servers)).await;
     let session = open(&client, "quorum@h pid 1 (t)", TTL, Duration::ZERO).await;
     let held = session.lock("status/quorum").await.expect("hold");
+    // The grant was decided by the first majority: the third instance may
+    // never have been asked. Stop one that does not hold it, if any, so
+    // that the two left both do.
+    let holds = |server: &Redis| server.cli(&["EXISTS", "dl:{status/quorum}"]) == "1";
+    let down = servers.iter().position(|s| !holds(s)).unwrap_or(0);
+    let up: Vec<usize> = (0..3).filter(|&i| i != down).collect();
 
-    servers[0].kill();
+    servers[down].kill();
     let shown = of_key(&client, "status/quorum").await;
     assert_eq!(shown.len(), 1, "{shown:?}");
     assert_eq!(shown[0].holders[0].owner, "quorum@h pid 1 (t)");
@@ -319,18 +325,49 @@ async fn redlock_status_needs_a_majority() {
 
     // A hold on one instance only is no holder.
     assert_eq!(
-        servers[1].cli(&["DEL", "dl:{status/quorum}"]),
+        servers[up[0]].cli(&["DEL", "dl:{status/quorum}"]),
         "1",
         "the fast hold's main key"
     );
     let minority = of_key(&client, "status/quorum").await;
     assert!(minority.is_empty(), "held on one of three: {minority:?}");
 
-    servers[1].kill();
+    servers[up[0]].kill();
     let err = client
         .status(&StatusQuery::Key("status/quorum".into()))
         .await
         .expect_err("one instance of three");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     drop(held);
+}
+
+/// A Redis that refuses the owner write (here an ACL that allows only the
+/// lock keys; out of memory does the same) still grants, renews and
+/// releases: the owner is not the lock's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_owner_write_fails_no_lock() {
+    let server = Redis::start();
+    assert_eq!(
+        server.cli(&["ACL", "SETUSER", "locks", "on", ">pw", "~dl:{*", "&*", "+@all"]),
+        "OK"
+    );
+    let client = connect(&format!("redis://locks:pw@{}", server.address())).await;
+    let ttl = Duration::from_millis(900);
+    let session = open(&client, "acl@h pid 1 (t)", ttl, Duration::ZERO).await;
+    let guard = session
+        .lock("status/acl")
+        .await
+        .expect("the fast path grants");
+    // Past two renewals, each of which carries the owner write when due.
+    sleep(ttl * 2).await;
+    assert!(guard.is_held(), "renewals kept the lock");
+    let other = open(&client, "acl2@h pid 2 (t)", ttl, Duration::ZERO).await;
+    let waiting = wait_for(&other, "status/acl", Mode::Exclusive);
+    sleep(SETTLE).await;
+    guard.release().await.expect("release");
+    let next = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the queue hands the key on")
+        .expect("waiter");
+    next.release().await.expect("release");
 }

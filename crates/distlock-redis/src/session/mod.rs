@@ -535,9 +535,12 @@ impl StoreSession for RedisSession {
             self.release_everywhere(&held.keys, &held.member).await;
         }
         if let Some(delete) = self.owner.delete() {
-            // Left to expire where it fails: it names nothing held.
-            let delete = &delete;
-            join_all(self.instances().iter().map(|i| i.send(delete))).await;
+            // In the background, as a slow instance must not hold the close
+            // up; left to expire where it fails: it names nothing held.
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                join_all(shared.instances.iter().map(|i| i.send(&delete))).await;
+            });
         }
         Ok(())
     }
