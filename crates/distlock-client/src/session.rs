@@ -1,7 +1,6 @@
 //! One session: a gRPC stream or a stream of the multiplexed connection,
 //! requests matched to replies by id.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,14 +55,10 @@ struct Resume {
     ttl: Duration,
 }
 
-/// The grants a session knows it holds, by key: what a resume keeps.
-type Held = Arc<std::sync::Mutex<HashMap<String, u64>>>;
-
 pub(crate) struct RemoteSession {
     inbox: Arc<Inbox>,
     next_id: AtomicU64,
     link: Arc<std::sync::Mutex<Link>>,
-    held: Held,
     /// Takes the session back whenever its stream breaks.
     resumer: JoinHandle<()>,
 }
@@ -102,7 +97,6 @@ impl RemoteSession {
             }
         };
         let link = Arc::new(std::sync::Mutex::new(link));
-        let held = Held::default();
         let resume = Resume {
             store: store.clone(),
             session_id: opened.session_id,
@@ -112,17 +106,11 @@ impl RemoteSession {
         // A server too old to resume sends no secret: a broken stream then
         // ends the session's use, as before.
         inbox.set_resumable(!resume.secret.is_empty());
-        let resumer = tokio::spawn(keep_resuming(
-            resume,
-            Arc::clone(&inbox),
-            Arc::clone(&link),
-            Arc::clone(&held),
-        ));
+        let resumer = tokio::spawn(keep_resuming(resume, Arc::clone(&inbox), Arc::clone(&link)));
         Ok(RemoteSession {
             inbox,
             next_id: AtomicU64::new(1),
             link,
-            held,
             resumer,
         })
     }
@@ -191,12 +179,7 @@ enum NotResumed {
 /// Whenever the session's stream breaks, takes the session back on a new
 /// stream, again and again until it works or the lease has surely run out
 /// at the server; then ends the inbox, so that every request fails.
-async fn keep_resuming(
-    resume: Resume,
-    inbox: Arc<Inbox>,
-    link: Arc<std::sync::Mutex<Link>>,
-    held: Held,
-) {
+async fn keep_resuming(resume: Resume, inbox: Arc<Inbox>, link: Arc<std::sync::Mutex<Link>>) {
     loop {
         inbox.broke.notified().await;
         if inbox.is_ended() {
@@ -211,7 +194,7 @@ async fn keep_resuming(
             if inbox.is_ended() {
                 return;
             }
-            match resume_once(&resume, &inbox, &held).await {
+            match resume_once(&resume, &inbox).await {
                 Ok(resumed) => {
                     let old = std::mem::replace(&mut *lock(&link), resumed);
                     old.close();
@@ -246,19 +229,13 @@ async fn keep_resuming(
 /// Resume, naming what the session knows it holds; on success the inbox
 /// sends its waiting requests there (releases excepted: the resume ended
 /// those holds).
-async fn resume_once(
-    resume: &Resume,
-    inbox: &Arc<Inbox>,
-    held: &Held,
-) -> std::result::Result<Link, NotResumed> {
+async fn resume_once(resume: &Resume, inbox: &Arc<Inbox>) -> std::result::Result<Link, NotResumed> {
     let store = &resume.store;
     let target: Arc<str> = Arc::clone(&inbox.target);
-    let kept: Vec<proto::HeldKey> = lock(held)
-        .iter()
-        .map(|(key, &token)| proto::HeldKey {
-            key: key.clone(),
-            token,
-        })
+    let kept: Vec<proto::HeldKey> = inbox
+        .held()
+        .into_iter()
+        .map(|(key, token)| proto::HeldKey { key, token })
         .collect();
     let request = Request::Resume(proto::Resume {
         session_id: resume.session_id,
@@ -295,6 +272,11 @@ async fn resume_once(
             match tokio::time::timeout(crate::CONNECT_TIMEOUT, answered).await {
                 Ok(Ok(Event::Opened(_))) => {
                     inbox.resumed(outlet, &released);
+                    // A connection that ended during the handshake told an
+                    // inbox that was still broken: break it again.
+                    if connection.is_ended() {
+                        inbox.broken();
+                    }
                     Ok(link)
                 }
                 Ok(Ok(other)) => {
@@ -416,12 +398,10 @@ impl StoreSession for RemoteSession {
             // Ended by a forced release before its answer arrived: not
             // held; the core asks again.
             Event::Granted(granted) if self.inbox.take_ended(&request.key, granted.token) => {
+                self.inbox.forget_grant(&request.key, granted.token);
                 Ok(None)
             }
-            Event::Granted(granted) => {
-                lock(&self.held).insert(request.key.clone(), granted.token);
-                Ok(Some(Grant::new(granted.token)))
-            }
+            Event::Granted(granted) => Ok(Some(Grant::new(granted.token))),
             Event::NotGranted(_) => Ok(None),
             // The release of a grant that crossed a cancel has not landed
             // yet: busy for now; the core asks again.
@@ -433,7 +413,7 @@ impl StoreSession for RemoteSession {
 
     async fn release(&self, lock: &HeldLock) -> Result<()> {
         // Not named by a resume from now on: one ends the hold too.
-        distlock_core::store::lock(&self.held).remove(&lock.key);
+        self.inbox.forget_grant(&lock.key, lock.token);
         let release = proto::Release {
             key: lock.key.clone(),
             token: lock.token,

@@ -99,9 +99,12 @@ struct Answers {
     /// Whether a broken stream is resumed (the session has a secret and is
     /// not closing) rather than ended.
     resumable: bool,
-    /// Where the answer to a Resume goes (the first event of id 0 on the
-    /// new stream).
+    /// Where the answer to a Resume goes (the Opened of id 0 on the new
+    /// stream).
     resume: Option<oneshot::Sender<Event>>,
+    /// The grants this session was told of and has not given back, by key:
+    /// what a resume names.
+    held: HashMap<String, u64>,
 }
 
 /// A session's side of its stream: where its requests go and who waits for
@@ -132,6 +135,7 @@ impl Inbox {
                 ended: None,
                 resumable: false,
                 resume: None,
+                held: HashMap::new(),
             }),
             renewal_wanted: tokio::sync::Notify::new(),
             ended_holds: Mutex::default(),
@@ -186,13 +190,21 @@ impl Inbox {
         };
         let answer = {
             let mut answers = self.answers();
-            if event.id == 0 {
+            if event.id == 0 && matches!(body, Event::Opened(_)) {
                 if let Some(resume) = answers.resume.take() {
                     let _ = resume.send(body);
                     return;
                 }
             }
-            answers.waiting.remove(&event.id)
+            let answer = answers.waiting.remove(&event.id);
+            // What a resume names, recorded as the answer is handed out
+            // (under the lock a resume reads it under), not later.
+            if let (Some((Request::Acquire(acquire), _)), Event::Granted(granted)) =
+                (&answer, &body)
+            {
+                answers.held.insert(acquire.key.clone(), granted.token);
+            }
+            answer
         };
         let unclaimed = match answer {
             Some((_, answer)) => answer.send(body).err(),
@@ -290,6 +302,22 @@ impl Inbox {
         self.broke.notify_one();
     }
 
+    /// The holds a resume names: every grant handed out and not given
+    /// back.
+    pub(crate) fn held(&self) -> Vec<(String, u64)> {
+        let answers = self.answers();
+        answers.held.iter().map(|(k, &t)| (k.clone(), t)).collect()
+    }
+
+    /// Forgets the grant of `key` with `token`: given back, released, or
+    /// ended by the server.
+    pub(crate) fn forget_grant(&self, key: &str, token: u64) {
+        let mut answers = self.answers();
+        if answers.held.get(key) == Some(&token) {
+            answers.held.remove(key);
+        }
+    }
+
     /// Takes the news that the server ended the hold of `key` with
     /// `token`, if it sent any.
     pub(crate) fn take_ended(&self, key: &str, token: u64) -> bool {
@@ -312,6 +340,7 @@ impl Inbox {
     /// Releases a grant nobody wants — that grant only, by its token —
     /// answered by nobody (id 0 is never waited on after the Open).
     pub(crate) fn give_back(&self, granted: proto::Granted) {
+        self.forget_grant(&granted.key, granted.token);
         let release = proto::Release {
             key: granted.key,
             token: granted.token,

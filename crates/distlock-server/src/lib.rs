@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) table: SharedTable,
     /// Each open session's stream and resume secret.
     pub(crate) sessions: Mutex<HashMap<SessionId, session::Registered>>,
+    /// Sessions opened, for sweeping `sessions` of ended ones now and then.
+    pub(crate) opened: std::sync::atomic::AtomicU64,
     pub(crate) config: Config,
     pub(crate) data: Arc<DataDir>,
     pub(crate) metrics: Metrics,
@@ -128,7 +130,8 @@ impl Locks for Service {
                     key: request.key.clone(),
                     token: holder.token.unwrap_or_default(),
                 }];
-                session.event(0, Event::Lost(proto::Lost { ended }));
+                let keys = vec![request.key.clone()];
+                session.event(0, Event::Lost(proto::Lost { keys, ended }));
             }
         }
         drop(sessions);
@@ -333,6 +336,7 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         sessions: Mutex::default(),
+        opened: std::sync::atomic::AtomicU64::new(0),
         metrics: Metrics::new(Arc::clone(&table)),
         table,
         config,

@@ -87,6 +87,8 @@ pub(crate) fn end_frame(stream: u32, status: &Status) -> proto::MuxEvent {
         Code::InvalidArgument | Code::FailedPrecondition => proto::Code::InvalidArgument,
         Code::ResourceExhausted => proto::Code::ResourceExhausted,
         Code::Unavailable => proto::Code::Unavailable,
+        // A session that cannot be resumed: it is gone for its client.
+        Code::PermissionDenied | Code::NotFound => proto::Code::SessionLost,
         _ => proto::Code::Unspecified,
     };
     proto::MuxEvent {
@@ -296,7 +298,10 @@ impl SessionStream {
                 return None;
             }
         };
-        if session % SWEEP_EVERY == 0 {
+        let opened = shared
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if opened.is_multiple_of(SWEEP_EVERY) {
             Self::sweep(&shared);
         }
         let secret: [u8; 16] = rand::random();
@@ -389,7 +394,8 @@ impl SessionStream {
         entry.out = Some(out.clone());
         entry.waits = Arc::clone(&wait_handles);
         let (generation, secret) = (entry.generation, entry.secret);
-        drop(sessions);
+        // Sent before the registry is let go: a pushed event for the new
+        // stream comes after its Opened.
         out.event(
             id,
             Event::Opened(proto::Opened {
@@ -397,6 +403,7 @@ impl SessionStream {
                 resume_secret: secret.to_vec(),
             }),
         );
+        drop(sessions);
         Some(SessionStream {
             shared,
             session,
