@@ -9,7 +9,7 @@ use distlock_core::store::queue;
 use distlock_core::store::Mode;
 use distlock_core::Result;
 use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::entry::{self, escape, lock_prefix};
 use crate::{call, EtcdStore, PREFIX};
@@ -75,11 +75,14 @@ impl EtcdStore {
     }
 
     /// The time left of each lease, asked [`AT_ONCE`] at a time. A lease
-    /// etcd no longer knows has none left (its keys go a moment later).
+    /// etcd no longer knows has none left (its keys go a moment later); a
+    /// key without a lease (0) never expires, and a lease that could not be
+    /// asked about is left unknown rather than failing the whole status.
     async fn leases_left(&self, leases: &[i64]) -> Result<HashMap<i64, Duration>> {
         // Made first: a stream that maps with a closure would not be `Send`.
         let asked: Vec<_> = leases
             .iter()
+            .filter(|&&lease| lease != 0)
             .map(|&lease| async move {
                 let answer = call(
                     &self.endpoints,
@@ -87,18 +90,22 @@ impl EtcdStore {
                 )
                 .await;
                 match answer {
-                    Ok(answer) => Ok((lease, u64::try_from(answer.ttl()).unwrap_or(0))),
-                    Err(err) if err.message().contains("lease not found") => Ok((lease, 0)),
-                    Err(err) => Err(err),
+                    Ok(answer) => u64::try_from(answer.ttl()).ok().map(|ttl| (lease, ttl)),
+                    Err(err) if err.message().contains("lease not found") => Some((lease, 0)),
+                    Err(err) => {
+                        tracing::debug!(lease, "status: lease time to live: {err}");
+                        None
+                    }
                 }
             })
             .collect();
-        let answers: Vec<(i64, u64)> = futures::stream::iter(asked)
+        let answers: Vec<Option<(i64, u64)>> = futures::stream::iter(asked)
             .buffer_unordered(AT_ONCE)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
         Ok(answers
             .into_iter()
+            .flatten()
             .map(|(lease, seconds)| (lease, Duration::from_secs(seconds)))
             .collect())
     }
