@@ -78,6 +78,12 @@ pub(crate) async fn add_status_columns(conn: &mut Conn, target: &str) -> Result<
         {
             continue;
         }
+        // A metadata lock that waits (a client gone mid-transaction) queues
+        // every lease transaction behind it: give up after 2 s and say so.
+        // The pool's reset of the connection undoes the setting.
+        conn.query_drop("SET SESSION lock_wait_timeout = 2")
+            .await
+            .map_err(|err| query_error(target, err))?;
         let added = conn
             .query_drop(format!(
                 "ALTER TABLE distlock_leases ADD COLUMN {name} {definition}"

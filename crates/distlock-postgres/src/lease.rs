@@ -36,6 +36,9 @@ use crate::wakeup::{keep_listening, listen, Listeners, Watch};
 /// ended by then.
 pub(crate) const SETUP: &str = r#"
 BEGIN;
+-- A table lock that waits (a long reader, a client gone mid-transaction)
+-- queues every acquire behind it: give up and say so instead.
+SET LOCAL lock_timeout = '2s';
 SELECT pg_advisory_xact_lock(-8081908180553460213);
 CREATE UNLOGGED TABLE IF NOT EXISTS distlock_leases_v2 (
     key text NOT NULL,
@@ -328,9 +331,12 @@ impl StoreSession for LeaseSession {
             };
             let sent = Instant::now();
             let client = self.leases.client().await?;
-            // Registered as a waiter (until its deadline) if not granted.
+            // Registered as a waiter if not granted: until its deadline, but
+            // for two leases at most, as it asks again within half a lease;
+            // a waiter that dies (Ctrl-C of a wait "forever") is gone from
+            // the record within two leases, not at its deadline.
             let wait_ms = request.wait_until.map_or(0, |until| {
-                millis(until.saturating_duration_since(sent)).max(1)
+                millis(until.saturating_duration_since(sent).min(self.ttl * 2)).max(1)
             });
             let answer = client
                 .query_one(
