@@ -2,6 +2,7 @@
 //! answered when their grant is pushed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -202,6 +203,8 @@ pub(crate) struct Registered {
     /// sender would keep a broken stream's channel open).
     out: Option<Outbound>,
     waits: WaitHandles,
+    /// Set (under the table lock) when a resume replaces the current stream.
+    replaced: Arc<AtomicBool>,
 }
 
 impl Registered {
@@ -223,6 +226,10 @@ pub(crate) struct SessionStream {
     generation: u64,
     out: Outbound,
     wait_handles: WaitHandles,
+    /// This stream was replaced by a resume: it serves nothing more (a
+    /// half-open stream's late requests would act for a client that no
+    /// longer listens on it).
+    replaced: Arc<AtomicBool>,
 }
 
 impl Drop for SessionStream {
@@ -306,6 +313,7 @@ impl SessionStream {
         }
         let secret: [u8; 16] = rand::random();
         let wait_handles = WaitHandles::default();
+        let replaced = Arc::new(AtomicBool::new(false));
         lock(&shared.sessions).insert(
             session,
             Registered {
@@ -313,6 +321,7 @@ impl SessionStream {
                 generation: 0,
                 out: Some(out.clone()),
                 waits: Arc::clone(&wait_handles),
+                replaced: Arc::clone(&replaced),
             },
         );
         out.event(
@@ -328,6 +337,7 @@ impl SessionStream {
             generation: 0,
             out,
             wait_handles,
+            replaced,
         })
     }
 
@@ -365,6 +375,9 @@ impl SessionStream {
             wait.abort();
         }
         let mut table = lock_table(&shared.table);
+        // Under the table lock: the old stream's next table operation sees
+        // it, so none can land after the holds are settled below.
+        entry.replaced.store(true, Ordering::SeqCst);
         if !table.renew(session) {
             drop(table);
             sessions.remove(&session);
@@ -390,9 +403,11 @@ impl SessionStream {
             );
         }
         let wait_handles = WaitHandles::default();
+        let replaced = Arc::new(AtomicBool::new(false));
         entry.generation += 1;
         entry.out = Some(out.clone());
         entry.waits = Arc::clone(&wait_handles);
+        entry.replaced = Arc::clone(&replaced);
         let (generation, secret) = (entry.generation, entry.secret);
         // Sent before the registry is let go: a pushed event for the new
         // stream comes after its Opened.
@@ -410,6 +425,7 @@ impl SessionStream {
             generation,
             out,
             wait_handles,
+            replaced,
         })
     }
 
@@ -421,6 +437,12 @@ impl SessionStream {
     /// Answers one request, starting its wait in `waits` if it has to wait;
     /// `false` when the session is closed.
     pub(crate) fn handle(&mut self, request: proto::SessionRequest, waits: &Waits) -> bool {
+        if self.replaced.load(Ordering::SeqCst) {
+            self.out.end(Status::aborted(
+                "this session was resumed on another stream; this one serves it no more",
+            ));
+            return false;
+        }
         let id = request.id;
         let reply = match request.body {
             Some(Request::Acquire(acquire)) => self.acquire(id, acquire, waits),
@@ -433,7 +455,12 @@ impl SessionStream {
                 None
             }
             Some(Request::Close(_)) => {
-                lock_table(&self.shared.table).end_session(self.session, None);
+                let mut table = lock_table(&self.shared.table);
+                if self.replaced.load(Ordering::SeqCst) {
+                    return false;
+                }
+                table.end_session(self.session, None);
+                drop(table);
                 lock(&self.shared.sessions).remove(&self.session);
                 self.out.event(id, Event::Closed(proto::Closed {}));
                 return false;
@@ -473,12 +500,17 @@ impl SessionStream {
         };
         let wait = Duration::from_millis(acquire.wait_ms);
         let arrived = Instant::now();
-        let attempt = lock_table(&self.shared.table).acquire(
-            self.session,
-            &acquire.key,
-            mode,
-            !wait.is_zero(),
-        );
+        let attempt = {
+            let mut table = lock_table(&self.shared.table);
+            // Checked under the lock a resume sets it under.
+            if self.replaced.load(Ordering::SeqCst) {
+                return Some(failed(
+                    proto::Code::Unavailable,
+                    "this session was resumed on another stream",
+                ));
+            }
+            table.acquire(self.session, &acquire.key, mode, !wait.is_zero())
+        };
         if !matches!(attempt, Attempt::Queued(..)) {
             let metrics = &self.shared.metrics;
             metrics

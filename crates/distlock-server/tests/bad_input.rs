@@ -457,3 +457,49 @@ async fn a_wait_without_end_and_a_second_acquire_of_a_held_key() {
     );
     still_serving(&address).await;
 }
+
+/// A resume needs the session's own secret; once it took the session to a
+/// new stream, the old stream (still open, as a half-open one may be)
+/// serves nothing more: a late acquire on it grants nothing.
+#[tokio::test]
+async fn a_resume_needs_the_secret_and_retires_the_old_stream() {
+    let address = start_server().await;
+    let mut old = Stream::open(&address, open(10_000)).await.expect("open");
+    let Ok(Event::Opened(opened)) = old.next().await else {
+        panic!("opened");
+    };
+    assert_eq!(opened.resume_secret.len(), 16, "a secret to resume with");
+    let resume = |secret: Vec<u8>| {
+        Request::Resume(proto::Resume {
+            session_id: opened.session_id,
+            secret,
+            held: Vec::new(),
+        })
+    };
+    let mut guess = Stream::open(&address, resume(vec![0; 16]))
+        .await
+        .expect("stream");
+    let refused = guess.next().await.expect_err("a wrong secret is refused");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    let mut new = Stream::open(&address, resume(opened.resume_secret.clone()))
+        .await
+        .expect("stream");
+    assert!(
+        matches!(new.next().await, Ok(Event::Opened(again)) if again.session_id == opened.session_id),
+        "the same session, resumed"
+    );
+    old.requests
+        .send(proto::SessionRequest {
+            id: 7,
+            body: Some(acquire("late")),
+        })
+        .expect("send");
+    let ended = old.next().await.expect_err("the old stream is retired");
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    assert!(
+        matches!(new.ask(8, acquire("late")).await, Event::Granted(_)),
+        "the key was not taken by the old stream's late acquire"
+    );
+    still_serving(&address).await;
+}
