@@ -23,14 +23,6 @@ fn mode_of(tag: &str) -> Mode {
     Mode::from_tag(tag).unwrap_or(Mode::Exclusive)
 }
 
-/// Which entries of a queue (by their tags, oldest first) the queue
-/// decision grants now: the holders; the rest wait.
-fn granted<T: AsRef<str>>(tags: &[T]) -> Vec<bool> {
-    (0..tags.len())
-        .map(|at| queue::blocker(mode_of(tags[at].as_ref()), &tags[..at]).is_none())
-        .collect()
-}
-
 impl EtcdStore {
     /// Reads the queues `query` names, in one range read, and then the time
     /// left of each holder's lease.
@@ -123,7 +115,7 @@ fn key_status(key: String, queue: &[&KeyValue]) -> (KeyStatus, Vec<i64>) {
         last_token: None,
     };
     let mut leases = Vec::new();
-    for ((kv, tag), holds) in queue.iter().zip(&tags).zip(granted(&tags)) {
+    for ((kv, tag), holds) in queue.iter().zip(&tags).zip(queue::holders(&tags)) {
         let (session, owner, mode) = (
             format!("{:016x}", kv.lease()),
             entry::owner(kv.value()),
@@ -154,16 +146,6 @@ fn key_status(key: String, queue: &[&KeyValue]) -> (KeyStatus, Vec<i64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_queue_decision_splits_holders_from_waiters() {
-        assert_eq!(granted(&["x", "x", "s"]), [true, false, false]);
-        assert_eq!(granted(&["s", "s", "x", "s"]), [true, true, false, false]);
-        assert_eq!(granted(&["p2", "p2", "p2"]), [true, true, false]);
-        assert_eq!(granted(&["garbage", "s"]), [true, false]);
-        let none: [&str; 0] = [];
-        assert!(granted(&none).is_empty());
-    }
 
     #[test]
     fn tags_give_their_mode() {

@@ -23,14 +23,6 @@ fn mode_of(tag: &str) -> Mode {
     Mode::from_tag(tag).unwrap_or(Mode::Exclusive)
 }
 
-/// Which entries of a queue (by their tags, oldest first) the queue
-/// decision grants now: the holders; the rest wait.
-fn granted<T: AsRef<str>>(tags: &[T]) -> Vec<bool> {
-    (0..tags.len())
-        .map(|at| queue::blocker(mode_of(tags[at].as_ref()), &tags[..at]).is_none())
-        .collect()
-}
-
 impl ZkStore {
     /// Reads the queues `query` names: the lock directories (for a prefix,
     /// the children of `/distlock` whose lock matches), [`AT_ONCE`] at a
@@ -110,7 +102,7 @@ async fn read_queue(client: &Client, hosts: &str, key: String) -> Result<Option<
         waiters: Vec::new(),
         last_token: None,
     };
-    for ((tag, (_, data, stat)), holds) in tags.iter().zip(&nodes).zip(granted(&tags)) {
+    for ((tag, (_, data, stat)), holds) in tags.iter().zip(&nodes).zip(queue::holders(&tags)) {
         let session = format!("{:016x}", stat.ephemeral_owner);
         let owner = String::from_utf8_lossy(data).into_owned();
         // Since the node was made, by ZooKeeper's clock: for a holder that
@@ -144,14 +136,6 @@ async fn read_queue(client: &Client, hosts: &str, key: String) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_queue_decision_splits_holders_from_waiters() {
-        assert_eq!(granted(&["x", "x", "s"]), [true, false, false]);
-        assert_eq!(granted(&["s", "s", "x", "s"]), [true, true, false, false]);
-        assert_eq!(granted(&["p2", "p2", "p2"]), [true, true, false]);
-        assert_eq!(granted(&["garbage", "s"]), [true, false]);
-    }
 
     #[test]
     fn tags_give_their_mode() {

@@ -99,9 +99,29 @@ pub fn blocker<T: AsRef<str>>(mode: Mode, ahead: &[T]) -> Option<Blocker> {
     }
 }
 
+/// Which entries of a queue (by their tags, oldest first) hold the lock
+/// now by [`blocker`]: the rest wait. A tag that names no mode counts as a
+/// writer, as it blocks like one.
+pub fn holders<T: AsRef<str>>(tags: &[T]) -> Vec<bool> {
+    let mode = |tag: &str| Mode::from_tag(tag).unwrap_or(Mode::Exclusive);
+    (0..tags.len())
+        .map(|at| blocker(mode(tags[at].as_ref()), &tags[..at]).is_none())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holders_are_what_the_decision_grants() {
+        assert_eq!(holders(&["x", "x", "s"]), [true, false, false]);
+        assert_eq!(holders(&["s", "s", "x", "s"]), [true, true, false, false]);
+        assert_eq!(holders(&["p2", "p2", "p2"]), [true, true, false]);
+        assert_eq!(holders(&["garbage", "s"]), [true, false]);
+        let none: [&str; 0] = [];
+        assert!(holders(&none).is_empty());
+    }
 
     const P2: Mode = Mode::Semaphore { permits: 2 };
 
