@@ -9,6 +9,7 @@
 //! (one ordered queue of deadlines), and a waiter sleeps until the next
 //! instant that could change its answer ([`LockTable::next_event`]).
 
+mod operate;
 mod status;
 mod wait;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::status::{Counters, HolderStatus};
+use crate::status::Counters;
 use crate::store::{Capabilities, Fencing, Mode};
 pub use wait::{lock_table, SharedTable, Ticket, Waited};
 
@@ -275,34 +276,6 @@ impl LockTable {
         session.expires_at = Instant::now() + session.spec.ttl;
         self.expiries.insert((session.expires_at, id));
         true
-    }
-
-    /// Ends every hold of session `id` but those named in `keep` (key and
-    /// token): a resumed session keeps only what its client knows it holds.
-    /// The keys it ended.
-    pub fn keep_only(&mut self, id: SessionId, keep: &[(String, u64)]) -> Vec<String> {
-        let holding: Vec<String> = match self.sessions.get(&id) {
-            Some(session) => session.holding.iter().cloned().collect(),
-            None => return Vec::new(),
-        };
-        let mut ended = Vec::new();
-        for key in holding {
-            let tokens: Vec<u64> = self.keys.get(&key).map_or_else(Vec::new, |state| {
-                state
-                    .holders
-                    .iter()
-                    .filter(|h| h.session == id)
-                    .map(|h| h.token)
-                    .collect()
-            });
-            for token in tokens {
-                if !keep.iter().any(|(k, t)| *k == key && *t == token) {
-                    self.release(id, &key, Some(token));
-                    ended.push(key.clone());
-                }
-            }
-        }
-        ended
     }
 
     /// Whether session `id` is open (its lease may have run out since the
@@ -563,34 +536,6 @@ impl LockTable {
         }
         self.pump(key, now);
         released
-    }
-
-    /// Ends every hold on `key` (an operator's forced release) and grants it
-    /// on: the next holder's token is above every ended one's, and each
-    /// ended holder's next renewal reports the key lost. What was held.
-    pub fn force_release(&mut self, key: &str) -> Vec<HolderStatus> {
-        let now = Instant::now();
-        self.purge(now);
-        let query = crate::status::StatusQuery::Key(key.to_owned());
-        let held = self
-            .status(&query)
-            .pop()
-            .map(|status| status.holders)
-            .unwrap_or_default();
-        let sessions: Vec<SessionId> = self
-            .keys
-            .get(key)
-            .map(|state| state.holders.iter().map(|h| h.session).collect())
-            .unwrap_or_default();
-        for id in sessions {
-            self.remove_holder(id, key, None);
-        }
-        if !held.is_empty() {
-            self.counters.forced_releases += 1;
-        }
-        self.pump(key, now);
-        self.tidy(key, now);
-        held
     }
 
     /// A waiter gave up (timeout or dropped future): it leaves the queue, or
