@@ -226,6 +226,7 @@ mod tests {
             Findings {
                 acquisitions: 3,
                 stale_refused: 1,
+                losses: 1,
                 ..Findings::default()
             }
         );
