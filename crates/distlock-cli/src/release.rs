@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use distlock::ErrorKind;
 
-use crate::status::EXIT_UNSUPPORTED;
+use crate::status::{shown, EXIT_UNSUPPORTED};
 use crate::StoreArgs;
 
 #[derive(Debug, clap::Args)]
@@ -46,13 +46,9 @@ pub async fn release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
             "ended {} hold of '{}' by {} (session {}, token {token}); its holder is told \
              it lost the lock, and the next grant's token is higher",
             holder.mode,
-            args.key,
-            if holder.owner.is_empty() {
-                "-"
-            } else {
-                &holder.owner
-            },
-            holder.session,
+            shown(&args.key),
+            shown(&holder.owner),
+            shown(&holder.session),
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::status::shown;
 use crate::{parse_duration, StoreArgs};
 
 /// Exit code when the lock could not be had within `--wait`.
@@ -178,8 +179,8 @@ async fn show_waiting(client: distlock::Client, key: String) {
 fn describe_holder(holder: &HolderStatus) -> String {
     let who = match (holder.owner.as_str(), holder.session.as_str()) {
         ("", "") => "another session".to_owned(),
-        ("", session) => format!("session {session}"),
-        (owner, _) => owner.to_owned(),
+        ("", session) => format!("session {}", shown(session)),
+        (owner, _) => shown(owner),
     };
     match holder.held_for {
         Some(held) => format!("{who} for {:.1}s", held.as_secs_f64()),

@@ -37,12 +37,16 @@ fn millis(duration: Option<Duration>) -> Value {
     })
 }
 
-fn or_dash(text: &str) -> &str {
+/// `text` as a terminal line shows it: `-` when empty, control characters
+/// (a newline, an escape sequence another program stored as an owner) as
+/// `?`. JSON output escapes them itself.
+pub fn shown(text: &str) -> String {
     if text.is_empty() {
-        "-"
-    } else {
-        text
+        return "-".to_owned();
     }
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn holder_json(h: &HolderStatus) -> Value {
@@ -79,8 +83,8 @@ fn counters_json(c: &Counters) -> Value {
 
 fn print_key(key: &KeyStatus) {
     match key.last_token {
-        Some(token) => println!("{}  (last token {token})", key.key),
-        None => println!("{}", key.key),
+        Some(token) => println!("{}  (last token {token})", shown(&key.key)),
+        None => println!("{}", shown(&key.key)),
     }
     for h in &key.holders {
         println!(
@@ -89,7 +93,7 @@ fn print_key(key: &KeyStatus) {
             h.token.map_or_else(|| "-".to_owned(), |t| t.to_string()),
             seconds(h.held_for),
             seconds(h.lease_left),
-            or_dash(&h.owner),
+            shown(&h.owner),
         );
     }
     for (place, w) in key.waiters.iter().enumerate() {
@@ -98,7 +102,7 @@ fn print_key(key: &KeyStatus) {
             place + 1,
             w.mode.to_string(),
             seconds(w.waiting_for),
-            or_dash(&w.owner),
+            shown(&w.owner),
         );
     }
 }
@@ -145,4 +149,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(shown(""), "-");
+        assert_eq!(shown("ops@web1 pid 7 (job)"), "ops@web1 pid 7 (job)");
+        assert_eq!(shown("evil\n\u{1b}[2Jowner"), "evil??[2Jowner");
+    }
 }
