@@ -152,11 +152,7 @@ impl PostgresStore {
             .await
             .map_err(no_answer)??;
         let leases = if lease_mode {
-            let setup = async {
-                let leases = lease::Leases::connect(&config, &target).await?;
-                leases.setup().await?;
-                Ok::<_, Error>(leases)
-            };
+            let setup = lease::Leases::connect(&config, &target);
             let setup = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await;
             Some(setup.map_err(no_answer)??)
         } else {
