@@ -206,7 +206,9 @@ impl Instance {
     /// right after its `SET`, before its answer can reach the client, so
     /// only a hold that ran out in between (the TTL passing between two
     /// pipelined commands) could take a token below an earlier one's — and
-    /// the core refuses a grant whose answer came after its lease.
+    /// the core refuses a grant whose answer came after its lease — or one
+    /// that a forced release ended in between, if another take ran whole
+    /// in that gap too; its first renewal then reports it lost.
     ///
     /// `owner`, the session's owner write if due, rides in the same round
     /// trip.
@@ -335,6 +337,16 @@ impl Instance {
             .eval(scripts::renew(), &cmd, CALL_TIMEOUT, owner)
             .await?;
         Ok(flags.into_iter().map(|flag| flag == 1).collect())
+    }
+
+    /// Ends every live hold on the key and hands it on (a forced release);
+    /// each ended hold as `(member, mode tag, token or "", lease left ms)`.
+    pub(crate) async fn force_release(
+        &self,
+        keys: &LockKeys,
+    ) -> redis::RedisResult<Vec<(String, String, String, i64)>> {
+        let cmd = evalsha(scripts::force(), &keys.all());
+        self.eval(scripts::force(), &cmd, CALL_TIMEOUT, None).await
     }
 
     /// Raises the key's fencing counter to at least `token`.

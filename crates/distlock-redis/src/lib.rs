@@ -32,6 +32,10 @@
 //!   with its session's owner (written once per session, in `dl:o:SESSION`,
 //!   not with every hold), its lease left, and its token where Redis keeps
 //!   it; on Redlock, what a majority of the instances lists.
+//! - `force_release` ends every hold on a key (on Redlock, on a majority of
+//!   the instances at least, else it fails and says to run it again) and
+//!   hands the key to its waiters; the next token is higher, and each ended
+//!   holder finds out at its next renewal, within a third of its lease.
 //!
 //! # What this does not protect against
 //!
@@ -64,6 +68,7 @@
 //!
 //! See `docs/0003-redis-queue.md` for how a lock is kept, and why.
 
+mod force;
 mod instance;
 mod owner;
 mod scripts;
@@ -74,7 +79,7 @@ mod wake;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
     Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
@@ -211,6 +216,7 @@ impl RedisStore {
         capabilities.session = SessionModel::Lease;
         capabilities.status = true;
         capabilities.keeps_owner = true;
+        capabilities.force_release = true;
         capabilities
     }
 }
@@ -314,5 +320,9 @@ impl LockStore for RedisStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         status::read(&self.shared, query).await
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        force::force_release(&self.shared, key, requested_by).await
     }
 }

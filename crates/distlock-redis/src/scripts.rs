@@ -28,7 +28,8 @@
 //! the head of the queue that fit, skipping those whose session ran out,
 //! and publishes `TOKEN GEN MEMBER` on each one's channel: one message per
 //! hand-over, to its waiter only. A queued lock left empty becomes fast
-//! again.
+//! again. A forced release ends every live hold and frees the lock the
+//! same way; each ended holder's next renewal finds its member gone.
 //!
 //! Each script's fast case comes before the helpers, so that it does not
 //! pay for defining them.
@@ -375,6 +376,44 @@ end
 return held
 "#;
 
+/// KEYS: main, f, h, q, i. No ARGV. Ends every live hold on the lock,
+/// whoever holds it (an operator's forced release), and hands the key on
+/// as a release does; returns each ended hold as `{member, mode, token
+/// ('' where Redis keeps none), lease_left_ms}`. A vanished holder's
+/// lock-delay is no hold: it stays, and no ended hold leaves one.
+const FORCE_FAST: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
+if string.sub(v, 1, 1) ~= '*' then
+  local lease_left = redis.call('PTTL', KEYS[1]) - (tonumber(string.match(v, '|(%d+)$')) or 0)
+  if lease_left <= 0 then return {} end
+  -- Nobody waits on a fast lock: deleting it frees it for the next SET NX,
+  -- whose INCR follows the ended hold's (see `Instance::fast_acquire`).
+  redis.call('DEL', KEYS[1])
+  return {{v, 'x', '', lease_left}}
+end
+"#;
+
+const FORCE: &str = r#"
+clock()
+local held = parse(v)
+local live = redis.call('ZRANGEBYSCORE', K[3], '(' .. now, '+inf', 'WITHSCORES')
+if #live == 0 then return {} end
+local ended = {}
+for i = 1, #live, 2 do
+  local member = live[i]
+  local record = redis.call('HGET', K[5], 'w' .. member) or ''
+  ended[#ended + 1] = {member, held, string.match(record, '^H|(%d+)|') or '', tonumber(live[i + 1]) - now}
+  redis.call('HDEL', K[5], 'w' .. member)
+end
+redis.call('ZREMRANGEBYSCORE', K[3], '(' .. now, '+inf')
+-- Holds past their lease are left to `promote`, which keeps their
+-- lock-delay; the waiters that fit are then handed the key, each told.
+local _, count = promote('', v, false)
+tidy(count)
+return ended
+"#;
+
 /// KEYS: f. ARGV: token. Raises the fencing counter to at least `token`
 /// (the write half of Redlock's quorum register).
 const RAISE: &str = r#"
@@ -406,6 +445,11 @@ pub(crate) fn abandon() -> &'static Script {
 pub(crate) fn renew() -> &'static Script {
     static CELL: OnceLock<Script> = OnceLock::new();
     script(&CELL, &[HELPERS, RENEW])
+}
+
+pub(crate) fn force() -> &'static Script {
+    static CELL: OnceLock<Script> = OnceLock::new();
+    script(&CELL, &[FORCE_FAST, HELPERS, FORCE])
 }
 
 pub(crate) fn raise() -> &'static Script {

@@ -38,12 +38,12 @@ const READS_AT_ONCE: usize = 32;
 /// How many keys one `SCAN` step looks at.
 const SCAN_COUNT: u32 = 1000;
 
-/// A live hold, as one instance has it.
-struct Hold {
-    member: String,
-    mode: Mode,
-    token: Option<u64>,
-    lease_left: Duration,
+/// A live hold, as one instance has it (or had it, for a forced release).
+pub(crate) struct Hold {
+    pub(crate) member: String,
+    pub(crate) mode: Mode,
+    pub(crate) token: Option<u64>,
+    pub(crate) lease_left: Duration,
 }
 
 /// A live place in one instance's queue.
@@ -54,11 +54,21 @@ struct Place {
 
 /// One lock, as one instance has it.
 #[derive(Default)]
-struct LockView {
+pub(crate) struct LockView {
     holds: Vec<Hold>,
     /// In queue order.
     places: Vec<Place>,
     counter: Option<u64>,
+}
+
+impl LockView {
+    /// A lock with these holds and nothing else known.
+    pub(crate) fn of_holds(holds: Vec<Hold>) -> Self {
+        LockView {
+            holds,
+            ..LockView::default()
+        }
+    }
 }
 
 /// What one instance answered.
@@ -233,14 +243,23 @@ async fn owners(
     connection: &mut MultiplexedConnection,
     locks: &BTreeMap<String, LockView>,
 ) -> redis::RedisResult<HashMap<String, String>> {
-    let sessions: BTreeSet<&str> = locks
+    let members: Vec<&str> = locks
         .values()
         .flat_map(|lock| {
             let holds = lock.holds.iter().map(|hold| hold.member.as_str());
             holds.chain(lock.places.iter().map(|place| place.member.as_str()))
         })
-        .map(session_of)
         .collect();
+    owners_of(connection, &members).await
+}
+
+/// The owners of the sessions of `members`, by session id; a session whose
+/// owner key expired or was never written is left out.
+pub(crate) async fn owners_of(
+    connection: &mut MultiplexedConnection,
+    members: &[&str],
+) -> redis::RedisResult<HashMap<String, String>> {
+    let sessions: BTreeSet<&str> = members.iter().map(|member| session_of(member)).collect();
     if sessions.is_empty() {
         return Ok(HashMap::new());
     }
@@ -257,7 +276,7 @@ async fn owners(
 }
 
 /// The session of a member, `SESSION|NONCE|DELAY`.
-fn session_of(member: &str) -> &str {
+pub(crate) fn session_of(member: &str) -> &str {
     member.split('|').next().unwrap_or_default()
 }
 
@@ -356,7 +375,7 @@ fn combine(views: &[InstanceView], instances: usize, quorum: usize) -> Vec<KeySt
     let mut statuses = Vec::new();
     for key in keys {
         let locks: Vec<&LockView> = views.iter().filter_map(|v| v.locks.get(key)).collect();
-        let holders = holders_of(&locks, instances, quorum);
+        let holders = holders_of(&locks, instances, quorum, quorum);
         let listed: BTreeSet<&str> = holders.iter().map(|(member, _)| *member).collect();
         let waiters = waiters_of(&locks, quorum, &listed);
         if holders.is_empty() && waiters.is_empty() {
@@ -384,11 +403,14 @@ fn combine(views: &[InstanceView], instances: usize, quorum: usize) -> Vec<KeySt
     statuses
 }
 
-/// The holds that a majority list, in the order first seen, by member.
-fn holders_of<'a>(
+/// The holds that at least `listed` instances list, in the order first
+/// seen, by member. Each one's lease left is the longest that a majority
+/// (or every instance listing it, if fewer) gives it.
+pub(crate) fn holders_of<'a>(
     locks: &[&'a LockView],
     instances: usize,
     quorum: usize,
+    listed: usize,
 ) -> Vec<(&'a str, HolderStatus)> {
     let mut seen: Vec<(&str, Vec<&Hold>)> = Vec::new();
     for hold in locks.iter().flat_map(|lock| &lock.holds) {
@@ -398,7 +420,7 @@ fn holders_of<'a>(
         }
     }
     seen.into_iter()
-        .filter(|(_, holds)| holds.len() >= quorum)
+        .filter(|(_, holds)| holds.len() >= listed)
         .map(|(member, holds)| {
             let mut leases: Vec<Duration> = holds.iter().map(|hold| hold.lease_left).collect();
             leases.sort_unstable_by(|a, b| b.cmp(a));
@@ -410,7 +432,7 @@ fn holders_of<'a>(
                 mode: holds[0].mode,
                 token: first.filter(|_| agreed),
                 held_for: None,
-                lease_left: Some(leases[quorum - 1]),
+                lease_left: Some(leases[quorum.min(leases.len()) - 1]),
             };
             (member, holder)
         })

@@ -13,7 +13,6 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
-use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
@@ -23,6 +22,7 @@ use crate::scripts::LockKeys;
 use crate::Shared;
 
 mod queue;
+mod release;
 
 /// A lock this session holds.
 struct Held {
@@ -301,51 +301,6 @@ impl RedisSession {
         }
         Ok(None)
     }
-
-    /// Releases the hold written `member` on every instance; how many did
-    /// hold it, and the instances that failed.
-    async fn release_everywhere(&self, keys: &Arc<LockKeys>, member: &str) -> (usize, Failures) {
-        if let [single] = self.instances() {
-            return match single.release(keys, member, self.lock_delay).await {
-                Ok(released) => (usize::from(released), Failures::default()),
-                Err(err) => {
-                    let mut failures = Failures::default();
-                    failures.push(single, err);
-                    (0, failures)
-                }
-            };
-        }
-        // The answer is given once a majority released: a slow or cut-off
-        // instance delays nobody. What is left runs to its end in a task
-        // (a hold there would otherwise stay until its lease ran out).
-        let mut releases: FuturesUnordered<BoxFuture<'static, _>> = (0..self.instances().len())
-            .map(|index| {
-                let (shared, keys) = (Arc::clone(&self.shared), Arc::clone(keys));
-                let (member, delay) = (member.to_owned(), self.lock_delay);
-                let release = async move {
-                    let instance = &shared.instances[index];
-                    (index, instance.release(&keys, &member, delay).await)
-                };
-                release.boxed()
-            })
-            .collect();
-        let mut released = 0;
-        let mut failures = Failures::default();
-        while let Some((index, result)) = releases.next().await {
-            match result {
-                Ok(true) => released += 1,
-                Ok(false) => {}
-                Err(err) => failures.push(&self.instances()[index], err),
-            }
-            if released >= self.quorum() {
-                break;
-            }
-        }
-        if !releases.is_empty() {
-            tokio::spawn(async move { while releases.next().await.is_some() {} });
-        }
-        (released, failures)
-    }
 }
 
 /// Takes back, in the background, what an acquire dropped half-way may
@@ -432,18 +387,7 @@ impl StoreSession for RedisSession {
     }
 
     async fn release(&self, lock: &HeldLock) -> Result<()> {
-        let Some((member, keys)) = self.member_of(lock) else {
-            return Err(Error::not_held(&lock.key));
-        };
-        let (released, failures) = self.release_everywhere(&keys, &member).await;
-        self.forget(lock);
-        if released > 0 {
-            return Ok(());
-        }
-        if failures.len() == self.instances().len() {
-            return Err(self.unavailable(0, &failures));
-        }
-        Err(Error::not_held(&lock.key))
+        self.release_held(lock).await
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
@@ -520,10 +464,13 @@ impl StoreSession for RedisSession {
             return Err(self.unavailable(answered, &failures));
         }
         let mut lost = Vec::new();
-        for (lock, count) in held.iter().zip(kept) {
+        for ((lock, count), (keys, member)) in held.iter().zip(kept).zip(&written) {
             if count < quorum {
                 self.forget(lock);
                 lost.push(lock.key.clone());
+                if count > 0 {
+                    self.take_back(keys, member);
+                }
             }
         }
         Ok(RenewReport::lost(lost))
