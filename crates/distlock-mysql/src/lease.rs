@@ -17,7 +17,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, IsolationLevel, Pool, TxOpts};
+use mysql_async::{Conn, Pool, TxOpts};
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error, server_code};
@@ -164,13 +164,10 @@ impl LeaseSession {
         permits: u32,
         holder: &str,
     ) -> Result<Option<u64>> {
+        // Read committed, set for the pool's connections.
         let mut conn = pooled(&self.pool, &self.target).await?;
-        // Read committed: no gap locks, so acquires of different keys never
-        // wait for each other.
-        let mut options = TxOpts::default();
-        options.with_isolation_level(IsolationLevel::ReadCommitted);
         let mut tx = conn
-            .start_transaction(options)
+            .start_transaction(TxOpts::default())
             .await
             .map_err(|err| self.error(err))?;
         let run = async {

@@ -65,7 +65,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Opts, OptsBuilder, Pool};
+use mysql_async::{Opts, OptsBuilder, Pool, PoolOpts};
 use url::Url;
 
 /// How long connecting may take.
@@ -94,9 +94,13 @@ pub(crate) enum Tokens {
 pub struct MysqlStore {
     opts: Opts,
     target: String,
-    /// Short statements: `KILL QUERY`, the lease table.
+    /// Short statements: `KILL QUERY`, status, the lease table's setup.
     pool: Pool,
-    lease: bool,
+    /// The lease table's grants, releases and renewals (`?mode=lease`):
+    /// connections are not reset between uses, so each keeps its prepared
+    /// statements; nothing run on them leaves session state behind but
+    /// what their setup sets.
+    leases: Option<Pool>,
     tokens: Tokens,
 }
 
@@ -104,7 +108,7 @@ impl std::fmt::Debug for MysqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MysqlStore")
             .field("target", &self.target)
-            .field("lease", &self.lease)
+            .field("lease", &self.leases.is_some())
             .finish()
     }
 }
@@ -152,11 +156,23 @@ impl MysqlStore {
         let database = parsed.path().trim_start_matches('/');
         let target = format!("{host}:{}/{database}", parsed.port().unwrap_or(3306));
         let pool = Pool::new(opts.clone());
+        let leases = lease.then(|| {
+            Pool::new(
+                OptsBuilder::from_opts(opts.clone())
+                    .pool_opts(PoolOpts::default().with_reset_connection(false))
+                    .setup(vec![
+                        "SET SESSION innodb_lock_wait_timeout = 1",
+                        // No gap locks: acquires of different keys never
+                        // wait for each other.
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    ]),
+            )
+        });
         let mut store = MysqlStore {
             opts,
             target,
             pool,
-            lease,
+            leases,
             tokens: Tokens::Table,
         };
         let setup = async {
@@ -227,7 +243,7 @@ impl MysqlStore {
 #[async_trait]
 impl LockStore for MysqlStore {
     fn capabilities(&self) -> Capabilities {
-        if self.lease {
+        if self.leases.is_some() {
             MysqlStore::lease_capabilities()
         } else {
             MysqlStore::capabilities()
@@ -235,9 +251,9 @@ impl LockStore for MysqlStore {
     }
 
     async fn open_session(&self, options: &SessionOptions) -> Result<Box<dyn StoreSession>> {
-        if self.lease {
+        if let Some(leases) = &self.leases {
             return Ok(Box::new(lease::LeaseSession::new(
-                self.pool.clone(),
+                leases.clone(),
                 self.target.clone(),
                 self.tokens,
                 options,
@@ -270,7 +286,7 @@ impl LockStore for MysqlStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         let mut conn = connect::pooled(&self.pool, &self.target).await?;
-        if self.lease {
+        if self.leases.is_some() {
             status::leases(&mut conn, &self.target, query).await
         } else {
             status::named(&mut conn, &self.target, query).await
@@ -278,7 +294,7 @@ impl LockStore for MysqlStore {
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
-        if !self.lease {
+        if self.leases.is_none() {
             return Err(Error::unsupported(
                 "a named lock ends only with its holder's connection: end that (KILL the \
                  connection distlock status shows), or use a mysql://…?mode=lease URL, whose \
