@@ -4,6 +4,7 @@
 //! an entry with no owner.
 
 use distlock_core::store::Mode;
+use etcd_client::{GetOptions, SortOrder, SortTarget};
 
 use crate::PREFIX;
 
@@ -39,6 +40,14 @@ pub(crate) fn lock_name(key: &[u8]) -> Option<String> {
     }
     name.push_str(rest);
     Some(name)
+}
+
+/// A read of queues: every key under a prefix, oldest first (in order of
+/// create revision).
+pub(crate) fn queue_options() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
 }
 
 /// The value of an entry in `mode`, of a session that says it is `owner`.

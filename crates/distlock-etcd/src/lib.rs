@@ -21,19 +21,26 @@
 //!   left), then waiters in queue order; etcd keeps no time with a key, so
 //!   how long each has held or waited is not known.
 //!
+//! - `force_release` deletes the entries that hold the key, in a
+//!   transaction that also proves them still the holders; waiters wake as
+//!   on a release, and the next token (a later create revision) is higher.
+//!
 //! `lost()` fires when a renewal finds the lease gone or a held key deleted.
+//! Each session watches its held keys on one stream of its own, so a key
+//! deleted by someone else (a forced release) asks for that renewal at once.
 //! Not given: lock-delay.
 //!
 //! See `docs/0005-etcd.md` for the reasoning.
 
 mod entry;
+mod force;
 mod session;
 mod status;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use etcd_client::{Client, ConnectOptions};
@@ -134,12 +141,13 @@ impl EtcdStore {
         })
     }
 
-    /// What etcd gives: what every store with a queue per key does, and
-    /// `status` with each entry's owner.
+    /// What etcd gives: what every store with a queue per key does,
+    /// `status` with each entry's owner, and forced release.
     pub fn capabilities() -> Capabilities {
         let mut caps = distlock_core::store::queue::capabilities("etcd");
         caps.status = true;
         caps.keeps_owner = true;
+        caps.force_release = true;
         caps
     }
 }
@@ -159,5 +167,11 @@ impl LockStore for EtcdStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         self.read_status(query).await
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let ended = self.end_holds(key).await?;
+        tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
+        Ok(ended)
     }
 }

@@ -8,10 +8,10 @@ use distlock_core::status::{HolderStatus, KeyStatus, Status, StatusQuery, Waiter
 use distlock_core::store::queue;
 use distlock_core::store::Mode;
 use distlock_core::Result;
-use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+use etcd_client::KeyValue;
 use futures::StreamExt;
 
-use crate::entry::{self, escape, lock_prefix};
+use crate::entry::{self, escape, lock_prefix, queue_options};
 use crate::{call, EtcdStore, PREFIX};
 
 /// How many leases a status asks about at once.
@@ -31,12 +31,9 @@ impl EtcdStore {
             StatusQuery::Key(key) => lock_prefix(key),
             StatusQuery::Prefix(prefix) => format!("{PREFIX}{}", escape(prefix)),
         };
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend);
         let read = call(
             &self.endpoints,
-            self.client.clone().get(range, Some(options)),
+            self.client.clone().get(range, Some(queue_options())),
         )
         .await?;
         // By lock, each queue oldest first; sorted by key.
@@ -116,31 +113,36 @@ fn key_status(key: String, queue: &[&KeyValue]) -> (KeyStatus, Vec<i64>) {
     };
     let mut leases = Vec::new();
     for ((kv, tag), holds) in queue.iter().zip(&tags).zip(queue::holders(&tags)) {
-        let (session, owner, mode) = (
-            format!("{:016x}", kv.lease()),
-            entry::owner(kv.value()),
-            mode_of(tag),
-        );
         if holds {
             leases.push(kv.lease());
-            status.holders.push(HolderStatus {
-                session,
-                owner,
-                mode,
-                token: u64::try_from(kv.create_revision()).ok(),
-                held_for: None,
-                lease_left: None,
-            });
+            status.holders.push(holder_status(kv));
         } else {
             status.waiters.push(WaiterStatus {
-                session,
-                owner,
-                mode,
+                session: session_of(kv),
+                owner: entry::owner(kv.value()),
+                mode: mode_of(tag),
                 waiting_for: None,
             });
         }
     }
     (status, leases)
+}
+
+/// The session an entry belongs to: its lease, as etcd shows it.
+fn session_of(kv: &KeyValue) -> String {
+    format!("{:016x}", kv.lease())
+}
+
+/// A holding entry as `status` shows it, without its lease's time left.
+pub(crate) fn holder_status(kv: &KeyValue) -> HolderStatus {
+    HolderStatus {
+        session: session_of(kv),
+        owner: entry::owner(kv.value()),
+        mode: mode_of(entry::tag(kv.value())),
+        token: u64::try_from(kv.create_revision()).ok(),
+        held_for: None,
+        lease_left: None,
+    }
 }
 
 #[cfg(test)]

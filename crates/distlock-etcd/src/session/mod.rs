@@ -17,7 +17,10 @@ use etcd_client::{
 use crate::entry::lock_prefix;
 use crate::{unavailable, CALL_TIMEOUT};
 
+mod holds;
 mod queue;
+
+use holds::HeldWatch;
 
 pub(crate) struct EtcdSession {
     client: Client,
@@ -28,6 +31,9 @@ pub(crate) struct EtcdSession {
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
     /// The queue keys of the locks held, by lock name.
     held: Mutex<HashMap<String, String>>,
+    /// Watches the held queue keys: every key in `held` is watched until
+    /// the session releases it or learns it lost it.
+    watch: HeldWatch,
     /// Queue keys whose deletion in the background is still under way (an
     /// attempt dropped or failed half-way): no attempt uses them until they
     /// are gone.
@@ -50,21 +56,16 @@ impl EtcdSession {
         let ttl = i64::try_from(options.ttl.as_secs_f64().ceil() as u64)
             .unwrap_or(i64::MAX)
             .max(1);
-        let session = EtcdSession {
+        let granted = crate::call(&endpoints, client.clone().lease_grant(ttl, None)).await?;
+        Ok(EtcdSession {
+            watch: HeldWatch::start(client.clone()),
             client,
             endpoints,
-            lease: 0,
+            lease: granted.id(),
             owner: options.owner.clone(),
             keeper: tokio::sync::Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             leaving: Arc::new(Mutex::new(HashSet::new())),
-        };
-        let granted = session
-            .call(session.client.clone().lease_grant(ttl, None))
-            .await?;
-        Ok(EtcdSession {
-            lease: granted.id(),
-            ..session
         })
     }
 
@@ -209,6 +210,9 @@ impl StoreSession for EtcdSession {
             // No key has create revision 0: that is "absent" to etcd.
             return Err(Error::not_held(&held.key));
         }
+        // Unwatched before the delete is sent: the task then never takes
+        // this session's own delete for someone else's.
+        self.watch.unwatch(&me);
         let released = self.leave_now(&me, revision).await?;
         {
             let mut map = self.held();
@@ -251,26 +255,34 @@ impl StoreSession for EtcdSession {
         if held.is_empty() {
             return Ok(RenewReport::all_held());
         }
-        // Each held key must still be there, as created when granted.
-        let keys: Vec<String> = {
+        // Each held key must still be there, as created when granted. A lock
+        // without a key here was released or found lost already: no key to
+        // read (etcd refuses an empty one), and lost all the same.
+        let mut lost = Vec::new();
+        let known: Vec<(&HeldLock, String)> = {
             let map = self.held();
             held.iter()
-                .map(|lock| map.get(&lock.key).cloned().unwrap_or_default())
+                .filter_map(|lock| match map.get(&lock.key) {
+                    Some(key) => Some((lock, key.clone())),
+                    None => {
+                        lost.push(lock.key.clone());
+                        None
+                    }
+                })
                 .collect()
         };
-        let mut responses = Vec::with_capacity(held.len());
-        for batch in keys.chunks(MAX_TXN_OPS) {
+        let mut responses = Vec::with_capacity(known.len());
+        for batch in known.chunks(MAX_TXN_OPS) {
             let reads: Vec<TxnOp> = batch
                 .iter()
-                .map(|key| TxnOp::get(key.as_str(), None))
+                .map(|(_, key)| TxnOp::get(key.as_str(), None))
                 .collect();
             let answer = self
                 .call(self.client.clone().txn(Txn::new().and_then(reads)))
                 .await?;
             responses.extend(answer.op_responses());
         }
-        let mut lost = Vec::new();
-        for (lock, response) in held.iter().zip(responses) {
+        for ((lock, _), response) in known.iter().zip(responses) {
             let there = match response {
                 TxnOpResponse::Get(got) => got
                     .kvs()
@@ -279,11 +291,17 @@ impl StoreSession for EtcdSession {
                 _ => false,
             };
             if !there {
-                self.held().remove(&lock.key);
+                if let Some(key) = self.held().remove(&lock.key) {
+                    self.watch.unwatch(&key);
+                }
                 lost.push(lock.key.clone());
             }
         }
         Ok(RenewReport::lost(lost))
+    }
+
+    async fn renewal_wanted(&self) {
+        self.watch.wanted().await;
     }
 
     async fn close(&self) -> Result<()> {

@@ -7,20 +7,14 @@ use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
 use distlock_core::store::{AcquireRequest, Grant};
 use distlock_core::Result;
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchFilterType, WatchOptions,
 };
 use tokio::time::Instant;
 
 use super::{lock_prefix, EtcdSession, Leave, MAX_SLOTS};
-use crate::{entry, unavailable};
-
-/// A lock's queue as it is read: every key under its prefix, oldest first.
-fn queue_options() -> GetOptions {
-    GetOptions::new()
-        .with_prefix()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-}
+use crate::entry::{self, queue_options};
+use crate::unavailable;
 
 /// What a waiter watches for deletions, and a read that tells whether the
 /// wait is still needed: it must find `expected` keys.
@@ -99,6 +93,9 @@ impl EtcdSession {
             let tags: Vec<&str> = earlier.iter().map(|kv| entry::tag(kv.value())).collect();
             let Some(blocker) = queue::blocker(request.mode, &tags) else {
                 leave.armed = false;
+                // Watched from the read that found it held: a deletion
+                // since is not missed.
+                self.watch.watch(&me, read_at);
                 self.held().insert(request.key.clone(), me);
                 let token = u64::try_from(mine.create_revision()).unwrap_or(0);
                 return Ok(Some(Grant::new(token)));
