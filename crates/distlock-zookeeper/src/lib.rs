@@ -25,12 +25,20 @@
 //!   the same decision: holders (token, time since their node was made),
 //!   then waiters in queue order. Another session's time left is not known.
 //!
+//! - `force_release` deletes the nodes that hold the key, in one multi that
+//!   also checks the first waiter still there; waiters wake as on a
+//!   release, and the next token (a later czxid) is higher. The store's
+//!   client needs the DELETE permission on the lock's directory.
+//!
 //! `lost()` fires when a renewal finds the session expired or a held node
 //! gone; while the connection is down the session is lost at its deadline,
-//! no later than ZooKeeper's own expiry. Not given: lock-delay.
+//! no later than ZooKeeper's own expiry. Each held node is watched, so one
+//! deleted by someone else (a forced release) asks for that renewal at once.
+//! Not given: lock-delay.
 //!
 //! See `docs/0006-zookeeper.md` for the reasoning.
 
+mod force;
 mod session;
 mod status;
 
@@ -40,7 +48,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
@@ -58,8 +66,8 @@ pub struct ZkStore {
     connect: String,
     /// The hosts, for messages.
     hosts: String,
-    /// The client `status` reads with: made at its first use, and again
-    /// once its session has ended.
+    /// The client `status` and `force_release` use: made at its first use,
+    /// and again once its session has ended.
     reader: Arc<tokio::sync::Mutex<Option<Client>>>,
 }
 
@@ -207,16 +215,17 @@ impl ZkStore {
         })
     }
 
-    /// What ZooKeeper gives: what every store with a queue per key does, and
-    /// `status` with each node's owner.
+    /// What ZooKeeper gives: what every store with a queue per key does,
+    /// `status` with each node's owner, and forced release.
     pub fn capabilities() -> Capabilities {
         let mut caps = distlock_core::store::queue::capabilities("zookeeper");
         caps.status = true;
         caps.keeps_owner = true;
+        caps.force_release = true;
         caps
     }
 
-    /// The client `status` reads with.
+    /// The client `status` and `force_release` use.
     async fn reader(&self) -> Result<Client> {
         let mut reader = self.reader.lock().await;
         if let Some(client) = reader.as_ref() {
@@ -253,6 +262,12 @@ impl LockStore for ZkStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         self.read_status(query).await
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let ended = self.end_holds(key).await?;
+        tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
+        Ok(ended)
     }
 }
 

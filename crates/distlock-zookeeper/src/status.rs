@@ -93,9 +93,7 @@ async fn read_queue(client: &Client, hosts: &str, key: String) -> Result<Option<
         return Ok(None);
     }
     let tags: Vec<&str> = nodes.iter().map(|(name, _, _)| tag_of(name)).collect();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = now();
     let mut status = KeyStatus {
         key,
         holders: Vec::new(),
@@ -103,34 +101,51 @@ async fn read_queue(client: &Client, hosts: &str, key: String) -> Result<Option<
         last_token: None,
     };
     for ((tag, (_, data, stat)), holds) in tags.iter().zip(&nodes).zip(queue::holders(&tags)) {
-        let session = format!("{:016x}", stat.ephemeral_owner);
-        let owner = String::from_utf8_lossy(data).into_owned();
-        // Since the node was made, by ZooKeeper's clock: for a holder that
-        // waited, the wait counts too.
-        let since = u64::try_from(stat.ctime)
-            .ok()
-            .map(|made| now.saturating_sub(Duration::from_millis(made)));
         if holds {
-            status.holders.push(HolderStatus {
-                session,
-                owner,
-                mode: mode_of(tag),
-                token: u64::try_from(stat.czxid).ok(),
-                held_for: since,
-                // Another session's time left is not something ZooKeeper
-                // tells.
-                lease_left: None,
-            });
+            status.holders.push(holder_status(tag, data, stat, now));
         } else {
             status.waiters.push(WaiterStatus {
-                session,
-                owner,
+                session: session_of(stat),
+                owner: String::from_utf8_lossy(data).into_owned(),
                 mode: mode_of(tag),
-                waiting_for: since,
+                waiting_for: since(stat, now),
             });
         }
     }
     Ok(Some(status))
+}
+
+/// The time now, as ZooKeeper's node times count it.
+pub(crate) fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The session a node belongs to, as ZooKeeper names it.
+fn session_of(stat: &Stat) -> String {
+    format!("{:016x}", stat.ephemeral_owner)
+}
+
+/// Since the node was made, by ZooKeeper's clock: for a holder that waited,
+/// the wait counts too.
+fn since(stat: &Stat, now: Duration) -> Option<Duration> {
+    u64::try_from(stat.ctime)
+        .ok()
+        .map(|made| now.saturating_sub(Duration::from_millis(made)))
+}
+
+/// A holding node (its tag, data and stat) as `status` shows it.
+pub(crate) fn holder_status(tag: &str, data: &[u8], stat: &Stat, now: Duration) -> HolderStatus {
+    HolderStatus {
+        session: session_of(stat),
+        owner: String::from_utf8_lossy(data).into_owned(),
+        mode: mode_of(tag),
+        token: u64::try_from(stat.czxid).ok(),
+        held_for: since(stat, now),
+        // Another session's time left is not something ZooKeeper tells.
+        lease_left: None,
+    }
 }
 
 #[cfg(test)]

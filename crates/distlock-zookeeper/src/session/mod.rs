@@ -17,6 +17,7 @@ use zookeeper_client::{
 
 use crate::{timed_out, zk_error, BASE, CALL_TIMEOUT};
 
+mod holds;
 mod queue;
 
 pub(crate) use queue::ordered;
@@ -91,6 +92,9 @@ fn sequence_of(name: &str) -> Option<i64> {
 struct Node {
     path: String,
     czxid: i64,
+    /// Set before the session deletes the node itself: its watch then
+    /// takes the deletion for no news.
+    released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -118,6 +122,8 @@ struct Shared {
     attempts: watch::Sender<usize>,
     /// Frozen by the test hook: the session is lost, not closed.
     frozen: std::sync::atomic::AtomicBool,
+    /// Told when someone else deleted a held node (a forced release).
+    renewal_wanted: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -198,6 +204,7 @@ impl ZkSession {
                 ending: watch::Sender::new(false),
                 attempts: watch::Sender::new(0),
                 frozen: std::sync::atomic::AtomicBool::new(false),
+                renewal_wanted: tokio::sync::Notify::new(),
             }),
             hosts: hosts.to_owned(),
             owner: options.owner.clone(),
@@ -297,6 +304,8 @@ impl StoreSession for ZkSession {
             return Err(Error::not_held(&held.key));
         };
         let client = self.client()?;
+        node.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let deleted = raw(&self.hosts, client.delete(&node.path, None)).await?;
         let outcome = match deleted {
             Ok(()) => Ok(()),
@@ -377,6 +386,10 @@ impl StoreSession for ZkSession {
             }
         }
         Ok(RenewReport::lost(lost))
+    }
+
+    async fn renewal_wanted(&self) {
+        self.shared.renewal_wanted.notified().await;
     }
 
     async fn close(&self) -> Result<()> {

@@ -82,6 +82,7 @@ impl ZkSession {
         let node = Node {
             path,
             czxid: stat.czxid,
+            released: Arc::default(),
         };
         loop {
             if *ending.borrow_and_update() {
@@ -155,6 +156,7 @@ impl ZkSession {
             // (docs/0006-zookeeper.md).
             leave.armed = false;
             self.held().insert(request.key.clone(), node.clone());
+            super::holds::watch_held(&self.shared, node);
             let token = u64::try_from(node.czxid).unwrap_or(0);
             return Ok(Step::Granted(Grant::new(token)));
         };
