@@ -135,6 +135,8 @@ pub async fn forced_release_ends_holds_and_fences_them(kit: Kit) -> Outcome {
     let owner = "conformance@host-s pid 13 (stuck)";
     let stuck = kit.session_owned_by(owner).await;
     let held = stuck.lock(&key).await.expect("free");
+    let resource = Fenced::default();
+    assert!(resource.write(held.token()), "the holder's own write");
     let ended = kit.client.force_release(&key).await.expect("force release");
     assert_eq!(ended.len(), 1, "one hold ended: {ended:?}");
     if let Some(token) = ended[0].token {
@@ -149,9 +151,10 @@ pub async fn forced_release_ends_holds_and_fences_them(kit: Kit) -> Outcome {
         .wait(PATIENCE)
         .await
         .expect("the key is free again");
+    assert!(resource.write(taken.token()), "the next holder's write");
     assert!(
-        taken.token() > held.token(),
-        "token {} after the ended {}: a write fenced with the old one is refused",
+        !resource.write(held.token()),
+        "token {} after the ended {}: the stuck holder's late write must be refused",
         taken.token(),
         held.token()
     );
@@ -174,4 +177,23 @@ pub async fn forced_release_ends_holds_and_fences_them(kit: Kit) -> Outcome {
     stuck.close().await.expect("close");
     next.close().await.expect("close");
     Outcome::Passed
+}
+
+/// A resource that fences its writes: it takes one only with a token at
+/// least the highest it has taken.
+#[derive(Default)]
+struct Fenced(std::sync::Mutex<u64>);
+
+impl Fenced {
+    fn write(&self, token: u64) -> bool {
+        let mut highest = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if token < *highest {
+            return false;
+        }
+        *highest = token;
+        true
+    }
 }
