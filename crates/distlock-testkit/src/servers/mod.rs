@@ -1,11 +1,12 @@
-//! Private store servers for tests: Redis, PostgreSQL, MariaDB, etcd and
-//! ZooKeeper, each a real process started from the programs installed on
-//! the host (`./scripts/test` installs them), in a temporary directory, on
-//! free ports on 127.0.0.1, and killed (SIGKILL) when dropped.
+//! Private store servers for tests: Redis, PostgreSQL, MariaDB, etcd,
+//! ZooKeeper and NATS (with JetStream), each a real process started from
+//! the programs installed on the host (`./scripts/test` installs them), in
+//! a temporary directory, on free ports on 127.0.0.1, and killed (SIGKILL)
+//! when dropped.
 //!
 //! Each type's `start()` starts a fresh server and `url()` gives the URL a
-//! distlock store connects with. The SQL servers, etcd and ZooKeeper also
-//! have `shared()`, one server for all the tests of a test binary, and
+//! distlock store connects with. The SQL servers, etcd, ZooKeeper and NATS
+//! also have `shared()`, one server for all the tests of a test binary, and
 //! `crash_and_restart()`, which kills a server and starts it again on the
 //! same data and port. A missing program, or a server that does not come
 //! up, is a panic that shows the end of the server's log.
@@ -20,12 +21,14 @@
 
 pub mod etcd;
 pub mod mysql;
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 pub mod zookeeper;
 
 pub use etcd::Etcd;
 pub use mysql::Mariadb;
+pub use nats::Nats;
 pub use postgres::Postgres;
 pub use redis::Redis;
 pub use zookeeper::ZooKeeper;
