@@ -204,6 +204,24 @@ impl Daemon {
         self.port
     }
 
+    /// Stops it with SIGSTOP, as a host that froze: its connections stay
+    /// open and nothing answers until [`Daemon::resume`] (or a kill).
+    pub fn pause(&self) {
+        self.send(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused server run on (SIGCONT).
+    pub fn resume(&self) {
+        self.send(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn send(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the server was killed");
+        let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .unwrap_or_else(|err| panic!("cannot send {signal} to {}: {err}", self.name));
+    }
+
     /// Kills it with SIGKILL (a crash, not a shutdown) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -117,6 +117,17 @@ impl Redis {
         format!("redis://{}", self.address())
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers,
+    /// and keys' TTLs run on, until [`Redis::resume`].
+    pub fn pause(&self) {
+        self.daemon.pause();
+    }
+
+    /// Lets a paused server run on (SIGCONT).
+    pub fn resume(&self) {
+        self.daemon.resume();
+    }
+
     /// Kills the server (SIGKILL).
     pub fn kill(&mut self) {
         self.daemon.kill();
