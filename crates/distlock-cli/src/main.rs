@@ -2,8 +2,9 @@
 //! the stores.
 //!
 //! Exit codes: `run` passes on its command's code, 75 when the lock could not
-//! be had within `--wait`, 76 when the lock was lost while the command ran;
-//! every subcommand exits 2 on bad usage or when the store cannot be reached.
+//! be had within `--wait`, 76 when it stopped or killed the command because
+//! the lock was at risk or lost (whatever the command's own status); every
+//! subcommand exits 2 on bad usage or when the store cannot be reached.
 
 mod bench;
 mod demo;
@@ -12,7 +13,9 @@ mod release;
 mod run;
 mod serve;
 mod status;
+mod supervise;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -36,11 +39,13 @@ enum Command {
     /// The command gets DISTLOCK_TOKEN (the fencing token) and DISTLOCK_KEY,
     /// and runs in a process group of its own (unless --foreground, the
     /// default when stdin is a terminal). Signals sent to distlock are
-    /// forwarded to it. If the lock is at risk (renewals failing) the command
-    /// gets SIGTERM, and SIGKILL when the lock is lost; if distlock itself
-    /// dies, the command is killed too. Exit code: the command's own; 75 if
-    /// the lock could not be had within --wait; 76 if it was lost; 2 for bad
-    /// usage or an unreachable store.
+    /// forwarded to it. If the lock is at risk (renewals failing, --grace
+    /// before the lease runs out) the command gets SIGTERM, and SIGKILL when
+    /// the lock is lost; if distlock itself dies, the command is killed too.
+    /// Exit code: the command's own, unless distlock stopped or killed it
+    /// for the lock's sake: then 76, whatever the command's status, and
+    /// stderr says which; 75 if the lock could not be had within --wait; 2
+    /// for bad usage or an unreachable store.
     Run(run::RunArgs),
     /// Load a store and report throughput, latency, fairness and violations.
     Bench(bench::BenchArgs),
@@ -84,18 +89,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A server says what it does; the other commands speak only when wrong.
-    let default_log = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.command);
+    let json_logs =
+        matches!(&cli.command, Command::Serve(args) if args.log_format == serve::LogFormat::Json);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Command::Bench(args) = &cli.command {
@@ -126,10 +122,38 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(code) => code,
+        Err(err) if json_logs => {
+            tracing::error!("{}", describe(&err));
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(err) => {
             eprintln!("distlock: {}", describe(&err));
             ExitCode::from(EXIT_USAGE)
         }
+    }
+}
+
+/// Logs go to stderr, coloured only on a terminal (and without `NO_COLOR`):
+/// a file or a pipe gets plain text, or JSON lines with `serve --log-format
+/// json`.
+fn init_logging(command: &Command) {
+    // A server says what it does; the other commands speak only when wrong.
+    let (default_level, format) = match command {
+        Command::Serve(args) => ("info", args.log_format),
+        _ => ("warn", serve::LogFormat::Text),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        serve::LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init();
+        }
+        serve::LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 }
 

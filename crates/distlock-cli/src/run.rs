@@ -1,37 +1,24 @@
 //! `distlock run`: hold a lock while a command runs.
 
 use std::io::IsTerminal;
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
 use distlock::status::{HolderStatus, StatusQuery};
-use distlock::{ErrorKind, Guard};
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
-use tokio::process::{Child, Command};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant};
+use distlock::ErrorKind;
+use nix::sys::signal::Signal;
+use tokio::process::Command;
 
 use crate::status::shown;
+use crate::supervise::{forward_signals, shell_status, supervise, Ended, Supervised};
 use crate::{parse_duration, StoreArgs};
 
 /// Exit code when the lock could not be had within `--wait`.
 pub const EXIT_NOT_ACQUIRED: u8 = 75;
-/// Exit code when the lock was lost while the command ran.
+/// Exit code when distlock stopped or killed the command because the lock
+/// was at risk or lost, whatever status the command ended with.
 pub const EXIT_LOST: u8 = 76;
-
-/// Signals passed on to the command.
-const FORWARDED: [SignalKind; 6] = [
-    SignalKind::terminate(),
-    SignalKind::hangup(),
-    SignalKind::user_defined1(),
-    SignalKind::user_defined2(),
-    // A terminal sends these two to its whole foreground group itself.
-    SignalKind::interrupt(),
-    SignalKind::quit(),
-];
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -43,6 +30,14 @@ pub struct RunArgs {
     /// The session lease, renewed every third of it while the command runs.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease: Duration,
+    /// How long before the lease would run out, once renewals have been
+    /// failing, the command is asked to stop (SIGTERM); it is killed
+    /// (SIGKILL) when the lease runs out. A longer grace stops the command
+    /// on shorter store outages, which it might have outlived; a shorter one
+    /// leaves it less time to clean up. At most half the lease; 0s sends
+    /// only the SIGKILL. Default: a third of the lease.
+    #[arg(long, value_parser = parse_duration)]
+    grace: Option<Duration>,
     /// Give up (exit 75) if the lock is not had within this long; 0s tries
     /// once. Default: wait as long as it takes.
     #[arg(long, value_parser = parse_duration)]
@@ -69,6 +64,7 @@ pub struct RunArgs {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     distlock::validate_key(&args.key)?;
+    let grace = grace(&args)?;
     let client = args.store.connect().await?;
     let mut session = client.session().ttl(args.lease);
     if let Some(owner) = &args.owner {
@@ -124,11 +120,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     die_with_parent(&mut command);
     let outcome = match command.spawn() {
         Ok(child) => {
-            let child = Supervised {
-                child,
-                group: !foreground,
-            };
-            supervise(child, signals, &guard, args.lease).await
+            let child = Supervised::new(child, !foreground);
+            supervise(child, signals, &guard, grace)
+                .await
+                .map(|ended| exit_code(ended, &args.key))
         }
         Err(err) => {
             eprintln!("distlock: cannot run '{}': {err}", args.command[0]);
@@ -140,10 +135,57 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
     };
-    // A lost guard's release fails with NotHeld; the exit code says it.
-    let _ = guard.release().await;
-    let _ = session.close().await;
+    // A lost guard's release fails with NotHeld; the exit code says it. A
+    // store that does not answer must not hold the exit up past the lease,
+    // after which the store lets the lock go by itself.
+    let deadline = guard.expires_at();
+    let release = async {
+        let _ = guard.release().await;
+        let _ = session.close().await;
+    };
+    match deadline {
+        Some(deadline) => {
+            let _ = tokio::time::timeout_at(deadline, release).await;
+        }
+        None => release.await,
+    }
     outcome
+}
+
+/// `--grace`, or a third of the lease; at most half of it, since renewals
+/// come every third of the lease and a longer grace would stop the command
+/// while they succeed.
+fn grace(args: &RunArgs) -> anyhow::Result<Duration> {
+    let grace = args.grace.unwrap_or(args.lease / 3);
+    anyhow::ensure!(
+        grace <= args.lease / 2,
+        "--grace {} is more than half the {} lease, which is renewed every third of it: \
+         the command would be stopped between healthy renewals; lower --grace or raise --lease",
+        humantime::format_duration(grace),
+        humantime::format_duration(args.lease),
+    );
+    Ok(grace)
+}
+
+/// The command's own exit code unless distlock stopped or killed it for
+/// the lock's sake; then 76, and stderr says which.
+fn exit_code(ended: Ended, key: &str) -> ExitCode {
+    match ended {
+        Ended::Own(status) => ExitCode::from(shell_status(status)),
+        Ended::Stopped(status) => {
+            eprintln!(
+                "distlock: exit {EXIT_LOST}: the lock '{key}' was at risk and the command was stopped (its own status: {})",
+                shell_status(status)
+            );
+            ExitCode::from(EXIT_LOST)
+        }
+        Ended::Killed => {
+            eprintln!(
+                "distlock: exit {EXIT_LOST}: the lock '{key}' was lost and the command was killed"
+            );
+            ExitCode::from(EXIT_LOST)
+        }
+    }
 }
 
 /// Shows, on one terminal line refreshed every second, who holds `key` and
@@ -212,114 +254,5 @@ fn die_with_parent(command: &mut Command) {
             }
             Ok(())
         });
-    }
-}
-
-/// The command, signalled as a whole process group unless `--foreground`.
-struct Supervised {
-    child: Child,
-    group: bool,
-}
-
-impl Supervised {
-    fn signal(&self, signal: Signal) {
-        let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) else {
-            return;
-        };
-        let pid = Pid::from_raw(pid);
-        // The command may have just exited; nothing to do then.
-        let _ = if self.group {
-            killpg(pid, signal)
-        } else {
-            kill(pid, signal)
-        };
-    }
-}
-
-/// When to warn the command: a third of the lease before the lock would be
-/// lost, which only comes when renewals have been failing.
-fn at_risk_instant(guard: &Guard, lease: Duration) -> Option<Instant> {
-    guard
-        .expires_at()
-        .map(|deadline| deadline.checked_sub(lease / 3).unwrap_or(deadline))
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits for the command, forwarding signals, and stops it if the lock is
-/// at risk (SIGTERM, once renewals have failed for two thirds of the lease)
-/// or lost (SIGKILL at once: the store may grant the key to another session
-/// from then on).
-async fn supervise(
-    mut command: Supervised,
-    mut signals: mpsc::UnboundedReceiver<SignalKind>,
-    guard: &Guard,
-    lease: Duration,
-) -> anyhow::Result<ExitCode> {
-    let mut terminated = false;
-    let mut lost = false;
-    loop {
-        tokio::select! {
-            status = command.child.wait() => {
-                let status = status.context("cannot wait for the command")?;
-                if lost {
-                    return Ok(ExitCode::from(EXIT_LOST));
-                }
-                return Ok(exit_code(status));
-            }
-            Some(kind) = signals.recv() => {
-                if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
-                    command.signal(signal);
-                }
-            }
-            () = sleep_until_some(at_risk_instant(guard, lease)), if !terminated && !lost => {
-                if guard.is_held() && at_risk_instant(guard, lease).is_some_and(|at| at <= Instant::now()) {
-                    eprintln!("distlock: the lock '{}' is at risk (renewals failing); stopping the command", guard.key());
-                    command.signal(Signal::SIGTERM);
-                    terminated = true;
-                }
-            }
-            () = guard.lost(), if !lost => {
-                lost = true;
-                eprintln!("distlock: lost the lock '{}'; killing the command", guard.key());
-                command.signal(Signal::SIGKILL);
-            }
-        }
-    }
-}
-
-/// One task per signal kind, all sending into one channel. All are caught,
-/// so none kills distlock (and, through PDEATHSIG, the command) by default;
-/// in the foreground the terminal's own two are not passed on, as the
-/// terminal already sent them to the command.
-fn forward_signals(foreground: bool) -> anyhow::Result<mpsc::UnboundedReceiver<SignalKind>> {
-    let (sender, receiver) = mpsc::unbounded_channel();
-    for (index, &kind) in FORWARDED.iter().enumerate() {
-        let forward = !foreground || index < 4;
-        let mut stream = signal(kind).context("cannot listen for signals")?;
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if forward && sender.send(kind).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    Ok(receiver)
-}
-
-/// The command's exit code, or 128 + the signal that killed it, as shells do.
-fn exit_code(status: ExitStatus) -> ExitCode {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        (None, Some(signal)) => ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)),
-        (None, None) => ExitCode::FAILURE,
     }
 }

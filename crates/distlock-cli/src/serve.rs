@@ -8,6 +8,16 @@ use distlock_server::Config;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// How `serve` writes its log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people; coloured only on a terminal.
+    Text,
+    /// One JSON object per line, for log collectors: every line, the
+    /// start and stop notices included.
+    Json,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The address to listen on.
@@ -34,6 +44,10 @@ pub struct ServeArgs {
     /// (distlock://:SECRET@host:port).
     #[arg(long, env = "DISTLOCK_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// The log's format on stderr. `DISTLOCK_LOG` (e.g. `debug`,
+    /// `distlock_server=debug`) sets what is logged.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -60,21 +74,34 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    let metrics = match &config.metrics_listen {
-        Some(metrics) => format!("metrics at http://{metrics}/metrics"),
-        None => "no metrics".to_owned(),
-    };
-    eprintln!(
-        "distlock: serving locks on {address}, state in {}, {metrics}; connect with {scheme}://{address}",
-        config.data_dir.display()
-    );
+    let metrics = config
+        .metrics_listen
+        .as_ref()
+        .map(|metrics| format!("http://{metrics}/metrics"));
+    let url = format!("{scheme}://{address}");
+    let data_dir = config.data_dir.display().to_string();
+    let json = args.log_format == LogFormat::Json;
+    if json {
+        let metrics = metrics.as_deref().unwrap_or("off");
+        tracing::info!(%address, data_dir, metrics, url, "serving locks");
+    } else {
+        let metrics =
+            metrics.map_or_else(|| "no metrics".to_owned(), |m| format!("metrics at {m}"));
+        eprintln!(
+            "distlock: serving locks on {address}, state in {data_dir}, {metrics}; connect with {url}"
+        );
+    }
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-        eprintln!("distlock: shutting down");
+        if json {
+            tracing::info!("shutting down");
+        } else {
+            eprintln!("distlock: shutting down");
+        }
     };
     distlock_server::run(listener, config, shutdown).await?;
     Ok(ExitCode::SUCCESS)

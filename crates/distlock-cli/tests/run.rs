@@ -276,6 +276,22 @@ fn exits_76_and_kills_the_command_and_its_children_when_the_lock_is_lost() {
         "{}",
         stderr(&output)
     );
+    assert!(
+        stderr(&output).contains("the lock 'victim' was lost and the command was killed"),
+        "{}",
+        stderr(&output)
+    );
+    // The store's warning comes through the log, plain in a pipe.
+    assert!(
+        stderr(&output).contains("the store says this lock is gone"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        !output.stderr.windows(2).any(|w| w == b"\x1b["),
+        "terminal escape codes in a redirected stderr: {:?}",
+        stderr(&output)
+    );
     let pid = std::fs::read_to_string(&grandchild).expect("grandchild pid");
     assert!(
         gone(&pid),
