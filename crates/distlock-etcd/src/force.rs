@@ -13,7 +13,7 @@ use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp};
 
 use crate::entry::{self, lock_prefix, queue_options};
 use crate::status::holder_status;
-use crate::{call, EtcdStore};
+use crate::{request, EtcdStore};
 
 /// The most entries one transaction deletes: etcd takes 128 compares a
 /// transaction (`--max-txn-ops`), and one more pins the queue behind them.
@@ -34,12 +34,10 @@ impl EtcdStore {
         let mut last_holder: Option<i64> = None;
         let mut changed = 0;
         loop {
-            let read = call(
-                &self.endpoints,
-                self.client
-                    .clone()
-                    .get(prefix.as_str(), Some(queue_options())),
-            )
+            let read = request(&self.client, &self.endpoints, |mut client| {
+                let prefix = prefix.clone();
+                async move { client.get(prefix, Some(queue_options())).await }
+            })
             .await?;
             let read_at = read.header().map_or(0, |header| header.revision());
             let kvs = read.kvs();
@@ -70,7 +68,11 @@ impl EtcdStore {
                 .map(|kv| TxnOp::delete(kv.key(), None))
                 .collect();
             let txn = Txn::new().when(compares).and_then(deletes);
-            let done = call(&self.endpoints, self.client.clone().txn(txn)).await?;
+            let done = request(&self.client, &self.endpoints, |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await?;
             if done.succeeded() {
                 ended.extend(batch.iter().map(holder_status));
                 if holding == batch.len() {

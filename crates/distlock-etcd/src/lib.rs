@@ -88,6 +88,68 @@ pub(crate) async fn call<T>(
         .map_err(|err| etcd_error(endpoints, err))
 }
 
+/// A request sent by `send` (made again for each try), bounded in time,
+/// its error explained. A request that never left, because its member
+/// refused the connection, is sent again: the refusing member is taken out
+/// of `client`'s balance for [`SHUNNED`], so the next try goes to another.
+pub(crate) async fn request<T, F>(
+    client: &Client,
+    endpoints: &str,
+    mut send: impl FnMut(Client) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    loop {
+        let err = match tokio::time::timeout_at(deadline, send(client.clone())).await {
+            Err(_) => return Err(timed_out(endpoints)),
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(err)) => err,
+        };
+        // With one member there is nowhere else to go.
+        let Some(member) = refused_member(&err).filter(|_| endpoints.contains(',')) else {
+            return Err(etcd_error(endpoints, err));
+        };
+        // Named as the URL names it (an address a host name resolved to
+        // would be added as a member of its own).
+        if endpoints.split(',').any(|listed| listed == member) {
+            shun(client, member);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How long a member that refused a connection is left out of a client's
+/// balance; then it is tried again.
+const SHUNNED: Duration = Duration::from_secs(1);
+
+/// `HOST:PORT` of the member that refused the connection a request failed
+/// on: the request never left. tonic keeps the address only in the
+/// error's debug text (`ConnectError("tcp connect error", ADDRESS, …)`).
+fn refused_member(err: &etcd_client::Error) -> Option<String> {
+    let text = format!("{err:?}");
+    let marker = "ConnectError(\"tcp connect error\", ";
+    let rest = &text[text.find(marker)? + marker.len()..];
+    let address = &rest[..rest.find(',')?];
+    address
+        .parse::<std::net::SocketAddr>()
+        .is_ok()
+        .then(|| address.to_owned())
+}
+
+/// Leaves `member` out of `client`'s balance for [`SHUNNED`].
+fn shun(client: &Client, member: String) {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let endpoint = format!("http://{member}");
+        if client.remove_endpoint(&endpoint).await.is_ok() {
+            tokio::time::sleep(SHUNNED).await;
+            let _ = client.add_endpoint(&endpoint).await;
+        }
+    });
+}
+
 pub(crate) fn timed_out(endpoints: &str) -> Error {
     Error::unavailable(format!(
         "etcd at {endpoints} did not answer in {CALL_TIMEOUT:?}"

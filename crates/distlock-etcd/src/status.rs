@@ -12,7 +12,7 @@ use etcd_client::KeyValue;
 use futures::StreamExt;
 
 use crate::entry::{self, escape, lock_prefix, queue_options};
-use crate::{call, EtcdStore, PREFIX};
+use crate::{request, EtcdStore, PREFIX};
 
 /// How many leases a status asks about at once.
 const AT_ONCE: usize = 32;
@@ -31,10 +31,10 @@ impl EtcdStore {
             StatusQuery::Key(key) => lock_prefix(key),
             StatusQuery::Prefix(prefix) => format!("{PREFIX}{}", escape(prefix)),
         };
-        let read = call(
-            &self.endpoints,
-            self.client.clone().get(range, Some(queue_options())),
-        )
+        let read = request(&self.client, &self.endpoints, |mut client| {
+            let range = range.clone();
+            async move { client.get(range, Some(queue_options())).await }
+        })
         .await?;
         // By lock, each queue oldest first; sorted by key.
         let mut queues: BTreeMap<String, Vec<&KeyValue>> = BTreeMap::new();
@@ -73,10 +73,9 @@ impl EtcdStore {
             .iter()
             .filter(|&&lease| lease != 0)
             .map(|&lease| async move {
-                let answer = call(
-                    &self.endpoints,
-                    self.client.clone().lease_time_to_live(lease, None),
-                )
+                let answer = request(&self.client, &self.endpoints, |mut client| async move {
+                    client.lease_time_to_live(lease, None).await
+                })
                 .await;
                 match answer {
                     Ok(answer) => u64::try_from(answer.ttl()).ok().map(|ttl| (lease, ttl)),

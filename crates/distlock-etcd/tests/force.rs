@@ -229,3 +229,57 @@ async fn the_old_holders_release_is_refused_and_deletes_nothing() {
     old.close().await.expect("close");
     new.close().await.expect("close");
 }
+
+/// A renewal that read its snapshot of held locks before the session
+/// released a key and took it again (the same queue key, a new life) must
+/// not end the new life: reported or not, the new hold stays held, and
+/// the next renewal with the current snapshot keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_of_an_earlier_life_leaves_the_new_one_held() {
+    let store = store().await;
+    let key = key("relife");
+    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let request = AcquireRequest::new(&key, Mode::Exclusive);
+    let first = session
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    let earlier = HeldLock {
+        key: key.clone(),
+        mode: Mode::Exclusive,
+        token: first.token,
+    };
+    session.release(&earlier).await.expect("release");
+    let second = session
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    assert!(second.token > first.token);
+    let current = HeldLock {
+        token: second.token,
+        ..earlier.clone()
+    };
+    // The snapshot taken before the release.
+    let _ = session
+        .renew(std::slice::from_ref(&earlier))
+        .await
+        .expect("renew");
+    let report = session
+        .renew(std::slice::from_ref(&current))
+        .await
+        .expect("renew");
+    assert!(
+        report.lost_keys.is_empty(),
+        "the new life reported lost: {report:?}"
+    );
+    let refused = session.release(&earlier).await.expect_err("an old life");
+    assert_eq!(refused.kind(), ErrorKind::NotHeld, "{refused}");
+    session
+        .release(&current)
+        .await
+        .expect("the new life is held");
+    session.close().await.expect("close");
+}

@@ -29,8 +29,9 @@ pub(crate) struct EtcdSession {
     /// Who the session says it is: written into each of its queue entries.
     owner: String,
     keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
-    /// The queue keys of the locks held, by lock name.
-    held: Mutex<HashMap<String, String>>,
+    /// The queue key and token (its create revision) of each lock held, by
+    /// lock name: a key name serves several lives, the token tells which.
+    held: Mutex<HashMap<String, (String, u64)>>,
     /// Watches the held queue keys: every key in `held` is watched until
     /// the session releases it or learns it lost it.
     watch: HeldWatch,
@@ -56,7 +57,10 @@ impl EtcdSession {
         let ttl = i64::try_from(options.ttl.as_secs_f64().ceil() as u64)
             .unwrap_or(i64::MAX)
             .max(1);
-        let granted = crate::call(&endpoints, client.clone().lease_grant(ttl, None)).await?;
+        let granted = crate::request(&client, &endpoints, |mut client| async move {
+            client.lease_grant(ttl, None).await
+        })
+        .await?;
         Ok(EtcdSession {
             watch: HeldWatch::start(client.clone()),
             client,
@@ -75,6 +79,14 @@ impl EtcdSession {
         call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
     ) -> Result<T> {
         crate::call(&self.endpoints, call).await
+    }
+
+    /// A request, sent again if it never left (see [`crate::request`]).
+    async fn request<T, F>(&self, send: impl FnMut(Client) -> F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        crate::request(&self.client, &self.endpoints, send).await
     }
 
     /// The queue key for an attempt on lock `name`: the session's lease and
@@ -98,7 +110,7 @@ impl EtcdSession {
             })
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<String, String>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<String, (String, u64)>> {
         lock(&self.held)
     }
 
@@ -130,9 +142,10 @@ impl EtcdSession {
 
     /// [`EtcdSession::leave`] now, bounded in time, its error explained.
     async fn leave_now(&self, key: &str, revision: i64) -> Result<bool> {
-        let mut client = self.client.clone();
-        self.call(EtcdSession::leave(&mut client, key, revision))
-            .await
+        self.request(
+            |mut client| async move { EtcdSession::leave(&mut client, key, revision).await },
+        )
+        .await
     }
 }
 
@@ -202,8 +215,10 @@ impl StoreSession for EtcdSession {
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
-        let Some(me) = self.held().get(&held.key).cloned() else {
-            return Err(Error::not_held(&held.key));
+        let me = match self.held().get(&held.key) {
+            Some((me, token)) if *token == held.token => me.clone(),
+            // Another life of the lock, or none.
+            _ => return Err(Error::not_held(&held.key)),
         };
         let revision = i64::try_from(held.token).unwrap_or(i64::MAX);
         if revision <= 0 {
@@ -216,7 +231,7 @@ impl StoreSession for EtcdSession {
         let released = self.leave_now(&me, revision).await?;
         {
             let mut map = self.held();
-            if map.get(&held.key) == Some(&me) {
+            if map.get(&held.key) == Some(&(me, held.token)) {
                 map.remove(&held.key);
             }
         }
@@ -228,8 +243,10 @@ impl StoreSession for EtcdSession {
             let mut keeper = self.keeper.lock().await;
             if keeper.is_none() {
                 *keeper = Some(
-                    self.call(self.client.clone().lease_keep_alive(self.lease))
-                        .await?,
+                    self.request(
+                        |mut client| async move { client.lease_keep_alive(self.lease).await },
+                    )
+                    .await?,
                 );
             }
             let (sender, answers) = keeper.as_mut().expect("made above");
@@ -263,8 +280,10 @@ impl StoreSession for EtcdSession {
             let map = self.held();
             held.iter()
                 .filter_map(|lock| match map.get(&lock.key) {
-                    Some(key) => Some((lock, key.clone())),
-                    None => {
+                    Some((key, token)) if *token == lock.token => Some((lock, key.clone())),
+                    // Released, found lost, or taken again since the
+                    // snapshot: that life is over, the map is left as is.
+                    _ => {
                         lost.push(lock.key.clone());
                         None
                     }
@@ -278,7 +297,10 @@ impl StoreSession for EtcdSession {
                 .map(|(_, key)| TxnOp::get(key.as_str(), None))
                 .collect();
             let answer = self
-                .call(self.client.clone().txn(Txn::new().and_then(reads)))
+                .request(|mut client| {
+                    let reads = reads.clone();
+                    async move { client.txn(Txn::new().and_then(reads)).await }
+                })
                 .await?;
             responses.extend(answer.op_responses());
         }
@@ -291,8 +313,14 @@ impl StoreSession for EtcdSession {
                 _ => false,
             };
             if !there {
-                if let Some(key) = self.held().remove(&lock.key) {
-                    self.watch.unwatch(&key);
+                let mut map = self.held();
+                if map
+                    .get(&lock.key)
+                    .is_some_and(|(_, token)| *token == lock.token)
+                {
+                    if let Some((key, _)) = map.remove(&lock.key) {
+                        self.watch.unwatch(&key);
+                    }
                 }
                 lost.push(lock.key.clone());
             }
@@ -306,7 +334,7 @@ impl StoreSession for EtcdSession {
 
     async fn close(&self) -> Result<()> {
         // Revoking the lease deletes every key of the session.
-        self.call(self.client.clone().lease_revoke(self.lease))
+        self.request(|mut client| async move { client.lease_revoke(self.lease).await })
             .await?;
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
 use distlock_core::store::{AcquireRequest, Grant};
-use distlock_core::Result;
+use distlock_core::{Error, ErrorKind, Result};
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
     TxnResponse, WatchFilterType, WatchOptions,
@@ -15,6 +15,9 @@ use tokio::time::Instant;
 use super::{lock_prefix, EtcdSession, Leave, MAX_SLOTS};
 use crate::entry::{self, queue_options};
 use crate::unavailable;
+
+/// How long a waiting acquire pauses when etcd did not answer it.
+const RIDE_OUT_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What a waiter watches for deletions, and a read that tells whether the
 /// wait is still needed: it must find `expected` keys.
@@ -62,7 +65,14 @@ impl EtcdSession {
     /// Joins the queue, at its tail, and reads it, in one round trip.
     pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let prefix = lock_prefix(&request.key);
-        let (me, mut leave, joined) = self.join(request, &prefix).await?;
+        // A join whose answer never came may have joined: its key is taken
+        // out in the background, and the next try takes another.
+        let (me, mut leave, joined) = loop {
+            match self.join(request, &prefix).await {
+                Ok(joined) => break joined,
+                Err(err) => self.ride_out(err, request.wait_until).await?,
+            }
+        };
         let read_at = joined.header().map_or(0, |header| header.revision());
         let mut first = joined
             .op_responses()
@@ -79,7 +89,13 @@ impl EtcdSession {
                 Some(read) => read,
                 // This key is in the queue read only if the lease lived at
                 // that read (etcd issue 11456; checked below).
-                None => self.read_queue(&prefix).await?,
+                None => match self.read_queue(&prefix).await {
+                    Ok(read) => read,
+                    Err(err) => {
+                        self.ride_out(err, request.wait_until).await?;
+                        continue;
+                    }
+                },
             };
             let kvs = queue.kvs();
             let Some(position) = kvs.iter().position(|kv| kv.key() == me.as_bytes()) else {
@@ -96,8 +112,8 @@ impl EtcdSession {
                 // Watched from the read that found it held: a deletion
                 // since is not missed.
                 self.watch.watch(&me, read_at);
-                self.held().insert(request.key.clone(), me);
                 let token = u64::try_from(mine.create_revision()).unwrap_or(0);
+                self.held().insert(request.key.clone(), (me, token));
                 return Ok(Some(Grant::new(token)));
             };
             let until = match request.wait_until {
@@ -111,8 +127,24 @@ impl EtcdSession {
                 }
             };
             let watch = Watch::of(blocker, earlier, mine, &prefix);
-            self.wait(watch, read_at, until).await?;
+            if let Err(err) = self.wait(watch, read_at, until).await {
+                self.ride_out(err, Some(until)).await?;
+            }
         }
+    }
+
+    /// A waiting acquire's answer to a failed read or watch: etcd may be
+    /// electing a leader, which takes seconds, so a wait goes on (after a
+    /// pause) until its deadline; anything else, or a failure at the
+    /// deadline, ends the acquire (its key is then taken out).
+    async fn ride_out(&self, err: Error, until: Option<Instant>) -> Result<()> {
+        let until = match until {
+            Some(until) if err.kind() == ErrorKind::Unavailable && Instant::now() < until => until,
+            _ => return Err(self.failure(&err).unwrap_or(err)),
+        };
+        tracing::debug!("etcd did not answer a waiting acquire, asking again: {err}");
+        tokio::time::sleep_until(until.min(Instant::now() + RIDE_OUT_PAUSE)).await;
+        Ok(())
     }
 
     /// Puts a new key of this session at the queue's tail and reads the
@@ -148,7 +180,11 @@ impl EtcdSession {
                     TxnOp::get(prefix, Some(queue_options())),
                 ])
                 .or_else([TxnOp::get(me.as_str(), None)]);
-            let joined = match self.call(self.client.clone().txn(join)).await {
+            let joined = self.request(|mut client| {
+                let join = join.clone();
+                async move { client.txn(join).await }
+            });
+            let joined = match joined.await {
                 Ok(joined) => joined,
                 Err(err) => return Err(self.failure(&err).unwrap_or(err)),
             };
@@ -184,7 +220,7 @@ impl EtcdSession {
     /// The queue, and the revision it was read at.
     async fn read_queue(&self, prefix: &str) -> Result<(GetResponse, i64)> {
         let queue = self
-            .call(self.client.clone().get(prefix, Some(queue_options())))
+            .request(|mut client| async move { client.get(prefix, Some(queue_options())).await })
             .await?;
         let read_at = queue.header().map_or(0, |header| header.revision());
         Ok((queue, read_at))
@@ -205,11 +241,10 @@ impl EtcdSession {
             expected,
         } = watch;
         let mut stream = self
-            .call(
-                self.client
-                    .clone()
-                    .watch(watched.clone(), Some(options.clone())),
-            )
+            .request(|mut client| {
+                let (watched, options) = (watched.clone(), options.clone());
+                async move { client.watch(watched, Some(options)).await }
+            })
             .await?;
         let created_at = match self.call(stream.message()).await {
             Ok(Some(created)) if !created.canceled() => created
@@ -232,15 +267,17 @@ impl EtcdSession {
             // The blocker may have gone between the read and the watch. This
             // read decides no grant: serializable will do (docs/0005-etcd.md).
             let mut now = self
-                .call(
-                    self.client
-                        .clone()
-                        .get(watched.clone(), Some(check.clone().with_serializable())),
-                )
+                .request(|mut client| {
+                    let (watched, check) = (watched.clone(), check.clone().with_serializable());
+                    async move { client.get(watched, Some(check)).await }
+                })
                 .await?;
             if now.header().map_or(0, |header| header.revision()) < created_at {
                 now = self
-                    .call(self.client.clone().get(watched.clone(), Some(check)))
+                    .request(|mut client| {
+                        let (watched, check) = (watched.clone(), check.clone());
+                        async move { client.get(watched, Some(check)).await }
+                    })
                     .await?;
             }
             if now.kvs().len() < expected {

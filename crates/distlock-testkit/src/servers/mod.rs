@@ -20,6 +20,7 @@
 //! ```
 
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod mysql;
 pub mod nats;
 pub mod postgres;
@@ -27,6 +28,7 @@ pub mod redis;
 pub mod zookeeper;
 
 pub use etcd::Etcd;
+pub use etcd_cluster::EtcdCluster;
 pub use mysql::Mariadb;
 pub use nats::Nats;
 pub use postgres::Postgres;
