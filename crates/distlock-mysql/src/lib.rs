@@ -65,7 +65,7 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Opts, OptsBuilder, Pool, PoolOpts};
+use mysql_async::{Opts, OptsBuilder, Pool};
 use url::Url;
 
 /// How long connecting may take.
@@ -159,7 +159,11 @@ impl MysqlStore {
         let leases = lease.then(|| {
             Pool::new(
                 OptsBuilder::from_opts(opts.clone())
-                    .pool_opts(PoolOpts::default().with_reset_connection(false))
+                    // The URL's pool options hold; prepared statements
+                    // stay open on the server per connection (at most
+                    // 16: MySQL allows 16,382 in all by default).
+                    .pool_opts(opts.pool_opts().clone().with_reset_connection(false))
+                    .stmt_cache_size(16)
                     .setup(vec![
                         "SET SESSION innodb_lock_wait_timeout = 1",
                         // No gap locks: acquires of different keys never

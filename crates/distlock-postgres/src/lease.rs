@@ -204,6 +204,10 @@ pub(crate) struct Conn {
     client: Client,
     acquire: Statement,
     release: Statement,
+    /// Set when the server no longer takes a prepared statement (a newer
+    /// client made the function again with other result types, or a
+    /// pooler lost it): the connection is then made again.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -224,7 +228,18 @@ impl Conn {
             client,
             acquire,
             release,
+            stale: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Notes an error of one of its statements: one that says the
+    /// statement is stale (`0A000` cached plan changed, `26000` unknown
+    /// statement) has the connection made again for the next call.
+    fn note(&self, err: &tokio_postgres::Error) {
+        let code = err.code().map(SqlState::code);
+        if matches!(code, Some("0A000" | "26000")) {
+            self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -279,7 +294,7 @@ impl Leases {
     /// The statement connection, connecting again if it broke.
     pub(crate) async fn client(&self) -> Result<Arc<Conn>> {
         let mut client = self.client.lock().await;
-        if client.is_closed() {
+        if client.is_closed() || client.stale.load(std::sync::atomic::Ordering::Relaxed) {
             *client = Arc::new(Conn::open(&self.config, &self.target).await?);
         }
         Ok(Arc::clone(&client))
@@ -417,7 +432,10 @@ impl StoreSession for LeaseSession {
                     }
                     continue;
                 }
-                Err(err) => return Err(self.error(err)),
+                Err(err) => {
+                    client.note(&err);
+                    return Err(self.error(err));
+                }
             };
             let (granted, fence, retry_ms, conflict): (bool, i64, i64, Option<String>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -471,7 +489,10 @@ impl StoreSession for LeaseSession {
         let row = client
             .query_one(&client.release, &[&held.key, &holder])
             .await
-            .map_err(|err| self.error(err))?;
+            .map_err(|err| {
+                client.note(&err);
+                self.error(err)
+            })?;
         self.forget(held);
         release_outcome(row.get(0), &held.key)
     }
