@@ -26,6 +26,7 @@ macro_rules! require {
 }
 
 mod basics;
+pub mod cluster;
 pub mod daemon;
 mod leases;
 mod lifecycle;

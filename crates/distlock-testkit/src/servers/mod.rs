@@ -26,6 +26,7 @@ pub mod nats;
 pub mod postgres;
 pub mod redis;
 pub mod zookeeper;
+pub mod zookeeper_ensemble;
 
 pub use etcd::Etcd;
 pub use etcd_cluster::EtcdCluster;
@@ -34,3 +35,4 @@ pub use nats::Nats;
 pub use postgres::Postgres;
 pub use redis::Redis;
 pub use zookeeper::ZooKeeper;
+pub use zookeeper_ensemble::ZooKeeperEnsemble;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::daemon::{free_port, Daemon};
 
 /// Where Debian's `zookeeper` package puts the server's script.
-const SCRIPT: &str = "/usr/share/zookeeper/bin/zkServer.sh";
+pub(crate) const SCRIPT: &str = "/usr/share/zookeeper/bin/zkServer.sh";
 
 /// One standalone ZooKeeper server.
 #[derive(Debug)]
@@ -62,15 +62,7 @@ impl ZooKeeper {
 
     /// Sends a four-letter word and returns the answer ("" if none).
     pub fn four_letter(&self, word: &str) -> String {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return String::new();
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut answer = String::new();
-        if stream.write_all(word.as_bytes()).is_ok() {
-            let _ = stream.read_to_string(&mut answer);
-        }
-        answer
+        four_letter(self.port, word)
     }
 
     /// A server for all the tests of this binary, killed when it exits.
@@ -109,4 +101,18 @@ impl ZooKeeper {
         drop(daemon);
         ZooKeeper::run(dir, port)
     }
+}
+
+/// Sends a four-letter word to the server on `port` and returns the answer
+/// ("" if none).
+pub(crate) fn four_letter(port: u16, word: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut answer = String::new();
+    if stream.write_all(word.as_bytes()).is_ok() {
+        let _ = stream.read_to_string(&mut answer);
+    }
+    answer
 }

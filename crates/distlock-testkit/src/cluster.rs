@@ -1,0 +1,111 @@
+//! What every clustered store (etcd, ZooKeeper) must ride out, written once:
+//! a fault of its leader under a holder and a waiter on other members, and
+//! a client whose member dies.
+
+use std::time::{Duration, Instant};
+
+use distlock_core::Client;
+
+/// How soon after the holder's release the waiter must be granted, once
+/// the cluster has healed.
+pub const REGRANT_BOUND: Duration = Duration::from_secs(5);
+
+/// `holding` takes `key` (with a lease longer than an election), a session
+/// of `waiting` waits for it, and `fault` strikes the cluster (blocking; it
+/// gets the cluster and must leave it healed). Then: the holder still
+/// holds, the waiter was not granted meanwhile, and after the holder's
+/// release the waiter is granted within [`REGRANT_BOUND`], with a higher
+/// token. Returns the cluster.
+pub async fn holder_and_waiter_ride_out<C: Send + 'static>(
+    holding: &Client,
+    waiting: &Client,
+    key: &str,
+    mut cluster: C,
+    fault: impl FnOnce(&mut C) + Send + 'static,
+) -> C {
+    let holder = holding
+        .session()
+        .ttl(Duration::from_secs(8))
+        .open()
+        .await
+        .expect("open");
+    let held = holder.lock(key).await.expect("free");
+    let waiter = waiting.session().open().await.expect("open");
+    let wait = {
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let guard = waiter
+                .lock(&key)
+                .wait(Duration::from_secs(60))
+                .await
+                .expect("granted after the release");
+            let token = guard.token();
+            guard.release().await.expect("release");
+            waiter.close().await.expect("close");
+            (token, Instant::now())
+        })
+    };
+    // Queued before the fault.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster = tokio::task::spawn_blocking(move || {
+        fault(&mut cluster);
+        cluster
+    })
+    .await
+    .expect("fault");
+    assert!(
+        !wait.is_finished(),
+        "the waiter was granted while the holder held"
+    );
+    assert!(held.is_held(), "the holder lost the key to an election");
+    let token = held.token();
+    let released = Instant::now();
+    held.release().await.expect("release after the fault");
+    let (next, granted) = tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("the waiter is granted within 30 s of the release")
+        .expect("waiter task");
+    assert!(next > token, "token {next} after {token}");
+    let after = granted.duration_since(released);
+    assert!(
+        after < REGRANT_BOUND,
+        "granted {after:?} after the release, more than {REGRANT_BOUND:?}"
+    );
+    holder.close().await.expect("close");
+    cluster
+}
+
+/// A session of `client` (which names every member, the one `kill` kills
+/// first) holds a key; `kill` kills that member (blocking). The session
+/// must keep its hold past its lease, through the other members, and take
+/// a new key through them.
+pub async fn a_session_outlives_its_member<C: Send + 'static>(
+    client: &Client,
+    key: &str,
+    mut cluster: C,
+    kill: impl FnOnce(&mut C) + Send + 'static,
+) -> C {
+    let ttl = Duration::from_secs(6);
+    let session = client.session().ttl(ttl).open().await.expect("open");
+    let held = session.lock(key).await.expect("free");
+    cluster = tokio::task::spawn_blocking(move || {
+        kill(&mut cluster);
+        cluster
+    })
+    .await
+    .expect("kill");
+    // Past the lease: only renewals through another member keep it.
+    tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+    assert!(held.is_held(), "the session was lost with one member");
+    let other = format!("{key}/other");
+    let again = session
+        .lock(&other)
+        .try_lock()
+        .await
+        .expect("a new acquire through the others")
+        .expect("free");
+    again.release().await.expect("release");
+    held.release().await.expect("release");
+    session.close().await.expect("close");
+    cluster
+}

@@ -1,0 +1,85 @@
+//! ZooKeeper as an ensemble of 3: the leader killed or frozen under a
+//! holder and a waiter on the other servers, and a client whose server
+//! dies.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distlock_core::Client;
+use distlock_testkit::cluster::{a_session_outlives_its_member, holder_and_waiter_ride_out};
+use distlock_testkit::restart::{assert_rising, take_in_turn};
+use distlock_testkit::servers::ZooKeeperEnsemble;
+use distlock_zookeeper::ZkStore;
+
+async fn client(url: &str) -> Client {
+    let store = ZkStore::connect(&format!("{url}/cluster"))
+        .await
+        .expect("connect");
+    Client::new(Arc::new(store))
+}
+
+/// Clients of server `index` alone, one for each follower of `leader`.
+async fn on_followers(ensemble: &ZooKeeperEnsemble, leader: usize) -> (Client, Client) {
+    let mut others = (0..ensemble.size()).filter(|&index| index != leader);
+    let near = ensemble.url_of(others.next().expect("a follower"));
+    let far = ensemble.url_of(others.next().expect("another"));
+    (client(&near).await, client(&far).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_and_restarted_loses_no_lock() {
+    let ensemble = ZooKeeperEnsemble::start(3);
+    let leader = ensemble.wait_for_leader();
+    let (holding, waiting) = on_followers(&ensemble, leader).await;
+    let key = "leader-killed";
+    let ensemble = holder_and_waiter_ride_out(&holding, &waiting, key, ensemble, move |ensemble| {
+        ensemble.kill(leader);
+        assert_ne!(ensemble.wait_for_leader(), leader, "a new leader");
+        ensemble.restart(leader);
+        ensemble.wait_for_leader();
+    })
+    .await;
+    let all = client(&ensemble.url()).await;
+    assert_rising(&take_in_turn(&all, key, 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_frozen_past_an_election_loses_no_lock() {
+    let ensemble = ZooKeeperEnsemble::start(3);
+    let leader = ensemble.wait_for_leader();
+    let (holding, waiting) = on_followers(&ensemble, leader).await;
+    holder_and_waiter_ride_out(
+        &holding,
+        &waiting,
+        "leader-frozen",
+        ensemble,
+        move |ensemble| {
+            ensemble.pause(leader);
+            // Followers find the leader gone after syncLimit ticks (1 s).
+            std::thread::sleep(Duration::from_secs(3));
+            let started = Instant::now();
+            while ensemble.leader_among_others(Some(leader)).is_none() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "no new leader while the old one was frozen"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ensemble.resume(leader);
+            ensemble.wait_for_leader();
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moves_on_when_its_server_dies() {
+    let ensemble = ZooKeeperEnsemble::start(3);
+    let leader = ensemble.wait_for_leader();
+    let first = (leader + 1) % ensemble.size();
+    let client = client(&ensemble.url_from(first)).await;
+    a_session_outlives_its_member(&client, "moves-on", ensemble, move |ensemble| {
+        ensemble.kill(first);
+    })
+    .await;
+}
