@@ -342,6 +342,48 @@ async fn until_held_on(server: &Redis, key: &str) {
     }
 }
 
+/// An exclusive fast hold of `key` by `session` written on every one of
+/// `servers`. The fast path answers on the first majority and drops the
+/// last instance's call, whose `SET` is then never sent if the connection
+/// had not written it yet; so the acquire is made again until the last
+/// instance has it. A `status` call, which waits for every instance, goes
+/// after that `SET` on the same connections: once it answers, the `SET`
+/// either ran or never will, and the servers are read directly.
+async fn held_on_all(
+    store: &RedisStore,
+    session: &dyn StoreSession,
+    key: &str,
+    servers: &[Redis],
+) -> HeldLock {
+    let main = format!("dl:{{{key}}}");
+    for _ in 0..50 {
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        let grant = session.acquire(&request).await.expect("acquire");
+        let grant = grant.expect("free");
+        let lock = HeldLock {
+            key: key.to_owned(),
+            mode: Mode::Exclusive,
+            token: grant.token,
+        };
+        let query = StatusQuery::Key(key.to_owned());
+        store.status(&query).await.expect("every instance answers");
+        let member = servers[0].cli(&["GET", &main]);
+        if servers
+            .iter()
+            .all(|server| server.cli(&["GET", &main]) == member)
+        {
+            return lock;
+        }
+        // Released where it was written; the call that was never sent
+        // cannot land later, as the release goes after it.
+        session.release(&lock).await.expect("release");
+        for server in servers {
+            until_gone_from(server, key).await;
+        }
+    }
+    panic!("{key} never reached every instance in 50 acquires");
+}
+
 /// Waits until `server` no longer has the main key of `key`.
 async fn until_gone_from(server: &Redis, key: &str) {
     let deadline = Instant::now() + PATIENCE;
@@ -377,14 +419,7 @@ async fn redlock_ends_holds_on_a_majority_and_takes_back_what_one_kept() {
     let (released, renewed) = ("force/redlock/release", "force/redlock/renew");
     let mut held = Vec::new();
     for key in [released, renewed] {
-        let request = AcquireRequest::new(key, Mode::Exclusive);
-        let grant = old.acquire(&request).await.expect("acquire").expect("free");
-        until_held_on(&servers[2], key).await;
-        held.push(HeldLock {
-            key: key.to_owned(),
-            mode: Mode::Exclusive,
-            token: grant.token,
-        });
+        held.push(held_on_all(&store, &*old, key, &servers).await);
     }
 
     proxy.set(Fault::Blackhole);
