@@ -150,6 +150,26 @@ fn shun(client: &Client, member: String) {
     });
 }
 
+/// Whether `err` is one etcd gives while it elects a leader or while a
+/// member is out of reach (no answer in time; gRPC `UNAVAILABLE`, which
+/// carries "no leader" and "leader changed"; `DEADLINE_EXCEEDED`; a broken
+/// transport): worth asking again. A full database, a refused permission
+/// or a bad request is not.
+pub(crate) fn passing(err: &Error) -> bool {
+    if err.kind() != distlock_core::ErrorKind::Unavailable {
+        return false;
+    }
+    let source = std::error::Error::source(err);
+    match source.and_then(|source| source.downcast_ref::<etcd_client::Error>()) {
+        // The store's own time limit.
+        None => true,
+        // tonic's codes: 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE.
+        Some(etcd_client::Error::GRpcStatus(status)) => matches!(status.code() as i32, 4 | 14),
+        Some(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
+        Some(_) => false,
+    }
+}
+
 pub(crate) fn timed_out(endpoints: &str) -> Error {
     Error::unavailable(format!(
         "etcd at {endpoints} did not answer in {CALL_TIMEOUT:?}"

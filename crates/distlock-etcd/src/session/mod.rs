@@ -204,6 +204,10 @@ impl Drop for Leave {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
             }
+            // Given up: the slot is free again. A join that finds the key
+            // still there takes that life out first, so it is never reused
+            // as it is.
+            lock(&leaving).remove(&key);
         });
     }
 }

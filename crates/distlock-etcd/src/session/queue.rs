@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
 use distlock_core::store::{AcquireRequest, Grant};
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
     TxnResponse, WatchFilterType, WatchOptions,
@@ -65,14 +65,9 @@ impl EtcdSession {
     /// Joins the queue, at its tail, and reads it, in one round trip.
     pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let prefix = lock_prefix(&request.key);
-        // A join whose answer never came may have joined: its key is taken
-        // out in the background, and the next try takes another.
-        let (me, mut leave, joined) = loop {
-            match self.join(request, &prefix).await {
-                Ok(joined) => break joined,
-                Err(err) => self.ride_out(err, request.wait_until).await?,
-            }
-        };
+        // Not tried again: a join whose answer never came may still land
+        // later, and a second one would queue behind it.
+        let (me, mut leave, joined) = self.join(request, &prefix).await?;
         let read_at = joined.header().map_or(0, |header| header.revision());
         let mut first = joined
             .op_responses()
@@ -139,10 +134,10 @@ impl EtcdSession {
     /// deadline, ends the acquire (its key is then taken out).
     async fn ride_out(&self, err: Error, until: Option<Instant>) -> Result<()> {
         let until = match until {
-            Some(until) if err.kind() == ErrorKind::Unavailable && Instant::now() < until => until,
+            Some(until) if crate::passing(&err) && Instant::now() < until => until,
             _ => return Err(self.failure(&err).unwrap_or(err)),
         };
-        tracing::debug!("etcd did not answer a waiting acquire, asking again: {err}");
+        tracing::warn!("etcd did not answer a waiting acquire, asking again: {err}");
         tokio::time::sleep_until(until.min(Instant::now() + RIDE_OUT_PAUSE)).await;
         Ok(())
     }
