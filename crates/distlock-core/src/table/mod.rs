@@ -546,9 +546,14 @@ impl LockTable {
         if let Some(token) = granted {
             self.remove_holder(id, key, Some(token));
         } else if let Some(state) = self.keys.get_mut(key) {
+            let queued = state.queue.len();
             state.queue.retain(|w| w.id != waiter);
-            if let Some(session) = self.sessions.get_mut(&id) {
-                session.waiting.remove(key);
+            // Only if it was still queued: a resume may have withdrawn it,
+            // and the session may wait for the key again since.
+            if state.queue.len() < queued {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.waiting.remove(key);
+                }
             }
         }
         self.pump(key, now);

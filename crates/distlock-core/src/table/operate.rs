@@ -35,14 +35,31 @@ impl LockTable {
         held
     }
 
-    /// Ends every hold of session `id` but those named in `keep` (key and
-    /// token): a resumed session keeps only what its client knows it holds.
-    /// The keys it ended.
+    /// Ends every queued wait of session `id`, then every hold but those
+    /// named in `keep` (key and token): a resumed session keeps only what its
+    /// client knows it holds. The keys whose holds it ended.
+    ///
+    /// The waits go in the same step, first: a wait of the replaced stream
+    /// could otherwise take a grant made after the holds were settled, and
+    /// the session would hold a key its client never learns of.
     pub fn keep_only(&mut self, id: SessionId, keep: &[(String, u64)]) -> Vec<String> {
-        let holding: Vec<String> = match self.sessions.get(&id) {
-            Some(session) => session.holding.iter().cloned().collect(),
+        let now = Instant::now();
+        self.purge(now);
+        let (waiting, holding): (Vec<String>, Vec<String>) = match self.sessions.get_mut(&id) {
+            Some(session) => (
+                session.waiting.drain().collect(),
+                session.holding.iter().cloned().collect(),
+            ),
             None => return Vec::new(),
         };
+        for key in &waiting {
+            if let Some(state) = self.keys.get_mut(key) {
+                // Dropping the waiter's sender ends its wait, ungranted.
+                state.queue.retain(|w| w.session != id);
+            }
+            // The waiters behind it may fit now.
+            self.pump(key, now);
+        }
         let mut ended = Vec::new();
         for key in holding {
             let tokens: Vec<u64> = self.keys.get(&key).map_or_else(Vec::new, |state| {

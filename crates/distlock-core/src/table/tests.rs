@@ -1,5 +1,6 @@
 //! The table alone, on paused time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{advance, Instant};
@@ -220,4 +221,80 @@ async fn purge_never_grants_to_a_session_that_is_due_to_end() {
     );
     assert_eq!(table.counters().grants, grants);
     assert_eq!(table.counters().sessions, 0);
+}
+
+/// A session `resumed` waiting for "k", which `holder` holds, in a table
+/// shared as the server shares it: the holder's token and the wait's ticket.
+fn a_wait_behind_a_holder(
+    table: &SharedTable,
+    resumed: SessionId,
+    holder: SessionId,
+) -> (u64, Ticket) {
+    let mut locked = lock_table(table);
+    let token = granted(locked.acquire(holder, "k", Mode::Exclusive, false));
+    let Attempt::Queued(waiter, grant) = locked.acquire(resumed, "k", Mode::Exclusive, true) else {
+        panic!("the waiter should queue");
+    };
+    drop(locked);
+    let ticket = Ticket::new(Arc::clone(table), resumed, "k".to_owned(), waiter, grant);
+    (token, ticket)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_polled_after_a_resume_settled_the_holds_takes_no_grant() {
+    let table: SharedTable = Arc::new(std::sync::Mutex::new(LockTable::default()));
+    let resumed = lock_table(&table)
+        .open_session(spec(60 * SECOND))
+        .expect("open");
+    let holder = lock_table(&table)
+        .open_session(spec(60 * SECOND))
+        .expect("open");
+    let (token, old_wait) = a_wait_behind_a_holder(&table, resumed, holder);
+    // The resume settles the holds; the old stream's wait has not yet seen
+    // its abort when the key is released.
+    lock_table(&table).keep_only(resumed, &[]);
+    assert!(lock_table(&table).release(holder, "k", Some(token)));
+    let waited = old_wait.wait(Instant::now() + SECOND).await;
+    assert_eq!(
+        waited,
+        Waited::SessionGone,
+        "the withdrawn wait ends ungranted"
+    );
+    assert!(
+        !lock_table(&table).holds(resumed, "k"),
+        "the session holds nothing its client was not told of"
+    );
+    granted(lock_table(&table).acquire(holder, "k", Mode::Exclusive, false));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawn_wait_that_leaves_late_leaves_the_new_wait_alone() {
+    let table: SharedTable = Arc::new(std::sync::Mutex::new(LockTable::default()));
+    let resumed = lock_table(&table)
+        .open_session(spec(60 * SECOND))
+        .expect("open");
+    let holder = lock_table(&table)
+        .open_session(spec(60 * SECOND))
+        .expect("open");
+    let (token, old_wait) = a_wait_behind_a_holder(&table, resumed, holder);
+    lock_table(&table).keep_only(resumed, &[]);
+    // The resumed stream asks again before the old stream's wait is dropped.
+    let Attempt::Queued(waiter, grant) =
+        lock_table(&table).acquire(resumed, "k", Mode::Exclusive, true)
+    else {
+        panic!("the session waits for the key again");
+    };
+    let new_wait = Ticket::new(Arc::clone(&table), resumed, "k".to_owned(), waiter, grant);
+    drop(old_wait);
+    assert!(
+        matches!(
+            lock_table(&table).acquire(resumed, "k", Mode::Exclusive, true),
+            Attempt::AlreadyHeld
+        ),
+        "the session still waits for the key"
+    );
+    assert!(lock_table(&table).release(holder, "k", Some(token)));
+    let waited = new_wait.wait(Instant::now() + SECOND).await;
+    assert!(matches!(waited, Waited::Granted(_)), "{waited:?}");
+    assert!(lock_table(&table).holds(resumed, "k"));
 }

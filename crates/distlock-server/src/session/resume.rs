@@ -54,8 +54,9 @@ impl SessionStream {
     }
 
     /// Takes back a session whose stream broke: the broken stream's waits
-    /// end, and so does every hold the client does not name; the lease is
-    /// renewed.
+    /// end (they leave the queues in the same table step that settles the
+    /// holds), and so does every hold the client does not name; the lease
+    /// is renewed.
     pub(super) fn resume(
         shared: Arc<Shared>,
         id: u64,
@@ -97,6 +98,8 @@ impl SessionStream {
             .into_iter()
             .map(|held| (held.key, held.token))
             .collect();
+        // The session's queued waits leave in this step too: an aborted wait
+        // still being polled could otherwise take a later grant.
         let ended = table.keep_only(session, &held);
         drop(table);
         if !ended.is_empty() {
