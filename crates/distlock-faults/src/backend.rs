@@ -6,7 +6,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
+use distlock_testkit::cluster::Members;
+use distlock_testkit::servers::{
+    EtcdCluster, Mariadb, Postgres, Redis, ZooKeeper, ZooKeeperEnsemble,
+};
 
 use crate::run::Store;
 
@@ -21,6 +24,8 @@ pub(crate) enum Backend {
     #[cfg(feature = "etcd")]
     Etcd(distlock_testkit::servers::Etcd),
     Zookeeper(ZooKeeper),
+    /// A cluster of 3 (etcd, ZooKeeper).
+    Cluster(Box<dyn Members>),
 }
 
 /// `distlock-faults serve`: a distlock server in a process of its own.
@@ -91,6 +96,11 @@ impl Backend {
             #[cfg(not(feature = "etcd"))]
             Store::Etcd => anyhow::bail!("etcd needs the etcd feature"),
             Store::Zookeeper => Backend::Zookeeper(ZooKeeper::start()),
+            #[cfg(feature = "etcd")]
+            Store::EtcdCluster => Backend::Cluster(Box::new(EtcdCluster::start(3))),
+            #[cfg(not(feature = "etcd"))]
+            Store::EtcdCluster => anyhow::bail!("etcd needs the etcd feature"),
+            Store::ZookeeperCluster => Backend::Cluster(Box::new(ZooKeeperEnsemble::start(3))),
         })
     }
 
@@ -119,6 +129,50 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => etcd.url(),
             Backend::Zookeeper(zookeeper) => format!("{}/faults", zookeeper.url()),
+            Backend::Cluster(members) => cluster_url(store, &members.url_from(0)),
+        }
+    }
+
+    /// The URL worker `slot` connects with: on a cluster, every member,
+    /// each worker starting with another (so holders and waiters talk to
+    /// different members), each member's port replaced by its proxy's
+    /// where there are proxies.
+    pub(crate) fn worker_url(&self, store: Store, slot: u32, proxies: &[u16]) -> String {
+        let Backend::Cluster(members) = self else {
+            return self.url(store);
+        };
+        let first = slot as usize % members.size();
+        let mut url = cluster_url(store, &members.url_from(first));
+        for (index, proxy) in proxies.iter().enumerate() {
+            url = url.replacen(
+                &format!("127.0.0.1:{},", members.port(index)),
+                &format!("127.0.0.1:{proxy},"),
+                1,
+            );
+            url = url.replacen(
+                &format!("127.0.0.1:{}/", members.port(index)),
+                &format!("127.0.0.1:{proxy}/"),
+                1,
+            );
+        }
+        url
+    }
+
+    /// A cluster's members' client ports (none for one server).
+    pub(crate) fn member_ports(&self) -> Vec<u16> {
+        match self {
+            Backend::Cluster(members) => (0..members.size())
+                .map(|index| members.port(index))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A cluster's members, for faults of one of them.
+    pub(crate) fn members(&mut self) -> Option<&mut Box<dyn Members>> {
+        match self {
+            Backend::Cluster(members) => Some(members),
+            _ => None,
         }
     }
 
@@ -134,6 +188,7 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => Some(etcd.port()),
             Backend::Zookeeper(zookeeper) => Some(zookeeper.port()),
+            Backend::Cluster(_) => None,
         }
     }
 
@@ -158,6 +213,19 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => Backend::Etcd(etcd.crash_and_restart()),
             Backend::Zookeeper(zookeeper) => Backend::Zookeeper(zookeeper.crash_and_restart()),
+            // Its members are killed one at a time (`Fault::KillLeader`).
+            Backend::Cluster(members) => Backend::Cluster(members),
         })
+    }
+}
+
+/// A cluster's URL as the store takes it: ZooKeeper's with a chroot of
+/// the suite's own, ending the host list with `/` (so that every member's
+/// `HOST:PORT` is followed by `,` or `/`).
+fn cluster_url(store: Store, url: &str) -> String {
+    if store == Store::ZookeeperCluster {
+        format!("{url}/faults")
+    } else {
+        format!("{url}/")
     }
 }

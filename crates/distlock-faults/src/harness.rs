@@ -47,7 +47,8 @@ fn signal(pid: u32, signal: Signal) {
 /// The worker processes.
 struct Workers {
     exe: PathBuf,
-    url: String,
+    /// Where each worker connects: worker `slot` takes `urls[slot % len]`.
+    urls: Vec<String>,
     register: String,
     key: String,
     plan: Plan,
@@ -56,8 +57,9 @@ struct Workers {
 
 impl Workers {
     fn spawn(&mut self, slot: u32) -> anyhow::Result<()> {
+        let url = &self.urls[slot as usize % self.urls.len()];
         let child = Command::new(&self.exe)
-            .args(["worker", "--url", &self.url, "--register", &self.register])
+            .args(["worker", "--url", url, "--register", &self.register])
             .args(["--id", &slot.to_string(), "--key", &self.key])
             .args(["--ttl-ms", &self.plan.ttl.as_millis().to_string()])
             .args([
@@ -94,6 +96,8 @@ struct Harness {
     /// The store's URL without the proxy.
     direct: String,
     proxy: Option<Proxy>,
+    /// On a cluster cut one member at a time: a proxy per member.
+    proxies: Vec<Proxy>,
     register: Register,
     armed: Arc<Mutex<Option<OnGrant>>>,
     done: mpsc::UnboundedReceiver<Done>,
@@ -125,6 +129,20 @@ impl Harness {
             ),
             _ => direct.clone(),
         };
+        let mut proxies = Vec::new();
+        if fault == Fault::CutMember {
+            for port in backend.member_ports() {
+                proxies.push(Proxy::start(([127, 0, 0, 1], port).into()).await);
+            }
+        }
+        let proxy_ports: Vec<u16> = proxies.iter().map(Proxy::port).collect();
+        let urls = if store.is_cluster() {
+            (0..plan.workers)
+                .map(|slot| backend.worker_url(store, slot, &proxy_ports))
+                .collect()
+        } else {
+            vec![url]
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let register_address = listener.local_addr()?.to_string();
         let (grants_tx, grants) = mpsc::channel(64);
@@ -134,7 +152,7 @@ impl Harness {
         tokio::spawn(handle_grants(grants, Arc::clone(&armed), done_tx));
         let mut workers = Workers {
             exe: exe.to_owned(),
-            url,
+            urls,
             register: register_address,
             key: format!("faults/{}", rand::random::<u32>()),
             plan: plan.clone(),
@@ -146,6 +164,7 @@ impl Harness {
         Ok(Harness {
             direct,
             proxy,
+            proxies,
             register,
             armed,
             done,
@@ -265,6 +284,36 @@ impl Harness {
             }
             Fault::Reset => {
                 self.proxy.as_ref().expect("a proxy").reset();
+                (Instant::now(), base_bound)
+            }
+            Fault::KillLeader | Fault::FreezeLeader => {
+                let mut cluster = backend.take().context("no cluster")?;
+                let fault = run.fault;
+                let struck = tokio::task::spawn_blocking(move || {
+                    let struck = strike_leader(&mut cluster, fault);
+                    (cluster, struck)
+                });
+                let (cluster, struck) = tokio::time::timeout(Duration::from_secs(180), struck)
+                    .await
+                    .context("the cluster did not heal within 3 minutes")??;
+                *backend = Some(cluster);
+                struck?;
+                // A new leader gives every lease its full TTL again.
+                let lease = run.store.lease_after_restart(plan.ttl);
+                (Instant::now(), base_bound - plan.ttl + lease)
+            }
+            Fault::CutMember => {
+                let members = backend
+                    .as_mut()
+                    .and_then(Backend::members)
+                    .context("no cluster")?;
+                let leader = members.wait_for_leader();
+                let cut =
+                    (leader + 1 + rand::rng().random_range(0..members.size() - 1)) % members.size();
+                let proxy = &self.proxies[cut];
+                proxy.set(proxy::Fault::Blackhole);
+                tokio::time::sleep(plan.ttl.mul_f64(1.5)).await;
+                proxy.set(proxy::Fault::None);
                 (Instant::now(), base_bound)
             }
         }))
@@ -406,7 +455,8 @@ pub(crate) async fn run_fault(
         injected: 0,
         recovery: Duration::ZERO,
         bound: run.base_bound,
-        lost_promised: fault.is_network() && capabilities.session == SessionModel::Lease,
+        lost_promised: (fault.is_network() || fault.is_cluster())
+            && capabilities.session == SessionModel::Lease,
         exclusion_promised: capabilities.session == SessionModel::Lease,
         // The server's client takes a session back on a new connection.
         loss_free: store == Store::Server && fault == Fault::Reset,
@@ -454,4 +504,39 @@ pub(crate) async fn run_fault(
         harness.grants(20, Duration::from_secs(5)).await;
     }
     Ok(harness.finish(plan, row).await)
+}
+
+/// Kills (and, once another leads, restarts) or freezes past an election
+/// (then lets run on) the cluster's leader; returns once the cluster has
+/// a leader again. Blocking.
+fn strike_leader(cluster: &mut Backend, fault: Fault) -> anyhow::Result<()> {
+    let members = cluster.members().context("not a cluster")?;
+    let leader = members.wait_for_leader();
+    match fault {
+        Fault::KillLeader => {
+            members.kill(leader);
+            anyhow::ensure!(
+                members.wait_for_leader() != leader,
+                "the killed leader still leads"
+            );
+            members.restart(leader);
+        }
+        _ => {
+            members.pause(leader);
+            // Past etcd's election timeout (1 s) and ZooKeeper's syncLimit
+            // (1 s in the test kit).
+            std::thread::sleep(Duration::from_secs(3));
+            let started = std::time::Instant::now();
+            while members.leader_among_others(leader).is_none() {
+                if started.elapsed() > Duration::from_secs(60) {
+                    members.resume(leader);
+                    anyhow::bail!("no new leader while the old one was frozen");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            members.resume(leader);
+        }
+    }
+    members.wait_for_leader();
+    Ok(())
 }

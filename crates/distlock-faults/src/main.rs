@@ -74,13 +74,15 @@ async fn main() -> anyhow::Result<ExitCode> {
         } => {
             let mut plan = if long { Plan::long() } else { Plan::ci() };
             plan.fencing = !no_fencing;
+            // Each store runs the faults it supports: clusters those of
+            // their members, single servers the others.
             let stores = if store.is_empty() {
-                Store::all()
+                [Store::all(), Store::clusters()].concat()
             } else {
                 store
             };
             let faults = if fault.is_empty() {
-                Fault::all()
+                [Fault::all(), Fault::cluster()].concat()
             } else {
                 fault
             };

@@ -34,6 +34,10 @@ pub enum Store {
     Etcd,
     /// ZooKeeper.
     Zookeeper,
+    /// etcd, 3 members (with the `etcd` feature): the cluster tier.
+    EtcdCluster,
+    /// ZooKeeper, an ensemble of 3: the cluster tier.
+    ZookeeperCluster,
 }
 
 /// A fault.
@@ -51,6 +55,13 @@ pub enum Fault {
     Blackhole,
     /// Reset every connection between workers and store.
     Reset,
+    /// SIGKILL the cluster's leader, and start it again once another leads.
+    KillLeader,
+    /// SIGSTOP the cluster's leader past an election, then SIGCONT.
+    FreezeLeader,
+    /// Carry nothing between the workers and one member (not the leader)
+    /// for 1.5× the TTL.
+    CutMember,
 }
 
 impl Store {
@@ -73,6 +84,21 @@ impl Store {
         stores
     }
 
+    /// The clustered stores of this build: the cluster tier.
+    pub fn clusters() -> Vec<Store> {
+        let mut stores = Vec::new();
+        if cfg!(feature = "etcd") {
+            stores.push(Store::EtcdCluster);
+        }
+        stores.push(Store::ZookeeperCluster);
+        stores
+    }
+
+    /// Whether it runs as a cluster of members.
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Store::EtcdCluster | Store::ZookeeperCluster)
+    }
+
     /// Its name in the table.
     pub fn name(self) -> &'static str {
         match self {
@@ -86,6 +112,8 @@ impl Store {
             Store::MysqlLease => "mysql lease",
             Store::Etcd => "etcd",
             Store::Zookeeper => "zookeeper",
+            Store::EtcdCluster => "etcd cluster",
+            Store::ZookeeperCluster => "zookeeper cluster",
         }
     }
 
@@ -97,14 +125,20 @@ impl Store {
     /// a loop that runs every 500 ms. Elsewhere it is the TTL.
     pub(crate) fn lease_after_restart(self, ttl: Duration) -> Duration {
         match self {
-            Store::Etcd => ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500),
+            Store::Etcd | Store::EtcdCluster => {
+                ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500)
+            }
             _ => ttl,
         }
     }
 
     /// Whether the suite can inject `fault` on it: the file store has no
-    /// process and no connection to restart or cut.
+    /// process and no connection to restart or cut; the faults of a
+    /// cluster's members are for clusters (whose tier runs those alone).
     pub fn supports(self, fault: Fault) -> bool {
+        if self.is_cluster() || fault.is_cluster() {
+            return self.is_cluster() && fault.is_cluster();
+        }
         self != Store::File || matches!(fault, Fault::Pause | Fault::Kill)
     }
 }
@@ -122,6 +156,19 @@ impl Fault {
         ]
     }
 
+    /// The faults of a cluster's members.
+    pub fn cluster() -> Vec<Fault> {
+        vec![Fault::KillLeader, Fault::FreezeLeader, Fault::CutMember]
+    }
+
+    /// Whether it strikes one member of a cluster.
+    pub fn is_cluster(self) -> bool {
+        matches!(
+            self,
+            Fault::KillLeader | Fault::FreezeLeader | Fault::CutMember
+        )
+    }
+
     /// Its name in the table.
     pub fn name(self) -> &'static str {
         match self {
@@ -131,6 +178,9 @@ impl Fault {
             Fault::Delay => "delay",
             Fault::Blackhole => "blackhole",
             Fault::Reset => "reset",
+            Fault::KillLeader => "kill leader",
+            Fault::FreezeLeader => "freeze leader",
+            Fault::CutMember => "cut a member",
         }
     }
 

@@ -109,3 +109,71 @@ pub async fn a_session_outlives_its_member<C: Send + 'static>(
     session.close().await.expect("close");
     cluster
 }
+
+/// A cluster of store servers on this machine, as the fault suite drives
+/// it: [`EtcdCluster`](crate::servers::EtcdCluster) and
+/// [`ZooKeeperEnsemble`](crate::servers::ZooKeeperEnsemble). Blocking.
+pub trait Members: Send + std::fmt::Debug {
+    /// How many members.
+    fn size(&self) -> usize;
+    /// Member `index`'s client port.
+    fn port(&self, index: usize) -> u16;
+    /// The store's URL naming every member, member `first` first.
+    fn url_from(&self, first: usize) -> String;
+    /// Waits until the live members agree on a leader; the leader.
+    fn wait_for_leader(&self) -> usize;
+    /// The leader as the live members but `frozen` see it, if they agree.
+    fn leader_among_others(&self, frozen: usize) -> Option<usize>;
+    /// Kills member `index` (SIGKILL).
+    fn kill(&mut self, index: usize);
+    /// Starts a killed member again on its data.
+    fn restart(&mut self, index: usize);
+    /// Freezes member `index` (SIGSTOP).
+    fn pause(&self, index: usize);
+    /// Lets a frozen member run on (SIGCONT).
+    fn resume(&self, index: usize);
+}
+
+macro_rules! members {
+    ($type:ty, $leader_among_others:expr) => {
+        impl Members for $type {
+            fn size(&self) -> usize {
+                <$type>::size(self)
+            }
+            fn port(&self, index: usize) -> u16 {
+                <$type>::port(self, index)
+            }
+            fn url_from(&self, first: usize) -> String {
+                <$type>::url_from(self, first)
+            }
+            fn wait_for_leader(&self) -> usize {
+                <$type>::wait_for_leader(self)
+            }
+            fn leader_among_others(&self, frozen: usize) -> Option<usize> {
+                $leader_among_others(self, frozen)
+            }
+            fn kill(&mut self, index: usize) {
+                <$type>::kill(self, index)
+            }
+            fn restart(&mut self, index: usize) {
+                <$type>::restart(self, index)
+            }
+            fn pause(&self, index: usize) {
+                <$type>::pause(self, index)
+            }
+            fn resume(&self, index: usize) {
+                <$type>::resume(self, index)
+            }
+        }
+    };
+}
+
+members!(
+    crate::servers::EtcdCluster,
+    crate::servers::EtcdCluster::leader_among_others
+);
+members!(
+    crate::servers::ZooKeeperEnsemble,
+    |ensemble: &crate::servers::ZooKeeperEnsemble, frozen| ensemble
+        .leader_among_others(Some(frozen))
+);

@@ -136,6 +136,11 @@ impl ZooKeeperEnsemble {
         self.url_from(0)
     }
 
+    /// Server `index`'s client port.
+    pub fn port(&self, index: usize) -> u16 {
+        self.servers[index].port
+    }
+
     /// `zk://` of server `index` alone.
     pub fn url_of(&self, index: usize) -> String {
         format!("zk://127.0.0.1:{}", self.servers[index].port)
