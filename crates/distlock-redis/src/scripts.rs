@@ -287,7 +287,9 @@ return {0, math.max(retry, 1), first}
 
 /// KEYS: main, f, h, q, i. ARGV: member, its lock-delay in ms. Returns 1
 /// if the member held the key (and now does not), else 0; hands the key
-/// on.
+/// on. Only a live hold is given back: one past its lease is left to stand
+/// for its lock-delay (so this is also the take-back of a hold that a
+/// renewal found lost, which must not erase that delay).
 const RELEASE_FAST: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
@@ -322,7 +324,8 @@ return 0
 /// KEYS: main, f, h, q, i. ARGV: the members of one acquire. Takes back
 /// whatever that acquire made (a hold whose answer never came, a place in
 /// the queue), and only that, handing the key on: the clean-up of an
-/// acquire that failed, gave up or was dropped.
+/// acquire that failed, gave up or was dropped. Never for a hold that was
+/// used: it erases what stands for a lock-delay (RELEASE does not).
 const ABANDON_FAST: &str = r#"
 local v = redis.call('GET', KEYS[1])
 for _, member in ipairs(ARGV) do

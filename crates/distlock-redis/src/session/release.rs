@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use distlock_core::store::{spawn_cleanup, HeldLock};
 use distlock_core::{Error, Result};
-use futures::future::{BoxFuture, FutureExt};
+use futures::future::{join_all, BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::RedisSession;
@@ -37,11 +37,22 @@ impl RedisSession {
 
     /// Takes back, in the background and on every instance, the hold
     /// written `member` that renewal found on too few of them to be held.
+    ///
+    /// As a release, not as the clean-up of an acquire: only where the hold
+    /// is still live. Where its lease is over, what is left stands for its
+    /// lock-delay (a fast key past its lease, a `:h` entry past its score
+    /// that the next script turns into a block), and the key must not be
+    /// granted again before that delay ends; the hold was reported lost,
+    /// not released.
     pub(super) fn take_back(&self, keys: &Arc<LockKeys>, member: &str) {
         let (shared, keys) = (Arc::clone(&self.shared), Arc::clone(keys));
-        let members = [member.to_owned()];
+        let (member, delay) = (member.to_owned(), self.lock_delay);
         spawn_cleanup(async move {
-            RedisSession::abandon(&shared, &keys, &members).await;
+            let releases = shared
+                .instances
+                .iter()
+                .map(|instance| instance.release(&keys, &member, delay));
+            join_all(releases).await;
         });
     }
 
