@@ -21,6 +21,7 @@ pub struct Nats {
     dir: tempfile::TempDir,
     port: u16,
     monitor: u16,
+    jetstream: bool,
 }
 
 /// Where `nats-server` is: see the module's docs. Panics, saying how to
@@ -55,24 +56,40 @@ impl Nats {
             tempfile::tempdir().expect("temp dir"),
             free_port(),
             free_port(),
+            true,
         )
     }
 
-    fn run(dir: tempfile::TempDir, port: u16, monitor: u16) -> Nats {
+    /// Starts a server with JetStream off, for tests of a store pointed at
+    /// one.
+    pub fn start_without_jetstream() -> Nats {
+        Nats::run(
+            tempfile::tempdir().expect("temp dir"),
+            free_port(),
+            free_port(),
+            false,
+        )
+    }
+
+    fn run(dir: tempfile::TempDir, port: u16, monitor: u16, jetstream: bool) -> Nats {
         let mut command = Command::new(nats_server_program());
         command
             .args(["--addr", "127.0.0.1"])
             .args(["--port", &port.to_string()])
-            .args(["--http_port", &monitor.to_string()])
-            .arg("--jetstream")
-            .arg("--store_dir")
-            .arg(dir.path().join("data"));
+            .args(["--http_port", &monitor.to_string()]);
+        if jetstream {
+            command
+                .arg("--jetstream")
+                .arg("--store_dir")
+                .arg(dir.path().join("data"));
+        }
         let daemon = Daemon::spawn("nats-server", command, port, dir.path());
         let server = Nats {
             daemon,
             dir,
             port,
             monitor,
+            jetstream,
         };
         server.daemon.wait_ready(|| server.healthy());
         server
@@ -121,10 +138,11 @@ impl Nats {
             dir,
             port,
             monitor,
+            jetstream,
         } = self;
         daemon.kill();
         drop(daemon);
-        Nats::run(dir, port, monitor)
+        Nats::run(dir, port, monitor, jetstream)
     }
 }
 

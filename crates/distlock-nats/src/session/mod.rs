@@ -1,0 +1,230 @@
+//! A session: a message with a TTL on `distlock.s.SESSION`, renewed by
+//! publishing it again, and the queue entries of its locks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use distlock_core::store::{
+    lock, release_outcome, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions,
+    StoreSession,
+};
+use distlock_core::{Error, Result};
+use futures::future::join_all;
+
+use crate::wire::{self, expecting, session_subject, Nats, Published, CLOSED};
+
+mod leave;
+mod queue;
+mod wait;
+
+use leave::Leave;
+
+/// A held lock's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeldEntry {
+    subject: String,
+    seq: u64,
+}
+
+pub(crate) struct NatsSession {
+    nats: Arc<Nats>,
+    /// The session's name in subjects: 16 hex digits, random.
+    id: String,
+    /// Who the session says it is: the value of its message and a header of
+    /// each of its entries.
+    owner: String,
+    /// The lease at the server, in whole seconds (NATS keeps no less).
+    ttl_secs: u64,
+    /// The sequence of the session's message: a renewal must find it there.
+    revision: Mutex<u64>,
+    /// Numbers the session's entries: each attempt has a subject of its own.
+    next_slot: AtomicU64,
+    /// The entries of the locks held, by lock key.
+    held: Mutex<HashMap<String, HeldEntry>>,
+    /// Set by the test hook: the session does nothing more, as a frozen
+    /// process would not.
+    frozen: Arc<AtomicBool>,
+}
+
+impl NatsSession {
+    pub(crate) async fn open(nats: Arc<Nats>, options: &SessionOptions) -> Result<Self> {
+        // Rounded up: the server must never give up a lease before the
+        // client does.
+        let ttl_secs = options.ttl.as_millis().div_ceil(1000).max(1);
+        let ttl_secs = u64::try_from(ttl_secs).unwrap_or(u64::MAX);
+        let id = format!("{:016x}", rand::random::<u64>());
+        let opened = nats
+            .publish(
+                session_subject(&id),
+                expecting(0, Some(ttl_secs)),
+                Bytes::from(options.owner.clone()),
+            )
+            .await?;
+        let Published::At(revision) = opened else {
+            return Err(Error::unavailable(format!(
+                "NATS at {}: a new session's subject was taken; try again",
+                nats.servers
+            )));
+        };
+        Ok(NatsSession {
+            nats,
+            id,
+            owner: options.owner.clone(),
+            ttl_secs,
+            revision: Mutex::new(revision),
+            next_slot: AtomicU64::new(0),
+            held: Mutex::new(HashMap::new()),
+            frozen: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, HeldEntry>> {
+        lock(&self.held)
+    }
+
+    fn lost(&self, why: &str) -> Error {
+        Error::lost(format!(
+            "NATS at {}: the session {why}; open a new session",
+            self.nats.servers
+        ))
+    }
+
+    fn frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// Publishes the session's message again, expecting the last one
+    /// written. A message of this session found instead (a renewal whose
+    /// answer was lost) is taken as the last one: only this session writes
+    /// it, and only after its own last one, so a marker (the message
+    /// expired) or nothing at all means the session ended.
+    async fn renew_session(&self) -> Result<()> {
+        let subject = session_subject(&self.id);
+        for _ in 0..2 {
+            let expected = *lock(&self.revision);
+            let renewed = self
+                .nats
+                .publish(
+                    subject.clone(),
+                    expecting(expected, Some(self.ttl_secs)),
+                    Bytes::from(self.owner.clone()),
+                )
+                .await?;
+            match renewed {
+                Published::At(revision) => {
+                    *lock(&self.revision) = revision;
+                    return Ok(());
+                }
+                Published::WrongLast => match self.nats.leader_last(&subject).await? {
+                    Some(last) if wire::session_is_live(&last.headers) => {
+                        *lock(&self.revision) = last.sequence;
+                    }
+                    _ => return Err(self.lost("expired at the server")),
+                },
+            }
+        }
+        Err(self.lost("message keeps changing under it"))
+    }
+}
+
+#[async_trait]
+impl StoreSession for NatsSession {
+    async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        self.acquire_in_queue(request).await
+    }
+
+    async fn release(&self, held: &HeldLock) -> Result<()> {
+        let Some(mine) = self.held().get(&held.key).cloned() else {
+            return Err(Error::not_held(&held.key));
+        };
+        if mine.seq != held.token {
+            return Err(Error::not_held(&held.key));
+        }
+        let removed = self.nats.remove_entry(&mine.subject, mine.seq).await?;
+        {
+            let mut map = self.held();
+            if map.get(&held.key) == Some(&mine) {
+                map.remove(&held.key);
+            }
+        }
+        release_outcome(removed, &held.key)
+    }
+
+    async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        if self.frozen() {
+            return Err(Error::unavailable("the session is frozen (test hook)"));
+        }
+        self.renew_session().await?;
+        // Each held entry must still be stored, at the sequence granted. The
+        // leader answers: a replica that lags might not have a new one yet.
+        let known: Vec<(&HeldLock, Option<HeldEntry>)> = {
+            let map = self.held();
+            held.iter()
+                .map(|lock| {
+                    let entry = map.get(&lock.key).filter(|entry| entry.seq == lock.token);
+                    (lock, entry.cloned())
+                })
+                .collect()
+        };
+        let checks = known.iter().map(|(_, entry)| async move {
+            match entry {
+                Some(entry) => self.nats.stored(entry.seq, &entry.subject).await,
+                None => Ok(false),
+            }
+        });
+        let mut lost = Vec::new();
+        for ((lock, entry), stored) in known.iter().zip(join_all(checks).await) {
+            if !stored? {
+                if let Some(entry) = entry {
+                    let mut map = self.held();
+                    if map.get(&lock.key) == Some(entry) {
+                        map.remove(&lock.key);
+                    }
+                }
+                lost.push(lock.key.clone());
+            }
+        }
+        Ok(RenewReport::lost(lost))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.frozen() {
+            // A frozen session is left to expire.
+            return Ok(());
+        }
+        // The end first, in one publish: every entry of the session stops
+        // counting at once, for everyone. Then its held entries go, so that
+        // their waiters wake now.
+        let expected = *lock(&self.revision);
+        let mut headers = expecting(expected, Some(1));
+        headers.insert(CLOSED, "1");
+        let ended = self
+            .nats
+            .publish(session_subject(&self.id), headers, Bytes::new())
+            .await?;
+        if let Published::WrongLast = ended {
+            tracing::debug!(session = self.id, "closing a session that had expired");
+        }
+        let held: Vec<HeldEntry> = self.held().drain().map(|(_, entry)| entry).collect();
+        let removals = held
+            .iter()
+            .map(|entry| self.nats.remove_entry(&entry.subject, entry.seq));
+        for removed in join_all(removals).await {
+            // An entry left behind belongs to an ended session: whoever
+            // finds it takes it out.
+            if let Err(err) = removed {
+                tracing::debug!(session = self.id, "closing: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    distlock_core::test_hook! {
+        fn freeze_for_test(&self) {
+            self.frozen.store(true, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! An acquire in steps: join the lock's queue, decide from the entries
+//! ahead (`distlock_core::store::queue`), take out entries of sessions that
+//! ended, and wait for what blocks the request to go.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use distlock_core::store::queue::{self, Blocker};
+use distlock_core::store::{AcquireRequest, Grant};
+use distlock_core::{Error, Result};
+use futures::future::join_all;
+use tokio::time::Instant;
+
+use super::wait::{wait, Watch};
+use super::{HeldEntry, Leave, NatsSession};
+use crate::wire::{entry_headers, entry_subject, lock_hash, queue_filter, Entry, Published};
+
+impl NatsSession {
+    /// Joins the queue at its tail, then reads it until the request holds
+    /// the lock, or gives up.
+    pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
+        let hash = lock_hash(&request.key);
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let subject = entry_subject(&hash, &self.id, slot);
+        let mut leave = Leave {
+            nats: Arc::clone(&self.nats),
+            subject: subject.clone(),
+            seq: None,
+            frozen: Arc::clone(&self.frozen),
+            armed: true,
+        };
+        // The owner and mode go in the publish that joins: no extra round
+        // trip. The subject is new, so the publish expects it empty.
+        let joined = self
+            .nats
+            .publish(
+                subject.clone(),
+                entry_headers(&request.mode.tag(), &self.owner),
+                Bytes::from(request.key.clone()),
+            )
+            .await?;
+        let Published::At(seq) = joined else {
+            leave.armed = false;
+            return Err(Error::unavailable(format!(
+                "NATS at {}: the new entry's subject {subject} was taken; try again",
+                self.nats.servers
+            )));
+        };
+        leave.seq = Some(seq);
+        loop {
+            let queue = self
+                .nats
+                .read_entries(&queue_filter(&hash), Some(seq))
+                .await?;
+            if !queue.iter().any(|entry| entry.seq == seq) {
+                // A replica that lags may not have it yet: the leader knows.
+                if self.nats.stored(seq, &subject).await? {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                leave.armed = false;
+                return Err(self.lost(
+                    "had its entry for this lock deleted while it waited (a forced release, \
+                     or its lease ran out)",
+                ));
+            }
+            let ahead: Vec<&Entry> = queue
+                .iter()
+                .filter(|entry| entry.seq < seq && entry.key == request.key)
+                .collect();
+            let tags: Vec<&str> = ahead.iter().map(|entry| entry.tag.as_str()).collect();
+            let Some(blocker) = queue::blocker(request.mode, &tags) else {
+                leave.armed = false;
+                self.held()
+                    .insert(request.key.clone(), HeldEntry { subject, seq });
+                return Ok(Some(Grant::new(seq)));
+            };
+            let blocking: Vec<&Entry> = match blocker {
+                Blocker::Entry(index) => vec![ahead[index]],
+                Blocker::AnyChange => ahead.clone(),
+            };
+            if self.take_out_ended(&blocking, &ahead).await? {
+                continue;
+            }
+            let until = match request.wait_until {
+                Some(until) if Instant::now() < until => until,
+                // Busy, and no (more) waiting: out of the queue. If that
+                // fails, the entry is taken out in the background.
+                _ => {
+                    self.nats.remove_entry(&subject, seq).await?;
+                    leave.armed = false;
+                    return Ok(None);
+                }
+            };
+            wait(
+                &self.nats,
+                &Watch::of(&hash, blocker, &blocking),
+                seq,
+                until,
+            )
+            .await?;
+        }
+    }
+
+    /// Takes out every entry `ahead` of a session that ended among those of
+    /// `blocking`, and every entry `ahead` of this session (an earlier
+    /// attempt's, whose removal has not landed yet: the core makes one
+    /// attempt per key at a time). Whether any went: the queue is then read
+    /// again. Sessions are asked of the stream's leader, as a replica that
+    /// lags could miss one that lives.
+    async fn take_out_ended(&self, blocking: &[&Entry], ahead: &[&Entry]) -> Result<bool> {
+        let sessions: BTreeSet<&str> = blocking
+            .iter()
+            .map(|entry| entry.session.as_str())
+            .filter(|session| *session != self.id)
+            .collect();
+        let alive = join_all(
+            sessions
+                .iter()
+                .map(|session| self.nats.session_alive(session)),
+        )
+        .await;
+        let mut ended: HashSet<&str> = HashSet::from([self.id.as_str()]);
+        for (session, alive) in sessions.iter().zip(alive) {
+            if !alive? {
+                ended.insert(session);
+            }
+        }
+        let gone: Vec<&&Entry> = ahead
+            .iter()
+            .filter(|entry| ended.contains(entry.session.as_str()))
+            .collect();
+        if gone.is_empty() {
+            return Ok(false);
+        }
+        tracing::debug!(entries = gone.len(), "taking out entries of ended sessions");
+        let removals = gone
+            .iter()
+            .map(|entry| self.nats.remove_entry(&entry.subject, entry.seq));
+        for removed in join_all(removals).await {
+            removed?;
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,489 @@
+//! The store's messages in JetStream, and the calls that read and write
+//! them: subjects, headers, the stream, batched reads, deletes by sequence.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use distlock_core::store::root_cause;
+use distlock_core::{Error, Result};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::CALL_TIMEOUT;
+
+/// The stream that holds everything.
+pub(crate) const STREAM: &str = "DISTLOCK";
+const SUBJECTS: &str = "distlock.>";
+
+/// How long the delete marker of an expired message stays. Nothing reads
+/// an old one: a session's absence counts as its end, as its marker does.
+const MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// How long a notice stays: a waiter starts its consumer right after it
+/// read the queue, and a consumer started later than this misses it (and
+/// reads the queue again after [`queue::WATCH_SLICE`](distlock_core::store::queue::WATCH_SLICE)).
+const NOTICE_TTL_SECS: u64 = 10;
+
+/// The mode's tag of a queue entry.
+pub(crate) const MODE: &str = "Distlock-Mode";
+/// The session's owner, in a queue entry.
+pub(crate) const OWNER: &str = "Distlock-Owner";
+/// The sequence a notice says was deleted.
+pub(crate) const ENTRY: &str = "Distlock-Entry";
+/// Marks a session's message as the session's end (`close`).
+pub(crate) const CLOSED: &str = "Distlock-Closed";
+/// A message's time to live, in whole seconds.
+pub(crate) const TTL: &str = "Nats-TTL";
+/// A publish goes through only if this is its subject's last sequence (0:
+/// the subject has no message).
+pub(crate) const EXPECTED: &str = "Nats-Expected-Last-Subject-Sequence";
+/// Set on the delete marker the server leaves when a message expires.
+const MARKER: &str = "Nats-Marker-Reason";
+
+/// The subject-safe name of a lock: 128 bits of SHA-256 of its key, in hex.
+/// The key itself is each entry's payload, and entries of another key
+/// (were two ever to share a hash) are told apart by it.
+pub(crate) fn lock_hash(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// A session's subject.
+pub(crate) fn session_subject(session: &str) -> String {
+    format!("distlock.s.{session}")
+}
+
+/// The subject of a session's entry number `slot` in the queue `hash`.
+pub(crate) fn entry_subject(hash: &str, session: &str, slot: u64) -> String {
+    format!("distlock.q.{hash}.{session}.{slot}")
+}
+
+/// The queue of lock `hash`, as a filter.
+pub(crate) fn queue_filter(hash: &str) -> String {
+    format!("distlock.q.{hash}.>")
+}
+
+/// Every queue, as a filter.
+pub(crate) const ALL_QUEUES: &str = "distlock.q.>";
+
+/// The notice subject of an entry's subject.
+pub(crate) fn notice_subject(entry_subject: &str) -> String {
+    entry_subject.replacen("distlock.q.", "distlock.g.", 1)
+}
+
+/// The notices of every entry of lock `hash`, as a filter.
+pub(crate) fn notice_filter(hash: &str) -> String {
+    format!("distlock.g.{hash}.>")
+}
+
+/// Headers of a publish that must find its subject at `expected`, with a
+/// time to live of `ttl_secs` if given.
+pub(crate) fn expecting(expected: u64, ttl_secs: Option<u64>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(EXPECTED, expected.to_string().as_str());
+    if let Some(ttl) = ttl_secs {
+        headers.insert(TTL, ttl.to_string().as_str());
+    }
+    headers
+}
+
+/// Whether a session's last message says it is alive: its own, neither
+/// the server's delete marker nor the session's end.
+pub(crate) fn session_is_live(headers: &HeaderMap) -> bool {
+    headers.get(MARKER).is_none() && headers.get(CLOSED).is_none()
+}
+
+/// The sequence a notice names.
+pub(crate) fn noticed(headers: &HeaderMap) -> Option<u64> {
+    headers.get(ENTRY)?.as_str().parse().ok()
+}
+
+/// One queue entry, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) subject: String,
+    /// Its stream sequence: its place in the queue, and its token.
+    pub(crate) seq: u64,
+    /// The session it belongs to.
+    pub(crate) session: String,
+    pub(crate) tag: String,
+    pub(crate) owner: String,
+    pub(crate) key: String,
+}
+
+impl Entry {
+    /// The entry a stored message is; `None` for anything else (a marker).
+    fn read(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<Entry> {
+        let headers = headers?;
+        let tag = headers.get(MODE)?.as_str().to_owned();
+        let mut parts = subject.split('.');
+        let session = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("distlock"), Some("q"), Some(_), Some(session)) => session.to_owned(),
+            _ => return None,
+        };
+        Some(Entry {
+            subject: subject.to_owned(),
+            seq,
+            session,
+            tag,
+            owner: headers
+                .get(OWNER)
+                .map(|owner| owner.as_str().to_owned())
+                .unwrap_or_default(),
+            key: String::from_utf8_lossy(payload).into_owned(),
+        })
+    }
+}
+
+/// The headers of a new entry.
+pub(crate) fn entry_headers(tag: &str, owner: &str) -> HeaderMap {
+    let mut headers = expecting(0, None);
+    headers.insert(MODE, tag);
+    if !owner.is_empty() {
+        headers.insert(OWNER, owner);
+    }
+    headers
+}
+
+/// How a publish that expected a sequence went.
+pub(crate) enum Published {
+    /// Stored at this sequence.
+    At(u64),
+    /// The subject's last sequence was not the one expected.
+    WrongLast,
+}
+
+/// The connection, and the stream.
+pub(crate) struct Nats {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) stream: stream::Stream,
+    /// The servers, without credentials, for messages.
+    pub(crate) servers: String,
+}
+
+/// Makes sure the stream exists, as the store needs it.
+pub(crate) async fn open_stream(
+    js: &jetstream::Context,
+    servers: &str,
+    replicas: usize,
+) -> Result<stream::Stream> {
+    let config = stream::Config {
+        name: STREAM.to_owned(),
+        description: Some("distlock: sessions, lock queues, notices".to_owned()),
+        subjects: vec![SUBJECTS.to_owned()],
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(MARKER_TTL),
+        ..Default::default()
+    };
+    let stream = js.get_or_create_stream(config).await.map_err(|err| {
+        use jetstream::context::CreateStreamErrorKind;
+        let why = match err.kind() {
+            CreateStreamErrorKind::JetStreamUnavailable => {
+                "has JetStream off; start nats-server with --jetstream".to_owned()
+            }
+            CreateStreamErrorKind::TimedOut => format!("did not answer in {CALL_TIMEOUT:?}"),
+            _ => format!("did not make the stream {STREAM} ({})", root_cause(&err)),
+        };
+        Error::unavailable(format!("NATS at {servers} {why}")).with_source(err)
+    })?;
+    let config = &stream.cached_info().config;
+    let fits = config.allow_message_ttl
+        && config.subject_delete_marker_ttl.is_some()
+        && config.allow_direct
+        && !config.deny_delete
+        && config.max_messages_per_subject == 1
+        && config.subjects == [SUBJECTS];
+    if !fits {
+        return Err(Error::config(format!(
+            "NATS at {servers} has a stream {STREAM} made otherwise than the NATS store makes \
+             it; delete it (its locks go with it) or point the store at another account"
+        )));
+    }
+    Ok(stream)
+}
+
+impl Nats {
+    pub(crate) fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        stream: stream::Stream,
+        servers: String,
+    ) -> Self {
+        Nats {
+            client,
+            js,
+            stream,
+            servers,
+        }
+    }
+
+    /// A failed call, with its cause.
+    pub(crate) fn failed(
+        &self,
+        what: &str,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::unavailable(format!(
+            "NATS at {}: {what} failed ({}); check that it runs with JetStream",
+            self.servers,
+            root_cause(&err)
+        ))
+        .with_source(err)
+    }
+
+    pub(crate) fn timed_out(&self, what: &str) -> Error {
+        Error::unavailable(format!(
+            "NATS at {}: {what} got no answer in {CALL_TIMEOUT:?}",
+            self.servers
+        ))
+    }
+
+    /// Publishes to the stream and waits for it to be stored.
+    pub(crate) async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Published> {
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await?;
+            ack.await
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, stored).await {
+            Err(_) => Err(self.timed_out("a publish")),
+            Ok(Ok(ack)) => Ok(Published::At(ack.sequence)),
+            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                Ok(Published::WrongLast)
+            }
+            Ok(Err(err)) => Err(self.failed("a publish", err)),
+        }
+    }
+
+    /// Every stored message a direct get `request` answers with (one batch).
+    async fn batch(&self, request: &serde_json::Value) -> Result<Vec<async_nats::Message>> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| self.failed("a subscribe", err))?;
+        let body = Bytes::from(serde_json::to_vec(request).expect("a JSON value serializes"));
+        self.client
+            .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), inbox, body)
+            .await
+            .map_err(|err| self.failed("a read", err))?;
+        let mut messages = Vec::new();
+        loop {
+            let answer = tokio::time::timeout(CALL_TIMEOUT, answers.next())
+                .await
+                .map_err(|_| self.timed_out("a read"))?
+                .ok_or_else(|| self.timed_out("a read"))?;
+            match answer.status {
+                None => messages.push(answer),
+                // The end of the batch (204), or nothing matched.
+                Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
+                    return Ok(messages)
+                }
+                Some(status) => {
+                    return Err(Error::unavailable(format!(
+                        "NATS at {}: a read was refused ({status} {}); check that it runs with \
+                         JetStream",
+                        self.servers,
+                        answer.description.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The entries on subjects matching `filter`, oldest first, up to
+    /// sequence `up_to` if given (a few past it may come too).
+    pub(crate) async fn read_entries(
+        &self,
+        filter: &str,
+        up_to: Option<u64>,
+    ) -> Result<Vec<Entry>> {
+        const PAGE: usize = 256;
+        let mut entries = Vec::new();
+        let mut from = 0;
+        loop {
+            let request = serde_json::json!({ "seq": from, "next_by_subj": filter, "batch": PAGE });
+            let page = self.batch(&request).await?;
+            let Some(last) = page
+                .last()
+                .and_then(|message| header_u64(message, "Nats-Sequence"))
+            else {
+                return Ok(entries);
+            };
+            let more = page
+                .last()
+                .and_then(|message| header_u64(message, "Nats-Num-Pending"))
+                .unwrap_or(0);
+            entries.extend(page.iter().filter_map(|message| {
+                let headers = message.headers.as_ref()?;
+                let subject = headers.get("Nats-Subject")?.as_str();
+                let seq = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+                Entry::read(subject, seq, Some(headers), &message.payload)
+            }));
+            if more == 0 || up_to.is_some_and(|up_to| last >= up_to) {
+                return Ok(entries);
+            }
+            from = last + 1;
+        }
+    }
+
+    /// The last message on `subject`, as the stream's leader has it.
+    pub(crate) async fn leader_last(
+        &self,
+        subject: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        let read = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.stream.get_last_raw_message_by_subject(subject),
+        )
+        .await
+        .map_err(|_| self.timed_out("a read"))?;
+        match read {
+            Ok(message) => Ok(Some(message)),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(self.failed("a read", err)),
+        }
+    }
+
+    /// Whether `session` is alive, as the stream's leader knows: a replica
+    /// that lags could miss a session that is.
+    pub(crate) async fn session_alive(&self, session: &str) -> Result<bool> {
+        let last = self.leader_last(&session_subject(session)).await?;
+        Ok(last.is_some_and(|message| session_is_live(&message.headers)))
+    }
+
+    /// Whether the message at `seq` is on `subject`, as the leader has it.
+    pub(crate) async fn stored(&self, seq: u64, subject: &str) -> Result<bool> {
+        use jetstream::stream::RawMessageErrorKind;
+        let read = tokio::time::timeout(CALL_TIMEOUT, self.stream.get_raw_message(seq))
+            .await
+            .map_err(|_| self.timed_out("a read"))?;
+        match read {
+            Ok(message) => Ok(message.subject.as_str() == subject),
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(err) => Err(self.failed("a read", err)),
+        }
+    }
+
+    /// Deletes the message at `seq`; `false` if there was none.
+    async fn delete(&self, seq: u64) -> Result<bool> {
+        let request = serde_json::json!({ "seq": seq, "no_erase": true });
+        let answer: serde_json::Value = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.js
+                .request(format!("STREAM.MSG.DELETE.{STREAM}"), &request),
+        )
+        .await
+        .map_err(|_| self.timed_out("a delete"))?
+        .map_err(|err| self.failed("a delete", err))?;
+        if answer["success"] == serde_json::Value::Bool(true) {
+            return Ok(true);
+        }
+        // Nothing at that sequence: "sequence N not found" (10043) when the
+        // server looks it up, "no message found" (10057) when it tries to
+        // remove it (a delete of the same message got there first).
+        let error = &answer["error"];
+        let code = error["err_code"].as_u64();
+        let description = error["description"].as_str().unwrap_or_default();
+        if code == Some(10043) || (code == Some(10057) && description == "no message found") {
+            return Ok(false);
+        }
+        Err(Error::unavailable(format!(
+            "NATS at {}: a delete was refused: {}",
+            self.servers, answer["error"]
+        )))
+    }
+
+    /// Takes the entry at `seq` (on `subject`) out of its queue, and tells
+    /// whoever waits for it; `false` if it was gone already. Only that
+    /// entry: a sequence is never used twice.
+    pub(crate) async fn remove_entry(&self, subject: &str, seq: u64) -> Result<bool> {
+        if !self.delete(seq).await? {
+            return Ok(false);
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(ENTRY, seq.to_string().as_str());
+        headers.insert(TTL, NOTICE_TTL_SECS.to_string().as_str());
+        // Not waited for: the entry is gone whatever becomes of the notice,
+        // and a waiter that misses it reads the queue again after a slice.
+        let sent = self
+            .js
+            .publish_with_headers(notice_subject(subject), headers, Bytes::new())
+            .await;
+        match sent {
+            Ok(ack) => {
+                tokio::spawn(async move {
+                    if let Err(err) = ack.await {
+                        tracing::debug!("a notice was not stored: {err}");
+                    }
+                });
+            }
+            Err(err) => tracing::debug!("a notice was not sent: {err}"),
+        }
+        Ok(true)
+    }
+}
+
+/// A number in a header of a direct get's answer.
+fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
+    message.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_safe_whatever_the_key() {
+        for key in ["a", "a.b", "a b", "*", ">", "line\nbreak", "ü 🔒"] {
+            let hash = lock_hash(key);
+            assert_eq!(hash.len(), 32);
+            assert!(hash.bytes().all(|byte| byte.is_ascii_hexdigit()), "{hash}");
+        }
+        assert_ne!(lock_hash("a"), lock_hash("b"));
+        let subject = entry_subject("h", "s", 7);
+        assert_eq!(subject, "distlock.q.h.s.7");
+        assert_eq!(notice_subject(&subject), "distlock.g.h.s.7");
+    }
+
+    #[test]
+    fn entries_read_back_and_markers_are_none() {
+        let headers = entry_headers("p3", "me@host pid 7 (x y)");
+        let entry =
+            Entry::read("distlock.q.h.s1.4", 9, Some(&headers), b"jobs/a.b").expect("an entry");
+        assert_eq!(
+            (entry.seq, entry.session.as_str(), entry.tag.as_str()),
+            (9, "s1", "p3")
+        );
+        assert_eq!(
+            (entry.owner.as_str(), entry.key.as_str()),
+            ("me@host pid 7 (x y)", "jobs/a.b")
+        );
+        let mut marker = HeaderMap::new();
+        marker.insert(MARKER, "MaxAge");
+        assert!(Entry::read("distlock.q.h.s1.4", 9, Some(&marker), b"").is_none());
+        assert!(Entry::read("distlock.q.h.s1.4", 9, None, b"").is_none());
+        assert!(!session_is_live(&marker));
+        assert!(session_is_live(&expecting(3, Some(1))));
+    }
+}

@@ -1,0 +1,171 @@
+//! NATS when things go wrong: a holder whose process froze, entries left by
+//! a session that ended, a restart of the server, and bad URLs, servers and
+//! streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock_core::status::StatusQuery;
+use distlock_core::{Client, ErrorKind};
+use distlock_nats::NatsStore;
+use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
+use distlock_testkit::servers::Nats;
+use tokio::time::timeout;
+
+async fn client(url: &str) -> Client {
+    Client::new(Arc::new(NatsStore::connect(url).await.expect("connect")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_woken_by_the_end_of_a_frozen_holders_lease() {
+    let client = client(&Nats::shared().url()).await;
+    let key = "faults/frozen";
+    let frozen = client
+        .session()
+        .ttl(Duration::from_secs(1))
+        .open()
+        .await
+        .expect("open");
+    let held = frozen
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock(key).wait(Duration::from_secs(30)).await;
+        guard.map(|guard| guard.token())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    frozen.freeze_for_test();
+    // Within less than a watch slice (5 s): the server's delete marker for
+    // the expired session wakes the waiter, which does not poll.
+    let token = timeout(Duration::from_secs(4), waiting)
+        .await
+        .expect("woken by the lease's end, not by a slice")
+        .expect("waiter task")
+        .expect("granted once the holder's lease ran out");
+    assert!(token > held.token(), "{token} after {}", held.token());
+    assert!(!held.is_held(), "the frozen holder still says it holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_takes_out_the_entry_of_a_session_that_ended() {
+    let client = client(&Nats::shared().url()).await;
+    let key = "faults/ended";
+    let frozen = client
+        .session()
+        .ttl(Duration::from_secs(1))
+        .owner("frozen")
+        .open()
+        .await
+        .expect("open");
+    let held = frozen
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    frozen.freeze_for_test();
+    // Nobody waits: the entry stays until someone finds it, after the
+    // lease (1 s at the server) has run out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let other = client.session().owner("other").open().await.expect("open");
+    let taken = other
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("the ended session's entry was taken out");
+    assert!(taken.token() > held.token());
+    let status = client
+        .status(&StatusQuery::Key(key.to_owned()))
+        .await
+        .expect("status");
+    let holders: Vec<&str> = status.keys[0]
+        .holders
+        .iter()
+        .map(|holder| holder.owner.as_str())
+        .collect();
+    assert_eq!(holders, ["other"], "{status:?}");
+    assert!(status.keys[0].waiters.is_empty(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_across_a_crash_of_the_server() {
+    let server = Nats::start();
+    let client = client(&server.url()).await;
+    let server = tokens_rise_and_the_holder_stays_honest(
+        &client,
+        "faults/restart",
+        Duration::from_secs(10),
+        server,
+        Nats::crash_and_restart,
+    )
+    .await;
+    drop(server);
+}
+
+#[tokio::test]
+async fn bad_urls_are_config_errors_that_say_what_to_write() {
+    for bad in [
+        "nats://",
+        "nats://127.0.0.1",
+        "nats://127.0.0.1:x",
+        "nats://127.0.0.1:4222?replicas=7",
+        "nats://127.0.0.1:4222?bucket=x",
+    ] {
+        let err = NatsStore::connect(bad).await.expect_err(bad);
+        assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
+        assert!(err.to_string().contains("nats://"), "{bad}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_dead_server_or_something_else_is_unavailable_and_says_so() {
+    // A port nothing listens on.
+    let port = distlock_testkit::daemon::free_port();
+    let err = NatsStore::connect(&format!("nats://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing there");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("is it running?"), "{err}");
+    // A port that answers, but not as NATS does.
+    let port = distlock_testkit::daemon::not_a_store().await;
+    let err = NatsStore::connect(&format!("nats://127.0.0.1:{port}"))
+        .await
+        .expect_err("not NATS");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
+
+#[tokio::test]
+async fn a_server_without_jetstream_is_refused_with_the_flag_to_use() {
+    let server = Nats::start_without_jetstream();
+    let err = NatsStore::connect(&server.url())
+        .await
+        .expect_err("no JetStream");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("--jetstream"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stream_made_otherwise_is_refused() {
+    let server = Nats::start();
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(nats)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "DISTLOCK".into(),
+            subjects: vec!["distlock.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("a stream of another making");
+    let err = NatsStore::connect(&server.url())
+        .await
+        .expect_err("the stream lacks TTLs");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("DISTLOCK"), "{err}");
+}
