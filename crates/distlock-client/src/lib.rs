@@ -11,11 +11,13 @@
 //!
 //! What it guarantees is the server's: FIFO queues per key, writer-preferring
 //! shared locks, semaphores, lock-delay, and fencing tokens that never go
-//! backwards, not across a restart of the server. What it does not do: a
-//! session does not survive a restart of the server or a broken connection
-//! (its guards report `lost()` when its lease runs out; open a new session).
+//! backwards, not across a restart of the server. A session survives a
+//! broken connection: it is taken back on a new one within its lease. What
+//! it does not do: a session does not survive a restart of the server (its
+//! guards report `lost()` when its lease runs out; open a new session).
 
 mod mux;
+mod resume;
 mod session;
 mod stream;
 

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -346,10 +347,24 @@ async fn read_frames(
 
 /// A store's connection, made again when the last one has ended (e.g. the
 /// server restarted), so that new sessions work once the server is back.
+///
+/// One connect at a time, which every caller that needs a connection while
+/// it runs waits for: a connect that hangs delays each of them by its timeout
+/// once, not once per caller ahead of it, and resuming sessions open one
+/// connection, not one each.
 pub(crate) struct Connections {
-    target: String,
-    auth_token: Option<String>,
-    current: tokio::sync::Mutex<Option<Arc<MuxConnection>>>,
+    target: Arc<str>,
+    auth_token: Option<Arc<str>>,
+    dialing: Arc<Mutex<Dialing>>,
+}
+
+/// What a connect ends with, for each of its callers.
+type Dialed = Result<Arc<MuxConnection>, Why>;
+
+struct Dialing {
+    live: Option<Arc<MuxConnection>>,
+    /// The connect under way: its outcome arrives here (`None` until then).
+    under_way: Option<watch::Receiver<Option<Dialed>>>,
 }
 
 impl Connections {
@@ -357,21 +372,71 @@ impl Connections {
     pub(crate) async fn connect(target: String, auth_token: Option<String>) -> Result<Self> {
         let first = MuxConnection::connect(&target, auth_token.as_deref()).await?;
         Ok(Connections {
-            target,
-            auth_token,
-            current: tokio::sync::Mutex::new(Some(first)),
+            target: Arc::from(target),
+            auth_token: auth_token.map(Arc::from),
+            dialing: Arc::new(Mutex::new(Dialing {
+                live: Some(first),
+                under_way: None,
+            })),
         })
     }
 
     /// The live connection, connecting again if the last one has ended.
+    /// Cancel safe: the connect runs in a task of its own.
     pub(crate) async fn get(&self) -> Result<Arc<MuxConnection>> {
-        let mut current = self.current.lock().await;
-        if let Some(connection) = current.as_ref().filter(|c| !c.is_ended()) {
-            return Ok(Arc::clone(connection));
+        let mut outcome = {
+            let mut dialing = lock(&self.dialing);
+            if let Some(connection) = dialing.live.as_ref().filter(|c| !c.is_ended()) {
+                return Ok(Arc::clone(connection));
+            }
+            match &dialing.under_way {
+                Some(outcome) => outcome.clone(),
+                None => {
+                    let (tell, outcome) = watch::channel(None);
+                    dialing.under_way = Some(outcome.clone());
+                    tokio::spawn(dial(
+                        Arc::clone(&self.target),
+                        self.auth_token.clone(),
+                        Arc::clone(&self.dialing),
+                        tell,
+                    ));
+                    outcome
+                }
+            }
+        };
+        let dialed = match outcome.wait_for(Option::is_some).await {
+            Ok(dialed) => dialed.clone(),
+            // The task went away without an answer (the runtime is ending).
+            Err(_) => None,
+        };
+        match dialed {
+            Some(Ok(connection)) => Ok(connection),
+            Some(Err(why)) => Err(why.error()),
+            None => Err(Error::unavailable(format!(
+                "cannot reach the distlock server at {}: the connect was cut short",
+                self.target
+            ))),
         }
-        *current = None;
-        let connection = MuxConnection::connect(&self.target, self.auth_token.as_deref()).await?;
-        *current = Some(Arc::clone(&connection));
-        Ok(connection)
     }
+}
+
+/// Makes the store's new connection and tells every caller waiting for it;
+/// the next caller after a failure starts another.
+async fn dial(
+    target: Arc<str>,
+    auth_token: Option<Arc<str>>,
+    dialing: Arc<Mutex<Dialing>>,
+    tell: watch::Sender<Option<Dialed>>,
+) {
+    let dialed = MuxConnection::connect(&target, auth_token.as_deref())
+        .await
+        .map_err(|err| Why::new(err.kind(), err.message().to_owned()).caused_by(err));
+    {
+        let mut dialing = lock(&dialing);
+        dialing.under_way = None;
+        if let Ok(connection) = &dialed {
+            dialing.live = Some(Arc::clone(connection));
+        }
+    }
+    tell.send_replace(Some(dialed));
 }

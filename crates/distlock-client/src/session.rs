@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    lock, AcquireRequest, Backoff, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
+    lock, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions, StoreSession,
 };
-use distlock_core::{Error, ErrorKind, Result};
+use distlock_core::{Error, Result};
 use distlock_proto::convert::millis;
 use distlock_proto::{kinds, v1 as proto};
 use proto::session_event::Body as Event;
@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::mux::MuxConnection;
-use crate::stream::{connection_lost, Inbox, Outlet, Released, Why};
+use crate::resume::{keep_resuming, CoreLease, Resume};
+use crate::stream::{Inbox, Outlet};
 use crate::{from_status, RemoteStore, Transport};
 
 /// The most key bytes one keep-alive names; more are sent in several.
@@ -30,7 +31,7 @@ const KEEP_ALIVE_BYTES: usize = 1024 * 1024;
 const KEY_OVERHEAD: usize = 8;
 
 /// What a session holds on to of its transport while it lives.
-enum Link {
+pub(crate) enum Link {
     /// The task reading its gRPC stream.
     Grpc(JoinHandle<()>),
     /// Its stream on the store's multiplexed connection.
@@ -39,7 +40,7 @@ enum Link {
 
 impl Link {
     /// Lets the stream go: the server then forgets its waits.
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         match self {
             Link::Grpc(reader) => reader.abort(),
             Link::Mux(connection, stream) => connection.close_stream(*stream),
@@ -47,18 +48,12 @@ impl Link {
     }
 }
 
-/// What a session needs to take itself back on a new stream.
-struct Resume {
-    store: RemoteStore,
-    session_id: u64,
-    secret: Vec<u8>,
-    ttl: Duration,
-}
-
 pub(crate) struct RemoteSession {
     inbox: Arc<Inbox>,
     next_id: AtomicU64,
     link: Arc<std::sync::Mutex<Link>>,
+    /// The lease as the core counts it: the resumer gives up at its end.
+    lease: Arc<CoreLease>,
     /// Takes the session back whenever its stream breaks.
     resumer: JoinHandle<()>,
 }
@@ -73,8 +68,18 @@ impl RemoteSession {
             owner: options.owner.clone(),
         };
         let target: Arc<str> = Arc::from(store.target.as_str());
+        // The core counts the first lease from just before it asked for
+        // this session, microseconds earlier.
+        let sent = Instant::now();
         let (inbox, link, opened) = match &store.transport {
-            Transport::Grpc => Self::start_grpc(store, target, Request::Open(open), None).await?,
+            Transport::Grpc => {
+                let (outlet, events, opened) = grpc_stream(store, Request::Open(open))
+                    .await
+                    .map_err(|status| from_status(&target, status))?;
+                let inbox = Arc::new(Inbox::new(target, outlet));
+                let reader = tokio::spawn(read_events(events, Arc::clone(&inbox)));
+                (inbox, Link::Grpc(reader), opened)
+            }
             Transport::Mux(connections) => {
                 let connection = connections.get().await?;
                 let (inbox, stream) = connection.open_stream(target);
@@ -97,11 +102,12 @@ impl RemoteSession {
             }
         };
         let link = Arc::new(std::sync::Mutex::new(link));
+        let lease = Arc::new(CoreLease::new(sent, options.ttl));
         let resume = Resume {
             store: store.clone(),
             session_id: opened.session_id,
             secret: opened.resume_secret,
-            ttl: options.ttl,
+            lease: Arc::clone(&lease),
         };
         // A server too old to resume sends no secret: a broken stream then
         // ends the session's use, as before.
@@ -111,49 +117,9 @@ impl RemoteSession {
             inbox,
             next_id: AtomicU64::new(1),
             link,
+            lease,
             resumer,
         })
-    }
-
-    /// Starts a gRPC stream with `first` (an Open or a Resume) and waits for
-    /// its Opened; the stream delivers to `inbox` if given, else to a new one.
-    async fn start_grpc(
-        store: &RemoteStore,
-        target: Arc<str>,
-        first: Request,
-        resuming: Option<(&Arc<Inbox>, Released<'_>)>,
-    ) -> Result<(Arc<Inbox>, Link, proto::Opened)> {
-        let (requests, outgoing) = mpsc::unbounded_channel();
-        let _ = requests.send(proto::SessionRequest {
-            id: 0,
-            body: Some(first),
-        });
-        let stream = store.request(UnboundedReceiverStream::new(outgoing));
-        let mut events = store
-            .client
-            .clone()
-            .session(stream)
-            .await
-            .map_err(|status| from_status(&target, status))?
-            .into_inner();
-        let opened = match events.message().await {
-            Ok(Some(proto::SessionEvent {
-                body: Some(Event::Opened(opened)),
-                ..
-            })) => opened,
-            Ok(_) => return Err(connection_lost(&target)),
-            Err(status) => return Err(from_status(&target, status)),
-        };
-        let outlet = Outlet::Grpc(requests);
-        let inbox = match resuming {
-            Some((inbox, released)) => {
-                inbox.resumed(outlet, released);
-                Arc::clone(inbox)
-            }
-            None => Arc::new(Inbox::new(Arc::clone(&target), outlet)),
-        };
-        let reader = tokio::spawn(read_events(events, Arc::clone(&inbox)));
-        Ok((inbox, Link::Grpc(reader), opened))
     }
 
     /// Sends a request; returns its id and where its answer will come.
@@ -168,131 +134,31 @@ impl RemoteSession {
     }
 }
 
-/// Why one attempt to resume failed.
-enum NotResumed {
-    /// The server has no such session (any more): give up.
-    Gone(Error),
-    /// The server could not be reached: try again.
-    Unreachable(Error),
-}
-
-/// Whenever the session's stream breaks, takes the session back on a new
-/// stream, again and again until it works or the lease has surely run out
-/// at the server; then ends the inbox, so that every request fails.
-async fn keep_resuming(resume: Resume, inbox: Arc<Inbox>, link: Arc<std::sync::Mutex<Link>>) {
-    loop {
-        inbox.broke.notified().await;
-        if inbox.is_ended() {
-            return;
-        }
-        if !inbox.is_broken() {
-            continue;
-        }
-        let broke_at = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        loop {
-            if inbox.is_ended() {
-                return;
-            }
-            match resume_once(&resume, &inbox).await {
-                Ok(resumed) => {
-                    let old = std::mem::replace(&mut *lock(&link), resumed);
-                    old.close();
-                    tracing::info!(target = %inbox.target, "session resumed");
-                    break;
-                }
-                Err(NotResumed::Gone(err)) => {
-                    tracing::warn!("{err}");
-                    inbox.end(Some(Why::new(ErrorKind::Lost, err.to_string())));
-                    return;
-                }
-                Err(NotResumed::Unreachable(err)) if broke_at.elapsed() >= resume.ttl => {
-                    inbox.end(Some(Why::new(
-                        ErrorKind::Lost,
-                        format!(
-                            "the session could not be resumed within its {:?} lease: {err}",
-                            resume.ttl
-                        ),
-                    )));
-                    return;
-                }
-                Err(NotResumed::Unreachable(err)) => {
-                    tracing::debug!("resuming failed, trying again: {err}");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        }
-    }
-}
-
-/// One attempt to take the session back: a new stream that starts with
-/// Resume, naming what the session knows it holds; on success the inbox
-/// sends its waiting requests there (releases excepted: the resume ended
-/// those holds).
-async fn resume_once(resume: &Resume, inbox: &Arc<Inbox>) -> std::result::Result<Link, NotResumed> {
-    let store = &resume.store;
-    let target: Arc<str> = Arc::clone(&inbox.target);
-    let kept: Vec<proto::HeldKey> = inbox
-        .held()
-        .into_iter()
-        .map(|(key, token)| proto::HeldKey { key, token })
-        .collect();
-    let request = Request::Resume(proto::Resume {
-        session_id: resume.session_id,
-        secret: resume.secret.clone(),
-        held: kept.clone(),
+/// Starts a gRPC stream with `first` (an Open or a Resume) and waits for
+/// its Opened: where the stream's requests go, its events, and the Opened;
+/// or the status the stream ended with.
+pub(crate) async fn grpc_stream(
+    store: &RemoteStore,
+    first: Request,
+) -> std::result::Result<
+    (Outlet, tonic::Streaming<proto::SessionEvent>, proto::Opened),
+    tonic::Status,
+> {
+    let (requests, outgoing) = mpsc::unbounded_channel();
+    let _ = requests.send(proto::SessionRequest {
+        id: 0,
+        body: Some(first),
     });
-    let classify = |err: Error| match err.kind() {
-        ErrorKind::Unavailable | ErrorKind::Timeout => NotResumed::Unreachable(err),
-        _ => NotResumed::Gone(err),
-    };
-    // The releases still waiting were of keys the session no longer
-    // names: the resume ends those holds, which is what they asked.
-    let released = |request: &Request| {
-        matches!(request, Request::Release(release)
-            if !kept.iter().any(|k| k.key == release.key && k.token == release.token))
-    };
-    match &store.transport {
-        Transport::Grpc => {
-            let resuming: (&Arc<Inbox>, Released<'_>) = (inbox, &released);
-            let (_, link, _) = RemoteSession::start_grpc(store, target, request, Some(resuming))
-                .await
-                .map_err(classify)?;
-            Ok(link)
-        }
-        Transport::Mux(connections) => {
-            let connection = connections.get().await.map_err(classify)?;
-            let Some((stream, outlet)) = connection.attach(inbox) else {
-                return Err(NotResumed::Unreachable(connection_lost(&target)));
-            };
-            let link = Link::Mux(Arc::clone(&connection), stream);
-            let (answer, answered) = oneshot::channel();
-            inbox.expect_resume(answer);
-            outlet.send(0, request);
-            match tokio::time::timeout(crate::CONNECT_TIMEOUT, answered).await {
-                Ok(Ok(Event::Opened(_))) => {
-                    inbox.resumed(outlet, &released);
-                    // A connection that ended during the handshake told an
-                    // inbox that was still broken: break it again.
-                    if connection.is_ended() {
-                        inbox.broken();
-                    }
-                    Ok(link)
-                }
-                Ok(Ok(other)) => {
-                    link.close();
-                    Err(NotResumed::Gone(unexpected(&target, &other)))
-                }
-                Ok(Err(_)) => {
-                    link.close();
-                    Err(classify(inbox.ended()))
-                }
-                Err(_) => {
-                    link.close();
-                    Err(NotResumed::Unreachable(connection_lost(&target)))
-                }
-            }
-        }
+    let stream = store.request(UnboundedReceiverStream::new(outgoing));
+    let mut events = store.client.clone().session(stream).await?.into_inner();
+    match events.message().await? {
+        Some(proto::SessionEvent {
+            body: Some(Event::Opened(opened)),
+            ..
+        }) => Ok((Outlet::Grpc(requests), events, opened)),
+        _ => Err(tonic::Status::unavailable(
+            "the stream ended before the session was opened",
+        )),
     }
 }
 
@@ -303,14 +169,17 @@ fn failure(target: &str, failed: proto::Failed) -> Error {
     )
 }
 
-fn unexpected(target: &str, event: &Event) -> Error {
+pub(crate) fn unexpected(target: &str, event: &Event) -> Error {
     Error::store(format!(
         "distlock server at {target} answered with an unexpected {event:?}"
     ))
 }
 
 /// Delivers the events of a gRPC stream to its session.
-async fn read_events(mut events: tonic::Streaming<proto::SessionEvent>, inbox: Arc<Inbox>) {
+pub(crate) async fn read_events(
+    mut events: tonic::Streaming<proto::SessionEvent>,
+    inbox: Arc<Inbox>,
+) {
     loop {
         match events.message().await {
             Ok(Some(event)) => inbox.deliver(event),
@@ -426,6 +295,8 @@ impl StoreSession for RemoteSession {
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
+        // As the core counts it: from before the first keep-alive is sent.
+        let sent = Instant::now();
         // Within the server's message limit however many keys are held; an
         // empty list still renews the lease.
         let limit = match &*lock(&self.link) {
@@ -467,6 +338,7 @@ impl StoreSession for RemoteSession {
         }
         lost_keys.sort_unstable();
         lost_keys.dedup();
+        self.lease.renewed(sent);
         Ok(RenewReport::lost(lost_keys))
     }
 

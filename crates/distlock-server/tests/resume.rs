@@ -3,6 +3,7 @@
 //! proxy.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use distlock_client::RemoteStore;
 use distlock_core::status::StatusQuery;
 use distlock_core::Client;
 use distlock_testkit::proxy::{Fault, Proxy};
-use tokio::time::{sleep, timeout};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 /// A server on its own port, for this test binary.
 async fn start_server() -> SocketAddr {
@@ -38,6 +40,26 @@ async fn client(address: SocketAddr, query: &str) -> Client {
 }
 
 const TTL: Duration = Duration::from_secs(4);
+
+/// A port that carries every connection to `upstream`, and how many
+/// connections were made to it: what clients cost the server.
+async fn counting(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let made = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&made);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut server) = TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (address, made)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_shorter_than_the_lease_loses_nothing() {
@@ -141,5 +163,143 @@ async fn a_cut_longer_than_the_lease_ends_in_lost_before_the_key_moves() {
         );
         taken.release().await.expect("release");
         rival.close().await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_resume_cut_short_is_tried_again() {
+    let server = start_server().await;
+    let proxy = Proxy::start(server).await;
+    let through = client(proxy.addr(), "?transport=grpc").await;
+    let holder = through.session().ttl(TTL).open().await.expect("open");
+    let guard = holder.lock("resume/cut-short").await.expect("free");
+    proxy.set(Fault::Blackhole);
+    proxy.reset();
+    // The first resume hangs; its connection is then cut (a transport
+    // error, not the server's answer).
+    sleep(Duration::from_millis(1500)).await;
+    proxy.reset();
+    proxy.set(Fault::None);
+    guard
+        .release()
+        .await
+        .expect("the session was resumed on a later try");
+    holder.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_need_a_connection_while_a_connect_hangs_share_it() {
+    let server = start_server().await;
+    let proxy = Proxy::start(server).await;
+    let (counted, made) = counting(proxy.addr()).await;
+    let store = client(counted, "").await;
+    assert_eq!(made.load(Ordering::SeqCst), 1);
+    // The connection ends, and a new one would hang in its handshake.
+    proxy.set(Fault::Blackhole);
+    proxy.reset();
+    sleep(Duration::from_millis(500)).await;
+    let opens: Vec<_> = (0..5)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.session().ttl(TTL).open().await })
+        })
+        .collect();
+    for open in opens {
+        let opened = open.await.expect("task");
+        assert!(opened.is_err(), "no session over a hanging connect");
+    }
+    // One connect for all five, each failing at its timeout: not one after
+    // another, nor one each.
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        2,
+        "the sessions waited for the one connect under way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_again_at_once_is_tried_again_after_a_backoff() {
+    let server = start_server().await;
+    let proxy = Proxy::start(server).await;
+    let (counted, made) = counting(proxy.addr()).await;
+    let through = client(counted, "").await;
+    let holder = through
+        .session()
+        .ttl(Duration::from_secs(10))
+        .open()
+        .await
+        .expect("open");
+    let guard = holder.lock("resume/flapping").await.expect("free");
+    let before = made.load(Ordering::SeqCst);
+    // Every resumed stream breaks again within 20 ms, for 3 s.
+    let flapping = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < flapping {
+        proxy.reset();
+        sleep(Duration::from_millis(20)).await;
+    }
+    let resumes = made.load(Ordering::SeqCst) - before;
+    // Without backoff between breaks that is one connection per break
+    // (about 150); with it, about 8.
+    assert!(
+        resumes <= 20,
+        "{resumes} connections in 3 s of breaks: the resumer did not back off"
+    );
+    guard
+        .release()
+        .await
+        .expect("the session was resumed once the breaks stopped");
+    holder.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_not_taken_back_once_its_client_saw_it_lost() {
+    const LEASE: Duration = Duration::from_secs(6);
+    let server = start_server().await;
+    for query in ["", "?transport=grpc"] {
+        let proxy = Proxy::start(server).await;
+        let through = client(proxy.addr(), query).await;
+        let direct = client(server, query).await;
+        let holder = through
+            .session()
+            .ttl(LEASE)
+            .lock_delay(Duration::ZERO)
+            .open()
+            .await
+            .expect("open");
+        let key = format!("resume/after-lost{query}");
+        let guard = holder.lock(&key).await.expect("free");
+        // A renewal that takes 1 s each way: the server's lease then ends
+        // 1 s after the client's, which counts from the send.
+        proxy.set(Fault::Delay(Duration::from_secs(1)));
+        let first = holder.lease_deadline();
+        timeout(Duration::from_secs(20), async {
+            while holder.lease_deadline() == first {
+                sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("a renewal succeeds through the delay");
+        // Cut at once, before the next renewal gets through.
+        proxy.set(Fault::Blackhole);
+        proxy.reset();
+        let lost_by = holder.lease_deadline().expect("a lease");
+        timeout(LEASE, guard.lost())
+            .await
+            .expect("lost() at the client's lease end");
+        // The way to the server is open again while its lease still runs.
+        proxy.reset();
+        proxy.set(Fault::None);
+        // Past the server's lease end, well before a lease renewed by a
+        // resume after lost() would end.
+        sleep_until(lost_by + Duration::from_millis(3500)).await;
+        let status = direct
+            .status(&StatusQuery::Key(key.clone()))
+            .await
+            .expect("status");
+        let holders = status.keys.first().map_or(0, |key| key.holders.len());
+        assert_eq!(
+            holders, 0,
+            "{query}: the session was taken back after lost(), holding the key for nobody"
+        );
     }
 }
