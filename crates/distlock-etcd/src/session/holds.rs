@@ -5,8 +5,11 @@
 //! The session's key layout (`distlock/NAME/LEASE-SLOT`) has no prefix of
 //! its own to watch, so each held key gets a watch of its own on the shared
 //! stream. A grant or a release only queues a message for the stream's task:
-//! no round trip is added to either. The periodic renewal reads every held
-//! key in any case; the watch only makes the news come sooner.
+//! no round trip is added to either. A watch starts [`WATCH_AFTER`] after
+//! its grant, from the revision the grant was read at (so no deletion in
+//! between is missed): a hold released sooner costs etcd no watch at all.
+//! The periodic renewal reads every held key in any case; the watch only
+//! makes the news come sooner.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +21,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::CALL_TIMEOUT;
+
+/// How long a hold lasts before its watch starts: the holds a forced
+/// release is for (stuck ones) last longer, and most others end sooner.
+const WATCH_AFTER: Duration = Duration::from_secs(1);
 
 /// What the session tells the stream's task.
 enum Change {
@@ -45,6 +52,7 @@ impl HeldWatch {
             wanted: Arc::clone(&wanted),
             watched: HashMap::new(),
             keys: HashMap::new(),
+            pending: HashMap::new(),
             next_id: 1,
         };
         tokio::spawn(task.run(received));
@@ -89,6 +97,8 @@ struct Task {
     watched: HashMap<String, Watched>,
     /// Queue key by watch id.
     keys: HashMap<i64, String>,
+    /// Holds whose watch is still to start: when, and from which revision.
+    pending: HashMap<String, (Instant, i64)>,
     next_id: i64,
 }
 
@@ -112,6 +122,7 @@ impl Task {
                 }
             }
             let closed = stream.is_none();
+            let next_due = self.pending.values().map(|(due, _)| *due).min();
             tokio::select! {
                 // Changes first: a release's unwatch is queued before its
                 // delete is sent, so it is seen before the delete's event.
@@ -136,6 +147,23 @@ impl Task {
                     }
                 }
                 () = tokio::time::sleep_until(reopen_at), if closed && !self.watched.is_empty() => {}
+                () = sleep_until_due(next_due) => {
+                    let now = Instant::now();
+                    let due: Vec<String> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, (at, _))| *at <= now)
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    for key in due {
+                        let Some((_, from)) = self.pending.remove(&key) else {
+                            continue;
+                        };
+                        if !self.start(key, from, stream.as_mut()).await {
+                            stream = None;
+                        }
+                    }
+                }
             }
         }
     }
@@ -168,25 +196,14 @@ impl Task {
     async fn apply(&mut self, change: Change, stream: Option<&mut WatchStream>) -> bool {
         match change {
             Change::Watch { key, from } => {
-                let id = self.next_id;
-                self.next_id += 1;
-                let watched = Watched { id, from };
-                let request = options(&watched);
-                self.keys.insert(id, key.clone());
-                let old = self.watched.insert(key.clone(), watched);
-                let Some(stream) = stream else {
-                    // Created when the stream opens.
-                    return true;
-                };
-                if let Some(old) = old {
-                    self.keys.remove(&old.id);
-                    if stream.cancel(old.id).await.is_err() {
-                        return false;
-                    }
-                }
-                stream.watch(key, Some(request)).await.is_ok()
+                self.pending
+                    .insert(key, (Instant::now() + WATCH_AFTER, from));
+                true
             }
             Change::Unwatch { key } => {
+                if self.pending.remove(&key).is_some() {
+                    return true;
+                }
                 let Some(watched) = self.watched.remove(&key) else {
                     return true;
                 };
@@ -197,6 +214,28 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Starts watching `key` from revision `from`; `false` if the stream
+    /// broke.
+    async fn start(&mut self, key: String, from: i64, stream: Option<&mut WatchStream>) -> bool {
+        let id = self.next_id;
+        self.next_id += 1;
+        let watched = Watched { id, from };
+        let request = options(&watched);
+        self.keys.insert(id, key.clone());
+        let old = self.watched.insert(key.clone(), watched);
+        let Some(stream) = stream else {
+            // Created when the stream opens.
+            return true;
+        };
+        if let Some(old) = old {
+            self.keys.remove(&old.id);
+            if stream.cancel(old.id).await.is_err() {
+                return false;
+            }
+        }
+        stream.watch(key, Some(request)).await.is_ok()
     }
 
     /// Handles what the stream sent; `false` if it must be opened again.
@@ -254,6 +293,14 @@ async fn next_message(
 ) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
     match stream {
         Some(stream) => stream.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `due`; never, without one.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
     }
 }
