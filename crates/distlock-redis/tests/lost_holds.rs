@@ -1,12 +1,13 @@
 //! Redlock holds that a majority of the instances no longer has: the
 //! take-back of what a minority kept leaves the lock-delay where the lease
-//! is over. The instances' state is written directly with `redis-cli`
-//! where a test needs one instance to differ from the others.
+//! is over, and a release that cannot know is `Unavailable`. The
+//! instances' state is written directly with `redis-cli` where a test
+//! needs one instance to differ from the others.
 
 use std::time::Duration;
 
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, SessionOptions};
-use distlock_core::Mode;
+use distlock_core::{ErrorKind, Mode};
 use distlock_redis::RedisStore;
 use distlock_testkit::servers::Redis;
 use tokio::time::{sleep, Instant};
@@ -149,5 +150,39 @@ async fn the_take_back_of_a_lost_hold_leaves_its_lock_delay() {
         let try_next = AcquireRequest::new(key, Mode::Exclusive);
         let taken = next.acquire(&try_next).await.expect("acquire");
         assert!(taken.is_none(), "{key} granted during the lock-delay");
+    }
+}
+
+/// With two of three instances down and the third not holding the key,
+/// nobody can say whether it was held: the release is `Unavailable`, not
+/// `NotHeld`, and asked again it still is (the hold is not forgotten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_cannot_know_is_unavailable() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = redlock(&servers).await;
+    let session = store
+        .open_session(&SessionOptions::new(TTL, Duration::ZERO))
+        .await
+        .expect("open");
+    let key = "lost/release/unknown";
+    let request = AcquireRequest::new(key, Mode::Exclusive);
+    let grant = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: grant.expect("free").token,
+    };
+    // Waits for every instance, after the acquire's calls on the same
+    // connections: no SET of the acquire can land after the DEL.
+    let query = distlock_core::status::StatusQuery::Key(key.to_owned());
+    store.status(&query).await.expect("status");
+    servers[2].cli(&["DEL", &main_key(key)]);
+    servers[0].kill();
+    servers[1].kill();
+
+    for attempt in ["first", "second"] {
+        let err = session.release(&held).await.expect_err("two are down");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{attempt}: {err}");
+        assert!(err.to_string().contains("only 1 of 3"), "{attempt}: {err}");
     }
 }

@@ -17,22 +17,26 @@ impl RedisSession {
     /// instances say they do not hold it, even if a minority did: that is
     /// what is left of a hold that was lost (ended by a forced release that
     /// missed an instance, say), and it is given back all the same.
+    /// `Unavailable` where none released it and too few answered to say
+    /// that it was not held: the hold is then kept, so that the core's
+    /// retry of the release can still name it.
     pub(super) async fn release_held(&self, lock: &HeldLock) -> Result<()> {
         let Some((member, keys)) = self.member_of(lock) else {
             return Err(Error::not_held(&lock.key));
         };
         let (released, failures) = self.release_everywhere(&keys, &member).await;
-        self.forget(lock);
         let total = self.instances().len();
         // Below a majority released, every instance answered or failed.
         let not_held = total - failures.len() - released;
         if released >= self.quorum() || (released > 0 && not_held < self.quorum()) {
+            self.forget(lock);
             return Ok(());
         }
-        if failures.len() == total {
-            return Err(self.unavailable(0, &failures));
+        if not_held >= self.quorum() {
+            self.forget(lock);
+            return Err(Error::not_held(&lock.key));
         }
-        Err(Error::not_held(&lock.key))
+        Err(self.unavailable(total - failures.len(), &failures))
     }
 
     /// Takes back, in the background and on every instance, the hold
