@@ -75,36 +75,46 @@ pub async fn holder_and_waiter_ride_out<C: Send + 'static>(
     cluster
 }
 
-/// A session of `client` (which names every member, the one `kill` kills
-/// first) holds a key; `kill` kills that member (blocking). The session
-/// must keep its hold past its lease, through the other members, and take
-/// a new key through them.
-pub async fn a_session_outlives_its_member<C: Send + 'static>(
+/// A session of `client` (which names every member) holds a key while
+/// each member in turn is killed and, past the session's lease, started
+/// again: whichever member the session talks to (clients pick one at
+/// random), it must keep its hold through the others, and take a new key
+/// through them.
+pub async fn a_session_outlives_its_member<C: Members + 'static>(
     client: &Client,
     key: &str,
     mut cluster: C,
-    kill: impl FnOnce(&mut C) + Send + 'static,
 ) -> C {
-    let ttl = Duration::from_secs(6);
+    let ttl = Duration::from_secs(4);
     let session = client.session().ttl(ttl).open().await.expect("open");
     let held = session.lock(key).await.expect("free");
-    cluster = tokio::task::spawn_blocking(move || {
-        kill(&mut cluster);
-        cluster
-    })
-    .await
-    .expect("kill");
-    // Past the lease: only renewals through another member keep it.
-    tokio::time::sleep(ttl + Duration::from_secs(3)).await;
-    assert!(held.is_held(), "the session was lost with one member");
-    let other = format!("{key}/other");
-    let again = session
-        .lock(&other)
-        .try_lock()
+    for index in 0..cluster.size() {
+        cluster = tokio::task::spawn_blocking(move || {
+            cluster.wait_for_leader();
+            cluster.kill(index);
+            cluster
+        })
         .await
-        .expect("a new acquire through the others")
-        .expect("free");
-    again.release().await.expect("release");
+        .expect("kill");
+        // Past the lease: only renewals through another member keep it.
+        tokio::time::sleep(ttl + Duration::from_secs(2)).await;
+        assert!(held.is_held(), "the session was lost with member {index}");
+        let other = format!("{key}/other");
+        let again = session
+            .lock(&other)
+            .try_lock()
+            .await
+            .expect("a new acquire through the others")
+            .expect("free");
+        again.release().await.expect("release");
+        cluster = tokio::task::spawn_blocking(move || {
+            cluster.restart(index);
+            cluster.wait_for_leader();
+            cluster
+        })
+        .await
+        .expect("restart");
+    }
     held.release().await.expect("release");
     session.close().await.expect("close");
     cluster

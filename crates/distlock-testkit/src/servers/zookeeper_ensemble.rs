@@ -44,8 +44,7 @@ impl ZooKeeperEnsemble {
             servers,
             dir: tempfile::tempdir().expect("temp dir"),
         };
-        // Each listens on its client port only once it has joined a
-        // quorum: all are started before any is waited for.
+        // Started together: each waits for a quorum of the others.
         let commands: Vec<Command> = (0..size).map(|index| ensemble.command(index)).collect();
         let spawned: Vec<_> = commands
             .into_iter()
@@ -157,6 +156,10 @@ impl ZooKeeperEnsemble {
             }
             let answer = four_letter(server.port, "srvr");
             if answer.contains("Mode: leader") {
+                // A frozen leader just resumed may still say so.
+                if leader.is_some() {
+                    return None;
+                }
                 leader = Some(index);
             } else if !answer.contains("Mode: follower") {
                 return None;
