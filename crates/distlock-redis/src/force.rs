@@ -66,17 +66,25 @@ pub(crate) async fn force_release(
             holder
         })
         .collect();
+    let audit = Audit(&holders);
     if reached.len() < shared.quorum {
         tracing::warn!(
             key,
             requested_by,
             ended = holders.len(),
+            holds = %audit,
             %failures,
             "forced release reached too few Redis instances"
         );
         return Err(failures.source_of(too_few(key, shared, reached.len(), &failures)));
     }
-    tracing::warn!(key, requested_by, ended = holders.len(), "forced release");
+    tracing::warn!(
+        key,
+        requested_by,
+        ended = holders.len(),
+        holds = %audit,
+        "forced release"
+    );
     if failures.len() > 0 {
         tracing::warn!(
             key,
@@ -86,6 +94,30 @@ pub(crate) async fn force_release(
         );
     }
     Ok(holders)
+}
+
+/// The ended holds, for an operator's audit: `OWNER (session S, MODE,
+/// token T); …`, with what is not known said so.
+struct Audit<'a>(&'a [HolderStatus]);
+
+impl std::fmt::Display for Audit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, holder) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            match holder.owner.as_str() {
+                "" => f.write_str("owner unknown")?,
+                owner => write!(f, "{owner:?}")?,
+            }
+            write!(f, " (session {}, {}, ", holder.session, holder.mode.tag())?;
+            match holder.token {
+                Some(token) => write!(f, "token {token})")?,
+                None => f.write_str("token unknown)")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The error of a forced release that only `reached` instances ran, too
@@ -115,13 +147,11 @@ async fn end_holds(instance: &Instance, keys: &LockKeys) -> redis::RedisResult<E
     let raw = instance.force_release(keys).await?;
     let holds: Vec<Hold> = raw
         .into_iter()
-        .filter_map(|(member, mode, token, lease_left)| {
-            Some(Hold {
-                mode: Mode::from_tag(&mode)?,
-                token: token.parse().ok(),
-                lease_left: Duration::from_millis(u64::try_from(lease_left).unwrap_or(0)),
-                member,
-            })
+        .map(|(member, tag, token, lease_left)| Hold {
+            mode: mode_of(&instance.name, &member, &tag),
+            token: token.parse().ok(),
+            lease_left: Duration::from_millis(u64::try_from(lease_left).unwrap_or(0)),
+            member,
         })
         .collect();
     let owners = if holds.is_empty() {
@@ -140,5 +170,20 @@ async fn end_holds(instance: &Instance, keys: &LockKeys) -> redis::RedisResult<E
     Ok(Ended {
         lock: LockView::of_holds(holds),
         owners,
+    })
+}
+
+/// The mode of an ended hold from the main key's tag. A tag that names no
+/// mode (the scripts never leave a live hold under one) still ends a hold:
+/// it is reported, as exclusive, and said so, not left out of the report.
+fn mode_of(instance: &str, member: &str, tag: &str) -> Mode {
+    Mode::from_tag(tag).unwrap_or_else(|| {
+        tracing::warn!(
+            instance,
+            member,
+            tag,
+            "forced release ended a hold whose mode Redis does not say; reported as exclusive"
+        );
+        Mode::Exclusive
     })
 }
