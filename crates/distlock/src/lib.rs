@@ -49,6 +49,8 @@ pub mod raw {
     pub use distlock_etcd::EtcdStore;
     #[cfg(feature = "mysql")]
     pub use distlock_mysql::MysqlStore;
+    #[cfg(feature = "nats")]
+    pub use distlock_nats::NatsStore;
     #[cfg(feature = "postgres")]
     pub use distlock_postgres::PostgresStore;
     #[cfg(feature = "redis")]

@@ -99,6 +99,12 @@ pub fn stores() -> Vec<StoreInfo> {
         example: "zk://h1:2181,h2:2181,h3:2181/chroot",
         capabilities: distlock_zookeeper::ZkStore::capabilities(),
     });
+    #[cfg(feature = "nats")]
+    stores.push(StoreInfo {
+        scheme: "nats",
+        example: "nats://h1:4222,h2:4222",
+        capabilities: distlock_nats::NatsStore::capabilities(),
+    });
     stores
 }
 
@@ -120,6 +126,7 @@ pub fn stores() -> Vec<StoreInfo> {
 /// | `mysql://USER[:PASSWORD]@HOST[:PORT]/DB[?mode=lease]` | MySQL/MariaDB named locks, or a lease table |
 /// | `etcd://H1:P1[,H2:P2…]` | etcd (feature `etcd`): lease sessions, FIFO queues by revision |
 /// | `zk://H1[:P1][,H2[:P2]…][/CHROOT]` | ZooKeeper: its sessions, FIFO queues of sequential nodes |
+/// | `nats://H1:P1[,H2:P2…][?replicas=N]` | NATS JetStream: sessions as messages with a TTL, FIFO queues by stream sequence |
 ///
 /// Errors with [`ErrorKind::Config`](crate::ErrorKind::Config) for a
 /// malformed URL or a scheme this build does not have (the message lists
@@ -136,6 +143,12 @@ pub async fn connect(url: &str) -> Result<Client> {
     if url.starts_with("zk://") {
         return Ok(Client::new(Arc::new(
             distlock_zookeeper::ZkStore::connect(url).await?,
+        )));
+    }
+    #[cfg(feature = "nats")]
+    if url.starts_with("nats://") {
+        return Ok(Client::new(Arc::new(
+            distlock_nats::NatsStore::connect(url).await?,
         )));
     }
     // Several hosts in one authority are not a URL the parser takes.
