@@ -3,8 +3,9 @@
 //!
 //! Exit codes: `run` passes on its command's code, 75 when the lock could not
 //! be had within `--wait`, 76 when it stopped or killed the command because
-//! the lock was at risk or lost (whatever the command's own status); every
-//! subcommand exits 2 on bad usage or when the store cannot be reached.
+//! the lock was at risk or lost, or found the lock lost before it saw the
+//! command end (whatever the command's own status); every subcommand exits 2
+//! on bad usage or when the store cannot be reached.
 
 mod bench;
 mod demo;
@@ -13,6 +14,7 @@ mod release;
 mod run;
 mod serve;
 mod status;
+mod stderr;
 mod supervise;
 
 use std::io::IsTerminal;
@@ -20,9 +22,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Exit code for bad usage or an unreachable store.
 const EXIT_USAGE: u8 = 2;
+/// How long the last lines may take to reach stderr before distlock exits
+/// without them: a stderr nobody reads must not hold the exit code up.
+const STDERR_PATIENCE: Duration = Duration::from_secs(2);
 
 /// distlock: distributed locks with fencing tokens, over many stores.
 #[derive(Debug, Parser)]
@@ -43,9 +49,10 @@ enum Command {
     /// before the lease runs out) the command gets SIGTERM, and SIGKILL when
     /// the lock is lost; if distlock itself dies, the command is killed too.
     /// Exit code: the command's own, unless distlock stopped or killed it
-    /// for the lock's sake: then 76, whatever the command's status, and
-    /// stderr says which; 75 if the lock could not be had within --wait; 2
-    /// for bad usage or an unreachable store.
+    /// for the lock's sake, or found the lock lost before it saw the command
+    /// end: then 76, whatever the command's status, and stderr says which;
+    /// 75 if the lock could not be had within --wait; 2 for bad usage or an
+    /// unreachable store.
     Run(run::RunArgs),
     /// Load a store and report throughput, latency, fairness and violations.
     Bench(bench::BenchArgs),
@@ -89,6 +96,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `run` must stop its command on time whatever becomes of its stderr.
+    if matches!(cli.command, Command::Run(_)) {
+        if let Err(err) = stderr::start() {
+            stderr::line(format!(
+                "distlock: cannot start a thread to write to stderr: {err}"
+            ));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     init_logging(&cli.command);
     let json_logs =
         matches!(&cli.command, Command::Serve(args) if args.log_format == serve::LogFormat::Json);
@@ -100,7 +116,8 @@ fn main() -> ExitCode {
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("distlock: cannot start the async runtime: {err}");
+            stderr::line(format!("distlock: cannot start the async runtime: {err}"));
+            stderr::flush(STDERR_PATIENCE);
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -120,22 +137,25 @@ fn main() -> ExitCode {
     });
     // Do not wait for background tasks (renewals, releases) at exit.
     runtime.shutdown_background();
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(err) if json_logs => {
             tracing::error!("{}", describe(&err));
             ExitCode::from(EXIT_USAGE)
         }
         Err(err) => {
-            eprintln!("distlock: {}", describe(&err));
+            stderr::line(format!("distlock: {}", describe(&err)));
             ExitCode::from(EXIT_USAGE)
         }
-    }
+    };
+    stderr::flush(STDERR_PATIENCE);
+    code
 }
 
 /// Logs go to stderr, coloured only on a terminal (and without `NO_COLOR`):
 /// a file or a pipe gets plain text, or JSON lines with `serve --log-format
-/// json`.
+/// json`. `run` logs through [`stderr`]'s queue, so that no log line holds
+/// up a worker of the runtime that times its signals.
 fn init_logging(command: &Command) {
     // A server says what it does; the other commands speak only when wrong.
     let (default_level, format) = match command {
@@ -144,9 +164,13 @@ fn init_logging(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let writer = match command {
+        Command::Run(_) => BoxMakeWriter::new(stderr::event),
+        _ => BoxMakeWriter::new(std::io::stderr),
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         serve::LogFormat::Text => {
             let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());

@@ -11,13 +11,15 @@ use nix::sys::signal::Signal;
 use tokio::process::Command;
 
 use crate::status::shown;
+use crate::stderr;
 use crate::supervise::{forward_signals, shell_status, supervise, Ended, Supervised};
 use crate::{parse_duration, StoreArgs};
 
 /// Exit code when the lock could not be had within `--wait`.
 pub const EXIT_NOT_ACQUIRED: u8 = 75;
 /// Exit code when distlock stopped or killed the command because the lock
-/// was at risk or lost, whatever status the command ended with.
+/// was at risk or lost, or found the lock lost before it saw the command
+/// end, whatever status the command ended with.
 pub const EXIT_LOST: u8 = 76;
 
 #[derive(Debug, clap::Args)]
@@ -88,7 +90,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         show.abort();
         // Wait until it has stopped, so that it prints nothing after the clear.
         let _ = show.await;
-        eprint!("\r\x1b[K");
+        stderr::text("\r\x1b[K");
     }
     let guard = match acquired {
         Ok(Some(guard)) => guard,
@@ -126,7 +128,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .map(|ended| exit_code(ended, &args.key))
         }
         Err(err) => {
-            eprintln!("distlock: cannot run '{}': {err}", args.command[0]);
+            stderr::line(format!("distlock: cannot run '{}': {err}", args.command[0]));
             let code = if err.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
@@ -168,24 +170,25 @@ fn grace(args: &RunArgs) -> anyhow::Result<Duration> {
 }
 
 /// The command's own exit code unless distlock stopped or killed it for
-/// the lock's sake; then 76, and stderr says which.
+/// the lock's sake, or found the lock lost before the command ended; then
+/// 76, and stderr says which.
 fn exit_code(ended: Ended, key: &str) -> ExitCode {
-    match ended {
-        Ended::Own(status) => ExitCode::from(shell_status(status)),
-        Ended::Stopped(status) => {
-            eprintln!(
-                "distlock: exit {EXIT_LOST}: the lock '{key}' was at risk and the command was stopped (its own status: {})",
-                shell_status(status)
-            );
-            ExitCode::from(EXIT_LOST)
-        }
-        Ended::Killed => {
-            eprintln!(
-                "distlock: exit {EXIT_LOST}: the lock '{key}' was lost and the command was killed"
-            );
-            ExitCode::from(EXIT_LOST)
-        }
-    }
+    let why = match ended {
+        Ended::Own(status) => return ExitCode::from(shell_status(status)),
+        Ended::Stopped(status) => format!(
+            "was at risk and the command was stopped (its own status: {})",
+            shell_status(status)
+        ),
+        Ended::Killed => "was lost and the command was killed".to_owned(),
+        Ended::Overran(status) => format!(
+            "was lost before the command was seen to end; it may have run past the lease (its own status: {})",
+            shell_status(status)
+        ),
+    };
+    stderr::line(format!(
+        "distlock: exit {EXIT_LOST}: the lock '{key}' {why}"
+    ));
+    ExitCode::from(EXIT_LOST)
 }
 
 /// Shows, on one terminal line refreshed every second, who holds `key` and
@@ -194,7 +197,7 @@ fn exit_code(ended: Ended, key: &str) -> ExitCode {
 async fn show_waiting(client: distlock::Client, key: String) {
     // Only a wait that takes a moment needs a line.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    eprint!("\r\x1b[Kdistlock: waiting for '{key}'…");
+    stderr::text(format!("\r\x1b[Kdistlock: waiting for '{key}'…"));
     let query = StatusQuery::Key(key.clone());
     loop {
         match client.status(&query).await {
@@ -204,10 +207,10 @@ async fn show_waiting(client: distlock::Client, key: String) {
                         || "nobody (lock-delay or restart wait-out)".to_owned(),
                         describe_holder,
                     );
-                    eprint!(
+                    stderr::text(format!(
                         "\r\x1b[Kdistlock: waiting for '{key}': held by {holder}; {} waiting",
                         status.waiters.len()
-                    );
+                    ));
                 }
             }
             Err(err) if err.kind() == ErrorKind::Unsupported => return,
@@ -231,7 +234,7 @@ fn describe_holder(holder: &HolderStatus) -> String {
 }
 
 fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("distlock: did not get the lock '{key}': {why}");
+    stderr::line(format!("distlock: did not get the lock '{key}': {why}"));
     Ok(ExitCode::from(EXIT_NOT_ACQUIRED))
 }
 

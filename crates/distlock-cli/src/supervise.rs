@@ -13,6 +13,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::stderr;
+
 /// Signals passed on to the command.
 const FORWARDED: [SignalKind; 6] = [
     SignalKind::terminate(),
@@ -36,12 +38,16 @@ pub struct Supervised {
 /// How the command ended, and whether distlock had a hand in it.
 #[derive(Debug, Clone, Copy)]
 pub enum Ended {
-    /// By itself, or by a signal the user sent: its status is distlock's.
+    /// By itself, or by a signal the user sent, while the lock was held:
+    /// its status is distlock's.
     Own(ExitStatus),
     /// After the SIGTERM distlock sent it because the lock was at risk.
     Stopped(ExitStatus),
     /// By the SIGKILL distlock sent it because the lock was lost.
     Killed,
+    /// By itself, but distlock found the lock lost before it saw the command
+    /// end: for all distlock knows, it worked on past the lease.
+    Overran(ExitStatus),
 }
 
 impl Supervised {
@@ -64,6 +70,21 @@ impl Supervised {
         } else {
             kill(pid, signal)
         };
+    }
+
+    /// Its status if it has exited (reaping it), so that distlock never
+    /// claims to have stopped a command that had already ended.
+    fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        self.child.try_wait().context("cannot wait for the command")
+    }
+
+    /// Unless the command's end was its own, what it left running in its
+    /// group is killed: it would otherwise work on past the lease.
+    fn finish(&self, ended: Ended) -> Ended {
+        if self.group && !matches!(ended, Ended::Own(_)) {
+            self.signal(Signal::SIGKILL);
+        }
+        ended
     }
 }
 
@@ -93,8 +114,12 @@ enum Interfered {
 /// Waits for the command, forwarding signals, and stops it if the lock is
 /// at risk (SIGTERM `grace` before the lease would run out; none if `grace`
 /// is zero) or lost (SIGKILL at once: the store may grant the key to another
-/// session from then on). Once distlock has signalled it, whatever the
-/// command left running in its group is killed when it exits.
+/// session from then on). Once distlock has signalled it, or found the lock
+/// lost, whatever the command left running in its group is killed when it
+/// exits.
+///
+/// Nothing here waits for stderr (see [`crate::stderr`]): each signal goes
+/// out before the line that reports it is queued.
 pub async fn supervise(
     mut command: Supervised,
     mut signals: mpsc::UnboundedReceiver<SignalKind>,
@@ -103,36 +128,48 @@ pub async fn supervise(
 ) -> anyhow::Result<Ended> {
     let mut interfered = None;
     loop {
+        // Polled in this order, so that the exit code tells the truth when
+        // two are ready at once: a lost lock before the command's exit (an
+        // exit seen only with the loss may have come after it), the exit
+        // before the at-risk moment (a command that ended while the lock was
+        // held ended by itself), forwarded signals last.
         tokio::select! {
+            biased;
+            () = guard.lost(), if interfered != Some(Interfered::Lost) => {
+                if let Some(status) = command.exited()? {
+                    return Ok(command.finish(match interfered {
+                        Some(Interfered::AtRisk) => Ended::Stopped(status),
+                        _ => Ended::Overran(status),
+                    }));
+                }
+                command.signal(Signal::SIGKILL);
+                interfered = Some(Interfered::Lost);
+                stderr::line(format!(
+                    "distlock: lost the lock '{}'; killed the command (SIGKILL)",
+                    guard.key()
+                ));
+            }
             status = command.child.wait() => {
                 let status = status.context("cannot wait for the command")?;
-                return Ok(match interfered {
+                return Ok(command.finish(match interfered {
                     None => Ended::Own(status),
-                    Some(why) => {
-                        if command.group {
-                            command.signal(Signal::SIGKILL);
-                        }
-                        match why {
-                            Interfered::AtRisk => Ended::Stopped(status),
-                            Interfered::Lost => Ended::Killed,
-                        }
-                    }
-                });
+                    Some(Interfered::AtRisk) => Ended::Stopped(status),
+                    Some(Interfered::Lost) => Ended::Killed,
+                }));
+            }
+            () = sleep_until_some(at_risk_instant(guard, grace)), if interfered.is_none() && !grace.is_zero() => {
+                // It may have ended since its exit was polled.
+                if let Some(status) = command.exited()? {
+                    return Ok(Ended::Own(status));
+                }
+                if stop_if_at_risk(&command, guard, grace) {
+                    interfered = Some(Interfered::AtRisk);
+                }
             }
             Some(kind) = signals.recv() => {
                 if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
                     command.signal(signal);
                 }
-            }
-            () = sleep_until_some(at_risk_instant(guard, grace)), if interfered.is_none() && !grace.is_zero() => {
-                if stop_if_at_risk(&command, guard, grace) {
-                    interfered = Some(Interfered::AtRisk);
-                }
-            }
-            () = guard.lost(), if interfered != Some(Interfered::Lost) => {
-                interfered = Some(Interfered::Lost);
-                eprintln!("distlock: lost the lock '{}'; killing the command (SIGKILL)", guard.key());
-                command.signal(Signal::SIGKILL);
             }
         }
     }
@@ -148,12 +185,12 @@ fn stop_if_at_risk(command: &Supervised, guard: &Guard, grace: Duration) -> bool
     if !guard.is_held() || deadline.checked_sub(grace).is_some_and(|at| at > now) {
         return false;
     }
-    eprintln!(
-        "distlock: the lock '{}' is at risk: renewals are failing and its lease runs out in {:.1}s; stopping the command (SIGTERM)",
+    command.signal(Signal::SIGTERM);
+    stderr::line(format!(
+        "distlock: the lock '{}' is at risk: renewals are failing and its lease runs out in {:.1}s; asked the command to stop (SIGTERM)",
         guard.key(),
         deadline.saturating_duration_since(now).as_secs_f64()
-    );
-    command.signal(Signal::SIGTERM);
+    ));
     true
 }
 
@@ -185,5 +222,76 @@ pub fn shell_status(status: ExitStatus) -> u8 {
         (Some(code), _) => u8::try_from(code).unwrap_or(1),
         (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(1),
         (None, None) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sh -c 'exit 3'`, once it has exited but not been reaped, so that
+    /// its exit is ready together with whatever else is.
+    async fn exited_command() -> Supervised {
+        let child = tokio::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .expect("start sh");
+        let pid = child.id().expect("not yet reaped");
+        let stat = format!("/proc/{pid}/stat");
+        // `PID (COMM) STATE …`: Z until it is reaped.
+        while !std::fs::read_to_string(&stat)
+            .expect("not yet reaped")
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Supervised::new(child, false)
+    }
+
+    fn no_signals() -> mpsc::UnboundedReceiver<SignalKind> {
+        mpsc::unbounded_channel().1
+    }
+
+    /// A grace as long as the lease puts the lock at risk at once; the
+    /// command had ended by then, so its status is its own.
+    #[tokio::test]
+    async fn an_exit_at_the_at_risk_moment_is_the_commands_own() {
+        let lease = Duration::from_secs(30);
+        let client = distlock::connect("memory://").await.expect("memory store");
+        let session = client.session().ttl(lease).open().await.expect("session");
+        let guard = session.lock("k").await.expect("lock");
+        let command = exited_command().await;
+        let ended = supervise(command, no_signals(), &guard, lease)
+            .await
+            .expect("supervise");
+        assert!(
+            matches!(ended, Ended::Own(status) if status.code() == Some(3)),
+            "{ended:?}"
+        );
+    }
+
+    /// The lock is lost (max_hold passed) by the time the command's exit is
+    /// seen: distlock cannot say it ended under the lock.
+    #[tokio::test]
+    async fn an_exit_seen_with_the_loss_is_not_the_commands_own() {
+        let client = distlock::connect("memory://").await.expect("memory store");
+        let session = client
+            .session()
+            .ttl(Duration::from_secs(30))
+            .max_hold(Duration::from_millis(1))
+            .open()
+            .await
+            .expect("session");
+        let guard = session.lock("k").await.expect("lock");
+        let command = exited_command().await;
+        guard.lost().await;
+        let ended = supervise(command, no_signals(), &guard, Duration::ZERO)
+            .await
+            .expect("supervise");
+        assert!(
+            matches!(ended, Ended::Overran(status) if status.code() == Some(3)),
+            "{ended:?}"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! `distlock run` as a user runs it: exit codes, environment, bad input, and
 //! many processes contending for one file lock.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -233,16 +235,9 @@ fn wait_for(path: &Path) {
     }
 }
 
-/// Whether a process is gone, waiting up to 20 s for it to go.
+/// Whether a process ends within 20 s.
 fn gone(pid: &str) -> bool {
-    let pid = nix::unistd::Pid::from_raw(pid.trim().parse().expect("a pid"));
-    for _ in 0..1000 {
-        if nix::sys::signal::kill(pid, None).is_err() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    false
+    common::ends_within(pid, std::time::Duration::from_secs(20))
 }
 
 #[test]

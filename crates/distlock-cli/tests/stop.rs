@@ -58,19 +58,10 @@ fn wait_for(path: &Path) {
     }
 }
 
-/// Whether the process whose pid `file` holds is gone, waiting a while for
-/// it to be reaped.
+/// Whether the process whose pid `file` holds ends, waiting a while for it.
 fn gone(file: &Path) -> bool {
     let pid = std::fs::read_to_string(file).expect("a pid file");
-    let pid = nix::unistd::Pid::from_raw(pid.trim().parse().expect("a pid"));
-    let started = Instant::now();
-    while started.elapsed() < PATIENCE {
-        if nix::sys::signal::kill(pid, None).is_err() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    common::ends_within(&pid, PATIENCE)
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -203,6 +194,56 @@ fn a_command_that_ignores_sigterm_is_killed_at_the_deadline_with_76() {
         writes[term..].iter().any(|line| line == "A"),
         "the command did not run on after SIGTERM: {writes:?}"
     );
+}
+
+/// What becomes of `run`'s stderr while its store is frozen.
+#[derive(Clone, Copy, Debug)]
+enum Stderr {
+    /// A pipe nobody reads, which the command fills first.
+    Unread,
+    /// A pipe whose reader has gone.
+    Closed,
+}
+
+/// A `run` whose stderr cannot be written still stops its command when its
+/// store is frozen past the lease, and exits 76.
+fn stops_the_command_whatever_its_stderr(stderr: Stderr) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), &[]);
+    let (ready, pid) = (dir.path().join("holding"), dir.path().join("command.pid"));
+    // More than a pipe holds, from a process of the command's group that
+    // then blocks (or, if the reader has gone, dies of SIGPIPE).
+    let script = format!(
+        "head -c 1048576 /dev/zero >&2 & echo $$ > {pid}; touch {ready}; \
+         while true; do sleep 0.05; done",
+        pid = pid.display(),
+        ready = ready.display(),
+    );
+    let mut run = spawn_run(&server.url(), "mute", &["--lease", "2s"], &script);
+    if let Stderr::Closed = stderr {
+        drop(run.stderr.take());
+    }
+    wait_for(&ready);
+    std::thread::sleep(Duration::from_millis(300));
+    server.pause();
+    let run = ended_within_patience(run);
+    server.resume();
+    let run = run.unwrap_or_else(|mut run| {
+        let _ = run.kill();
+        panic!("with its stderr {stderr:?}, distlock run did not end while the store was frozen past its lease")
+    });
+    assert_eq!(run.status.code(), Some(76), "with its stderr {stderr:?}");
+    assert!(gone(&pid), "the command outlived its run");
+}
+
+#[test]
+fn a_stderr_nobody_reads_does_not_keep_the_command_running() {
+    stops_the_command_whatever_its_stderr(Stderr::Unread);
+}
+
+#[test]
+fn a_stderr_whose_reader_has_gone_does_not_keep_the_command_running() {
+    stops_the_command_whatever_its_stderr(Stderr::Closed);
 }
 
 /// Two runs under one freeze, with the same lease: the one with the longer

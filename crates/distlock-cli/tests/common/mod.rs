@@ -1,10 +1,40 @@
-//! A `distlock serve` process for tests, on a port of its own.
+//! A `distlock serve` process for tests, on a port of its own, and whether
+//! a process has ended.
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether process `pid` has ended: it is gone, or a zombie, dead but not
+/// reaped (a killed process whose parent has gone may stay one, as nothing
+/// here need reap it).
+pub fn has_ended(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // `PID (COMM) STATE …`, where COMM may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    matches!(state, Some('Z' | 'X'))
+}
+
+/// Whether process `pid` (in decimal, as a pid file holds it) ends within
+/// `patience`.
+pub fn ends_within(pid: &str, patience: Duration) -> bool {
+    let pid: i32 = pid.trim().parse().expect("a pid");
+    let started = Instant::now();
+    while started.elapsed() < patience {
+        if has_ended(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
 
 /// A running `distlock serve`; killed when dropped.
 pub struct Server {
