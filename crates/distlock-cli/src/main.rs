@@ -140,7 +140,7 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(code) => code,
         Err(err) if json_logs => {
-            tracing::error!("{}", describe(&err));
+            tracing::error!(target: serve::NOTICES, "{}", describe(&err));
             ExitCode::from(EXIT_USAGE)
         }
         Err(err) => {
@@ -162,8 +162,17 @@ fn init_logging(command: &Command) {
         Command::Serve(args) => ("info", args.log_format),
         _ => ("warn", serve::LogFormat::Text),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("DISTLOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    if matches!(command, Command::Serve(_)) {
+        // Whatever DISTLOCK_LOG picks, serve's start, stop and fatal lines
+        // are logged: in JSON they go through the log, not around it.
+        filter = filter.add_directive(
+            format!("{}=info", serve::NOTICES)
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
     let writer = match command {
         Command::Run(_) => BoxMakeWriter::new(stderr::event),
         _ => BoxMakeWriter::new(std::io::stderr),

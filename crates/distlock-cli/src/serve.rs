@@ -8,6 +8,11 @@ use distlock_server::Config;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// The log target of serve's start, stop and fatal lines, which are logged
+/// whatever `DISTLOCK_LOG` says. Filters match targets by prefix, and only
+/// this module's targets begin with it.
+pub const NOTICES: &str = "distlock::serve";
+
 /// How `serve` writes its log to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -45,7 +50,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTLOCK_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
     /// The log's format on stderr. `DISTLOCK_LOG` (e.g. `debug`,
-    /// `distlock_server=debug`) sets what is logged.
+    /// `distlock_server=debug`) sets what is logged; the start, stop and
+    /// fatal lines are logged whatever it says.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -83,7 +89,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let json = args.log_format == LogFormat::Json;
     if json {
         let metrics = metrics.as_deref().unwrap_or("off");
-        tracing::info!(%address, data_dir, metrics, url, "serving locks");
+        tracing::info!(target: NOTICES, %address, data_dir, metrics, url, "serving locks");
     } else {
         let metrics =
             metrics.map_or_else(|| "no metrics".to_owned(), |m| format!("metrics at {m}"));
@@ -98,7 +104,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = terminate.recv() => {}
         }
         if json {
-            tracing::info!("shutting down");
+            tracing::info!(target: NOTICES, "shutting down");
         } else {
             eprintln!("distlock: shutting down");
         }

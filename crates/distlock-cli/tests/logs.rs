@@ -10,6 +10,11 @@ use distlock_testkit::daemon::free_port;
 /// Runs `distlock serve EXTRA…` with its stderr going to a file, takes one
 /// lock through it, stops it with SIGTERM, and returns the file's bytes.
 fn serve_log(dir: &Path, extra: &[&str]) -> Vec<u8> {
+    serve_log_filtered(dir, extra, None)
+}
+
+/// [`serve_log`] with `DISTLOCK_LOG` set to `filter`, if there is one.
+fn serve_log_filtered(dir: &Path, extra: &[&str], filter: Option<&str>) -> Vec<u8> {
     let log = dir.join("serve.log");
     let address = format!("127.0.0.1:{}", free_port());
     let mut server = Command::new(env!("CARGO_BIN_EXE_distlock"))
@@ -18,6 +23,7 @@ fn serve_log(dir: &Path, extra: &[&str]) -> Vec<u8> {
         .arg(dir.join("data"))
         .args(extra)
         .env_remove("DISTLOCK_LOG")
+        .envs(filter.map(|filter| ("DISTLOCK_LOG", filter)))
         .stderr(std::fs::File::create(&log).expect("create the log"))
         .spawn()
         .expect("start distlock serve");
@@ -57,21 +63,29 @@ fn serve_logs_to_a_file_without_escape_codes() {
     );
 }
 
+/// Each line of `text` as JSON.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: not JSON: {line:?}"))
+        })
+        .collect()
+}
+
+fn messages(events: &[serde_json::Value]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|event| event["fields"]["message"].as_str())
+        .collect()
+}
+
 #[test]
 fn serve_log_format_json_writes_one_object_per_line() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = serve_log(dir.path(), &["--log-format", "json"]);
     let text = String::from_utf8(log).expect("utf-8");
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|line| {
-            serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: not JSON: {line:?}"))
-        })
-        .collect();
-    let messages: Vec<&str> = events
-        .iter()
-        .filter_map(|event| event["fields"]["message"].as_str())
-        .collect();
+    let events = json_lines(&text);
+    let messages = messages(&events);
     assert_eq!(messages.len(), events.len(), "every event has a message");
     assert_eq!(messages.first(), Some(&"serving locks"), "{text}");
     assert!(
@@ -82,4 +96,47 @@ fn serve_log_format_json_writes_one_object_per_line() {
     );
     assert!(messages.contains(&"distlock server listening"), "{text}");
     assert_eq!(messages.last(), Some(&"shutting down"), "{text}");
+}
+
+/// The filter serve's --help gives as an example picks the server's lines;
+/// the start and stop lines come all the same.
+#[test]
+fn serve_log_format_json_keeps_start_and_stop_under_a_filter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let filter = Some("distlock_server=debug");
+    let log = serve_log_filtered(dir.path(), &["--log-format", "json"], filter);
+    let text = String::from_utf8(log).expect("utf-8");
+    let events = json_lines(&text);
+    let messages = messages(&events);
+    assert_eq!(messages.first(), Some(&"serving locks"), "{text}");
+    assert_eq!(messages.last(), Some(&"shutting down"), "{text}");
+}
+
+/// A fatal error is a JSON line too, whatever `DISTLOCK_LOG` says.
+#[test]
+fn serve_log_format_json_reports_a_fatal_error_under_a_filter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let address = taken.local_addr().expect("address").to_string();
+    for filter in ["distlock_server=debug", "off"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_distlock"))
+            .args(["serve", "--listen", &address, "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--log-format", "json"])
+            .env("DISTLOCK_LOG", filter)
+            .output()
+            .expect("run distlock serve");
+        let text = String::from_utf8(output.stderr).expect("utf-8");
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        let events = json_lines(&text);
+        let fatal = events.last().expect("a log line");
+        assert_eq!(fatal["level"], "ERROR", "{text}");
+        assert!(
+            fatal["fields"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(&format!("cannot listen on {address}"))),
+            "DISTLOCK_LOG={filter}: {text}"
+        );
+    }
 }
