@@ -390,8 +390,10 @@ impl Connections {
                 return Ok(Arc::clone(connection));
             }
             match &dialing.under_way {
-                Some(outcome) => outcome.clone(),
-                None => {
+                // A connect whose task went away unanswered (cancelled with
+                // its runtime, or panicked) is under way no more.
+                Some(outcome) if outcome.has_changed().is_ok() => outcome.clone(),
+                _ => {
                     let (tell, outcome) = watch::channel(None);
                     dialing.under_way = Some(outcome.clone());
                     tokio::spawn(dial(
