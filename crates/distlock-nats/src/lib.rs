@@ -24,12 +24,17 @@
 //!   subject: it wakes when the blocker leaves or its session ends, and
 //!   deletes the entries of an ended session it finds ahead of it.
 //! - `status` reads the queues and the sessions of their entries.
+//! - `force_release` deletes the entries that hold the key; their waiters
+//!   wake as on a release, and the next token is a later sequence.
 //!
 //! `lost()` fires when a renewal finds the session's message gone, or a
-//! held entry deleted. Not given: lock-delay.
+//! held entry deleted. Each session watches the notices of its own entries,
+//! so an entry deleted by someone else asks for that renewal at once. Not
+//! given: lock-delay.
 //!
 //! See `docs/0010-nats.md` for the reasoning.
 
+mod force;
 mod session;
 mod status;
 mod wire;
@@ -38,7 +43,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_trait::async_trait;
-use distlock_core::status::{Status, StatusQuery};
+use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{root_cause, Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 
@@ -174,12 +179,13 @@ impl NatsStore {
         })
     }
 
-    /// What NATS gives: what every store with a queue per key does, and
-    /// `status` with each entry's owner.
+    /// What NATS gives: what every store with a queue per key does,
+    /// `status` with each entry's owner, and forced release.
     pub fn capabilities() -> Capabilities {
         let mut caps = distlock_core::store::queue::capabilities("nats");
         caps.status = true;
         caps.keeps_owner = true;
+        caps.force_release = true;
         caps
     }
 }
@@ -212,6 +218,12 @@ impl LockStore for NatsStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         status::read_status(&self.nats, query).await
+    }
+
+    async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
+        let ended = force::end_holds(&self.nats, key).await?;
+        tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
+        Ok(ended)
     }
 }
 

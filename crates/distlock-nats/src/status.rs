@@ -55,7 +55,7 @@ pub(crate) async fn read_status(nats: &Nats, query: &StatusQuery) -> Result<Stat
 /// The time left of each session that lives, by its last message's time
 /// and TTL (as this host's clock reads the server's: an estimate). A
 /// session whose time cannot be read counts as alive, its time unknown.
-async fn leases_left<'a>(
+pub(crate) async fn leases_left<'a>(
     nats: &Nats,
     sessions: &BTreeSet<&'a str>,
 ) -> Result<HashMap<&'a str, Option<Duration>>> {

@@ -169,3 +169,42 @@ async fn a_stream_made_otherwise_is_refused() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("DISTLOCK"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_leave_no_consumer_behind() {
+    let server = Nats::start();
+    let client = client(&server.url()).await;
+    let key = "faults/consumers";
+    let holder = client.session().open().await.expect("open");
+    let mut waiters = Vec::new();
+    for _ in 0..4 {
+        let session = client.session().open().await.expect("open");
+        waiters.push(tokio::spawn(async move {
+            let guard = session.lock(key).wait(Duration::from_secs(30)).await;
+            guard.expect("granted").release().await.expect("release");
+            session.close().await.expect("close");
+        }));
+    }
+    let held = holder.lock(key).wait(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.expect("held").release().await.expect("release");
+    for waiter in waiters {
+        waiter.await.expect("waiter");
+    }
+    holder.close().await.expect("close");
+    // Deleted in the background: soon, not at once.
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(nats);
+    let mut left = u64::MAX;
+    for _ in 0..50 {
+        let mut stream = js.get_stream("DISTLOCK").await.expect("stream");
+        left = stream.info().await.expect("info").state.consumer_count as u64;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "consumers left behind");
+}

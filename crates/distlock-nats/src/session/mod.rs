@@ -16,10 +16,12 @@ use futures::future::join_all;
 
 use crate::wire::{self, expecting, session_subject, Nats, Published, CLOSED};
 
+mod holds;
 mod leave;
 mod queue;
 mod wait;
 
+use holds::HoldsWatch;
 use leave::Leave;
 
 /// A held lock's entry.
@@ -43,7 +45,10 @@ pub(crate) struct NatsSession {
     /// Numbers the session's entries: each attempt has a subject of its own.
     next_slot: AtomicU64,
     /// The entries of the locks held, by lock key.
-    held: Mutex<HashMap<String, HeldEntry>>,
+    held: Arc<Mutex<HashMap<String, HeldEntry>>>,
+    /// Watches the notices of the session's entries: an entry in `held`
+    /// that someone else deletes asks for a renewal.
+    holds: HoldsWatch,
     /// Set by the test hook: the session does nothing more, as a frozen
     /// process would not.
     frozen: Arc<AtomicBool>,
@@ -69,14 +74,16 @@ impl NatsSession {
                 nats.servers
             )));
         };
+        let held = Arc::new(Mutex::new(HashMap::new()));
         Ok(NatsSession {
+            holds: HoldsWatch::start(Arc::clone(&nats), &id, revision, Arc::clone(&held)),
             nats,
             id,
             owner: options.owner.clone(),
             ttl_secs,
             revision: Mutex::new(revision),
             next_slot: AtomicU64::new(0),
-            held: Mutex::new(HashMap::new()),
+            held,
             frozen: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -143,14 +150,17 @@ impl StoreSession for NatsSession {
         if mine.seq != held.token {
             return Err(Error::not_held(&held.key));
         }
-        let removed = self.nats.remove_entry(&mine.subject, mine.seq).await?;
-        {
-            let mut map = self.held();
-            if map.get(&held.key) == Some(&mine) {
-                map.remove(&held.key);
+        // Out of the map first: the notice of this delete is then no news to
+        // the holds watch. Back in if the delete's fate is unknown, so that
+        // the core's retry finds it.
+        self.held().remove(&held.key);
+        match self.nats.remove_entry(&mine.subject, mine.seq).await {
+            Ok(removed) => release_outcome(removed, &held.key),
+            Err(err) => {
+                self.held().entry(held.key.clone()).or_insert(mine);
+                Err(err)
             }
         }
-        release_outcome(removed, &held.key)
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
@@ -190,7 +200,12 @@ impl StoreSession for NatsSession {
         Ok(RenewReport::lost(lost))
     }
 
+    async fn renewal_wanted(&self) {
+        self.holds.wanted().await;
+    }
+
     async fn close(&self) -> Result<()> {
+        self.holds.stop();
         if self.frozen() {
             // A frozen session is left to expire.
             return Ok(());
@@ -225,6 +240,7 @@ impl StoreSession for NatsSession {
     distlock_core::test_hook! {
         fn freeze_for_test(&self) {
             self.frozen.store(true, Ordering::SeqCst);
+            self.holds.stop();
         }
     }
 }
