@@ -18,8 +18,8 @@
 //!   `dl:{K}:h`, the holders scored by when their lease ends; `dl:{K}:q`,
 //!   the waiters in arrival order; `dl:{K}:i`, a hash of each waiter's
 //!   record (`w` + member: `DEADLINE|MODE|PERMITS|GEN|CHANNEL`, which
-//!   becomes `H|TOKEN|GEN` when the key is handed to it) and the queue's
-//!   next number (`n`).
+//!   becomes `H|TOKEN|GEN|CHANNEL` when the key is handed to it) and the
+//!   queue's next number (`n`).
 //!
 //! The fencing counter `dl:{K}:f` never expires. The main key exists
 //! whenever anything holds or waits, so the fast path's `SET NX` can never
@@ -29,7 +29,11 @@
 //! and publishes `TOKEN GEN MEMBER` on each one's channel: one message per
 //! hand-over, to its waiter only. A queued lock left empty becomes fast
 //! again. A forced release ends every live hold and frees the lock the
-//! same way; each ended holder's next renewal finds its member gone.
+//! same way; each ended holder's next renewal finds its member gone. It
+//! publishes `ended MEMBER` to each hand-over it ends (its waiter may still
+//! be counting it), and marks the hand-overs it makes `forced TOKEN GEN
+//! MEMBER`: on Redlock either one makes the waiter ask every instance
+//! again before it counts a majority (see `session/queue.rs`).
 //!
 //! Each script's fast case comes before the helpers, so that it does not
 //! pay for defining them.
@@ -73,6 +77,9 @@ end
 
 -- When a lock-delay ends (0 if none), as `promote` last found it.
 local blocked = 0
+
+-- Set by a forced release: the hand-overs `promote` makes are marked so.
+local forced = false
 
 -- Whether a request in `mode` fits beside `count` holders in `held`.
 local function fits(held, count, mode, permits)
@@ -122,14 +129,16 @@ local function promote(caller, v, empty)
     if live then
       local token = redis.call('INCR', K[2])
       -- The hold lasts as long as the waiter's last refresh promised.
-      redis.call('HSET', K[5], 'w' .. head, 'H|' .. token .. '|' .. gen)
+      redis.call('HSET', K[5], 'w' .. head, 'H|' .. token .. '|' .. gen .. '|' .. channel)
       redis.call('ZADD', K[3], deadline, head)
       if mode == 'p' then held = 'p' .. permits else held = mode end
       count = count + 1
       if head == caller then
         mine = token
       else
-        redis.call('PUBLISH', channel, token .. ' ' .. gen .. ' ' .. head)
+        local mark = ''
+        if forced then mark = 'forced ' end
+        redis.call('PUBLISH', channel, mark .. token .. ' ' .. gen .. ' ' .. head)
       end
     else
       redis.call('HDEL', K[5], 'w' .. head)
@@ -222,7 +231,7 @@ if mine and string.sub(mine, 1, 2) == 'H|' then
     -- Held: the ask renews it, from this generation (a Redlock waiter
     -- holding a minority keeps it while it waits for the rest).
     redis.call('ZADD', K[3], 'XX', now + ttl, member)
-    redis.call('HSET', K[5], 'w' .. member, 'H|' .. token .. '|' .. gen)
+    redis.call('HSET', K[5], 'w' .. member, 'H|' .. token .. '|' .. gen .. '|' .. channel)
     keep(ttl + delay + 1000)
     return {1, tonumber(token), gen}
   end
@@ -383,7 +392,9 @@ return held
 /// whoever holds it (an operator's forced release), and hands the key on
 /// as a release does; returns each ended hold as `{member, mode, token
 /// ('' where Redis keeps none), lease_left_ms}`. A vanished holder's
-/// lock-delay is no hold: it stays, and no ended hold leaves one.
+/// lock-delay is no hold: it stays, and no ended hold leaves one. Each
+/// ended hand-over's waiter is told `ended MEMBER`; each waiter handed the
+/// key is told `forced TOKEN GEN MEMBER`.
 const FORCE_FAST: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if not v then return {} end
@@ -406,12 +417,16 @@ local ended = {}
 for i = 1, #live, 2 do
   local member = live[i]
   local record = redis.call('HGET', K[5], 'w' .. member) or ''
-  ended[#ended + 1] = {member, held, string.match(record, '^H|(%d+)|') or '', tonumber(live[i + 1]) - now}
+  local token, channel = string.match(record, '^H|(%d+)|%d+|(.+)$')
+  ended[#ended + 1] = {member, held, token or string.match(record, '^H|(%d+)|') or '', tonumber(live[i + 1]) - now}
   redis.call('HDEL', K[5], 'w' .. member)
+  -- A waiter may be counting this hand-over toward a majority (Redlock).
+  if channel then redis.call('PUBLISH', channel, 'ended ' .. member) end
 end
 redis.call('ZREMRANGEBYSCORE', K[3], '(' .. now, '+inf')
 -- Holds past their lease are left to `promote`, which keeps their
 -- lock-delay; the waiters that fit are then handed the key, each told.
+forced = true
 local _, count = promote('', v, false)
 tidy(count)
 return ended

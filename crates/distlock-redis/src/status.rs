@@ -323,7 +323,7 @@ fn view(raw: RawLock) -> LockView {
             if ends <= now {
                 continue;
             }
-            // `H|TOKEN|GEN` for a hold handed over from the queue; a fast
+            // `H|TOKEN|GEN|CHANNEL` for a hold handed over from the queue; a fast
             // hold moved here keeps none.
             let token = record(&member)
                 .and_then(|r| r.strip_prefix("H|"))

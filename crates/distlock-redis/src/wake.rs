@@ -2,7 +2,9 @@
 //! store, subscribed to the store's own channel, on which a release that
 //! hands a key to one of this store's waiters publishes `TOKEN GEN MEMBER`.
 //! The message goes to the waiting acquire of that member only: no waiter
-//! is woken by a hand-over to another.
+//! is woken by a hand-over to another. A forced release marks the
+//! hand-overs it makes (`forced TOKEN GEN MEMBER`) and tells each waiter
+//! whose hand-over it ended (`ended MEMBER`).
 
 use distlock_core::store::lock;
 use std::collections::HashMap;
@@ -43,8 +45,22 @@ pub(crate) struct Hub {
 #[derive(Default)]
 struct Route {
     notify: Notify,
-    /// The token and generation of the hand-over, once it came.
-    grant: Mutex<Option<(u64, u64)>>,
+    /// What came since the acquire last looked.
+    news: Mutex<News>,
+}
+
+/// What the messages to one waiting acquire said since it last looked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct News {
+    /// The token and generation of the last hand-over, if one came after
+    /// any end.
+    pub(crate) grant: Option<(u64, u64)>,
+    /// A forced release ended a hand-over to it: what it counted from this
+    /// instance before may no longer hold.
+    pub(crate) ended: bool,
+    /// A forced release was at work here (it ended or made a hand-over):
+    /// the other instances may have been changed by it too.
+    pub(crate) forced: bool,
 }
 
 impl Hub {
@@ -153,21 +169,39 @@ impl Hub {
     }
 }
 
-/// Hands `TOKEN GEN MEMBER` to the route of MEMBER, if it still waits.
+/// Hands `[forced ]TOKEN GEN MEMBER` or `ended MEMBER` to the route of
+/// MEMBER, if it still waits.
 fn deliver(routes: &Mutex<HashMap<String, Arc<Route>>>, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
         return;
     };
-    let mut parts = text.splitn(3, ' ');
-    let (Some(token), Some(gen), Some(member)) = (parts.next(), parts.next(), parts.next()) else {
-        return;
-    };
-    let (Ok(token), Ok(gen)) = (token.parse::<u64>(), gen.parse::<u64>()) else {
-        return;
+    let (member, grant, forced) = if let Some(member) = text.strip_prefix("ended ") {
+        (member, None, true)
+    } else {
+        let (forced, rest) = match text.strip_prefix("forced ") {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let mut parts = rest.splitn(3, ' ');
+        let (Some(token), Some(gen), Some(member)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        let (Ok(token), Ok(gen)) = (token.parse::<u64>(), gen.parse::<u64>()) else {
+            return;
+        };
+        (member, Some((token, gen)), forced)
     };
     let route = lock(routes).get(member).cloned();
     if let Some(route) = route {
-        *lock(&route.grant) = Some((token, gen));
+        {
+            let mut news = lock(&route.news);
+            // In the order published by one instance: an end drops the
+            // hand-over before it, a hand-over after an end stands.
+            news.ended |= grant.is_none();
+            news.grant = grant;
+            news.forced |= forced;
+        }
         route.notify.notify_one();
     }
 }
@@ -186,9 +220,9 @@ impl Arrival {
         self.route.notify.notified().await;
     }
 
-    /// The hand-over that came, if one did: its token and generation.
-    pub(crate) fn take(&self) -> Option<(u64, u64)> {
-        lock(&self.route.grant).take()
+    /// What came since the last look.
+    pub(crate) fn take(&self) -> News {
+        std::mem::take(&mut *lock(&self.route.news))
     }
 }
 
@@ -217,7 +251,41 @@ mod tests {
         deliver(&routes, b"7 3 s|2|0");
         deliver(&routes, b"garbled");
         deliver(&routes, b"x 3 s|1|0");
-        assert_eq!(*lock(&a.grant), None);
-        assert_eq!(*lock(&b.grant), Some((7, 3)));
+        assert_eq!(*lock(&a.news), News::default());
+        let b_news = News {
+            grant: Some((7, 3)),
+            ..News::default()
+        };
+        assert_eq!(*lock(&b.news), b_news);
+    }
+
+    #[test]
+    fn a_forced_release_s_messages_end_and_mark_hand_overs() {
+        let routes: Routes = Arc::default();
+        let a = Arc::new(Route::default());
+        lock(&routes).insert("s|1|0".into(), Arc::clone(&a));
+        deliver(&routes, b"7 3 s|1|0");
+        deliver(&routes, b"ended s|1|0");
+        let ended = News {
+            grant: None,
+            ended: true,
+            forced: true,
+        };
+        assert_eq!(*lock(&a.news), ended);
+        deliver(&routes, b"forced 9 4 s|1|0");
+        let handed_again = News {
+            grant: Some((9, 4)),
+            ..ended
+        };
+        assert_eq!(std::mem::take(&mut *lock(&a.news)), handed_again);
+        deliver(&routes, b"forced 10 5 s|1|0");
+        assert_eq!(
+            *lock(&a.news),
+            News {
+                grant: Some((10, 5)),
+                ended: false,
+                forced: true
+            }
+        );
     }
 }

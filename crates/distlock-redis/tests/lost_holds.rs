@@ -1,16 +1,18 @@
 //! Redlock holds that a majority of the instances no longer has: the
 //! take-back of what a minority kept leaves the lock-delay where the lease
-//! is over, and a release that cannot know is `Unavailable`. The
+//! is over, a release that cannot know is `Unavailable`, and a waiter does
+//! not count a hand-over that a forced release ended. The
 //! instances' state is written directly with `redis-cli` where a test
 //! needs one instance to differ from the others.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, SessionOptions};
-use distlock_core::{ErrorKind, Mode};
+use distlock_core::{Client, ErrorKind, Mode};
 use distlock_redis::RedisStore;
 use distlock_testkit::servers::Redis;
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep, timeout, Instant};
 
 /// The lease of sessions that must not lapse.
 const TTL: Duration = Duration::from_secs(10);
@@ -18,6 +20,8 @@ const TTL: Duration = Duration::from_secs(10);
 const LOCK_DELAY: Duration = Duration::from_secs(60);
 /// How long anything that must happen may take.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// Long enough for a just-spawned waiter to be queued at the store.
+const SETTLE: Duration = Duration::from_millis(300);
 
 async fn redlock(servers: &[Redis]) -> RedisStore {
     let addresses: Vec<String> = servers.iter().map(Redis::address).collect();
@@ -185,4 +189,84 @@ async fn a_release_that_cannot_know_is_unavailable() {
         assert_eq!(err.kind(), ErrorKind::Unavailable, "{attempt}: {err}");
         assert!(err.to_string().contains("only 1 of 3"), "{attempt}: {err}");
     }
+}
+
+/// How many of the instances (each read alone) list a holder of `key`
+/// owned by `owner`.
+async fn holding_on(instances: &[RedisStore], key: &str, owner: &str) -> usize {
+    let query = distlock_core::status::StatusQuery::Key(key.to_owned());
+    let mut count = 0;
+    for instance in instances {
+        let status = instance.status(&query).await.expect("status");
+        let holders = status.keys.iter().flat_map(|key| &key.holders);
+        count += usize::from(holders.into_iter().any(|holder| holder.owner == owner));
+    }
+    count
+}
+
+/// A waiter handed the key on one instance, whose hand-over a forced
+/// release then ends there (and hands on to the next waiter), must not
+/// count that instance when a second one hands it the key: the first of
+/// the two waiters to be granted holds on a majority, as the instances
+/// themselves say, and the other still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_that_a_forced_release_ended_is_not_counted() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = Arc::new(redlock(&servers).await);
+    let mut alone = Vec::new();
+    for server in &servers {
+        alone.push(RedisStore::connect(&server.url()).await.expect("connect"));
+    }
+    let key = "lost/forced/hand-over";
+    // A reader that never lapses holds the key on every instance (an ask
+    // waits for all three).
+    let reader = store
+        .open_session(&SessionOptions::new(PATIENCE * 4, Duration::ZERO))
+        .await
+        .expect("open");
+    let read = reader
+        .acquire(&AcquireRequest::new(key, Mode::Shared))
+        .await
+        .expect("acquire");
+    assert!(read.is_some(), "free");
+    let client = Client::new(Arc::clone(&store) as Arc<dyn LockStore>);
+    let mut waiters = Vec::new();
+    for owner in ["first waiter", "second waiter"] {
+        let session = client
+            .session()
+            .ttl(TTL)
+            .owner(owner)
+            .open()
+            .await
+            .expect("open");
+        waiters.push(tokio::spawn(async move {
+            let guard = session.lock(key).wait(PATIENCE).await;
+            (guard.expect("granted in time"), session, owner)
+        }));
+        sleep(SETTLE).await;
+    }
+    let (mut first, mut second) = (waiters.remove(0), waiters.remove(0));
+
+    // The first waiter is handed the key on the first instance, and looks
+    // into who holds the others (a majority: the reader) meanwhile.
+    alone[0].force_release(key, "test").await.expect("force");
+    sleep(SETTLE).await;
+    // Its hand-over there is ended and the second waiter's; then the
+    // second instance hands the key to the first waiter.
+    alone[0].force_release(key, "test").await.expect("force");
+    alone[1].force_release(key, "test").await.expect("force");
+
+    let (winner, loser) = timeout(PATIENCE, async {
+        tokio::select! {
+            won = &mut first => (won.expect("task"), second),
+            won = &mut second => (won.expect("task"), first),
+        }
+    })
+    .await
+    .expect("one of them is granted");
+    let owner = winner.2;
+    let held = holding_on(&alone, key, owner).await;
+    assert!(held >= 2, "{owner} was granted but holds on {held} of 3");
+    assert!(!loser.is_finished(), "both waiters were granted");
+    loser.abort();
 }

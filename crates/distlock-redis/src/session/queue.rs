@@ -27,6 +27,10 @@ struct Tally {
     sent_of: Vec<Instant>,
     /// Whether the acquire had to wait (the key was not free at once).
     waited: bool,
+    /// Whether a forced release was at work on an instance since the last
+    /// ask (a message said so): a hand-over counted from any instance may
+    /// have been ended since.
+    forced: bool,
 }
 
 impl Tally {
@@ -44,14 +48,18 @@ impl Tally {
             .unwrap_or(first)
     }
 
-    /// Takes the hand-overs that came by message.
+    /// Takes what came by message: hand-overs, and the ends of hand-overs
+    /// that a forced release made.
     fn collect(&mut self, arrivals: &[Arrival]) {
         for (grant, arrival) in self.grants.iter_mut().zip(arrivals) {
-            if let Some((token, gen)) = arrival.take() {
-                if grant.is_none() {
-                    *grant = Some((token, gen));
-                }
+            let news = arrival.take();
+            if news.ended {
+                *grant = None;
             }
+            if grant.is_none() {
+                *grant = news.grant;
+            }
+            self.forced |= news.forced;
         }
     }
 }
@@ -88,6 +96,7 @@ impl RedisSession {
             holders: vec![String::new(); self.instances().len()],
             sent_of: Vec::new(),
             waited: false,
+            forced: false,
         };
         let result = self
             .queue_for(request, keys, member.to_owned(), more, &mut tally)
@@ -155,6 +164,10 @@ impl RedisSession {
                 let wake_at = split_at.map_or(refresh_at, |at| at.min(refresh_at));
                 let woken = wait(&arrivals, wake_at.min(until)).await;
                 tally.collect(&arrivals);
+                if let Err(err) = self.confirm(request, keys, &member, tally).await {
+                    self.abandon_all(keys, &member, more).await;
+                    return Err(err);
+                }
                 if let Some(decided) = self.decide(request, keys, &member, tally).await {
                     return decided;
                 }
@@ -200,6 +213,26 @@ impl RedisSession {
         }
     }
 
+    /// Asks every instance again before a majority is counted where a
+    /// forced release was at work since the last ask (on Redlock). It runs
+    /// on every instance at once, so its `ended` message on one can come
+    /// after a hand-over it made on another: the hand-overs counted must be
+    /// asked about. The ask renews a hand-over still held and drops one
+    /// that is not, for every instance in one round trip. A single instance
+    /// needs none: its one grant is the majority. See `docs/0003`.
+    async fn confirm(
+        &self,
+        request: &AcquireRequest,
+        keys: &LockKeys,
+        member: &str,
+        tally: &mut Tally,
+    ) -> Result<()> {
+        if !tally.forced || self.instances().len() == 1 || tally.granted() < self.quorum() {
+            return Ok(());
+        }
+        self.ask(request, keys, member, tally).await.map(|_| ())
+    }
+
     /// Takes back what this acquire made as `member` and as every member
     /// before it.
     async fn abandon_all(&self, keys: &LockKeys, member: &str, more: &[String]) {
@@ -240,6 +273,7 @@ impl RedisSession {
         }
         let gen = tally.sent_of.len() as u64;
         tally.sent_of.push(Instant::now());
+        tally.forced = false;
         let call = self.call(request, keys, member, gen);
         // Every instance, those that granted too: the ask renews a grant
         // from this generation, so that one held while the others follow
