@@ -13,8 +13,9 @@ use distlock_core::store::{queue, Mode};
 use distlock_core::Result;
 use futures::future::join_all;
 
+use crate::client::Nats;
 use crate::status::leases_left;
-use crate::wire::{lock_hash, queue_filter, Entry, Nats};
+use crate::wire::{lock_hash, queue_filter, Entry};
 
 /// Deletes the entries of `key`'s queue that hold it; what they held.
 /// Holders are those of the queue as read, among entries of sessions that

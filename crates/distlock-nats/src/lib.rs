@@ -34,6 +34,7 @@
 //!
 //! See `docs/0010-nats.md` for the reasoning.
 
+mod client;
 mod force;
 mod session;
 mod status;
@@ -47,7 +48,7 @@ use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{root_cause, Capabilities, LockStore, SessionOptions, StoreSession};
 use distlock_core::{Error, Result};
 
-use wire::Nats;
+use client::Nats;
 
 /// How long connecting, and each call, may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,10 +148,23 @@ impl NatsStore {
             })?;
             addresses.push(parsed);
         }
+        // Counts lost connections: a call under way then loses its answer,
+        // and a server that restarted loses the waits' consumers, which are
+        // made again at once rather than after a slice.
+        let disconnects = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let counter = std::sync::Arc::clone(&disconnects);
         let options = async_nats::ConnectOptions::new()
             .name("distlock")
             .connection_timeout(CALL_TIMEOUT)
-            .request_timeout(Some(CALL_TIMEOUT));
+            .request_timeout(Some(CALL_TIMEOUT))
+            .event_callback(move |event| {
+                let counter = std::sync::Arc::clone(&counter);
+                async move {
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        counter.send_modify(|count| *count += 1);
+                    }
+                }
+            });
         let shown = target.shown.clone();
         let client = tokio::time::timeout(
             CALL_TIMEOUT * 2,
@@ -175,7 +189,7 @@ impl NatsStore {
         js.set_timeout(CALL_TIMEOUT);
         let stream = wire::open_stream(&js, &shown, target.replicas).await?;
         Ok(NatsStore {
-            nats: std::sync::Arc::new(Nats::new(client, js, stream, shown)),
+            nats: std::sync::Arc::new(Nats::new(client, js, stream, shown, disconnects)),
         })
     }
 

@@ -10,7 +10,8 @@ use distlock_core::store::Mode;
 use distlock_core::Result;
 use futures::StreamExt;
 
-use crate::wire::{self, lock_hash, queue_filter, session_subject, Entry, Nats, ALL_QUEUES};
+use crate::client::Nats;
+use crate::wire::{self, lock_hash, queue_filter, session_subject, Entry, ALL_QUEUES};
 
 /// How many sessions a status asks about at once.
 const AT_ONCE: usize = 32;

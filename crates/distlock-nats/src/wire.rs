@@ -1,14 +1,12 @@
-//! The store's messages in JetStream, and the calls that read and write
-//! them: subjects, headers, the stream, batched reads, deletes by sequence.
+//! The store's messages in JetStream: the stream, its subjects, and the
+//! headers of each kind of message.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::{HeaderMap, StatusCode};
-use bytes::Bytes;
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
 use distlock_core::store::root_cause;
 use distlock_core::{Error, Result};
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::CALL_TIMEOUT;
@@ -24,7 +22,7 @@ const MARKER_TTL: Duration = Duration::from_secs(1);
 /// How long a notice stays: a waiter starts its consumer right after it
 /// read the queue, and a consumer started later than this misses it (and
 /// reads the queue again after [`queue::WATCH_SLICE`](distlock_core::store::queue::WATCH_SLICE)).
-const NOTICE_TTL_SECS: u64 = 10;
+pub(crate) const NOTICE_TTL_SECS: u64 = 10;
 
 /// The mode's tag of a queue entry.
 pub(crate) const MODE: &str = "Distlock-Mode";
@@ -118,7 +116,12 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// The entry a stored message is; `None` for anything else (a marker).
-    fn read(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<Entry> {
+    pub(crate) fn read(
+        subject: &str,
+        seq: u64,
+        headers: Option<&HeaderMap>,
+        payload: &[u8],
+    ) -> Option<Entry> {
         let headers = headers?;
         let tag = headers.get(MODE)?.as_str().to_owned();
         let mut parts = subject.split('.');
@@ -150,21 +153,12 @@ pub(crate) fn entry_headers(tag: &str, owner: &str) -> HeaderMap {
     headers
 }
 
-/// How a publish that expected a sequence went.
-pub(crate) enum Published {
-    /// Stored at this sequence.
-    At(u64),
-    /// The subject's last sequence was not the one expected.
-    WrongLast,
-}
-
-/// The connection, and the stream.
-pub(crate) struct Nats {
-    pub(crate) client: async_nats::Client,
-    pub(crate) js: jetstream::Context,
-    pub(crate) stream: stream::Stream,
-    /// The servers, without credentials, for messages.
-    pub(crate) servers: String,
+/// The headers of the notice that the entry at `seq` was deleted.
+pub(crate) fn notice_headers(seq: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(ENTRY, seq.to_string().as_str());
+    headers.insert(TTL, NOTICE_TTL_SECS.to_string().as_str());
+    headers
 }
 
 /// Makes sure the stream exists, as the store needs it.
@@ -211,242 +205,6 @@ pub(crate) async fn open_stream(
         )));
     }
     Ok(stream)
-}
-
-impl Nats {
-    pub(crate) fn new(
-        client: async_nats::Client,
-        js: jetstream::Context,
-        stream: stream::Stream,
-        servers: String,
-    ) -> Self {
-        Nats {
-            client,
-            js,
-            stream,
-            servers,
-        }
-    }
-
-    /// A failed call, with its cause.
-    pub(crate) fn failed(
-        &self,
-        what: &str,
-        err: impl std::error::Error + Send + Sync + 'static,
-    ) -> Error {
-        Error::unavailable(format!(
-            "NATS at {}: {what} failed ({}); check that it runs with JetStream",
-            self.servers,
-            root_cause(&err)
-        ))
-        .with_source(err)
-    }
-
-    pub(crate) fn timed_out(&self, what: &str) -> Error {
-        Error::unavailable(format!(
-            "NATS at {}: {what} got no answer in {CALL_TIMEOUT:?}",
-            self.servers
-        ))
-    }
-
-    /// Publishes to the stream and waits for it to be stored.
-    pub(crate) async fn publish(
-        &self,
-        subject: String,
-        headers: HeaderMap,
-        payload: Bytes,
-    ) -> Result<Published> {
-        let stored = async {
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload)
-                .await?;
-            ack.await
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, stored).await {
-            Err(_) => Err(self.timed_out("a publish")),
-            Ok(Ok(ack)) => Ok(Published::At(ack.sequence)),
-            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                Ok(Published::WrongLast)
-            }
-            Ok(Err(err)) => Err(self.failed("a publish", err)),
-        }
-    }
-
-    /// Every stored message a direct get `request` answers with (one batch).
-    async fn batch(&self, request: &serde_json::Value) -> Result<Vec<async_nats::Message>> {
-        let inbox = self.client.new_inbox();
-        let mut answers = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|err| self.failed("a subscribe", err))?;
-        let body = Bytes::from(serde_json::to_vec(request).expect("a JSON value serializes"));
-        self.client
-            .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), inbox, body)
-            .await
-            .map_err(|err| self.failed("a read", err))?;
-        let mut messages = Vec::new();
-        loop {
-            let answer = tokio::time::timeout(CALL_TIMEOUT, answers.next())
-                .await
-                .map_err(|_| self.timed_out("a read"))?
-                .ok_or_else(|| self.timed_out("a read"))?;
-            match answer.status {
-                None => messages.push(answer),
-                // The end of the batch (204), or nothing matched.
-                Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
-                    return Ok(messages)
-                }
-                Some(status) => {
-                    return Err(Error::unavailable(format!(
-                        "NATS at {}: a read was refused ({status} {}); check that it runs with \
-                         JetStream",
-                        self.servers,
-                        answer.description.unwrap_or_default()
-                    )))
-                }
-            }
-        }
-    }
-
-    /// The entries on subjects matching `filter`, oldest first, up to
-    /// sequence `up_to` if given (a few past it may come too).
-    pub(crate) async fn read_entries(
-        &self,
-        filter: &str,
-        up_to: Option<u64>,
-    ) -> Result<Vec<Entry>> {
-        const PAGE: usize = 256;
-        let mut entries = Vec::new();
-        let mut from = 0;
-        loop {
-            let request = serde_json::json!({ "seq": from, "next_by_subj": filter, "batch": PAGE });
-            let page = self.batch(&request).await?;
-            let Some(last) = page
-                .last()
-                .and_then(|message| header_u64(message, "Nats-Sequence"))
-            else {
-                return Ok(entries);
-            };
-            let more = page
-                .last()
-                .and_then(|message| header_u64(message, "Nats-Num-Pending"))
-                .unwrap_or(0);
-            entries.extend(page.iter().filter_map(|message| {
-                let headers = message.headers.as_ref()?;
-                let subject = headers.get("Nats-Subject")?.as_str();
-                let seq = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
-                Entry::read(subject, seq, Some(headers), &message.payload)
-            }));
-            if more == 0 || up_to.is_some_and(|up_to| last >= up_to) {
-                return Ok(entries);
-            }
-            from = last + 1;
-        }
-    }
-
-    /// The last message on `subject`, as the stream's leader has it.
-    pub(crate) async fn leader_last(
-        &self,
-        subject: &str,
-    ) -> Result<Option<jetstream::message::StreamMessage>> {
-        use jetstream::stream::LastRawMessageErrorKind;
-        let read = tokio::time::timeout(
-            CALL_TIMEOUT,
-            self.stream.get_last_raw_message_by_subject(subject),
-        )
-        .await
-        .map_err(|_| self.timed_out("a read"))?;
-        match read {
-            Ok(message) => Ok(Some(message)),
-            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(err) => Err(self.failed("a read", err)),
-        }
-    }
-
-    /// Whether `session` is alive, as the stream's leader knows: a replica
-    /// that lags could miss a session that is.
-    pub(crate) async fn session_alive(&self, session: &str) -> Result<bool> {
-        let last = self.leader_last(&session_subject(session)).await?;
-        Ok(last.is_some_and(|message| session_is_live(&message.headers)))
-    }
-
-    /// Whether the message at `seq` is on `subject`, as the leader has it.
-    pub(crate) async fn stored(&self, seq: u64, subject: &str) -> Result<bool> {
-        use jetstream::stream::RawMessageErrorKind;
-        let read = tokio::time::timeout(CALL_TIMEOUT, self.stream.get_raw_message(seq))
-            .await
-            .map_err(|_| self.timed_out("a read"))?;
-        match read {
-            Ok(message) => Ok(message.subject.as_str() == subject),
-            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(err) => Err(self.failed("a read", err)),
-        }
-    }
-
-    /// Deletes the message at `seq`; `false` if there was none.
-    async fn delete(&self, seq: u64) -> Result<bool> {
-        let request = serde_json::json!({ "seq": seq, "no_erase": true });
-        let answer: serde_json::Value = tokio::time::timeout(
-            CALL_TIMEOUT,
-            self.js
-                .request(format!("STREAM.MSG.DELETE.{STREAM}"), &request),
-        )
-        .await
-        .map_err(|_| self.timed_out("a delete"))?
-        .map_err(|err| self.failed("a delete", err))?;
-        if answer["success"] == serde_json::Value::Bool(true) {
-            return Ok(true);
-        }
-        // Nothing at that sequence: "sequence N not found" (10043) when the
-        // server looks it up, "no message found" (10057) when it tries to
-        // remove it (a delete of the same message got there first).
-        let error = &answer["error"];
-        let code = error["err_code"].as_u64();
-        let description = error["description"].as_str().unwrap_or_default();
-        if code == Some(10043) || (code == Some(10057) && description == "no message found") {
-            return Ok(false);
-        }
-        Err(Error::unavailable(format!(
-            "NATS at {}: a delete was refused: {}",
-            self.servers, answer["error"]
-        )))
-    }
-
-    /// Takes the entry at `seq` (on `subject`) out of its queue, and tells
-    /// whoever waits for it; `false` if it was gone already. Only that
-    /// entry: a sequence is never used twice.
-    pub(crate) async fn remove_entry(&self, subject: &str, seq: u64) -> Result<bool> {
-        if !self.delete(seq).await? {
-            return Ok(false);
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(ENTRY, seq.to_string().as_str());
-        headers.insert(TTL, NOTICE_TTL_SECS.to_string().as_str());
-        // Not waited for: the entry is gone whatever becomes of the notice,
-        // and a waiter that misses it reads the queue again after a slice.
-        let sent = self
-            .js
-            .publish_with_headers(notice_subject(subject), headers, Bytes::new())
-            .await;
-        match sent {
-            Ok(ack) => {
-                tokio::spawn(async move {
-                    if let Err(err) = ack.await {
-                        tracing::debug!("a notice was not stored: {err}");
-                    }
-                });
-            }
-            Err(err) => tracing::debug!("a notice was not sent: {err}"),
-        }
-        Ok(true)
-    }
-}
-
-/// A number in a header of a direct get's answer.
-fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
-    message.headers.as_ref()?.get(name)?.as_str().parse().ok()
 }
 
 #[cfg(test)]

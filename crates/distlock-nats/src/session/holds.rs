@@ -17,8 +17,8 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::HeldEntry;
-use crate::wire::{self, Nats, STREAM};
-use crate::CALL_TIMEOUT;
+use crate::client::Nats;
+use crate::wire::{self, STREAM};
 
 /// The session's side: woken by the task, which ends when this is dropped.
 pub(super) struct HoldsWatch {
@@ -95,12 +95,17 @@ async fn run(
 ) {
     let fresh = || Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut backoff = fresh();
+    let mut disconnects = nats.disconnects.subscribe();
     loop {
+        disconnects.mark_unchanged();
         match watch(&nats, &filter, from).await {
             Ok((mut messages, _consumer)) => {
-                while let Ok(Some(message)) =
-                    tokio::time::timeout(HEARTBEAT * 3, messages.next()).await
-                {
+                // Until the heartbeats stop, or the connection is lost (the
+                // server may come back without the consumer).
+                while let Some(Ok(Some(message))) = tokio::select! {
+                    message = tokio::time::timeout(HEARTBEAT * 3, messages.next()) => Some(message),
+                    _ = disconnects.changed() => None,
+                } {
                     backoff = fresh();
                     if message.status.is_some() {
                         // A heartbeat.
@@ -154,14 +159,16 @@ async fn watch(
         inactive_threshold: Duration::from_secs(10),
         ..Default::default()
     };
-    tokio::time::timeout(CALL_TIMEOUT, nats.stream.create_consumer(config))
-        .await
-        .map_err(|_| nats.timed_out("a holds watch"))?
-        .map_err(|err| nats.failed("a holds watch", err))?;
+    let made = nats.create_consumer("a holds watch", config).await?;
     let consumer = Consumer {
         js: nats.js.clone(),
         name,
     };
+    if !made {
+        return Err(distlock_core::Error::unavailable(
+            "the connection was lost while the holds watch was made",
+        ));
+    }
     Ok((messages, consumer))
 }
 

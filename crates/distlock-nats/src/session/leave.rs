@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distlock_core::store::spawn_cleanup;
-use distlock_core::Result;
+use distlock_core::{Error, Result};
 
-use crate::wire::{expecting, Nats, Published};
+use crate::client::{Nats, Published};
+use crate::wire::{expecting, MODE};
 
 /// How long the tombstone of an attempt whose publish was never answered
 /// keeps its subject: longer than that publish can still be on its way (a
@@ -51,27 +52,43 @@ impl Drop for Leave {
     }
 }
 
-/// Takes the entry on `subject` out. When its sequence is not known (its
-/// publish was never answered) the publish may still land: a tombstone
-/// takes the subject first, and the publish, which expects an empty
-/// subject, is then refused; or the entry is found there and deleted.
+/// Takes the entry on `subject` out, once it is known where its publish
+/// went.
 async fn take_out(nats: &Nats, subject: &str, seq: Option<u64>) -> Result<()> {
     let seq = match seq {
-        Some(seq) => seq,
-        None => {
-            let tombstone = expecting(0, Some(TOMBSTONE_TTL_SECS));
-            match nats
-                .publish(subject.to_owned(), tombstone, Bytes::new())
-                .await?
-            {
-                Published::At(_) => return Ok(()),
-                Published::WrongLast => match nats.leader_last(subject).await? {
-                    Some(there) => there.sequence,
-                    None => return Ok(()),
-                },
-            }
-        }
+        Some(seq) => Some(seq),
+        None => settle(nats, subject).await?,
     };
-    nats.remove_entry(subject, seq).await?;
+    if let Some(seq) = seq {
+        nats.remove_entry(subject, seq).await?;
+    }
     Ok(())
+}
+
+/// Where a publish of an entry on `subject` whose answer never came went:
+/// its sequence if it was stored; `None` if it was not, and now never will
+/// be. A tombstone takes the subject first, and the publish, which expects
+/// the subject empty, is then refused should it still land.
+pub(super) async fn settle(nats: &Nats, subject: &str) -> Result<Option<u64>> {
+    for _ in 0..3 {
+        let tombstone = expecting(0, Some(TOMBSTONE_TTL_SECS));
+        match nats
+            .publish(subject.to_owned(), tombstone, Bytes::new())
+            .await?
+        {
+            Published::At(_) => return Ok(None),
+            // The entry (or an earlier tombstone) is there, or was.
+            Published::WrongLast => {
+                let there = nats.leader_last(subject).await?;
+                return Ok(there
+                    .filter(|message| message.headers.get(MODE).is_some())
+                    .map(|message| message.sequence));
+            }
+            Published::Unknown => continue,
+        }
+    }
+    Err(Error::unavailable(format!(
+        "NATS at {}: the connection kept dropping while an entry was taken out",
+        nats.servers
+    )))
 }

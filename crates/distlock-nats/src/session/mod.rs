@@ -14,7 +14,8 @@ use distlock_core::store::{
 use distlock_core::{Error, Result};
 use futures::future::join_all;
 
-use crate::wire::{self, expecting, session_subject, Nats, Published, CLOSED};
+use crate::client::{Nats, Published};
+use crate::wire::{self, expecting, session_subject, CLOSED};
 
 mod holds;
 mod leave;
@@ -61,19 +62,7 @@ impl NatsSession {
         let ttl_secs = options.ttl.as_millis().div_ceil(1000).max(1);
         let ttl_secs = u64::try_from(ttl_secs).unwrap_or(u64::MAX);
         let id = format!("{:016x}", rand::random::<u64>());
-        let opened = nats
-            .publish(
-                session_subject(&id),
-                expecting(0, Some(ttl_secs)),
-                Bytes::from(options.owner.clone()),
-            )
-            .await?;
-        let Published::At(revision) = opened else {
-            return Err(Error::unavailable(format!(
-                "NATS at {}: a new session's subject was taken; try again",
-                nats.servers
-            )));
-        };
+        let revision = open_session(&nats, &id, ttl_secs, &options.owner).await?;
         let held = Arc::new(Mutex::new(HashMap::new()));
         Ok(NatsSession {
             holds: HoldsWatch::start(Arc::clone(&nats), &id, revision, Arc::clone(&held)),
@@ -125,16 +114,50 @@ impl NatsSession {
                     *lock(&self.revision) = revision;
                     return Ok(());
                 }
-                Published::WrongLast => match self.nats.leader_last(&subject).await? {
-                    Some(last) if wire::session_is_live(&last.headers) => {
-                        *lock(&self.revision) = last.sequence;
+                // Refused, or its answer lost: the leader says which.
+                Published::WrongLast | Published::Unknown => {
+                    match self.nats.leader_last(&subject).await? {
+                        Some(last) if wire::session_is_live(&last.headers) => {
+                            *lock(&self.revision) = last.sequence;
+                        }
+                        _ => return Err(self.lost("expired at the server")),
                     }
-                    _ => return Err(self.lost("expired at the server")),
-                },
+                }
             }
         }
-        Err(self.lost("message keeps changing under it"))
+        // Still alive, as far as is known: the core tries again.
+        Err(Error::unavailable(format!(
+            "NATS at {}: the session's renewal was cut short twice",
+            self.nats.servers
+        )))
     }
+}
+
+/// Publishes a new session's message; its sequence. The name is 64 random
+/// bits: a message found on it after an answer was lost is this one.
+async fn open_session(nats: &Nats, id: &str, ttl_secs: u64, owner: &str) -> Result<u64> {
+    for _ in 0..3 {
+        let opened = nats
+            .publish(
+                session_subject(id),
+                expecting(0, Some(ttl_secs)),
+                Bytes::from(owner.to_owned()),
+            )
+            .await?;
+        match opened {
+            Published::At(revision) => return Ok(revision),
+            Published::WrongLast => match nats.leader_last(&session_subject(id)).await? {
+                Some(there) if wire::session_is_live(&there.headers) => return Ok(there.sequence),
+                _ => break,
+            },
+            Published::Unknown => continue,
+        }
+    }
+    Err(Error::unavailable(format!(
+        "NATS at {}: a new session could not be opened (the connection kept dropping); try \
+         again",
+        nats.servers
+    )))
 }
 
 #[async_trait]

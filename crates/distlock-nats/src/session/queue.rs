@@ -14,42 +14,18 @@ use distlock_core::{Error, Result};
 use futures::future::join_all;
 use tokio::time::Instant;
 
+use super::leave::settle;
 use super::wait::{wait, Watch};
 use super::{HeldEntry, Leave, NatsSession};
-use crate::wire::{entry_headers, entry_subject, lock_hash, queue_filter, Entry, Published};
+use crate::client::Published;
+use crate::wire::{entry_headers, entry_subject, lock_hash, queue_filter, Entry};
 
 impl NatsSession {
     /// Joins the queue at its tail, then reads it until the request holds
     /// the lock, or gives up.
     pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let hash = lock_hash(&request.key);
-        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        let subject = entry_subject(&hash, &self.id, slot);
-        let mut leave = Leave {
-            nats: Arc::clone(&self.nats),
-            subject: subject.clone(),
-            seq: None,
-            frozen: Arc::clone(&self.frozen),
-            armed: true,
-        };
-        // The owner and mode go in the publish that joins: no extra round
-        // trip. The subject is new, so the publish expects it empty.
-        let joined = self
-            .nats
-            .publish(
-                subject.clone(),
-                entry_headers(&request.mode.tag(), &self.owner),
-                Bytes::from(request.key.clone()),
-            )
-            .await?;
-        let Published::At(seq) = joined else {
-            leave.armed = false;
-            return Err(Error::unavailable(format!(
-                "NATS at {}: the new entry's subject {subject} was taken; try again",
-                self.nats.servers
-            )));
-        };
-        leave.seq = Some(seq);
+        let (subject, seq, mut leave) = self.join(request, &hash).await?;
         loop {
             let queue = self
                 .nats
@@ -103,6 +79,57 @@ impl NatsSession {
             )
             .await?;
         }
+    }
+
+    /// Publishes a new entry of this session at the tail of the queue
+    /// `hash`: its subject, its sequence, and what takes it out if the
+    /// attempt ends without the lock. The owner and mode go in the publish:
+    /// no extra round trip. The subject is new, so the publish expects it
+    /// empty. A publish whose answer a lost connection took is settled (found,
+    /// or kept from landing) before anything else.
+    async fn join(&self, request: &AcquireRequest, hash: &str) -> Result<(String, u64, Leave)> {
+        for _ in 0..3 {
+            let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+            let subject = entry_subject(hash, &self.id, slot);
+            let mut leave = Leave {
+                nats: Arc::clone(&self.nats),
+                subject: subject.clone(),
+                seq: None,
+                frozen: Arc::clone(&self.frozen),
+                armed: true,
+            };
+            let joined = self
+                .nats
+                .publish(
+                    subject.clone(),
+                    entry_headers(&request.mode.tag(), &self.owner),
+                    Bytes::from(request.key.clone()),
+                )
+                .await?;
+            let seq = match joined {
+                Published::At(seq) => seq,
+                Published::WrongLast => {
+                    leave.armed = false;
+                    return Err(Error::unavailable(format!(
+                        "NATS at {}: the new entry's subject {subject} was taken; try again",
+                        self.nats.servers
+                    )));
+                }
+                Published::Unknown => match settle(&self.nats, &subject).await? {
+                    Some(seq) => seq,
+                    None => {
+                        leave.armed = false;
+                        continue;
+                    }
+                },
+            };
+            leave.seq = Some(seq);
+            return Ok((subject, seq, leave));
+        }
+        Err(Error::unavailable(format!(
+            "NATS at {}: the connection kept dropping while joining the queue of '{}'",
+            self.nats.servers, request.key
+        )))
     }
 
     /// Takes out every entry `ahead` of a session that ended among those of

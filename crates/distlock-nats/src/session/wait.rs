@@ -12,8 +12,8 @@ use distlock_core::Result;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::wire::{self, notice_filter, notice_subject, session_subject, Entry, Nats, STREAM};
-use crate::CALL_TIMEOUT;
+use crate::client::Nats;
+use crate::wire::{self, notice_filter, notice_subject, session_subject, Entry, STREAM};
 
 /// What a waiter waits for: the end of an entry it names, or of one of the
 /// sessions.
@@ -75,11 +75,15 @@ impl Drop for Consumer {
     }
 }
 
-/// Waits until what `watch` names may have ended, or `until`, or a slice of
-/// [`WATCH_SLICE`] (a consumer can be lost with a server). Messages from
+/// Waits until what `watch` names may have ended, or `until`, or the
+/// connection was lost, or a slice of [`WATCH_SLICE`] (a consumer can be
+/// lost with a server, and a notice with its publisher). Messages from
 /// sequence `after` on count: the queue was read after it was joined there,
 /// so anything since may be news.
 pub(super) async fn wait(nats: &Nats, watch: &Watch, after: u64, until: Instant) -> Result<()> {
+    // A lost connection may mean a server that restarts without the
+    // consumer.
+    let mut disconnects = nats.disconnects.subscribe();
     let inbox = nats.client.new_inbox();
     // Subscribed before the consumer exists, so nothing it pushes is lost.
     let mut messages = nats
@@ -102,18 +106,25 @@ pub(super) async fn wait(nats: &Nats, watch: &Watch, after: u64, until: Instant)
         inactive_threshold: Duration::from_secs(10),
         ..Default::default()
     };
-    tokio::time::timeout(CALL_TIMEOUT, nats.stream.create_consumer(config))
-        .await
-        .map_err(|_| nats.timed_out("a watch"))?
-        .map_err(|err| nats.failed("a watch", err))?;
+    let made = nats.create_consumer("a watch", config).await?;
     let _consumer = Consumer {
         js: nats.js.clone(),
         name,
     };
+    if !made {
+        // The connection was lost: the queue is read again, and a new
+        // consumer made, once it is back.
+        return Ok(());
+    }
     let ended = async {
-        while let Some(message) = messages.next().await {
-            if watch.wakes(&message) {
-                return;
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(message) if watch.wakes(&message) => return,
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = disconnects.changed() => return,
             }
         }
     };

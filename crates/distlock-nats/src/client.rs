@@ -1,0 +1,361 @@
+//! The connection and the calls the store makes on it: publishes that
+//! expect a sequence, batched reads, reads from the stream's leader, and
+//! deletes by sequence.
+//!
+//! Every call is bounded in time, and cut short when the connection is
+//! lost while it is under way: its answer would have come on that
+//! connection and never will, so waiting for the timeout would only slow
+//! the store's recovery. Reads and deletes are then asked again. (A call
+//! made while the client is disconnected waits for the new connection,
+//! which carries it and its answer.)
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::StreamMessage, stream};
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use distlock_core::store::root_cause;
+use distlock_core::{Error, Result};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::wire::{self, notice_subject, session_subject, Entry, STREAM};
+use crate::CALL_TIMEOUT;
+
+/// How often a read or delete cut short by a lost connection is asked again.
+const TRIES: usize = 3;
+
+/// How a publish that expected a sequence went.
+pub(crate) enum Published {
+    /// Stored at this sequence.
+    At(u64),
+    /// The subject's last sequence was not the one expected.
+    WrongLast,
+    /// The connection was lost before the answer came: whether it was
+    /// stored is not known.
+    Unknown,
+}
+
+/// Why a call has no answer.
+enum Cut {
+    TimedOut,
+    Disconnected,
+}
+
+/// The connection, and the stream.
+pub(crate) struct Nats {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) stream: stream::Stream,
+    /// The servers, without credentials, for messages.
+    pub(crate) servers: String,
+    /// Counts the connections the client lost.
+    pub(crate) disconnects: Arc<watch::Sender<u64>>,
+}
+
+impl Nats {
+    pub(crate) fn new(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        stream: stream::Stream,
+        servers: String,
+        disconnects: Arc<watch::Sender<u64>>,
+    ) -> Self {
+        Nats {
+            client,
+            js,
+            stream,
+            servers,
+            disconnects,
+        }
+    }
+
+    /// A failed call, with its cause.
+    pub(crate) fn failed(
+        &self,
+        what: &str,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::unavailable(format!(
+            "NATS at {}: {what} failed ({}); check that it runs with JetStream",
+            self.servers,
+            root_cause(&err)
+        ))
+        .with_source(err)
+    }
+
+    pub(crate) fn timed_out(&self, what: &str) -> Error {
+        Error::unavailable(format!(
+            "NATS at {}: {what} got no answer in {CALL_TIMEOUT:?}",
+            self.servers
+        ))
+    }
+
+    fn cut(&self, what: &str, cut: Cut) -> Error {
+        match cut {
+            Cut::TimedOut => self.timed_out(what),
+            Cut::Disconnected => Error::unavailable(format!(
+                "NATS at {}: the connection was lost during {what}; whether it was done is not \
+                 known",
+                self.servers
+            )),
+        }
+    }
+
+    /// `call`'s answer, unless it takes [`CALL_TIMEOUT`] or the connection
+    /// is lost first.
+    async fn bounded<T>(&self, call: impl Future<Output = T>) -> std::result::Result<T, Cut> {
+        let mut disconnects = self.disconnects.subscribe();
+        tokio::select! {
+            answer = call => Ok(answer),
+            () = tokio::time::sleep(CALL_TIMEOUT) => Err(Cut::TimedOut),
+            _ = disconnects.changed() => Err(Cut::Disconnected),
+        }
+    }
+
+    /// Asks `call` again while a lost connection cuts it short, a few
+    /// times: for calls that may be made twice.
+    async fn again<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        for _ in 1..TRIES {
+            match self.bounded(call()).await {
+                Ok(answer) => return answer,
+                Err(Cut::Disconnected) => continue,
+                Err(cut) => return Err(self.cut(what, cut)),
+            }
+        }
+        match self.bounded(call()).await {
+            Ok(answer) => answer,
+            Err(cut) => Err(self.cut(what, cut)),
+        }
+    }
+
+    /// Publishes to the stream and waits until it is stored. Not asked
+    /// again: whether a publish cut short was stored is not known, and the
+    /// caller finds out as it must.
+    pub(crate) async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Published> {
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await?;
+            ack.await
+        };
+        match self.bounded(stored).await {
+            Err(Cut::Disconnected) => Ok(Published::Unknown),
+            Err(cut) => Err(self.cut("a publish", cut)),
+            Ok(Ok(ack)) => Ok(Published::At(ack.sequence)),
+            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                Ok(Published::WrongLast)
+            }
+            Ok(Err(err)) => Err(self.failed("a publish", err)),
+        }
+    }
+
+    /// Every stored message a direct get `request` answers with (one batch).
+    async fn batch(&self, request: &serde_json::Value) -> Result<Vec<async_nats::Message>> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| self.failed("a subscribe", err))?;
+        let body = Bytes::from(serde_json::to_vec(request).expect("a JSON value serializes"));
+        self.client
+            .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), inbox, body)
+            .await
+            .map_err(|err| self.failed("a read", err))?;
+        let mut messages = Vec::new();
+        while let Some(answer) = answers.next().await {
+            match answer.status {
+                None => messages.push(answer),
+                // The end of the batch (204), or nothing matched.
+                Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
+                    return Ok(messages)
+                }
+                Some(status) => {
+                    return Err(Error::unavailable(format!(
+                        "NATS at {}: a read was refused ({status} {}); check that it runs with \
+                         JetStream",
+                        self.servers,
+                        answer.description.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+        Err(Error::unavailable(format!(
+            "NATS at {}: the connection closed during a read",
+            self.servers
+        )))
+    }
+
+    /// The entries on subjects matching `filter`, oldest first, up to
+    /// sequence `up_to` if given (a few past it may come too). Any replica
+    /// may answer (see `docs/0010-nats.md` for why that is safe).
+    pub(crate) async fn read_entries(
+        &self,
+        filter: &str,
+        up_to: Option<u64>,
+    ) -> Result<Vec<Entry>> {
+        const PAGE: usize = 256;
+        let mut entries = Vec::new();
+        let mut from = 0;
+        loop {
+            let request = serde_json::json!({ "seq": from, "next_by_subj": filter, "batch": PAGE });
+            let page = self.again("a read", || self.batch(&request)).await?;
+            let Some(last) = page
+                .last()
+                .and_then(|message| header_u64(message, "Nats-Sequence"))
+            else {
+                return Ok(entries);
+            };
+            let more = page
+                .last()
+                .and_then(|message| header_u64(message, "Nats-Num-Pending"))
+                .unwrap_or(0);
+            entries.extend(page.iter().filter_map(|message| {
+                let headers = message.headers.as_ref()?;
+                let subject = headers.get("Nats-Subject")?.as_str();
+                let seq = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+                Entry::read(subject, seq, Some(headers), &message.payload)
+            }));
+            if more == 0 || up_to.is_some_and(|up_to| last >= up_to) {
+                return Ok(entries);
+            }
+            from = last + 1;
+        }
+    }
+
+    /// The last message on `subject`, as the stream's leader has it.
+    pub(crate) async fn leader_last(&self, subject: &str) -> Result<Option<StreamMessage>> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        self.again("a read", || async {
+            match self.stream.get_last_raw_message_by_subject(subject).await {
+                Ok(message) => Ok(Some(message)),
+                Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(err) => Err(self.failed("a read", err)),
+            }
+        })
+        .await
+    }
+
+    /// Whether `session` is alive, as the stream's leader knows: a replica
+    /// that lags could miss a session that is.
+    pub(crate) async fn session_alive(&self, session: &str) -> Result<bool> {
+        let last = self.leader_last(&session_subject(session)).await?;
+        Ok(last.is_some_and(|message| wire::session_is_live(&message.headers)))
+    }
+
+    /// Whether the message at `seq` is on `subject`, as the leader has it.
+    pub(crate) async fn stored(&self, seq: u64, subject: &str) -> Result<bool> {
+        use jetstream::stream::RawMessageErrorKind;
+        self.again("a read", || async {
+            match self.stream.get_raw_message(seq).await {
+                Ok(message) => Ok(message.subject.as_str() == subject),
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+                Err(err) => Err(self.failed("a read", err)),
+            }
+        })
+        .await
+    }
+
+    /// Deletes the message at `seq`; `false` if there was none. A delete
+    /// cut short is asked again, and "none" then counts as deleted: the
+    /// first may have been.
+    async fn delete(&self, seq: u64) -> Result<bool> {
+        let request = serde_json::json!({ "seq": seq, "no_erase": true });
+        let subject = format!("STREAM.MSG.DELETE.{STREAM}");
+        let mut cut_short = false;
+        for _ in 0..TRIES {
+            let answer = self
+                .bounded(self.js.request(subject.clone(), &request))
+                .await;
+            let answer: serde_json::Value = match answer {
+                Ok(answer) => answer.map_err(|err| self.failed("a delete", err))?,
+                Err(Cut::Disconnected) => {
+                    cut_short = true;
+                    continue;
+                }
+                Err(cut) => return Err(self.cut("a delete", cut)),
+            };
+            if answer["success"] == serde_json::Value::Bool(true) {
+                return Ok(true);
+            }
+            // Nothing at that sequence: "sequence N not found" (10043) when
+            // the server looks it up, "no message found" (10057) when it
+            // tries to remove it (a delete of it got there first).
+            let error = &answer["error"];
+            let code = error["err_code"].as_u64();
+            let description = error["description"].as_str().unwrap_or_default();
+            if code == Some(10043) || (code == Some(10057) && description == "no message found") {
+                return Ok(cut_short);
+            }
+            return Err(Error::unavailable(format!(
+                "NATS at {}: a delete was refused: {error}",
+                self.servers
+            )));
+        }
+        Err(self.cut("a delete", Cut::Disconnected))
+    }
+
+    /// Takes the entry at `seq` (on `subject`) out of its queue, and tells
+    /// whoever waits for it; `false` if it was gone already. Only that
+    /// entry: a sequence is never used twice.
+    pub(crate) async fn remove_entry(&self, subject: &str, seq: u64) -> Result<bool> {
+        if !self.delete(seq).await? {
+            return Ok(false);
+        }
+        // Not waited for: the entry is gone whatever becomes of the notice,
+        // and a waiter that misses it reads the queue again after a slice.
+        let sent = self
+            .js
+            .publish_with_headers(
+                notice_subject(subject),
+                wire::notice_headers(seq),
+                Bytes::new(),
+            )
+            .await;
+        match sent {
+            Ok(ack) => {
+                tokio::spawn(async move {
+                    if let Err(err) = ack.await {
+                        tracing::debug!("a notice was not stored: {err}");
+                    }
+                });
+            }
+            Err(err) => tracing::debug!("a notice was not sent: {err}"),
+        }
+        Ok(true)
+    }
+}
+
+impl Nats {
+    /// Makes a push consumer; `false` if the connection was lost meanwhile
+    /// (made or not, nobody listens to it, and the server drops it).
+    pub(crate) async fn create_consumer(
+        &self,
+        what: &str,
+        config: jetstream::consumer::push::Config,
+    ) -> Result<bool> {
+        match self.bounded(self.stream.create_consumer(config)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(err)) => Err(self.failed(what, err)),
+            Err(Cut::Disconnected) => Ok(false),
+            Err(cut) => Err(self.cut(what, cut)),
+        }
+    }
+}
+
+/// A number in a header of a direct get's answer.
+fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
+    message.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}
