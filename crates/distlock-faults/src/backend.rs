@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use distlock_testkit::cluster::Members;
 use distlock_testkit::servers::{
-    EtcdCluster, Mariadb, Postgres, Redis, ZooKeeper, ZooKeeperEnsemble,
+    EtcdCluster, Mariadb, Nats, Postgres, Redis, ZooKeeper, ZooKeeperEnsemble,
 };
 
 use crate::run::Store;
@@ -24,6 +24,7 @@ pub(crate) enum Backend {
     #[cfg(feature = "etcd")]
     Etcd(distlock_testkit::servers::Etcd),
     Zookeeper(ZooKeeper),
+    Nats(Nats),
     /// A cluster of 3 (etcd, ZooKeeper).
     Cluster(Box<dyn Members>),
 }
@@ -96,6 +97,7 @@ impl Backend {
             #[cfg(not(feature = "etcd"))]
             Store::Etcd => anyhow::bail!("etcd needs the etcd feature"),
             Store::Zookeeper => Backend::Zookeeper(ZooKeeper::start()),
+            Store::Nats => Backend::Nats(Nats::start()),
             #[cfg(feature = "etcd")]
             Store::EtcdCluster => Backend::Cluster(Box::new(EtcdCluster::start(3))),
             #[cfg(not(feature = "etcd"))]
@@ -129,6 +131,7 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => etcd.url(),
             Backend::Zookeeper(zookeeper) => format!("{}/faults", zookeeper.url()),
+            Backend::Nats(nats) => nats.url(),
             Backend::Cluster(members) => cluster_url(store, &members.url_from(0)),
         }
     }
@@ -188,6 +191,7 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => Some(etcd.port()),
             Backend::Zookeeper(zookeeper) => Some(zookeeper.port()),
+            Backend::Nats(nats) => Some(nats.port()),
             Backend::Cluster(_) => None,
         }
     }
@@ -213,6 +217,7 @@ impl Backend {
             #[cfg(feature = "etcd")]
             Backend::Etcd(etcd) => Backend::Etcd(etcd.crash_and_restart()),
             Backend::Zookeeper(zookeeper) => Backend::Zookeeper(zookeeper.crash_and_restart()),
+            Backend::Nats(nats) => Backend::Nats(nats.crash_and_restart()),
             // Its members are killed one at a time (`Fault::KillLeader`).
             Backend::Cluster(members) => Backend::Cluster(members),
         })

@@ -34,6 +34,8 @@ pub enum Store {
     Etcd,
     /// ZooKeeper.
     Zookeeper,
+    /// NATS with JetStream, one server.
+    Nats,
     /// etcd, 3 members (with the `etcd` feature): the cluster tier.
     EtcdCluster,
     /// ZooKeeper, an ensemble of 3: the cluster tier.
@@ -81,6 +83,7 @@ impl Store {
             stores.push(Store::Etcd);
         }
         stores.push(Store::Zookeeper);
+        stores.push(Store::Nats);
         stores
     }
 
@@ -112,6 +115,7 @@ impl Store {
             Store::MysqlLease => "mysql lease",
             Store::Etcd => "etcd",
             Store::Zookeeper => "zookeeper",
+            Store::Nats => "nats",
             Store::EtcdCluster => "etcd cluster",
             Store::ZookeeperCluster => "zookeeper cluster",
         }
@@ -122,12 +126,14 @@ impl Store {
     /// the default election timeout, rounded up to 2 s); a leader that
     /// takes over gives every lease its full TTL again plus the election
     /// timeout (1 s, `lessor.Promote`); and expired leases are revoked by
-    /// a loop that runs every 500 ms. Elsewhere it is the TTL.
+    /// a loop that runs every 500 ms. NATS keeps TTLs in whole seconds,
+    /// rounded up. Elsewhere it is the TTL.
     pub(crate) fn lease_after_restart(self, ttl: Duration) -> Duration {
         match self {
             Store::Etcd | Store::EtcdCluster => {
                 ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500)
             }
+            Store::Nats => Duration::from_secs(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)),
             _ => ttl,
         }
     }
