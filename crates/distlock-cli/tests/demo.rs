@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use distlock_testkit::servers::{Mariadb, Postgres, Redis, ZooKeeper};
+use distlock_testkit::servers::{Mariadb, Nats, Postgres, Redis, ZooKeeper};
 
 /// Runs the demo and returns its exit success and JSON summary.
 fn demo(url: &str, db: Option<&str>, extra: &[&str]) -> (bool, serde_json::Value) {
@@ -105,6 +105,10 @@ fn each_store(mut run: impl FnMut(&str)) {
 
     let zookeeper = ZooKeeper::start();
     run(&format!("{}/coupons", zookeeper.url()));
+    drop(zookeeper);
+
+    let nats = Nats::start();
+    run(&nats.url());
 }
 
 #[test]
