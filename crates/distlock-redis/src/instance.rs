@@ -199,19 +199,18 @@ impl Instance {
     }
 
     /// The fast path of an exclusive acquire: `SET NX PX` of the main key
-    /// and `INCR` of the fencing counter, in one round trip. `Some(token)`
-    /// if the key was free (nobody holding or waiting).
+    /// and `INCR` of the fencing counter, in one `MULTI`/`EXEC` and one
+    /// round trip. `Some(token)` if the key was free (nobody holding or
+    /// waiting).
     ///
-    /// The two commands are pipelined, not atomic: a grant's `INCR` runs
-    /// right after its `SET`, before its answer can reach the client, so
-    /// only a hold that ran out in between (the TTL passing between two
-    /// pipelined commands) could take a token below an earlier one's — and
-    /// the core refuses a grant whose answer came after its lease — or one
-    /// that a forced release ended in between, if another take ran whole
-    /// in that gap too; its first renewal then reports it lost.
+    /// The transaction keeps every command of other clients out from
+    /// between the two: pipelined alone, a forced release and another
+    /// client's whole take could run there, and the hold that the force
+    /// ended would get a token above the new holder's.
     ///
     /// `owner`, the session's owner write if due, rides in the same round
-    /// trip.
+    /// trip, outside the transaction: its failure (an out-of-memory or ACL
+    /// refusal) is not the acquire's.
     pub(crate) async fn fast_acquire(
         &self,
         keys: &LockKeys,
@@ -221,29 +220,34 @@ impl Instance {
         owner: Option<&Cmd>,
     ) -> redis::RedisResult<Option<u64>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
+        pipe.cmd("MULTI")
+            .ignore()
+            .cmd("SET")
             .arg(&keys.main)
             .arg(member)
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl_and_delay))
+            .ignore()
             .cmd("INCR")
-            .arg(&keys.fence);
+            .arg(&keys.fence)
+            .ignore()
+            .cmd("EXEC");
         if let Some(owner) = owner {
-            // Its failure (an out-of-memory or ACL refusal) is not the
-            // acquire's: each command's answer is read on its own.
-            pipe.add_command(owner.clone()).ignore().ignore_errors();
+            pipe.add_command(owner.clone()).ignore();
         }
+        // Each answer is read on its own: `QUEUED`s and the owner write's
+        // are dropped; a command refused while queued aborts the `EXEC`.
+        pipe.ignore_errors();
         let (set, token) = self
             .within(limit, async {
                 let mut connection = self.connection().await?;
-                let (set, token) = pipe
-                    .query_async::<(
-                        redis::RedisResult<Option<redis::Value>>,
-                        redis::RedisResult<u64>,
-                    )>(&mut connection)
+                let (exec,) = pipe
+                    .query_async::<(redis::RedisResult<(Option<redis::Value>, u64)>,)>(
+                        &mut connection,
+                    )
                     .await?;
-                Ok((set?, token?))
+                exec
             })
             .await?;
         Ok(set.map(|_| token))

@@ -1,5 +1,5 @@
 //! The Lua scripts, run with EVALSHA (loaded again on NOSCRIPT by the
-//! `redis` crate), and the one plain command pair of the fast path. Every
+//! `redis` crate), and the one transaction of the fast path. Every
 //! key a script touches is passed in `KEYS` and shares the lock's hash tag,
 //! so one lock lives in one slot.
 //!
@@ -402,7 +402,7 @@ if string.sub(v, 1, 1) ~= '*' then
   local lease_left = redis.call('PTTL', KEYS[1]) - (tonumber(string.match(v, '|(%d+)$')) or 0)
   if lease_left <= 0 then return {} end
   -- Nobody waits on a fast lock: deleting it frees it for the next SET NX,
-  -- whose INCR follows the ended hold's (see `Instance::fast_acquire`).
+  -- whose INCR, in one transaction with it, follows the ended hold's.
   redis.call('DEL', KEYS[1])
   return {{v, 'x', '', lease_left}}
 end
