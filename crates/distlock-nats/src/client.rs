@@ -309,8 +309,14 @@ impl Nats {
 
     /// Takes the entry at `seq` (on `subject`) out of its queue, and tells
     /// whoever waits for it; `false` if it was gone already. Only that
-    /// entry: a sequence is never used twice.
+    /// entry: the message at `seq` is first checked to be on `subject`, as
+    /// the leader has it. A sequence is used once while the stream keeps
+    /// its writes, but a server that crashed before syncing them uses the
+    /// lost ones again, and the message there may be another session's.
     pub(crate) async fn remove_entry(&self, subject: &str, seq: u64) -> Result<bool> {
+        if !self.stored(seq, subject).await? {
+            return Ok(false);
+        }
         if !self.delete(seq).await? {
             return Ok(false);
         }
@@ -358,4 +364,36 @@ impl Nats {
 /// A number in a header of a direct get's answer.
 fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
     message.headers.as_ref()?.get(name)?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use distlock_testkit::servers;
+
+    use crate::client::Published;
+    use crate::wire::{entry_headers, entry_subject};
+    use crate::NatsStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_by_sequence_spares_a_message_on_another_subject() {
+        let server = servers::Nats::start();
+        let store = NatsStore::connect(&server.url()).await.expect("connect");
+        let nats = &store.nats;
+        let theirs = entry_subject("h", "theirs", 1);
+        let Published::At(seq) = nats
+            .publish(theirs.clone(), entry_headers("x", ""), Bytes::from("k"))
+            .await
+            .expect("publish")
+        else {
+            panic!("not stored");
+        };
+        // What a release retried after a crash that lost writes asks: its
+        // own entry's subject, at a sequence now used by another.
+        let mine = entry_subject("h", "mine", 1);
+        assert!(!nats.remove_entry(&mine, seq).await.expect("remove"));
+        assert!(nats.stored(seq, &theirs).await.expect("read"), "deleted");
+        assert!(nats.remove_entry(&theirs, seq).await.expect("remove"));
+        assert!(!nats.stored(seq, &theirs).await.expect("read"));
+    }
 }
