@@ -92,3 +92,39 @@ pub(super) async fn settle(nats: &Nats, subject: &str) -> Result<Option<u64>> {
         nats.servers
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use distlock_testkit::servers;
+
+    use super::*;
+    use crate::wire::entry_subject;
+    use crate::NatsStore;
+
+    /// A retried take-out whose first tombstone was stored (its answer
+    /// lost) finds that tombstone, and keeps it: it is not an entry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_take_out_keeps_its_own_tombstone() {
+        let server = servers::Nats::start();
+        let store = NatsStore::connect(&server.url()).await.expect("connect");
+        let nats = &store.nats;
+        let subject = entry_subject("h", "s", 1);
+        let tombstone = expecting(0, Some(TOMBSTONE_TTL_SECS));
+        let Published::At(seq) = nats
+            .publish(subject.clone(), tombstone, Bytes::new())
+            .await
+            .expect("publish")
+        else {
+            panic!("not stored");
+        };
+        take_out(nats, &subject, None).await.expect("take out");
+        assert!(nats.stored(seq, &subject).await.expect("read"), "deleted");
+        // The late join publish, which expects the subject empty, is refused.
+        let late = crate::wire::entry_headers("x", "");
+        assert!(matches!(
+            nats.publish(subject, late, Bytes::from("k")).await,
+            Ok(Published::WrongLast)
+        ));
+    }
+}
