@@ -77,8 +77,9 @@ struct Target {
     addresses: Vec<String>,
     /// The servers as messages show them: no credentials.
     shown: String,
-    /// How many copies of the stream a cluster keeps, if it is created.
-    replicas: usize,
+    /// How many copies of the stream a cluster keeps (`?replicas=N`), if
+    /// given: an existing stream must then have as many.
+    replicas: Option<usize>,
 }
 
 fn parse_url(url: &str) -> Result<Target> {
@@ -107,11 +108,11 @@ fn parse_url(url: &str) -> Result<Target> {
         addresses.push(format!("nats://{host}"));
         shown.push(bare.to_owned());
     }
-    let mut replicas = 1;
+    let mut replicas = None;
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         match pair.split_once('=') {
             Some(("replicas", count)) => {
-                replicas = count
+                let count = count
                     .parse::<usize>()
                     .ok()
                     .filter(|count| (1..=5).contains(count))
@@ -120,6 +121,7 @@ fn parse_url(url: &str) -> Result<Target> {
                             "replicas={count} in '{url}': JetStream keeps 1 to 5 copies"
                         ))
                     })?;
+                replicas = Some(count);
             }
             _ => {
                 return Err(Error::config(format!(
@@ -253,10 +255,10 @@ mod tests {
             Target {
                 addresses: vec!["nats://h1:4222".into(), "nats://u:p@h2:4223".into()],
                 shown: "h1:4222,h2:4223".into(),
-                replicas: 3,
+                replicas: Some(3),
             }
         );
-        assert_eq!(parse_url("nats://h:1").expect("parse").replicas, 1);
+        assert_eq!(parse_url("nats://h:1").expect("parse").replicas, None);
     }
 
     #[test]

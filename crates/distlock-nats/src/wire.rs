@@ -165,7 +165,7 @@ pub(crate) fn notice_headers(seq: u64) -> HeaderMap {
 pub(crate) async fn open_stream(
     js: &jetstream::Context,
     servers: &str,
-    replicas: usize,
+    replicas: Option<usize>,
 ) -> Result<stream::Stream> {
     let config = stream::Config {
         name: STREAM.to_owned(),
@@ -174,7 +174,7 @@ pub(crate) async fn open_stream(
         max_messages_per_subject: 1,
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
-        num_replicas: replicas,
+        num_replicas: replicas.unwrap_or(1),
         allow_direct: true,
         allow_message_ttl: true,
         subject_delete_marker_ttl: Some(MARKER_TTL),
@@ -204,12 +204,121 @@ pub(crate) async fn open_stream(
              it; delete it (its locks go with it) or point the store at another account"
         )));
     }
+    if let Some(why) = unfit(config, replicas) {
+        return Err(Error::config(format!(
+            "NATS at {servers} has a stream {STREAM} that {why}"
+        )));
+    }
     Ok(stream)
+}
+
+/// What is wrong, for the store, with an existing stream's `config`, and
+/// what to change; `None` if nothing. Each of these would drop or lose
+/// entries and sessions the store counts on: a lock would go free while
+/// its holder holds it.
+fn unfit(config: &stream::Config, replicas: Option<usize>) -> Option<String> {
+    const REMAKE: &str = "delete it (its locks go with it) and let the store make it again";
+    if config.storage != stream::StorageType::File {
+        return Some(format!(
+            "keeps its messages in memory, which a restart loses; the store needs file \
+             storage, which a stream cannot change to: {REMAKE}"
+        ));
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        return Some(format!(
+            "has a retention of {:?}, which drops messages the store still needs; the store \
+             needs limits retention, which a stream cannot change to: {REMAKE}",
+            config.retention
+        ));
+    }
+    let mut limits = Vec::new();
+    if !config.max_age.is_zero() {
+        limits.push(format!("max age {:?} (--max-age=0)", config.max_age));
+    }
+    if config.max_messages > 0 {
+        limits.push(format!(
+            "max messages {} (--max-msgs=-1)",
+            config.max_messages
+        ));
+    }
+    if config.max_bytes > 0 {
+        limits.push(format!("max bytes {} (--max-bytes=-1)", config.max_bytes));
+    }
+    if !limits.is_empty() {
+        return Some(format!(
+            "has limits that would drop live sessions and queue entries: {}; remove them \
+             with `nats stream edit {STREAM}` and the flags shown, or {REMAKE}",
+            limits.join(", ")
+        ));
+    }
+    match replicas {
+        Some(replicas) if config.num_replicas.max(1) != replicas => Some(format!(
+            "has {} replica(s) where the URL asks for replicas={replicas}; change it with \
+             `nats stream edit {STREAM} --replicas={replicas}`, or write replicas={} in the URL",
+            config.num_replicas.max(1),
+            config.num_replicas.max(1)
+        )),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_that_would_lose_entries_are_unfit() {
+        let good = stream::Config {
+            storage: stream::StorageType::File,
+            num_replicas: 3,
+            ..Default::default()
+        };
+        assert_eq!(unfit(&good, None), None);
+        assert_eq!(unfit(&good, Some(3)), None);
+        let why = unfit(&good, Some(1)).expect("replicas differ");
+        assert!(why.contains("--replicas=1"), "{why}");
+        let bad = [
+            (
+                stream::Config {
+                    storage: stream::StorageType::Memory,
+                    ..good.clone()
+                },
+                "memory",
+            ),
+            (
+                stream::Config {
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    ..good.clone()
+                },
+                "retention",
+            ),
+            (
+                stream::Config {
+                    max_age: Duration::from_secs(60),
+                    ..good.clone()
+                },
+                "--max-age=0",
+            ),
+            (
+                stream::Config {
+                    max_messages: 1000,
+                    ..good.clone()
+                },
+                "--max-msgs=-1",
+            ),
+            (
+                stream::Config {
+                    max_bytes: 1 << 20,
+                    ..good.clone()
+                },
+                "--max-bytes=-1",
+            ),
+        ];
+        for (config, says) in bad {
+            let why = unfit(&config, None).expect(says);
+            assert!(why.contains(says), "{why}");
+        }
+    }
 
     #[test]
     fn subjects_are_safe_whatever_the_key() {

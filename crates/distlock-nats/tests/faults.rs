@@ -170,6 +170,46 @@ async fn a_stream_made_otherwise_is_refused() {
     assert!(err.to_string().contains("DISTLOCK"), "{err}");
 }
 
+/// A stream as the store makes it, but for what `change` does.
+async fn refused_stream(change: impl FnOnce(&mut async_nats::jetstream::stream::Config)) -> String {
+    use async_nats::jetstream::stream;
+    let server = Nats::start();
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    let mut config = stream::Config {
+        name: "DISTLOCK".into(),
+        subjects: vec!["distlock.>".into()],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    change(&mut config);
+    async_nats::jetstream::new(nats)
+        .create_stream(config)
+        .await
+        .expect("a stream of another making");
+    let err = NatsStore::connect(&server.url())
+        .await
+        .expect_err("the stream would lose entries");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    err.to_string()
+}
+
+#[tokio::test]
+async fn a_stream_that_would_lose_entries_is_refused_with_what_to_change() {
+    use async_nats::jetstream::stream::StorageType;
+    let err = refused_stream(|config| config.storage = StorageType::Memory).await;
+    assert!(err.contains("memory") && err.contains("delete it"), "{err}");
+    let err = refused_stream(|config| config.max_age = Duration::from_secs(3600)).await;
+    assert!(err.contains("--max-age=0"), "{err}");
+    let err = refused_stream(|config| config.max_bytes = 1 << 20).await;
+    assert!(err.contains("--max-bytes=-1"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_leave_no_consumer_behind() {
     let server = Nats::start();
