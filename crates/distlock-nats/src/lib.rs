@@ -196,9 +196,15 @@ impl NatsStore {
     }
 
     /// What NATS gives: what every store with a queue per key does,
-    /// `status` with each entry's owner, and forced release.
+    /// `status` with each entry's owner, and forced release. Fencing is
+    /// not claimed durable: with JetStream's default `sync_interval` (2
+    /// min) a machine crash of a single server can lose the last writes,
+    /// and the server then uses their sequences (tokens) again. The store
+    /// cannot see that setting through the client (see
+    /// `docs/0010-nats.md`).
     pub fn capabilities() -> Capabilities {
         let mut caps = distlock_core::store::queue::capabilities("nats");
+        caps.fencing = distlock_core::store::Fencing::InProcess;
         caps.status = true;
         caps.keeps_owner = true;
         caps.force_release = true;
