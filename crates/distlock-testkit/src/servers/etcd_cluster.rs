@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::daemon::{free_port, Daemon};
 
@@ -159,25 +159,18 @@ impl EtcdCluster {
     /// Waits until every live member names one live leader; the leader.
     /// Panics, with the members' logs, after a minute.
     pub fn wait_for_leader(&self) -> usize {
-        let started = Instant::now();
-        loop {
-            if let Some(leader) = self.leader() {
-                return leader;
-            }
-            if started.elapsed() > ELECTION_TIMEOUT {
-                let logs: Vec<String> = self
-                    .members
+        super::wait_for_leader(
+            "etcd cluster",
+            ELECTION_TIMEOUT,
+            || self.leader(),
+            || {
+                self.members
                     .iter()
                     .filter_map(|member| member.daemon.as_ref())
                     .map(Daemon::log_tail)
-                    .collect();
-                panic!(
-                    "the etcd cluster elected no leader in {ELECTION_TIMEOUT:?}:\n{}",
-                    logs.join("\n---\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                    .collect()
+            },
+        )
     }
 
     /// Kills member `index` (SIGKILL, a crash).

@@ -36,3 +36,27 @@ pub use postgres::Postgres;
 pub use redis::Redis;
 pub use zookeeper::ZooKeeper;
 pub use zookeeper_ensemble::ZooKeeperEnsemble;
+
+/// Waits until `leader` names a cluster's leader, asking every 100 ms;
+/// the leader. Panics after `timeout` with what `logs` shows of its
+/// processes.
+pub(crate) fn wait_for_leader(
+    cluster: &str,
+    timeout: std::time::Duration,
+    leader: impl Fn() -> Option<usize>,
+    logs: impl Fn() -> Vec<String>,
+) -> usize {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(leader) = leader() {
+            return leader;
+        }
+        if started.elapsed() > timeout {
+            panic!(
+                "the {cluster} elected no leader in {timeout:?}:\n{}",
+                logs().join("\n---\n")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

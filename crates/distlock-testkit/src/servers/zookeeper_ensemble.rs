@@ -4,7 +4,7 @@
 //! their data, or frozen, one at a time.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::daemon::{free_port, Daemon};
 use crate::servers::zookeeper::{four_letter, SCRIPT};
@@ -175,25 +175,18 @@ impl ZooKeeperEnsemble {
 
     /// Waits until a live server leads and the others follow; the leader.
     pub fn wait_for_leader(&self) -> usize {
-        let started = Instant::now();
-        loop {
-            if let Some(leader) = self.leader() {
-                return leader;
-            }
-            if started.elapsed() > ELECTION_TIMEOUT {
-                let logs: Vec<String> = self
-                    .servers
+        super::wait_for_leader(
+            "ZooKeeper ensemble",
+            ELECTION_TIMEOUT,
+            || self.leader(),
+            || {
+                self.servers
                     .iter()
                     .filter_map(|server| server.daemon.as_ref())
                     .map(Daemon::log_tail)
-                    .collect();
-                panic!(
-                    "the ZooKeeper ensemble elected no leader in {ELECTION_TIMEOUT:?}:\n{}",
-                    logs.join("\n---\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                    .collect()
+            },
+        )
     }
 
     /// Kills server `index` (SIGKILL, a crash).
