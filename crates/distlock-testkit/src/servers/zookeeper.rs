@@ -30,21 +30,7 @@ impl ZooKeeper {
         // A short tick, so that sessions as short as the tests' (600 ms)
         // are granted as asked; the admin server off (it would take port
         // 8080); four-letter words only to ask whether it serves.
-        let text = format!(
-            "tickTime=100\n\
-             initLimit=10\n\
-             syncLimit=5\n\
-             dataDir={data}\n\
-             clientPort={port}\n\
-             clientPortAddress=127.0.0.1\n\
-             minSessionTimeout=200\n\
-             maxSessionTimeout=120000\n\
-             maxClientCnxns=0\n\
-             admin.enableServer=false\n\
-             4lw.commands.whitelist=ruok,srvr\n\
-             znode.container.checkIntervalMs=1000\n",
-            data = dir.path().join("data").display(),
-        );
+        let text = zoo_cfg(&dir.path().join("data"), port, (10, 5), "");
         std::fs::write(&config, text).expect("write zoo.cfg");
         let mut command = Command::new(SCRIPT);
         command
@@ -115,4 +101,33 @@ pub(crate) fn four_letter(port: u16, word: &str) -> String {
         let _ = stream.read_to_string(&mut answer);
     }
     answer
+}
+
+/// A `zoo.cfg` for a test server: a tick of 100 ms (sessions as short as
+/// the tests' are granted as asked), `limits` as (initLimit, syncLimit) in
+/// ticks, the admin server off, four-letter words only to ask whether it
+/// serves; `members` the `server.N=…` lines of an ensemble ("" alone).
+pub(crate) fn zoo_cfg(
+    data: &std::path::Path,
+    port: u16,
+    limits: (u32, u32),
+    members: &str,
+) -> String {
+    let (init, sync) = limits;
+    format!(
+        "tickTime=100\n\
+         initLimit={init}\n\
+         syncLimit={sync}\n\
+         dataDir={data}\n\
+         clientPort={port}\n\
+         clientPortAddress=127.0.0.1\n\
+         minSessionTimeout=200\n\
+         maxSessionTimeout=120000\n\
+         maxClientCnxns=0\n\
+         admin.enableServer=false\n\
+         4lw.commands.whitelist=ruok,srvr\n\
+         znode.container.checkIntervalMs=1000\n\
+         {members}",
+        data = data.display(),
+    )
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::daemon::{free_port, Daemon};
-use crate::servers::zookeeper::{four_letter, SCRIPT};
+use crate::servers::zookeeper::{four_letter, zoo_cfg, SCRIPT};
 
 /// How long an ensemble may take to elect a leader.
 const ELECTION_TIMEOUT: Duration = Duration::from_secs(90);
@@ -84,25 +84,8 @@ impl ZooKeeperEnsemble {
                 )
             })
             .collect();
-        // As the standalone server (servers/zookeeper.rs), with a tick of
-        // 100 ms: a leader is found dead after syncLimit ticks.
-        let text = format!(
-            "tickTime=100\n\
-             initLimit=50\n\
-             syncLimit=10\n\
-             dataDir={data}\n\
-             clientPort={port}\n\
-             clientPortAddress=127.0.0.1\n\
-             minSessionTimeout=200\n\
-             maxSessionTimeout=120000\n\
-             maxClientCnxns=0\n\
-             admin.enableServer=false\n\
-             4lw.commands.whitelist=ruok,srvr\n\
-             znode.container.checkIntervalMs=1000\n\
-             {members}",
-            data = data.display(),
-            port = self.servers[index].port,
-        );
+        // A leader is found dead after syncLimit ticks (1 s).
+        let text = zoo_cfg(&data, self.servers[index].port, (50, 10), &members);
         let config = dir.join("zoo.cfg");
         std::fs::write(&config, text).expect("write zoo.cfg");
         let mut command = Command::new(SCRIPT);
