@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use distlock_testkit::cluster::Members;
 use distlock_testkit::servers::{
-    EtcdCluster, Mariadb, Nats, Postgres, Redis, ZooKeeper, ZooKeeperEnsemble,
+    EtcdCluster, Mariadb, Nats, NatsCluster, Postgres, Redis, ZooKeeper, ZooKeeperEnsemble,
 };
 
 use crate::run::Store;
@@ -25,7 +25,7 @@ pub(crate) enum Backend {
     Etcd(distlock_testkit::servers::Etcd),
     Zookeeper(ZooKeeper),
     Nats(Nats),
-    /// A cluster of 3 (etcd, ZooKeeper).
+    /// A cluster of 3 (etcd, ZooKeeper, NATS).
     Cluster(Box<dyn Members>),
 }
 
@@ -103,6 +103,7 @@ impl Backend {
             #[cfg(not(feature = "etcd"))]
             Store::EtcdCluster => anyhow::bail!("etcd needs the etcd feature"),
             Store::ZookeeperCluster => Backend::Cluster(Box::new(ZooKeeperEnsemble::start(3))),
+            Store::NatsCluster => Backend::Cluster(Box::new(NatsCluster::start(3))),
         })
     }
 

@@ -40,6 +40,8 @@ pub enum Store {
     EtcdCluster,
     /// ZooKeeper, an ensemble of 3: the cluster tier.
     ZookeeperCluster,
+    /// NATS, 3 servers, the stream kept 3 ways: the cluster tier.
+    NatsCluster,
 }
 
 /// A fault.
@@ -94,12 +96,16 @@ impl Store {
             stores.push(Store::EtcdCluster);
         }
         stores.push(Store::ZookeeperCluster);
+        stores.push(Store::NatsCluster);
         stores
     }
 
     /// Whether it runs as a cluster of members.
     pub fn is_cluster(self) -> bool {
-        matches!(self, Store::EtcdCluster | Store::ZookeeperCluster)
+        matches!(
+            self,
+            Store::EtcdCluster | Store::ZookeeperCluster | Store::NatsCluster
+        )
     }
 
     /// Its name in the table.
@@ -118,6 +124,7 @@ impl Store {
             Store::Nats => "nats",
             Store::EtcdCluster => "etcd cluster",
             Store::ZookeeperCluster => "zookeeper cluster",
+            Store::NatsCluster => "nats cluster",
         }
     }
 
@@ -127,13 +134,16 @@ impl Store {
     /// takes over gives every lease its full TTL again plus the election
     /// timeout (1 s, `lessor.Promote`); and expired leases are revoked by
     /// a loop that runs every 500 ms. NATS keeps TTLs in whole seconds,
-    /// rounded up. Elsewhere it is the TTL.
+    /// rounded up; a new stream leader expires the sessions whose lease ran
+    /// out during its election up to about 1.8 s after it is elected
+    /// (measured over 7 elections: 0.4 to 1.8 s). Elsewhere it is the TTL.
     pub(crate) fn lease_after_restart(self, ttl: Duration) -> Duration {
         match self {
             Store::Etcd | Store::EtcdCluster => {
                 ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500)
             }
-            Store::Nats => Duration::from_secs(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)),
+            Store::Nats => whole_seconds(ttl),
+            Store::NatsCluster => whole_seconds(ttl) + Duration::from_secs(2),
             _ => ttl,
         }
     }
@@ -147,6 +157,11 @@ impl Store {
         }
         self != Store::File || matches!(fault, Fault::Pause | Fault::Kill)
     }
+}
+
+/// `ttl` rounded up to whole seconds, as NATS keeps it.
+fn whole_seconds(ttl: Duration) -> Duration {
+    Duration::from_secs(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
 }
 
 impl Fault {

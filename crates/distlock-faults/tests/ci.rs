@@ -31,7 +31,7 @@ async fn every_store_survives_every_fault() {
     );
 }
 
-/// The cluster tier: etcd and ZooKeeper as clusters of 3, workers spread
+/// The cluster tier: etcd, ZooKeeper and NATS as clusters of 3, workers spread
 /// over the members, under a killed leader (restarted once another
 /// leads), a leader frozen past an election, and one member cut off from
 /// its clients: no accepted overlap, no token going back, `lost()` before

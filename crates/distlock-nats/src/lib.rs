@@ -2,7 +2,8 @@
 //!
 //! Everything lives in one stream, `DISTLOCK` (subjects `distlock.>`, one
 //! message per subject, file storage, per-message TTLs and delete markers),
-//! which the store creates if it is missing:
+//! which the store creates if it is missing, with `?replicas=N` copies (3
+//! by default when the server is in a cluster, else 1):
 //!
 //! - A session is the subject `distlock.s.SESSION`, whose one message has a
 //!   TTL of the session's lease (whole seconds, rounded up). A renewal
@@ -78,7 +79,8 @@ struct Target {
     /// The servers as messages show them: no credentials.
     shown: String,
     /// How many copies of the stream a cluster keeps (`?replicas=N`), if
-    /// given: an existing stream must then have as many.
+    /// given: an existing stream must then have as many. Unsaid, a new
+    /// stream gets 3 in a cluster, 1 on a lone server.
     replicas: Option<usize>,
 }
 
@@ -189,7 +191,8 @@ impl NatsStore {
         check_version(&shown, &client.server_info().version)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(CALL_TIMEOUT);
-        let stream = wire::open_stream(&js, &shown, target.replicas).await?;
+        let clustered = client.server_info().cluster.is_some();
+        let stream = wire::open_stream(&js, &shown, target.replicas, clustered).await?;
         Ok(NatsStore {
             nats: std::sync::Arc::new(Nats::new(client, js, stream, shown, disconnects)),
         })

@@ -9,8 +9,6 @@ use distlock_core::store::root_cause;
 use distlock_core::{Error, Result};
 use sha2::{Digest, Sha256};
 
-use crate::CALL_TIMEOUT;
-
 /// The stream that holds everything.
 pub(crate) const STREAM: &str = "DISTLOCK";
 const SUBJECTS: &str = "distlock.>";
@@ -166,7 +164,11 @@ pub(crate) async fn open_stream(
     js: &jetstream::Context,
     servers: &str,
     replicas: Option<usize>,
+    clustered: bool,
 ) -> Result<stream::Stream> {
+    // A cluster keeps 3 copies unless the URL says otherwise: a majority
+    // then survives the loss of any one server.
+    let copies = replicas.unwrap_or(if clustered { 3 } else { 1 });
     let config = stream::Config {
         name: STREAM.to_owned(),
         description: Some("distlock: sessions, lock queues, notices".to_owned()),
@@ -174,19 +176,40 @@ pub(crate) async fn open_stream(
         max_messages_per_subject: 1,
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
-        num_replicas: replicas.unwrap_or(1),
+        num_replicas: copies,
         allow_direct: true,
         allow_message_ttl: true,
         subject_delete_marker_ttl: Some(MARKER_TTL),
         ..Default::default()
     };
-    let stream = js.get_or_create_stream(config).await.map_err(|err| {
+    // A cluster that has just started answers no JetStream request until it
+    // has elected a meta leader, which takes seconds: asked again until then.
+    let patience = tokio::time::Instant::now() + ELECTION_PATIENCE;
+    let made = loop {
+        let made = js.get_or_create_stream(config.clone()).await;
+        match &made {
+            Err(err) if electing(err) && tokio::time::Instant::now() < patience => {
+                tracing::info!("NATS at {servers} is electing a leader; asking again: {err}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            _ => break made,
+        }
+    };
+    let stream = made.map_err(|err| {
         use jetstream::context::CreateStreamErrorKind;
         let why = match err.kind() {
             CreateStreamErrorKind::JetStreamUnavailable => {
                 "has JetStream off; start nats-server with --jetstream".to_owned()
             }
-            CreateStreamErrorKind::TimedOut => format!("did not answer in {CALL_TIMEOUT:?}"),
+            CreateStreamErrorKind::TimedOut => format!(
+                "answered no JetStream request for {ELECTION_PATIENCE:?}; if it is a cluster, \
+                 check that a majority of its servers run"
+            ),
+            _ if replicas.is_none() && clustered => format!(
+                "did not make the stream {STREAM} with {copies} replicas ({}); give it as \
+                 many JetStream servers, or write ?replicas=N in the URL",
+                root_cause(&err)
+            ),
             _ => format!("did not make the stream {STREAM} ({})", root_cause(&err)),
         };
         Error::unavailable(format!("NATS at {servers} {why}")).with_source(err)
@@ -210,6 +233,23 @@ pub(crate) async fn open_stream(
         )));
     }
     Ok(stream)
+}
+
+/// How long opening the stream waits for a cluster to elect its leaders.
+const ELECTION_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether making or reading the stream failed because JetStream has no
+/// leader yet: no answer in time, or "JetStream system temporarily
+/// unavailable" (10008).
+fn electing(err: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind;
+    match err.kind() {
+        CreateStreamErrorKind::TimedOut => true,
+        CreateStreamErrorKind::JetStream(err) => {
+            err.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+        }
+        _ => false,
+    }
 }
 
 /// What is wrong, for the store, with an existing stream's `config`, and

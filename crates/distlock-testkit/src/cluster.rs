@@ -1,4 +1,4 @@
-//! What every clustered store (etcd, ZooKeeper) must ride out, written once:
+//! What every clustered store (etcd, ZooKeeper, NATS) must ride out, written once:
 //! a fault of its leader under a holder and a waiter on other members, and
 //! a client whose member dies.
 
@@ -10,13 +10,20 @@ use distlock_core::Client;
 /// the cluster has healed.
 pub const REGRANT_BOUND: Duration = Duration::from_secs(5);
 
+/// A lease that outlives a failover of `cluster`: renewed every third of
+/// it, a session whose renewals stall for an election (and a call's
+/// timeout) still renews in time.
+fn outliving<C: Members>(cluster: &C, at_least: Duration) -> Duration {
+    at_least.max(cluster.failover() * 3)
+}
+
 /// `holding` takes `key` (with a lease longer than an election), a session
 /// of `waiting` waits for it, and `fault` strikes the cluster (blocking; it
 /// gets the cluster and must leave it healed). Then: the holder still
 /// holds, the waiter was not granted meanwhile, and after the holder's
 /// release the waiter is granted within [`REGRANT_BOUND`], with a higher
 /// token. Returns the cluster.
-pub async fn holder_and_waiter_ride_out<C: Send + 'static>(
+pub async fn holder_and_waiter_ride_out<C: Members + 'static>(
     holding: &Client,
     waiting: &Client,
     key: &str,
@@ -25,7 +32,7 @@ pub async fn holder_and_waiter_ride_out<C: Send + 'static>(
 ) -> C {
     let holder = holding
         .session()
-        .ttl(Duration::from_secs(8))
+        .ttl(outliving(&cluster, Duration::from_secs(8)))
         .open()
         .await
         .expect("open");
@@ -85,7 +92,7 @@ pub async fn a_session_outlives_its_member<C: Members + 'static>(
     key: &str,
     mut cluster: C,
 ) -> C {
-    let ttl = Duration::from_secs(4);
+    let ttl = outliving(&cluster, Duration::from_secs(4));
     let session = client.session().ttl(ttl).open().await.expect("open");
     let held = session.lock(key).await.expect("free");
     for index in 0..cluster.size() {
@@ -142,10 +149,13 @@ pub trait Members: Send + std::fmt::Debug {
     fn pause(&self, index: usize);
     /// Lets a frozen member run on (SIGCONT).
     fn resume(&self, index: usize);
+    /// The longest the cluster takes to elect a new leader once its leader
+    /// is gone, as the test kit configures it.
+    fn failover(&self) -> Duration;
 }
 
 macro_rules! members {
-    ($type:ty, $leader_among_others:expr) => {
+    ($type:ty, $leader_among_others:expr, $failover:expr) => {
         impl Members for $type {
             fn size(&self) -> usize {
                 <$type>::size(self)
@@ -174,16 +184,29 @@ macro_rules! members {
             fn resume(&self, index: usize) {
                 <$type>::resume(self, index)
             }
+            fn failover(&self) -> Duration {
+                $failover
+            }
         }
     };
 }
 
 members!(
     crate::servers::EtcdCluster,
-    crate::servers::EtcdCluster::leader_among_others
+    crate::servers::EtcdCluster::leader_among_others,
+    // etcd's election timeout, 1 s by default.
+    Duration::from_secs(1)
 );
 members!(
     crate::servers::ZooKeeperEnsemble,
     |ensemble: &crate::servers::ZooKeeperEnsemble, frozen| ensemble
-        .leader_among_others(Some(frozen))
+        .leader_among_others(Some(frozen)),
+    // syncLimit (1 s in the test kit), then a vote.
+    Duration::from_secs(2)
+);
+members!(
+    crate::servers::NatsCluster,
+    crate::servers::NatsCluster::leader_among_others,
+    // nats-server's Raft election timeout, 4 to 9 s.
+    Duration::from_secs(9)
 );

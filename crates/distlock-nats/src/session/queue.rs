@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use distlock_core::store::queue::{self, Blocker};
 use distlock_core::store::{AcquireRequest, Grant};
-use distlock_core::{Error, Result};
+use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
 use tokio::time::Instant;
 
@@ -20,6 +20,9 @@ use super::{HeldEntry, Leave, NatsSession};
 use crate::client::Published;
 use crate::wire::{entry_headers, entry_subject, lock_hash, queue_filter, Entry};
 
+/// How long a waiting acquire pauses when NATS did not answer it.
+const RIDE_OUT_PAUSE: Duration = Duration::from_millis(250);
+
 impl NatsSession {
     /// Joins the queue at its tail, then reads it until the request holds
     /// the lock, or gives up.
@@ -27,15 +30,29 @@ impl NatsSession {
         let hash = lock_hash(&request.key);
         let (subject, seq, mut leave) = self.join(request, &hash).await?;
         loop {
-            let queue = self
+            let queue = match self
                 .nats
                 .read_entries(&queue_filter(&hash), Some(seq))
-                .await?;
+                .await
+            {
+                Ok(queue) => queue,
+                Err(err) => {
+                    self.ride_out(err, request.wait_until).await?;
+                    continue;
+                }
+            };
             if !queue.iter().any(|entry| entry.seq == seq) {
                 // A replica that lags may not have it yet: the leader knows.
-                if self.nats.stored(seq, &subject).await? {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
+                match self.nats.stored(seq, &subject).await {
+                    Ok(true) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        self.ride_out(err, request.wait_until).await?;
+                        continue;
+                    }
                 }
                 leave.armed = false;
                 return Err(self.lost(
@@ -58,8 +75,13 @@ impl NatsSession {
                 Blocker::Entry(index) => vec![ahead[index]],
                 Blocker::AnyChange => ahead.clone(),
             };
-            if self.take_out_ended(&blocking, &ahead).await? {
-                continue;
+            match self.take_out_ended(&blocking, &ahead).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(err) => {
+                    self.ride_out(err, request.wait_until).await?;
+                    continue;
+                }
             }
             let until = match request.wait_until {
                 Some(until) if Instant::now() < until => until,
@@ -71,14 +93,26 @@ impl NatsSession {
                     return Ok(None);
                 }
             };
-            wait(
-                &self.nats,
-                &Watch::of(&hash, blocker, &blocking),
-                seq,
-                until,
-            )
-            .await?;
+            let watch = Watch::of(&hash, blocker, &blocking);
+            if let Err(err) = wait(&self.nats, &watch, seq, until).await {
+                self.ride_out(err, Some(until)).await?;
+            }
         }
+    }
+
+    /// A waiting acquire's answer to a failed call: a cluster may be
+    /// electing the stream's leader, which takes seconds, so while the
+    /// store is unavailable a wait goes on (after a pause) until its
+    /// deadline. Anything else, or a failure at the deadline, ends the
+    /// acquire (its entry is then taken out).
+    async fn ride_out(&self, err: Error, until: Option<Instant>) -> Result<()> {
+        let until = match until {
+            Some(until) if err.kind() == ErrorKind::Unavailable && Instant::now() < until => until,
+            _ => return Err(err),
+        };
+        tracing::warn!("NATS did not answer a waiting acquire, asking again: {err}");
+        tokio::time::sleep_until(until.min(Instant::now() + RIDE_OUT_PAUSE)).await;
+        Ok(())
     }
 
     /// Publishes a new entry of this session at the tail of the queue

@@ -49,6 +49,20 @@ pub fn nats_server_program() -> PathBuf {
     })
 }
 
+/// The body of a `GET` of `path` on the monitoring port `port`, if it
+/// answers 200 within 2 seconds.
+pub(crate) fn monitor(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let ok = answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200");
+    let (_, body) = answer.split_once("\r\n\r\n")?;
+    ok.then(|| body.to_owned())
+}
+
 impl Nats {
     /// Starts a new server on a free port and waits until JetStream serves.
     pub fn start() -> Nats {
@@ -98,17 +112,7 @@ impl Nats {
     /// Whether the monitoring port says the server, JetStream included, is
     /// healthy.
     fn healthy(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let request = "GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-        let mut answer = String::new();
-        if stream.write_all(request.as_bytes()).is_err() {
-            return false;
-        }
-        let _ = stream.read_to_string(&mut answer);
-        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
+        monitor(self.monitor, "/healthz").is_some()
     }
 
     /// A server for all the tests of this binary, killed when it exits.
