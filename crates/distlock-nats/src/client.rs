@@ -154,9 +154,7 @@ impl Nats {
             Err(Cut::Disconnected) => Ok(Published::Unknown),
             Err(cut) => Err(self.cut("a publish", cut)),
             Ok(Ok(ack)) => Ok(Published::At(ack.sequence)),
-            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                Ok(Published::WrongLast)
-            }
+            Ok(Err(err)) if wrong_last(&err) => Ok(Published::WrongLast),
             Ok(Err(err)) => Err(self.failed("a publish", err)),
         }
     }
@@ -361,6 +359,20 @@ impl Nats {
     }
 }
 
+/// Whether a publish was refused for its expected last sequence: the
+/// subject's last message is another (10071), or, in a cluster, another
+/// publish to the subject is in flight (10164, which says no number).
+fn wrong_last(err: &jetstream::context::PublishError) -> bool {
+    if err.kind() == PublishErrorKind::WrongLastSequence {
+        return true;
+    }
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|api| {
+            api.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+        })
+}
+
 /// A number in a header of a direct get's answer.
 fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
     message.headers.as_ref()?.get(name)?.as_str().parse().ok()
@@ -368,6 +380,8 @@ fn header_u64(message: &async_nats::Message, name: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
     use bytes::Bytes;
     use distlock_testkit::servers;
 
@@ -395,5 +409,27 @@ mod tests {
         assert!(nats.stored(seq, &theirs).await.expect("read"), "deleted");
         assert!(nats.remove_entry(&theirs, seq).await.expect("remove"));
         assert!(!nats.stored(seq, &theirs).await.expect("read"));
+    }
+
+    fn refused(code: u64) -> PublishError {
+        let api: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "wrong last sequence"
+        }))
+        .expect("an API error");
+        PublishError::with_source(PublishErrorKind::Other, api)
+    }
+
+    #[test]
+    fn a_clustered_refusal_of_the_expected_sequence_is_wrong_last() {
+        // A cluster's leader refuses a publish to a subject with another in
+        // flight with 10164, not 10071: both mean "not stored".
+        assert!(super::wrong_last(&refused(10164)));
+        assert!(super::wrong_last(&PublishError::new(
+            PublishErrorKind::WrongLastSequence
+        )));
+        assert!(!super::wrong_last(&refused(10077)));
+        assert!(!super::wrong_last(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
     }
 }

@@ -185,35 +185,24 @@ pub(crate) async fn open_stream(
     // A cluster that has just started answers no JetStream request until it
     // has elected a meta leader, which takes seconds: asked again until then.
     let patience = tokio::time::Instant::now() + ELECTION_PATIENCE;
+    let mut asked_again = false;
     let made = loop {
         let made = js.get_or_create_stream(config.clone()).await;
         match &made {
-            Err(err) if electing(err) && tokio::time::Instant::now() < patience => {
-                tracing::info!("NATS at {servers} is electing a leader; asking again: {err}");
+            Err(err) if clustered && electing(err) && tokio::time::Instant::now() < patience => {
+                if !asked_again {
+                    tracing::warn!(
+                        "NATS at {servers} is electing a leader; asking again for up to \
+                         {ELECTION_PATIENCE:?}: {err}"
+                    );
+                    asked_again = true;
+                }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             _ => break made,
         }
     };
-    let stream = made.map_err(|err| {
-        use jetstream::context::CreateStreamErrorKind;
-        let why = match err.kind() {
-            CreateStreamErrorKind::JetStreamUnavailable => {
-                "has JetStream off; start nats-server with --jetstream".to_owned()
-            }
-            CreateStreamErrorKind::TimedOut => format!(
-                "answered no JetStream request for {ELECTION_PATIENCE:?}; if it is a cluster, \
-                 check that a majority of its servers run"
-            ),
-            _ if replicas.is_none() && clustered => format!(
-                "did not make the stream {STREAM} with {copies} replicas ({}); give it as \
-                 many JetStream servers, or write ?replicas=N in the URL",
-                root_cause(&err)
-            ),
-            _ => format!("did not make the stream {STREAM} ({})", root_cause(&err)),
-        };
-        Error::unavailable(format!("NATS at {servers} {why}")).with_source(err)
-    })?;
+    let stream = made.map_err(|err| not_made(err, servers, copies, asked_again))?;
     let config = &stream.cached_info().config;
     let fits = config.allow_message_ttl
         && config.subject_delete_marker_ttl.is_some()
@@ -232,11 +221,67 @@ pub(crate) async fn open_stream(
             "NATS at {servers} has a stream {STREAM} that {why}"
         )));
     }
+    if clustered && replicas.is_none() && config.num_replicas < 3 {
+        tracing::warn!(
+            "NATS at {servers} is a cluster, but its stream {STREAM} is kept in {} copy(ies): \
+             a server's loss can lose locks and tokens; `nats stream edit {STREAM} \
+             --replicas=3` keeps 3",
+            config.num_replicas.max(1)
+        );
+    }
     Ok(stream)
 }
 
-/// How long opening the stream waits for a cluster to elect its leaders.
-const ELECTION_PATIENCE: Duration = Duration::from_secs(30);
+/// The error for a stream that could not be made or read; `asked_again`
+/// says whether it was asked again while a cluster elected its leader.
+fn not_made(
+    err: jetstream::context::CreateStreamError,
+    servers: &str,
+    copies: usize,
+    asked_again: bool,
+) -> Error {
+    use jetstream::context::CreateStreamErrorKind;
+    let at = format!("NATS at {servers}");
+    let made = match err.kind() {
+        CreateStreamErrorKind::JetStreamUnavailable => Error::unavailable(format!(
+            "{at} has JetStream off; start nats-server with --jetstream"
+        )),
+        CreateStreamErrorKind::TimedOut => {
+            let how_long = if asked_again { " in 30 s" } else { "" };
+            Error::unavailable(format!(
+                "{at} answered no JetStream request{how_long}; check that a majority of its \
+                 servers run, and that this user may use $JS.API"
+            ))
+        }
+        CreateStreamErrorKind::JetStream(api) if too_few_servers(&api) => Error::config(format!(
+            "{at} cannot keep the stream {STREAM} in {copies} copies ({}); give it as many \
+                 JetStream servers, or write ?replicas=N in the URL",
+            root_cause(&err)
+        )),
+        _ => Error::unavailable(format!(
+            "{at} did not make the stream {STREAM} ({})",
+            root_cause(&err)
+        )),
+    };
+    made.with_source(err)
+}
+
+/// How long opening the stream asks again while a cluster elects its
+/// leaders (plus one call's timeout: about 30 s in all).
+const ELECTION_PATIENCE: Duration = Duration::from_secs(25);
+
+/// Whether JetStream refused a stream for want of servers to keep its
+/// copies: no suitable peers for placement (10005), insufficient resources
+/// (10023), or replicas on a server that is not clustered (10074).
+fn too_few_servers(api: &jetstream::Error) -> bool {
+    use jetstream::ErrorCode;
+    [
+        ErrorCode::CLUSTER_NO_PEERS,
+        ErrorCode::INSUFFICIENT_RESOURCES,
+        ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+    ]
+    .contains(&api.error_code())
+}
 
 /// Whether making or reading the stream failed because JetStream has no
 /// leader yet: no answer in time, or "JetStream system temporarily

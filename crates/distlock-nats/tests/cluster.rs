@@ -41,6 +41,12 @@ async fn on_followers(cluster: &NatsCluster, leader: usize) -> (Client, Client) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_stream_on_a_cluster_is_kept_three_ways() {
     let cluster = NatsCluster::start(3);
+    // More copies than servers: a clear error, and no stream.
+    let err = NatsStore::connect(&format!("{}/?replicas=5", cluster.url()))
+        .await
+        .expect_err("3 servers keep no 5 copies");
+    assert_eq!(err.kind(), distlock_core::ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("?replicas=N"), "{err}");
     let all = client(&cluster.url()).await;
     let session = all.session().open().await.expect("open");
     session

@@ -23,12 +23,20 @@ use crate::wire::{entry_headers, entry_subject, lock_hash, queue_filter, Entry};
 /// How long a waiting acquire pauses when NATS did not answer it.
 const RIDE_OUT_PAUSE: Duration = Duration::from_millis(250);
 
+/// How long a waiting acquire rides out failures in a row: an election
+/// takes at most 9 s, and calls during it time out in 5 s. Past this the
+/// failure is taken as lasting (a refused permission, a limit) and ends
+/// the acquire, however long it may wait.
+const RIDE_OUT_LIMIT: Duration = Duration::from_secs(60);
+
 impl NatsSession {
     /// Joins the queue at its tail, then reads it until the request holds
     /// the lock, or gives up.
     pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let hash = lock_hash(&request.key);
         let (subject, seq, mut leave) = self.join(request, &hash).await?;
+        // Since when calls have failed in a row, while riding them out.
+        let mut failing = None;
         loop {
             let queue = match self
                 .nats
@@ -37,7 +45,7 @@ impl NatsSession {
             {
                 Ok(queue) => queue,
                 Err(err) => {
-                    self.ride_out(err, request.wait_until).await?;
+                    ride_out(&mut failing, err, request.wait_until).await?;
                     continue;
                 }
             };
@@ -50,7 +58,7 @@ impl NatsSession {
                     }
                     Ok(false) => {}
                     Err(err) => {
-                        self.ride_out(err, request.wait_until).await?;
+                        ride_out(&mut failing, err, request.wait_until).await?;
                         continue;
                     }
                 }
@@ -79,7 +87,7 @@ impl NatsSession {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(err) => {
-                    self.ride_out(err, request.wait_until).await?;
+                    ride_out(&mut failing, err, request.wait_until).await?;
                     continue;
                 }
             }
@@ -94,25 +102,12 @@ impl NatsSession {
                 }
             };
             let watch = Watch::of(&hash, blocker, &blocking);
-            if let Err(err) = wait(&self.nats, &watch, seq, until).await {
-                self.ride_out(err, Some(until)).await?;
+            match wait(&self.nats, &watch, seq, until).await {
+                // A whole round went through.
+                Ok(()) => failing = None,
+                Err(err) => ride_out(&mut failing, err, Some(until)).await?,
             }
         }
-    }
-
-    /// A waiting acquire's answer to a failed call: a cluster may be
-    /// electing the stream's leader, which takes seconds, so while the
-    /// store is unavailable a wait goes on (after a pause) until its
-    /// deadline. Anything else, or a failure at the deadline, ends the
-    /// acquire (its entry is then taken out).
-    async fn ride_out(&self, err: Error, until: Option<Instant>) -> Result<()> {
-        let until = match until {
-            Some(until) if err.kind() == ErrorKind::Unavailable && Instant::now() < until => until,
-            _ => return Err(err),
-        };
-        tracing::warn!("NATS did not answer a waiting acquire, asking again: {err}");
-        tokio::time::sleep_until(until.min(Instant::now() + RIDE_OUT_PAUSE)).await;
-        Ok(())
     }
 
     /// Publishes a new entry of this session at the tail of the queue
@@ -206,4 +201,32 @@ impl NatsSession {
         }
         Ok(true)
     }
+}
+
+/// A waiting acquire's answer to a failed call: a cluster may be electing
+/// the stream's leader, which takes seconds, so while the store is
+/// unavailable a wait goes on (after a pause) until its deadline, for at
+/// most [`RIDE_OUT_LIMIT`] of failures in a row (`failing` says since
+/// when). Anything else, or a failure past either, ends the acquire (its
+/// entry is then taken out).
+async fn ride_out(failing: &mut Option<Instant>, err: Error, until: Option<Instant>) -> Result<()> {
+    let now = Instant::now();
+    let since = *failing.get_or_insert(now);
+    let until = match until {
+        Some(until)
+            if err.kind() == ErrorKind::Unavailable
+                && now < until
+                && now.duration_since(since) < RIDE_OUT_LIMIT =>
+        {
+            until
+        }
+        _ => return Err(err),
+    };
+    if since == now {
+        tracing::warn!("NATS did not answer a waiting acquire; asking again for up to {RIDE_OUT_LIMIT:?}: {err}");
+    } else {
+        tracing::debug!("NATS still does not answer a waiting acquire: {err}");
+    }
+    tokio::time::sleep_until(until.min(now + RIDE_OUT_PAUSE)).await;
+    Ok(())
 }

@@ -214,7 +214,12 @@ fn leader_seen(monitor_port: u16) -> Option<String> {
             let detail = &detail[..detail.find("\"state\"").unwrap_or(detail.len())];
             json_string(detail, "\"leader\":")
         }
-        None => json_string(&jsz[jsz.find("\"meta_cluster\"")?..], "\"leader\":"),
+        None => {
+            // Up to the first object's end: the meta group's own fields,
+            // perhaps a replica's (which name no leader).
+            let meta = &jsz[jsz.find("\"meta_cluster\"")?..];
+            json_string(&meta[..meta.find('}')?], "\"leader\":")
+        }
     }
 }
 
