@@ -43,7 +43,9 @@ enum Command {
     /// Run a command while holding a lock.
     ///
     /// The command gets DISTLOCK_TOKEN (the fencing token) and DISTLOCK_KEY,
-    /// and runs in a process group of its own (unless --foreground, the
+    /// and DISTLOCK_TOKENS (`KEY=TOKEN …`, every key given: several --key
+    /// hold all of them or none, and the first two are then not set), and
+    /// runs in a process group of its own (unless --foreground, the
     /// default when stdin is a terminal). Signals sent to distlock are
     /// forwarded to it. If the lock is at risk (renewals failing, --grace
     /// before the lease runs out) the command gets SIGTERM, and SIGKILL when

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distlock::status::{HolderStatus, StatusQuery};
-use distlock::ErrorKind;
+use distlock::{ErrorKind, Guard, Mode, MultiGuard, Session};
 use nix::sys::signal::Signal;
 use tokio::process::Command;
 
 use crate::status::shown;
 use crate::stderr;
-use crate::supervise::{forward_signals, shell_status, supervise, Ended, Supervised};
+use crate::supervise::{forward_signals, named, shell_status, supervise, Ended, Supervised};
 use crate::{parse_duration, StoreArgs};
 
 /// Exit code when the lock could not be had within `--wait`.
@@ -26,9 +26,12 @@ pub const EXIT_LOST: u8 = 76;
 pub struct RunArgs {
     #[command(flatten)]
     store: StoreArgs,
-    /// The lock key: any UTF-8 string of 1 to 1024 bytes.
-    #[arg(long)]
-    key: String,
+    /// The lock key: any UTF-8 string of 1 to 1024 bytes. Give it more
+    /// than once to hold several keys together: all of them or none, taken
+    /// in one order whatever order they are given in, so that two runs
+    /// never deadlock.
+    #[arg(long, required = true)]
+    key: Vec<String>,
     /// The session lease, renewed every third of it while the command runs.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     lease: Duration,
@@ -65,7 +68,9 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    distlock::validate_key(&args.key)?;
+    for key in &args.key {
+        distlock::validate_key(key)?;
+    }
     let grace = grace(&args)?;
     let client = args.store.connect().await?;
     let mut session = client.session().ttl(args.lease);
@@ -73,19 +78,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         session = session.owner(owner);
     }
     let session = session.open().await.context("cannot open a session")?;
-    let request = match (args.semaphore, args.shared) {
-        (Some(permits), _) => session.semaphore(&args.key, permits),
-        (None, true) => session.read(&args.key),
-        (None, false) => session.lock(&args.key),
+    let mode = match (args.semaphore, args.shared) {
+        (Some(permits), _) => Mode::Semaphore { permits },
+        (None, true) => Mode::Shared,
+        (None, false) => Mode::Exclusive,
     };
-    // On a terminal, say who holds the key while we wait.
+    let keys = args.key.join("', '");
+    // On a terminal, say who holds the (first) key while we wait.
     let show = (std::io::stderr().is_terminal() && args.wait != Some(Duration::ZERO))
-        .then(|| tokio::spawn(show_waiting(client.clone(), args.key.clone())));
-    let acquired = match args.wait {
-        Some(Duration::ZERO) => request.try_lock().await,
-        Some(wait) => request.wait(wait).await.map(Some),
-        None => request.await.map(Some),
-    };
+        .then(|| tokio::spawn(show_waiting(client.clone(), args.key[0].clone())));
+    let acquired = acquire(&session, &args.key, mode, args.wait).await;
     if let Some(show) = show {
         show.abort();
         // Wait until it has stopped, so that it prints nothing after the clear.
@@ -94,14 +96,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let guard = match acquired {
         Ok(Some(guard)) => guard,
-        Ok(None) => return not_acquired(&args.key, "it is held by another session"),
+        Ok(None) => return not_acquired(&keys, "it is held by another session"),
         Err(err) if err.kind() == ErrorKind::Timeout => {
             return not_acquired(
-                &args.key,
+                &keys,
                 &format!("still held after {:?}", args.wait.unwrap_or_default()),
             )
         }
-        Err(err) => return Err(err).context(format!("cannot lock '{}'", args.key)),
+        Err(err) => return Err(err).context(format!("cannot lock '{keys}'")),
     };
 
     // A command on a terminal must be in the terminal's foreground group to
@@ -112,10 +114,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut command = Command::new(&args.command[0]);
     command
         .args(&args.command[1..])
-        .env("DISTLOCK_TOKEN", guard.token().to_string())
-        .env("DISTLOCK_KEY", &args.key)
+        .env("DISTLOCK_TOKENS", tokens_variable(&guard))
         .stdin(Stdio::inherit())
         .kill_on_drop(true);
+    if let [one] = guard.guards() {
+        command
+            .env("DISTLOCK_TOKEN", one.token().to_string())
+            .env("DISTLOCK_KEY", one.key());
+    }
     if !foreground {
         command.process_group(0);
     }
@@ -125,7 +131,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let child = Supervised::new(child, !foreground);
             supervise(child, signals, &guard, grace)
                 .await
-                .map(|ended| exit_code(ended, &args.key))
+                .map(|ended| exit_code(ended, &guard))
         }
         Err(err) => {
             stderr::line(format!("distlock: cannot run '{}': {err}", args.command[0]));
@@ -154,6 +160,61 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     outcome
 }
 
+/// Every key in `mode`: one through `lock`, several through `lock_all`.
+/// `Ok(None)`: busy, for `--wait 0s`.
+async fn acquire(
+    session: &Session,
+    keys: &[String],
+    mode: Mode,
+    wait: Option<Duration>,
+) -> distlock::Result<Option<MultiGuard>> {
+    if let [key] = keys {
+        let request = match mode {
+            Mode::Semaphore { permits } => session.semaphore(key, permits),
+            Mode::Shared => session.read(key),
+            Mode::Exclusive => session.lock(key),
+        };
+        let guard = match wait {
+            Some(Duration::ZERO) => request.try_lock().await?,
+            Some(wait) => Some(request.wait(wait).await?),
+            None => Some(request.await?),
+        };
+        return Ok(guard.map(<MultiGuard as From<Guard>>::from));
+    }
+    let request = session.lock_all(keys.iter().map(|key| (key.as_str(), mode)));
+    match wait {
+        Some(Duration::ZERO) => request.try_lock().await,
+        Some(wait) => request.wait(wait).await.map(Some),
+        None => request.await.map(Some),
+    }
+}
+
+/// `DISTLOCK_TOKENS`: `KEY=TOKEN` for each key, in the order given,
+/// separated by spaces; `%`, `=` and whitespace in a key written as `%XX`.
+fn tokens_variable(guard: &MultiGuard) -> String {
+    guard
+        .tokens()
+        .iter()
+        .map(|(key, token)| format!("{}={token}", escaped(key)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn escaped(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        if c == '%' || c == '=' || c.is_whitespace() {
+            let mut bytes = [0; 4];
+            for byte in c.encode_utf8(&mut bytes).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `--grace`, or a third of the lease; at most half of it, since renewals
 /// come every third of the lease and a longer grace would stop the command
 /// while they succeed.
@@ -172,7 +233,7 @@ fn grace(args: &RunArgs) -> anyhow::Result<Duration> {
 /// The command's own exit code unless distlock stopped or killed it for
 /// the lock's sake, or found the lock lost before the command ended; then
 /// 76, and stderr says which.
-fn exit_code(ended: Ended, key: &str) -> ExitCode {
+fn exit_code(ended: Ended, guard: &MultiGuard) -> ExitCode {
     let why = match ended {
         Ended::Own(status) => return ExitCode::from(shell_status(status)),
         Ended::Stopped(status) => format!(
@@ -185,9 +246,13 @@ fn exit_code(ended: Ended, key: &str) -> ExitCode {
             shell_status(status)
         ),
     };
-    stderr::line(format!(
-        "distlock: exit {EXIT_LOST}: the lock '{key}' {why}"
-    ));
+    let what = named(guard);
+    let why = if guard.guards().len() == 1 {
+        why
+    } else {
+        why.replacen("was ", "were ", 1)
+    };
+    stderr::line(format!("distlock: exit {EXIT_LOST}: {what} {why}"));
     ExitCode::from(EXIT_LOST)
 }
 
@@ -233,8 +298,8 @@ fn describe_holder(holder: &HolderStatus) -> String {
     }
 }
 
-fn not_acquired(key: &str, why: &str) -> anyhow::Result<ExitCode> {
-    stderr::line(format!("distlock: did not get the lock '{key}': {why}"));
+fn not_acquired(keys: &str, why: &str) -> anyhow::Result<ExitCode> {
+    stderr::line(format!("distlock: did not get the lock '{keys}': {why}"));
     Ok(ExitCode::from(EXIT_NOT_ACQUIRED))
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::Context;
-use distlock::Guard;
+use distlock::MultiGuard;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::Child;
@@ -91,7 +91,7 @@ impl Supervised {
 /// When to ask the command to stop: `grace` before the lock would be lost,
 /// which only comes when renewals have been failing (they run every third
 /// of the lease, and `grace` is at most half of it).
-fn at_risk_instant(guard: &Guard, grace: Duration) -> Option<Instant> {
+fn at_risk_instant(guard: &MultiGuard, grace: Duration) -> Option<Instant> {
     guard
         .expires_at()
         .map(|deadline| deadline.checked_sub(grace).unwrap_or(deadline))
@@ -123,7 +123,7 @@ enum Interfered {
 pub async fn supervise(
     mut command: Supervised,
     mut signals: mpsc::UnboundedReceiver<SignalKind>,
-    guard: &Guard,
+    guard: &MultiGuard,
     grace: Duration,
 ) -> anyhow::Result<Ended> {
     let mut interfered = None;
@@ -145,8 +145,8 @@ pub async fn supervise(
                 command.signal(Signal::SIGKILL);
                 interfered = Some(Interfered::Lost);
                 stderr::line(format!(
-                    "distlock: lost the lock '{}'; killed the command (SIGKILL)",
-                    guard.key()
+                    "distlock: lost {}; killed the command (SIGKILL)",
+                    named(guard)
                 ));
             }
             status = command.child.wait() => {
@@ -177,7 +177,7 @@ pub async fn supervise(
 
 /// Sends the command SIGTERM if the lock is within `grace` of its deadline
 /// (a renewal may have moved the deadline since the timer was set).
-fn stop_if_at_risk(command: &Supervised, guard: &Guard, grace: Duration) -> bool {
+fn stop_if_at_risk(command: &Supervised, guard: &MultiGuard, grace: Duration) -> bool {
     let now = Instant::now();
     let Some(deadline) = guard.expires_at() else {
         return false;
@@ -187,11 +187,25 @@ fn stop_if_at_risk(command: &Supervised, guard: &Guard, grace: Duration) -> bool
     }
     command.signal(Signal::SIGTERM);
     stderr::line(format!(
-        "distlock: the lock '{}' is at risk: renewals are failing and its lease runs out in {:.1}s; asked the command to stop (SIGTERM)",
-        guard.key(),
+        "distlock: {} {} at risk: renewals are failing and the lease runs out in {:.1}s; asked the command to stop (SIGTERM)",
+        named(guard),
+        if guard.guards().len() == 1 { "is" } else { "are" },
         deadline.saturating_duration_since(now).as_secs_f64()
     ));
     true
+}
+
+/// "the lock 'a'", or "the locks 'a', 'b'" (one is lost, all are).
+pub fn named(guard: &MultiGuard) -> String {
+    let keys: Vec<String> = guard
+        .guards()
+        .iter()
+        .map(|guard| format!("'{}'", guard.key()))
+        .collect();
+    match keys.as_slice() {
+        [one] => format!("the lock {one}"),
+        _ => format!("the locks {}", keys.join(", ")),
+    }
 }
 
 /// One task per signal kind, all sending into one channel. All are caught,
@@ -260,7 +274,7 @@ mod tests {
         let lease = Duration::from_secs(30);
         let client = distlock::connect("memory://").await.expect("memory store");
         let session = client.session().ttl(lease).open().await.expect("session");
-        let guard = session.lock("k").await.expect("lock");
+        let guard = MultiGuard::from(session.lock("k").await.expect("lock"));
         let command = exited_command().await;
         let ended = supervise(command, no_signals(), &guard, lease)
             .await
@@ -283,7 +297,7 @@ mod tests {
             .open()
             .await
             .expect("session");
-        let guard = session.lock("k").await.expect("lock");
+        let guard = MultiGuard::from(session.lock("k").await.expect("lock"));
         let command = exited_command().await;
         guard.lost().await;
         let ended = supervise(command, no_signals(), &guard, Duration::ZERO)

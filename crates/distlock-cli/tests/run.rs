@@ -55,6 +55,62 @@ fn passes_the_commands_exit_code_and_exports_token_and_key() {
 }
 
 #[test]
+fn several_keys_are_held_together_and_exported_as_tokens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = file_url(dir.path());
+    let show = "echo \"$DISTLOCK_TOKENS|${DISTLOCK_TOKEN-unset}|${DISTLOCK_KEY-unset}\"";
+    let both = run(&[
+        "run", "--url", &url, "--key", "b", "--key", "a b=%", "--", "sh", "-c", show,
+    ]);
+    assert_eq!(both.status.code(), Some(0), "{}", stderr(&both));
+    assert_eq!(
+        String::from_utf8_lossy(&both.stdout),
+        "b=1 a%20b%3D%25=1|unset|unset\n",
+        "every key in the order given, escaped"
+    );
+    // One key held elsewhere: none is taken, and the other stays free.
+    let ready = dir.path().join("holding");
+    let holder_script = format!("touch {}; sleep 30", ready.display());
+    let mut holder = distlock()
+        .args([
+            "run",
+            "--url",
+            &url,
+            "--key",
+            "b",
+            "--",
+            "sh",
+            "-c",
+            &holder_script,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the holder");
+    wait_for(&ready);
+    let busy = run(&[
+        "run", "--url", &url, "--key", "a b=%", "--key", "b", "--wait", "300ms", "--", "true",
+    ]);
+    assert_eq!(busy.status.code(), Some(75), "{}", stderr(&busy));
+    let free = run(&[
+        "run", "--url", &url, "--key", "a b=%", "--wait", "0s", "--", "sh", "-c", show,
+    ]);
+    assert_eq!(free.status.code(), Some(0), "{}", stderr(&free));
+    assert_eq!(
+        String::from_utf8_lossy(&free.stdout),
+        "a%20b%3D%25=3|3|a b=%\n",
+        "one key: DISTLOCK_TOKEN and DISTLOCK_KEY too"
+    );
+    holder.kill().expect("stop the holder");
+    holder.wait().expect("reap the holder");
+    assert_usage_error(
+        &run(&[
+            "run", "--url", &url, "--key", "a", "--key", "a", "--", "true",
+        ]),
+        "the key 'a' twice",
+    );
+}
+
+#[test]
 fn exits_75_when_the_key_is_held_past_wait() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = file_url(dir.path());

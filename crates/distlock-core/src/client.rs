@@ -51,6 +51,7 @@ impl Client {
                 lock_delay: DEFAULT_LOCK_DELAY,
                 max_hold: None,
                 owner: None,
+                max_keys: crate::session::DEFAULT_MAX_KEYS,
             },
         }
     }
@@ -114,6 +115,13 @@ impl SessionBuilder {
     /// line.
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.config.owner = Some(owner.into());
+        self
+    }
+
+    /// The most keys one [`Session::lock_all`](crate::Session::lock_all)
+    /// may name (default 64): a bound on what one request can tie up.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.config.max_keys = max_keys;
         self
     }
 

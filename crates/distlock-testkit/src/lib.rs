@@ -31,6 +31,7 @@ pub mod daemon;
 mod leases;
 mod lifecycle;
 mod modes;
+mod multi;
 pub mod proxy;
 pub mod restart;
 pub mod servers;
@@ -46,6 +47,7 @@ pub use basics::*;
 pub use leases::*;
 pub use lifecycle::*;
 pub use modes::*;
+pub use multi::*;
 pub use status::*;
 
 /// Long enough that a lock that should come never fails to on a slow host.
@@ -172,6 +174,10 @@ macro_rules! conformance_suite {
             long_wait_keeps_the_lock_on_arrival,
             status_lists_holders_and_waiters,
             forced_release_ends_holds_and_fences_them,
+            lock_all_in_opposite_orders_never_deadlocks,
+            lock_all_is_all_or_nothing,
+            lock_all_mixes_modes,
+            lock_all_refuses_bad_lists,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

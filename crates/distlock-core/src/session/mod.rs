@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 mod acquire;
 mod guard;
+mod multi;
 mod renewal;
 mod request;
 
@@ -20,6 +21,7 @@ use crate::store::{
     lock, Capabilities, HeldLock, LockStore, Mode, SessionModel, SessionOptions, StoreSession,
 };
 pub use guard::Guard;
+pub use multi::{KeyMode, MultiGuard, MultiLockRequest, DEFAULT_MAX_KEYS};
 pub use request::LockRequest;
 
 /// What a session was opened with.
@@ -30,6 +32,8 @@ pub(crate) struct SessionConfig {
     pub(crate) max_hold: Option<Duration>,
     /// `None`: [`default_owner`](crate::store::default_owner).
     pub(crate) owner: Option<String>,
+    /// The most keys one `lock_all` may name.
+    pub(crate) max_keys: usize,
 }
 
 /// How long an acquire may wait.
@@ -169,6 +173,23 @@ impl Session {
             inner.ended.clone(),
         ));
         Ok(Session { inner })
+    }
+
+    /// Every key of `keys` at once, each with its own token, or none:
+    /// `lock_all(["a", "b"])` takes them exclusively, `lock_all([("a",
+    /// Mode::Shared), ("b", Mode::Exclusive)])` in the modes given. Keys
+    /// are taken in one order (by their bytes) whatever order they are
+    /// named in, so no two such requests deadlock; a request that cannot
+    /// have them all gives back those it took. An empty list, a key named
+    /// twice, or more keys than [`max_keys`](crate::SessionBuilder::max_keys)
+    /// is an error.
+    pub fn lock_all<I>(&self, keys: I) -> MultiLockRequest
+    where
+        I: IntoIterator,
+        I::Item: KeyMode,
+    {
+        let keys = keys.into_iter().map(KeyMode::key_mode).collect();
+        MultiLockRequest::new(self.clone(), keys)
     }
 
     /// An exclusive lock on `key`.
