@@ -121,6 +121,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         command
             .env("DISTLOCK_TOKEN", one.token().to_string())
             .env("DISTLOCK_KEY", one.key());
+    } else {
+        // Not an outer run's, which the command could fence with.
+        command
+            .env_remove("DISTLOCK_TOKEN")
+            .env_remove("DISTLOCK_KEY");
     }
     if !foreground {
         command.process_group(0);

@@ -59,9 +59,15 @@ fn several_keys_are_held_together_and_exported_as_tokens() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = file_url(dir.path());
     let show = "echo \"$DISTLOCK_TOKENS|${DISTLOCK_TOKEN-unset}|${DISTLOCK_KEY-unset}\"";
-    let both = run(&[
-        "run", "--url", &url, "--key", "b", "--key", "a b=%", "--", "sh", "-c", show,
-    ]);
+    // An outer run's token is not passed on as if it were one of these.
+    let both = distlock()
+        .args([
+            "run", "--url", &url, "--key", "b", "--key", "a b=%", "--", "sh", "-c", show,
+        ])
+        .env("DISTLOCK_TOKEN", "99")
+        .env("DISTLOCK_KEY", "outer")
+        .output()
+        .expect("run distlock");
     assert_eq!(both.status.code(), Some(0), "{}", stderr(&both));
     assert_eq!(
         String::from_utf8_lossy(&both.stdout),

@@ -179,10 +179,14 @@ impl Session {
     /// `lock_all(["a", "b"])` takes them exclusively, `lock_all([("a",
     /// Mode::Shared), ("b", Mode::Exclusive)])` in the modes given. Keys
     /// are taken in one order (by their bytes) whatever order they are
-    /// named in, so no two such requests deadlock; a request that cannot
-    /// have them all gives back those it took. An empty list, a key named
-    /// twice, or more keys than [`max_keys`](crate::SessionBuilder::max_keys)
-    /// is an error.
+    /// named in, so no two such requests deadlock, as long as neither
+    /// session already holds one of the keys (a key held before the
+    /// request was not taken in that order); a request that cannot have
+    /// them all gives back those it took, and one whose early key was lost
+    /// while it waited for a later one (`max_hold`, a forced release)
+    /// gives them all back and asks again. Each key's `max_hold` counts
+    /// from its own grant. An empty list, a key named twice, or more keys
+    /// than [`max_keys`](crate::SessionBuilder::max_keys) is an error.
     pub fn lock_all<I>(&self, keys: I) -> MultiLockRequest
     where
         I: IntoIterator,

@@ -2,7 +2,9 @@
 //!
 //! Every store takes the keys one at a time in one canonical order (by
 //! their bytes), so no two multi-key requests wait for each other in a
-//! cycle; a request that cannot have them all gives back the ones it took.
+//! cycle (as long as their sessions hold none of the keys beforehand: a
+//! key held outside the request is not taken in that order); a request
+//! that cannot have them all gives back the ones it took.
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -153,13 +155,45 @@ async fn take_all(
     wait: Wait,
 ) -> Result<Option<MultiGuard>> {
     let order = canonical(keys, inner.config.max_keys)?;
-    let count = order.len();
+    loop {
+        let Some(mut taken) = take_in_order(&inner, &order, wait).await? else {
+            return Ok(None);
+        };
+        // A key taken early can be lost while a later one is waited for
+        // (max_hold, a forced release, its lease): then none is kept, and
+        // all are asked for again.
+        if let Some((_, lost)) = taken.iter().find(|(_, guard)| !guard.is_held()) {
+            tracing::debug!(
+                key = lost.key(),
+                "lock_all: a key was lost while waiting for the others"
+            );
+            give_back(taken).await;
+            if matches!(wait, Wait::TryOnce) {
+                return Ok(None);
+            }
+            continue;
+        }
+        taken.sort_by_key(|(place, _)| *place);
+        return Ok(Some(MultiGuard {
+            guards: taken.into_iter().map(|(_, guard)| guard).collect(),
+        }));
+    }
+}
+
+/// Takes the keys of `order` one after the other; each guard with its
+/// place in the request. `None` (holding none) if one is busy under
+/// `TryOnce`; an error (holding none) if one cannot be had.
+async fn take_in_order(
+    inner: &Arc<SessionInner>,
+    order: &[(usize, String, Mode)],
+    wait: Wait,
+) -> Result<Option<Vec<(usize, Guard)>>> {
     // Dropped with this future, the guards taken give their keys back.
-    let mut taken: Vec<(usize, Guard)> = Vec::with_capacity(count);
+    let mut taken: Vec<(usize, Guard)> = Vec::with_capacity(order.len());
     for (place, key, mode) in order {
-        let busy = match inner.acquire(key.clone(), mode, wait).await {
+        let busy = match inner.acquire(key.clone(), *mode, wait).await {
             Ok(Some(guard)) => {
-                taken.push((place, guard));
+                taken.push((*place, guard));
                 continue;
             }
             Ok(None) => None,
@@ -171,17 +205,16 @@ async fn take_all(
             Some(err) if err.kind() == ErrorKind::Timeout => Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "timed out waiting for '{key}', one of the {count} keys asked for: another \
-                     session still holds it; none of them is held"
+                    "timed out waiting for '{key}', one of the {} keys asked for; none of them \
+                     is held",
+                    order.len()
                 ),
-            )),
+            )
+            .with_source(err)),
             Some(err) => Err(err),
         };
     }
-    taken.sort_by_key(|(place, _)| *place);
-    Ok(Some(MultiGuard {
-        guards: taken.into_iter().map(|(_, guard)| guard).collect(),
-    }))
+    Ok(Some(taken))
 }
 
 /// Releases `taken`, the last taken first; a release that fails is left
@@ -323,5 +356,37 @@ mod tests {
         assert!(err.to_string().contains("limit of 2"), "{err}");
         let err = canonical(exclusive(&["a", ""]), 8).expect_err("bad key");
         assert_eq!(err.kind(), ErrorKind::InvalidKey);
+    }
+
+    /// The first key is lost (max_hold) while the second is waited for:
+    /// what comes back is every key held, not a lost guard.
+    #[tokio::test]
+    async fn a_key_lost_while_waiting_for_the_next_is_asked_for_again() {
+        use crate::{Client, MemoryStore};
+        let client = Client::new(Arc::new(MemoryStore::new()));
+        let holder = client.session().open().await.expect("open");
+        let held = holder.lock("b").await.expect("b");
+        let asker = client
+            .session()
+            .max_hold(Duration::from_millis(200))
+            .open()
+            .await
+            .expect("open");
+        let both = {
+            let asker = asker.clone();
+            tokio::spawn(async move {
+                asker
+                    .lock_all(["a", "b"])
+                    .wait(Duration::from_secs(10))
+                    .await
+            })
+        };
+        // Past a's max_hold, then b comes free.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        held.release().await.expect("release b");
+        let both = both.await.expect("task").expect("both");
+        assert!(both.is_held(), "a guard came back lost: {both:?}");
+        assert!(both.token("a").expect("a") > 1, "a was taken again");
+        both.release().await.expect("release");
     }
 }
