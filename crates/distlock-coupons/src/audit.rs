@@ -63,7 +63,7 @@ impl Audit {
 /// - **stale token**: a write accepted with a lower token than an earlier
 ///   write under the same lock;
 /// - **state mismatch**: a coupon or batch whose row disagrees with its
-///   history.
+///   history (its state and owner; a batch's issued and redeemed counts).
 pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
     let mut audit = Audit::default();
     let events = db
@@ -76,13 +76,17 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
         .query("SELECT id, batch, state, owner FROM coupon_coupons", &[])
         .await?;
     let batches = db
-        .query("SELECT id, stock, issued FROM coupon_batches", &[])
+        .query(
+            "SELECT id, stock, issued, redeemed FROM coupon_batches",
+            &[],
+        )
         .await?;
 
     // Replay each coupon's history.
     let mut state: HashMap<i64, (&str, Option<i64>)> = HashMap::new();
     let mut issues: HashMap<i64, u64> = HashMap::new();
     let mut issued_by_batch: HashMap<i64, i64> = HashMap::new();
+    let mut redeemed_by_batch: HashMap<i64, i64> = HashMap::new();
     let mut per_user: HashMap<(i64, i64), u64> = HashMap::new();
     let mut last_token: HashMap<&str, i64> = HashMap::new();
     for row in &events {
@@ -133,6 +137,9 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
             );
         }
         now.0 = to;
+        if op == Op::Redeem {
+            *redeemed_by_batch.entry(batch).or_default() += 1;
+        }
         if op == Op::Issue {
             now.1 = owner;
             let count = issues.entry(coupon).or_default();
@@ -187,6 +194,16 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
             audit.violation(
                 "state mismatch",
                 format!("batch {batch} counts {issued} issued, its history {in_history}"),
+            );
+        }
+        // Counted under the batch's lock, beside the coupon's: a redeem that
+        // held only one of the two would lose counts.
+        let redeemed = row[3].int().unwrap_or(-1);
+        let redeems = redeemed_by_batch.get(&batch).copied().unwrap_or(0);
+        if redeemed != redeems {
+            audit.violation(
+                "state mismatch",
+                format!("batch {batch} counts {redeemed} redeemed, its history {redeems}"),
             );
         }
     }

@@ -255,6 +255,17 @@ impl Db {
     /// if it changes no row, the transaction is rolled back and `false`
     /// returned (the token was stale, or its condition failed).
     pub async fn fenced(&mut self, statements: &[Statement<'_>]) -> Result<bool, Error> {
+        self.fenced_by(1, statements).await
+    }
+
+    /// As [`Db::fenced`], with the first `fences` statements each a fenced
+    /// write (one per lock the change is made under): if any changes no
+    /// row, nothing is written.
+    pub async fn fenced_by(
+        &mut self,
+        fences: usize,
+        statements: &[Statement<'_>],
+    ) -> Result<bool, Error> {
         match self {
             Db::Sqlite(connection) => blocking(|| {
                 // IMMEDIATE: take the write lock first, so no reader's
@@ -265,7 +276,7 @@ impl Db {
                     let changed = transaction
                         .prepare_cached(&sqlite_sql(sql))?
                         .execute(rusqlite::params_from_iter(sqlite_params(params)))?;
-                    if i == 0 && changed == 0 {
+                    if i < fences && changed == 0 {
                         return Ok(false);
                     }
                 }
@@ -278,7 +289,7 @@ impl Db {
                 for (i, (sql, params)) in statements.iter().enumerate() {
                     let params = postgres_params(params);
                     let changed = transaction.execute(*sql, &params).await.map_err(db_error)?;
-                    if i == 0 && changed == 0 {
+                    if i < fences && changed == 0 {
                         return Ok(false);
                     }
                 }

@@ -71,6 +71,7 @@ fn schema(sqlite: bool) -> String {
              id BIGINT PRIMARY KEY,
              stock BIGINT NOT NULL,
              issued BIGINT NOT NULL DEFAULT 0,
+             redeemed BIGINT NOT NULL DEFAULT 0,
              fence BIGINT NOT NULL DEFAULT 0
          );
          CREATE TABLE coupon_coupons (

@@ -1,7 +1,10 @@
-//! The four operations, each under a distlock lock with fenced writes.
+//! The four operations, each under distlock locks with fenced writes.
 //! This is the pattern to copy: lock; claim the row with the guard's token
 //! (a fenced update that records it); read and decide; one transaction
-//! whose first statement is fenced by the token again; release.
+//! whose first statement is fenced by the token again; release. A redeem
+//! changes two rows that two locks guard (the coupon, and its batch's
+//! count of redeemed coupons): it takes both at once with `lock_all`, and
+//! its transaction is fenced by both tokens.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,6 +138,38 @@ impl Worker {
         })
     }
 
+    /// Takes the locks on `first` and `second` together (all or none),
+    /// timing the wait.
+    async fn lock_both(&mut self, first: String, second: String) -> Result<(Held, Held), Error> {
+        if !self.config.locking {
+            let unlocked = |key| Held {
+                guard: None,
+                key,
+                token: 0,
+            };
+            return Ok((unlocked(first), unlocked(second)));
+        }
+        let started = Instant::now();
+        let both = self
+            .session
+            .lock_all([&first, &second])
+            .wait(LOCK_WAIT)
+            .await?;
+        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.lock_waits.saturating_record(waited.max(1));
+        // In the order asked.
+        let mut guards = both.into_guards().into_iter().zip([first, second]);
+        let mut held = || -> Result<Held, Error> {
+            let (guard, key) = guards.next().expect("a guard per key asked for");
+            Ok(Held {
+                token: fence::sql_token(guard.token())?,
+                guard: Some(guard),
+                key,
+            })
+        };
+        Ok((held()?, held()?))
+    }
+
     /// Issues a coupon of `batch` to `user`, under the batch's lock.
     pub async fn issue(&mut self, batch: i64, user: i64) -> Result<Outcome, Error> {
         let held = self.lock(batch_key(batch)).await?;
@@ -227,15 +262,31 @@ impl Worker {
         let (Some(coupon), Some(batch)) = (row[0].int(), row[1].int()) else {
             return Err(Error::Db("a coupon row without id or batch".to_owned()));
         };
+        if op == Op::Redeem {
+            let (held, counted) = self.lock_both(coupon_key(coupon), batch_key(batch)).await?;
+            let outcome = self
+                .change_held(&held, Some(&counted), op, coupon, batch, from, to)
+                .await;
+            held.release().await;
+            counted.release().await;
+            return outcome;
+        }
         let held = self.lock(coupon_key(coupon)).await?;
-        let outcome = self.change_held(&held, op, coupon, batch, from, to).await;
+        let outcome = self
+            .change_held(&held, None, op, coupon, batch, from, to)
+            .await;
         held.release().await;
         outcome
     }
 
+    /// Changes `coupon` from `from` to `to` under its lock `held`; a
+    /// redeem also counts it in its batch, under the batch's lock
+    /// `counted`.
+    #[allow(clippy::too_many_arguments)]
     async fn change_held(
         &mut self,
         held: &Held,
+        counted: Option<&Held>,
         op: Op,
         coupon: i64,
         batch: i64,
@@ -244,6 +295,11 @@ impl Worker {
     ) -> Result<Outcome, Error> {
         if !self.claim("coupon_coupons", coupon, held).await? {
             return Ok(Outcome::Stale);
+        }
+        if let Some(counted) = counted {
+            if !self.claim("coupon_batches", batch, counted).await? {
+                return Ok(Outcome::Stale);
+            }
         }
         // Under the lock, read again: another worker may have changed it
         // between the pick and the lock.
@@ -268,16 +324,23 @@ impl Worker {
             "fence",
             "$2",
         );
-        let written = self
-            .db
-            .fenced(&[
-                (&fenced, vec![coupon.into(), held.token.into()]),
-                (
-                    EVENT,
-                    event(coupon, batch, op, owner, &held.key, held.token),
-                ),
-            ])
-            .await?;
+        let mut statements = vec![(fenced.as_str(), vec![coupon.into(), held.token.into()])];
+        let count = fence::sql_update(
+            "coupon_batches",
+            "redeemed = redeemed + 1",
+            "id = $1",
+            "fence",
+            "$2",
+        );
+        if let Some(counted) = counted {
+            statements.push((count.as_str(), vec![batch.into(), counted.token.into()]));
+        }
+        let fences = statements.len();
+        statements.push((
+            EVENT,
+            event(coupon, batch, op, owner, &held.key, held.token),
+        ));
+        let written = self.db.fenced_by(fences, &statements).await?;
         Ok(if written {
             Outcome::Done
         } else {
