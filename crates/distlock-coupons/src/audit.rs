@@ -196,8 +196,8 @@ pub async fn audit(db: &mut Db) -> Result<Audit, Error> {
                 format!("batch {batch} counts {issued} issued, its history {in_history}"),
             );
         }
-        // Counted under the batch's lock, beside the coupon's: a redeem that
-        // held only one of the two would lose counts.
+        // Read and written back under the batch's lock, beside the coupon's:
+        // redeems that held only the coupon's would lose counts.
         let redeemed = row[3].int().unwrap_or(-1);
         let redeems = redeemed_by_batch.get(&batch).copied().unwrap_or(0);
         if redeemed != redeems {

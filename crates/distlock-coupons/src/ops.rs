@@ -325,15 +325,22 @@ impl Worker {
             "$2",
         );
         let mut statements = vec![(fenced.as_str(), vec![coupon.into(), held.token.into()])];
-        let count = fence::sql_update(
-            "coupon_batches",
-            "redeemed = redeemed + 1",
-            "id = $1",
-            "fence",
-            "$2",
-        );
+        // Read, then written back one higher: the batch's lock is what keeps
+        // two redeems of one batch from writing the same count.
+        let count = fence::sql_update("coupon_batches", "redeemed = $3", "id = $1", "fence", "$2");
         if let Some(counted) = counted {
-            statements.push((count.as_str(), vec![batch.into(), counted.token.into()]));
+            let now = self
+                .db
+                .query(
+                    "SELECT redeemed FROM coupon_batches WHERE id = $1",
+                    &[batch.into()],
+                )
+                .await?;
+            let redeemed = now.first().and_then(|row| row[0].int()).unwrap_or(0);
+            statements.push((
+                count.as_str(),
+                vec![batch.into(), counted.token.into(), (redeemed + 1).into()],
+            ));
         }
         let fences = statements.len();
         statements.push((
