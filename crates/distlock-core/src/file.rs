@@ -191,10 +191,12 @@ fn bump_fence(path: &Path) -> Result<u64> {
     Ok(next)
 }
 
-/// One held lock: its locked file and where it lives.
+/// One held lock: its locked file, where it lives, and the token of its
+/// grant (a release must name it).
 struct HeldFile {
     file: File,
     path: PathBuf,
+    token: u64,
 }
 
 impl HeldFile {
@@ -247,24 +249,25 @@ fn acquire_files(
     let locked = match mode {
         Mode::Exclusive | Mode::Shared => {
             let path = dir.join(format!("{stem}.lock"));
-            try_flock(&path, mode == Mode::Shared)?.map(|file| HeldFile { file, path })
+            try_flock(&path, mode == Mode::Shared)?.map(|file| (file, path))
         }
         Mode::Semaphore { permits } => {
             let mut found = None;
             for slot in 0..permits {
                 let path = dir.join(format!("{stem}~slot{slot}.lock"));
                 if let Some(file) = try_flock(&path, false)? {
-                    found = Some(HeldFile { file, path });
+                    found = Some((file, path));
                     break;
                 }
             }
             found
         }
     };
-    let Some(held) = locked else {
+    let Some((file, path)) = locked else {
         return Ok(None);
     };
     let token = bump_fence(&dir.join(format!("{stem}~fence")))?;
+    let held = HeldFile { file, path, token };
     describe(&held, key, token, mode, owner);
     Ok(Some((held, token)))
 }
@@ -437,11 +440,17 @@ impl StoreSession for FileSession {
     }
 
     async fn release(&self, lock: &HeldLock) -> Result<()> {
-        // Closing the file drops its flock.
-        match held(&self.held).remove(&lock.key) {
-            Some(_) => Ok(()),
-            None => Err(Error::not_held(&lock.key)),
+        let mut files = held(&self.held);
+        // Only the life of the key that was granted with this token.
+        if files
+            .get(&lock.key)
+            .is_none_or(|file| file.token != lock.token)
+        {
+            return Err(Error::not_held(&lock.key));
         }
+        // Closing the file drops its flock.
+        files.remove(&lock.key);
+        Ok(())
     }
 
     async fn renew(&self, locks: &[HeldLock]) -> Result<RenewReport> {

@@ -472,6 +472,33 @@ pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The token each key of a session was granted with, for stores whose
+/// release cannot name the grant (advisory and named locks end whatever
+/// the connection holds of a key): a release must name the token of the
+/// hold it ends, or it is `NotHeld` and ends nothing.
+#[derive(Debug, Default)]
+pub struct GrantedTokens(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl GrantedTokens {
+    /// `key` was granted with `token`.
+    pub fn granted(&self, key: &str, token: u64) {
+        lock(&self.0).insert(key.to_owned(), token);
+    }
+
+    /// Whether `key`'s current grant is the one with `token`.
+    pub fn holds(&self, key: &str, token: u64) -> bool {
+        lock(&self.0).get(key) == Some(&token)
+    }
+
+    /// `key`'s grant with `token` ended; a later grant of it is kept.
+    pub fn ended(&self, key: &str, token: u64) {
+        let mut tokens = lock(&self.0);
+        if tokens.get(key) == Some(&token) {
+            tokens.remove(key);
+        }
+    }
+}
+
 /// Proof that a connection is alive, for stores whose sessions are
 /// connections: every answer on it is marked, and a renewal that cannot
 /// send its own keep-alive (a wait holds the connection) may instead wait

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+    AcquireRequest, Grant, GrantedTokens, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
 };
 use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
@@ -67,6 +67,9 @@ pub(crate) struct NamedSession {
     lock: Statement,
     release: Statement,
     ttl: Duration,
+    /// The token of each key held: `RELEASE_LOCK` ends whatever the
+    /// connection holds of a name, so a release is checked against it.
+    granted: GrantedTokens,
 }
 
 impl NamedSession {
@@ -99,6 +102,7 @@ impl NamedSession {
             pool,
             target,
             ttl,
+            granted: GrantedTokens::default(),
         })
     }
 
@@ -362,13 +366,21 @@ impl StoreSession for NamedSession {
         let answer = (&mut pending.answer).await;
         pending.done = true;
         match answer {
-            Ok(Ok(got)) => Ok(got.map(Grant::new)),
+            Ok(Ok(got)) => {
+                if let Some(token) = got {
+                    self.granted.granted(&request.key, token);
+                }
+                Ok(got.map(Grant::new))
+            }
             Ok(Err(err)) if !err.is_fatal() => Err(query_error(&self.target, err)),
             Ok(Err(_)) | Err(_) => Err(self.lost()),
         }
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
+        if !self.granted.holds(&held.key, held.token) {
+            return Err(Error::not_held(&held.key));
+        }
         let mut turn = self.conn.lock().await;
         let Some(conn) = turn.as_mut() else {
             return Err(self.lost());
@@ -376,6 +388,9 @@ impl StoreSession for NamedSession {
         let released: std::result::Result<Option<Option<i64>>, _> = conn
             .exec_first(&self.release, (lock_name(&held.key),))
             .await;
+        if released.is_ok() {
+            self.granted.ended(&held.key, held.token);
+        }
         match released {
             Ok(Some(Some(1))) => Ok(()),
             Ok(_) => Err(Error::not_held(&held.key)),

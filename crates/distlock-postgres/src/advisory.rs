@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    release_outcome, spawn_cleanup, AcquireRequest, ContendedKeys, Grant, Heartbeat, HeldLock,
-    Mode, RenewReport, StoreSession,
+    release_outcome, spawn_cleanup, AcquireRequest, ContendedKeys, Grant, GrantedTokens, Heartbeat,
+    HeldLock, Mode, RenewReport, StoreSession,
 };
 use distlock_core::{Error, Result};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -70,6 +70,9 @@ pub(crate) struct AdvisorySession {
     target: String,
     /// How long a keep-alive query may take.
     ttl: Duration,
+    /// The token of each key held: `pg_advisory_unlock` ends whatever the
+    /// connection holds of a key, so a release is checked against it.
+    granted: GrantedTokens,
 }
 
 impl AdvisorySession {
@@ -113,6 +116,7 @@ impl AdvisorySession {
             turn: Arc::new(Mutex::new(())),
             target,
             ttl,
+            granted: GrantedTokens::default(),
         })
     }
 
@@ -283,6 +287,7 @@ impl StoreSession for AdvisorySession {
                 // held; if that fails, the clean-up gives the lock back.
                 let token = tokens::settle(&self.client, &self.target, drawn).await?;
                 cleanup.disarm();
+                self.granted.granted(&request.key, token);
                 Ok(Some(Grant::new(token)))
             }
             // The wait timed out: not taken.
@@ -296,6 +301,9 @@ impl StoreSession for AdvisorySession {
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
+        if !self.granted.holds(&held.key, held.token) {
+            return Err(Error::not_held(&held.key));
+        }
         let unlock = &self.statements.unlock[Self::mode_index(held.mode)?];
         let _turn = self.turn.lock().await;
         let row = self
@@ -309,6 +317,7 @@ impl StoreSession for AdvisorySession {
                     query_error(&self.target, err)
                 }
             })?;
+        self.granted.ended(&held.key, held.token);
         release_outcome(row.get(0), &held.key)
     }
 

@@ -35,6 +35,7 @@ mod multi;
 pub mod proxy;
 pub mod restart;
 pub mod servers;
+mod stale;
 mod status;
 
 use std::future::Future;
@@ -48,6 +49,7 @@ pub use leases::*;
 pub use lifecycle::*;
 pub use modes::*;
 pub use multi::*;
+pub use stale::*;
 pub use status::*;
 
 /// Long enough that a lock that should come never fails to on a slow host.
@@ -178,6 +180,8 @@ macro_rules! conformance_suite {
             lock_all_is_all_or_nothing,
             lock_all_mixes_modes,
             lock_all_refuses_bad_lists,
+            a_lapsed_session_cannot_touch_the_next_hold,
+            a_release_with_another_token_does_nothing,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

@@ -246,12 +246,12 @@ impl StoreSession for EtcdSession {
         let ttl = {
             let mut keeper = self.keeper.lock().await;
             if keeper.is_none() {
-                *keeper = Some(
-                    self.request(
-                        |mut client| async move { client.lease_keep_alive(self.lease).await },
-                    )
-                    .await?,
-                );
+                // A lease that ran out is "not found": the session is lost.
+                let opened = self
+                    .request(|mut client| async move { client.lease_keep_alive(self.lease).await })
+                    .await
+                    .map_err(|err| self.failure(&err).unwrap_or(err))?;
+                *keeper = Some(opened);
             }
             let (sender, answers) = keeper.as_mut().expect("made above");
             let sent = async {
