@@ -2,11 +2,12 @@
 //! and a waiter on the other members, and a client whose member dies.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use distlock_core::Client;
 use distlock_etcd::EtcdStore;
-use distlock_testkit::cluster::{a_session_outlives_its_member, holder_and_waiter_ride_out};
+use distlock_testkit::cluster::{
+    a_session_outlives_its_member, freeze_leader, holder_and_waiter_ride_out, kill_leader,
+};
 use distlock_testkit::restart::{assert_rising, take_in_turn};
 use distlock_testkit::servers::EtcdCluster;
 
@@ -32,10 +33,7 @@ async fn the_leader_killed_and_restarted_loses_no_lock() {
     let (holding, waiting) = on_followers(&cluster, leader).await;
     let key = "cluster/leader-killed";
     let cluster = holder_and_waiter_ride_out(&holding, &waiting, key, cluster, move |cluster| {
-        cluster.kill(leader);
-        assert_ne!(cluster.wait_for_leader(), leader, "a new leader");
-        cluster.restart(leader);
-        cluster.wait_for_leader();
+        kill_leader(cluster, leader);
     })
     .await;
     // Tokens rise across it all, through every member.
@@ -50,19 +48,7 @@ async fn the_leader_frozen_past_an_election_loses_no_lock() {
     let (holding, waiting) = on_followers(&cluster, leader).await;
     let key = "cluster/leader-frozen";
     holder_and_waiter_ride_out(&holding, &waiting, key, cluster, move |cluster| {
-        cluster.pause(leader);
-        // etcd's election timeout is 1 s by default.
-        std::thread::sleep(Duration::from_secs(3));
-        let started = Instant::now();
-        while cluster.leader_among_others(leader).is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no new leader while the old one was frozen"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        cluster.resume(leader);
-        cluster.wait_for_leader();
+        freeze_leader(cluster, leader);
     })
     .await;
 }

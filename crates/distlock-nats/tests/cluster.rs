@@ -3,11 +3,12 @@
 //! servers, and a client whose server dies.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use distlock_core::Client;
 use distlock_nats::NatsStore;
-use distlock_testkit::cluster::{a_session_outlives_its_member, holder_and_waiter_ride_out};
+use distlock_testkit::cluster::{
+    a_session_outlives_its_member, freeze_leader, holder_and_waiter_ride_out, kill_leader,
+};
 use distlock_testkit::restart::{assert_rising, take_in_turn};
 use distlock_testkit::servers::NatsCluster;
 
@@ -72,10 +73,7 @@ async fn the_leader_killed_and_restarted_loses_no_lock() {
     let (holding, waiting) = on_followers(&cluster, leader).await;
     let key = "leader-killed";
     let cluster = holder_and_waiter_ride_out(&holding, &waiting, key, cluster, move |cluster| {
-        cluster.kill(leader);
-        assert_ne!(cluster.wait_for_leader(), leader, "a new leader");
-        cluster.restart(leader);
-        cluster.wait_for_leader();
+        kill_leader(cluster, leader);
     })
     .await;
     let all = client(&cluster.url()).await;
@@ -91,19 +89,7 @@ async fn the_leader_frozen_past_an_election_loses_no_lock() {
         &waiting,
         "leader-frozen",
         cluster,
-        move |cluster| {
-            cluster.pause(leader);
-            let started = Instant::now();
-            while cluster.leader_among_others(leader).is_none() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "no new leader while the old one was frozen"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            cluster.resume(leader);
-            cluster.wait_for_leader();
-        },
+        move |cluster| freeze_leader(cluster, leader),
     )
     .await;
 }

@@ -317,8 +317,13 @@ impl StoreSession for AdvisorySession {
                     query_error(&self.target, err)
                 }
             })?;
-        self.granted.ended(&held.key, held.token);
-        release_outcome(row.get(0), &held.key)
+        let released: bool = row.get(0);
+        // Not unlocked (another mode named): the hold stays, and so does
+        // its token.
+        if released {
+            self.granted.ended(&held.key, held.token);
+        }
+        release_outcome(released, &held.key)
     }
 
     async fn renew(&self, _held: &[HeldLock]) -> Result<RenewReport> {

@@ -127,6 +127,36 @@ pub async fn a_session_outlives_its_member<C: Members + 'static>(
     cluster
 }
 
+/// How long the others may take to elect a new leader while the old one is
+/// frozen.
+const FROZEN_ELECTION: Duration = Duration::from_secs(60);
+
+/// Kills `leader` (SIGKILL), waits until another leads, and starts it
+/// again on its data. Blocking.
+pub fn kill_leader<C: Members>(cluster: &mut C, leader: usize) {
+    cluster.kill(leader);
+    assert_ne!(cluster.wait_for_leader(), leader, "a new leader");
+    cluster.restart(leader);
+    cluster.wait_for_leader();
+}
+
+/// Freezes `leader` (SIGSTOP) until the others elect another, then lets it
+/// run on and waits until all agree again. Blocking; panics (after letting
+/// it run on) if no other is elected within a minute.
+pub fn freeze_leader<C: Members>(cluster: &mut C, leader: usize) {
+    cluster.pause(leader);
+    let started = Instant::now();
+    while cluster.leader_among_others(leader).is_none() {
+        if started.elapsed() > FROZEN_ELECTION {
+            cluster.resume(leader);
+            panic!("no new leader in {FROZEN_ELECTION:?} while the old one was frozen");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.resume(leader);
+    cluster.wait_for_leader();
+}
+
 /// A cluster of store servers on this machine, as the fault suite drives
 /// it: [`EtcdCluster`](crate::servers::EtcdCluster) and
 /// [`ZooKeeperEnsemble`](crate::servers::ZooKeeperEnsemble). Blocking.

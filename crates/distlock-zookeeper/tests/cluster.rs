@@ -3,10 +3,11 @@
 //! dies.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use distlock_core::Client;
-use distlock_testkit::cluster::{a_session_outlives_its_member, holder_and_waiter_ride_out};
+use distlock_testkit::cluster::{
+    a_session_outlives_its_member, freeze_leader, holder_and_waiter_ride_out, kill_leader,
+};
 use distlock_testkit::restart::{assert_rising, take_in_turn};
 use distlock_testkit::servers::ZooKeeperEnsemble;
 use distlock_zookeeper::ZkStore;
@@ -33,10 +34,7 @@ async fn the_leader_killed_and_restarted_loses_no_lock() {
     let (holding, waiting) = on_followers(&ensemble, leader).await;
     let key = "leader-killed";
     let ensemble = holder_and_waiter_ride_out(&holding, &waiting, key, ensemble, move |ensemble| {
-        ensemble.kill(leader);
-        assert_ne!(ensemble.wait_for_leader(), leader, "a new leader");
-        ensemble.restart(leader);
-        ensemble.wait_for_leader();
+        kill_leader(ensemble, leader);
     })
     .await;
     let all = client(&ensemble.url()).await;
@@ -53,21 +51,7 @@ async fn the_leader_frozen_past_an_election_loses_no_lock() {
         &waiting,
         "leader-frozen",
         ensemble,
-        move |ensemble| {
-            ensemble.pause(leader);
-            // Followers find the leader gone after syncLimit ticks (1 s).
-            std::thread::sleep(Duration::from_secs(3));
-            let started = Instant::now();
-            while ensemble.leader_among_others(Some(leader)).is_none() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "no new leader while the old one was frozen"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            ensemble.resume(leader);
-            ensemble.wait_for_leader();
-        },
+        move |ensemble| freeze_leader(ensemble, leader),
     )
     .await;
 }

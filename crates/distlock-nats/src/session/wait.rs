@@ -15,6 +15,10 @@ use tokio::time::Instant;
 use crate::client::Nats;
 use crate::wire::{self, notice_filter, notice_subject, session_subject, Entry, STREAM};
 
+/// How often a waiter's consumer says it lives while it has nothing to
+/// push.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// What a waiter waits for: the end of an entry it names, or of one of the
 /// sessions.
 pub(super) struct Watch {
@@ -76,8 +80,9 @@ impl Drop for Consumer {
 }
 
 /// Waits until what `watch` names may have ended, or `until`, or the
-/// connection was lost, or a slice of [`WATCH_SLICE`] (a consumer can be
-/// lost with a server, and a notice with its publisher). Messages from
+/// connection was lost, or the consumer went silent (3 heartbeats missed:
+/// its server stalled or died), or a slice of [`WATCH_SLICE`] (a notice can
+/// be lost with its publisher). Messages from
 /// sequence `after` on count: the queue was read after it was joined there,
 /// so anything since may be news.
 pub(super) async fn wait(nats: &Nats, watch: &Watch, after: u64, until: Instant) -> Result<()> {
@@ -104,6 +109,10 @@ pub(super) async fn wait(nats: &Nats, watch: &Watch, after: u64, until: Instant)
         memory_storage: true,
         num_replicas: 1,
         inactive_threshold: Duration::from_secs(10),
+        // A consumer whose server stalls or dies goes silent: its heartbeats
+        // stop, and the waiter reads the queue again (with a new consumer)
+        // instead of waiting out the slice.
+        idle_heartbeat: HEARTBEAT,
         ..Default::default()
     };
     let made = nats.create_consumer("a watch", config).await?;
@@ -119,10 +128,12 @@ pub(super) async fn wait(nats: &Nats, watch: &Watch, after: u64, until: Instant)
     let ended = async {
         loop {
             tokio::select! {
-                message = messages.next() => match message {
-                    Some(message) if watch.wakes(&message) => return,
-                    Some(_) => {}
-                    None => return,
+                message = tokio::time::timeout(HEARTBEAT * 3, messages.next()) => match message {
+                    Ok(Some(message)) if watch.wakes(&message) => return,
+                    // A heartbeat, or news of something else.
+                    Ok(Some(_)) => {}
+                    // Closed, or three heartbeats missed.
+                    Ok(None) | Err(_) => return,
                 },
                 _ = disconnects.changed() => return,
             }
