@@ -18,6 +18,19 @@ use tracing::{Event, Metadata};
 struct Capture(Arc<Mutex<Vec<String>>>);
 
 impl Capture {
+    /// The one capture of this test binary, the global subscriber: a
+    /// per-test default would race the other test's thread over which
+    /// callsites are enabled (tracing caches that globally).
+    fn global() -> &'static Capture {
+        static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let capture = Capture::default();
+            tracing::subscriber::set_global_default(capture.clone())
+                .expect("the only global subscriber of this binary");
+            capture
+        })
+    }
+
     fn lines(&self) -> Vec<String> {
         self.0.lock().expect("not poisoned").clone()
     }
@@ -74,16 +87,13 @@ async fn the_warning_names_every_ended_owner_and_token() {
         let guard = session.read("force/audit").await.expect("read");
         readers.push((owner, guard.token(), session, guard));
     }
-    let capture = Capture::default();
-    let ended = {
-        let _logging = tracing::subscriber::set_default(capture.clone());
-        client.force_release("force/audit").await.expect("force")
-    };
+    let capture = Capture::global();
+    let ended = client.force_release("force/audit").await.expect("force");
     assert_eq!(ended.len(), 2, "{ended:?}");
     let lines = capture.lines();
     let warning = lines
         .iter()
-        .find(|line| line.contains("message=forced release "))
+        .find(|line| line.contains("message=forced release ") && line.contains("force/audit"))
         .unwrap_or_else(|| panic!("no warning in {lines:?}"));
     for (owner, token, _, _) in &readers {
         assert!(warning.contains(owner), "{owner} not in {warning}");
