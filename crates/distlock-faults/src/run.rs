@@ -136,7 +136,7 @@ impl Store {
     /// a loop that runs every 500 ms. NATS keeps TTLs in whole seconds,
     /// rounded up. A NATS cluster's leader rows take 2 s more: a new stream
     /// leader expires the sessions whose lease ran out during its election
-    /// 0.4 to 1.8 s after it is elected (7 elections measured), and the CI
+    /// up to 1.8 s after it is elected (7 elections measured), and the CI
     /// tier saw 2 of 6 such rows heal in 3.4 and 3.6 s, over the 3.2 s of
     /// the others; slack observed, not derived. Elsewhere it is the TTL.
     pub(crate) fn lease_after_restart(self, ttl: Duration) -> Duration {
