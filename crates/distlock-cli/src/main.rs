@@ -9,6 +9,7 @@
 
 mod bench;
 mod demo;
+mod elect;
 
 mod release;
 mod run;
@@ -56,6 +57,17 @@ enum Command {
     /// 75 if the lock could not be had within --wait; 2 for bad usage or an
     /// unreachable store.
     Run(run::RunArgs),
+    /// Run a command while leading an election.
+    ///
+    /// Campaigns in election --key (a lock on that key, held by a session
+    /// whose owner is --value) and runs the command once elected, as `run`
+    /// does: DISTLOCK_TOKEN is the term, which rises with every leader;
+    /// signals, exit codes (75 not elected within --wait, 76 leadership at
+    /// risk or lost) and the stopping of the command are `run`'s.
+    Elect(elect::ElectArgs),
+    /// Print who leads an election (value and term), or every change with
+    /// --watch. Exit code 69 on a store that cannot tell.
+    Leader(elect::LeaderArgs),
     /// Load a store and report throughput, latency, fairness and violations.
     Bench(bench::BenchArgs),
     /// Run the distlock lock server.
@@ -99,7 +111,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `run` must stop its command on time whatever becomes of its stderr.
-    if matches!(cli.command, Command::Run(_)) {
+    if matches!(cli.command, Command::Run(_) | Command::Elect(_)) {
         if let Err(err) = stderr::start() {
             stderr::line(format!(
                 "distlock: cannot start a thread to write to stderr: {err}"
@@ -126,6 +138,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args).await,
+            Command::Elect(args) => elect::elect(args).await,
+            Command::Leader(args) => elect::leader(args).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Status(args) => status::status(args).await,
@@ -176,7 +190,7 @@ fn init_logging(command: &Command) {
         );
     }
     let writer = match command {
-        Command::Run(_) => BoxMakeWriter::new(stderr::event),
+        Command::Run(_) | Command::Elect(_) => BoxMakeWriter::new(stderr::event),
         _ => BoxMakeWriter::new(std::io::stderr),
     };
     let logs = tracing_subscriber::fmt()

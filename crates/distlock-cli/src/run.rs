@@ -106,14 +106,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Err(err).context(format!("cannot lock '{keys}'")),
     };
 
+    let foreground = args.foreground;
+    hold_while_running(&session, guard, &args.command, foreground, grace).await
+}
+
+/// Runs `command` while `guard` holds, as `run` and `elect` do: its
+/// variables, its process group, signals forwarded, stopped or killed if
+/// the lock is at risk or lost; then releases and closes `session`.
+pub async fn hold_while_running(
+    session: &Session,
+    guard: MultiGuard,
+    command_line: &[String],
+    foreground: bool,
+    grace: Duration,
+) -> anyhow::Result<ExitCode> {
     // A command on a terminal must be in the terminal's foreground group to
     // read from it; elsewhere its own group lets a loss stop all of it.
-    let foreground = args.foreground || std::io::stdin().is_terminal();
+    let foreground = foreground || std::io::stdin().is_terminal();
     // Listen before the command starts, so no signal finds us deaf.
     let signals = forward_signals(foreground)?;
-    let mut command = Command::new(&args.command[0]);
+    let mut command = Command::new(&command_line[0]);
     command
-        .args(&args.command[1..])
+        .args(&command_line[1..])
         .env("DISTLOCK_TOKENS", tokens_variable(&guard))
         .stdin(Stdio::inherit())
         .kill_on_drop(true);
@@ -139,7 +153,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .map(|ended| exit_code(ended, &guard))
         }
         Err(err) => {
-            stderr::line(format!("distlock: cannot run '{}': {err}", args.command[0]));
+            stderr::line(format!("distlock: cannot run '{}': {err}", command_line[0]));
             let code = if err.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
@@ -224,13 +238,18 @@ fn escaped(key: &str) -> String {
 /// come every third of the lease and a longer grace would stop the command
 /// while they succeed.
 fn grace(args: &RunArgs) -> anyhow::Result<Duration> {
-    let grace = args.grace.unwrap_or(args.lease / 3);
+    grace_of(args.grace, args.lease)
+}
+
+/// `--grace` (default a third of `lease`), checked against `lease`.
+pub fn grace_of(grace: Option<Duration>, lease: Duration) -> anyhow::Result<Duration> {
+    let grace = grace.unwrap_or(lease / 3);
     anyhow::ensure!(
-        grace <= args.lease / 2,
+        grace <= lease / 2,
         "--grace {} is more than half the {} lease, which is renewed every third of it: \
          the command would be stopped between healthy renewals; lower --grace or raise --lease",
         humantime::format_duration(grace),
-        humantime::format_duration(args.lease),
+        humantime::format_duration(lease),
     );
     Ok(grace)
 }
@@ -303,7 +322,7 @@ fn describe_holder(holder: &HolderStatus) -> String {
     }
 }
 
-fn not_acquired(keys: &str, why: &str) -> anyhow::Result<ExitCode> {
+pub fn not_acquired(keys: &str, why: &str) -> anyhow::Result<ExitCode> {
     stderr::line(format!("distlock: did not get the lock '{keys}': {why}"));
     Ok(ExitCode::from(EXIT_NOT_ACQUIRED))
 }

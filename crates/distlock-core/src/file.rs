@@ -73,6 +73,7 @@ impl FileStore {
         caps.session = SessionModel::Process;
         caps.status = cfg!(target_os = "linux");
         caps.keeps_owner = cfg!(target_os = "linux");
+        caps.tells_leader = cfg!(target_os = "linux");
         caps
     }
 }

@@ -39,5 +39,6 @@ pub use memory::MemoryStore;
 pub use session::Guard;
 pub use session::LockRequest;
 pub use session::Session;
+pub use session::{Campaign, Leader, Leadership, Observer, DEFAULT_OBSERVE_EVERY};
 pub use session::{KeyMode, MultiGuard, MultiLockRequest, DEFAULT_MAX_KEYS};
 pub use store::{Capabilities, Fencing, LockStore, Mode, SessionModel};

@@ -116,6 +116,11 @@ pub struct Capabilities {
     pub keeps_owner: bool,
     /// [`LockStore::force_release`] ends other sessions' holds.
     pub force_release: bool,
+    /// [`Client::leader`](crate::Client::leader) can tell who leads an
+    /// election: `status` shows the owner and the token of an election's
+    /// hold (a one-permit semaphore where the store has semaphores, else an
+    /// exclusive lock).
+    pub tells_leader: bool,
 }
 
 impl Capabilities {
@@ -137,6 +142,7 @@ impl Capabilities {
             status: false,
             keeps_owner: false,
             force_release: false,
+            tells_leader: false,
         }
     }
 }

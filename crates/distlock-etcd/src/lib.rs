@@ -229,6 +229,7 @@ impl EtcdStore {
         let mut caps = distlock_core::store::queue::capabilities("etcd");
         caps.status = true;
         caps.keeps_owner = true;
+        caps.tells_leader = true;
         caps.force_release = true;
         caps
     }

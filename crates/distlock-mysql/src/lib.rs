@@ -240,6 +240,7 @@ impl MysqlStore {
         capabilities.status = true;
         capabilities.keeps_owner = true;
         capabilities.force_release = true;
+        capabilities.tells_leader = true;
         capabilities
     }
 }

@@ -210,6 +210,7 @@ impl NatsStore {
         caps.fencing = distlock_core::store::Fencing::InProcess;
         caps.status = true;
         caps.keeps_owner = true;
+        caps.tells_leader = true;
         caps.force_release = true;
         caps
     }

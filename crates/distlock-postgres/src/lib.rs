@@ -178,6 +178,7 @@ impl PostgresStore {
         capabilities.status = true;
         capabilities.keeps_owner = true;
         capabilities.force_release = true;
+        capabilities.tells_leader = true;
         capabilities
     }
 

@@ -217,6 +217,8 @@ impl RedisStore {
         capabilities.status = true;
         capabilities.keeps_owner = true;
         capabilities.force_release = true;
+        // Redlock's instances may list a hold with tokens that differ.
+        capabilities.tells_leader = name == "redis";
         capabilities
     }
 }

@@ -28,6 +28,7 @@ macro_rules! require {
 mod basics;
 pub mod cluster;
 pub mod daemon;
+mod elect;
 mod leases;
 mod lifecycle;
 mod modes;
@@ -45,6 +46,7 @@ use std::time::Duration;
 use distlock_core::{Capabilities, Client, Session};
 
 pub use basics::*;
+pub use elect::*;
 pub use leases::*;
 pub use lifecycle::*;
 pub use modes::*;
@@ -182,6 +184,10 @@ macro_rules! conformance_suite {
             lock_all_refuses_bad_lists,
             a_lapsed_session_cannot_touch_the_next_hold,
             a_release_with_another_token_does_nothing,
+            one_leader_at_a_time_with_rising_terms,
+            observers_see_every_leader_in_order,
+            resign_hands_over_at_once,
+            a_lost_leader_knows_before_the_next_is_elected,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

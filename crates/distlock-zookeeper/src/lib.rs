@@ -221,6 +221,7 @@ impl ZkStore {
         let mut caps = distlock_core::store::queue::capabilities("zookeeper");
         caps.status = true;
         caps.keeps_owner = true;
+        caps.tells_leader = true;
         caps.force_release = true;
         caps
     }

@@ -29,9 +29,10 @@ mod registry;
 /// Who holds and who waits, as [`Client::status`] reports it.
 pub use distlock_core::status;
 pub use distlock_core::{
-    validate_key, Capabilities, Client, Error, ErrorKind, Fencing, Guard, KeyMode, LockRequest,
-    Mode, MultiGuard, MultiLockRequest, Result, Session, SessionBuilder, SessionModel,
-    DEFAULT_LOCK_DELAY, DEFAULT_MAX_KEYS, DEFAULT_TTL, MAX_KEY_BYTES, MAX_TTL, MIN_TTL,
+    validate_key, Campaign, Capabilities, Client, Error, ErrorKind, Fencing, Guard, KeyMode,
+    Leader, Leadership, LockRequest, Mode, MultiGuard, MultiLockRequest, Observer, Result, Session,
+    SessionBuilder, SessionModel, DEFAULT_LOCK_DELAY, DEFAULT_MAX_KEYS, DEFAULT_OBSERVE_EVERY,
+    DEFAULT_TTL, MAX_KEY_BYTES, MAX_TTL, MIN_TTL,
 };
 pub use registry::{capability_table, connect, stores, StoreInfo, DEFAULT_URL};
 

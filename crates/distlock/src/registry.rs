@@ -234,8 +234,8 @@ fn yes(flag: bool) -> &'static str {
 /// The README's store table, made from the stores' capability declarations.
 pub fn capability_table() -> String {
     let mut table = String::from(
-        "| store | URL | session | fair (FIFO) | shared | semaphore | wake-up | fencing | lease expiry | lock-delay | status |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| store | URL | session | fair (FIFO) | shared | semaphore | wake-up | fencing | lease expiry | lock-delay | status | who leads |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for store in stores() {
         let caps = &store.capabilities;
@@ -257,7 +257,7 @@ pub fn capability_table() -> String {
             (false, _) => "no",
         };
         table.push_str(&format!(
-            "| {} | `{}` | {session} | {} | {} | {} | {wakeup} | {fencing} | {} | {} | {status} |\n",
+            "| {} | `{}` | {session} | {} | {} | {} | {wakeup} | {fencing} | {} | {} | {status} | {} |\n",
             caps.name,
             store.example,
             yes(caps.fair),
@@ -265,6 +265,7 @@ pub fn capability_table() -> String {
             yes(caps.semaphore),
             yes(caps.lease_expiry),
             yes(caps.lock_delay),
+            yes(caps.tells_leader),
         ));
     }
     table

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod acquire;
+mod elect;
 mod guard;
 mod multi;
 mod renewal;
@@ -20,6 +21,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
     lock, Capabilities, HeldLock, LockStore, Mode, SessionModel, SessionOptions, StoreSession,
 };
+pub use elect::{Campaign, Leader, Leadership, Observer, DEFAULT_OBSERVE_EVERY};
 pub use guard::Guard;
 pub use multi::{KeyMode, MultiGuard, MultiLockRequest, DEFAULT_MAX_KEYS};
 pub use request::LockRequest;
@@ -105,6 +107,8 @@ enum Ended {
 
 pub(crate) struct SessionInner {
     store: Arc<dyn StoreSession>,
+    /// The store it was opened on, to open an election's own session.
+    opener: Arc<dyn LockStore>,
     pub(crate) caps: Capabilities,
     config: SessionConfig,
     gates: Mutex<HashMap<String, Gate>>,
@@ -158,6 +162,7 @@ impl Session {
         let lease = lease_deadline(&caps, config.ttl, sent);
         let inner = Arc::new(SessionInner {
             store: store_session,
+            opener: store,
             caps,
             config,
             gates: Mutex::default(),
@@ -194,6 +199,18 @@ impl Session {
     {
         let keys = keys.into_iter().map(KeyMode::key_mode).collect();
         MultiLockRequest::new(self.clone(), keys)
+    }
+
+    /// A candidacy in election `name`: `session.elect("jobs/leader")
+    /// .value("10.0.0.7:8080").campaign().await` waits to lead. The leader
+    /// holds `name` as a lock (in a session of its own with this one's
+    /// lease, ended with this one), publishes its value as that session's
+    /// owner, and its token is the term; see [`Client::leader`] and
+    /// [`Client::observe`](crate::Client::observe).
+    ///
+    /// [`Client::leader`]: crate::Client::leader
+    pub fn elect(&self, name: impl Into<String>) -> Campaign {
+        Campaign::new(self.clone(), name.into())
     }
 
     /// An exclusive lock on `key`.

@@ -33,6 +33,7 @@ pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
     caps.status = true;
     caps.keeps_owner = true;
     caps.force_release = true;
+    caps.tells_leader = true;
     caps
 }
 

@@ -1,0 +1,237 @@
+//! Leader election: one leader at a time, rising terms, observers that see
+//! every change in order, resignation that hands over at once, and a lost
+//! leader that knows before the next is elected.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock_core::{Client, ErrorKind, Leader};
+use futures::FutureExt;
+use tokio::time::{sleep, Instant};
+
+use super::{Kit, Outcome, PATIENCE, SETTLE};
+
+/// How often observers ask the store in these behaviours.
+const OBSERVE_EVERY: Duration = Duration::from_millis(50);
+
+/// How long each leader leads, and each vacancy lasts, while an observer
+/// watches: many of its asks, so that it cannot miss one.
+const STEADY: Duration = Duration::from_millis(600);
+
+/// Whether the store can tell who leads: it says so, and `leader()`
+/// answers; a store that does not say so must refuse clearly.
+async fn tells_the_leader(client: &Client, name: &str) -> bool {
+    match client.leader(name).await {
+        Ok(_) if client.capabilities().tells_leader => true,
+        Err(err) if !client.capabilities().tells_leader => {
+            assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+            false
+        }
+        answer => panic!("leader({name}) answered {answer:?}"),
+    }
+}
+
+/// Three candidates campaign, lead and resign twenty times each: never two
+/// leaders at once, every term above the last, and `leader()` (where the
+/// store can tell) names the leader with its term while it leads.
+pub async fn one_leader_at_a_time_with_rising_terms(kit: Kit) -> Outcome {
+    let name = kit.key("leader");
+    let tells = tells_the_leader(kit.client(), &name).await;
+    let inside = Arc::new(AtomicBool::new(false));
+    let last_term = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for candidate in 0..3 {
+        let session = kit.session().await;
+        let client = kit.client().clone();
+        let (name, inside, last_term) = (name.clone(), inside.clone(), last_term.clone());
+        tasks.push(tokio::spawn(async move {
+            let value = format!("candidate-{candidate}");
+            for _ in 0..20 {
+                let leading = session
+                    .elect(&name)
+                    .value(&value)
+                    .wait(PATIENCE)
+                    .campaign()
+                    .await
+                    .expect("elected");
+                assert!(!inside.swap(true, Ordering::SeqCst), "two leaders at once");
+                let term = leading.term();
+                let before = last_term.swap(term, Ordering::SeqCst);
+                assert!(term > before, "term {term} after {before}");
+                assert_eq!(leading.value(), value);
+                if tells {
+                    let seen = client.leader(&name).await.expect("leader");
+                    assert_eq!(
+                        seen,
+                        Some(Leader {
+                            value: value.clone(),
+                            term
+                        }),
+                        "leader() while {value} leads"
+                    );
+                }
+                tokio::task::yield_now().await;
+                inside.store(false, Ordering::SeqCst);
+                leading.resign().await.expect("resign");
+            }
+            session.close().await.expect("close");
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a candidate");
+    }
+    if tells {
+        assert_eq!(kit.client().leader(&name).await.expect("leader"), None);
+    }
+    Outcome::Passed
+}
+
+/// An observer started before the first leader sees nobody, then each of
+/// three leaders in turn with a vacancy between, then two leaders that
+/// hand over without one: every change, in order, terms rising.
+pub async fn observers_see_every_leader_in_order(kit: Kit) -> Outcome {
+    let name = kit.key("observed");
+    require!(
+        tells_the_leader(kit.client(), &name).await,
+        "the store's status cannot tell who leads"
+    );
+    let mut observer = kit.client().observe(&name).every(OBSERVE_EVERY);
+    assert_eq!(observer.next().await.expect("first"), None, "nobody yet");
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        // Until nobody leads after the last leader ("second"); a vacancy
+        // between the two that hand over may be seen or not.
+        loop {
+            let now = observer.next().await.expect("next");
+            let last = now.is_none()
+                && seen.last().is_some_and(|s: &Option<Leader>| {
+                    s.as_ref().is_some_and(|l| l.value == "second")
+                });
+            seen.push(now);
+            if last {
+                return seen;
+            }
+        }
+    });
+    let session = kit.session().await;
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        let value = format!("leader-{i}");
+        let leading = session.elect(&name).value(&value).await.expect("elected");
+        expected.push(Some(Leader {
+            value,
+            term: leading.term(),
+        }));
+        sleep(STEADY).await;
+        leading.resign().await.expect("resign");
+        expected.push(None);
+        sleep(STEADY).await;
+    }
+    let first = session.elect(&name).value("first").await.expect("elected");
+    let other = kit.session().await;
+    let second = tokio::spawn({
+        let name = name.clone();
+        async move {
+            let leading = other.elect(&name).value("second").await.expect("elected");
+            sleep(STEADY).await;
+            let term = leading.term();
+            leading.resign().await.expect("resign");
+            term
+        }
+    });
+    sleep(STEADY).await;
+    let first_term = first.term();
+    first.resign().await.expect("resign");
+    let second_term = second.await.expect("second");
+    let seen = tokio::time::timeout(PATIENCE, seen)
+        .await
+        .expect("the observer saw every change")
+        .expect("observer");
+    assert_eq!(&seen[..6], &expected[..], "each leader, then nobody");
+    let rest: Vec<_> = seen[6..].iter().filter(|s| s.is_some()).cloned().collect();
+    assert_eq!(
+        rest,
+        [
+            Some(Leader {
+                value: "first".into(),
+                term: first_term
+            }),
+            Some(Leader {
+                value: "second".into(),
+                term: second_term
+            }),
+        ],
+        "the hand-over, in order: {seen:?}"
+    );
+    Outcome::Passed
+}
+
+/// A leader that resigns hands over at once: the waiting candidate is
+/// elected long before the leader's lease would have run out, with a
+/// higher term.
+pub async fn resign_hands_over_at_once(kit: Kit) -> Outcome {
+    let name = kit.key("resign");
+    let ttl = Duration::from_secs(10);
+    let leader = kit.session_with(ttl, Duration::ZERO).await;
+    let leading = leader.elect(&name).await.expect("elected");
+    let term = leading.term();
+    let candidate = kit.session().await;
+    let waiting = tokio::spawn({
+        let name = name.clone();
+        async move {
+            let next = candidate.elect(&name).wait(PATIENCE).await.expect("next");
+            (Instant::now(), next)
+        }
+    });
+    sleep(SETTLE).await;
+    assert!(!waiting.is_finished(), "elected while another led");
+    let resigned = Instant::now();
+    leading.resign().await.expect("resign");
+    let (elected, next) = waiting.await.expect("candidate");
+    assert!(
+        elected - resigned < ttl / 2,
+        "elected {:?} after the resignation",
+        elected - resigned
+    );
+    assert!(next.term() > term, "term {} after {term}", next.term());
+    next.resign().await.expect("resign");
+    Outcome::Passed
+}
+
+/// A leader whose session lapses (it stops renewing) sees `lost()` before
+/// the next candidate is elected, and the next term is higher.
+pub async fn a_lost_leader_knows_before_the_next_is_elected(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().lease_expiry,
+        "store sessions have no lease to expire"
+    );
+    let name = kit.key("lapsed");
+    let frozen = kit
+        .session_with(Duration::from_millis(900), Duration::ZERO)
+        .await;
+    let old = frozen.elect(&name).await.expect("elected");
+    let candidate = kit.session().await;
+    old.session().freeze_for_test();
+    let next = candidate
+        .elect(&name)
+        .wait(PATIENCE)
+        .await
+        .expect("elected after the lapse");
+    assert!(
+        !old.is_leader(),
+        "the old leader still claims to lead after the next was elected"
+    );
+    assert!(
+        old.lost().now_or_never().is_some(),
+        "lost() had not fired when the next leader was elected"
+    );
+    assert!(
+        next.term() > old.term(),
+        "term {} after {}",
+        next.term(),
+        old.term()
+    );
+    next.resign().await.expect("resign");
+    Outcome::Passed
+}
