@@ -79,10 +79,11 @@ pub async fn elect(args: ElectArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Err(err).context(format!("cannot campaign in '{}'", args.key)),
     };
     let leading = leadership.session().clone();
+    // The guard no longer ends with the campaigning session, which has
+    // nothing left to do: close it now, not after the command.
     let guard = MultiGuard::from(leadership.into_guard());
-    let code = hold_while_running(&leading, guard, &args.command, args.foreground, grace).await;
     let _ = session.close().await;
-    code
+    hold_while_running(&leading, guard, &args.command, args.foreground, grace).await
 }
 
 #[derive(Debug, clap::Args)]

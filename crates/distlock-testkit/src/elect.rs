@@ -71,7 +71,11 @@ pub async fn one_leader_at_a_time_with_rising_terms(kit: Kit) -> Outcome {
                         "leader() while {value} leads"
                     );
                 }
-                tokio::task::yield_now().await;
+                sleep(Duration::from_millis(2)).await;
+                assert!(
+                    leading.is_leader(),
+                    "{value} lost its leadership while leading"
+                );
                 inside.store(false, Ordering::SeqCst);
                 leading.resign().await.expect("resign");
             }
@@ -169,13 +173,21 @@ pub async fn observers_see_every_leader_in_order(kit: Kit) -> Outcome {
 
 /// A leader that resigns hands over at once: the waiting candidate is
 /// elected long before the leader's lease would have run out, with a
-/// higher term.
+/// higher term. A campaign dropped while it waited leaves no trace.
 pub async fn resign_hands_over_at_once(kit: Kit) -> Outcome {
     let name = kit.key("resign");
     let ttl = Duration::from_secs(10);
     let leader = kit.session_with(ttl, Duration::ZERO).await;
     let leading = leader.elect(&name).await.expect("elected");
     let term = leading.term();
+    let dropped = kit.session().await;
+    let gave_up = tokio::spawn({
+        let name = name.clone();
+        async move { dropped.elect(&name).value("gave-up").await }
+    });
+    sleep(SETTLE).await;
+    gave_up.abort();
+    assert!(gave_up.await.is_err_and(|err| err.is_cancelled()));
     let candidate = kit.session().await;
     let waiting = tokio::spawn({
         let name = name.clone();
@@ -195,6 +207,51 @@ pub async fn resign_hands_over_at_once(kit: Kit) -> Outcome {
         elected - resigned
     );
     assert!(next.term() > term, "term {} after {term}", next.term());
+    next.resign().await.expect("resign");
+    if kit.caps().tells_leader {
+        assert_eq!(kit.client().leader(&name).await.expect("leader"), None);
+    }
+    let last = kit.session().await;
+    let again = last
+        .elect(&name)
+        .wait(ttl / 2)
+        .await
+        .expect("nobody left holding after the dropped campaign");
+    again.resign().await.expect("resign");
+    Outcome::Passed
+}
+
+/// Closing the campaigning session ends its leadership before `close`
+/// returns: the waiting candidate is elected at once, and the old
+/// leadership says it is lost.
+pub async fn closing_the_session_ends_its_leadership(kit: Kit) -> Outcome {
+    let name = kit.key("closed");
+    let ttl = Duration::from_secs(10);
+    let leader = kit.session_with(ttl, Duration::ZERO).await;
+    let leading = leader.elect(&name).await.expect("elected");
+    let candidate = kit.session().await;
+    let waiting = tokio::spawn({
+        let name = name.clone();
+        async move {
+            let next = candidate.elect(&name).wait(PATIENCE).await.expect("next");
+            (Instant::now(), next)
+        }
+    });
+    sleep(SETTLE).await;
+    let closed = Instant::now();
+    leader.close().await.expect("close");
+    assert!(!leading.is_leader(), "still leading after close");
+    let (elected, next) = waiting.await.expect("candidate");
+    assert!(
+        elected - closed < ttl / 2,
+        "elected {:?} after the close",
+        elected - closed
+    );
+    assert!(next.term() > leading.term());
+    assert!(
+        matches!(leading.resign().await, Err(err) if err.kind() == ErrorKind::NotHeld),
+        "resigning a closed leadership is NotHeld"
+    );
     next.resign().await.expect("resign");
     Outcome::Passed
 }

@@ -187,6 +187,7 @@ macro_rules! conformance_suite {
             one_leader_at_a_time_with_rising_terms,
             observers_see_every_leader_in_order,
             resign_hands_over_at_once,
+            closing_the_session_ends_its_leadership,
             a_lost_leader_knows_before_the_next_is_elected,
         );
     };

@@ -8,6 +8,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
@@ -18,7 +19,7 @@ use super::{Session, SessionConfig};
 use crate::client::Client;
 use crate::error::{Error, ErrorKind, Result};
 use crate::status::StatusQuery;
-use crate::store::{default_owner, validate_owner, Capabilities, Mode};
+use crate::store::{default_owner, lock, validate_owner, Capabilities, Fencing, Mode};
 
 /// How often [`Observer`] asks the store who leads unless told otherwise.
 pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_millis(200);
@@ -86,13 +87,35 @@ impl Campaign {
                 format!("election value refused: {err}; publish a longer value elsewhere, keyed by the term"),
             )
         })?;
+        if value.is_empty() {
+            return Err(Error::config(
+                "election value is empty; give the value the leader publishes (an address, an id)",
+            ));
+        }
         if parent.ended.is_cancelled() {
             return Err(parent.ended_error());
         }
+        if lock(&parent.held).contains_key(&self.name) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "this session holds '{}' itself, so its campaign would wait for it forever; \
+                     release it, or campaign from another session",
+                    self.name
+                ),
+            ));
+        }
         config.owner = Some(value.clone());
+        // A leader leads until it resigns or is lost: max_hold is for locks.
+        config.max_hold = None;
         // The leadership's own session carries the value as its owner; it
         // ends when the campaigning session ends or the leadership goes.
         let session = Session::open(parent.opener.clone(), config).await?;
+        {
+            let mut elections = lock(&parent.elections);
+            elections.retain(|weak| weak.strong_count() > 0);
+            elections.push(Arc::downgrade(&session.inner));
+        }
         let watch = CancellationToken::new();
         tokio::spawn({
             let (parent_ended, gone) = (parent.ended.clone(), watch.clone());
@@ -116,6 +139,10 @@ impl Campaign {
             Err(err) => {
                 drop(closer);
                 let _ = session.close().await;
+                // The campaigning session's end, not its effect on ours.
+                if parent.ended.is_cancelled() {
+                    return Err(parent.ended_error());
+                }
                 return Err(err);
             }
         };
@@ -124,7 +151,7 @@ impl Campaign {
             value,
             guard,
             session,
-            _campaigner: self.session,
+            campaigner: self.session,
             _closer: closer,
         })
     }
@@ -161,14 +188,15 @@ pub struct Leadership {
     guard: Guard,
     session: Session,
     /// Kept open while this leads, as a guard keeps its session.
-    _campaigner: Session,
+    campaigner: Session,
     _closer: DropGuard,
 }
 
 impl Leadership {
     /// The term: strictly greater than every earlier leader's of this
-    /// election (the hold's fencing token). Write it with every act of the
-    /// leader, as a token.
+    /// election (the hold's fencing token), on a store whose tokens are
+    /// [`Fencing::Durable`]; elsewhere until the store restarts. Write it
+    /// with every act of the leader, as a token.
     pub fn term(&self) -> u64 {
         self.guard.token()
     }
@@ -204,6 +232,8 @@ impl Leadership {
     /// term), for code that supervises guards. It leads while the guard
     /// holds; it no longer ends when the campaigning session does.
     pub fn into_guard(self) -> Guard {
+        let ours = Arc::downgrade(&self.session.inner);
+        lock(&self.campaigner.inner.elections).retain(|weak| !weak.ptr_eq(&ours));
         self.guard
     }
 
@@ -241,12 +271,15 @@ impl Client {
             .status(&StatusQuery::Key(name.to_owned()))
             .await?;
         let mode = election_mode(&caps);
+        // One holder in the election's mode, unless someone took the name
+        // as a plain one-permit semaphore: then the latest grant leads.
         let holder = status
             .keys
             .iter()
             .filter(|key| key.key == name)
             .flat_map(|key| key.holders.iter())
-            .find(|holder| holder.mode == mode);
+            .filter(|holder| holder.mode == mode)
+            .max_by_key(|holder| holder.token);
         let Some(holder) = holder else {
             return Ok(None);
         };
@@ -298,6 +331,11 @@ fn cannot_tell(caps: &Capabilities) -> Error {
 /// seen is never answered. The store is asked every
 /// [`every`](Observer::every) (200 ms by default); leaders that come and
 /// go between two asks are not seen.
+///
+/// On a store whose tokens start again when it restarts (not
+/// [`Fencing::Durable`]), a leader with a lower term than one seen means
+/// it restarted: `next` answers an `Unavailable` error saying so once,
+/// then goes on from the new terms.
 #[derive(Debug)]
 pub struct Observer {
     client: Client,
@@ -310,9 +348,9 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// How often to ask the store.
+    /// How often to ask the store (at least every 10 ms).
     pub fn every(mut self, every: Duration) -> Self {
-        self.every = every;
+        self.every = every.max(Duration::from_millis(10));
         self
     }
 
@@ -324,9 +362,26 @@ impl Observer {
             let now = self.client.leader(&self.name).await?;
             let changed = match (&self.seen, &now) {
                 (None, _) => true,
-                (Some(Some(_)), None) => true,
-                (Some(_), Some(leader)) => leader.term > self.highest,
-                (Some(None), None) => false,
+                (Some(seen), None) => seen.is_some(),
+                // The same leader again after a vacancy is a change; a
+                // lower term is a stale read, or a restart of a store whose
+                // tokens do not outlive it.
+                (Some(_), Some(leader)) if leader.term < self.highest => {
+                    if self.client.capabilities().fencing != Fencing::Durable {
+                        let before = std::mem::take(&mut self.highest);
+                        self.seen = Some(None);
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the leader of '{}' has term {} after term {before}: the store \
+                                 restarted and its terms started again; observing goes on from them",
+                                self.name, leader.term
+                            ),
+                        ));
+                    }
+                    false
+                }
+                (Some(seen), Some(leader)) => leader.term > self.highest || seen.is_none(),
             };
             if changed {
                 if let Some(leader) = &now {

@@ -114,6 +114,9 @@ pub(crate) struct SessionInner {
     gates: Mutex<HashMap<String, Gate>>,
     /// The locks held now, for renewal and close.
     held: Mutex<HashMap<String, Arc<HeldEntry>>>,
+    /// The sessions of this one's campaigns and leaderships, closed by
+    /// [`Session::close`] before it returns.
+    elections: Mutex<Vec<std::sync::Weak<SessionInner>>>,
     /// When the lease runs out unless renewed (`None`: the store's sessions
     /// have no lease, e.g. a process).
     lease: watch::Sender<Option<Instant>>,
@@ -167,6 +170,7 @@ impl Session {
             config,
             gates: Mutex::default(),
             held: Mutex::default(),
+            elections: Mutex::default(),
             lease: watch::Sender::new(lease),
             ended: CancellationToken::new(),
             state: Mutex::new(Ended::Open),
@@ -261,16 +265,20 @@ impl Session {
 
     /// Releases every lock of the session and ends it at the store. Guards
     /// still alive report `lost()`; releasing them afterwards is `NotHeld`.
+    /// Its campaigns and leaderships end first (their own sessions' later
+    /// campaigns end with those sessions, in the background).
     pub async fn close(&self) -> Result<()> {
-        {
-            let mut state = lock(&self.inner.state);
-            if !matches!(*state, Ended::Open) {
-                return Ok(());
-            }
-            *state = Ended::Closed;
+        if !self.inner.end_as_closed() {
+            return Ok(());
         }
-        self.inner.ended.cancel();
-        lock(&self.inner.held).clear();
+        let elections: Vec<_> = std::mem::take(&mut *lock(&self.inner.elections));
+        for inner in elections.iter().filter_map(std::sync::Weak::upgrade) {
+            if inner.end_as_closed() {
+                if let Err(err) = inner.store.close().await {
+                    tracing::debug!("closing an election's session: {err}");
+                }
+            }
+        }
         self.inner.store.close().await
     }
 
@@ -300,6 +308,21 @@ impl Session {
 }
 
 impl SessionInner {
+    /// Marks the session closed and its guards lost; false if it had
+    /// already ended.
+    fn end_as_closed(&self) -> bool {
+        {
+            let mut state = lock(&self.state);
+            if !matches!(*state, Ended::Open) {
+                return false;
+            }
+            *state = Ended::Closed;
+        }
+        self.ended.cancel();
+        lock(&self.held).clear();
+        true
+    }
+
     fn ended_error(&self) -> Error {
         match &*lock(&self.state) {
             Ended::Open => Error::new(ErrorKind::Closed, "session is ending"),
