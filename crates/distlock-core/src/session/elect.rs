@@ -122,12 +122,16 @@ impl Campaign {
             let session = session.clone();
             async move {
                 tokio::select! {
+                    // A leadership detached by into_guard, then its
+                    // campaigning session closed: both are ready, and the
+                    // leadership must live on.
+                    biased;
+                    () = gone.cancelled() => {}
                     () = parent_ended.cancelled() => {
                         if let Err(err) = session.close().await {
                             tracing::debug!("closing a leadership whose session ended: {err}");
                         }
                     }
-                    () = gone.cancelled() => {}
                 }
             }
         });
@@ -392,5 +396,52 @@ impl Observer {
             }
             sleep(self.every).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{Client, MemoryStore};
+
+    /// `distlock elect` detaches the leadership, then closes the
+    /// campaigning session: the leadership must live on (the watcher that
+    /// ends it with its session must not win that race).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_detached_leadership_outlives_its_campaigning_session() {
+        let client = Client::new(Arc::new(MemoryStore::new()));
+        for round in 0..50 {
+            let session = client.session().open().await.expect("open");
+            let leading = session.elect("jobs").value("me").await.expect("elected");
+            let guard = leading.into_guard();
+            session.close().await.expect("close");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            assert!(
+                guard.is_held(),
+                "round {round}: the leadership ended with its session"
+            );
+            guard.release().await.expect("release");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_observer_answers_a_leader_back_after_a_vacancy() {
+        let client = Client::new(Arc::new(MemoryStore::new()));
+        let session = client.session().open().await.expect("open");
+        let mut observer = client
+            .observe("jobs")
+            .every(std::time::Duration::from_millis(10));
+        assert_eq!(observer.next().await.expect("first"), None);
+        let leading = session.elect("jobs").value("me").await.expect("elected");
+        let first = observer.next().await.expect("leader").expect("someone");
+        assert_eq!((first.value.as_str(), first.term), ("me", leading.term()));
+        leading.resign().await.expect("resign");
+        assert_eq!(observer.next().await.expect("vacancy"), None);
+        let again = session.elect("jobs").value("me").await.expect("elected");
+        let second = observer.next().await.expect("leader").expect("someone");
+        assert!(second.term > first.term);
+        again.resign().await.expect("resign");
     }
 }
