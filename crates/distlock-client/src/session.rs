@@ -198,6 +198,15 @@ pub(crate) async fn read_events(
     inbox.broken();
 }
 
+/// The wait of a request waiting until `until` (0: try once), rounded up
+/// so that it never ends before the caller's deadline.
+fn wait_ms(until: Option<Instant>) -> u64 {
+    until.map_or(0, |until| {
+        let left = until.saturating_duration_since(Instant::now());
+        millis(left + Duration::from_micros(999)).max(1)
+    })
+}
+
 /// An acquire in flight; dropped before its answer, it cancels the wait and
 /// gives back a grant that crossed the cancel.
 struct InFlight<'a> {
@@ -221,8 +230,10 @@ impl Drop for InFlight<'_> {
         // map but not yet sent its answer; after close that send fails and
         // the reader gives the grant back itself.
         self.answered.close();
-        if let Ok(Event::Granted(granted)) = self.answered.try_recv() {
-            inbox.give_back(granted);
+        match self.answered.try_recv() {
+            Ok(Event::Granted(granted)) => inbox.give_back(granted),
+            Ok(Event::GrantedAll(all)) => all.granted.into_iter().for_each(|g| inbox.give_back(g)),
+            _ => {}
         }
     }
 }
@@ -231,16 +242,11 @@ impl Drop for InFlight<'_> {
 impl StoreSession for RemoteSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let (mode, permits) = distlock_proto::convert::proto_mode(request.mode);
-        // Round up, so that a wait never ends before the caller's deadline.
-        let wait_ms = request.wait_until.map_or(0, |until| {
-            let left = until.saturating_duration_since(Instant::now());
-            millis(left + Duration::from_micros(999)).max(1)
-        });
         let acquire = proto::Acquire {
             key: request.key.clone(),
             mode: mode.into(),
             permits,
-            wait_ms,
+            wait_ms: wait_ms(request.wait_until),
         };
         let (id, answered) = self.send(Request::Acquire(acquire))?;
         let mut in_flight = InFlight {
@@ -275,6 +281,83 @@ impl StoreSession for RemoteSession {
             // The release of a grant that crossed a cancel has not landed
             // yet: busy for now; the core asks again.
             Event::Failed(failed) if failed.code == i32::from(proto::Code::AlreadyHeld) => Ok(None),
+            Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
+            other => Err(unexpected(&self.inbox.target, &other)),
+        }
+    }
+
+    async fn acquire_all(&self, requests: &[AcquireRequest]) -> Result<Option<Vec<Grant>>> {
+        let wait_until = requests.first().and_then(|request| request.wait_until);
+        let keys = requests
+            .iter()
+            .map(|request| {
+                let (mode, permits) = distlock_proto::convert::proto_mode(request.mode);
+                proto::AcquireKey {
+                    key: request.key.clone(),
+                    mode: mode.into(),
+                    permits,
+                }
+            })
+            .collect();
+        let (id, answered) = self.send(Request::AcquireAll(proto::AcquireAll {
+            keys,
+            wait_ms: wait_ms(wait_until),
+        }))?;
+        let mut in_flight = InFlight {
+            session: self,
+            id,
+            answered,
+            done: false,
+        };
+        let answer = match wait_until {
+            Some(until) => {
+                let grace = until + Duration::from_millis(100);
+                match tokio::time::timeout_at(grace, &mut in_flight.answered).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Ok(None),
+                }
+            }
+            None => (&mut in_flight.answered).await,
+        };
+        in_flight.done = true;
+        match answer.map_err(|_| self.inbox.ended())? {
+            Event::GrantedAll(all) => {
+                // One ended by a forced release before the answer came:
+                // none is kept; the core asks again.
+                let ended = all
+                    .granted
+                    .iter()
+                    .any(|g| self.inbox.take_ended(&g.key, g.token));
+                if ended || all.granted.len() != requests.len() {
+                    all.granted
+                        .into_iter()
+                        .for_each(|granted| self.inbox.give_back(granted));
+                    return Ok(None);
+                }
+                Ok(Some(
+                    all.granted
+                        .into_iter()
+                        .map(|granted| Grant::new(granted.token))
+                        .collect(),
+                ))
+            }
+            Event::NotGranted(_) => Ok(None),
+            Event::Failed(failed) if failed.code == i32::from(proto::Code::AlreadyHeld) => Ok(None),
+            // A server from before AcquireAll: the core takes the keys one
+            // at a time instead.
+            Event::Failed(failed)
+                if failed.code == i32::from(proto::Code::InvalidArgument)
+                    && failed.message == "empty request" =>
+            {
+                Err(Error::new(
+                    distlock_core::ErrorKind::Unsupported,
+                    format!(
+                        "the distlock server at {} takes no AcquireAll (it is older than this \
+                         client)",
+                        self.inbox.target
+                    ),
+                ))
+            }
             Event::Failed(failed) => Err(failure(&self.inbox.target, failed)),
             other => Err(unexpected(&self.inbox.target, &other)),
         }

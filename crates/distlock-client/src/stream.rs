@@ -199,10 +199,16 @@ impl Inbox {
             let answer = answers.waiting.remove(&event.id);
             // What a resume names, recorded as the answer is handed out
             // (under the lock a resume reads it under), not later.
-            if let (Some((Request::Acquire(acquire), _)), Event::Granted(granted)) =
-                (&answer, &body)
-            {
-                answers.held.insert(acquire.key.clone(), granted.token);
+            match (&answer, &body) {
+                (Some((Request::Acquire(acquire), _)), Event::Granted(granted)) => {
+                    answers.held.insert(acquire.key.clone(), granted.token);
+                }
+                (Some((Request::AcquireAll(_), _)), Event::GrantedAll(all)) => {
+                    for granted in &all.granted {
+                        answers.held.insert(granted.key.clone(), granted.token);
+                    }
+                }
+                _ => {}
             }
             answer
         };
@@ -212,6 +218,7 @@ impl Inbox {
         };
         match unclaimed {
             Some(Event::Granted(granted)) => self.give_back(granted),
+            Some(Event::GrantedAll(all)) => all.granted.into_iter().for_each(|g| self.give_back(g)),
             // Kept for the acquire or renewal that takes them; a renewal
             // now.
             Some(Event::Lost(lost)) => {

@@ -121,6 +121,10 @@ pub struct Capabilities {
     /// hold (a one-permit semaphore where the store has semaphores, else an
     /// exclusive lock).
     pub tells_leader: bool,
+    /// [`StoreSession::acquire_all`] takes several keys in one request,
+    /// all or none, queued fairly at the store; without it the core takes
+    /// them one at a time in one order.
+    pub atomic_lock_all: bool,
 }
 
 impl Capabilities {
@@ -143,6 +147,7 @@ impl Capabilities {
             keeps_owner: false,
             force_release: false,
             tells_leader: false,
+            atomic_lock_all: false,
         }
     }
 }
@@ -367,6 +372,19 @@ pub trait StoreSession: Send + Sync + 'static {
     /// Must be cancel safe: if the future is dropped, the session is left
     /// holding nothing new and no waiter of it stays queued.
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>>;
+
+    /// For stores with [`Capabilities::atomic_lock_all`]: every request at
+    /// once (distinct keys; the first request's `wait_until` for all), or
+    /// none. The grants come in the order asked; `Ok(None)`, holding none,
+    /// when a key was busy (or the wait ran out). Cancel safe as
+    /// [`acquire`](StoreSession::acquire). `Unsupported` elsewhere.
+    async fn acquire_all(&self, requests: &[AcquireRequest]) -> Result<Option<Vec<Grant>>> {
+        let _ = requests;
+        Err(Error::new(
+            crate::ErrorKind::Unsupported,
+            "this store takes several keys one at a time",
+        ))
+    }
 
     /// Releases a lock this session holds; `NotHeld` if it does not hold it
     /// (any more). Never releases another session's lock.

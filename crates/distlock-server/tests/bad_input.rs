@@ -503,3 +503,51 @@ async fn a_resume_needs_the_secret_and_retires_the_old_stream() {
     );
     still_serving(&address).await;
 }
+
+fn acquire_all(keys: &[&str]) -> Request {
+    Request::AcquireAll(proto::AcquireAll {
+        keys: keys
+            .iter()
+            .map(|key| proto::AcquireKey {
+                key: (*key).to_owned(),
+                mode: proto::Mode::Exclusive.into(),
+                permits: 0,
+            })
+            .collect(),
+        wait_ms: 0,
+    })
+}
+
+/// A bad AcquireAll (no key, a key twice, a key too long) fails alone and
+/// takes nothing; a good one takes every key, each with its token.
+#[tokio::test]
+async fn a_bad_acquire_all_fails_alone_and_takes_nothing() {
+    let address = start_server().await;
+    let mut stream = Stream::open(&address, open(5_000)).await.expect("open");
+    assert!(matches!(stream.next().await, Ok(Event::Opened(_))));
+    let none = failed(stream.ask(2, acquire_all(&[])).await);
+    assert!(
+        none.message.contains("name 1 to 1024 distinct keys"),
+        "{none:?}"
+    );
+    let twice = failed(stream.ask(3, acquire_all(&["a", "b", "a"])).await);
+    assert!(twice.message.contains("'a' twice"), "{twice:?}");
+    let long = "k".repeat(65);
+    let too_long = failed(stream.ask(4, acquire_all(&["a", &long])).await);
+    assert_eq!(too_long.code, i32::from(proto::Code::InvalidKey));
+    // Nothing was taken by the refused requests: a is free.
+    assert!(matches!(
+        stream.ask(5, acquire("a")).await,
+        Event::Granted(_)
+    ));
+    assert!(matches!(
+        stream.ask(6, acquire_all(&["b", "c"])).await,
+        Event::GrantedAll(all) if all.granted.len() == 2 && all.granted[0].key == "b"
+    ));
+    let busy = stream.ask(7, acquire_all(&["a", "d"])).await;
+    assert!(
+        matches!(busy, Event::Failed(_)),
+        "a is this session's: {busy:?}"
+    );
+    still_serving(&address).await;
+}

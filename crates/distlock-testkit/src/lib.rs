@@ -182,6 +182,7 @@ macro_rules! conformance_suite {
             lock_all_is_all_or_nothing,
             lock_all_mixes_modes,
             lock_all_refuses_bad_lists,
+            lock_all_waits_holding_nothing_and_is_not_overtaken,
             a_lapsed_session_cannot_touch_the_next_hold,
             a_release_with_another_token_does_nothing,
             one_leader_at_a_time_with_rising_terms,

@@ -198,3 +198,58 @@ pub async fn lock_all_refuses_bad_lists(kit: Kit) -> Outcome {
     assert!(free.is_some(), "a refused request held a key");
     Outcome::Passed
 }
+
+/// On a store that takes several keys in one request: a request for
+/// {a, b} that waits for b holds nothing meanwhile (a has no holder, the
+/// request waits in both queues), a request for a alone that comes after
+/// it does not overtake it, and b's release grants both at once.
+pub async fn lock_all_waits_holding_nothing_and_is_not_overtaken(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().atomic_lock_all,
+        "the store takes several keys one at a time"
+    );
+    let (a, b) = (kit.key("a"), kit.key("b"));
+    let holder = kit.session().await;
+    let held = holder.lock(&b).await.expect("b");
+    let asker = kit.session().await;
+    let both = tokio::spawn({
+        let keys = [a.clone(), b.clone()];
+        async move { asker.lock_all(&keys).wait(PATIENCE).await }
+    });
+    // Polled: the request reaches the store when it does.
+    let started = tokio::time::Instant::now();
+    let waiting = loop {
+        let status = kit
+            .client()
+            .status(&distlock_core::status::StatusQuery::Key(a.clone()))
+            .await
+            .expect("status");
+        if status
+            .keys
+            .first()
+            .is_some_and(|key| !key.waiters.is_empty())
+        {
+            break status.keys[0].clone();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the request never queued on a"
+        );
+        tokio::time::sleep(SETTLE / 4).await;
+    };
+    assert!(
+        waiting.holders.is_empty(),
+        "a is held while b is waited for: {waiting:?}"
+    );
+    let single = kit.session().await;
+    assert!(
+        single.lock(&a).try_lock().await.expect("try").is_none(),
+        "a request for a alone overtook the waiting request for both"
+    );
+    let b_token = held.token();
+    held.release().await.expect("release b");
+    let both = both.await.expect("task").expect("both keys");
+    assert!(both.token(&b).expect("b") > b_token);
+    both.release().await.expect("release");
+    Outcome::Passed
+}

@@ -21,7 +21,8 @@ use crate::store::{
     RenewReport, SessionOptions, StoreSession,
 };
 use crate::table::{
-    lock_table as lock, Attempt, SessionId, SessionSpec, SharedTable, Ticket, Waited,
+    lock_table as lock, Attempt, AttemptAll, GroupTicket, SessionId, SessionSpec, SharedTable,
+    Ticket, Waited, WaitedAll,
 };
 
 /// An in-process lock store.
@@ -137,6 +138,33 @@ impl StoreSession for MemorySession {
             Attempt::AlreadyHeld | Attempt::QueueFull | Attempt::NoTokens => Err(Error::store(
                 "the memory store refused a request the core never makes; this is a bug",
             )),
+        }
+    }
+
+    async fn acquire_all(&self, requests: &[AcquireRequest]) -> Result<Option<Vec<Grant>>> {
+        let until = requests.first().and_then(|request| request.wait_until);
+        let keys: Vec<_> = requests.iter().map(|r| (r.key.clone(), r.mode)).collect();
+        let grants = |tokens: Vec<u64>| Some(tokens.into_iter().map(Grant::new).collect());
+        let attempt = lock(&self.table).acquire_all(self.id, &keys, until.is_some());
+        match attempt {
+            AttemptAll::Granted(tokens) => Ok(grants(tokens)),
+            AttemptAll::Busy => Ok(None),
+            AttemptAll::Queued(waiter, grant) => {
+                let until = until.expect("queued only when waiting");
+                let table = Arc::clone(&self.table);
+                let ticket = GroupTicket::new(table, self.id, keys, waiter, grant);
+                match ticket.wait(until).await {
+                    WaitedAll::Granted(tokens) => Ok(grants(tokens)),
+                    WaitedAll::TimedOut => Ok(None),
+                    WaitedAll::SessionGone => Err(session_gone()),
+                }
+            }
+            AttemptAll::SessionGone => Err(session_gone()),
+            AttemptAll::AlreadyHeld | AttemptAll::QueueFull | AttemptAll::NoTokens => {
+                Err(Error::store(
+                    "the memory store refused a request the core never makes; this is a bug",
+                ))
+            }
         }
     }
 

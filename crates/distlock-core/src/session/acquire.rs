@@ -148,7 +148,17 @@ impl SessionInner {
             return Ok(None);
         };
         let arrived = Instant::now();
-        let entry = Arc::new(HeldEntry {
+        let entry = self.entry_of(key, mode, grant, arrived);
+        if let Err(err) = self.check_arrival(&entry, arrived) {
+            let _ = self.store.release(&entry.lock).await;
+            return Err(err);
+        }
+        Ok(Some(self.admit(&mut slot, entry)))
+    }
+
+    /// What a grant that arrived at `arrived` holds.
+    fn entry_of(&self, key: &str, mode: Mode, grant: Grant, arrived: Instant) -> Arc<HeldEntry> {
+        Arc::new(HeldEntry {
             lock: HeldLock {
                 key: key.to_owned(),
                 mode,
@@ -158,29 +168,37 @@ impl SessionInner {
             max_hold_until: self.config.max_hold.map(|max| arrived + max),
             // Not from when this acquire began: a wait may have been long.
             renewed_until: Mutex::new(grant.lease_from.and_then(|sent| self.lease_from(sent))),
-        });
+        })
+    }
+
+    /// Whether a grant may be handed out: not if the session ended while
+    /// it was on its way, nor if it came after the lease it started (a
+    /// connection that stalled: the store may have granted the key on
+    /// already). The caller gives a refused grant back.
+    fn check_arrival(&self, entry: &HeldEntry, arrived: Instant) -> Result<()> {
         if self.ended.is_cancelled() {
-            // Lost or closed while the grant was on its way: give it back.
-            let _ = self.store.release(&entry.lock).await;
             return Err(self.ended_error());
         }
         if self
-            .deadline_of(&entry)
+            .deadline_of(entry)
             .is_some_and(|deadline| deadline <= arrived)
         {
-            // The store's answer came after the lease it started had run
-            // out (a connection that stalled): the store may have granted
-            // the key on already. Never hand out a guard dead on arrival.
-            let _ = self.store.release(&entry.lock).await;
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "the grant of '{key}' arrived after its lease had run out (the store \
-                     answered late); ask again"
+                    "the grant of '{}' arrived after its lease had run out (the store \
+                     answered late); ask again",
+                    entry.lock.key
                 ),
             ));
         }
-        lock(&self.held).insert(key.to_owned(), Arc::clone(&entry));
+        Ok(())
+    }
+
+    /// Records a checked grant as held, in its gate's slot, and hands out
+    /// its first guard.
+    fn admit(self: &Arc<Self>, slot: &mut Option<Hold>, entry: Arc<HeldEntry>) -> Guard {
+        lock(&self.held).insert(entry.lock.key.clone(), Arc::clone(&entry));
         *slot = Some(Hold {
             entry: Arc::clone(&entry),
             count: 1,
@@ -192,7 +210,108 @@ impl SessionInner {
                 until,
             ));
         }
-        Ok(Some(Guard::new(Arc::clone(self), entry)))
+        Guard::new(Arc::clone(self), entry)
+    }
+
+    /// `lock_all` on a store that takes every key in one request
+    /// ([`atomic_lock_all`](crate::Capabilities::atomic_lock_all)): every
+    /// key's gate, in `order`, then one request. `None` when the per-key
+    /// path must do it: this session holds, takes or releases one of the
+    /// keys (reentrancy is the core's), or the store does not do it.
+    pub(super) async fn acquire_all_at_once(
+        self: &Arc<Self>,
+        order: &[(usize, String, Mode)],
+        wait: Wait,
+    ) -> Option<Result<Option<Vec<(usize, Guard)>>>> {
+        for (_, _, mode) in order {
+            if let Err(err) = self.check_mode(*mode) {
+                return Some(Err(err));
+            }
+        }
+        if self.ended.is_cancelled() {
+            return Some(Err(self.ended_error()));
+        }
+        // Declared before the slots, so dropped after them: an idle gate
+        // then leaves the map.
+        let gates: Vec<GateRef<'_>> = order.iter().map(|(_, key, _)| self.gate(key)).collect();
+        let mut slots = Vec::with_capacity(gates.len());
+        for gate in &gates {
+            match Arc::clone(&gate.gate).try_lock_owned() {
+                Ok(slot) if slot.is_none() => slots.push(slot),
+                _ => return None,
+            }
+        }
+        let deadline = match wait {
+            Wait::TryOnce => None,
+            Wait::Until(deadline) => Some(deadline),
+            Wait::Forever => Some(far_future()),
+        };
+        let requests: Vec<AcquireRequest> = order
+            .iter()
+            .map(|(_, key, mode)| {
+                let mut request = AcquireRequest::new(key.clone(), *mode);
+                if self.caps.push_wakeup {
+                    request.wait_until = deadline;
+                }
+                request
+            })
+            .collect();
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+        let grants = loop {
+            let granted = tokio::select! {
+                granted = self.store.acquire_all(&requests) => granted,
+                () = self.ended.cancelled() => return Some(Err(self.ended_error())),
+            };
+            let granted = match granted {
+                Ok(granted) => granted,
+                Err(err) if err.kind() == ErrorKind::Unsupported => return None,
+                Err(err) => return Some(Err(err)),
+            };
+            let now = Instant::now();
+            match (granted, deadline) {
+                (Some(grants), _) => break grants,
+                (None, Some(deadline)) if now < deadline => {
+                    let pause = backoff.next_delay().min(deadline - now);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.ended.cancelled() => return Some(Err(self.ended_error())),
+                    }
+                }
+                (None, _) if matches!(wait, Wait::Until(_)) => {
+                    return Some(Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "timed out waiting for the {} keys asked for: another session still \
+                             holds one; none of them is held",
+                            order.len()
+                        ),
+                    )))
+                }
+                (None, _) => return Some(Ok(None)),
+            }
+        };
+        let arrived = Instant::now();
+        let entries: Vec<Arc<HeldEntry>> = order
+            .iter()
+            .zip(grants)
+            .map(|((_, key, mode), grant)| self.entry_of(key, *mode, grant, arrived))
+            .collect();
+        if let Some(err) = entries
+            .iter()
+            .find_map(|entry| self.check_arrival(entry, arrived).err())
+        {
+            for entry in &entries {
+                let _ = self.store.release(&entry.lock).await;
+            }
+            return Some(Err(err));
+        }
+        let taken = order
+            .iter()
+            .zip(entries)
+            .zip(slots.iter_mut())
+            .map(|(((place, _, _), entry), slot)| (*place, self.admit(slot, entry)))
+            .collect();
+        Some(Ok(Some(taken)))
     }
 
     fn check_mode(&self, mode: Mode) -> Result<()> {

@@ -155,6 +155,17 @@ async fn take_all(
     wait: Wait,
 ) -> Result<Option<MultiGuard>> {
     let order = canonical(keys, inner.config.max_keys)?;
+    if inner.caps.atomic_lock_all && order.len() > 1 {
+        if let Some(taken) = inner.acquire_all_at_once(&order, wait).await {
+            let Some(mut taken) = taken? else {
+                return Ok(None);
+            };
+            taken.sort_by_key(|(place, _)| *place);
+            return Ok(Some(MultiGuard {
+                guards: taken.into_iter().map(|(_, guard)| guard).collect(),
+            }));
+        }
+    }
     loop {
         let Some(mut taken) = take_in_order(&inner, &order, wait).await? else {
             return Ok(None);

@@ -9,6 +9,7 @@
 //! (one ordered queue of deadlines), and a waiter sleeps until the next
 //! instant that could change its answer ([`LockTable::next_event`]).
 
+mod group;
 mod operate;
 mod status;
 mod wait;
@@ -21,7 +22,8 @@ use tokio::time::Instant;
 
 use crate::status::Counters;
 use crate::store::{Capabilities, Fencing, Mode};
-pub use wait::{lock_table, SharedTable, Ticket, Waited};
+pub use group::AttemptAll;
+pub use wait::{lock_table, GroupTicket, SharedTable, Ticket, Waited, WaitedAll};
 
 /// What a store backed by a lock table supports: everything the table does
 /// (FIFO, writer-preferring shared locks, semaphores, pushed grants, leases,
@@ -34,6 +36,7 @@ pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
     caps.keeps_owner = true;
     caps.force_release = true;
     caps.tells_leader = true;
+    caps.atomic_lock_all = true;
     caps
 }
 
@@ -126,7 +129,9 @@ struct Waiter {
     session: SessionId,
     mode: Mode,
     since: Instant,
-    grant: oneshot::Sender<u64>,
+    /// `None` for a key of a multi-key request, told through its
+    /// [`group::Group`] (with the same id).
+    grant: Option<oneshot::Sender<u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -200,6 +205,9 @@ pub struct LockTable {
     /// Lock-delay ends, in order: the key is granted on or forgotten then.
     block_ends: BTreeSet<(Instant, String)>,
     keys: HashMap<String, KeyState>,
+    /// Queued multi-key requests, by waiter id: each has a waiter of that
+    /// id in every one of its keys' queues.
+    groups: HashMap<WaiterId, group::Group>,
     /// The last token granted for any key. One counter for the table keeps
     /// every key's tokens strictly increasing without remembering every key
     /// ever locked.
@@ -228,6 +236,7 @@ impl LockTable {
             hold_expiries: BTreeSet::new(),
             block_ends: BTreeSet::new(),
             keys: HashMap::new(),
+            groups: HashMap::new(),
             last_token: 0,
             grants_blocked_until: None,
             counters: Counters::default(),
@@ -361,6 +370,8 @@ impl LockTable {
             return Vec::new();
         };
         self.expiries.remove(&(session.expires_at, id));
+        // Dropping a group's sender tells its waiter the session is gone.
+        self.groups.retain(|_, group| group.session != id);
         for key in &session.waiting {
             if let Some(state) = self.keys.get_mut(key) {
                 // Dropping the waiter's sender tells it the session is gone.
@@ -374,6 +385,12 @@ impl LockTable {
             }
         }
         session.waiting.into_iter().chain(session.holding).collect()
+    }
+
+    /// Whether the next `n` tokens can be made safe to hand out.
+    fn tokens_for(&mut self, n: usize) -> bool {
+        let last = self.last_token.max(self.tokens.base()) + n as u64;
+        last < self.tokens.ceiling() || self.tokens.raise(last)
     }
 
     /// The next token, if one can be made safe to hand out.
@@ -462,7 +479,7 @@ impl LockTable {
             session: id,
             mode,
             since: now,
-            grant,
+            grant: Some(grant),
         });
         if let Some(session) = self.sessions.get_mut(&id) {
             session.waiting.insert(key.to_owned());
@@ -470,8 +487,20 @@ impl LockTable {
         Attempt::Queued(waiter, receiver)
     }
 
-    /// Grants queued waiters at the head of `key`'s queue while they fit.
+    /// Grants queued waiters at the head of `key`'s queue while they fit,
+    /// and of the other keys of the multi-key requests that granting frees.
     fn pump(&mut self, key: &str, now: Instant) {
+        let mut pending = vec![key.to_owned()];
+        while let Some(key) = pending.pop() {
+            self.pump_one(&key, now, &mut pending);
+        }
+    }
+
+    /// Grants the head of `key`'s queue while it fits; a multi-key request
+    /// at the head is granted only with all its keys, and the queue waits
+    /// until then (so that it is never starved). Keys whose queues a
+    /// multi-key grant moved go on `pending`.
+    fn pump_one(&mut self, key: &str, now: Instant, pending: &mut Vec<String>) {
         loop {
             let Some(state) = self.keys.get(key) else {
                 return;
@@ -479,20 +508,31 @@ impl LockTable {
             if self.grants_blocked(state, now) {
                 return;
             }
-            match state.queue.front() {
-                Some(front) if state.admits(front.mode) => {}
+            let front = match state.queue.front() {
+                Some(front) if state.admits(front.mode) => front,
                 _ => break,
+            };
+            if front.grant.is_none() {
+                let id = front.id;
+                if !self.grant_group(id, now, pending) {
+                    break;
+                }
+                continue;
             }
             let state = self.keys.get_mut(key).expect("checked above");
             state.blocked_until = None;
-            let waiter = state.queue.pop_front().expect("front exists");
+            let mut waiter = state.queue.pop_front().expect("front exists");
             let Some(token) = self.add_holder(waiter.session, key, waiter.mode, now) else {
                 // No safe token: put it back and grant nothing for now.
                 let state = self.keys.get_mut(key).expect("checked above");
                 state.queue.push_front(waiter);
                 return;
             };
-            if waiter.grant.send(token).is_err() {
+            let told = waiter
+                .grant
+                .take()
+                .is_some_and(|grant| grant.send(token).is_ok());
+            if !told {
                 // The waiter went away as we granted: take it back.
                 self.remove_holder(waiter.session, key, Some(token));
             }

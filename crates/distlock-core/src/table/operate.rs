@@ -52,6 +52,7 @@ impl LockTable {
             ),
             None => return Vec::new(),
         };
+        self.groups.retain(|_, group| group.session != id);
         for key in &waiting {
             if let Some(state) = self.keys.get_mut(key) {
                 // Dropping the waiter's sender ends its wait, ungranted.

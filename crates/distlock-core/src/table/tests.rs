@@ -298,3 +298,93 @@ async fn a_withdrawn_wait_that_leaves_late_leaves_the_new_wait_alone() {
     assert!(matches!(waited, Waited::Granted(_)), "{waited:?}");
     assert!(lock_table(&table).holds(resumed, "k"));
 }
+
+fn both(a: &str, b: &str) -> Vec<(String, Mode)> {
+    vec![(a.into(), Mode::Exclusive), (b.into(), Mode::Exclusive)]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_multi_key_request_is_granted_all_at_once_and_single_keys_queue_behind_it() {
+    let mut table = LockTable::default();
+    let [holder, group, single] =
+        [0; 3].map(|_| table.open_session(spec(60 * SECOND)).expect("open"));
+    let held_b = granted(table.acquire(holder, "b", Mode::Exclusive, false));
+    let AttemptAll::Queued(_, mut tokens) = table.acquire_all(group, &both("a", "b"), true) else {
+        panic!("b is held: the request must queue");
+    };
+    assert!(!table.holds(group, "a"), "nothing is held while it waits");
+    // a is free, but the multi-key request waits for it first.
+    let Attempt::Queued(_, mut single_a) = table.acquire(single, "a", Mode::Exclusive, true) else {
+        panic!("a single request for a must queue behind the multi-key one");
+    };
+    assert!(table.release(holder, "b", Some(held_b)));
+    let tokens = tokens.try_recv().expect("granted with b's release");
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|token| *token > held_b));
+    assert!(table.holds(group, "a") && table.holds(group, "b"));
+    assert!(single_a.try_recv().is_err(), "a is the group's");
+    assert!(table.release(group, "a", Some(tokens[0])));
+    let token = single_a
+        .try_recv()
+        .expect("a goes on to the single request");
+    assert!(token > tokens[1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_multi_key_request_is_granted_at_once_and_a_busy_try_takes_nothing() {
+    let mut table = LockTable::default();
+    let [first, second] = [0; 2].map(|_| table.open_session(spec(60 * SECOND)).expect("open"));
+    let AttemptAll::Granted(tokens) = table.acquire_all(first, &both("a", "b"), false) else {
+        panic!("both free");
+    };
+    assert!(tokens[0] < tokens[1], "one token per key, in order");
+    assert!(matches!(
+        table.acquire_all(second, &both("c", "b"), false),
+        AttemptAll::Busy
+    ));
+    assert!(
+        table.status(&StatusQuery::Key("c".into())).is_empty(),
+        "a busy try leaves c untouched"
+    );
+    assert!(matches!(
+        table.acquire_all(first, &both("a", "c"), true),
+        AttemptAll::AlreadyHeld
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_or_ended_multi_key_waiter_leaves_every_queue() {
+    let table: SharedTable = SharedTable::default();
+    let (holder, waiter, other) = {
+        let mut t = lock_table(&table);
+        let ids = [0; 3].map(|_| t.open_session(spec(60 * SECOND)).expect("open"));
+        granted(t.acquire(ids[0], "b", Mode::Exclusive, false));
+        (ids[0], ids[1], ids[2])
+    };
+    let keys = both("a", "b");
+    let AttemptAll::Queued(id, grant) = lock_table(&table).acquire_all(waiter, &keys, true) else {
+        panic!("queued");
+    };
+    let ticket = GroupTicket::new(Arc::clone(&table), waiter, keys.clone(), id, grant);
+    assert_eq!(
+        ticket.wait(Instant::now() + SECOND).await,
+        WaitedAll::TimedOut
+    );
+    granted(lock_table(&table).acquire(other, "a", Mode::Exclusive, false));
+    let AttemptAll::Queued(_, mut ended) =
+        lock_table(&table).acquire_all(waiter, &both("c", "b"), true)
+    else {
+        panic!("queued");
+    };
+    lock_table(&table).end_session(waiter, None);
+    assert!(
+        ended.try_recv().is_err(),
+        "the ended session's wait is over"
+    );
+    let left = lock_table(&table).status(&StatusQuery::Prefix(String::new()));
+    assert!(
+        left.iter().all(|key| key.waiters.is_empty()),
+        "waiters left behind: {left:?}"
+    );
+    assert!(lock_table(&table).holds(holder, "b"));
+}

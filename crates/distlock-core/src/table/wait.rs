@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use super::{LockTable, SessionId, WaiterId};
-use crate::store::lock;
+use crate::store::{lock, Mode};
 
 /// A table behind the one mutex that guards it.
 pub type SharedTable = Arc<Mutex<LockTable>>;
@@ -98,5 +98,82 @@ impl Drop for Ticket {
         let mut table = lock_table(&self.table);
         let granted = self.grant.try_recv().ok();
         table.abandon(self.session, &self.key, self.id, granted);
+    }
+}
+
+/// How a multi-key wait ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitedAll {
+    /// Every key granted: the tokens, in the order asked.
+    Granted(Vec<u64>),
+    /// `until` came first; the waiter has left every queue.
+    TimedOut,
+    /// The waiting session ended.
+    SessionGone,
+}
+
+/// A multi-key request [`LockTable::acquire_all`] queued; as [`Ticket`]:
+/// dropping it before [`GroupTicket::wait`] finishes takes the waiter out
+/// of every queue, or gives back grants that already came.
+#[derive(Debug)]
+pub struct GroupTicket {
+    table: SharedTable,
+    session: SessionId,
+    keys: Vec<(String, Mode)>,
+    id: WaiterId,
+    grant: oneshot::Receiver<Vec<u64>>,
+    done: bool,
+}
+
+impl GroupTicket {
+    /// The ticket of multi-key waiter `id` of `session` on `keys`.
+    pub fn new(
+        table: SharedTable,
+        session: SessionId,
+        keys: Vec<(String, Mode)>,
+        id: WaiterId,
+        grant: oneshot::Receiver<Vec<u64>>,
+    ) -> Self {
+        GroupTicket {
+            table,
+            session,
+            keys,
+            id,
+            grant,
+            done: false,
+        }
+    }
+
+    /// Waits for the grants until `until`. Cancel safe.
+    pub async fn wait(mut self, until: Instant) -> WaitedAll {
+        loop {
+            let next = lock_table(&self.table).next_event_all(self.session, &self.keys);
+            let wake = next.map_or(until, |next| next.min(until));
+            tokio::select! {
+                granted = &mut self.grant => {
+                    self.done = true;
+                    return match granted {
+                        Ok(tokens) => WaitedAll::Granted(tokens),
+                        Err(_) => WaitedAll::SessionGone,
+                    };
+                }
+                () = sleep_until(wake) => {
+                    if Instant::now() >= until {
+                        return WaitedAll::TimedOut;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for GroupTicket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut table = lock_table(&self.table);
+        let granted = self.grant.try_recv().ok();
+        table.abandon_all(self.session, &self.keys, self.id, granted);
     }
 }

@@ -188,6 +188,7 @@ pub(crate) async fn serve(
     // places in the queues back.
 }
 
+mod all;
 mod resume;
 
 pub(crate) use resume::Registered;
@@ -332,6 +333,7 @@ impl SessionStream {
         let id = request.id;
         let reply = match request.body {
             Some(Request::Acquire(acquire)) => self.acquire(id, acquire, waits),
+            Some(Request::AcquireAll(all)) => self.acquire_all(id, all, waits),
             Some(Request::Release(release)) => Some(self.release(&release.key, release.token)),
             Some(Request::KeepAlive(keep_alive)) => Some(self.keep_alive(keep_alive.keys)),
             Some(Request::Cancel(cancel)) => {
