@@ -27,7 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
-    root_cause, Capabilities, Fencing, LockStore, SessionOptions, StoreSession,
+    root_cause, Capabilities, Fencing, KeyWatch, KeyWatcher, LockStore, SessionOptions,
+    StoreSession,
 };
 use distlock_core::{Error, Result};
 use distlock_proto::kinds::kind_of_status;
@@ -255,6 +256,33 @@ impl LockStore for RemoteStore {
             .map_err(|status| from_status(&self.target, status))?
             .into_inner();
         Ok(distlock_proto::convert::status_of(reply))
+    }
+
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let message = proto::WatchRequest {
+            key: key.to_owned(),
+        };
+        let mut events = match self.client.clone().watch(self.request(message)).await {
+            Ok(events) => events.into_inner(),
+            // A server from before Watch: observers poll.
+            Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
+            Err(status) => return Err(from_status(&self.target, status)),
+        };
+        let (watcher, watch) = KeyWatcher::new();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.message() => match event {
+                        Ok(Some(_)) if watcher.signal() => {}
+                        // Gone reader, ended or broken stream: the watch
+                        // ends, and the observer polls.
+                        _ => return,
+                    },
+                    () = watcher.closed() => return,
+                }
+            }
+        });
+        Ok(Some(watch))
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

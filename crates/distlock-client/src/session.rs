@@ -324,10 +324,13 @@ impl StoreSession for RemoteSession {
             Event::GrantedAll(all) => {
                 // One ended by a forced release before the answer came:
                 // none is kept; the core asks again.
+                // Every key's news is taken, not only the first's.
                 let ended = all
                     .granted
                     .iter()
-                    .any(|g| self.inbox.take_ended(&g.key, g.token));
+                    .filter(|g| self.inbox.take_ended(&g.key, g.token))
+                    .count()
+                    > 0;
                 if ended || all.granted.len() != requests.len() {
                     all.granted
                         .into_iter()

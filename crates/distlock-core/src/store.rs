@@ -125,6 +125,10 @@ pub struct Capabilities {
     /// all or none, queued fairly at the store; without it the core takes
     /// them one at a time in one order.
     pub atomic_lock_all: bool,
+    /// [`LockStore::watch_key`] pushes the changes of a key's holders, so
+    /// that observers ([`Client::observe`](crate::Client::observe)) need
+    /// not poll.
+    pub watches_keys: bool,
 }
 
 impl Capabilities {
@@ -148,6 +152,7 @@ impl Capabilities {
             force_release: false,
             tells_leader: false,
             atomic_lock_all: false,
+            watches_keys: false,
         }
     }
 }
@@ -356,6 +361,54 @@ pub trait LockStore: fmt::Debug + Send + Sync + 'static {
             "the {} store cannot end another session's hold",
             self.capabilities().name
         )))
+    }
+
+    /// For stores with [`Capabilities::watches_keys`]: a signal, soon after
+    /// each change of `key`'s holders (a grant, a release, an expiry),
+    /// meaning "look again" (the reader then asks `status`). Signals may
+    /// be merged, never lost: one sent while the last is unread is kept.
+    /// The watch ends when the receiver is dropped, or, closing the
+    /// channel, when the store can no longer push. `Ok(None)` where the
+    /// store cannot push at all.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let _ = key;
+        Ok(None)
+    }
+}
+
+/// The receiving end of [`LockStore::watch_key`]: a message means "look
+/// again"; `None` from `recv` means the watch ended.
+pub type KeyWatch = tokio::sync::mpsc::Receiver<()>;
+
+/// The sending end of a [`KeyWatch`], for stores: [`signal`](KeyWatcher::signal)
+/// after each change; [`is_closed`](KeyWatcher::is_closed) once the reader left.
+#[derive(Debug, Clone)]
+pub struct KeyWatcher(tokio::sync::mpsc::Sender<()>);
+
+impl KeyWatcher {
+    /// A new watch: its sender and its receiver.
+    pub fn new() -> (KeyWatcher, KeyWatch) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        (KeyWatcher(sender), receiver)
+    }
+
+    /// Says "look again"; merged with a signal not yet read. `false` once
+    /// the reader has gone.
+    pub fn signal(&self) -> bool {
+        match self.0.try_send(()) {
+            Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(())) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => false,
+        }
+    }
+
+    /// Whether the reader has gone.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
+    /// Resolves when the reader has gone.
+    pub async fn closed(&self) {
+        self.0.closed().await;
     }
 }
 

@@ -41,7 +41,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
-use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
+use distlock_core::store::{
+    Capabilities, KeyWatch, KeyWatcher, LockStore, SessionOptions, StoreSession,
+};
 use distlock_core::{Error, Result};
 use etcd_client::{Client, ConnectOptions};
 
@@ -231,6 +233,7 @@ impl EtcdStore {
         caps.keeps_owner = true;
         caps.tells_leader = true;
         caps.force_release = true;
+        caps.watches_keys = true;
         caps
     }
 }
@@ -250,6 +253,33 @@ impl LockStore for EtcdStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         self.read_status(query).await
+    }
+
+    /// A watch of the lock's prefix: every entry put or deleted (a join, a
+    /// release, a lease's end) is a signal. A broken watch ends the
+    /// signals; the observer then polls.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let prefix = entry::lock_prefix(key);
+        let options = etcd_client::WatchOptions::new().with_prefix();
+        let mut client = self.client.clone();
+        let mut stream = call(&self.endpoints, client.watch(prefix, Some(options))).await?;
+        let (signals, watch) = KeyWatcher::new();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = stream.message() => match message {
+                        Ok(Some(response)) if !response.canceled() => {
+                            if !response.events().is_empty() && !signals.signal() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    },
+                    () = signals.closed() => return,
+                }
+            }
+        });
+        Ok(Some(watch))
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

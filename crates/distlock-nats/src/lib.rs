@@ -46,7 +46,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
-use distlock_core::store::{root_cause, Capabilities, LockStore, SessionOptions, StoreSession};
+use distlock_core::store::{
+    root_cause, Capabilities, KeyWatch, KeyWatcher, LockStore, SessionOptions, StoreSession,
+};
 use distlock_core::{Error, Result};
 
 use client::Nats;
@@ -211,6 +213,7 @@ impl NatsStore {
         caps.status = true;
         caps.keeps_owner = true;
         caps.tells_leader = true;
+        caps.watches_keys = true;
         caps.force_release = true;
         caps
     }
@@ -244,6 +247,34 @@ impl LockStore for NatsStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         status::read_status(&self.nats, query).await
+    }
+
+    /// A subscription to the lock's entries and their notices
+    /// (`distlock.*.HASH.>`): every join and every deletion (a release, a
+    /// forced release, an ended session's entry taken out) is a signal. A
+    /// closed subscription ends the signals; the observer then polls.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let subject = format!("distlock.*.{}.>", wire::lock_hash(key));
+        let mut messages = self
+            .nats
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|err| self.nats.failed("a subscribe", err))?;
+        let (signals, watch) = KeyWatcher::new();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = futures::StreamExt::next(&mut messages) => {
+                        if message.is_none() || !signals.signal() {
+                            return;
+                        }
+                    }
+                    () = signals.closed() => return,
+                }
+            }
+        });
+        Ok(Some(watch))
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

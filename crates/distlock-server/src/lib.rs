@@ -162,6 +162,30 @@ impl Locks for Service {
         Ok(Response::new(proto::ForceReleaseReply { released }))
     }
 
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::WatchEvent, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let key = request.into_inner().key;
+        let max_key = self.shared.config.max_key_bytes;
+        if key.is_empty() || key.len() > max_key {
+            return Err(Status::invalid_argument(format!(
+                "lock key is {} bytes long; a key is any UTF-8 string of 1 to {max_key} bytes",
+                key.len()
+            )));
+        }
+        let watch = lock_table(&self.shared.table).watch_key(&key);
+        let events = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(watch),
+            |()| Ok(proto::WatchEvent {}),
+        );
+        Ok(Response::new(Box::pin(events)))
+    }
+
     async fn check(
         &self,
         request: Request<proto::CheckRequest>,

@@ -292,3 +292,41 @@ pub async fn a_lost_leader_knows_before_the_next_is_elected(kit: Kit) -> Outcome
     next.resign().await.expect("resign");
     Outcome::Passed
 }
+
+/// On a store that pushes the changes of a key's holders: a watch of the
+/// key is signalled when a lock on it is granted, and when it is
+/// released, with nobody polling.
+pub async fn a_watched_key_signals_each_change(kit: Kit) -> Outcome {
+    require!(
+        kit.caps().watches_keys,
+        "the store does not push the changes of a key"
+    );
+    let key = kit.key("watched");
+    let mut watch = kit
+        .client()
+        .store()
+        .watch_key(&key)
+        .await
+        .expect("watch")
+        .expect("a store that watches keys gives a watch");
+    let session = kit.session().await;
+    // A signal that came before a change is not its signal.
+    let drain = |watch: &mut distlock_core::store::KeyWatch| while watch.try_recv().is_ok() {};
+    sleep(SETTLE).await;
+    drain(&mut watch);
+    let guard = session.lock(&key).await.expect("free");
+    let granted = tokio::time::timeout(PATIENCE, watch.recv()).await;
+    assert!(
+        matches!(granted, Ok(Some(()))),
+        "no signal of the grant: {granted:?}"
+    );
+    sleep(SETTLE).await;
+    drain(&mut watch);
+    guard.release().await.expect("release");
+    let released = tokio::time::timeout(PATIENCE, watch.recv()).await;
+    assert!(
+        matches!(released, Ok(Some(()))),
+        "no signal of the release: {released:?}"
+    );
+    Outcome::Passed
+}

@@ -190,6 +190,7 @@ macro_rules! conformance_suite {
             resign_hands_over_at_once,
             closing_the_session_ends_its_leadership,
             a_lost_leader_knows_before_the_next_is_elected,
+            a_watched_key_signals_each_change,
         );
     };
     (@each $connect:path; $($behaviour:ident),* $(,)?) => {

@@ -49,7 +49,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
-use distlock_core::store::{Capabilities, LockStore, SessionOptions, StoreSession};
+use distlock_core::store::{
+    Capabilities, KeyWatch, KeyWatcher, LockStore, SessionOptions, StoreSession,
+};
 use distlock_core::{Error, Result};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkError};
 
@@ -223,6 +225,7 @@ impl ZkStore {
         caps.keeps_owner = true;
         caps.tells_leader = true;
         caps.force_release = true;
+        caps.watches_keys = true;
         caps
     }
 
@@ -263,6 +266,41 @@ impl LockStore for ZkStore {
 
     async fn status(&self, query: &StatusQuery) -> Result<Status> {
         self.read_status(query).await
+    }
+
+    /// A watch of the lock's queue: the children of its directory (a join,
+    /// a release, an expiry), or, while it has none, the directory's
+    /// creation; each change is a signal, and the watch is set again. A
+    /// failed call ends the signals; the observer then polls.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let client = self.reader().await?;
+        let dir = lock_dir(key);
+        let (signals, watch) = KeyWatcher::new();
+        tokio::spawn(async move {
+            let watching = async {
+                loop {
+                    let watcher = match client.list_and_watch_children(&dir).await {
+                        Ok((_, watcher)) => watcher,
+                        Err(ZkError::NoNode) => match client.check_and_watch_stat(&dir).await {
+                            Ok((None, watcher)) => watcher,
+                            // Made meanwhile: watch its children.
+                            Ok((Some(_), _)) => continue,
+                            Err(_) => return,
+                        },
+                        Err(_) => return,
+                    };
+                    watcher.changed().await;
+                    if !signals.signal() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                () = watching => {}
+                () = signals.closed() => {}
+            }
+        });
+        Ok(Some(watch))
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

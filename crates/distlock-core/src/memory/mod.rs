@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::status::{HolderStatus, Status, StatusQuery};
 use crate::store::{
-    release_outcome, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, LockStore,
+    release_outcome, AcquireRequest, Capabilities, Fencing, Grant, HeldLock, KeyWatch, LockStore,
     RenewReport, SessionOptions, StoreSession,
 };
 use crate::table::{
@@ -104,6 +104,10 @@ impl LockStore for MemoryStore {
 
     async fn force_release(&self, key: &str, _requested_by: &str) -> Result<Vec<HolderStatus>> {
         Ok(lock(&self.table).force_release(key))
+    }
+
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        Ok(Some(lock(&self.table).watch_key(key)))
     }
 }
 

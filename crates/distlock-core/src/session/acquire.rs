@@ -300,9 +300,13 @@ impl SessionInner {
             .iter()
             .find_map(|entry| self.check_arrival(entry, arrived).err())
         {
-            for entry in &entries {
-                let _ = self.store.release(&entry.lock).await;
-            }
+            // In a task: this future may be dropped before all are back.
+            let store = Arc::clone(&self.store);
+            tokio::spawn(async move {
+                for entry in entries {
+                    let _ = store.release(&entry.lock).await;
+                }
+            });
             return Some(Err(err));
         }
         let taken = order

@@ -19,7 +19,7 @@ use super::{Session, SessionConfig};
 use crate::client::Client;
 use crate::error::{Error, ErrorKind, Result};
 use crate::status::StatusQuery;
-use crate::store::{default_owner, lock, validate_owner, Capabilities, Fencing, Mode};
+use crate::store::{default_owner, lock, validate_owner, Capabilities, Fencing, KeyWatch, Mode};
 
 /// How often [`Observer`] asks the store who leads unless told otherwise.
 pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_millis(200);
@@ -310,6 +310,7 @@ impl Client {
             every: DEFAULT_OBSERVE_EVERY,
             seen: None,
             highest: 0,
+            watch: Watching::NotAsked,
         }
     }
 }
@@ -332,9 +333,11 @@ fn cannot_tell(caps: &Capabilities) -> Error {
 /// The first [`next`](Observer::next) answers who leads now; each later
 /// one waits for a change: a leader with a higher term than any seen
 /// (`Some`), or nobody leading (`None`). A leader older than one already
-/// seen is never answered. The store is asked every
-/// [`every`](Observer::every) (200 ms by default); leaders that come and
-/// go between two asks are not seen.
+/// seen is never answered. Where the store pushes changes
+/// ([`Capabilities::watches_keys`]), it is asked again on each change (and
+/// at least every second); elsewhere every [`every`](Observer::every)
+/// (200 ms by default). Leaders that come and go between two asks are not
+/// seen.
 ///
 /// On a store whose tokens start again when it restarts (not
 /// [`Fencing::Durable`]), a leader with a lower term than one seen means
@@ -349,7 +352,20 @@ pub struct Observer {
     seen: Option<Option<Leader>>,
     /// The highest term answered so far.
     highest: u64,
+    watch: Watching,
 }
+
+/// Whether an observer's store pushes changes.
+#[derive(Debug)]
+enum Watching {
+    NotAsked,
+    Pushed(KeyWatch),
+    Polled,
+}
+
+/// How often an observer asks a store that pushes changes anyway: for a
+/// change the store finds only when asked (a lease that ran out).
+const PUSHED_RECHECK: Duration = Duration::from_secs(1);
 
 impl Observer {
     /// How often to ask the store (at least every 10 ms).
@@ -363,6 +379,17 @@ impl Observer {
     /// on. Cancel safe.
     pub async fn next(&mut self) -> Result<Option<Leader>> {
         loop {
+            // Watched before the read, so no change after it goes unseen.
+            if matches!(self.watch, Watching::NotAsked) {
+                self.watch = match self.client.store().watch_key(&self.name).await {
+                    Ok(Some(watch)) => Watching::Pushed(watch),
+                    Ok(None) => Watching::Polled,
+                    Err(err) => {
+                        tracing::debug!(name = %self.name, "no pushed changes, polling: {err}");
+                        Watching::Polled
+                    }
+                };
+            }
             let now = self.client.leader(&self.name).await?;
             let changed = match (&self.seen, &now) {
                 (None, _) => true,
@@ -394,7 +421,18 @@ impl Observer {
                 self.seen = Some(now.clone());
                 return Ok(now);
             }
-            sleep(self.every).await;
+            match &mut self.watch {
+                Watching::Pushed(watch) => {
+                    tokio::select! {
+                        signal = watch.recv() => if signal.is_none() {
+                            // The store stopped pushing: poll from now on.
+                            self.watch = Watching::Polled;
+                        },
+                        () = sleep(PUSHED_RECHECK) => {}
+                    }
+                }
+                Watching::NotAsked | Watching::Polled => sleep(self.every).await,
+            }
         }
     }
 }

@@ -1,12 +1,20 @@
 //! Multi-key requests: several keys granted in one step, or none.
 //!
 //! A queued multi-key request has a waiter (one id) in the queue of each of
-//! its keys, put there in one step, so any two requests sit in the same
-//! order in every queue they share: the earliest waits for nobody queued
-//! after it, and no two wait for each other. It is granted when it is at
-//! the head of every one of its queues and every key admits it; until
-//! then those queues wait behind it, so a stream of single-key requests
-//! cannot starve it.
+//! its keys, put there in one step. It goes through its keys in byte
+//! order, as a client locking them one by one in that order would, but
+//! holding none: its waiter on a key blocks the waiters behind it only once
+//! the request has *reached* that key, that is, heads and is admitted by
+//! every key of it that sorts before. Until then its place is kept and
+//! passed over. So:
+//!
+//! - nobody who locks keys in byte order (one by one, or this way) waits
+//!   for it in a cycle: a session holding `a` that asks for `b` passes a
+//!   request for {a, b} that waits for `a`;
+//! - a request that has reached a key keeps it from later arrivals, so a
+//!   stream of requests for `a` cannot starve a request for {a, b};
+//! - it is granted when it heads every one of its keys and each admits it:
+//!   every key at once.
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -18,8 +26,9 @@ use crate::store::Mode;
 #[derive(Debug)]
 pub(super) struct Group {
     pub(super) session: SessionId,
-    keys: Vec<(String, Mode)>,
-    /// Told the tokens, one per key in the order of `keys`.
+    /// Its keys in byte order, each with its place in the request.
+    keys: Vec<(String, Mode, usize)>,
+    /// Told the tokens, one per key in the order of the request.
     grant: oneshot::Sender<Vec<u64>>,
 }
 
@@ -67,10 +76,18 @@ impl LockTable {
         {
             return AttemptAll::AlreadyHeld;
         }
+        debug_assert!(
+            {
+                let mut names: Vec<&str> = keys.iter().map(|(key, _)| key.as_str()).collect();
+                names.sort_unstable();
+                names.windows(2).all(|pair| pair[0] != pair[1])
+            },
+            "acquire_all takes distinct keys"
+        );
         let idle = KeyState::default();
         let free = keys.iter().all(|(key, mode)| {
             let state = self.keys.get(key).unwrap_or(&idle);
-            state.queue.is_empty() && state.admits(*mode) && !self.grants_blocked(state, now)
+            self.head(key, now).is_none() && state.admits(*mode) && !self.grants_blocked(state, now)
         });
         if free {
             if !self.tokens_for(keys.len()) {
@@ -116,19 +133,77 @@ impl LockTable {
                 .waiting
                 .extend(keys.iter().map(|(key, _)| key.clone()));
         }
+        let mut sorted: Vec<(String, Mode, usize)> = keys
+            .iter()
+            .enumerate()
+            .map(|(place, (key, mode))| (key.clone(), *mode, place))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
         self.groups.insert(
             waiter,
             Group {
                 session: id,
-                keys: keys.to_vec(),
+                keys: sorted,
                 grant,
             },
         );
         AttemptAll::Queued(waiter, receiver)
     }
 
+    /// The waiter of `key` that comes first: the first in its queue that
+    /// blocks those behind it (every single-key waiter; a multi-key
+    /// request's once it has reached the key), with its place.
+    pub(super) fn head(&self, key: &str, now: Instant) -> Option<(usize, &Waiter)> {
+        let state = self.keys.get(key)?;
+        state
+            .queue
+            .iter()
+            .enumerate()
+            .find(|(_, waiter)| waiter.grant.is_some() || self.reached(waiter.id, key, now))
+    }
+
+    /// Whether multi-key request `id` heads, and is admitted by, each of
+    /// its keys that sorts before `key`. (Each step looks only at smaller
+    /// keys, so this ends.)
+    fn reached(&self, id: WaiterId, key: &str, now: Instant) -> bool {
+        let Some(group) = self.groups.get(&id) else {
+            return false;
+        };
+        group
+            .keys
+            .iter()
+            .take_while(|(other, _, _)| other.as_str() < key)
+            .all(|(other, mode, _)| self.leads(id, other, *mode, now))
+    }
+
+    /// Whether multi-key request `id` heads `key`, which admits it now.
+    fn leads(&self, id: WaiterId, key: &str, mode: Mode, now: Instant) -> bool {
+        self.keys.get(key).is_some_and(|state| {
+            !self.grants_blocked(state, now)
+                && state.admits(mode)
+                && self.head(key, now).is_some_and(|(_, head)| head.id == id)
+        })
+    }
+
+    /// The later keys of the multi-key requests waiting on `key`: which of
+    /// them these requests have reached may have changed with `key`.
+    pub(super) fn later_keys(&self, key: &str) -> Vec<String> {
+        let Some(state) = self.keys.get(key) else {
+            return Vec::new();
+        };
+        state
+            .queue
+            .iter()
+            .filter(|waiter| waiter.grant.is_none())
+            .filter_map(|waiter| self.groups.get(&waiter.id))
+            .flat_map(|group| group.keys.iter())
+            .filter(|(other, _, _)| other.as_str() > key)
+            .map(|(other, _, _)| other.clone())
+            .collect()
+    }
+
     /// Grants the multi-key request `id` if it heads every one of its
-    /// queues and every key admits it; the other keys go on `pending`.
+    /// queues and every key admits it; its keys go on `pending`.
     pub(super) fn grant_group(
         &mut self,
         id: WaiterId,
@@ -138,32 +213,30 @@ impl LockTable {
         let Some(group) = self.groups.get(&id) else {
             return false;
         };
-        let ready = group.keys.iter().all(|(key, mode)| {
-            self.keys.get(key).is_some_and(|state| {
-                !self.grants_blocked(state, now)
-                    && state.queue.front().is_some_and(|w| w.id == id)
-                    && state.admits(*mode)
-            })
-        });
+        let ready = group
+            .keys
+            .iter()
+            .all(|(key, mode, _)| self.leads(id, key, *mode, now));
         if !ready || !self.tokens_for(group.keys.len()) {
             return false;
         }
         let group = self.groups.remove(&id).expect("looked up above");
-        let mut tokens = Vec::with_capacity(group.keys.len());
-        for (key, mode) in &group.keys {
+        let mut tokens = vec![0; group.keys.len()];
+        for (key, mode, place) in &group.keys {
             let state = self.keys.get_mut(key).expect("checked above");
             state.blocked_until = None;
-            state.queue.pop_front();
-            let token = self
+            state.queue.retain(|waiter| waiter.id != id);
+            tokens[*place] = self
                 .add_holder(group.session, key, *mode, now)
                 .expect("tokens were made safe above");
-            tokens.push(token);
-            pending.push(key.clone());
+            if !pending.contains(key) {
+                pending.push(key.clone());
+            }
         }
         if group.grant.send(tokens.clone()).is_err() {
             // The waiter went away as we granted: take them all back.
-            for ((key, _), token) in group.keys.iter().zip(tokens) {
-                self.remove_holder(group.session, key, Some(token));
+            for (key, _, place) in &group.keys {
+                self.remove_holder(group.session, key, Some(tokens[*place]));
             }
         }
         true

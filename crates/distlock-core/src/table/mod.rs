@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::status::Counters;
-use crate::store::{Capabilities, Fencing, Mode};
+use crate::store::{Capabilities, Fencing, KeyWatcher, Mode};
 pub use group::AttemptAll;
 pub use wait::{lock_table, GroupTicket, SharedTable, Ticket, Waited, WaitedAll};
 
@@ -37,6 +37,7 @@ pub fn capabilities(name: &'static str, fencing: Fencing) -> Capabilities {
     caps.force_release = true;
     caps.tells_leader = true;
     caps.atomic_lock_all = true;
+    caps.watches_keys = true;
     caps
 }
 
@@ -208,6 +209,8 @@ pub struct LockTable {
     /// Queued multi-key requests, by waiter id: each has a waiter of that
     /// id in every one of its keys' queues.
     groups: HashMap<WaiterId, group::Group>,
+    /// Told of every change of a key's holders (`watch_key`).
+    watchers: HashMap<String, Vec<KeyWatcher>>,
     /// The last token granted for any key. One counter for the table keeps
     /// every key's tokens strictly increasing without remembering every key
     /// ever locked.
@@ -237,6 +240,7 @@ impl LockTable {
             block_ends: BTreeSet::new(),
             keys: HashMap::new(),
             groups: HashMap::new(),
+            watchers: HashMap::new(),
             last_token: 0,
             grants_blocked_until: None,
             counters: Counters::default(),
@@ -429,6 +433,7 @@ impl LockTable {
             acquired_at: now,
             until,
         });
+        self.notify(key);
         Some(token)
     }
 
@@ -450,8 +455,8 @@ impl LockTable {
         if session.holding.contains(key) || session.waiting.contains(key) {
             return Attempt::AlreadyHeld;
         }
-        let state = self.keys.entry(key.to_owned()).or_default();
-        let free = state.queue.is_empty() && state.admits(mode);
+        let free = self.head(key, now).is_none()
+            && self.keys.entry(key.to_owned()).or_default().admits(mode);
         let blocked = self.grants_blocked(&self.keys[key], now);
         if free && !blocked {
             return match self.add_holder(id, key, mode, now) {
@@ -508,8 +513,8 @@ impl LockTable {
             if self.grants_blocked(state, now) {
                 return;
             }
-            let front = match state.queue.front() {
-                Some(front) if state.admits(front.mode) => front,
+            let (place, front) = match self.head(key, now) {
+                Some((place, front)) if state.admits(front.mode) => (place, front),
                 _ => break,
             };
             if front.grant.is_none() {
@@ -521,11 +526,11 @@ impl LockTable {
             }
             let state = self.keys.get_mut(key).expect("checked above");
             state.blocked_until = None;
-            let mut waiter = state.queue.pop_front().expect("front exists");
+            let mut waiter = state.queue.remove(place).expect("the head is in the queue");
             let Some(token) = self.add_holder(waiter.session, key, waiter.mode, now) else {
                 // No safe token: put it back and grant nothing for now.
                 let state = self.keys.get_mut(key).expect("checked above");
-                state.queue.push_front(waiter);
+                state.queue.insert(place, waiter);
                 return;
             };
             let told = waiter
@@ -535,6 +540,11 @@ impl LockTable {
             if !told {
                 // The waiter went away as we granted: take it back.
                 self.remove_holder(waiter.session, key, Some(token));
+            }
+        }
+        for later in self.later_keys(key) {
+            if !pending.contains(&later) {
+                pending.push(later);
             }
         }
         self.tidy(key, now);
@@ -554,6 +564,7 @@ impl LockTable {
         if let Some(until) = holder.until {
             self.hold_expiries.remove(&(until, id, key.to_owned()));
         }
+        self.notify(key);
         if let Some(session) = self.sessions.get_mut(&id) {
             session.holding.remove(key);
         }
@@ -577,50 +588,6 @@ impl LockTable {
         }
         self.pump(key, now);
         released
-    }
-
-    /// A waiter gave up (timeout or dropped future): it leaves the queue, or
-    /// gives back the grant that raced with its leaving.
-    pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: Option<u64>) {
-        let now = Instant::now();
-        self.purge(now);
-        if let Some(token) = granted {
-            self.remove_holder(id, key, Some(token));
-        } else if let Some(state) = self.keys.get_mut(key) {
-            let queued = state.queue.len();
-            state.queue.retain(|w| w.id != waiter);
-            // Only if it was still queued: a resume may have withdrawn it,
-            // and the session may wait for the key again since.
-            if state.queue.len() < queued {
-                if let Some(session) = self.sessions.get_mut(&id) {
-                    session.waiting.remove(key);
-                }
-            }
-        }
-        self.pump(key, now);
-    }
-
-    /// Runs expiries due now, grants what they free, and says when the
-    /// waiter of `id` on `key` should look again: the earliest of the
-    /// restart wait-out, the key's lock-delay, its holders' lease and
-    /// `max_hold` ends, and the waiter's own lease end.
-    pub fn next_event(&mut self, id: SessionId, key: &str) -> Option<Instant> {
-        let now = Instant::now();
-        self.purge(now);
-        self.pump(key, now);
-        let own = self.sessions.get(&id).map(|s| s.expires_at);
-        let state = self.keys.get(key)?;
-        let holders = state.holders.iter().flat_map(|h| {
-            let lease = self.sessions.get(&h.session).map(|s| s.expires_at);
-            lease.into_iter().chain(h.until)
-        });
-        let future = |until: Option<Instant>| until.filter(|until| *until > now);
-        future(self.grants_blocked_until)
-            .into_iter()
-            .chain(future(state.blocked_until))
-            .chain(holders)
-            .chain(own)
-            .min()
     }
 }
 

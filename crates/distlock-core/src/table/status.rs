@@ -1,9 +1,11 @@
-//! What the table can say about itself: `check`, `status`, counters.
+//! What the table can say about itself: `check`, `status`, counters, and
+//! the signals of watched keys.
 
 use tokio::time::Instant;
 
 use super::LockTable;
 use crate::status::{Counters, HolderStatus, KeyStatus, StatusQuery, WaiterStatus};
+use crate::store::{KeyWatch, KeyWatcher};
 
 impl LockTable {
     /// Whether `token` is the token of a current holder of `key` (Chubby's
@@ -79,6 +81,26 @@ impl LockTable {
             held,
             waiters,
             ..self.counters.clone()
+        }
+    }
+
+    /// A signal on every change of `key`'s holders from now on, until the
+    /// receiver is dropped.
+    pub fn watch_key(&mut self, key: &str) -> KeyWatch {
+        let (watcher, watch) = KeyWatcher::new();
+        let watchers = self.watchers.entry(key.to_owned()).or_default();
+        watchers.retain(|watcher| !watcher.is_closed());
+        watchers.push(watcher);
+        watch
+    }
+
+    /// Signals `key`'s watchers, forgetting those that left.
+    pub(super) fn notify(&mut self, key: &str) {
+        if let Some(watchers) = self.watchers.get_mut(key) {
+            watchers.retain(KeyWatcher::signal);
+            if watchers.is_empty() {
+                self.watchers.remove(key);
+            }
         }
     }
 }

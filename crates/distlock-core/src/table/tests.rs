@@ -377,8 +377,9 @@ async fn an_abandoned_or_ended_multi_key_waiter_leaves_every_queue() {
         panic!("queued");
     };
     lock_table(&table).end_session(waiter, None);
-    assert!(
-        ended.try_recv().is_err(),
+    assert_eq!(
+        ended.try_recv(),
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed),
         "the ended session's wait is over"
     );
     let left = lock_table(&table).status(&StatusQuery::Prefix(String::new()));
@@ -387,4 +388,49 @@ async fn an_abandoned_or_ended_multi_key_waiter_leaves_every_queue() {
         "waiters left behind: {left:?}"
     );
     assert!(lock_table(&table).holds(holder, "b"));
+}
+
+/// A session that holds `a` and asks for `b` (keys in byte order, one by
+/// one) is not made to wait for a request for {a, b} that waits for `a`:
+/// that request has not reached `b` yet.
+#[tokio::test(start_paused = true)]
+async fn a_multi_key_request_waiting_for_an_earlier_key_does_not_block_a_later_one() {
+    let mut table = LockTable::default();
+    let [holder, group, late] =
+        [0; 3].map(|_| table.open_session(spec(60 * SECOND)).expect("open"));
+    let held_a = granted(table.acquire(holder, "a", Mode::Exclusive, false));
+    let AttemptAll::Queued(_, mut both) = table.acquire_all(group, &both("b", "a"), true) else {
+        panic!("a is held: the request must queue");
+    };
+    let held_b = granted(table.acquire(holder, "b", Mode::Exclusive, true));
+    assert!(table.release(holder, "b", Some(held_b)));
+    // Once it heads a (free now), it reaches b: later requests for b wait.
+    assert!(table.release(holder, "a", Some(held_a)));
+    let tokens = both.try_recv().expect("both free: granted");
+    assert!(tokens[0] > held_b && tokens[1] > held_b, "{tokens:?}");
+    let Attempt::Queued(_, _) = table.acquire(late, "b", Mode::Exclusive, true) else {
+        panic!("b is the request's now");
+    };
+}
+
+/// A request that has reached `a` (it heads it) while it waits for `b`
+/// keeps `a` from requests that came later.
+#[tokio::test(start_paused = true)]
+async fn a_multi_key_request_that_reached_a_key_keeps_it_from_later_requests() {
+    let mut table = LockTable::default();
+    let [holder, group, late] =
+        [0; 3].map(|_| table.open_session(spec(60 * SECOND)).expect("open"));
+    let held_b = granted(table.acquire(holder, "b", Mode::Exclusive, false));
+    let AttemptAll::Queued(_, mut both) = table.acquire_all(group, &both("a", "b"), true) else {
+        panic!("b is held: the request must queue");
+    };
+    assert!(
+        matches!(
+            table.acquire(late, "a", Mode::Exclusive, false),
+            Attempt::Busy
+        ),
+        "a later try for a overtook the request that reached a"
+    );
+    assert!(table.release(holder, "b", Some(held_b)));
+    assert_eq!(both.try_recv().expect("granted").len(), 2);
 }

@@ -6,6 +6,7 @@ use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use super::{LockTable, SessionId, WaiterId};
+
 use crate::store::{lock, Mode};
 
 /// A table behind the one mutex that guards it.
@@ -175,5 +176,51 @@ impl Drop for GroupTicket {
         let mut table = lock_table(&self.table);
         let granted = self.grant.try_recv().ok();
         table.abandon_all(self.session, &self.keys, self.id, granted);
+    }
+}
+
+impl LockTable {
+    /// A waiter gave up (timeout or dropped future): it leaves the queue, or
+    /// gives back the grant that raced with its leaving.
+    pub fn abandon(&mut self, id: SessionId, key: &str, waiter: WaiterId, granted: Option<u64>) {
+        let now = Instant::now();
+        self.purge(now);
+        if let Some(token) = granted {
+            self.remove_holder(id, key, Some(token));
+        } else if let Some(state) = self.keys.get_mut(key) {
+            let queued = state.queue.len();
+            state.queue.retain(|w| w.id != waiter);
+            // Only if it was still queued: a resume may have withdrawn it,
+            // and the session may wait for the key again since.
+            if state.queue.len() < queued {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.waiting.remove(key);
+                }
+            }
+        }
+        self.pump(key, now);
+    }
+
+    /// Runs expiries due now, grants what they free, and says when the
+    /// waiter of `id` on `key` should look again: the earliest of the
+    /// restart wait-out, the key's lock-delay, its holders' lease and
+    /// `max_hold` ends, and the waiter's own lease end.
+    pub fn next_event(&mut self, id: SessionId, key: &str) -> Option<Instant> {
+        let now = Instant::now();
+        self.purge(now);
+        self.pump(key, now);
+        let own = self.sessions.get(&id).map(|s| s.expires_at);
+        let state = self.keys.get(key)?;
+        let holders = state.holders.iter().flat_map(|h| {
+            let lease = self.sessions.get(&h.session).map(|s| s.expires_at);
+            lease.into_iter().chain(h.until)
+        });
+        let future = |until: Option<Instant>| until.filter(|until| *until > now);
+        future(self.grants_blocked_until)
+            .into_iter()
+            .chain(future(state.blocked_until))
+            .chain(holders)
+            .chain(own)
+            .min()
     }
 }

@@ -49,6 +49,10 @@ impl SessionStream {
             }
             table.acquire_all(self.session, &keys, !wait.is_zero())
         };
+        if !matches!(attempt, AttemptAll::Queued(..)) {
+            let seconds = arrived.elapsed().as_secs_f64();
+            self.shared.metrics.acquire_seconds.observe(seconds);
+        }
         let granted = |keys: &[(String, _)], tokens: Vec<u64>| {
             Event::GrantedAll(proto::GrantedAll {
                 granted: keys
@@ -86,14 +90,20 @@ impl SessionStream {
                 // it still gives the keys back.
                 let table = Arc::clone(&self.shared.table);
                 let ticket = GroupTicket::new(table, self.session, keys.clone(), waiter, grant);
-                let out = self.out.clone();
+                let (shared, out) = (Arc::clone(&self.shared), self.out.clone());
                 let until = arrived
                     .checked_add(wait)
                     .unwrap_or_else(|| arrived + Duration::from_secs(100 * 365 * 24 * 3600));
                 let stream = self.out.stream();
                 let wait = async move {
+                    let waited = ticket.wait(until).await;
+                    let seconds = arrived.elapsed().as_secs_f64();
+                    shared.metrics.acquire_seconds.observe(seconds);
+                    if matches!(waited, WaitedAll::Granted(_)) {
+                        shared.metrics.wait_seconds.observe(seconds);
+                    }
                     // No await between the grant and its send.
-                    let event = match ticket.wait(until).await {
+                    let event = match waited {
                         WaitedAll::Granted(tokens) => granted(&keys, tokens),
                         WaitedAll::TimedOut => Event::NotGranted(proto::NotGranted {}),
                         WaitedAll::SessionGone => session_lost(),
