@@ -263,6 +263,15 @@ impl LockStore for EtcdStore {
         let options = etcd_client::WatchOptions::new().with_prefix();
         let mut client = self.client.clone();
         let mut stream = call(&self.endpoints, client.watch(prefix, Some(options))).await?;
+        // Returned once etcd has made the watch (at its current revision),
+        // so no change after the reader's first read goes unseen.
+        let created = call(&self.endpoints, stream.message()).await?;
+        if !created.is_some_and(|response| response.created() && !response.canceled()) {
+            return Err(Error::unavailable(format!(
+                "etcd at {} did not make a watch of lock '{key}'",
+                self.endpoints
+            )));
+        }
         let (signals, watch) = KeyWatcher::new();
         tokio::spawn(async move {
             loop {

@@ -261,6 +261,12 @@ impl LockStore for NatsStore {
             .subscribe(subject)
             .await
             .map_err(|err| self.nats.failed("a subscribe", err))?;
+        // The interest reaches the server before the reader's first read.
+        self.nats
+            .client
+            .flush()
+            .await
+            .map_err(|err| self.nats.failed("a flush", err))?;
         let (signals, watch) = KeyWatcher::new();
         tokio::spawn(async move {
             loop {

@@ -294,8 +294,9 @@ pub async fn a_lost_leader_knows_before_the_next_is_elected(kit: Kit) -> Outcome
 }
 
 /// On a store that pushes the changes of a key's holders: a watch of the
-/// key is signalled when a lock on it is granted, and when it is
-/// released, with nobody polling.
+/// key is signalled when a lock on it is granted and when it is released,
+/// each signal coming after the change is there to read, with nobody
+/// polling; and it stays quiet while nothing changes.
 pub async fn a_watched_key_signals_each_change(kit: Kit) -> Outcome {
     require!(
         kit.caps().watches_keys,
@@ -310,23 +311,40 @@ pub async fn a_watched_key_signals_each_change(kit: Kit) -> Outcome {
         .expect("watch")
         .expect("a store that watches keys gives a watch");
     let session = kit.session().await;
-    // A signal that came before a change is not its signal.
-    let drain = |watch: &mut distlock_core::store::KeyWatch| while watch.try_recv().is_ok() {};
-    sleep(SETTLE).await;
-    drain(&mut watch);
+    // At once: a watch that is set up late misses this grant.
     let guard = session.lock(&key).await.expect("free");
-    let granted = tokio::time::timeout(PATIENCE, watch.recv()).await;
-    assert!(
-        matches!(granted, Ok(Some(()))),
-        "no signal of the grant: {granted:?}"
-    );
-    sleep(SETTLE).await;
-    drain(&mut watch);
+    signalled_until(kit.client(), &key, &mut watch, true, "the grant").await;
     guard.release().await.expect("release");
-    let released = tokio::time::timeout(PATIENCE, watch.recv()).await;
-    assert!(
-        matches!(released, Ok(Some(()))),
-        "no signal of the release: {released:?}"
-    );
+    signalled_until(kit.client(), &key, &mut watch, false, "the release").await;
+    // Nothing changes now: a store that signals on a timer is not pushing.
+    while watch.try_recv().is_ok() {}
+    let quiet = tokio::time::timeout(5 * SETTLE, watch.recv()).await;
+    assert!(quiet.is_err(), "a signal with nothing changed: {quiet:?}");
     Outcome::Passed
+}
+
+/// Waits for signals on `watch` until `status` shows `key` held (or not,
+/// as `held` says); fails if a signal does not come while it does not.
+async fn signalled_until(
+    client: &Client,
+    key: &str,
+    watch: &mut distlock_core::store::KeyWatch,
+    held: bool,
+    what: &str,
+) {
+    loop {
+        let signal = tokio::time::timeout(PATIENCE, watch.recv()).await;
+        assert!(
+            matches!(signal, Ok(Some(()))),
+            "no signal of {what}: {signal:?}"
+        );
+        let status = client
+            .status(&distlock_core::status::StatusQuery::Key(key.to_owned()))
+            .await
+            .expect("status");
+        let shown = status.keys.iter().any(|k| !k.holders.is_empty());
+        if shown == held {
+            return;
+        }
+    }
 }

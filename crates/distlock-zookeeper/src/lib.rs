@@ -270,34 +270,29 @@ impl LockStore for ZkStore {
 
     /// A watch of the lock's queue: the children of its directory (a join,
     /// a release, an expiry), or, while it has none, the directory's
-    /// creation; each change is a signal, and the watch is set again. A
-    /// failed call ends the signals; the observer then polls.
+    /// creation. Set before this returns, and after each change set again
+    /// before the signal, so no change after the reader's read goes
+    /// unseen. A failed call ends the signals; the observer then polls.
     async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
         let client = self.reader().await?;
         let dir = lock_dir(key);
+        let mut watcher = arm(&client, &dir)
+            .await
+            .map_err(|err| zk_error(&self.hosts, &err))?;
         let (signals, watch) = KeyWatcher::new();
         tokio::spawn(async move {
-            let watching = async {
-                loop {
-                    let watcher = match client.list_and_watch_children(&dir).await {
-                        Ok((_, watcher)) => watcher,
-                        Err(ZkError::NoNode) => match client.check_and_watch_stat(&dir).await {
-                            Ok((None, watcher)) => watcher,
-                            // Made meanwhile: watch its children.
-                            Ok((Some(_), _)) => continue,
-                            Err(_) => return,
-                        },
-                        Err(_) => return,
-                    };
-                    watcher.changed().await;
-                    if !signals.signal() {
-                        return;
-                    }
+            loop {
+                tokio::select! {
+                    _ = watcher.changed() => {}
+                    () = signals.closed() => return,
                 }
-            };
-            tokio::select! {
-                () = watching => {}
-                () = signals.closed() => {}
+                watcher = match arm(&client, &dir).await {
+                    Ok(watcher) => watcher,
+                    Err(_) => return,
+                };
+                if !signals.signal() {
+                    return;
+                }
             }
         });
         Ok(Some(watch))
@@ -307,6 +302,33 @@ impl LockStore for ZkStore {
         let ended = self.end_holds(key).await?;
         tracing::warn!(key, requested_by, ended = ended.len(), "forced release");
         Ok(ended)
+    }
+}
+
+/// A one-time watch of `dir`'s children, or of its creation while it does
+/// not exist.
+async fn arm(
+    client: &Client,
+    dir: &str,
+) -> std::result::Result<zookeeper_client::OneshotWatcher, ZkError> {
+    loop {
+        let watched = tokio::time::timeout(CALL_TIMEOUT, async {
+            match client.list_and_watch_children(dir).await {
+                Ok((_, watcher)) => Ok(Some(watcher)),
+                Err(ZkError::NoNode) => match client.check_and_watch_stat(dir).await? {
+                    (None, watcher) => Ok(Some(watcher)),
+                    // Made meanwhile: watch its children.
+                    (Some(_), _) => Ok(None),
+                },
+                Err(err) => Err(err),
+            }
+        });
+        match watched.await {
+            Ok(Ok(Some(watcher))) => return Ok(watcher),
+            Ok(Ok(None)) => continue,
+            Ok(Err(err)) => return Err(err),
+            Err(_) => return Err(ZkError::Timeout),
+        }
     }
 }
 

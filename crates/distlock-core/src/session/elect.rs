@@ -363,8 +363,9 @@ enum Watching {
     Polled,
 }
 
-/// How often an observer asks a store that pushes changes anyway: for a
-/// change the store finds only when asked (a lease that ran out).
+/// How often, at least, an observer asks a store that pushes changes
+/// anyway (or every [`Observer::every`], if longer): for a change the
+/// store finds only when asked (a lease that ran out).
 const PUSHED_RECHECK: Duration = Duration::from_secs(1);
 
 impl Observer {
@@ -378,6 +379,7 @@ impl Observer {
     /// Errors from the store are answered as they come; call again to go
     /// on. Cancel safe.
     pub async fn next(&mut self) -> Result<Option<Leader>> {
+        crate::key::validate_key(&self.name)?;
         loop {
             // Watched before the read, so no change after it goes unseen.
             if matches!(self.watch, Watching::NotAsked) {
@@ -425,10 +427,12 @@ impl Observer {
                 Watching::Pushed(watch) => {
                     tokio::select! {
                         signal = watch.recv() => if signal.is_none() {
-                            // The store stopped pushing: poll from now on.
-                            self.watch = Watching::Polled;
+                            // The store stopped pushing (a broken stream):
+                            // watch again after a pause.
+                            self.watch = Watching::NotAsked;
+                            sleep(self.every).await;
                         },
-                        () = sleep(PUSHED_RECHECK) => {}
+                        () = sleep(PUSHED_RECHECK.max(self.every)) => {}
                     }
                 }
                 Watching::NotAsked | Watching::Polled => sleep(self.every).await,

@@ -19,7 +19,16 @@
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use std::collections::{BTreeSet, HashMap};
+
 use super::{KeyState, LockTable, SessionId, Waiter, WaiterId};
+
+/// The heads of keys, as worked out so far in one look at the table.
+type Heads = HashMap<String, Option<(usize, WaiterId)>>;
+
+/// The keys still to pump, smallest first: a key's head depends only on
+/// smaller keys, so each is pumped once per change.
+pub(super) type Pending = BTreeSet<String>;
 use crate::store::Mode;
 
 /// A queued multi-key request.
@@ -152,20 +161,31 @@ impl LockTable {
 
     /// The waiter of `key` that comes first: the first in its queue that
     /// blocks those behind it (every single-key waiter; a multi-key
-    /// request's once it has reached the key), with its place.
-    pub(super) fn head(&self, key: &str, now: Instant) -> Option<(usize, &Waiter)> {
-        let state = self.keys.get(key)?;
-        state
-            .queue
-            .iter()
-            .enumerate()
-            .find(|(_, waiter)| waiter.grant.is_some() || self.reached(waiter.id, key, now))
+    /// request's once it has reached the key), as its place and id.
+    pub(super) fn head(&self, key: &str, now: Instant) -> Option<(usize, WaiterId)> {
+        self.head_in(key, now, &mut Heads::new())
     }
 
-    /// Whether multi-key request `id` heads, and is admitted by, each of
-    /// its keys that sorts before `key`. (Each step looks only at smaller
-    /// keys, so this ends.)
-    fn reached(&self, id: WaiterId, key: &str, now: Instant) -> bool {
+    /// [`head`](LockTable::head), each key's worked out once per `heads`:
+    /// a key's head depends only on the heads of smaller keys, so the
+    /// recursion ends, and with the memo costs one pass over the queues.
+    fn head_in(&self, key: &str, now: Instant, heads: &mut Heads) -> Option<(usize, WaiterId)> {
+        if let Some(known) = heads.get(key) {
+            return *known;
+        }
+        let found = self.keys.get(key).and_then(|state| {
+            state.queue.iter().enumerate().find_map(|(place, waiter)| {
+                let blocks = waiter.grant.is_some() || self.reached(waiter.id, key, now, heads);
+                blocks.then_some((place, waiter.id))
+            })
+        });
+        heads.insert(key.to_owned(), found);
+        found
+    }
+
+    /// Whether multi-key request `id` leads each of its keys that sorts
+    /// before `key`.
+    fn reached(&self, id: WaiterId, key: &str, now: Instant, heads: &mut Heads) -> bool {
         let Some(group) = self.groups.get(&id) else {
             return false;
         };
@@ -173,15 +193,17 @@ impl LockTable {
             .keys
             .iter()
             .take_while(|(other, _, _)| other.as_str() < key)
-            .all(|(other, mode, _)| self.leads(id, other, *mode, now))
+            .all(|(other, mode, _)| self.leads(id, other, *mode, now, heads))
     }
 
     /// Whether multi-key request `id` heads `key`, which admits it now.
-    fn leads(&self, id: WaiterId, key: &str, mode: Mode, now: Instant) -> bool {
+    fn leads(&self, id: WaiterId, key: &str, mode: Mode, now: Instant, heads: &mut Heads) -> bool {
         self.keys.get(key).is_some_and(|state| {
             !self.grants_blocked(state, now)
                 && state.admits(mode)
-                && self.head(key, now).is_some_and(|(_, head)| head.id == id)
+                && self
+                    .head_in(key, now, heads)
+                    .is_some_and(|(_, head)| head == id)
         })
     }
 
@@ -208,15 +230,16 @@ impl LockTable {
         &mut self,
         id: WaiterId,
         now: Instant,
-        pending: &mut Vec<String>,
+        pending: &mut Pending,
     ) -> bool {
         let Some(group) = self.groups.get(&id) else {
             return false;
         };
+        let mut heads = Heads::new();
         let ready = group
             .keys
             .iter()
-            .all(|(key, mode, _)| self.leads(id, key, *mode, now));
+            .all(|(key, mode, _)| self.leads(id, key, *mode, now, &mut heads));
         if !ready || !self.tokens_for(group.keys.len()) {
             return false;
         }
@@ -229,9 +252,7 @@ impl LockTable {
             tokens[*place] = self
                 .add_holder(group.session, key, *mode, now)
                 .expect("tokens were made safe above");
-            if !pending.contains(key) {
-                pending.push(key.clone());
-            }
+            pending.insert(key.clone());
         }
         if group.grant.send(tokens.clone()).is_err() {
             // The waiter went away as we granted: take them all back.

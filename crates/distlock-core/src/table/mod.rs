@@ -211,6 +211,8 @@ pub struct LockTable {
     groups: HashMap<WaiterId, group::Group>,
     /// Told of every change of a key's holders (`watch_key`).
     watchers: HashMap<String, Vec<KeyWatcher>>,
+    /// Watches made, to sweep `watchers` now and then.
+    watches_made: u64,
     /// The last token granted for any key. One counter for the table keeps
     /// every key's tokens strictly increasing without remembering every key
     /// ever locked.
@@ -241,6 +243,7 @@ impl LockTable {
             keys: HashMap::new(),
             groups: HashMap::new(),
             watchers: HashMap::new(),
+            watches_made: 0,
             last_token: 0,
             grants_blocked_until: None,
             counters: Counters::default(),
@@ -495,8 +498,8 @@ impl LockTable {
     /// Grants queued waiters at the head of `key`'s queue while they fit,
     /// and of the other keys of the multi-key requests that granting frees.
     fn pump(&mut self, key: &str, now: Instant) {
-        let mut pending = vec![key.to_owned()];
-        while let Some(key) = pending.pop() {
+        let mut pending = group::Pending::from([key.to_owned()]);
+        while let Some(key) = pending.pop_first() {
             self.pump_one(&key, now, &mut pending);
         }
     }
@@ -505,7 +508,10 @@ impl LockTable {
     /// at the head is granted only with all its keys, and the queue waits
     /// until then (so that it is never starved). Keys whose queues a
     /// multi-key grant moved go on `pending`.
-    fn pump_one(&mut self, key: &str, now: Instant, pending: &mut Vec<String>) {
+    fn pump_one(&mut self, key: &str, now: Instant, pending: &mut group::Pending) {
+        // The requests waiting here may have reached, or lost, later keys
+        // with whatever changed: those keys are looked at after this one.
+        pending.extend(self.later_keys(key));
         loop {
             let Some(state) = self.keys.get(key) else {
                 return;
@@ -513,12 +519,14 @@ impl LockTable {
             if self.grants_blocked(state, now) {
                 return;
             }
-            let (place, front) = match self.head(key, now) {
-                Some((place, front)) if state.admits(front.mode) => (place, front),
-                _ => break,
+            let Some((place, id)) = self.head(key, now) else {
+                break;
             };
+            let front = &state.queue[place];
+            if !state.admits(front.mode) {
+                break;
+            }
             if front.grant.is_none() {
-                let id = front.id;
                 if !self.grant_group(id, now, pending) {
                     break;
                 }
@@ -542,11 +550,7 @@ impl LockTable {
                 self.remove_holder(waiter.session, key, Some(token));
             }
         }
-        for later in self.later_keys(key) {
-            if !pending.contains(&later) {
-                pending.push(later);
-            }
-        }
+        pending.extend(self.later_keys(key));
         self.tidy(key, now);
     }
 

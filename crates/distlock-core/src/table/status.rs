@@ -88,6 +88,14 @@ impl LockTable {
     /// receiver is dropped.
     pub fn watch_key(&mut self, key: &str) -> KeyWatch {
         let (watcher, watch) = KeyWatcher::new();
+        // Watchers of keys nobody changes are forgotten too, now and then.
+        self.watches_made += 1;
+        if self.watches_made.is_multiple_of(1024) {
+            self.watchers.retain(|_, watchers| {
+                watchers.retain(|watcher| !watcher.is_closed());
+                !watchers.is_empty()
+            });
+        }
         let watchers = self.watchers.entry(key.to_owned()).or_default();
         watchers.retain(|watcher| !watcher.is_closed());
         watchers.push(watcher);
