@@ -117,6 +117,40 @@ impl Instance {
 
     /// The connection, made on first use (so that a store of several
     /// instances can start while some are down).
+    /// The keyspace events of `keys` (each change of them), where the
+    /// server publishes them: `notify-keyspace-events` has `K` and the
+    /// classes the lock's commands fall in (`$` SET, `g` DEL, `x` expiry,
+    /// `z` the holders' set; `A` for all). `None` where it does not. The
+    /// sink keeps the subscription: drop both to end it.
+    pub(crate) async fn keyspace_events(
+        &self,
+        keys: &[&str],
+    ) -> redis::RedisResult<Option<(redis::aio::PubSubSink, redis::aio::PubSubStream)>> {
+        let mut conn = self.connection().await?;
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("notify-keyspace-events");
+        let config: Vec<String> = self
+            .within(CALL_TIMEOUT, get.query_async(&mut conn))
+            .await?;
+        let flags = config.get(1).map(String::as_str).unwrap_or_default();
+        let classes = flags.contains('A') || "$gxz".chars().all(|c| flags.contains(c));
+        if !(flags.contains('K') && classes) {
+            return Ok(None);
+        }
+        let db = self.client.get_connection_info().redis_settings().db();
+        let pubsub = tokio::time::timeout(CALL_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| timed_out(&self.name))??;
+        let (mut sink, events) = pubsub.split();
+        for key in keys {
+            let channel = format!("__keyspace@{db}__:{key}");
+            tokio::time::timeout(CALL_TIMEOUT, sink.subscribe(channel))
+                .await
+                .map_err(|_| timed_out(&self.name))??;
+        }
+        Ok(Some((sink, events)))
+    }
+
     pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         if let Some(live) = self.live().as_ref() {
             return Ok(live.clone());

@@ -81,7 +81,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
-    Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+    Capabilities, Fencing, KeyWatch, KeyWatcher, LockStore, SessionModel, SessionOptions,
+    StoreSession,
 };
 use distlock_core::{Error, ErrorKind, Result};
 use futures::future::join_all;
@@ -219,6 +220,8 @@ impl RedisStore {
         capabilities.force_release = true;
         // Redlock's instances may list a hold with tokens that differ.
         capabilities.tells_leader = name == "redis";
+        // Where the server publishes keyspace events (see watch_key).
+        capabilities.watches_keys = name == "redis";
         capabilities
     }
 }
@@ -326,5 +329,48 @@ impl LockStore for RedisStore {
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {
         force::force_release(&self.shared, key, requested_by).await
+    }
+
+    /// The keyspace events of the lock's main key and its holders' set:
+    /// a fast grant's SET, a release's DEL, a lease's expiry, a queued
+    /// grant or release. Only where the server publishes them
+    /// (`notify-keyspace-events` with `K` and `$gxz`, or `KA`); elsewhere,
+    /// and on Redlock, `None`: observers poll. A broken subscription ends
+    /// the signals.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        let [instance] = &self.shared.instances[..] else {
+            return Ok(None);
+        };
+        let keys = scripts::LockKeys::new(KEY_PREFIX, key);
+        let subscribed = instance
+            .keyspace_events(&[&keys.main, &keys.holders])
+            .await
+            .map_err(|err| {
+                Error::unavailable(format!("Redis at {}: {err}", instance.name)).with_source(err)
+            })?;
+        let Some((sink, mut events)) = subscribed else {
+            tracing::debug!(
+                "Redis at {} publishes no keyspace events; observers poll (CONFIG SET \
+                 notify-keyspace-events K$gxz to push)",
+                instance.name
+            );
+            return Ok(None);
+        };
+        let (signals, watch) = KeyWatcher::new();
+        tokio::spawn(async move {
+            // Kept: the subscription lives as long as its sink.
+            let _sink = sink;
+            loop {
+                tokio::select! {
+                    event = futures::StreamExt::next(&mut events) => {
+                        if event.is_none() || !signals.signal() {
+                            return;
+                        }
+                    }
+                    () = signals.closed() => return,
+                }
+            }
+        });
+        Ok(Some(watch))
     }
 }

@@ -47,6 +47,9 @@ impl Redis {
             "always",
             "--dir",
             dir.path().to_str().expect("utf-8 temp path"),
+            // So that observers are pushed changes (LockStore::watch_key).
+            "--notify-keyspace-events",
+            "K$gxz",
         ]);
         let daemon = Daemon::spawn("redis-server", command, port, dir.path());
         Redis { daemon, _dir: dir }
