@@ -60,7 +60,6 @@ mod advisory;
 mod cancel;
 mod connect;
 mod lease;
-mod lease_sql;
 mod status;
 mod tokens;
 mod wakeup;
@@ -72,8 +71,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
-    take_url_param, Capabilities, Fencing, KeyWatch, LockStore, SessionModel, SessionOptions,
-    StoreSession,
+    take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
 };
 use distlock_core::{Error, Result};
 use url::Url;
@@ -181,7 +179,6 @@ impl PostgresStore {
         capabilities.keeps_owner = true;
         capabilities.force_release = true;
         capabilities.tells_leader = true;
-        capabilities.watches_keys = true;
         capabilities
     }
 
@@ -239,16 +236,6 @@ impl LockStore for PostgresStore {
         };
         let client = connect::open(&self.config, &self.target).await?;
         status::advisory(&client, &self.target, key).await
-    }
-
-    /// In lease mode, a row in `distlock_observers` that makes grants and
-    /// releases of the key notify the store's listener; advisory locks
-    /// cannot be watched (`None`).
-    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
-        match &self.leases {
-            Some(leases) => Ok(Some(wakeup::watch_key(Arc::clone(leases), key).await?)),
-            None => Ok(None),
-        }
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

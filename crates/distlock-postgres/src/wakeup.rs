@@ -1,7 +1,6 @@
 //! Waking the waiters of the lease table: a connection of the store
-//! LISTENs for releases (and, for observers, every grant and release of a
-//! key someone observes) and wakes the waiters of the key; a broken
-//! listening connection is made again, and wakes every waiter.
+//! LISTENs for releases and wakes the waiters of the released key; a
+//! broken listening connection is made again, and wakes every waiter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,7 +36,7 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
         .map_err(|err| query_error(target, err))?;
     // The connection must be driven for LISTEN to be answered.
     {
-        let listen = client.batch_execute("LISTEN distlock_released; LISTEN distlock_changed");
+        let listen = client.batch_execute("LISTEN distlock_released");
         tokio::pin!(listen);
         loop {
             tokio::select! {
@@ -151,71 +150,4 @@ impl Drop for Watch {
             }
         }
     }
-}
-
-/// How long an observer's row says it observes; renewed at a third of it.
-const OBSERVED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Pushes the changes of `key`'s holders to a [`KeyWatch`]: a row in
-/// `distlock_observers` makes the lease functions notify
-/// `distlock_changed` on each grant and release of the key, which the
-/// store's listener routes here, as it routes releases to waiters. The
-/// row is renewed while the watch lives and deleted when it ends.
-pub(crate) async fn watch_key(
-    leases: std::sync::Arc<crate::lease::Leases>,
-    key: &str,
-) -> Result<distlock_core::store::KeyWatch> {
-    use distlock_core::store::KeyWatcher;
-    let observer = format!("{:032x}", rand::random::<u128>());
-    let watch = Watch::new(&leases.listeners, key);
-    // The listener's wake-ups count from here: the row below comes after.
-    let mut next = Box::pin(Arc::clone(&watch.notify).notified_owned());
-    next.as_mut().enable();
-    observe(&leases, key, &observer).await?;
-    let (signals, receiver) = KeyWatcher::new();
-    let key = key.to_owned();
-    tokio::spawn(async move {
-        let mut renew = tokio::time::interval(OBSERVED_FOR / 3);
-        renew.tick().await;
-        loop {
-            tokio::select! {
-                () = &mut next => {
-                    // Armed again before the signal: nothing after the
-                    // reader's next read is missed.
-                    next = Box::pin(Arc::clone(&watch.notify).notified_owned());
-                    next.as_mut().enable();
-                    if !signals.signal() {
-                        break;
-                    }
-                }
-                _ = renew.tick() => {
-                    if observe(&leases, &key, &observer).await.is_err() {
-                        break;
-                    }
-                }
-                () = signals.closed() => break,
-            }
-        }
-        if let Ok(client) = leases.client().await {
-            let gone = "DELETE FROM distlock_observers WHERE key = $1 AND observer = $2";
-            let _ = client.execute(gone, &[&key, &observer]).await;
-        }
-    });
-    Ok(receiver)
-}
-
-/// Writes (or renews) `observer`'s row for `key`.
-async fn observe(leases: &crate::lease::Leases, key: &str, observer: &str) -> Result<()> {
-    let client = leases.client().await?;
-    let until = i64::try_from(OBSERVED_FOR.as_millis()).unwrap_or(i64::MAX);
-    client
-        .execute(
-            "INSERT INTO distlock_observers (key, observer, until) \
-             VALUES ($1, $2, clock_timestamp() + $3::bigint * interval '1 millisecond') \
-             ON CONFLICT (key, observer) DO UPDATE SET until = excluded.until",
-            &[&key, &observer, &until],
-        )
-        .await
-        .map_err(|err| query_error(leases.target(), err))?;
-    Ok(())
 }
