@@ -115,8 +115,6 @@ impl Instance {
         lock(&self.live)
     }
 
-    /// The connection, made on first use (so that a store of several
-    /// instances can start while some are down).
     /// The keyspace events of `keys` (each change of them), where the
     /// server publishes them: `notify-keyspace-events` has `K` and the
     /// classes the lock's commands fall in (`$` SET, `g` DEL, `x` expiry,
@@ -129,9 +127,17 @@ impl Instance {
         let mut conn = self.connection().await?;
         let mut get = redis::cmd("CONFIG");
         get.arg("GET").arg("notify-keyspace-events");
-        let config: Vec<String> = self
-            .within(CALL_TIMEOUT, get.query_async(&mut conn))
-            .await?;
+        let config: Vec<String> = match self.within(CALL_TIMEOUT, get.query_async(&mut conn)).await
+        {
+            Ok(config) => config,
+            // A server that answers but refuses CONFIG (a managed Redis, an
+            // ACL): no telling whether it publishes; observers poll.
+            Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => {
+                tracing::debug!("{}: CONFIG GET refused ({err}); observers poll", self.name);
+                return Ok(None);
+            }
+            Err(err) => return Err(err),
+        };
         let flags = config.get(1).map(String::as_str).unwrap_or_default();
         let classes = flags.contains('A') || "$gxz".chars().all(|c| flags.contains(c));
         if !(flags.contains('K') && classes) {
@@ -151,6 +157,8 @@ impl Instance {
         Ok(Some((sink, events)))
     }
 
+    /// The connection, made on first use (so that a store of several
+    /// instances can start while some are down).
     pub(crate) async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
         if let Some(live) = self.live().as_ref() {
             return Ok(live.clone());

@@ -350,8 +350,8 @@ impl LockStore for RedisStore {
             })?;
         let Some((sink, mut events)) = subscribed else {
             tracing::debug!(
-                "Redis at {} publishes no keyspace events; observers poll (CONFIG SET \
-                 notify-keyspace-events K$gxz to push)",
+                "Redis at {} publishes no keyspace events; observers poll (add K$gxz to \
+                 its notify-keyspace-events to push)",
                 instance.name
             );
             return Ok(None);

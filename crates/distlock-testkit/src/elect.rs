@@ -314,11 +314,26 @@ pub async fn a_watched_key_signals_each_change(kit: Kit) -> Outcome {
     // At once: a watch that is set up late misses this grant.
     let guard = session.lock(&key).await.expect("free");
     signalled_until(kit.client(), &key, &mut watch, true, "the grant").await;
+    // A hand-over to a waiter, then its release.
+    let waiter = kit.session().await;
+    let waiting = tokio::spawn({
+        let key = key.clone();
+        async move { waiter.lock(&key).wait(PATIENCE).await }
+    });
+    sleep(SETTLE).await;
     guard.release().await.expect("release");
-    signalled_until(kit.client(), &key, &mut watch, false, "the release").await;
+    let handed = waiting.await.expect("waiter").expect("handed over");
+    handed.release().await.expect("release");
+    signalled_until(kit.client(), &key, &mut watch, false, "the releases").await;
+    // An election's hold (a one-permit semaphore where the store has them,
+    // which on some stores takes another path).
+    let leading = session.elect(&key).value("watched").await.expect("elected");
+    signalled_until(kit.client(), &key, &mut watch, true, "the election").await;
+    leading.resign().await.expect("resign");
+    signalled_until(kit.client(), &key, &mut watch, false, "the resignation").await;
     // Nothing changes now: a store that signals on a timer is not pushing.
     while watch.try_recv().is_ok() {}
-    let quiet = tokio::time::timeout(5 * SETTLE, watch.recv()).await;
+    let quiet = tokio::time::timeout(10 * SETTLE, watch.recv()).await;
     assert!(quiet.is_err(), "a signal with nothing changed: {quiet:?}");
     Outcome::Passed
 }
