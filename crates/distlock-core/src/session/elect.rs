@@ -361,7 +361,14 @@ enum Watching {
     NotAsked,
     Pushed(KeyWatch),
     Polled,
+    /// The store failed to watch (it may be restarting): asked again at
+    /// this instant.
+    Failed(Instant),
 }
+
+/// How long an observer polls after a store failed to watch, before it
+/// asks for a watch again.
+const WATCH_AGAIN_AFTER: Duration = Duration::from_secs(30);
 
 /// How often, at least, an observer asks a store that pushes changes
 /// anyway (or every [`Observer::every`], if longer): for a change the
@@ -382,13 +389,14 @@ impl Observer {
         crate::key::validate_key(&self.name)?;
         loop {
             // Watched before the read, so no change after it goes unseen.
-            if matches!(self.watch, Watching::NotAsked) {
+            let again = matches!(self.watch, Watching::Failed(at) if Instant::now() >= at);
+            if matches!(self.watch, Watching::NotAsked) || again {
                 self.watch = match self.client.store().watch_key(&self.name).await {
                     Ok(Some(watch)) => Watching::Pushed(watch),
                     Ok(None) => Watching::Polled,
                     Err(err) => {
                         tracing::debug!(name = %self.name, "no pushed changes, polling: {err}");
-                        Watching::Polled
+                        Watching::Failed(Instant::now() + WATCH_AGAIN_AFTER)
                     }
                 };
             }
@@ -435,7 +443,9 @@ impl Observer {
                         () = sleep(PUSHED_RECHECK.max(self.every)) => {}
                     }
                 }
-                Watching::NotAsked | Watching::Polled => sleep(self.every).await,
+                Watching::NotAsked | Watching::Polled | Watching::Failed(_) => {
+                    sleep(self.every).await;
+                }
             }
         }
     }
