@@ -185,6 +185,7 @@ macro_rules! conformance_suite {
             lock_all_waits_holding_nothing_and_is_not_overtaken,
             a_lapsed_session_cannot_touch_the_next_hold,
             a_release_with_another_token_does_nothing,
+            a_release_by_another_session_does_nothing,
             one_leader_at_a_time_with_rising_terms,
             observers_see_every_leader_in_order,
             resign_hands_over_at_once,

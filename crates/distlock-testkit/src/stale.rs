@@ -174,3 +174,35 @@ pub async fn a_release_with_another_token_does_nothing(kit: Kit) -> Outcome {
     }
     Outcome::Passed
 }
+
+/// A release by another session that names the hold exactly (key, mode
+/// and token: `status` shows tokens to anyone) leaves the hold in place:
+/// a store checks who releases, not only what.
+pub async fn a_release_by_another_session_does_nothing(kit: Kit) -> Outcome {
+    let store = Arc::clone(kit.client().store());
+    let key = kit.key("other");
+    let holder = open(&store, Duration::from_secs(30)).await;
+    let other = open(&store, Duration::from_secs(30)).await;
+    let probe = open(&store, Duration::from_secs(30)).await;
+    let held = try_take(holder.as_ref(), &key)
+        .await
+        .expect("take")
+        .expect("free");
+    let _ = other.release(&held).await;
+    assert!(
+        try_take(probe.as_ref(), &key)
+            .await
+            .expect("probe")
+            .is_none(),
+        "another session's release with the holder's token {} freed the key",
+        held.token
+    );
+    holder
+        .release(&held)
+        .await
+        .expect("the holder's own release");
+    for session in [holder, other, probe] {
+        let _ = session.close().await;
+    }
+    Outcome::Passed
+}
