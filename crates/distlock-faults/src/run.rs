@@ -134,18 +134,20 @@ impl Store {
     /// takes over gives every lease its full TTL again plus the election
     /// timeout (1 s, `lessor.Promote`); and expired leases are revoked by
     /// a loop that runs every 500 ms. NATS keeps TTLs in whole seconds,
-    /// rounded up. A NATS cluster's leader rows take 2 s more: a new stream
+    /// rounded up. A NATS cluster's leader rows take 5 s more: a new stream
     /// leader expires the sessions whose lease ran out during its election
-    /// up to 1.8 s after it is elected (7 elections measured), and the CI
-    /// tier saw 2 of 6 such rows heal in 3.4 and 3.6 s, over the 3.2 s of
-    /// the others; slack observed, not derived. Elsewhere it is the TTL.
+    /// up to 1.8 s after it is elected (7 elections measured), and a waiter
+    /// whose consumer lived on the struck member reads the queue again only
+    /// after missing three of its 1 s heartbeats. (With 2 s more, freeze
+    /// rows healed in 5.43 s and 5.87 s, over 5.2 s.) Elsewhere it is the
+    /// TTL.
     pub(crate) fn lease_after_restart(self, ttl: Duration) -> Duration {
         match self {
             Store::Etcd | Store::EtcdCluster => {
                 ttl.max(Duration::from_secs(2)) + Duration::from_millis(1_500)
             }
             Store::Nats => whole_seconds(ttl),
-            Store::NatsCluster => whole_seconds(ttl) + Duration::from_secs(2),
+            Store::NatsCluster => whole_seconds(ttl) + Duration::from_secs(5),
             _ => ttl,
         }
     }

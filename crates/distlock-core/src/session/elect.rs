@@ -84,7 +84,10 @@ impl Campaign {
         validate_owner(&value).map_err(|err| {
             Error::new(
                 err.kind(),
-                format!("election value refused: {err}; publish a longer value elsewhere, keyed by the term"),
+                format!(
+                    "election value refused: {err}; a value is what an owner may be (1 to 256 \
+                     bytes on one line): publish more elsewhere, keyed by the term"
+                ),
             )
         })?;
         if value.is_empty() {
