@@ -53,6 +53,10 @@ use distlock_core::{Error, Result};
 
 use client::Nats;
 
+/// How long after a change a key's watchers are told once more (see
+/// `watch_key`).
+const FOLLOW_UP: Duration = Duration::from_millis(100);
+
 /// How long connecting, and each call, may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -269,10 +273,27 @@ impl LockStore for NatsStore {
             .map_err(|err| self.nats.failed("a flush", err))?;
         let (signals, watch) = KeyWatcher::new();
         tokio::spawn(async move {
+            // A subscriber can hear a publish before the stream has stored
+            // it: a reader that looks at once may not see it yet, so it is
+            // told once more, a moment later.
+            let mut again: Option<tokio::time::Instant> = None;
             loop {
+                let follow_up = async {
+                    match again {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     message = futures::StreamExt::next(&mut messages) => {
                         if message.is_none() || !signals.signal() {
+                            return;
+                        }
+                        again = Some(tokio::time::Instant::now() + FOLLOW_UP);
+                    }
+                    () = follow_up => {
+                        again = None;
+                        if !signals.signal() {
                             return;
                         }
                     }

@@ -16,8 +16,10 @@ use super::{Kit, Outcome, PATIENCE, SETTLE};
 const OBSERVE_EVERY: Duration = Duration::from_millis(50);
 
 /// How long each leader leads, and each vacancy lasts, while an observer
-/// watches: many of its asks, so that it cannot miss one.
-const STEADY: Duration = Duration::from_millis(600);
+/// watches: many of its asks, and longer than the 1 s within which an
+/// observer of a pushing store asks again anyway, so that it cannot miss
+/// one whatever the push does.
+const STEADY: Duration = Duration::from_millis(1_200);
 
 /// Whether the store can tell who leads: it says so, and `leader()`
 /// answers; a store that does not say so must refuse clearly.
@@ -331,7 +333,9 @@ pub async fn a_watched_key_signals_each_change(kit: Kit) -> Outcome {
     signalled_until(kit.client(), &key, &mut watch, true, "the election").await;
     leading.resign().await.expect("resign");
     signalled_until(kit.client(), &key, &mut watch, false, "the resignation").await;
-    // Nothing changes now: a store that signals on a timer is not pushing.
+    // Nothing changes now (once a store's follow-ups of the last change
+    // are in): a store that signals on a timer is not pushing.
+    sleep(SETTLE).await;
     while watch.try_recv().is_ok() {}
     let quiet = tokio::time::timeout(10 * SETTLE, watch.recv()).await;
     assert!(quiet.is_err(), "a signal with nothing changed: {quiet:?}");
