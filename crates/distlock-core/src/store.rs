@@ -570,8 +570,12 @@ impl GrantedTokens {
     /// `key`'s grant with `token` ended; a later grant of it is kept.
     pub fn ended(&self, key: &str, token: u64) {
         let mut tokens = lock(&self.0);
-        if tokens.get(key) == Some(&token) {
-            tokens.remove(key);
+        // One lookup in the usual case, where the grant that ended is the
+        // key's current one.
+        if let Some((key, later)) = tokens.remove_entry(key) {
+            if later != token {
+                tokens.insert(key, later);
+            }
         }
     }
 }

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::store::{
-    AcquireRequest, Grant, GrantedTokens, Heartbeat, HeldLock, Mode, RenewReport, StoreSession,
+    AcquireRequest, ContendedKeys, Grant, GrantedTokens, Heartbeat, HeldLock, Mode, RenewReport,
+    StoreSession,
 };
 use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool, Statement};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::connect::query_error;
@@ -36,7 +37,12 @@ pub(crate) const NAME_PREFIX: &str = "dl:";
 pub(crate) fn lock_name(key: &str) -> String {
     let printable = key.bytes().all(|byte| (0x20..0x7f).contains(&byte));
     if printable && key.len() + NAME_PREFIX.len() <= MAX_NAME {
-        return format!("{NAME_PREFIX}{key}");
+        // Not `format!`: this runs twice per lock, and costs as much as the
+        // rest of the store's own work per grant.
+        let mut name = String::with_capacity(NAME_PREFIX.len() + key.len());
+        name.push_str(NAME_PREFIX);
+        name.push_str(key);
+        return name;
     }
     let hash = distlock_core::key_hash(key);
     let head: String = key
@@ -61,7 +67,7 @@ pub(crate) struct NamedSession {
     /// The server's id of the connection, for `KILL QUERY`.
     id: u32,
     pool: Pool,
-    target: String,
+    target: Arc<str>,
     tokens: Tokens,
     /// The lock (and token) statement, prepared.
     lock: Statement,
@@ -70,6 +76,8 @@ pub(crate) struct NamedSession {
     /// The token of each key held: `RELEASE_LOCK` ends whatever the
     /// connection holds of a name, so a release is checked against it.
     granted: GrantedTokens,
+    /// Keys found taken: a wait for one of them skips the try.
+    contended: ContendedKeys,
 }
 
 impl NamedSession {
@@ -100,10 +108,50 @@ impl NamedSession {
             conn: Arc::new(Mutex::new(Some(conn))),
             heartbeat: Arc::default(),
             pool,
-            target,
+            target: target.into(),
             ttl,
             granted: GrantedTokens::default(),
+            contended: ContendedKeys::default(),
         })
+    }
+
+    /// One lock query: a try, or a wait of `wait` seconds.
+    async fn lock_query(&self, request: &AcquireRequest, wait: Option<f64>) -> Result<Option<u64>> {
+        let turn = Arc::clone(&self.conn).lock_owned().await;
+        if turn.is_none() {
+            return Err(self.lost());
+        }
+        let query = LockQuery {
+            name: lock_name(&request.key),
+            key: (self.tokens == Tokens::Table).then(|| request.key.clone()),
+            timeout: wait.unwrap_or(0.0),
+            tokens: self.tokens,
+            target: Arc::clone(&self.target),
+            lock: self.lock.clone(),
+            state: WaitState::new(),
+            heartbeat: Arc::clone(&self.heartbeat),
+        };
+        let state = Arc::clone(&query.state);
+        let query = get_lock(turn, query);
+        let running = match wait {
+            None => Running::InPlace(Box::pin(query)),
+            Some(_) => Running::Spawned(tokio::spawn(query)),
+        };
+        let mut pending = Pending {
+            running: Some(running),
+            state,
+            session: self,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let Some((turn, _, answer)) = pending.answer().await else {
+            return Err(self.lost());
+        };
+        drop(turn);
+        match answer {
+            Ok(got) => Ok(got),
+            Err(err) if !err.is_fatal() => Err(query_error(&self.target, err)),
+            Err(_) => Err(self.lost()),
+        }
     }
 
     fn lost(&self) -> Error {
@@ -124,24 +172,54 @@ impl NamedSession {
     }
 }
 
-/// Takes the lock in a task of its own, so that the query is never dropped
-/// half-way (which would break the connection); hands the answer over, or
-/// gives the lock back if nobody takes the answer.
-async fn get_lock(
-    mut turn: OwnedMutexGuard<Option<Conn>>,
-    (name, key): (String, String),
+/// One lock query: what it asks, and what it needs to finish on its own.
+struct LockQuery {
+    name: String,
+    /// The key, for a token from the table.
+    key: Option<String>,
     timeout: f64,
-    (tokens, target, lock): (Tokens, String, Statement),
+    tokens: Tokens,
+    target: Arc<str>,
+    lock: Statement,
     state: Arc<WaitState>,
     heartbeat: Arc<Heartbeat>,
-    answer: oneshot::Sender<std::result::Result<Option<u64>, mysql_async::Error>>,
-) {
+}
+
+/// What a lock query answers: the token if the lock was got, with the
+/// connection's turn, still taken, and the lock's name.
+type LockAnswer = (
+    OwnedMutexGuard<Option<Conn>>,
+    String,
+    std::result::Result<Option<u64>, mysql_async::Error>,
+);
+
+/// The lock query, with its token. It must never be dropped half-way (that
+/// would break the connection): see [`Pending`].
+async fn get_lock(mut turn: OwnedMutexGuard<Option<Conn>>, query: LockQuery) -> LockAnswer {
+    let got = lock_on(&mut turn, &query).await;
+    (turn, query.name, got)
+}
+
+async fn lock_on(
+    turn: &mut Option<Conn>,
+    query: &LockQuery,
+) -> std::result::Result<Option<u64>, mysql_async::Error> {
+    let LockQuery {
+        ref name,
+        ref key,
+        timeout,
+        tokens,
+        ref target,
+        ref lock,
+        ref state,
+        ref heartbeat,
+    } = *query;
     let Some(conn) = turn.as_mut() else {
         state.finish().await;
-        return;
+        return Err(mysql_async::Error::Other("the connection is gone".into()));
     };
     let got: std::result::Result<Option<Option<u64>>, _> =
-        conn.exec_first(lock, (&name, timeout)).await;
+        conn.exec_first(lock, (name.as_str(), timeout)).await;
     if !got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         heartbeat.mark();
     }
@@ -157,15 +235,15 @@ async fn get_lock(
     // The statement failed, perhaps after GET_LOCK took the lock (the draw
     // failed, or a KILL QUERY landed late): give back what it took.
     if let (Err(err), Some(conn)) = (&got, turn.as_mut()) {
-        if !err.is_fatal() && holds(conn, &name).await {
-            give_back(conn, &name).await;
+        if !err.is_fatal() && holds(conn, name).await {
+            give_back(conn, name).await;
         }
     }
     // The token, on this connection, before anything else it does, so
     // tokens follow the order of grants (docs/0008-mysql.md).
     if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
         match tokens {
-            Tokens::Table => match conn.exec_drop(crate::NEXT_TOKEN, (&key,)).await {
+            Tokens::Table => match conn.exec_drop(crate::NEXT_TOKEN, (key.as_deref(),)).await {
                 Ok(()) => token = conn.last_insert_id(),
                 Err(err) => got = Err(err),
             },
@@ -173,7 +251,7 @@ async fn get_lock(
             // while the lock is held, and a token of it.
             Tokens::Sequence if !token.is_some_and(crate::tokens::live) => {
                 token = None;
-                match redraw(conn, &target).await {
+                match redraw(conn, target).await {
                     Ok(drawn) => token = Some(drawn),
                     Err(err) => got = Err(mysql_async::Error::Other(err.to_string().into())),
                 }
@@ -184,19 +262,13 @@ async fn get_lock(
             got = Err(mysql_async::Error::Other("no token was returned".into()));
         }
         if got.is_err() {
-            give_back(conn, &name).await;
+            give_back(conn, name).await;
         }
     }
     if got.as_ref().is_err_and(mysql_async::Error::is_fatal) {
         turn.take();
     }
-    let got = got.map(|got| if got { token } else { None });
-    if let Err(Ok(Some(_))) = answer.send(got) {
-        // Nobody waits for it any more.
-        if let Some(conn) = turn.as_mut() {
-            give_back(conn, &name).await;
-        }
-    }
+    got.map(|got| if got { token } else { None })
 }
 
 /// Whether this connection holds the named lock `name`.
@@ -235,8 +307,8 @@ async fn give_back(conn: &mut Conn, name: &str) {
     }
 }
 
-/// Where a lock query stands, between the task that runs it and the
-/// acquire that may be dropped: a kill is sent only while the query waits,
+/// Where a lock query stands, between the query and the acquire that may
+/// be dropped: a kill is sent only while the query waits,
 /// and the query's task holds the connection until the kill has landed.
 struct WaitState {
     /// 0: waiting; 1: answered; 2: being killed.
@@ -271,49 +343,74 @@ impl WaitState {
     }
 }
 
-/// An acquire under way. Dropped before it is done, it stops the wait
-/// (`KILL QUERY` while the lock is still awaited) and gives back the lock
-/// if it came.
-struct Pending {
-    answer: oneshot::Receiver<std::result::Result<Option<u64>, mysql_async::Error>>,
-    state: Arc<WaitState>,
-    done: bool,
-    conn: Turn,
-    pool: Pool,
-    id: u32,
-    name: String,
+/// Where a lock query runs: a try (answered at once) in place, a wait in a
+/// task of its own, so that its answer is read, and the connection's turn
+/// given back, even while nobody polls the acquire.
+enum Running {
+    InPlace(std::pin::Pin<Box<dyn std::future::Future<Output = LockAnswer> + Send>>),
+    Spawned(tokio::task::JoinHandle<LockAnswer>),
 }
 
-impl Drop for Pending {
+/// An acquire under way. Dropped before its query is done, it stops the
+/// wait (`KILL QUERY` while the lock is still awaited) and lets the query
+/// finish in a task, which gives back the lock if it came, on the query's
+/// own turn of the connection.
+struct Pending<'a> {
+    running: Option<Running>,
+    state: Arc<WaitState>,
+    session: &'a NamedSession,
+    /// The runtime the acquire runs on, for the clean-up: a query must never
+    /// be dropped half-way.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Pending<'_> {
+    /// The query's answer; a query that panicked (or whose task was
+    /// dropped) answers as a broken connection.
+    async fn answer(&mut self) -> Option<LockAnswer> {
+        let answer = match self.running.as_mut()? {
+            Running::InPlace(query) => Some(query.as_mut().await),
+            Running::Spawned(task) => task.await.ok(),
+        };
+        self.running = None;
+        answer
+    }
+}
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(running) = self.running.take() else {
             return;
         };
+        if std::thread::panicking() {
+            return;
+        }
         if self.state.start_kill() {
-            let (pool, id, state) = (self.pool.clone(), self.id, Arc::clone(&self.state));
-            runtime.spawn(async move {
+            let (pool, id, state) = (
+                self.session.pool.clone(),
+                self.session.id,
+                Arc::clone(&self.state),
+            );
+            self.runtime.spawn(async move {
                 if let Ok(mut killer) = pool.get_conn().await {
                     let _ = killer.query_drop(format!("KILL QUERY {id}")).await;
                 }
                 state.killed.notify_one();
             });
         }
-        self.answer.close();
-        let came = matches!(self.answer.try_recv(), Ok(Ok(Some(_))));
-        if came {
-            // Named locks count per connection: releasing once undoes this
-            // grant even if a later acquire took the name again.
-            let (conn, name) = (Arc::clone(&self.conn), std::mem::take(&mut self.name));
-            runtime.spawn(async move {
-                let mut turn = conn.lock().await;
+        self.runtime.spawn(async move {
+            let answer = match running {
+                Running::InPlace(query) => Some(query.await),
+                Running::Spawned(task) => task.await.ok(),
+            };
+            // Still this query's turn: nothing else of the session ran on
+            // the connection since the grant.
+            if let Some((mut turn, name, Ok(Some(_)))) = answer {
                 if let Some(conn) = turn.as_mut() {
                     give_back(conn, &name).await;
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -326,55 +423,32 @@ impl StoreSession for NamedSession {
                  shared locks and semaphores",
             ));
         }
-        let name = lock_name(&request.key);
-        let timeout = match request.wait_until {
-            None => 0.0,
-            Some(until) => {
-                // Whole milliseconds, rounded up, so that the wait never ends
-                // early; in slices, so that the session's releases and
-                // renewals get their turn on the connection in between (the
-                // core asks again until its deadline).
-                let left = until.saturating_duration_since(Instant::now());
-                let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
-                (left.as_millis() + 1).min(slice.as_millis()) as f64 / 1000.0
-            }
-        };
-        let turn = Arc::clone(&self.conn).lock_owned().await;
-        if turn.is_none() {
-            return Err(self.lost());
+        // Whole milliseconds, rounded up, so that a wait never ends early; in
+        // slices, so that the session's releases and renewals get their turn
+        // on the connection in between (the core asks again until its
+        // deadline).
+        let wait = request.wait_until.map(|until| {
+            let left = until.saturating_duration_since(Instant::now());
+            let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
+            (left.as_millis() + 1).min(slice.as_millis()) as f64 / 1000.0
+        });
+        // A try costs a round trip and runs in place; a wait tries first,
+        // unless the key was taken the last time.
+        let known_taken = wait.is_some() && self.contended.contains(&request.key);
+        let mut got = self
+            .lock_query(request, if known_taken { wait } else { None })
+            .await?;
+        if let (Some(wait), false, None) = (wait, known_taken, got) {
+            self.contended.record(&request.key, true);
+            got = self.lock_query(request, Some(wait)).await?;
+        } else if known_taken && rand::random::<u8>() < 16 {
+            // Now and then a contended key is tried first again.
+            self.contended.record(&request.key, false);
         }
-        let (answer, answered) = oneshot::channel();
-        let state = WaitState::new();
-        tokio::spawn(get_lock(
-            turn,
-            (name.clone(), request.key.clone()),
-            timeout,
-            (self.tokens, self.target.clone(), self.lock.clone()),
-            Arc::clone(&state),
-            Arc::clone(&self.heartbeat),
-            answer,
-        ));
-        let mut pending = Pending {
-            answer: answered,
-            state,
-            done: false,
-            conn: Arc::clone(&self.conn),
-            pool: self.pool.clone(),
-            id: self.id,
-            name,
-        };
-        let answer = (&mut pending.answer).await;
-        pending.done = true;
-        match answer {
-            Ok(Ok(got)) => {
-                if let Some(token) = got {
-                    self.granted.granted(&request.key, token);
-                }
-                Ok(got.map(Grant::new))
-            }
-            Ok(Err(err)) if !err.is_fatal() => Err(query_error(&self.target, err)),
-            Ok(Err(_)) | Err(_) => Err(self.lost()),
+        if let Some(token) = got {
+            self.granted.granted(&request.key, token);
         }
+        Ok(got.map(Grant::new))
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
