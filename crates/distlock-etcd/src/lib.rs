@@ -97,14 +97,29 @@ pub(crate) async fn call<T>(
 pub(crate) async fn request<T, F>(
     client: &Client,
     endpoints: &str,
-    mut send: impl FnMut(Client) -> F,
+    send: impl FnMut(Client) -> F,
+) -> Result<T>
+where
+    F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    request_on(client, client, endpoints, send).await
+}
+
+/// [`request`] through `handle`, one of `client`'s service clients (its
+/// `KvClient`, say): a copy of one costs a fraction of a copy of the whole
+/// client, and the hot paths make one per call.
+pub(crate) async fn request_on<H: Clone, T, F>(
+    client: &Client,
+    handle: &H,
+    endpoints: &str,
+    mut send: impl FnMut(H) -> F,
 ) -> Result<T>
 where
     F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
     loop {
-        let err = match tokio::time::timeout_at(deadline, send(client.clone())).await {
+        let err = match tokio::time::timeout_at(deadline, send(handle.clone())).await {
             Err(_) => return Err(timed_out(endpoints)),
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(err)) => err,

@@ -11,7 +11,8 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, Result};
 use etcd_client::{
-    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, KvClient, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
+    TxnOpResponse, WatchClient,
 };
 
 use crate::entry::lock_prefix;
@@ -24,6 +25,10 @@ use holds::HeldWatch;
 
 pub(crate) struct EtcdSession {
     client: Client,
+    /// The client's KV and watch services, for the calls of every acquire
+    /// and release: one of them is cheaper to copy per call than `client`.
+    kv: KvClient,
+    watcher: WatchClient,
     endpoints: String,
     lease: i64,
     /// Who the session says it is: written into each of its queue entries.
@@ -63,6 +68,8 @@ impl EtcdSession {
         .await?;
         Ok(EtcdSession {
             watch: HeldWatch::start(client.clone()),
+            kv: client.kv_client(),
+            watcher: client.watch_client(),
             client,
             endpoints,
             lease: granted.id(),
@@ -89,15 +96,31 @@ impl EtcdSession {
         crate::request(&self.client, &self.endpoints, send).await
     }
 
+    /// [`EtcdSession::request`] to the KV service.
+    async fn kv_request<T, F>(&self, send: impl FnMut(KvClient) -> F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        crate::request_on(&self.client, &self.kv, &self.endpoints, send).await
+    }
+
+    /// [`EtcdSession::request`] to the watch service.
+    async fn watch_request<T, F>(&self, send: impl FnMut(WatchClient) -> F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        crate::request_on(&self.client, &self.watcher, &self.endpoints, send).await
+    }
+
     /// The queue key for an attempt on lock `name`: the session's lease and
     /// the first slot whose key is not still being deleted. The same few
     /// keys serve every attempt: etcd keeps each key ever made in its index
     /// until a compaction, and every read of the queue walks them, so a key
     /// per attempt would slow each read down as the lock is used.
-    fn new_key(&self, name: &str) -> Result<String> {
+    fn new_key(&self, name: &str, prefix: &str) -> Result<String> {
         let leaving = lock(&self.leaving);
         (0..MAX_SLOTS)
-            .map(|slot| format!("{}{:016x}-{slot}", lock_prefix(name), self.lease))
+            .map(|slot| format!("{prefix}{:016x}-{slot}", self.lease))
             .find(|key| !leaving.contains(key))
             .ok_or_else(|| {
                 unavailable(
@@ -130,7 +153,7 @@ impl EtcdSession {
 
     /// Takes `key` out of its queue, if it is the one created at `revision`.
     async fn leave(
-        client: &mut Client,
+        client: &mut KvClient,
         key: &str,
         revision: i64,
     ) -> std::result::Result<bool, etcd_client::Error> {
@@ -142,10 +165,8 @@ impl EtcdSession {
 
     /// [`EtcdSession::leave`] now, bounded in time, its error explained.
     async fn leave_now(&self, key: &str, revision: i64) -> Result<bool> {
-        self.request(
-            |mut client| async move { EtcdSession::leave(&mut client, key, revision).await },
-        )
-        .await
+        self.kv_request(|mut kv| async move { EtcdSession::leave(&mut kv, key, revision).await })
+            .await
     }
 }
 
@@ -155,7 +176,7 @@ impl EtcdSession {
 /// through. Never a delete by name alone: keys are used again, and a
 /// delete that lands late must not take a later attempt's key.
 async fn take_out(
-    client: &mut Client,
+    client: &mut KvClient,
     key: &str,
     revision: Option<i64>,
 ) -> std::result::Result<(), etcd_client::Error> {
@@ -176,7 +197,7 @@ async fn take_out(
 /// deleted (`take_out`); a failed call is tried again for a while (etcd may
 /// be restarting), and the key goes with the lease in any case.
 struct Leave {
-    client: Client,
+    client: KvClient,
     key: String,
     /// The key's create revision, once known.
     revision: Option<i64>,
@@ -301,9 +322,9 @@ impl StoreSession for EtcdSession {
                 .map(|(_, key)| TxnOp::get(key.as_str(), None))
                 .collect();
             let answer = self
-                .request(|mut client| {
+                .kv_request(|mut kv| {
                     let reads = reads.clone();
-                    async move { client.txn(Txn::new().and_then(reads)).await }
+                    async move { kv.txn(Txn::new().and_then(reads)).await }
                 })
                 .await?;
             responses.extend(answer.op_responses());

@@ -156,9 +156,9 @@ impl EtcdSession {
         let value = entry::value(request.mode, &self.owner);
         let mut strays = 0;
         loop {
-            let me = self.new_key(&request.key)?;
+            let me = self.new_key(&request.key, prefix)?;
             let mut leave = Leave {
-                client: self.client.clone(),
+                client: self.kv.clone(),
                 key: me.clone(),
                 revision: None,
                 leaving: Arc::clone(&self.leaving),
@@ -175,9 +175,9 @@ impl EtcdSession {
                     TxnOp::get(prefix, Some(queue_options())),
                 ])
                 .or_else([TxnOp::get(me.as_str(), None)]);
-            let joined = self.request(|mut client| {
+            let joined = self.kv_request(|mut kv| {
                 let join = join.clone();
-                async move { client.txn(join).await }
+                async move { kv.txn(join).await }
             });
             let joined = match joined.await {
                 Ok(joined) => joined,
@@ -215,7 +215,7 @@ impl EtcdSession {
     /// The queue, and the revision it was read at.
     async fn read_queue(&self, prefix: &str) -> Result<(GetResponse, i64)> {
         let queue = self
-            .request(|mut client| async move { client.get(prefix, Some(queue_options())).await })
+            .kv_request(|mut kv| async move { kv.get(prefix, Some(queue_options())).await })
             .await?;
         let read_at = queue.header().map_or(0, |header| header.revision());
         Ok((queue, read_at))
@@ -236,9 +236,9 @@ impl EtcdSession {
             expected,
         } = watch;
         let mut stream = self
-            .request(|mut client| {
+            .watch_request(|mut watcher| {
                 let (watched, options) = (watched.clone(), options.clone());
-                async move { client.watch(watched, Some(options)).await }
+                async move { watcher.watch(watched, Some(options)).await }
             })
             .await?;
         let created_at = match self.call(stream.message()).await {
@@ -262,16 +262,16 @@ impl EtcdSession {
             // The blocker may have gone between the read and the watch. This
             // read decides no grant: serializable will do (docs/0005-etcd.md).
             let mut now = self
-                .request(|mut client| {
+                .kv_request(|mut kv| {
                     let (watched, check) = (watched.clone(), check.clone().with_serializable());
-                    async move { client.get(watched, Some(check)).await }
+                    async move { kv.get(watched, Some(check)).await }
                 })
                 .await?;
             if now.header().map_or(0, |header| header.revision()) < created_at {
                 now = self
-                    .request(|mut client| {
+                    .kv_request(|mut kv| {
                         let (watched, check) = (watched.clone(), check.clone());
-                        async move { client.get(watched, Some(check)).await }
+                        async move { kv.get(watched, Some(check)).await }
                     })
                     .await?;
             }
