@@ -115,12 +115,25 @@ impl NamedSession {
         })
     }
 
-    /// One lock query: a try, or a wait of `wait` seconds.
-    async fn lock_query(&self, request: &AcquireRequest, wait: Option<f64>) -> Result<Option<u64>> {
+    /// One lock query: a try, or a wait until `wait` at most.
+    async fn lock_query(
+        &self,
+        request: &AcquireRequest,
+        wait: Option<Instant>,
+    ) -> Result<Option<u64>> {
         let turn = Arc::clone(&self.conn).lock_owned().await;
         if turn.is_none() {
             return Err(self.lost());
         }
+        // Reckoned once the turn is ours. Whole milliseconds, rounded up, so
+        // that a wait never ends early; in slices, so that the session's
+        // releases and renewals get their turn on the connection in between
+        // (the core asks again until its deadline).
+        let wait = wait.map(|until| {
+            let left = until.saturating_duration_since(Instant::now());
+            let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
+            (left.as_millis() + 1).min(slice.as_millis()) as f64 / 1000.0
+        });
         let query = LockQuery {
             name: lock_name(&request.key),
             key: (self.tokens == Tokens::Table).then(|| request.key.clone()),
@@ -423,15 +436,7 @@ impl StoreSession for NamedSession {
                  shared locks and semaphores",
             ));
         }
-        // Whole milliseconds, rounded up, so that a wait never ends early; in
-        // slices, so that the session's releases and renewals get their turn
-        // on the connection in between (the core asks again until its
-        // deadline).
-        let wait = request.wait_until.map(|until| {
-            let left = until.saturating_duration_since(Instant::now());
-            let slice = (self.ttl / 4).clamp(Duration::from_millis(10), WAIT_SLICE);
-            (left.as_millis() + 1).min(slice.as_millis()) as f64 / 1000.0
-        });
+        let wait = request.wait_until;
         // A try costs a round trip and runs in place; a wait tries first,
         // unless the key was taken the last time.
         let known_taken = wait.is_some() && self.contended.contains(&request.key);
