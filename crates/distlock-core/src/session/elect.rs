@@ -229,6 +229,18 @@ impl Leadership {
         self.guard.lost().await;
     }
 
+    /// Until when this certainly leads unless renewed, as
+    /// [`Guard::expires_at`].
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.guard.expires_at()
+    }
+
+    /// [`lost`](Leadership::lost) as a future that owns what it needs, as
+    /// [`Guard::lost_owned`].
+    pub fn lost_owned(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.guard.lost_owned()
+    }
+
     /// The session that holds the leadership: opened by the campaign with
     /// the campaigning session's lease, and closed with the leadership.
     pub fn session(&self) -> &Session {

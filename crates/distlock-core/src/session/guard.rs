@@ -1,6 +1,7 @@
 //! [`Guard`]: proof that a session holds a lock.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::time::{sleep_until, Instant};
@@ -81,25 +82,17 @@ impl Guard {
     /// It resolves before the store could grant the key to anyone else.
     /// Cancel safe; resolves at once if the lock is already lost.
     pub async fn lost(&self) {
-        let mut lease = self.session.subscribe_lease();
-        loop {
-            if !self.is_held() {
-                return;
-            }
-            let deadline = self.expires_at();
-            tokio::select! {
-                () = self.entry.lost.cancelled() => return,
-                () = async {
-                    match deadline {
-                        Some(deadline) => sleep_until(deadline).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
-                // The sender lives in the session this guard keeps alive, so
-                // this only ever reports a new deadline.
-                _ = lease.changed() => {}
-            }
-        }
+        wait_lost(&self.session, &self.entry).await;
+    }
+
+    /// [`lost`](Guard::lost) as a future that owns what it needs, for a
+    /// task or thread of its own while the guard stays where it is (to be
+    /// released there). It keeps the session alive until it resolves; a
+    /// release resolves it.
+    pub fn lost_owned(&self) -> impl Future<Output = ()> + Send + 'static {
+        let session = Arc::clone(&self.session);
+        let entry = Arc::clone(&self.entry);
+        async move { wait_lost(&session, &entry).await }
     }
 
     /// Gives up this hold; the last hold of the key releases it at the store.
@@ -112,6 +105,29 @@ impl Guard {
         let result = self.session.release_hold(&self.entry).await;
         self.released = true;
         result
+    }
+}
+
+/// Resolves when `entry` is no longer held by `session`: see [`Guard::lost`].
+async fn wait_lost(session: &SessionInner, entry: &HeldEntry) {
+    let mut lease = session.subscribe_lease();
+    loop {
+        if !session.is_held(entry) {
+            return;
+        }
+        let deadline = session.deadline_of(entry);
+        tokio::select! {
+            () = entry.lost.cancelled() => return,
+            () = async {
+                match deadline {
+                    Some(deadline) => sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            // The sender lives in the session, which the caller keeps
+            // alive, so this only ever reports a new deadline.
+            _ = lease.changed() => {}
+        }
     }
 }
 

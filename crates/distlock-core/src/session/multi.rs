@@ -299,13 +299,19 @@ impl MultiGuard {
     /// Resolves when any of the keys is lost (see [`Guard::lost`]). Cancel
     /// safe.
     pub async fn lost(&self) {
-        type Watch<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-        let mut watches: Vec<Watch<'_>> = self
+        self.lost_owned().await;
+    }
+
+    /// [`lost`](MultiGuard::lost) as a future that owns what it needs, as
+    /// [`Guard::lost_owned`].
+    pub fn lost_owned(&self) -> impl Future<Output = ()> + Send + 'static {
+        type Watch = Pin<Box<dyn Future<Output = ()> + Send>>;
+        let mut watches: Vec<Watch> = self
             .guards
             .iter()
-            .map(|guard| Box::pin(guard.lost()) as Watch<'_>)
+            .map(|guard| Box::pin(guard.lost_owned()) as Watch)
             .collect();
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             if watches
                 .iter_mut()
                 .any(|watch| watch.as_mut().poll(cx).is_ready())
@@ -315,7 +321,6 @@ impl MultiGuard {
                 std::task::Poll::Pending
             }
         })
-        .await;
     }
 
     /// Releases every key; the first error, once every release was tried

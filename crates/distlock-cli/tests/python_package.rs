@@ -1,0 +1,59 @@
+//! The Python package (`python/`) passes its pytest suite against real
+//! stores: a distlock server, Redis, and PostgreSQL in both modes.
+//! `./scripts/test` builds the package into `target/python` (maturin
+//! develop) and names that Python in `DISTLOCK_TEST_PYTHON`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::Server;
+use distlock_testkit::servers::{Postgres, Redis};
+
+#[test]
+fn the_python_package_passes_its_suite_on_real_stores() {
+    let python = std::env::var("DISTLOCK_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let installed = Command::new(&python)
+        .args(["-c", "import distlock, pytest"])
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        installed,
+        "{python} has no distlock package or no pytest; run ./scripts/test, which builds \
+         the package into target/python"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(dir.path(), &[]);
+    let redis = Redis::start();
+    let postgres = Postgres::start();
+    let urls = [
+        format!("distlock://{}", server.address),
+        redis.url(),
+        postgres.url(),
+        format!("{}?mode=lease", postgres.url()),
+    ];
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let output = Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+        ])
+        .current_dir(&package)
+        .env("DISTLOCK_TEST_URLS", urls.join(" "))
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {python}: {err}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python suite failed:\n{stdout}\n{stderr}"
+    );
+    println!("{stdout}");
+    assert!(stdout.contains(" passed"), "{stdout}");
+}
