@@ -22,9 +22,11 @@ and for asyncio::
 Every call runs in the Rust core on a runtime of its own: blocking calls
 release the GIL while they wait (and let Ctrl-C through), asyncio calls
 return awaitables, and a cancelled asyncio task that waits for a lock
-leaves no trace. Objects may be shared between threads. A process made by
-``fork`` must not use a client of its parent; use the ``spawn`` start
-method of ``multiprocessing`` (or connect in the child).
+leaves no trace. Objects may be shared between threads. A child process
+made by ``fork`` cannot use distlock once its parent has (the runtime's
+threads do not survive a fork; it raises ``RuntimeError``): use the
+``spawn`` start method of ``multiprocessing``, or fork before the parent's
+first call.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class LostEvent:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Waits at most ``timeout`` seconds (``None``: for ever) for the
         hold to end; whether it has."""
-        return self._hold.wait_lost(timeout)
+        return self._hold.wait_lost(None if timeout is None else max(timeout, 0.0))
 
     def __await__(self):
         return self._hold.lost_async().__await__()
@@ -229,8 +231,10 @@ class _Leading(_Held):
 
 
 class _Releases:
-    """Blocking release, and ``with``: released on the way out. A hold lost
-    inside a block that raised nothing raises :class:`NotHeld` there."""
+    """Blocking release, and ``with``: released on the way out (unless
+    released in the block). A hold lost inside a block that raised nothing
+    raises :class:`NotHeld` there; a failed release never hides the block's
+    own exception."""
 
     __slots__ = ()
 
@@ -243,6 +247,8 @@ class _Releases:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
+        if self._hold.released:
+            return
         try:
             self.release()
         except Error:
@@ -263,6 +269,8 @@ class _AsyncReleases:
         return self
 
     async def __aexit__(self, kind, value, traceback) -> None:
+        if self._hold.released:
+            return
         try:
             await self.release()
         except Error:
@@ -331,13 +339,15 @@ class Client:
         lock_delay: Optional[float] = None,
         max_hold: Optional[float] = None,
         owner: Optional[str] = None,
+        max_keys: Optional[int] = None,
     ) -> "Session":
         """Opens a session: the identity that owns locks, kept alive by one
         lease of ``ttl`` seconds (15 by default) renewed in the background.
         ``max_hold`` bounds every hold; ``lock_delay`` is how long a lost
         session's keys stay blocked where the store supports it; ``owner``
-        is what status shows as the holder."""
-        return Session(self._client.open_session(ttl, lock_delay, max_hold, owner))
+        is what status shows as the holder; ``max_keys`` bounds
+        :meth:`Session.lock_all`."""
+        return Session(self._client.open_session(ttl, lock_delay, max_hold, owner, max_keys))
 
     def leader(self, name: str) -> Optional[Leader]:
         """Who leads election ``name`` now (its value and term), or ``None``."""
@@ -426,13 +436,24 @@ class Session:
 
     @property
     def is_lost(self) -> bool:
+        """Whether the session was lost (its lease ran out unrenewed)."""
         return self._session.is_lost
+
+    @property
+    def expires_in(self) -> Optional[float]:
+        """Seconds until the lease certainly runs out unless renewed
+        (renewal is automatic); ``None`` where the store has no lease."""
+        return self._session.expires_in
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        self.close()
+        try:
+            self.close()
+        except Error:
+            if kind is None:
+                raise
 
 
 class _Opening:
@@ -449,6 +470,8 @@ class _Opening:
         return self._start().__await__()
 
     async def __aenter__(self):
+        if self._held is not None:
+            raise RuntimeError("this request was entered already: make one per async with")
         self._held = await self._start()
         return self._held
 
@@ -471,12 +494,15 @@ class AsyncClient:
         lock_delay: Optional[float] = None,
         max_hold: Optional[float] = None,
         owner: Optional[str] = None,
+        max_keys: Optional[int] = None,
     ) -> _Opening:
         """Opens a session (``await`` it, or ``async with`` it to close it
         on the way out); see :meth:`Client.session`."""
 
         async def start() -> AsyncSession:
-            native = await self._client.open_session_async(ttl, lock_delay, max_hold, owner)
+            native = await self._client.open_session_async(
+                ttl, lock_delay, max_hold, owner, max_keys
+            )
             return AsyncSession(native)
 
         return _Opening(start)
@@ -574,9 +600,17 @@ class AsyncSession:
     def is_lost(self) -> bool:
         return self._session.is_lost
 
+    @property
+    def expires_in(self) -> Optional[float]:
+        return self._session.expires_in
+
     async def __aenter__(self) -> "AsyncSession":
         return self
 
     async def __aexit__(self, kind, value, traceback) -> None:
-        await self.close()
+        try:
+            await self.close()
+        except Error:
+            if kind is None:
+                raise
 

@@ -14,8 +14,12 @@ protects and make every write conditional on it::
                                      g.token, set_params=["frozen"], where_params=[cid]):
             raise distlock.Lost("the lock passed on")  # the transaction rolls back
 
-``update`` and ``claim`` work with any DB-API 2.0 cursor; give the driver's
-``placeholder`` (``"?"`` for sqlite3, ``"%s"`` for psycopg and PyMySQL).
+``update`` and ``claim`` work with any DB-API 2.0 cursor whose ``rowcount``
+counts the rows matched; give the driver's ``placeholder`` (``"?"`` for
+sqlite3, ``"%s"`` for psycopg). PyMySQL and mysqlclient count the rows
+*changed* unless the connection is made with
+``client_flag=CLIENT.FOUND_ROWS``: without it, a claim that writes the token
+already there reads as stale.
 A service keeps a :class:`Fence` per key and sends every request through
 :meth:`Fence.admit`, clients sending their token in :data:`HTTP_HEADER`.
 """

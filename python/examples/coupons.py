@@ -16,6 +16,7 @@ Then an audit checks the history: never more issued than stock, no user
 with two coupons of one batch, the counts agree.
 
     python coupons.py distlock://127.0.0.1:7890 --workers 4 --seconds 5
+    python coupons.py distlock://127.0.0.1:7890 --no-lock   # the audit fails
 """
 
 import argparse
@@ -31,7 +32,6 @@ import distlock
 from distlock import fence
 
 BATCHES = {"spring": 40, "summer": 25}
-USERS = 30
 
 
 def open_db(path):
@@ -52,18 +52,13 @@ def issue(session, db, batch, user):
     """Issues `user` a coupon of `batch` if there is one left and the user
     has none; whether it did."""
     with session.lock(f"coupons/batch/{batch}", wait=30) as guard:
+        if not fence.claim(db.cursor(), "batches", "name = ?", guard.token,
+                           where_params=[batch]):
+            raise distlock.Lost("a later holder has claimed the batch")
+        if not decide(db, batch, user):
+            return False
         db.execute("BEGIN IMMEDIATE")
         try:
-            if not fence.claim(db.cursor(), "batches", "name = ?", guard.token,
-                               where_params=[batch]):
-                raise distlock.Lost("a later holder has claimed the batch")
-            (stock, issued), = db.execute(
-                "SELECT stock, issued FROM batches WHERE name = ?", [batch])
-            (has,), = db.execute(
-                "SELECT count(*) FROM coupons WHERE batch = ? AND user = ?", [batch, user])
-            if issued >= stock or has:
-                db.execute("COMMIT")
-                return False
             if not fence.update(db.cursor(), "batches", "issued = issued + 1", "name = ?",
                                 guard.token, where_params=[batch]):
                 raise distlock.Lost("the lock passed on")
@@ -75,13 +70,40 @@ def issue(session, db, batch, user):
             raise
 
 
-def work(url, path, seconds, seed):
+def issue_without_lock(db, batch, user):
+    """The negative control: the same decision and write, unguarded."""
+    if not decide(db, batch, user):
+        return False
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("UPDATE batches SET issued = issued + 1 WHERE name = ?", [batch])
+    db.execute("INSERT INTO coupons VALUES (?, ?, 0)", [batch, user])
+    db.execute("COMMIT")
+    return True
+
+
+def decide(db, batch, user):
+    """Whether `user` may have a coupon of `batch`: read, then think a
+    little, as a real service would."""
+    (stock, issued), = db.execute("SELECT stock, issued FROM batches WHERE name = ?", [batch])
+    (has,), = db.execute(
+        "SELECT count(*) FROM coupons WHERE batch = ? AND user = ?", [batch, user])
+    time.sleep(0.002)
+    return issued < stock and not has
+
+
+def work(url, path, start, seconds, users, seed, lock):
     rng = random.Random(seed)
     db = open_db(path)
     with distlock.connect(url).session(ttl=10) as session:
+        # Every worker starts at once, so that they contend from the first.
+        time.sleep(max(0.0, start - time.time()))
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            issue(session, db, rng.choice(list(BATCHES)), f"user-{rng.randrange(USERS)}")
+            batch, user = rng.choice(list(BATCHES)), f"user-{rng.randrange(users)}"
+            if lock:
+                issue(session, db, batch, user)
+            else:
+                issue_without_lock(db, batch, user)
 
 
 def audit(path):
@@ -105,17 +127,26 @@ def main():
     parser.add_argument("url", nargs="?", default=None, help="the store (default: $DISTLOCK_URL)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--users", type=int, default=30)
+    parser.add_argument("--no-lock", action="store_true",
+                        help="the negative control: no lock, no fence; the audit should fail")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "coupons.db")
         create(path)
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=work, args=(args.url, path, args.seconds, seed))
-                   for seed in range(args.workers)]
+        start = time.time() + 2
+        workers = [
+            context.Process(target=work, args=(args.url, path, start, args.seconds, args.users,
+                                               seed, not args.no_lock))
+            for seed in range(args.workers)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
-            worker.join()
+            worker.join(args.seconds + 60)
+            if worker.exitcode is None:
+                worker.terminate()
         failed = [w.exitcode for w in workers if w.exitcode != 0]
         problems = audit(path)
         (issued,), = open_db(path).execute("SELECT count(*) FROM coupons")

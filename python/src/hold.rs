@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
+use tokio_util::sync::CancellationToken;
 
 use crate::session::InRuntime;
 use crate::{awaitable, block_on, seconds, to_py};
@@ -55,6 +56,10 @@ impl Held {
 pub(crate) struct Hold {
     /// `None` once released.
     held: Mutex<Option<InRuntime<Held>>>,
+    /// Cancelled when this hold is released: a reentrant hold of the same
+    /// key in the same session shares the core's loss signal, which only
+    /// the last release sets.
+    released: CancellationToken,
     /// Each key and its fencing token, in the order taken.
     tokens: Vec<(String, u64)>,
     /// The mode of a single lock, as Python names it.
@@ -80,6 +85,7 @@ impl Hold {
     ) -> Self {
         Hold {
             held: Mutex::new(Some(InRuntime::new(held))),
+            released: CancellationToken::new(),
             tokens,
             mode,
             value,
@@ -117,18 +123,29 @@ impl Hold {
     /// `NotHeld`.
     fn take(&self) -> PyResult<InRuntime<Held>> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.take().ok_or_else(|| {
+        let taken = held.take().ok_or_else(|| {
+            let keys: Vec<&str> = self.tokens.iter().map(|(key, _)| key.as_str()).collect();
             to_py(distlock::Error::new(
                 distlock::ErrorKind::NotHeld,
-                format!("'{}' was already released", self.tokens[0].0),
+                format!("'{}' was already released", keys.join("', '")),
             ))
-        })
+        })?;
+        self.released.cancel();
+        Ok(taken)
     }
 
-    /// A wait for the loss, owning what it needs; at once if released.
-    fn lost_wait(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-        self.with(Held::lost)
-            .unwrap_or_else(|| Box::pin(std::future::ready(())))
+    /// A wait for the loss or the release, owning what it needs.
+    fn lost_wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let lost = self
+            .with(Held::lost)
+            .unwrap_or_else(|| Box::pin(std::future::ready(())));
+        let released = self.released.clone().cancelled_owned();
+        async move {
+            tokio::select! {
+                () = lost => {}
+                () = released => {}
+            }
+        }
     }
 }
 
@@ -148,6 +165,12 @@ impl Hold {
     #[getter]
     fn value(&self) -> Option<String> {
         self.value.clone()
+    }
+
+    /// Whether `release` was called.
+    #[getter]
+    fn released(&self) -> bool {
+        self.released.is_cancelled()
     }
 
     #[getter]

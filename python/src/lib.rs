@@ -15,7 +15,7 @@ mod session;
 use std::future::Future;
 use std::time::Duration;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -24,6 +24,27 @@ use pyo3::types::PyType;
 fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
 }
+
+/// The process that made the runtime: a child made by `fork` inherits the
+/// runtime without its threads, and a call there would wait for ever.
+static RUNTIME_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The runtime, or an error in a forked child of a process that used it.
+fn checked_runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    let made_by = *RUNTIME_PID.get_or_init(std::process::id);
+    if made_by != std::process::id() {
+        return Err(PyRuntimeError::new_err(
+            "distlock was used in this process's parent before it forked, and a forked \
+             child cannot use it: start the child with multiprocessing's 'spawn' method, \
+             or fork before the parent's first distlock call",
+        ));
+    }
+    Ok(runtime())
+}
+
+/// The longest wait or lease taken, in seconds (about 31 years): beyond it
+/// deadlines overflow the monotonic clock.
+const MAX_SECONDS: f64 = 1e9;
 
 /// How often a blocking call looks up from its wait to let Python handle a
 /// signal (Ctrl-C raises `KeyboardInterrupt` within this).
@@ -36,10 +57,15 @@ fn block_on<F: Future + Send>(py: Python<'_>, future: F) -> PyResult<F::Output>
 where
     F::Output: Send,
 {
+    let runtime = checked_runtime()?;
+    // Entered first, so that the future is dropped inside the runtime when
+    // a signal's exception ends the wait: distlock's drops spawn their
+    // clean-up on the current runtime.
+    let _entered = runtime.enter();
     let mut future = std::pin::pin!(future);
     loop {
         let slice = py.detach(|| {
-            runtime()
+            runtime
                 .block_on(async { tokio::time::timeout(SIGNAL_CHECK_EVERY, future.as_mut()).await })
         });
         match slice {
@@ -56,19 +82,24 @@ where
     F: Future<Output = PyResult<T>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
+    checked_runtime()?;
     pyo3_async_runtimes::tokio::future_into_py(py, future)
 }
 
 /// Seconds from Python (`None` for none) as a duration; negative, NaN and
-/// infinite values are a `ValueError` naming `what`.
+/// over-long values are a `ValueError` naming `what`.
 fn seconds(what: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
     value
         .map(|secs| {
-            Duration::try_from_secs_f64(secs).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "{what} must be a finite number of seconds, 0 or more; got {secs}"
-                ))
-            })
+            Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|_| secs <= MAX_SECONDS)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "{what} must be a number of seconds from 0 to {MAX_SECONDS:e}; \
+                         got {secs}"
+                    ))
+                })
         })
         .transpose()
 }

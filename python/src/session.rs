@@ -72,6 +72,7 @@ impl Client {
         lock_delay: Option<f64>,
         max_hold: Option<f64>,
         owner: Option<String>,
+        max_keys: Option<usize>,
     ) -> PyResult<distlock::SessionBuilder> {
         let mut builder = self.inner.session();
         if let Some(ttl) = seconds("ttl", ttl)? {
@@ -86,13 +87,16 @@ impl Client {
         if let Some(owner) = owner {
             builder = builder.owner(owner);
         }
+        if let Some(max_keys) = max_keys {
+            builder = builder.max_keys(max_keys);
+        }
         Ok(builder)
     }
 }
 
 #[pymethods]
 impl Client {
-    #[pyo3(signature = (ttl=None, lock_delay=None, max_hold=None, owner=None))]
+    #[pyo3(signature = (ttl=None, lock_delay=None, max_hold=None, owner=None, max_keys=None))]
     fn open_session(
         &self,
         py: Python<'_>,
@@ -100,13 +104,14 @@ impl Client {
         lock_delay: Option<f64>,
         max_hold: Option<f64>,
         owner: Option<String>,
+        max_keys: Option<usize>,
     ) -> PyResult<Session> {
-        let builder = self.builder(ttl, lock_delay, max_hold, owner)?;
+        let builder = self.builder(ttl, lock_delay, max_hold, owner, max_keys)?;
         let session = block_on(py, builder.open())?.map_err(to_py)?;
         Ok(Session::new(session))
     }
 
-    #[pyo3(signature = (ttl=None, lock_delay=None, max_hold=None, owner=None))]
+    #[pyo3(signature = (ttl=None, lock_delay=None, max_hold=None, owner=None, max_keys=None))]
     fn open_session_async<'py>(
         &self,
         py: Python<'py>,
@@ -114,8 +119,9 @@ impl Client {
         lock_delay: Option<f64>,
         max_hold: Option<f64>,
         owner: Option<String>,
+        max_keys: Option<usize>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let builder = self.builder(ttl, lock_delay, max_hold, owner)?;
+        let builder = self.builder(ttl, lock_delay, max_hold, owner, max_keys)?;
         awaitable(py, async move {
             let session = builder.open().await.map_err(to_py)?;
             Ok(Session::new(session))
@@ -369,11 +375,22 @@ impl Session {
     fn is_lost(&self) -> bool {
         self.inner.is_lost()
     }
+
+    /// Seconds until the lease certainly runs out unless renewed; `None`
+    /// where the store has no lease.
+    #[getter]
+    fn expires_in(&self) -> Option<f64> {
+        let at = self.inner.lease_deadline()?;
+        Some(
+            at.saturating_duration_since(tokio::time::Instant::now())
+                .as_secs_f64(),
+        )
+    }
 }
 
 /// Who leads an election.
-#[pyclass(frozen, eq, get_all, module = "distlock._distlock")]
-#[derive(PartialEq, Eq)]
+#[pyclass(frozen, eq, hash, get_all, module = "distlock._distlock")]
+#[derive(PartialEq, Eq, Hash)]
 pub(crate) struct Leader {
     value: String,
     term: u64,

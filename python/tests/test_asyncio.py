@@ -104,3 +104,21 @@ def test_async_elections_and_observers(url, key):
         await observer.aclose()
 
     run(main())
+
+
+def test_a_pending_async_lost_wakes_on_a_release_from_another_thread(url, key):
+    async def main():
+        client = await distlock.aconnect(url)
+        async with client.session() as session:
+            guard = await session.lock(key)
+            waiting = asyncio.ensure_future(_wait(guard.lost))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            await asyncio.to_thread(lambda: asyncio.run(guard.release()))
+            await asyncio.wait_for(waiting, 10)
+
+    run(main())
+
+
+async def _wait(lost):
+    await lost

@@ -41,5 +41,7 @@ def test_lost_fires_when_the_lease_runs_out(url, proxied, key):
     assert lost_at <= got["at"], "another session held the lock before lost fired"
     assert got["token"] > guard.token
     proxy.resume()
-    with pytest.raises(distlock.Error):
+    with pytest.raises(distlock.NotHeld):
         guard.release()
+    with pytest.raises(distlock.Lost):
+        session.lock(key + "/after", wait=5)

@@ -2,7 +2,6 @@
 each take the lock for every increment, and the tokens they got."""
 
 import multiprocessing
-import os
 
 import pytest
 
@@ -38,9 +37,14 @@ def test_processes_take_turns_with_rising_tokens(url, key, tmp_path):
     workers = [context.Process(target=_work, args=(url, key, path)) for _ in range(WORKERS)]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join(120)
-        assert worker.exitcode == 0
+    try:
+        for worker in workers:
+            worker.join(120)
+            assert worker.exitcode == 0
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
     with open(path) as file:
         assert int(file.read().split()[0]) == ROUNDS * WORKERS
     with open(path + ".tokens") as file:
@@ -49,4 +53,22 @@ def test_processes_take_turns_with_rising_tokens(url, key, tmp_path):
     # Each holder saw the token its predecessor wrote, and got a higher one.
     for (_, before), (seen, after) in zip(pairs, pairs[1:]):
         assert seen == before and after > before
-    assert os.path.exists(path)
+
+
+def _use_after_fork(queue):
+    try:
+        distlock.connect("memory://child")
+        queue.put("no error")
+    except RuntimeError as err:
+        queue.put(str(err))
+
+
+def test_a_forked_child_of_a_user_is_told_to_spawn():
+    distlock.connect("memory://parent").session().close()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_use_after_fork, args=(queue,))
+    child.start()
+    said = queue.get(timeout=30)
+    child.join(30)
+    assert "'spawn'" in said, said

@@ -1,6 +1,8 @@
 """The blocking API, on every store of the run."""
 
+import signal
 import threading
+import time
 
 import pytest
 
@@ -101,6 +103,7 @@ def test_threads_share_a_client_and_take_turns(client, key):
             with other.lock(key, wait=30):
                 counter["inside"] += 1
                 counter["overlaps"] += counter["inside"] > 1
+                time.sleep(0.002)  # a section long enough to overlap, if it could
                 counter["value"] += 1
                 counter["inside"] -= 1
         other.close()
@@ -120,3 +123,85 @@ def test_a_closed_session_takes_nothing_more(client, key):
     assert not guard.is_held
     with pytest.raises(distlock.Error):
         session.lock(key, wait=1)
+
+
+def test_a_thread_waiting_for_a_lock_lets_the_others_run(client, key):
+    # The holder releases from the main thread while another thread waits:
+    # a wait that kept the GIL would never let it.
+    with client.session() as holder, client.session() as waiter:
+        guard = holder.lock(key)
+        started = threading.Event()
+        got = []
+
+        def wait():
+            started.set()
+            got.append(waiter.lock(key, wait=30))
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        started.wait()
+        assert not got
+        guard.release()
+        thread.join(30)
+        assert got and got[0].token > guard.token
+        got[0].release()
+
+
+def test_max_hold_ends_a_hold_and_frees_the_key(client, key):
+    with client.session(ttl=10, max_hold=0.5, lock_delay=0) as session:
+        guard = session.lock(key)
+        assert guard.lost.wait(10), "max_hold passed but lost did not fire"
+        assert not guard.is_held
+        with client.session() as other:
+            later = other.lock(key, wait=10)
+            assert later.token > guard.token
+            later.release()
+
+
+def test_the_chained_form_holds_while_the_guard_lives(url, key):
+    with distlock.connect(url).session(ttl=15).lock(key, wait=5) as guard:
+        assert guard.is_held
+        assert distlock.connect(url).session().try_lock(key) is None
+    assert not guard.is_held
+
+
+def test_a_release_inside_with_is_not_an_error(client, key):
+    with client.session() as session:
+        with session.lock(key) as guard:
+            guard.release()
+        assert guard.lost.is_set()
+
+
+def test_a_reentrant_hold_released_is_lost_to_its_own_waiters(client, key):
+    with client.session() as session:
+        first = session.lock(key)
+        second = session.lock(key)
+        assert second.token == first.token
+        waiting = threading.Thread(target=first.lost.wait, args=(30,))
+        waiting.start()
+        first.release()
+        waiting.join(10)
+        assert not waiting.is_alive() and first.lost.wait(1)
+        assert second.is_held and not second.lost.is_set()
+        second.release()
+
+
+def test_ctrl_c_ends_a_wait_and_leaves_no_waiter(client, key):
+    with client.session() as holder, client.session() as waiter:
+        guard = holder.lock(key)
+        main = threading.main_thread().ident
+        timer = threading.Timer(0.3, signal.pthread_kill, args=(main, signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            waiter.lock(key, wait=30)
+        guard.release()
+        with client.session() as third:
+            taken = third.lock(key, wait=5)
+            assert taken.token > guard.token
+            taken.release()
+
+
+def test_waits_beyond_a_billion_seconds_are_refused(client, key):
+    with client.session() as session:
+        with pytest.raises(ValueError, match="from 0 to 1e9"):
+            session.lock(key, wait=1e19)

@@ -1,7 +1,9 @@
 //! The Python package (`python/`) passes its pytest suite against real
 //! stores: a distlock server, Redis, and PostgreSQL in both modes.
-//! `./scripts/test` builds the package into `target/python` (maturin
-//! develop) and names that Python in `DISTLOCK_TEST_PYTHON`.
+//! `./scripts/test` makes a virtual environment in `target/python` with
+//! maturin and pytest, and names its Python in `DISTLOCK_TEST_PYTHON`; the
+//! test builds the package from this tree into it (`maturin develop`), so it
+//! never tests an older build.
 
 mod common;
 
@@ -14,14 +16,21 @@ use distlock_testkit::servers::{Postgres, Redis};
 #[test]
 fn the_python_package_passes_its_suite_on_real_stores() {
     let python = std::env::var("DISTLOCK_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let installed = Command::new(&python)
-        .args(["-c", "import distlock, pytest"])
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let bin = Path::new(&python)
+        .parent()
+        .expect("python is in a bin directory");
+    let built = Command::new(bin.join("maturin"))
+        .args(["develop", "--quiet", "-m"])
+        .arg(package.join("Cargo.toml"))
+        .env("VIRTUAL_ENV", bin.parent().expect("a virtual environment"))
         .status()
         .is_ok_and(|status| status.success());
     assert!(
-        installed,
-        "{python} has no distlock package or no pytest; run ./scripts/test, which builds \
-         the package into target/python"
+        built,
+        "cannot build the package with {}/maturin; run ./scripts/test, which installs \
+         maturin and pytest into target/python",
+        bin.display()
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let server = Server::start(dir.path(), &[]);
@@ -33,7 +42,6 @@ fn the_python_package_passes_its_suite_on_real_stores() {
         postgres.url(),
         format!("{}?mode=lease", postgres.url()),
     ];
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
     let output = Command::new(&python)
         .args([
             "-m",
