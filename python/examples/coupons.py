@@ -87,7 +87,7 @@ def decide(db, batch, user):
     (stock, issued), = db.execute("SELECT stock, issued FROM batches WHERE name = ?", [batch])
     (has,), = db.execute(
         "SELECT count(*) FROM coupons WHERE batch = ? AND user = ?", [batch, user])
-    time.sleep(0.002)
+    time.sleep(0.005)
     return issued < stock and not has
 
 
@@ -96,7 +96,7 @@ def work(url, path, start, seconds, users, seed, lock):
     db = open_db(path)
     with distlock.connect(url).session(ttl=10) as session:
         # Every worker starts at once, so that they contend from the first.
-        time.sleep(max(0.0, start - time.time()))
+        start.wait(60)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             batch, user = rng.choice(list(BATCHES)), f"user-{rng.randrange(users)}"
@@ -135,7 +135,7 @@ def main():
         path = os.path.join(scratch, "coupons.db")
         create(path)
         context = multiprocessing.get_context("spawn")
-        start = time.time() + 2
+        start = context.Barrier(args.workers)
         workers = [
             context.Process(target=work, args=(args.url, path, start, args.seconds, args.users,
                                                seed, not args.no_lock))

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use crate::session::InRuntime;
-use crate::{awaitable, block_on, seconds, to_py};
+use crate::{awaitable, block_on, checked_runtime, seconds, to_py};
 
 /// The Rust value behind a [`Hold`], until it is released.
 enum Held {
@@ -215,13 +215,23 @@ impl Hold {
     }
 
     fn release(&self, py: Python<'_>) -> PyResult<()> {
+        checked_runtime()?;
         let held = self.take()?;
         block_on(py, release(held))?
     }
 
     fn release_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        checked_runtime()?;
         let held = self.take()?;
         awaitable(py, release(held))
+    }
+}
+
+impl Drop for Hold {
+    /// Ends the waits for this hold's loss: a reentrant hold of the key
+    /// may keep the core's loss signal unset.
+    fn drop(&mut self) {
+        self.released.cancel();
     }
 }
 

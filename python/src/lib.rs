@@ -29,6 +29,13 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 /// runtime without its threads, and a call there would wait for ever.
 static RUNTIME_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
+/// Whether this is a forked child of the process that made the runtime.
+fn forked() -> bool {
+    RUNTIME_PID
+        .get()
+        .is_some_and(|made_by| *made_by != std::process::id())
+}
+
 /// The runtime, or an error in a forked child of a process that used it.
 fn checked_runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     let made_by = *RUNTIME_PID.get_or_init(std::process::id);

@@ -38,6 +38,12 @@ impl<T> Deref for InRuntime<T> {
 
 impl<T> Drop for InRuntime<T> {
     fn drop(&mut self) {
+        if crate::forked() {
+            // The parent's value, in a child whose runtime has no threads:
+            // its clean-up could wait for ever on a lock held at the fork.
+            std::mem::forget(self.0.take());
+            return;
+        }
         let _entered = runtime().enter();
         drop(self.0.take());
     }

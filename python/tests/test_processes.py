@@ -69,6 +69,9 @@ def test_a_forked_child_of_a_user_is_told_to_spawn():
     queue = context.Queue()
     child = context.Process(target=_use_after_fork, args=(queue,))
     child.start()
-    said = queue.get(timeout=30)
-    child.join(30)
+    try:
+        said = queue.get(timeout=30)
+    finally:
+        child.join(5)
+        child.kill()
     assert "'spawn'" in said, said

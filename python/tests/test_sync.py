@@ -191,9 +191,12 @@ def test_ctrl_c_ends_a_wait_and_leaves_no_waiter(client, key):
         guard = holder.lock(key)
         main = threading.main_thread().ident
         timer = threading.Timer(0.3, signal.pthread_kill, args=(main, signal.SIGINT))
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            waiter.lock(key, wait=30)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                timer.start()
+                waiter.lock(key, wait=30)
+        finally:
+            timer.cancel()
         guard.release()
         with client.session() as third:
             taken = third.lock(key, wait=5)

@@ -15,11 +15,20 @@ use distlock_testkit::servers::{Postgres, Redis};
 
 #[test]
 fn the_python_package_passes_its_suite_on_real_stores() {
-    let python = std::env::var("DISTLOCK_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let help = "run ./scripts/test, which makes target/python with maturin and pytest and \
+                names its Python in DISTLOCK_TEST_PYTHON";
+    let python = std::env::var("DISTLOCK_TEST_PYTHON")
+        .unwrap_or_else(|_| panic!("DISTLOCK_TEST_PYTHON is not set; {help}"));
+    // Absolute (the test runs in the crate's directory), not canonical: the
+    // environment's python is a link out of it.
+    let python = std::path::absolute(python).expect("an absolute path");
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
-    let bin = Path::new(&python)
-        .parent()
-        .expect("python is in a bin directory");
+    let bin = python.parent().expect("python is in a bin directory");
+    assert!(
+        bin.join("maturin").exists() && bin.join("activate").exists(),
+        "{} is not a virtual environment with maturin; {help}",
+        bin.display()
+    );
     let built = Command::new(bin.join("maturin"))
         .args(["develop", "--quiet", "-m"])
         .arg(package.join("Cargo.toml"))
@@ -28,9 +37,7 @@ fn the_python_package_passes_its_suite_on_real_stores() {
         .is_ok_and(|status| status.success());
     assert!(
         built,
-        "cannot build the package with {}/maturin; run ./scripts/test, which installs \
-         maturin and pytest into target/python",
-        bin.display()
+        "maturin could not build python/ (its output is above)"
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let server = Server::start(dir.path(), &[]);
@@ -55,7 +62,7 @@ fn the_python_package_passes_its_suite_on_real_stores() {
         .current_dir(&package)
         .env("DISTLOCK_TEST_URLS", urls.join(" "))
         .output()
-        .unwrap_or_else(|err| panic!("cannot run {python}: {err}"));
+        .unwrap_or_else(|err| panic!("cannot run {}: {err}", python.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
