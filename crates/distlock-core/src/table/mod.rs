@@ -597,3 +597,5 @@ impl LockTable {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_edges;

@@ -8,9 +8,9 @@ use tokio::time::{advance, Instant};
 use super::*;
 use crate::status::StatusQuery;
 
-const SECOND: Duration = Duration::from_secs(1);
+pub(super) const SECOND: Duration = Duration::from_secs(1);
 
-fn spec(ttl: Duration) -> SessionSpec {
+pub(super) fn spec(ttl: Duration) -> SessionSpec {
     SessionSpec {
         owner: String::new(),
         ttl,
@@ -19,7 +19,7 @@ fn spec(ttl: Duration) -> SessionSpec {
     }
 }
 
-fn granted(attempt: Attempt) -> u64 {
+pub(super) fn granted(attempt: Attempt) -> u64 {
     match attempt {
         Attempt::Granted(token) => token,
         other => panic!("expected a grant, got {other:?}"),
@@ -124,11 +124,11 @@ async fn no_grant_before_the_restart_wait_out() {
 
 /// Tokens in a window that a durable epoch vouches for; raising moves it.
 #[derive(Debug)]
-struct Window {
-    base: u64,
-    ceiling: u64,
-    raises: u32,
-    refuse: bool,
+pub(super) struct Window {
+    pub(super) base: u64,
+    pub(super) ceiling: u64,
+    pub(super) raises: u32,
+    pub(super) refuse: bool,
 }
 
 impl TokenRange for Window {
