@@ -1,8 +1,9 @@
 """distlock: distributed locks with fencing tokens, over many stores.
 
 One API whatever the store; the URL picks it (``distlock://``, ``redis://``,
-``postgres://``, ``mysql://``, ``etcd://``, ``zk://``, ``nats://``,
-``memory://``, ``file://``)::
+``redlock://``, ``postgres://``, ``mysql://``, ``zk://``, ``nats://``,
+``memory://``, ``file://``, and ``etcd://`` in a build with the ``etcd``
+feature)::
 
     import distlock
 
