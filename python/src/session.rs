@@ -212,13 +212,18 @@ impl Session {
         key: String,
         mode: &str,
         permits: Option<u32>,
+        wait: Option<f64>,
     ) -> PyResult<distlock::LockRequest> {
         use distlock::raw::Mode;
-        Ok(match mode_of(mode, permits)? {
+        let mut request = match mode_of(mode, permits)? {
             Mode::Exclusive => self.inner.lock(key),
             Mode::Shared => self.inner.read(key),
             Mode::Semaphore { permits } => self.inner.semaphore(key, permits),
-        })
+        };
+        if let Some(wait) = seconds("wait", wait)? {
+            request = request.wait(wait);
+        }
+        Ok(request)
     }
 
     fn request_all(
@@ -253,18 +258,11 @@ impl Session {
 
 /// Takes `request`: waits (for at most its wait) unless `try_once`, when
 /// it answers `None` for a held key.
-async fn take(
-    request: distlock::LockRequest,
-    wait: Option<std::time::Duration>,
-    try_once: bool,
-) -> PyResult<Option<Hold>> {
+async fn take(request: distlock::LockRequest, try_once: bool) -> PyResult<Option<Hold>> {
     let guard = if try_once {
         request.try_lock().await
     } else {
-        match wait {
-            Some(wait) => request.wait(wait).await.map(Some),
-            None => request.await.map(Some),
-        }
+        request.await.map(Some)
     };
     Ok(guard.map_err(to_py)?.map(Hold::lock))
 }
@@ -290,9 +288,8 @@ impl Session {
         wait: Option<f64>,
         try_once: bool,
     ) -> PyResult<Option<Hold>> {
-        let request = self.request(key, mode, permits)?;
-        let wait = seconds("wait", wait)?;
-        block_on(py, take(request, wait, try_once))?
+        let request = self.request(key, mode, permits, wait)?;
+        block_on(py, take(request, try_once))?
     }
 
     #[pyo3(signature = (key, mode="exclusive", permits=None, wait=None, try_once=false))]
@@ -305,9 +302,8 @@ impl Session {
         wait: Option<f64>,
         try_once: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let request = self.request(key, mode, permits)?;
-        let wait = seconds("wait", wait)?;
-        awaitable(py, take(request, wait, try_once))
+        let request = self.request(key, mode, permits, wait)?;
+        awaitable(py, take(request, try_once))
     }
 
     #[pyo3(signature = (keys, wait=None, try_once=false))]
