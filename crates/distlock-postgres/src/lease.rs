@@ -52,7 +52,10 @@ CREATE UNLOGGED TABLE IF NOT EXISTS distlock_leases_v2 (
 );
 CREATE INDEX IF NOT EXISTS distlock_leases_v2_holder ON distlock_leases_v2 (holder);
 -- Who waits for a key, until when: a release notifies only if someone does
--- (NOTIFY serializes every notifying commit of the server).
+-- (NOTIFY serializes every notifying commit of the server). Observers of a
+-- key have rows here too, named 'observe|…', with no mode (so status, of
+-- every version, leaves them out): a release notifies them as it does
+-- waiters, and a grant notifies 'distlock_changed' when one is there.
 CREATE UNLOGGED TABLE IF NOT EXISTS distlock_waiters (
     key text NOT NULL,
     waiter text NOT NULL,
@@ -84,7 +87,7 @@ $do$;
 -- Index scans only: a bitmap scan never marks dead index entries, so with a
 -- row inserted and deleted per grant every scan of a key would visit each
 -- dead version of it until the next vacuum (half the throughput).
-CREATE OR REPLACE FUNCTION distlock_acquire_v2(
+CREATE OR REPLACE FUNCTION distlock_acquire_v3(
     lock_key text, lock_holder text, lock_waiter text, lock_mode text, lock_permits int,
     ttl_ms bigint, wait_ms bigint, lock_owner text,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
@@ -139,8 +142,17 @@ BEGIN
                     clock_timestamp() + ttl_ms * interval '1 millisecond', lock_owner, fence,
                     clock_timestamp());
         granted := true; retry_ms := 0;
-        IF wait_ms > 0 THEN
-            DELETE FROM distlock_waiters WHERE key = lock_key AND waiter = lock_waiter;
+        -- One probe, as the waiter's own record was always looked up: rows
+        -- are there only while the key is waited on or observed.
+        IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
+            IF wait_ms > 0 THEN
+                DELETE FROM distlock_waiters WHERE key = lock_key AND waiter = lock_waiter;
+            END IF;
+            IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key
+                    AND mode IS NULL AND waiter LIKE 'observe|%'
+                    AND until > clock_timestamp()) THEN
+                PERFORM pg_notify('distlock_changed', lock_key);
+            END IF;
         END IF;
     ELSE
         retry_ms := greatest(1, least(ttl_ms,
@@ -174,6 +186,19 @@ BEGIN
     RETURN true;
 END
 $fn$;
+-- Records (or keeps) an observer of a key until `ttl_ms` from now. Taken
+-- after every grant and release of the key under way has committed (the
+-- key's lock, its holds' rows), so that each later one sees the record.
+CREATE OR REPLACE FUNCTION distlock_observe_v1(lock_key text, observer text, ttl_ms bigint)
+RETURNS void LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('distlock:' || lock_key, 0));
+    PERFORM 1 FROM distlock_leases_v2 WHERE key = lock_key FOR KEY SHARE;
+    INSERT INTO distlock_waiters (key, waiter, until)
+        VALUES (lock_key, observer, clock_timestamp() + ttl_ms * interval '1 millisecond')
+        ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until;
+END
+$fn$;
 COMMIT;
 "#;
 
@@ -196,7 +221,7 @@ const RENEW: &str = "UPDATE distlock_leases_v2
 /// The statements every grant and release runs, prepared once per
 /// connection: each then takes one round trip and no parse.
 const ACQUIRE: &str = "SELECT granted, fence, retry_ms, conflict \
-     FROM distlock_acquire_v2($1, $2, $3, $4, $5, $6, $7, $8)";
+     FROM distlock_acquire_v3($1, $2, $3, $4, $5, $6, $7, $8)";
 const RELEASE: &str = "SELECT distlock_release_v2($1, $2)";
 
 /// The statement connection and its prepared statements.
@@ -253,7 +278,7 @@ impl std::ops::Deref for Conn {
 
 /// What lease sessions of one store share: a connection for statements
 /// (each one its own transaction, so one connection serves every session)
-/// and the listener of releases.
+/// and the listener of releases and grants.
 pub(crate) struct Leases {
     config: Config,
     /// Made again when it breaks (e.g. its backend was terminated): the
@@ -303,6 +328,14 @@ impl Leases {
     /// Who holds and who waits, from the table.
     pub(crate) async fn status(&self, query: &StatusQuery) -> Result<Status> {
         crate::status::leases(&*self.client().await?, &self.target, query).await
+    }
+
+    pub(crate) fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    pub(crate) fn target(&self) -> &str {
+        &self.target
     }
 
     fn watch(&self, key: &str) -> Watch {

@@ -32,7 +32,10 @@
 //! LISTEN/NOTIFY. Not given: FIFO order, writer preference, lock-delay.
 //! `status` lists holders (owner, token, time held, lease left) and
 //! waiters (owner, mode, time waited) by key or prefix, from the rows.
-//! Needs READ COMMITTED (the default) and, on first connect, the right to
+//! Observers of a key (`Client::observe`) are pushed its grants and
+//! releases by NOTIFY, through a record of theirs in `distlock_waiters`;
+//! a grant or release of a key nobody waits on or observes notifies
+//! nobody. Needs READ COMMITTED (the default) and, on first connect, the right to
 //! create tables and functions. Through a pooler in transaction mode it
 //! works if the pooler keeps prepared statements (PgBouncer 1.21 or later
 //! with `max_prepared_statements`); LISTEN may then not be delivered, and
@@ -60,6 +63,7 @@ mod advisory;
 mod cancel;
 mod connect;
 mod lease;
+mod observe;
 mod status;
 mod tokens;
 mod wakeup;
@@ -71,7 +75,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distlock_core::status::{HolderStatus, Status, StatusQuery};
 use distlock_core::store::{
-    take_url_param, Capabilities, Fencing, LockStore, SessionModel, SessionOptions, StoreSession,
+    take_url_param, Capabilities, Fencing, KeyWatch, LockStore, SessionModel, SessionOptions,
+    StoreSession,
 };
 use distlock_core::{Error, Result};
 use url::Url;
@@ -179,6 +184,7 @@ impl PostgresStore {
         capabilities.keeps_owner = true;
         capabilities.force_release = true;
         capabilities.tells_leader = true;
+        capabilities.watches_keys = true;
         capabilities
     }
 
@@ -236,6 +242,16 @@ impl LockStore for PostgresStore {
         };
         let client = connect::open(&self.config, &self.target).await?;
         status::advisory(&client, &self.target, key).await
+    }
+
+    /// Lease mode: each grant and release of the key, notified to the
+    /// store's listening connection (`observe.rs`). Advisory locks cannot
+    /// tell a leader, so are never observed.
+    async fn watch_key(&self, key: &str) -> Result<Option<KeyWatch>> {
+        match &self.leases {
+            Some(leases) => observe::watch_key(leases, key).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn force_release(&self, key: &str, requested_by: &str) -> Result<Vec<HolderStatus>> {

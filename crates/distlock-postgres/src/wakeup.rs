@@ -1,19 +1,90 @@
-//! Waking the waiters of the lease table: a connection of the store
-//! LISTENs for releases and wakes the waiters of the released key; a
-//! broken listening connection is made again, and wakes every waiter.
+//! Waking the waiters and observers of the lease table: a connection of
+//! the store LISTENs for releases and grants, wakes the waiters of a
+//! released key and signals the observers of a changed one; a broken
+//! listening connection is made again, and wakes every waiter and observer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use distlock_core::store::lock as guard;
+use distlock_core::store::KeyWatcher;
 use distlock_core::{Error, Result};
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::connect::query_error;
 
-/// The keys waited on, with how many wait and what wakes them.
-pub(crate) type Waiting = Mutex<HashMap<String, (usize, Arc<Notify>)>>;
+/// The channel of releases (`distlock_release_v2`, a forced release):
+/// wakes waiters and observers.
+const RELEASED: &str = "distlock_released";
+
+/// The channel of grants of an observed key: observers only.
+const CHANGED: &str = "distlock_changed";
+
+/// Who is woken by the notifications of the listening connection.
+#[derive(Default)]
+pub(crate) struct Waiting {
+    /// The keys waited on, with how many wait and what wakes them.
+    waiters: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
+    /// The observers of each key, by name: signalled on each notification
+    /// of the key, on either channel.
+    observers: Mutex<HashMap<String, HashMap<String, KeyWatcher>>>,
+}
+
+impl Waiting {
+    /// Delivers a notification of `key` on `channel`.
+    fn deliver(&self, channel: &str, key: &str) {
+        if channel == RELEASED {
+            let notify = guard(&self.waiters)
+                .get(key)
+                .map(|(_, notify)| Arc::clone(notify));
+            if let Some(notify) = notify {
+                notify.notify_waiters();
+            }
+        }
+        if let Some(observers) = guard(&self.observers).get(key) {
+            for watcher in observers.values() {
+                watcher.signal();
+            }
+        }
+    }
+
+    /// Signals every observer: notifications may have been missed.
+    fn signal_observers(&self) {
+        for observers in guard(&self.observers).values() {
+            for watcher in observers.values() {
+                watcher.signal();
+            }
+        }
+    }
+
+    /// Wakes every waiter and signals every observer.
+    fn wake_all(&self) {
+        for (_, notify) in guard(&self.waiters).values() {
+            notify.notify_waiters();
+        }
+        self.signal_observers();
+    }
+
+    /// Signals `watcher` on each notification of `key`, until
+    /// [`unobserve`](Waiting::unobserve)d by the same `name`.
+    pub(crate) fn observe(&self, key: &str, name: &str, watcher: KeyWatcher) {
+        guard(&self.observers)
+            .entry(key.to_owned())
+            .or_default()
+            .insert(name.to_owned(), watcher);
+    }
+
+    pub(crate) fn unobserve(&self, key: &str, name: &str) {
+        let mut observers = guard(&self.observers);
+        if let Some(of_key) = observers.get_mut(key) {
+            of_key.remove(name);
+            if of_key.is_empty() {
+                observers.remove(key);
+            }
+        }
+    }
+}
 
 /// [`Waiting`], shared with the listener.
 pub(crate) type Listeners = Arc<Waiting>;
@@ -25,7 +96,7 @@ pub(crate) type Listening = (
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 );
 
-/// Opens a connection and LISTENs on it for releases.
+/// Opens a connection and LISTENs on it for releases and grants.
 pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
     let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
     let (client, mut connection) = connecting
@@ -36,7 +107,8 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
         .map_err(|err| query_error(target, err))?;
     // The connection must be driven for LISTEN to be answered.
     {
-        let listen = client.batch_execute("LISTEN distlock_released");
+        let statement = format!("LISTEN {RELEASED}; LISTEN {CHANGED}");
+        let listen = client.batch_execute(&statement);
         tokio::pin!(listen);
         loop {
             tokio::select! {
@@ -57,9 +129,10 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
     Ok((client, connection))
 }
 
-/// Hands out release notifications until the store is dropped, listening
-/// again (after a pause) whenever the connection breaks; every break wakes
-/// every waiter, so that none sleeps through a release it missed.
+/// Hands out notifications until the store is dropped, listening again
+/// (after a pause) whenever the connection breaks; every break wakes every
+/// waiter and observer, so that none sleeps through a change it missed,
+/// and observers are signalled again once it listens again.
 pub(crate) async fn keep_listening(
     config: Config,
     target: String,
@@ -84,12 +157,7 @@ pub(crate) async fn keep_listening(
                 };
                 match message {
                     Some(Ok(AsyncMessage::Notification(note))) => {
-                        let notify = guard(&delivered)
-                            .get(note.payload())
-                            .map(|(_, notify)| Arc::clone(notify));
-                        if let Some(notify) = notify {
-                            notify.notify_waiters();
-                        }
+                        delivered.deliver(note.channel(), note.payload());
                     }
                     Some(Ok(_)) => {}
                     _ => break,
@@ -101,15 +169,17 @@ pub(crate) async fn keep_listening(
             tracing::warn!(
                 "the PostgreSQL listening connection to {target} broke; listening again"
             );
-            for (_, notify) in guard(&delivered).values() {
-                notify.notify_waiters();
-            }
+            delivered.wake_all();
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         if listeners.strong_count() == 0 {
             return;
         }
         listening = listen(&config, &target).await.ok();
+        // What changed while nobody listened was not notified.
+        if let (Some(_), Some(delivered)) = (&listening, listeners.upgrade()) {
+            delivered.signal_observers();
+        }
     }
 }
 
@@ -125,7 +195,7 @@ pub(crate) struct Watch {
 impl Watch {
     pub(crate) fn new(listeners: &Listeners, key: &str) -> Watch {
         let notify = {
-            let mut waiting = guard(listeners);
+            let mut waiting = guard(&listeners.waiters);
             let entry = waiting
                 .entry(key.to_owned())
                 .or_insert_with(|| (0, Arc::new(Notify::new())));
@@ -142,7 +212,7 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut listeners = guard(&self.listeners);
+        let mut listeners = guard(&self.listeners.waiters);
         if let Some(entry) = listeners.get_mut(&self.key) {
             entry.0 -= 1;
             if entry.0 == 0 {

@@ -1,6 +1,6 @@
 //! `status` on PostgreSQL where the conformance suite does not reach:
 //! advisory locks (one key at a time, from `pg_locks`), the lease table's
-//! waiters, and a lease table made by an older version.
+//! waiters and observers, and a lease table made by an older version.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,6 +148,62 @@ async fn lease_status_shows_waiters_and_forgets_one_that_gave_up() {
     assert_eq!(after.holders.len(), 1);
     held.release().await.expect("release");
     assert_eq!(key_status(&client, key).await, None);
+}
+
+/// An observer's record (lease mode) is no waiter in `status`, and is gone
+/// from the table soon after its watch is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_observer_is_no_waiter_and_leaves_no_record() {
+    let server = Postgres::shared();
+    let client = client(&format!("{}?mode=lease", server.url())).await;
+    let key = "status/lease/observed";
+    let records = || {
+        server.psql(&format!(
+            "SELECT count(*) FROM distlock_waiters WHERE key = '{key}'"
+        ))
+    };
+    let watch = client
+        .store()
+        .watch_key(key)
+        .await
+        .expect("watch")
+        .expect("lease mode pushes changes");
+    assert_eq!(
+        records(),
+        "1",
+        "the observer's record is made before the watch"
+    );
+    assert_eq!(key_status(&client, key).await, None, "an observer alone");
+
+    let (a, b) = (
+        session(&client, "observed a").await,
+        session(&client, "observed b").await,
+    );
+    let held = a.lock(key).await.expect("lock");
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.lock(key).wait(Duration::from_secs(30)).await })
+    };
+    let seen = until(&client, key, |status| !status.waiters.is_empty()).await;
+    assert_eq!(
+        seen.waiters.len(),
+        1,
+        "the observer shown as a waiter: {seen:?}"
+    );
+    assert_eq!(seen.waiters[0].owner, "observed b");
+    held.release().await.expect("release");
+    let handed = waiting.await.expect("task").expect("handed over");
+    handed.release().await.expect("release");
+
+    drop(watch);
+    let start = Instant::now();
+    while records() != "0" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the observer's record stayed after its watch was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A lease table made by the version before owners: the store adds the

@@ -1,0 +1,95 @@
+//! Pushed changes of a key of the lease table, for observers
+//! (`LockStore::watch_key`): the observer's record in `distlock_waiters`
+//! makes each release notify `distlock_released` and each grant
+//! `distlock_changed`; the store's listening connection signals the watch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock_core::store::{spawn_cleanup, KeyWatch, KeyWatcher};
+use distlock_core::Result;
+
+use crate::connect::query_error;
+use crate::lease::Leases;
+
+/// How long an observer's record lasts unless made again: how long a
+/// killed observer makes releases and grants of its key notify.
+const RECORD_FOR: Duration = Duration::from_secs(10);
+
+/// How often a live observer makes its record again.
+const RECORD_EVERY: Duration = Duration::from_secs(3);
+
+const OBSERVE: &str = "SELECT distlock_observe_v1($1, $2, $3)";
+
+/// A watch of `key`: signalled after each grant and release of it (not an
+/// expiry, which no statement makes). Its record is made before this
+/// answers, so a change committed after is signalled; kept while the
+/// watch is read, and removed when it is dropped. A record that cannot be
+/// made again ends the watch (the observer then asks for a new one).
+pub(crate) async fn watch_key(leases: &Arc<Leases>, key: &str) -> Result<KeyWatch> {
+    let (signals, watch) = KeyWatcher::new();
+    let observer = format!("observe|{:016x}", rand::random::<u64>());
+    // Listed before the record is made: nothing its making shows is missed.
+    leases.listeners().observe(key, &observer, signals.clone());
+    let observing = Observing {
+        leases: Arc::clone(leases),
+        key: key.to_owned(),
+        observer,
+    };
+    observing.record().await?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = signals.closed() => return,
+                () = tokio::time::sleep(RECORD_EVERY) => {
+                    if let Err(err) = observing.record().await {
+                        tracing::debug!(key = %observing.key, "observing ends: {err}");
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(watch)
+}
+
+/// An observer's record and listing, removed when dropped.
+struct Observing {
+    leases: Arc<Leases>,
+    key: String,
+    observer: String,
+}
+
+impl Observing {
+    async fn record(&self) -> Result<()> {
+        let client = self.leases.client().await?;
+        let ttl = i64::try_from(RECORD_FOR.as_millis()).unwrap_or(i64::MAX);
+        client
+            .execute(OBSERVE, &[&self.key, &self.observer, &ttl])
+            .await
+            .map_err(|err| query_error(self.leases.target(), err))?;
+        Ok(())
+    }
+}
+
+impl Drop for Observing {
+    fn drop(&mut self) {
+        // Unlisted at once: the watch's channel closes with its last sender.
+        self.leases.listeners().unobserve(&self.key, &self.observer);
+        let leases = Arc::clone(&self.leases);
+        let (key, observer) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.observer),
+        );
+        spawn_cleanup(async move {
+            if let Ok(client) = leases.client().await {
+                let _ = client
+                    .execute(
+                        "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
+                        &[&key, &observer],
+                    )
+                    .await;
+            }
+        });
+    }
+}
