@@ -142,15 +142,18 @@ BEGIN
                     clock_timestamp() + ttl_ms * interval '1 millisecond', lock_owner, fence,
                     clock_timestamp());
         granted := true; retry_ms := 0;
-        -- One probe, as the waiter's own record was always looked up: rows
-        -- are there only while the key is waited on or observed.
+        -- One index probe while the key is neither waited on nor observed
+        -- (a waiting acquire used to make one to delete its record; one
+        -- that does not wait makes one more than it used to).
         IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
             IF wait_ms > 0 THEN
                 DELETE FROM distlock_waiters WHERE key = lock_key AND waiter = lock_waiter;
             END IF;
+            -- Observers' names sort after every waiter's (hex digits):
+            -- the bound starts the index scan at them.
             IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key
-                    AND mode IS NULL AND waiter LIKE 'observe|%'
-                    AND until > clock_timestamp()) THEN
+                    AND waiter >= 'observe' AND waiter LIKE 'observe|%'
+                    AND mode IS NULL AND until > clock_timestamp()) THEN
                 PERFORM pg_notify('distlock_changed', lock_key);
             END IF;
         END IF;
@@ -186,17 +189,26 @@ BEGIN
     RETURN true;
 END
 $fn$;
--- Records (or keeps) an observer of a key until `ttl_ms` from now. Taken
--- after every grant and release of the key under way has committed (the
--- key's lock, its holds' rows), so that each later one sees the record.
+-- Records (or keeps) an observer of a key until `ttl_ms` from now; whether
+-- its record was there and live (if not, changes may have gone unnotified).
+-- Made after every grant and release of the key under way has committed
+-- (the key's lock, its holds' rows, in the order of the primary key), so
+-- that each later one sees the record.
 CREATE OR REPLACE FUNCTION distlock_observe_v1(lock_key text, observer text, ttl_ms bigint)
-RETURNS void LANGUAGE plpgsql AS $fn$
+RETURNS boolean LANGUAGE plpgsql SET enable_bitmapscan = off AS $fn$
+DECLARE
+    live boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('distlock:' || lock_key, 0));
-    PERFORM 1 FROM distlock_leases_v2 WHERE key = lock_key FOR KEY SHARE;
+    PERFORM 1 FROM distlock_leases_v2 WHERE key = lock_key ORDER BY holder FOR KEY SHARE;
+    -- Killed observers' records (and lapsed waits) go here too: a key
+    -- whose holds are never released would keep them.
+    DELETE FROM distlock_waiters WHERE key = lock_key AND until <= clock_timestamp();
+    live := EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key AND waiter = observer);
     INSERT INTO distlock_waiters (key, waiter, until)
         VALUES (lock_key, observer, clock_timestamp() + ttl_ms * interval '1 millisecond')
         ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until;
+    RETURN live;
 END
 $fn$;
 COMMIT;

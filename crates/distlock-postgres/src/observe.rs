@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::store::{spawn_cleanup, KeyWatch, KeyWatcher};
-use distlock_core::Result;
+use distlock_core::{Error, Result};
 
 use crate::connect::query_error;
 use crate::lease::Leases;
@@ -23,14 +23,22 @@ const OBSERVE: &str = "SELECT distlock_observe_v1($1, $2, $3)";
 
 /// A watch of `key`: signalled after each grant and release of it (not an
 /// expiry, which no statement makes). Its record is made before this
-/// answers, so a change committed after is signalled; kept while the
-/// watch is read, and removed when it is dropped. A record that cannot be
-/// made again ends the watch (the observer then asks for a new one).
+/// answers, so a change committed after is signalled; kept until the
+/// watch is dropped, then removed. The watch ends (the observer then asks
+/// for a new one) when the store's listening connection breaks, or the
+/// record cannot be made again; an error while that connection is down.
 pub(crate) async fn watch_key(leases: &Arc<Leases>, key: &str) -> Result<KeyWatch> {
     let (signals, watch) = KeyWatcher::new();
     let observer = format!("observe|{:016x}", rand::random::<u64>());
+    let mut listening = leases.listeners().listening();
     // Listed before the record is made: nothing its making shows is missed.
-    leases.listeners().observe(key, &observer, signals.clone());
+    if !leases.listeners().observe(key, &observer, signals.clone()) {
+        return Err(Error::unavailable(format!(
+            "PostgreSQL at {}: the store's listening connection is down, so changes \
+             cannot be pushed now; polling",
+            leases.target()
+        )));
+    }
     let observing = Observing {
         leases: Arc::clone(leases),
         key: key.to_owned(),
@@ -41,12 +49,19 @@ pub(crate) async fn watch_key(leases: &Arc<Leases>, key: &str) -> Result<KeyWatc
         loop {
             tokio::select! {
                 () = signals.closed() => return,
-                () = tokio::time::sleep(RECORD_EVERY) => {
-                    if let Err(err) = observing.record().await {
+                () = async { drop(listening.wait_for(|up| !up).await) } => return,
+                () = tokio::time::sleep(RECORD_EVERY) => match observing.record().await {
+                    Ok(true) => {}
+                    // It had lapsed (this task was late): a change since
+                    // may not have been notified.
+                    Ok(false) => {
+                        signals.signal();
+                    }
+                    Err(err) => {
                         tracing::debug!(key = %observing.key, "observing ends: {err}");
                         return;
                     }
-                }
+                },
             }
         }
     });
@@ -61,14 +76,15 @@ struct Observing {
 }
 
 impl Observing {
-    async fn record(&self) -> Result<()> {
+    /// Makes the record (again); whether it was there, unlapsed.
+    async fn record(&self) -> Result<bool> {
         let client = self.leases.client().await?;
         let ttl = i64::try_from(RECORD_FOR.as_millis()).unwrap_or(i64::MAX);
-        client
-            .execute(OBSERVE, &[&self.key, &self.observer, &ttl])
+        let row = client
+            .query_one(OBSERVE, &[&self.key, &self.observer, &ttl])
             .await
             .map_err(|err| query_error(self.leases.target(), err))?;
-        Ok(())
+        Ok(row.get(0))
     }
 }
 

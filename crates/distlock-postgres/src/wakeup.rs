@@ -22,13 +22,26 @@ const RELEASED: &str = "distlock_released";
 const CHANGED: &str = "distlock_changed";
 
 /// Who is woken by the notifications of the listening connection.
-#[derive(Default)]
 pub(crate) struct Waiting {
     /// The keys waited on, with how many wait and what wakes them.
     waiters: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
     /// The observers of each key, by name: signalled on each notification
     /// of the key, on either channel.
     observers: Mutex<HashMap<String, HashMap<String, KeyWatcher>>>,
+    /// Whether the connection listens now. Observers are listed only while
+    /// it does, and are all dropped when it breaks, so that their watches
+    /// end (and their readers poll) rather than go silent.
+    listening: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            waiters: Mutex::default(),
+            observers: Mutex::default(),
+            listening: tokio::sync::watch::Sender::new(true),
+        }
+    }
 }
 
 impl Waiting {
@@ -49,30 +62,35 @@ impl Waiting {
         }
     }
 
-    /// Signals every observer: notifications may have been missed.
-    fn signal_observers(&self) {
-        for observers in guard(&self.observers).values() {
-            for watcher in observers.values() {
-                watcher.signal();
-            }
-        }
-    }
-
-    /// Wakes every waiter and signals every observer.
-    fn wake_all(&self) {
+    /// The connection broke: wakes every waiter, and ends every observer's
+    /// watch.
+    fn broke(&self) {
+        self.listening.send_replace(false);
+        guard(&self.observers).clear();
         for (_, notify) in guard(&self.waiters).values() {
             notify.notify_waiters();
         }
-        self.signal_observers();
+    }
+
+    /// Whether the connection listens, now and from now on.
+    pub(crate) fn listening(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.listening.subscribe()
     }
 
     /// Signals `watcher` on each notification of `key`, until
-    /// [`unobserve`](Waiting::unobserve)d by the same `name`.
-    pub(crate) fn observe(&self, key: &str, name: &str, watcher: KeyWatcher) {
-        guard(&self.observers)
+    /// [`unobserve`](Waiting::unobserve)d by the same `name` or the
+    /// connection breaks; `false`, listing nothing, while it is broken.
+    pub(crate) fn observe(&self, key: &str, name: &str, watcher: KeyWatcher) -> bool {
+        let mut observers = guard(&self.observers);
+        // Read under the lock that `broke` clears the list under.
+        if !*self.listening.borrow() {
+            return false;
+        }
+        observers
             .entry(key.to_owned())
             .or_default()
             .insert(name.to_owned(), watcher);
+        true
     }
 
     pub(crate) fn unobserve(&self, key: &str, name: &str) {
@@ -131,8 +149,8 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
 
 /// Hands out notifications until the store is dropped, listening again
 /// (after a pause) whenever the connection breaks; every break wakes every
-/// waiter and observer, so that none sleeps through a change it missed,
-/// and observers are signalled again once it listens again.
+/// waiter, so that none sleeps through a release it missed, and ends every
+/// observer's watch.
 pub(crate) async fn keep_listening(
     config: Config,
     target: String,
@@ -169,16 +187,15 @@ pub(crate) async fn keep_listening(
             tracing::warn!(
                 "the PostgreSQL listening connection to {target} broke; listening again"
             );
-            delivered.wake_all();
+            delivered.broke();
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         if listeners.strong_count() == 0 {
             return;
         }
         listening = listen(&config, &target).await.ok();
-        // What changed while nobody listened was not notified.
         if let (Some(_), Some(delivered)) = (&listening, listeners.upgrade()) {
-            delivered.signal_observers();
+            delivered.listening.send_replace(true);
         }
     }
 }

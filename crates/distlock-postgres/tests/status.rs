@@ -206,6 +206,32 @@ async fn a_lease_observer_is_no_waiter_and_leaves_no_record() {
     }
 }
 
+/// When the store's connection that listens for changes breaks, an
+/// observer's watch ends (its reader then polls) rather than going silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_observers_watch_ends_when_listening_breaks() {
+    let server = Postgres::start();
+    let client = client(&format!("{}?mode=lease", server.url())).await;
+    let mut watch = client
+        .store()
+        .watch_key("status/lease/listening")
+        .await
+        .expect("watch")
+        .expect("lease mode pushes changes");
+    let ended = server.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query LIKE 'LISTEN%'",
+    );
+    assert_eq!(ended, "1", "one listening connection");
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while watch.recv().await.is_some() {}
+    });
+    assert!(
+        drained.await.is_ok(),
+        "the watch went on after its listening connection broke"
+    );
+}
+
 /// A lease table made by the version before owners: the store adds the
 /// columns, honours the old rows and shows them with what they keep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
