@@ -57,5 +57,6 @@ async fn the_leader_frozen_past_an_election_loses_no_lock() {
 async fn a_client_moves_on_when_its_member_dies() {
     let cluster = EtcdCluster::start(3);
     let client = client(&cluster.url()).await;
-    a_session_outlives_its_member(&client, "cluster/moves-on", cluster).await;
+    let members = 0..cluster.size();
+    a_session_outlives_its_member(&client, "cluster/moves-on", cluster, members).await;
 }

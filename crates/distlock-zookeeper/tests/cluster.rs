@@ -60,5 +60,6 @@ async fn the_leader_frozen_past_an_election_loses_no_lock() {
 async fn a_client_moves_on_when_its_server_dies() {
     let ensemble = ZooKeeperEnsemble::start(3);
     let client = client(&ensemble.url()).await;
-    a_session_outlives_its_member(&client, "moves-on", ensemble).await;
+    let members = 0..ensemble.size();
+    a_session_outlives_its_member(&client, "moves-on", ensemble, members).await;
 }
