@@ -338,11 +338,7 @@ pub async fn run_stores(exe: &Path, stores: &[Store], faults: &[Fault], plan: &P
             .copied()
             .filter(|fault| store.supports(*fault))
             .collect();
-        for row in run_store(exe, store, &supported, plan).await {
-            let line = table(std::slice::from_ref(&row));
-            eprintln!("{}", line.lines().last().unwrap_or_default());
-            rows.push(row);
-        }
+        rows.extend(run_store(exe, store, &supported, plan).await);
     }
     rows
 }
@@ -370,6 +366,7 @@ pub async fn run_store(exe: &Path, store: Store, faults: &[Fault], plan: &Plan) 
     let mut backend = Some(backend);
     let mut rows = Vec::new();
     for &fault in faults {
+        let started = std::time::Instant::now();
         let row = match backend.as_ref() {
             Some(_) => run_fault(exe, store, fault, plan, &mut backend)
                 .await
@@ -380,6 +377,10 @@ pub async fn run_store(exe: &Path, store: Store, faults: &[Fault], plan: &Plan) 
                 &anyhow::anyhow!("the store is gone after a failed restart"),
             ),
         };
+        // As it ends, with how long it took (the table has no times).
+        let line = table(std::slice::from_ref(&row));
+        let line = line.lines().last().unwrap_or_default();
+        eprintln!("{line} {:.1} s", started.elapsed().as_secs_f64());
         rows.push(row);
     }
     rows
