@@ -16,6 +16,8 @@ mod guard;
 mod multi;
 mod renewal;
 mod request;
+#[cfg(test)]
+mod tests;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{

@@ -1,0 +1,100 @@
+//! What the shared suite exercises only through timing, or not at all: the
+//! margin taken off a lease, a lease's deadline, "no deadline", and what a
+//! session and its holds say of their leases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{drift_margin, far_future, lease_deadline};
+use crate::store::{Capabilities, SessionModel};
+use crate::{Client, MemoryStore};
+
+#[test]
+fn the_drift_margin_is_a_hundredth_of_the_ttl_and_two_milliseconds() {
+    assert_eq!(drift_margin(Duration::ZERO), Duration::from_millis(2));
+    assert_eq!(
+        drift_margin(Duration::from_secs(10)),
+        Duration::from_millis(102)
+    );
+}
+
+#[test]
+fn a_lease_ends_a_ttl_less_the_margin_after_it_was_sent() {
+    let sent = Instant::now();
+    let ttl = Duration::from_secs(10);
+    let lease = Capabilities::minimal("lease");
+    assert_eq!(
+        lease_deadline(&lease, ttl, sent),
+        Some(sent + Duration::from_millis(9_898))
+    );
+    let mut connection = Capabilities::minimal("connection");
+    connection.session = SessionModel::Connection;
+    assert_eq!(
+        lease_deadline(&connection, ttl, sent),
+        Some(sent + Duration::from_millis(9_898)),
+        "a connection's session still renews, so it has a lease"
+    );
+    let mut process = Capabilities::minimal("process");
+    process.session = SessionModel::Process;
+    assert_eq!(lease_deadline(&process, ttl, sent), None);
+}
+
+#[test]
+fn no_deadline_is_three_decades_away() {
+    let ahead = far_future() - Instant::now();
+    let year = Duration::from_secs(365 * 24 * 60 * 60);
+    assert!(ahead > year * 29 && ahead <= year * 30, "{ahead:?}");
+}
+
+/// Renewals keep a hold past several leases, with its deadline and the
+/// session's moving on; the session says its TTL, and is not lost.
+#[tokio::test]
+async fn renewals_move_the_deadlines_on() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let ttl = Duration::from_millis(300);
+    let session = client.session().ttl(ttl).open().await.expect("open");
+    assert_eq!(session.ttl(), ttl);
+    let shown = format!("{session:?}");
+    assert!(
+        shown.contains("memory") && shown.contains("300ms"),
+        "{shown}"
+    );
+    let guard = session.lock("k").await.expect("free");
+    let (first, lease) = (guard.expires_at(), session.lease_deadline());
+    let first = first.expect("the memory store has leases");
+    let lease = lease.expect("the memory store has leases");
+    assert!(first > Instant::now() && first <= Instant::now() + ttl);
+    tokio::time::sleep(ttl * 3).await;
+    assert!(guard.is_held() && !session.is_lost());
+    let later = guard.expires_at().expect("a lease");
+    assert!(later > first + ttl, "the hold's deadline did not move on");
+    let renewed = session.lease_deadline().expect("a lease");
+    assert!(renewed > lease + ttl, "the session's lease did not move on");
+    guard.release().await.expect("release");
+}
+
+/// A session whose renewals stop is lost once its lease runs out.
+#[cfg(feature = "test-hooks")]
+#[tokio::test]
+async fn a_frozen_session_is_lost() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let ttl = Duration::from_millis(200);
+    let session = client.session().ttl(ttl).open().await.expect("open");
+    let guard = session.lock("k").await.expect("free");
+    session.freeze_for_test();
+    assert!(!session.is_lost());
+    tokio::time::timeout(ttl * 10, guard.lost())
+        .await
+        .expect("the hold is lost once the lease ran out");
+    // The session is marked lost by its renewal task, at the same deadline.
+    let lost = async {
+        while !session.is_lost() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(ttl * 10, lost)
+        .await
+        .expect("the session is lost once its lease ran out");
+}
