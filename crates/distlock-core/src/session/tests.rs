@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{drift_margin, far_future, lease_deadline};
 use crate::store::{Capabilities, SessionModel};
-use crate::{Client, MemoryStore};
+use crate::{Client, ErrorKind, MemoryStore, Mode};
 
 #[test]
 fn the_drift_margin_is_a_hundredth_of_the_ttl_and_two_milliseconds() {
@@ -97,4 +97,45 @@ async fn a_frozen_session_is_lost() {
     tokio::time::timeout(ttl * 10, lost)
         .await
         .expect("the session is lost once its lease ran out");
+}
+
+/// A semaphore of no permits is refused, alone or among several keys.
+#[tokio::test]
+async fn a_semaphore_of_no_permits_is_refused() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let session = client.session().open().await.expect("open");
+    let err = session.semaphore("k", 0).await.expect_err("no permits");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let keys = [
+        ("a".to_owned(), Mode::Exclusive),
+        ("b".to_owned(), Mode::Semaphore { permits: 0 }),
+    ];
+    let err = session.lock_all(keys).await.expect_err("no permits");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(session.lock("a").try_lock().await.expect("try").is_some());
+}
+
+/// A session that holds one of the keys of its `lock_all` holds it once
+/// more (reentrantly, with the same token) and takes the others.
+#[tokio::test]
+async fn lock_all_over_a_key_already_held_is_reentrant() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let session = client.session().open().await.expect("open");
+    let first = session.lock("a").await.expect("free");
+    let both = tokio::time::timeout(
+        Duration::from_secs(5),
+        session.lock_all(["a", "b"]).wait(Duration::from_secs(2)),
+    )
+    .await
+    .expect("no deadlock with itself")
+    .expect("both");
+    assert_eq!(both.token("a"), Some(first.token()));
+    first.release().await.expect("release");
+    let other = client.session().open().await.expect("open");
+    assert!(
+        other.lock("a").try_lock().await.expect("try").is_none(),
+        "the lock_all's hold of 'a' went with the first guard"
+    );
+    both.release().await.expect("release");
+    assert!(other.lock("a").try_lock().await.expect("try").is_some());
 }
