@@ -139,3 +139,56 @@ async fn lock_all_over_a_key_already_held_is_reentrant() {
     both.release().await.expect("release");
     assert!(other.lock("a").try_lock().await.expect("try").is_some());
 }
+
+/// Closing a session ends every leadership it won, not only the last, by
+/// the time `close` returns.
+#[tokio::test]
+async fn closing_a_session_ends_each_of_its_leaderships() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let session = client.session().open().await.expect("open");
+    let first = session
+        .elect("one")
+        .value("v")
+        .campaign()
+        .await
+        .expect("one");
+    let second = session
+        .elect("two")
+        .value("v")
+        .campaign()
+        .await
+        .expect("two");
+    session.close().await.expect("close");
+    let other = client.session().open().await.expect("open");
+    for name in ["one", "two"] {
+        assert!(
+            other.lock(name).try_lock().await.expect("try").is_some(),
+            "{name} still held after close returned"
+        );
+    }
+    for leadership in [&first, &second] {
+        tokio::time::timeout(Duration::from_secs(5), leadership.lost())
+            .await
+            .expect("a leadership outlived its closed session");
+    }
+}
+
+/// A key held twice by one session stays held until its last guard goes.
+#[tokio::test]
+async fn a_reentrant_hold_lasts_until_its_last_guard() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    let session = client.session().open().await.expect("open");
+    let other = client.session().open().await.expect("open");
+    let first = session.lock("k").await.expect("free");
+    let second = session.lock("k").await.expect("reentrant");
+    let third = session.lock("k").await.expect("reentrant");
+    for guard in [first, second] {
+        guard.release().await.expect("release");
+        assert!(
+            other.lock("k").try_lock().await.expect("try").is_none(),
+            "freed while a guard of it was alive"
+        );
+    }
+    third.release().await.expect("release");
+    assert!(other.lock("k").try_lock().await.expect("try").is_some());
+}
