@@ -192,3 +192,32 @@ async fn a_reentrant_hold_lasts_until_its_last_guard() {
     third.release().await.expect("release");
     assert!(other.lock("k").try_lock().await.expect("try").is_some());
 }
+
+/// What a `MultiGuard` says of its keys: their tokens in the order asked,
+/// the earliest deadline, and, once one key is lost, not held and lost.
+#[tokio::test]
+async fn a_multi_guard_tells_of_its_keys() {
+    let client = Client::new(Arc::new(MemoryStore::new()));
+    // Short: a forced release is found at the next renewal.
+    let ttl = Duration::from_millis(300);
+    let session = client.session().ttl(ttl).open().await.expect("open");
+    let both = session.lock_all(["b", "a"]).await.expect("free");
+    let tokens = both.tokens();
+    let keys: Vec<&str> = tokens.iter().map(|(key, _)| *key).collect();
+    assert_eq!(keys, ["b", "a"]);
+    assert_eq!(both.token("a"), Some(tokens[1].1));
+    assert!(tokens.iter().all(|(_, token)| *token > 0), "{tokens:?}");
+    assert_eq!(both.guards().len(), 2);
+    let earliest = both.guards().iter().filter_map(|g| g.expires_at()).min();
+    assert!(earliest.is_some());
+    assert_eq!(both.expires_at(), earliest);
+    assert!(both.is_held());
+    client.force_release("a").await.expect("force");
+    tokio::time::timeout(Duration::from_secs(5), both.lost())
+        .await
+        .expect("lost once a key was ended");
+    assert!(!both.is_held());
+    let guards = both.into_guards();
+    assert_eq!(guards.len(), 2);
+    assert!(guards[0].is_held() && !guards[1].is_held());
+}
