@@ -416,22 +416,28 @@ impl Drop for Registered {
         if !self.armed {
             return;
         }
-        let leases = Arc::clone(&self.leases);
         let (key, waiter) = (
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.waiter),
         );
-        spawn_cleanup(async move {
-            if let Ok(client) = leases.client().await {
-                let _ = client
-                    .execute(
-                        "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
-                        &[&key, &waiter],
-                    )
-                    .await;
-            }
-        });
+        forget_waiter(&self.leases, key, waiter);
     }
+}
+
+/// Deletes, in the background, the record `waiter` (a waiter's or an
+/// observer's) of `key` in `distlock_waiters`.
+pub(crate) fn forget_waiter(leases: &Arc<Leases>, key: String, waiter: String) {
+    let leases = Arc::clone(leases);
+    spawn_cleanup(async move {
+        if let Ok(client) = leases.client().await {
+            let _ = client
+                .execute(
+                    "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
+                    &[&key, &waiter],
+                )
+                .await;
+        }
+    });
 }
 
 /// Gives back, in the background, a hold whose acquire was dropped or

@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::store::{spawn_cleanup, KeyWatch, KeyWatcher};
+use distlock_core::store::{KeyWatch, KeyWatcher};
 use distlock_core::{Error, Result};
 
 use crate::connect::query_error;
-use crate::lease::Leases;
+use crate::lease::{forget_waiter, Leases};
 
 /// How long an observer's record lasts unless made again: how long a
 /// killed observer makes releases and grants of its key notify.
@@ -92,20 +92,10 @@ impl Drop for Observing {
     fn drop(&mut self) {
         // Unlisted at once: the watch's channel closes with its last sender.
         self.leases.listeners().unobserve(&self.key, &self.observer);
-        let leases = Arc::clone(&self.leases);
         let (key, observer) = (
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.observer),
         );
-        spawn_cleanup(async move {
-            if let Ok(client) = leases.client().await {
-                let _ = client
-                    .execute(
-                        "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
-                        &[&key, &observer],
-                    )
-                    .await;
-            }
-        });
+        forget_waiter(&self.leases, key, observer);
     }
 }
