@@ -9,7 +9,17 @@ use tokio::time::Instant;
 
 use super::{drift_margin, far_future, lease_deadline};
 use crate::store::{Capabilities, SessionModel};
-use crate::{Client, ErrorKind, MemoryStore, Mode};
+use crate::{Client, ErrorKind, MemoryStore, Mode, Session};
+
+fn memory() -> Client {
+    Client::new(Arc::new(MemoryStore::new()))
+}
+
+/// Whether `session` can take `key` now (what it took goes back as the
+/// guard drops).
+async fn takes(session: &Session, key: &str) -> bool {
+    session.lock(key).try_lock().await.expect("try").is_some()
+}
 
 #[test]
 fn the_drift_margin_is_a_hundredth_of_the_ttl_and_two_milliseconds() {
@@ -52,7 +62,7 @@ fn no_deadline_is_three_decades_away() {
 /// session's moving on; the session says its TTL, and is not lost.
 #[tokio::test]
 async fn renewals_move_the_deadlines_on() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let ttl = Duration::from_millis(300);
     let session = client.session().ttl(ttl).open().await.expect("open");
     assert_eq!(session.ttl(), ttl);
@@ -79,7 +89,7 @@ async fn renewals_move_the_deadlines_on() {
 #[cfg(feature = "test-hooks")]
 #[tokio::test]
 async fn a_frozen_session_is_lost() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let ttl = Duration::from_millis(200);
     let session = client.session().ttl(ttl).open().await.expect("open");
     let guard = session.lock("k").await.expect("free");
@@ -102,7 +112,7 @@ async fn a_frozen_session_is_lost() {
 /// A semaphore of no permits is refused, alone or among several keys.
 #[tokio::test]
 async fn a_semaphore_of_no_permits_is_refused() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let session = client.session().open().await.expect("open");
     let err = session.semaphore("k", 0).await.expect_err("no permits");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
@@ -112,14 +122,14 @@ async fn a_semaphore_of_no_permits_is_refused() {
     ];
     let err = session.lock_all(keys).await.expect_err("no permits");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(session.lock("a").try_lock().await.expect("try").is_some());
+    assert!(takes(&session, "a").await);
 }
 
 /// A session that holds one of the keys of its `lock_all` holds it once
 /// more (reentrantly, with the same token) and takes the others.
 #[tokio::test]
 async fn lock_all_over_a_key_already_held_is_reentrant() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let session = client.session().open().await.expect("open");
     let first = session.lock("a").await.expect("free");
     let both = tokio::time::timeout(
@@ -133,18 +143,18 @@ async fn lock_all_over_a_key_already_held_is_reentrant() {
     first.release().await.expect("release");
     let other = client.session().open().await.expect("open");
     assert!(
-        other.lock("a").try_lock().await.expect("try").is_none(),
+        !takes(&other, "a").await,
         "the lock_all's hold of 'a' went with the first guard"
     );
     both.release().await.expect("release");
-    assert!(other.lock("a").try_lock().await.expect("try").is_some());
+    assert!(takes(&other, "a").await);
 }
 
 /// Closing a session ends every leadership it won, not only the last, by
 /// the time `close` returns.
 #[tokio::test]
 async fn closing_a_session_ends_each_of_its_leaderships() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let session = client.session().open().await.expect("open");
     let first = session
         .elect("one")
@@ -162,7 +172,7 @@ async fn closing_a_session_ends_each_of_its_leaderships() {
     let other = client.session().open().await.expect("open");
     for name in ["one", "two"] {
         assert!(
-            other.lock(name).try_lock().await.expect("try").is_some(),
+            takes(&other, name).await,
             "{name} still held after close returned"
         );
     }
@@ -176,7 +186,7 @@ async fn closing_a_session_ends_each_of_its_leaderships() {
 /// A key held twice by one session stays held until its last guard goes.
 #[tokio::test]
 async fn a_reentrant_hold_lasts_until_its_last_guard() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     let session = client.session().open().await.expect("open");
     let other = client.session().open().await.expect("open");
     let first = session.lock("k").await.expect("free");
@@ -185,19 +195,19 @@ async fn a_reentrant_hold_lasts_until_its_last_guard() {
     for guard in [first, second] {
         guard.release().await.expect("release");
         assert!(
-            other.lock("k").try_lock().await.expect("try").is_none(),
+            !takes(&other, "k").await,
             "freed while a guard of it was alive"
         );
     }
     third.release().await.expect("release");
-    assert!(other.lock("k").try_lock().await.expect("try").is_some());
+    assert!(takes(&other, "k").await);
 }
 
 /// What a `MultiGuard` says of its keys: their tokens in the order asked,
 /// the earliest deadline, and, once one key is lost, not held and lost.
 #[tokio::test]
 async fn a_multi_guard_tells_of_its_keys() {
-    let client = Client::new(Arc::new(MemoryStore::new()));
+    let client = memory();
     // Short: a forced release is found at the next renewal.
     let ttl = Duration::from_millis(300);
     let session = client.session().ttl(ttl).open().await.expect("open");
