@@ -1,7 +1,8 @@
 //! Waking the waiters and observers of the lease table: a connection of
 //! the store LISTENs for releases and grants, wakes the waiters of a
 //! released key and signals the observers of a changed one; a broken
-//! listening connection is made again, and wakes every waiter and observer.
+//! listening connection wakes every waiter, ends every observer's watch,
+//! and is made again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
