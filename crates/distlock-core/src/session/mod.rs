@@ -17,7 +17,11 @@ mod multi;
 mod renewal;
 mod request;
 #[cfg(test)]
+mod shaped;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_shaped;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{
