@@ -22,7 +22,8 @@ use crate::MemoryStore;
 /// as a request comes.
 #[derive(Debug, Default)]
 pub(super) struct Script {
-    /// Grants answer this much after the memory store gave them.
+    /// Acquires are sent to the memory store this late (so their answers
+    /// come late; a grant's lease, if it has one, counts from before).
     pub(super) late: Duration,
     /// Grants carry a lease of their own, counted from this long before
     /// their request was sent (zero: from the send).
@@ -145,12 +146,13 @@ impl ShapedSession {
 impl StoreSession for ShapedSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let sent = Instant::now();
-        let granted = self.inner.acquire(request).await?;
         let (late, ago) = {
             let script = self.script();
             (script.late, script.lease_from_ago)
         };
+        // Before the memory store's grant, which a drop must not leave held.
         tokio::time::sleep(late).await;
+        let granted = self.inner.acquire(request).await?;
         Ok(granted.map(|grant| match ago {
             Some(ago) => grant.with_lease_from(sent - ago),
             None => grant,

@@ -84,6 +84,7 @@ async fn lock_all_takes_one_key_at_a_time_where_the_store_says_unsupported() {
         .expect("taken");
     let both = both.expect("both free");
     assert_eq!(both.tokens().len(), 2);
+    assert_eq!(store.calls().acquire_all, 1, "not asked for both at once");
     both.release().await.expect("release");
 
     // Any other failure is the answer.
@@ -92,6 +93,26 @@ async fn lock_all_takes_one_key_at_a_time_where_the_store_says_unsupported() {
     assert_eq!(failed.expect_err("failed").kind(), ErrorKind::Unavailable);
     let other = open(&store, TTL).await;
     assert!(takes(&other, "a").await && takes(&other, "b").await);
+}
+
+/// As applications test: under a paused clock, a wait that the store ends
+/// at its deadline ends there, and is not asked again forever.
+#[tokio::test(start_paused = true)]
+async fn a_wait_under_a_paused_clock_times_out_at_its_deadline() {
+    let store = Shaped::new(|_| {});
+    let (holder, waiter) = (open(&store, TTL).await, open(&store, TTL).await);
+    let _k = holder.lock("k").await.expect("free");
+    let wait = Duration::from_millis(100);
+    let started = Instant::now();
+    let one = waiter.lock("k").wait(wait).await.expect_err("k is held");
+    assert_eq!((one.kind(), started.elapsed()), (ErrorKind::Timeout, wait));
+    let both = waiter.lock_all(["j", "k"]).wait(wait).await;
+    assert_eq!(both.expect_err("k is held").kind(), ErrorKind::Timeout);
+    // One key is a plain acquire, which names it.
+    let single = waiter.lock_all(["k"]).wait(wait).await;
+    let single = single.expect_err("k is held").to_string();
+    assert!(single.contains("'k', one of the 1 keys"), "{single}");
+    assert_eq!(store.calls().acquire_all, 1);
 }
 
 #[tokio::test]
@@ -141,7 +162,7 @@ async fn an_incomplete_lock_all_gives_its_keys_back_before_it_answers() {
     assert!(a.is_some(), "'a' was still held after lock_all answered");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_grant_that_arrives_after_its_lease_is_refused_and_given_back() {
     let store = Shaped::new(|_| {});
     let ttl = Duration::from_millis(200);
@@ -193,7 +214,7 @@ async fn a_hold_ends_at_its_deadline_exactly() {
     assert!(!guard.is_held(), "held at its deadline");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn renewals_move_each_holds_own_lease_on() {
     let store = Shaped::new(|_| {});
     let ttl = Duration::from_millis(300);
@@ -244,43 +265,49 @@ async fn a_release_the_store_calls_not_held_is_not_asked_again() {
     assert_eq!(store.calls().release, 3, "asked a third time");
 }
 
-#[tokio::test]
+// Under a paused clock (as the rest below): the counts are exact. A
+// renewal loop that never sleeps would stop the clock, and the test hang.
+#[tokio::test(start_paused = true)]
 async fn renewals_come_every_third_of_the_ttl() {
     let store = Shaped::new(|_| {});
     let _session = open(&store, Duration::from_millis(600)).await;
-    sleep(Duration::from_millis(100)).await;
+    sleep(Duration::from_millis(199)).await;
     assert_eq!(store.calls().renew, 0, "renewed before a third of the TTL");
-    sleep(Duration::from_millis(1_000)).await;
-    let renewals = store.calls().renew;
-    assert!((2..=8).contains(&renewals), "{renewals} renewals in 1.1 s");
+    sleep(Duration::from_millis(2)).await;
+    assert_eq!(store.calls().renew, 1, "not renewed at a third of the TTL");
+    sleep(Duration::from_millis(800)).await;
+    assert_eq!(store.calls().renew, 5, "renewals in 1,001 ms");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_renewal_is_retried_after_a_tenth_of_the_ttl() {
     let store = Shaped::new(|_| {});
     let session = open(&store, Duration::from_millis(600)).await;
     let guard = session.lock("k").await.expect("free");
     store.script().renew_fails = Some(ErrorKind::Unavailable);
-    // Renewals at 200 ms, then every 60 ms.
+    // Renewals at 200 ms, then every 60 ms: 260, 320, …
     sleep(Duration::from_millis(300)).await;
-    let failed = store.calls().renew;
-    assert!((1..=6).contains(&failed), "{failed} renewals asked");
+    assert_eq!(store.calls().renew, 2, "renewals asked by 300 ms");
     assert!(!session.is_lost(), "a failed renewal is not a loss");
     store.script().renew_fails = None;
     sleep(Duration::from_millis(500)).await;
     assert!(guard.is_held() && !session.is_lost(), "not renewed in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_renewal_that_says_lost_ends_the_session_at_once() {
     let store = Shaped::new(|_| {});
     let session = open(&store, Duration::from_secs(3)).await;
+    let opened = Instant::now();
     let guard = session.lock("k").await.expect("free");
     store.script().renew_fails = Some(ErrorKind::Lost);
     // The first renewal, at 1 s, says so; the lease would last to 2.97 s.
-    timeout(Duration::from_secs(2), guard.lost())
-        .await
-        .expect("lost at the renewal");
+    guard.lost().await;
+    assert_eq!(
+        opened.elapsed(),
+        Duration::from_secs(1),
+        "lost, but not at the renewal"
+    );
     assert!(session.is_lost());
     let after = session.lock("j").try_lock().await.expect_err("lost");
     assert!(after.to_string().contains("a scripted failure"), "{after}");
@@ -321,7 +348,7 @@ async fn dropping_an_open_session_ends_it_at_the_store_once() {
 async fn a_leadership_says_its_name_deadline_and_loss() {
     let store = Shaped::new(|_| {});
     let client = Client::new(Arc::clone(&store) as _);
-    let session = open(&store, Duration::from_millis(300)).await;
+    let session = open(&store, Duration::from_secs(1)).await;
     let leading = session.elect("jobs").value("me").await.expect("elected");
     assert_eq!(leading.name(), "jobs");
     assert!(leading.expires_at().is_some_and(|at| at > Instant::now()));
