@@ -17,11 +17,12 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Pool, TxOpts};
+use mysql_async::{Conn, Pool};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error, server_code};
-use crate::{Tokens, NEXT_TOKEN};
+use crate::Tokens;
 
 /// `ER_LOCK_DEADLOCK` (SQLSTATE 40001): the server rolled this transaction
 /// back to break a deadlock.
@@ -46,6 +47,81 @@ pub(crate) const SETUP: &[&str] = &[
         KEY (holder)
     ) ENGINE=InnoDB",
 ];
+
+/// The grant: one `CALL` per try. `/*TOKENS*/` becomes where the tokens
+/// come from (`seq` or `tbl`), and `/*TOKEN*/` the statements that set `t`
+/// to the next token.
+const ACQUIRE_PROCEDURE: &str = include_str!("lease_acquire.sql");
+
+/// The name [`ACQUIRE_PROCEDURE`] has for a store whose tokens come from
+/// `tokens`, and how to call it.
+fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
+    match tokens {
+        Tokens::Sequence => (
+            "distlock_lease_acquire_seq_v1",
+            "CALL distlock_lease_acquire_seq_v1(?, ?, ?, ?, ?, ?)",
+        ),
+        Tokens::Table => (
+            "distlock_lease_acquire_tbl_v1",
+            "CALL distlock_lease_acquire_tbl_v1(?, ?, ?, ?, ?, ?)",
+        ),
+    }
+}
+
+/// [`ACQUIRE_PROCEDURE`] for a store whose tokens come from `tokens`.
+pub(crate) fn acquire_procedure(tokens: Tokens) -> String {
+    let (source, token) = match tokens {
+        Tokens::Sequence => ("seq", "SET t = NEXTVAL(distlock_token_seq);"),
+        Tokens::Table => (
+            "tbl",
+            "INSERT INTO distlock_tokens (key_hash, token) VALUES (kh, LAST_INSERT_ID(1))
+                ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1);
+            SET t = LAST_INSERT_ID();",
+        ),
+    };
+    ACQUIRE_PROCEDURE
+        .replace("/*TOKENS*/", source)
+        .replace("/*TOKEN*/", token)
+}
+
+/// The server's codes for a privilege the user lacks (database, table,
+/// global, routine).
+const ACCESS_DENIED: [u16; 4] = [1044, 1142, 1227, 1370];
+
+/// `ER_SP_ALREADY_EXISTS`: another client made the procedure first.
+const ER_SP_ALREADY_EXISTS: u16 = 1304;
+
+/// Makes the grant's procedure if the database lacks it. Looked up first:
+/// making it needs the `CREATE ROUTINE` privilege, which a user that only
+/// runs locks need not have once it exists.
+pub(crate) async fn create_procedure(conn: &mut Conn, target: &str, tokens: Tokens) -> Result<()> {
+    let (name, _) = procedure(tokens);
+    let exists: Option<u8> = conn
+        .exec_first(
+            "SELECT 1 FROM information_schema.ROUTINES \
+             WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME = ?",
+            (name,),
+        )
+        .await
+        .map_err(|err| query_error(target, err))?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    // Not `IF NOT EXISTS`, which MySQL before 8.0.29 lacks.
+    match conn.query_drop(acquire_procedure(tokens)).await {
+        Ok(()) => Ok(()),
+        Err(mysql_async::Error::Server(err)) if err.code == ER_SP_ALREADY_EXISTS => Ok(()),
+        Err(mysql_async::Error::Server(err)) if ACCESS_DENIED.contains(&err.code) => {
+            Err(Error::config(format!(
+                "MySQL at {target}: mode=lease needs the procedure {name}, and this user may \
+                 not create it ({}); grant it CREATE ROUTINE on the database, or connect once \
+                 with mode=lease as a user who may",
+                err.message
+            )))
+        }
+        Err(err) => Err(query_error(target, err)),
+    }
+}
 
 /// The columns `status` reads, which a table made by an older version
 /// lacks (its rows have them NULL): the key itself, the owner, the token
@@ -100,7 +176,8 @@ pub(crate) async fn add_status_columns(conn: &mut Conn, target: &str) -> Result<
 pub(crate) struct LeaseSession {
     pool: Pool,
     target: String,
-    tokens: Tokens,
+    /// The grant's `CALL` statement.
+    call: &'static str,
     id: String,
     ttl: Duration,
     /// Written with each hold, for `status`.
@@ -123,7 +200,7 @@ impl LeaseSession {
         LeaseSession {
             pool,
             target,
-            tokens,
+            call: procedure(tokens).1,
             id: format!("{:016x}", rand::random::<u64>()),
             ttl: options.ttl,
             owner: options.owner.clone(),
@@ -155,132 +232,138 @@ impl LeaseSession {
             held.remove(&lock.key);
         }
     }
+}
 
-    /// One try, in one transaction: `Some(token)` if granted.
-    async fn try_acquire(
-        &self,
-        key: &str,
-        mode: &str,
-        permits: u32,
-        holder: &str,
-    ) -> Result<Option<u64>> {
+/// One acquire: what its tries need, owned, so that they run in a task of
+/// their own (a `CALL` once sent runs to its end at the server, even if the
+/// acquire is dropped, and a grant it makes must then be given back).
+struct Attempt {
+    pool: Pool,
+    target: String,
+    call: &'static str,
+    key: String,
+    holder: String,
+    mode: String,
+    permits: u32,
+    ttl_us: u64,
+    owner: String,
+}
+
+impl Attempt {
+    /// Tries until an answer that is not a deadlock the server broke by
+    /// rolling this try back (at most 4 tries); with the send time of the
+    /// last.
+    async fn run(self) -> (Instant, Result<Option<u64>>) {
+        let mut attempts = 0;
+        loop {
+            let sent = Instant::now();
+            match self.once().await {
+                Err(err) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
+                    attempts += 1;
+                }
+                result => return (sent, result),
+            }
+        }
+    }
+
+    /// One try, in one transaction and one round trip
+    /// ([`ACQUIRE_PROCEDURE`]): `Some(token)` if granted.
+    async fn once(&self) -> Result<Option<u64>> {
         // Read committed, set for the pool's connections.
         let mut conn = pooled(&self.pool, &self.target).await?;
-        let mut tx = conn
-            .start_transaction(TxOpts::default())
-            .await
-            .map_err(|err| self.error(err))?;
-        let run = async {
-            // Locks the key's row at once (an INSERT IGNORE then a SELECT
-            // … FOR UPDATE would take a shared lock first, and two acquires
-            // upgrading theirs deadlock).
-            tx.exec_drop(
-                "INSERT INTO distlock_keys (key_hash) VALUES (UNHEX(SHA2(?, 256)))
-                 ON DUPLICATE KEY UPDATE key_hash = key_hash",
-                (key,),
-            )
-            .await?;
-            tx.exec_drop(
-                "DELETE FROM distlock_leases
-                 WHERE key_hash = UNHEX(SHA2(?, 256)) AND expires_at <= UTC_TIMESTAMP(6)",
-                (key,),
-            )
-            .await?;
-            let holders: Vec<String> = tx
-                .exec(
-                    "SELECT mode FROM distlock_leases WHERE key_hash = UNHEX(SHA2(?, 256))",
-                    (key,),
-                )
-                .await?;
-            Ok::<_, mysql_async::Error>(holders)
-        };
-        let holders = run.await.map_err(|err| self.error(err))?;
-        if let Some(held) = holders.first() {
-            if mode.starts_with('p') && held.starts_with('p') && held != mode {
-                return Err(Error::new(
+        let params = (
+            &self.key,
+            &self.holder,
+            &self.mode,
+            self.permits,
+            self.ttl_us,
+            &self.owner,
+        );
+        let answer: Option<(Option<u64>, Option<String>)> =
+            match conn.exec_first(self.call, params).await {
+                Ok(answer) => answer,
+                Err(err) => {
+                    // A `KILL QUERY` ends the procedure without its handler's
+                    // rollback; the pool does not reset its connections.
+                    let _ = conn.query_drop("ROLLBACK").await;
+                    return Err(call_error(&self.target, err));
+                }
+            };
+        let (key, mode, permits) = (&self.key, &self.mode, self.permits);
+        match answer {
+            Some((Some(token), _)) => Ok(Some(token)),
+            Some((None, Some(held)))
+                if mode.starts_with('p') && held.starts_with('p') && held != *mode =>
+            {
+                Err(Error::new(
                     ErrorKind::Conflict,
                     format!(
                         "cannot lock '{key}' as asked: the semaphore is held with {} permits, \
                          not {permits}",
                         &held[1..]
                     ),
-                ));
+                ))
             }
+            Some((None, _)) => Ok(None),
+            None => Err(Error::store(format!(
+                "MySQL at {} answered an acquire with no row",
+                self.target
+            ))),
         }
-        let free = holders.is_empty()
-            || (mode == "s" && holders.iter().all(|held| held == "s"))
-            || (mode.starts_with('p')
-                && holders.iter().all(|held| held == mode)
-                && holders.len() < permits as usize);
-        if !free {
-            // Dropping the transaction rolls it back.
-            return Ok(None);
+    }
+}
+
+/// `ER_PROCACCESS_DENIED_ERROR`: the user may not run the procedure.
+const ER_PROCACCESS_DENIED: u16 = 1370;
+
+fn call_error(target: &str, err: mysql_async::Error) -> Error {
+    match &err {
+        mysql_async::Error::Server(server) if server.code == ER_PROCACCESS_DENIED => {
+            Error::config(format!(
+                "MySQL at {target}: this user may not run distlock's acquire procedure ({}); \
+                 grant it EXECUTE on the database",
+                server.message
+            ))
+            .with_source(err)
         }
-        // The token first, so that the row keeps it; the key's row lock
-        // orders the grants of a key either way.
-        let grant = async {
-            let token: Option<u64> = match self.tokens {
-                Tokens::Sequence => tx.query_first("SELECT NEXTVAL(distlock_token_seq)").await?,
-                Tokens::Table => {
-                    tx.exec_drop(NEXT_TOKEN, (key,)).await?;
-                    tx.last_insert_id()
-                }
-            };
-            let Some(token) = token else {
-                return Ok(None);
-            };
-            tx.exec_drop(
-                "INSERT INTO distlock_leases
-                 (key_hash, holder, mode, expires_at, lock_key, owner, token, granted_at)
-                 VALUES (UNHEX(SHA2(?, 256)), ?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND,
-                         ?, ?, ?, UTC_TIMESTAMP(6))",
-                (key, holder, mode, micros(self.ttl), key, &self.owner, token),
-            )
-            .await?;
-            tx.commit().await?;
-            Ok::<_, mysql_async::Error>(Some(token))
-        };
-        let token = grant.await.map_err(|err| self.error(err))?;
-        token
-            .map(Some)
-            .ok_or_else(|| Error::store(format!("MySQL at {} returned no token", self.target)))
+        _ => query_error(target, err),
     }
 }
 
 #[async_trait]
 impl StoreSession for LeaseSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
-        let (mode, permits) = (request.mode.tag(), request.mode.permits());
         let holder = format!("{}|{:016x}", self.id, rand::random::<u64>());
-        // Dropped, or failed, after the commit was sent, the hold may be
-        // there: it is given back by its unique name.
+        let attempt = Attempt {
+            pool: self.pool.clone(),
+            target: self.target.clone(),
+            call: self.call,
+            key: request.key.clone(),
+            holder: holder.clone(),
+            mode: request.mode.tag(),
+            permits: request.mode.permits(),
+            ttl_us: micros(self.ttl),
+            owner: self.owner.clone(),
+        };
+        // Dropped before the answer, or failed, the hold may be there: it
+        // is given back by its unique name once the tries end.
         let mut undo = Undo {
             pool: self.pool.clone(),
             holder: holder.clone(),
-            armed: true,
+            attempt: Some(tokio::spawn(attempt.run())),
         };
-        let mut attempts = 0;
-        let (sent, granted) = loop {
-            let sent = Instant::now();
-            match self
-                .try_acquire(&request.key, &mode, permits, &holder)
-                .await
-            {
-                Ok(granted) => break (sent, granted),
-                // A deadlock the server broke by rolling this one back.
-                Err(err) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
-                    attempts += 1
-                }
-                // The key's row stayed locked (a client gone mid-transaction):
-                // busy for now.
-                Err(err) if server_code(&err) == Some(ER_LOCK_WAIT_TIMEOUT) => {
-                    undo.armed = false;
-                    return Ok(None);
-                }
-                Err(err) => return Err(err),
-            }
+        let running = undo.attempt.as_mut().expect("just spawned");
+        let (sent, granted) = running
+            .await
+            .map_err(|err| Error::store(format!("an acquire's task failed: {err}")))?;
+        let granted = match granted {
+            Ok(granted) => granted,
+            // The key's row stayed locked (a client gone mid-transaction):
+            // busy for now.
+            Err(err) if server_code(&err) == Some(ER_LOCK_WAIT_TIMEOUT) => None,
+            Err(err) => return Err(err),
         };
-        undo.armed = false;
+        undo.attempt = None;
         Ok(granted.map(|token| {
             self.held().insert(request.key.clone(), (token, holder));
             Grant::new(token).with_lease_from(sent)
@@ -368,25 +451,83 @@ impl StoreSession for LeaseSession {
 }
 
 /// Gives back, in the background, a hold whose acquire was dropped or
-/// failed after it may have committed.
+/// failed: once its tries end, its row (if any) is deleted by name.
 struct Undo {
     pool: Pool,
     holder: String,
-    armed: bool,
+    attempt: Option<JoinHandle<(Instant, Result<Option<u64>>)>>,
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
-        if !self.armed {
+        let Some(attempt) = self.attempt.take() else {
             return;
-        }
+        };
         let (pool, holder) = (self.pool.clone(), std::mem::take(&mut self.holder));
         spawn_cleanup(async move {
+            let _ = attempt.await;
             if let Ok(mut conn) = pool.get_conn().await {
                 let _ = conn
                     .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
                     .await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mysql_async::prelude::Queryable;
+
+    use super::{create_procedure, procedure};
+    use crate::{MysqlStore, Tokens};
+
+    /// One `CALL` of the table-token procedure: (token, a held mode).
+    async fn try_as(
+        conn: &mut mysql_async::Conn,
+        key: &str,
+        holder: &str,
+        mode: &str,
+    ) -> (Option<u64>, Option<String>) {
+        let call = procedure(Tokens::Table).1;
+        let permits = u32::from(mode == "p2") * 2;
+        conn.exec_first(call, (key, holder, mode, permits, 5_000_000_u64, "test"))
+            .await
+            .expect("call")
+            .expect("a row")
+    }
+
+    /// The test server has sequences, so the suite runs the `seq` body;
+    /// this runs the other one (MySQL's, and Galera's) on the same tables.
+    #[tokio::test]
+    async fn the_token_table_procedure_grants_with_rising_tokens() {
+        let url = distlock_testkit::servers::Mariadb::shared().url();
+        MysqlStore::connect(&format!("{url}?mode=lease"))
+            .await
+            .expect("connect, making the tables");
+        let opts = mysql_async::Opts::from_url(&url).expect("url");
+        let mut conn = mysql_async::Conn::new(opts).await.expect("connect");
+        create_procedure(&mut conn, "test", Tokens::Table)
+            .await
+            .expect("make the procedure");
+        // Again, as a second client would: it is there.
+        create_procedure(&mut conn, "test", Tokens::Table)
+            .await
+            .expect("find the procedure");
+        let key = format!("tbl-{:x}", rand::random::<u64>());
+        let (first, _) = try_as(&mut conn, &key, "a", "x").await;
+        let first = first.expect("granted");
+        assert_eq!(
+            try_as(&mut conn, &key, "b", "x").await,
+            (None, Some("x".to_owned())),
+            "busy"
+        );
+        let (_, held) = try_as(&mut conn, &key, "c", "p2").await;
+        assert_eq!(held.as_deref(), Some("x"), "busy, held exclusively");
+        conn.exec_drop("DELETE FROM distlock_leases WHERE holder = 'a'", ())
+            .await
+            .expect("release");
+        let (second, _) = try_as(&mut conn, &key, "b", "x").await;
+        assert!(second.expect("granted") > first, "tokens did not rise");
     }
 }

@@ -169,6 +169,8 @@ impl MysqlStore {
                         // No gap locks: acquires of different keys never
                         // wait for each other.
                         "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                        // Releases and renewals are single statements.
+                        "SET SESSION autocommit = 1",
                     ]),
             )
         });
@@ -203,6 +205,7 @@ impl MysqlStore {
                         .map_err(|err| connect::query_error(&store.target, err))?;
                 }
                 lease::add_status_columns(&mut conn, &store.target).await?;
+                lease::create_procedure(&mut conn, &store.target, tokens).await?;
             }
             Ok::<_, Error>(tokens)
         };
