@@ -40,7 +40,7 @@ async fn a_store_without_shared_locks_or_semaphores_refuses_them() {
     assert!(permits.to_string().contains("semaphores"), "{permits}");
 }
 
-/// Gives `key` back from `holder` after 100 ms.
+/// Releases `guard` after 100 ms, in a task of its own.
 fn release_soon(guard: crate::Guard) {
     tokio::spawn(async move {
         sleep(Duration::from_millis(100)).await;
