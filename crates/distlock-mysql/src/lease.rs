@@ -18,7 +18,7 @@ use distlock_core::store::{
 use distlock_core::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error, server_code};
@@ -345,17 +345,27 @@ impl StoreSession for LeaseSession {
             ttl_us: micros(self.ttl),
             owner: self.owner.clone(),
         };
-        // Dropped before the answer, or failed, the hold may be there: it
-        // is given back by its unique name once the tries end.
+        // Failed, or dropped after the tries ended, the hold may be there:
+        // it is given back by its unique name. Dropped before they ended,
+        // the task gives it back once they do.
         let mut undo = Undo {
             pool: self.pool.clone(),
             holder: holder.clone(),
-            attempt: Some(tokio::spawn(attempt.run())),
+            armed: true,
         };
-        let running = undo.attempt.as_mut().expect("just spawned");
-        let (sent, granted) = running
+        let (answer, answered) = oneshot::channel();
+        let (pool, name) = (self.pool.clone(), holder.clone());
+        tokio::spawn(async move {
+            let outcome = attempt.run().await;
+            if let Err((_, result)) = answer.send(outcome) {
+                if !matches!(result, Ok(None)) {
+                    delete_holder(&pool, name).await;
+                }
+            }
+        });
+        let (sent, granted) = answered
             .await
-            .map_err(|err| Error::store(format!("an acquire's task failed: {err}")))?;
+            .map_err(|_| Error::store("an acquire's task ended without an answer"))?;
         let granted = match granted {
             Ok(granted) => granted,
             // The key's row stayed locked (a client gone mid-transaction):
@@ -363,7 +373,7 @@ impl StoreSession for LeaseSession {
             Err(err) if server_code(&err) == Some(ER_LOCK_WAIT_TIMEOUT) => None,
             Err(err) => return Err(err),
         };
-        undo.attempt = None;
+        undo.armed = false;
         Ok(granted.map(|token| {
             self.held().insert(request.key.clone(), (token, holder));
             Grant::new(token).with_lease_from(sent)
@@ -450,28 +460,30 @@ impl StoreSession for LeaseSession {
     }
 }
 
-/// Gives back, in the background, a hold whose acquire was dropped or
-/// failed: once its tries end, its row (if any) is deleted by name.
+/// Deletes the hold named `holder`, if there is one.
+async fn delete_holder(pool: &Pool, holder: String) {
+    if let Ok(mut conn) = pool.get_conn().await {
+        let _ = conn
+            .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
+            .await;
+    }
+}
+
+/// Gives back, in the background, a hold whose acquire failed or was
+/// dropped: its row (if any) is deleted by name.
 struct Undo {
     pool: Pool,
     holder: String,
-    attempt: Option<JoinHandle<(Instant, Result<Option<u64>>)>>,
+    armed: bool,
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
-        let Some(attempt) = self.attempt.take() else {
+        if !self.armed {
             return;
-        };
+        }
         let (pool, holder) = (self.pool.clone(), std::mem::take(&mut self.holder));
-        spawn_cleanup(async move {
-            let _ = attempt.await;
-            if let Ok(mut conn) = pool.get_conn().await {
-                let _ = conn
-                    .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
-                    .await;
-            }
-        });
+        spawn_cleanup(async move { delete_holder(&pool, holder).await });
     }
 }
 
@@ -529,5 +541,47 @@ mod tests {
             .expect("release");
         let (second, _) = try_as(&mut conn, &key, "b", "x").await;
         assert!(second.expect("granted") > first, "tokens did not rise");
+    }
+}
+
+/// The clean-up of a failed acquire runs to its end: it must not panic
+/// (as one that polled its finished task again did).
+#[cfg(test)]
+mod cleanup {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use distlock_core::{Client, ErrorKind};
+
+    use crate::MysqlStore;
+
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_acquire_gives_back_without_a_panic() {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+        let url = distlock_testkit::servers::Mariadb::shared().url();
+        let store = MysqlStore::connect(&format!("{url}?mode=lease"))
+            .await
+            .expect("connect");
+        let client = Client::new(Arc::new(store));
+        let (a, b) = (
+            client.session().open().await.expect("open"),
+            client.session().open().await.expect("open"),
+        );
+        let key = format!("cleanup-{:x}", rand::random::<u64>());
+        let _held = a.semaphore(&key, 2).await.expect("free");
+        let refused = b.semaphore(&key, 3).try_lock().await;
+        assert_eq!(
+            refused.expect_err("other permits").kind(),
+            ErrorKind::Conflict
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a clean-up task panicked");
     }
 }
