@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::store::lock;
+use distlock_core::store::{lock, Backoff};
 use distlock_core::store::{
     release_outcome, spawn_cleanup, AcquireRequest, Grant, HeldLock, RenewReport, SessionOptions,
     StoreSession,
@@ -252,25 +252,48 @@ struct Attempt {
 impl Attempt {
     /// Tries until an answer that is not a deadlock the server broke by
     /// rolling this try back (at most 4 tries); with the send time of the
-    /// last.
-    async fn run(self) -> (Instant, Result<Option<u64>>) {
+    /// last, and the server thread of a `CALL` whose connection broke (it
+    /// may still be running there, and commit).
+    async fn run(&self) -> (Instant, Result<Option<u64>>, Option<u32>) {
         let mut attempts = 0;
         loop {
             let sent = Instant::now();
             match self.once().await {
-                Err(err) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
+                (Err(err), _) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
                     attempts += 1;
                 }
-                result => return (sent, result),
+                (result, unsettled) => return (sent, result, unsettled),
             }
         }
     }
 
+    /// Runs the tries, hands their outcome to the acquire, and gives the
+    /// hold back by name if the acquire is gone or the tries failed, once
+    /// no `CALL` of theirs can still commit.
+    async fn run_and_settle(self, answer: oneshot::Sender<(Instant, Result<Option<u64>>)>) {
+        let (sent, result, unsettled) = self.run().await;
+        let failed = result.is_err();
+        let give_back = match answer.send((sent, result)) {
+            Err((_, result)) => !matches!(result, Ok(None)),
+            Ok(()) => failed,
+        };
+        if give_back {
+            if let Some(thread) = unsettled {
+                settle(&self.pool, thread).await;
+            }
+            delete_holder(&self.pool, &self.holder).await;
+        }
+    }
+
     /// One try, in one transaction and one round trip
-    /// ([`ACQUIRE_PROCEDURE`]): `Some(token)` if granted.
-    async fn once(&self) -> Result<Option<u64>> {
+    /// ([`ACQUIRE_PROCEDURE`]): `Some(token)` if granted; with the server
+    /// thread of the `CALL` if its connection broke.
+    async fn once(&self) -> (Result<Option<u64>>, Option<u32>) {
         // Read committed, set for the pool's connections.
-        let mut conn = pooled(&self.pool, &self.target).await?;
+        let mut conn = match pooled(&self.pool, &self.target).await {
+            Ok(conn) => conn,
+            Err(err) => return (Err(err), None),
+        };
         let params = (
             &self.key,
             &self.holder,
@@ -283,12 +306,18 @@ impl Attempt {
             match conn.exec_first(self.call, params).await {
                 Ok(answer) => answer,
                 Err(err) => {
+                    let unsettled = err.is_fatal().then(|| conn.id());
                     // A `KILL QUERY` ends the procedure without its handler's
                     // rollback; the pool does not reset its connections.
                     let _ = conn.query_drop("ROLLBACK").await;
-                    return Err(call_error(&self.target, err));
+                    return (Err(call_error(&self.target, err)), unsettled);
                 }
             };
+        (self.answer(answer), None)
+    }
+
+    /// What the procedure's answer row means.
+    fn answer(&self, answer: Option<(Option<u64>, Option<String>)>) -> Result<Option<u64>> {
         let (key, mode, permits) = (&self.key, &self.mode, self.permits);
         match answer {
             Some((Some(token), _)) => Ok(Some(token)),
@@ -345,27 +374,20 @@ impl StoreSession for LeaseSession {
             ttl_us: micros(self.ttl),
             owner: self.owner.clone(),
         };
-        // Failed, or dropped after the tries ended, the hold may be there:
-        // it is given back by its unique name. Dropped before they ended,
-        // the task gives it back once they do.
+        // The task gives the hold back if the tries fail, or if this
+        // acquire is dropped before their outcome; `undo`, if it is dropped
+        // after (a grant then committed before the outcome was sent).
         let mut undo = Undo {
             pool: self.pool.clone(),
             holder: holder.clone(),
             armed: true,
         };
         let (answer, answered) = oneshot::channel();
-        let (pool, name) = (self.pool.clone(), holder.clone());
-        tokio::spawn(async move {
-            let outcome = attempt.run().await;
-            if let Err((_, result)) = answer.send(outcome) {
-                if !matches!(result, Ok(None)) {
-                    delete_holder(&pool, name).await;
-                }
-            }
-        });
+        tokio::spawn(attempt.run_and_settle(answer));
         let (sent, granted) = answered
             .await
             .map_err(|_| Error::store("an acquire's task ended without an answer"))?;
+        undo.armed = false;
         let granted = match granted {
             Ok(granted) => granted,
             // The key's row stayed locked (a client gone mid-transaction):
@@ -373,7 +395,6 @@ impl StoreSession for LeaseSession {
             Err(err) if server_code(&err) == Some(ER_LOCK_WAIT_TIMEOUT) => None,
             Err(err) => return Err(err),
         };
-        undo.armed = false;
         Ok(granted.map(|token| {
             self.held().insert(request.key.clone(), (token, holder));
             Grant::new(token).with_lease_from(sent)
@@ -460,17 +481,57 @@ impl StoreSession for LeaseSession {
     }
 }
 
-/// Deletes the hold named `holder`, if there is one.
-async fn delete_holder(pool: &Pool, holder: String) {
-    if let Ok(mut conn) = pool.get_conn().await {
-        let _ = conn
-            .exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
-            .await;
+/// Deletes the hold named `holder`, if there is one: asked up to 5 times
+/// over about 6 s, then left to run out with its lease, with a warning.
+async fn delete_holder(pool: &Pool, holder: &str) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
+    for _ in 0..5 {
+        let deleted = async {
+            let mut conn = pool.get_conn().await?;
+            conn.exec_drop("DELETE FROM distlock_leases WHERE holder = ?", (holder,))
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), deleted).await {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => tracing::debug!(holder, "giving back a hold: {err}"),
+            Err(_) => tracing::debug!(holder, "giving back a hold: no answer in 5 s"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    tracing::warn!(holder, "could not give back a hold; it ends with its lease");
+}
+
+/// Waits until the server thread `thread`, whose connection broke during
+/// a `CALL`, has ended (asked to end, and at most 30 s), so that the
+/// `CALL` can no longer commit.
+async fn settle(pool: &Pool, thread: u32) {
+    let ended = async {
+        let mut conn = pool.get_conn().await?;
+        // Unknown thread (already gone) is fine.
+        let _ = conn.exec_drop("KILL CONNECTION ?", (thread,)).await;
+        loop {
+            let running: Option<u8> = conn
+                .exec_first(
+                    "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = ?",
+                    (thread,),
+                )
+                .await?;
+            if running.is_none() {
+                return Ok::<_, mysql_async::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(30), ended).await,
+        Ok(Ok(()))
+    ) {
+        tracing::debug!(thread, "a broken CALL's thread did not end in sight");
     }
 }
 
-/// Gives back, in the background, a hold whose acquire failed or was
-/// dropped: its row (if any) is deleted by name.
+/// Gives back, in the background, the hold of an acquire dropped while
+/// its outcome waited to be read: its row (if any) is deleted by name.
 struct Undo {
     pool: Pool,
     holder: String,
@@ -483,7 +544,7 @@ impl Drop for Undo {
             return;
         }
         let (pool, holder) = (self.pool.clone(), std::mem::take(&mut self.holder));
-        spawn_cleanup(async move { delete_holder(&pool, holder).await });
+        spawn_cleanup(async move { delete_holder(&pool, &holder).await });
     }
 }
 
@@ -582,6 +643,9 @@ mod cleanup {
             ErrorKind::Conflict
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a clean-up task panicked");
+        let panics = PANICS.load(Ordering::SeqCst);
+        // The default hook again, for the tests after this one.
+        drop(std::panic::take_hook());
+        assert_eq!(panics, 0, "a clean-up task panicked");
     }
 }

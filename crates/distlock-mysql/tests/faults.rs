@@ -203,3 +203,69 @@ async fn a_key_row_locked_by_a_stray_transaction_is_busy_not_an_error() {
         "free again once the stray transaction ends"
     );
 }
+
+/// A lease acquire whose connection breaks while its `CALL` still runs at
+/// the server (here: waiting for the key's row) leaves no hold behind: the
+/// `CALL` is ended before its hold is given back, so it cannot commit one
+/// after the give-back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
+    use mysql_async::prelude::Queryable;
+
+    let server = Mariadb::shared();
+    let proxy = distlock_testkit::proxy::Proxy::start(
+        format!("127.0.0.1:{}", server.port())
+            .parse()
+            .expect("addr"),
+    )
+    .await;
+    let via_proxy = format!(
+        "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DATABASE}?mode=lease",
+        proxy.port()
+    );
+    let client = client(&via_proxy).await;
+    let key = format!("faults/cut-mid-call-{:x}", rand::random::<u64>());
+    // A transaction that holds the key's row, so the CALL waits for it.
+    let direct = mysql_async::Opts::from_url(&server.url()).expect("url");
+    let mut blocker = mysql_async::Conn::new(direct.clone())
+        .await
+        .expect("connect");
+    blocker
+        .query_drop("START TRANSACTION")
+        .await
+        .expect("begin");
+    blocker
+        .exec_drop(
+            "INSERT INTO distlock_keys (key_hash) VALUES (UNHEX(SHA2(?, 256)))
+             ON DUPLICATE KEY UPDATE key_hash = key_hash",
+            (&key,),
+        )
+        .await
+        .expect("lock the key's row");
+    let session = client.session().ttl(Duration::from_secs(30)).open().await;
+    let session = session.expect("open");
+    let acquire = tokio::spawn({
+        let key = key.clone();
+        async move { session.lock(&key).try_lock().await.map(|g| g.is_some()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.reset();
+    let cut = timeout(Duration::from_secs(5), acquire).await;
+    assert!(
+        cut.expect("answered").expect("task").is_err(),
+        "not cut off"
+    );
+    // Within the CALL's 1 s lock wait: a CALL still running now commits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.query_drop("COMMIT").await.expect("commit");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut check = mysql_async::Conn::new(direct).await.expect("connect");
+    let left: Option<u64> = check
+        .exec_first(
+            "SELECT COUNT(*) FROM distlock_leases WHERE key_hash = UNHEX(SHA2(?, 256))",
+            (&key,),
+        )
+        .await
+        .expect("count");
+    assert_eq!(left, Some(0), "a hold was left behind");
+}
