@@ -252,9 +252,8 @@ struct Attempt {
 impl Attempt {
     /// Tries until an answer that is not a deadlock the server broke by
     /// rolling this try back (at most 4 tries); with the send time of the
-    /// last, and the server thread of a `CALL` whose connection broke (it
-    /// may still be running there, and commit).
-    async fn run(&self) -> (Instant, Result<Option<u64>>, Option<u32>) {
+    /// last, and what became of its `CALL`.
+    async fn run(&self) -> (Instant, Result<Option<u64>>, Call) {
         let mut attempts = 0;
         loop {
             let sent = Instant::now();
@@ -262,37 +261,39 @@ impl Attempt {
                 (Err(err), _) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
                     attempts += 1;
                 }
-                (result, unsettled) => return (sent, result, unsettled),
+                (result, call) => return (sent, result, call),
             }
         }
     }
 
     /// Runs the tries, hands their outcome to the acquire, and gives the
-    /// hold back by name if the acquire is gone or the tries failed, once
-    /// no `CALL` of theirs can still commit.
+    /// hold back by name if the acquire is gone, or if a `CALL` that was
+    /// sent failed: at once, and again once a `CALL` whose connection broke
+    /// can no longer commit ([`SETTLED_AFTER`]).
     async fn run_and_settle(self, answer: oneshot::Sender<(Instant, Result<Option<u64>>)>) {
-        let (sent, result, unsettled) = self.run().await;
+        let (sent, result, call) = self.run().await;
         let failed = result.is_err();
         let give_back = match answer.send((sent, result)) {
             Err((_, result)) => !matches!(result, Ok(None)),
-            Ok(()) => failed,
+            Ok(()) => failed && call != Call::NotSent,
         };
         if give_back {
-            if let Some(thread) = unsettled {
-                settle(&self.pool, thread).await;
-            }
             delete_holder(&self.pool, &self.holder).await;
+            if call == Call::Cut {
+                tokio::time::sleep(SETTLED_AFTER).await;
+                delete_holder(&self.pool, &self.holder).await;
+            }
         }
     }
 
     /// One try, in one transaction and one round trip
-    /// ([`ACQUIRE_PROCEDURE`]): `Some(token)` if granted; with the server
-    /// thread of the `CALL` if its connection broke.
-    async fn once(&self) -> (Result<Option<u64>>, Option<u32>) {
+    /// ([`ACQUIRE_PROCEDURE`]): `Some(token)` if granted; with what became
+    /// of its `CALL`.
+    async fn once(&self) -> (Result<Option<u64>>, Call) {
         // Read committed, set for the pool's connections.
         let mut conn = match pooled(&self.pool, &self.target).await {
             Ok(conn) => conn,
-            Err(err) => return (Err(err), None),
+            Err(err) => return (Err(err), Call::NotSent),
         };
         let params = (
             &self.key,
@@ -306,14 +307,18 @@ impl Attempt {
             match conn.exec_first(self.call, params).await {
                 Ok(answer) => answer,
                 Err(err) => {
-                    let unsettled = err.is_fatal().then(|| conn.id());
+                    let call = if err.is_fatal() {
+                        Call::Cut
+                    } else {
+                        Call::Answered
+                    };
                     // A `KILL QUERY` ends the procedure without its handler's
                     // rollback; the pool does not reset its connections.
                     let _ = conn.query_drop("ROLLBACK").await;
-                    return (Err(call_error(&self.target, err)), unsettled);
+                    return (Err(call_error(&self.target, err)), call);
                 }
             };
-        (self.answer(answer), None)
+        (self.answer(answer), Call::Answered)
     }
 
     /// What the procedure's answer row means.
@@ -375,8 +380,9 @@ impl StoreSession for LeaseSession {
             owner: self.owner.clone(),
         };
         // The task gives the hold back if the tries fail, or if this
-        // acquire is dropped before their outcome; `undo`, if it is dropped
-        // after (a grant then committed before the outcome was sent).
+        // acquire is dropped before their outcome is sent; `undo`, if it is
+        // dropped while waiting for it (needed once it was sent: a grant
+        // committed before; harmless before).
         let mut undo = Undo {
             pool: self.pool.clone(),
             holder: holder.clone(),
@@ -501,34 +507,29 @@ async fn delete_holder(pool: &Pool, holder: &str) {
     tracing::warn!(holder, "could not give back a hold; it ends with its lease");
 }
 
-/// Waits until the server thread `thread`, whose connection broke during
-/// a `CALL`, has ended (asked to end, and at most 30 s), so that the
-/// `CALL` can no longer commit.
-async fn settle(pool: &Pool, thread: u32) {
-    let ended = async {
-        let mut conn = pool.get_conn().await?;
-        // Unknown thread (already gone) is fine.
-        let _ = conn.exec_drop("KILL CONNECTION ?", (thread,)).await;
-        loop {
-            let running: Option<u8> = conn
-                .exec_first(
-                    "SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = ?",
-                    (thread,),
-                )
-                .await?;
-            if running.is_none() {
-                return Ok::<_, mysql_async::Error>(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    if !matches!(
-        tokio::time::timeout(Duration::from_secs(30), ended).await,
-        Ok(Ok(()))
-    ) {
-        tracing::debug!(thread, "a broken CALL's thread did not end in sight");
-    }
+/// What became of a try's `CALL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Never sent (no connection): it holds nothing.
+    NotSent,
+    /// The server answered: it has ended.
+    Answered,
+    /// Its connection broke: the server may still be running it, and may
+    /// commit a hold after a give-back.
+    Cut,
 }
+
+/// How long a `CALL` whose connection broke may still run at the server:
+/// its waits for the key's row (`innodb_lock_wait_timeout`) and for a
+/// table's metadata lock (`lock_wait_timeout`), both set on the lease
+/// pool's connections, and a margin for the rest.
+const SETTLED_AFTER: Duration = Duration::from_secs(ROW_LOCK_WAIT_S + TABLE_LOCK_WAIT_S + 2);
+
+/// `innodb_lock_wait_timeout` of the lease pool's connections, in seconds.
+pub(crate) const ROW_LOCK_WAIT_S: u64 = 1;
+
+/// `lock_wait_timeout` of the lease pool's connections, in seconds.
+pub(crate) const TABLE_LOCK_WAIT_S: u64 = 2;
 
 /// Gives back, in the background, the hold of an acquire dropped while
 /// its outcome waited to be read: its row (if any) is deleted by name.

@@ -164,13 +164,22 @@ impl MysqlStore {
                     // 16: MySQL allows 16,382 in all by default).
                     .pool_opts(opts.pool_opts().clone().with_reset_connection(false))
                     .stmt_cache_size(16)
+                    // Both waits bounded, so that a grant whose connection
+                    // broke ends in time (`lease::SETTLED_AFTER`).
                     .setup(vec![
-                        "SET SESSION innodb_lock_wait_timeout = 1",
+                        format!(
+                            "SET SESSION innodb_lock_wait_timeout = {}",
+                            lease::ROW_LOCK_WAIT_S
+                        ),
+                        format!(
+                            "SET SESSION lock_wait_timeout = {}",
+                            lease::TABLE_LOCK_WAIT_S
+                        ),
                         // No gap locks: acquires of different keys never
                         // wait for each other.
-                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
                         // Releases and renewals are single statements.
-                        "SET SESSION autocommit = 1",
+                        "SET SESSION autocommit = 1".to_owned(),
                     ]),
             )
         });

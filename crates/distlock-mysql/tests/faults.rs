@@ -205,9 +205,9 @@ async fn a_key_row_locked_by_a_stray_transaction_is_busy_not_an_error() {
 }
 
 /// A lease acquire whose connection breaks while its `CALL` still runs at
-/// the server (here: waiting for the key's row) leaves no hold behind: the
-/// `CALL` is ended before its hold is given back, so it cannot commit one
-/// after the give-back.
+/// the server (here: waiting for the key's row) leaves no hold behind once
+/// that `CALL` can no longer commit: it may commit one after the acquire's
+/// first give-back, and the second takes it away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
     use mysql_async::prelude::Queryable;
@@ -248,19 +248,42 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
         let key = key.clone();
         async move { session.lock(&key).try_lock().await.map(|g| g.is_some()) }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Cut once the CALL waits for the row.
+    let mut watcher = mysql_async::Conn::new(direct.clone())
+        .await
+        .expect("connect");
+    let waiting = async {
+        loop {
+            let waits: Option<u64> = watcher
+                .query_first(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                     WHERE ID <> CONNECTION_ID() AND COMMAND <> 'Sleep' \
+                     AND (INFO LIKE '%distlock_lease_acquire%' OR INFO LIKE '%distlock_keys%')",
+                )
+                .await
+                .expect("read");
+            if waits.unwrap_or(0) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the CALL waits");
     proxy.reset();
     let cut = timeout(Duration::from_secs(5), acquire).await;
     assert!(
         cut.expect("answered").expect("task").is_err(),
         "not cut off"
     );
-    // Within the CALL's 1 s lock wait: a CALL still running now commits.
+    // After the acquire's first give-back, but within the CALL's 1 s wait:
+    // the CALL goes on, and commits its hold. (Later, or on a slow machine,
+    // the test proves less, and still passes.)
     tokio::time::sleep(Duration::from_millis(300)).await;
     blocker.query_drop("COMMIT").await.expect("commit");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut check = mysql_async::Conn::new(direct).await.expect("connect");
-    let left: Option<u64> = check
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let left: Option<u64> = watcher
         .exec_first(
             "SELECT COUNT(*) FROM distlock_leases WHERE key_hash = UNHEX(SHA2(?, 256))",
             (&key,),
