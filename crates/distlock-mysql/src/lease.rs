@@ -48,9 +48,9 @@ pub(crate) const SETUP: &[&str] = &[
     ) ENGINE=InnoDB",
 ];
 
-/// The grant: one `CALL` per try. `/*TOKENS*/` becomes where the tokens
-/// come from (`seq` or `tbl`), and `/*TOKEN*/` the statements that set `t`
-/// to the next token.
+/// The grant: one `CALL` per try. `/*NAME*/` becomes its name, and
+/// `/*TOKEN*/` the statements that set `t` to the next token, both by where
+/// the tokens come from.
 const ACQUIRE_PROCEDURE: &str = include_str!("lease_acquire.sql");
 
 /// The name [`ACQUIRE_PROCEDURE`] has for a store whose tokens come from
@@ -70,17 +70,16 @@ fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
 
 /// [`ACQUIRE_PROCEDURE`] for a store whose tokens come from `tokens`.
 pub(crate) fn acquire_procedure(tokens: Tokens) -> String {
-    let (source, token) = match tokens {
-        Tokens::Sequence => ("seq", "SET t = NEXTVAL(distlock_token_seq);"),
-        Tokens::Table => (
-            "tbl",
+    let token = match tokens {
+        Tokens::Sequence => "SET t = NEXTVAL(distlock_token_seq);",
+        Tokens::Table => {
             "INSERT INTO distlock_tokens (key_hash, token) VALUES (kh, LAST_INSERT_ID(1))
                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1);
-            SET t = LAST_INSERT_ID();",
-        ),
+            SET t = LAST_INSERT_ID();"
+        }
     };
     ACQUIRE_PROCEDURE
-        .replace("/*TOKENS*/", source)
+        .replace("/*NAME*/", procedure(tokens).0)
         .replace("/*TOKEN*/", token)
 }
 

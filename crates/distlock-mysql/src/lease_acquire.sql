@@ -1,4 +1,4 @@
-CREATE PROCEDURE distlock_lease_acquire_/*TOKENS*/_v1(
+CREATE PROCEDURE /*NAME*/(
     IN k VARBINARY(1024),
     IN h VARCHAR(64),
     IN m VARCHAR(16),

@@ -92,8 +92,12 @@ impl Shaped {
     }
 }
 
-fn scripted(kind: ErrorKind) -> Error {
-    Error::new(kind, "a scripted failure")
+/// The failure the script asks for, if any.
+fn scripted(fails: Option<ErrorKind>) -> Result<()> {
+    match fails {
+        Some(kind) => Err(Error::new(kind, "a scripted failure")),
+        None => Ok(()),
+    }
 }
 
 #[async_trait]
@@ -124,9 +128,7 @@ impl LockStore for Shaped {
             script.calls.watch += 1;
             script.watch_fails
         };
-        if fails {
-            return Err(scripted(ErrorKind::Unavailable));
-        }
+        scripted(fails.then_some(ErrorKind::Unavailable))?;
         self.memory().watch_key(key).await
     }
 }
@@ -165,10 +167,8 @@ impl StoreSession for ShapedSession {
             script.calls.acquire_all += 1;
             script.acquire_all_fails
         };
-        match fails {
-            Some(kind) => Err(scripted(kind)),
-            None => self.inner.acquire_all(requests).await,
-        }
+        scripted(fails)?;
+        self.inner.acquire_all(requests).await
     }
 
     async fn release(&self, held: &HeldLock) -> Result<()> {
@@ -178,10 +178,8 @@ impl StoreSession for ShapedSession {
             (script.release_delay, script.release_fails.pop_front())
         };
         tokio::time::sleep(delay).await;
-        match fails {
-            Some(kind) => Err(scripted(kind)),
-            None => self.inner.release(held).await,
-        }
+        scripted(fails)?;
+        self.inner.release(held).await
     }
 
     async fn renew(&self, held: &[HeldLock]) -> Result<RenewReport> {
@@ -190,10 +188,8 @@ impl StoreSession for ShapedSession {
             script.calls.renew += 1;
             script.renew_fails
         };
-        match fails {
-            Some(kind) => Err(scripted(kind)),
-            None => self.inner.renew(held).await,
-        }
+        scripted(fails)?;
+        self.inner.renew(held).await
     }
 
     async fn close(&self) -> Result<()> {
