@@ -8,12 +8,15 @@
 //! - The fencing token is the key's create revision, which only grows,
 //!   across holders, modes and restarts of etcd.
 //! - A waiter watches only the key that blocks it: no herd wakes, nobody
-//!   polls. It is told it holds the lock only after a read still finds its
-//!   own key, so a waiter whose lease ran out while queued never is.
-//! - Every release, check and delete names a key and its create revision,
-//!   so nothing touches another session's key, or a later life of its own.
-//!   An attempt that ends without the lock deletes its key (in the
-//!   background if it was dropped); the lease takes it in any case.
+//!   polls. It is told it holds the lock only once a read, or a watch
+//!   started before a read, shows its own key first and still there, so a
+//!   waiter whose lease ran out while queued never is.
+//! - Every check and clean-up delete names a key and its create revision;
+//!   a release deletes its key by name, and a session never puts again a
+//!   key whose release went unanswered. So nothing touches another
+//!   session's key, or a later life of its own. An attempt that ends
+//!   without the lock deletes its key (in the background if it was
+//!   dropped); the lease takes it in any case.
 //!
 //! - Each queue key's value is its mode and its session's owner, written by
 //!   the put that joins the queue. `status` reads the queues in one range

@@ -1,5 +1,6 @@
 //! etcd when things go wrong: a waiter's lease revoked while it waits (etcd
-//! issue 11456), a queue key left behind, etcd killed and restarted, and bad
+//! issue 11456), a waiter's key deleted with the holder's, a queue key left
+//! behind, a release left unanswered, etcd killed and restarted, and bad
 //! URLs.
 
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use distlock_core::{Client, ErrorKind};
 use distlock_etcd::EtcdStore;
+use distlock_testkit::proxy::{Fault, Proxy};
 use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
 use distlock_testkit::servers::Etcd;
 use etcd_client::KeyValue;
@@ -117,6 +119,98 @@ async fn a_queue_key_left_behind_is_never_taken_for_a_new_attempt() {
             .all(|kv| kv.create_revision() != stray_revision),
         "the stray key was taken out"
     );
+    second.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_goes_with_the_holders_is_never_told_it_holds_the_lock() {
+    // The holder's key sorts before the waiter's, and one delete takes
+    // both: etcd reports that revision's events in key order, the
+    // holder's first. The waiter's key went too, so it holds nothing.
+    let server = Etcd::shared();
+    let client = client(&server.url()).await;
+    let key = "faults/same-revision";
+    let prefix = "distlock/faults%2Fsame-revision/";
+    let (mut etcd, _) = queue_of(server, "faults%2Fsame-revision").await;
+    etcd.put(format!("{prefix}0000000000000001-0"), "x", None)
+        .await
+        .expect("a holder put by hand");
+    let waiter = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let result = waiter.lock(key).wait(Duration::from_secs(30)).await;
+        result.map(|guard| guard.token())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut etcd, queue) = queue_of(server, "faults%2Fsame-revision").await;
+    assert_eq!(queue.len(), 2, "holder and waiter are queued");
+    etcd.delete(
+        prefix,
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .expect("delete both");
+    let outcome = timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter ends")
+        .expect("waiter task");
+    let err = outcome.expect_err("a waiter whose key is gone must not get the lock");
+    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_left_unanswered_never_meets_a_later_hold() {
+    // A release is a delete by name. One whose answer never came may land
+    // late, so the session never puts that key again: its next hold of the
+    // lock is on another key, and stays when the old delete lands.
+    let server = Etcd::shared();
+    let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let client = client(&format!("etcd://127.0.0.1:{}", proxy.port())).await;
+    let key = "faults/unanswered";
+    let escaped = "faults%2Funanswered";
+    let session = client.session().open().await.expect("open");
+    let first = session
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let (_, queue) = queue_of(server, escaped).await;
+    assert_eq!(queue.len(), 1, "the holder's key is queued");
+    let old = queue[0].key().to_vec();
+    proxy.set(Fault::Blackhole);
+    // Dropped unanswered; the guard's drop sends the release again.
+    let release = timeout(Duration::from_millis(300), first.release()).await;
+    assert!(
+        release.is_err(),
+        "the release cannot be answered: {release:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Fault::None);
+    let gone = async {
+        while !queue_of(server, escaped).await.1.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    timeout(Duration::from_secs(20), gone)
+        .await
+        .expect("the old key is taken out");
+    // The session's own release, sent again by the guard's drop, may still
+    // be on its way back: wait for it.
+    let second = session
+        .lock(key)
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("free again");
+    let (_, queue) = queue_of(server, escaped).await;
+    assert_eq!(queue.len(), 1, "the new hold's key is queued");
+    assert_ne!(
+        queue[0].key(),
+        old.as_slice(),
+        "the old key is not put again"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, still) = queue_of(server, escaped).await;
+    assert_eq!(still.len(), 1, "the new hold's key stays");
     second.release().await.expect("release");
 }
 

@@ -11,14 +11,15 @@ use distlock_core::store::{
 };
 use distlock_core::{Error, Result};
 use etcd_client::{
-    Client, Compare, CompareOp, KvClient, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
-    TxnOpResponse, WatchClient,
+    Client, Compare, CompareOp, DeleteOptions, KvClient, LeaseKeepAliveStream, LeaseKeeper, Txn,
+    TxnOp, TxnOpResponse, WatchClient,
 };
 
 use crate::entry::lock_prefix;
 use crate::{unavailable, CALL_TIMEOUT};
 
 mod holds;
+mod line;
 mod queue;
 
 use holds::HeldWatch;
@@ -44,6 +45,10 @@ pub(crate) struct EtcdSession {
     /// attempt dropped or failed half-way): no attempt uses them until they
     /// are gone.
     leaving: Arc<Mutex<HashSet<String>>>,
+    /// Queue keys a release deleted by name without (yet) hearing back:
+    /// that delete may still land, on whatever life of the key is there,
+    /// so the session does not put them again.
+    retired: Mutex<HashSet<String>>,
 }
 
 /// The most operations etcd takes in one transaction (`--max-txn-ops`).
@@ -77,6 +82,7 @@ impl EtcdSession {
             keeper: tokio::sync::Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             leaving: Arc::new(Mutex::new(HashSet::new())),
+            retired: Mutex::new(HashSet::new()),
         })
     }
 
@@ -113,15 +119,19 @@ impl EtcdSession {
     }
 
     /// The queue key for an attempt on lock `name`: the session's lease and
-    /// the first slot whose key is not still being deleted. The same few
-    /// keys serve every attempt: etcd keeps each key ever made in its index
-    /// until a compaction, and every read of the queue walks them, so a key
-    /// per attempt would slow each read down as the lock is used.
+    /// the first slot whose key is neither still being deleted nor retired.
+    /// The same few keys serve every attempt: etcd keeps each key ever made
+    /// in its index until a compaction, and every read of the queue walks
+    /// them, so a key per attempt would slow each read down as the lock is
+    /// used. Retired keys add slots: they are few (one per release that
+    /// went unanswered), and never come back.
     fn new_key(&self, name: &str, prefix: &str) -> Result<String> {
         let leaving = lock(&self.leaving);
-        (0..MAX_SLOTS)
+        let retired = lock(&self.retired);
+        let retired_here = retired.iter().filter(|key| key.starts_with(prefix)).count();
+        (0..MAX_SLOTS + retired_here)
             .map(|slot| format!("{prefix}{:016x}-{slot}", self.lease))
-            .find(|key| !leaving.contains(key))
+            .find(|key| !leaving.contains(key) && !retired.contains(key))
             .ok_or_else(|| {
                 unavailable(
                     &self.endpoints,
@@ -253,7 +263,40 @@ impl StoreSession for EtcdSession {
         // Unwatched before the delete is sent: the task then never takes
         // this session's own delete for someone else's.
         self.watch.unwatch(&me);
-        let released = self.leave_now(&me, revision).await?;
+        // A plain delete by name, which costs etcd less than a transaction,
+        // and returns the life it deleted. The key is retired while the
+        // delete is out: should its answer never come (an error, or this
+        // call dropped), the delete may still land, and no later life of
+        // the key may be there for it to find; and that life is taken out
+        // in the background, by its create revision (docs/0005-etcd.md).
+        let retiring = lock(&self.retired).insert(me.clone());
+        let mut leave = Leave {
+            client: self.kv.clone(),
+            key: me.clone(),
+            revision: Some(revision),
+            leaving: Arc::clone(&self.leaving),
+            armed: true,
+        };
+        let deleted = self
+            .kv_request(|mut kv| {
+                let me = me.as_str();
+                async move {
+                    kv.delete(me, Some(DeleteOptions::new().with_prev_key()))
+                        .await
+                }
+            })
+            .await
+            .map_err(|err| self.failure(&err).unwrap_or(err))?;
+        // Answered: this delete has landed. A key retired by an earlier
+        // release whose answer never came stays retired.
+        leave.armed = false;
+        if retiring {
+            lock(&self.retired).remove(&me);
+        }
+        let released = deleted
+            .prev_kvs()
+            .first()
+            .is_some_and(|gone| gone.create_revision() == revision);
         {
             let mut map = self.held();
             if map.get(&held.key) == Some(&(me, held.token)) {

@@ -12,6 +12,7 @@ use etcd_client::{
 };
 use tokio::time::Instant;
 
+use super::line::{revision, Woken};
 use super::{lock_prefix, EtcdSession, Leave, MAX_SLOTS};
 use crate::entry::{self, queue_options};
 use crate::unavailable;
@@ -61,6 +62,15 @@ impl Watch {
     }
 }
 
+/// Where a second watch of a wait starts, ahead of the first, created at
+/// `created_at` after a read at `read_at`: etcd registers a watch "from
+/// now" at the revision it read just before, and a write in between leaves
+/// it to a loop that runs every 100 ms. A watch that starts where etcd has
+/// not reached yet is served as writes land.
+pub(super) fn ahead_of(created_at: i64, read_at: i64) -> i64 {
+    created_at.saturating_add(4 + 2 * (created_at - read_at).clamp(0, 30))
+}
+
 impl EtcdSession {
     /// Joins the queue, at its tail, and reads it, in one round trip.
     pub(super) async fn acquire_in_queue(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
@@ -68,7 +78,7 @@ impl EtcdSession {
         // Not tried again: a join whose answer never came may still land
         // later, and a second one would queue behind it.
         let (me, mut leave, joined) = self.join(request, &prefix).await?;
-        let read_at = joined.header().map_or(0, |header| header.revision());
+        let read_at = revision(joined.header());
         let mut first = joined
             .op_responses()
             .into_iter()
@@ -79,8 +89,10 @@ impl EtcdSession {
             .map(|queue| (queue, read_at));
         loop {
             let (queue, read_at) = match first.take() {
-                // The put with the lease went through in the same
-                // transaction: the lease lived when the queue was read.
+                // The join's read (the put with the lease went through in
+                // the same transaction: the lease lived when the queue was
+                // read), or a wait's, which finds this key only if the
+                // lease lived at that read.
                 Some(read) => read,
                 // This key is in the queue read only if the lease lived at
                 // that read (etcd issue 11456; checked below).
@@ -121,9 +133,32 @@ impl EtcdSession {
                     return Ok(None);
                 }
             };
-            let watch = Watch::of(blocker, earlier, mine, &prefix);
-            if let Err(err) = self.wait(watch, read_at, until).await {
-                self.ride_out(err, Some(until)).await?;
+            let woken = match blocker {
+                // Waiting for the entry just ahead.
+                Blocker::Entry(index) if index + 1 == position => {
+                    self.wait_in_line(&prefix, earlier, mine, read_at, until)
+                        .await
+                }
+                _ => {
+                    let watch = Watch::of(blocker, earlier, mine, &prefix);
+                    self.wait(watch, read_at, until)
+                        .await
+                        .map(|()| Woken::Again)
+                }
+            };
+            match woken {
+                Ok(Woken::Holds(at)) => {
+                    leave.armed = false;
+                    // Watched from when it was found first: a deletion since
+                    // is not missed.
+                    self.watch.watch(&me, at);
+                    let token = u64::try_from(mine.create_revision()).unwrap_or(0);
+                    self.held().insert(request.key.clone(), (me, token));
+                    return Ok(Some(Grant::new(token)));
+                }
+                Ok(Woken::Read(now, now_at)) => first = Some((now, now_at)),
+                Ok(Woken::Again) => {}
+                Err(err) => self.ride_out(err, Some(until)).await?,
             }
         }
     }
@@ -217,8 +252,33 @@ impl EtcdSession {
         let queue = self
             .kv_request(|mut kv| async move { kv.get(prefix, Some(queue_options())).await })
             .await?;
-        let read_at = queue.header().map_or(0, |header| header.revision());
+        let read_at = revision(queue.header());
         Ok((queue, read_at))
+    }
+
+    /// The queue as read at revision `since` or later, and that revision:
+    /// served by the member from what it has applied if that is far
+    /// enough, else linearizable. A wait reads past its watch's start, so
+    /// that the watch reports every change after the read; a grant decided
+    /// from an older snapshot is as safe as one read a moment earlier
+    /// (entries ahead only go; the core ends a grant that comes after the
+    /// session's lease).
+    pub(super) async fn read_queue_since(
+        &self,
+        prefix: &str,
+        since: i64,
+    ) -> Result<(GetResponse, i64)> {
+        let local = self
+            .kv_request(|mut kv| async move {
+                let options = queue_options().with_serializable();
+                kv.get(prefix, Some(options)).await
+            })
+            .await?;
+        let local_at = revision(local.header());
+        if local_at >= since {
+            return Ok((local, local_at));
+        }
+        self.read_queue(prefix).await
     }
 
     /// Waits until what `watch` watches may have gone (or `until`, or a
@@ -235,27 +295,15 @@ impl EtcdSession {
             check,
             expected,
         } = watch;
-        let mut stream = self
-            .watch_request(|mut watcher| {
-                let (watched, options) = (watched.clone(), options.clone());
-                async move { watcher.watch(watched, Some(options)).await }
-            })
-            .await?;
-        let created_at = match self.call(stream.message()).await {
-            Ok(Some(created)) if !created.canceled() => created
-                .header()
-                .map_or(i64::MAX, |header| header.revision()),
-            // Refused or ended at once (etcd restarting?): not at once
-            // again, then read again.
-            _ => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                return Ok(());
-            }
+        let Some((mut stream, created_at)) =
+            self.open_watch(watched.clone(), options.clone()).await?
+        else {
+            // Refused or ended at once (etcd restarting?): read again.
+            return Ok(());
         };
         // A second watch starts ahead of etcd, so it is served as writes
         // land, never by the 100 ms loop (docs/0005-etcd.md).
-        let ahead = 4 + 2 * (created_at - read_at).clamp(0, 30);
-        let ahead = options.with_start_revision(created_at.saturating_add(ahead));
+        let ahead = options.with_start_revision(ahead_of(created_at, read_at));
         // If the stream broke, the wait below finds out.
         let _ = stream.watch(watched.clone(), Some(ahead)).await;
         if created_at > read_at {
