@@ -7,8 +7,9 @@
 //!   earlier writers) and semaphore (N permits admit the N lowest) modes.
 //! - The fencing token is the key's create revision, which only grows,
 //!   across holders, modes and restarts of etcd.
-//! - A waiter watches only the key that blocks it: no herd wakes, nobody
-//!   polls. It is told it holds the lock only once a read, or a watch
+//! - A waiter watches the key that blocks it (and, just behind it, the
+//!   range from it to its own key), never a key after its own: no herd
+//!   wakes, nobody polls. It is told it holds the lock only once a read, or a watch
 //!   started before a read, shows its own key first and still there, so a
 //!   waiter whose lease ran out while queued never is.
 //! - Every check and clean-up delete names a key and its create revision;

@@ -140,9 +140,17 @@ async fn a_waiter_whose_key_goes_with_the_holders_is_never_told_it_holds_the_loc
         let result = waiter.lock(key).wait(Duration::from_secs(30)).await;
         result.map(|guard| guard.token())
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (mut etcd, queue) = queue_of(server, "faults%2Fsame-revision").await;
-    assert_eq!(queue.len(), 2, "holder and waiter are queued");
+    let queued = async {
+        while queue_of(server, "faults%2Fsame-revision").await.1.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("holder and waiter are queued");
+    // The waiter's watch is on by now or soon: either way it must not be
+    // told it holds.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     etcd.delete(
         prefix,
         Some(etcd_client::DeleteOptions::new().with_prefix()),
@@ -161,7 +169,8 @@ async fn a_waiter_whose_key_goes_with_the_holders_is_never_told_it_holds_the_loc
 async fn a_release_left_unanswered_never_meets_a_later_hold() {
     // A release is a delete by name. One whose answer never came may land
     // late, so the session never puts that key again: its next hold of the
-    // lock is on another key, and stays when the old delete lands.
+    // lock is on another key. (This checks that mechanism; the late
+    // delete itself cannot be held back here while the session goes on.)
     let server = Etcd::shared();
     let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
     let client = client(&format!("etcd://127.0.0.1:{}", proxy.port())).await;

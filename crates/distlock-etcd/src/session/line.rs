@@ -153,10 +153,11 @@ impl EtcdSession {
             let id = message.watch_id();
             let watch = usize::try_from(id).ok().and_then(|id| watched.get_mut(id));
             if message.created() {
-                if let (Some(watch), true) = (watch, id == PAIR) {
+                if let (Some(watch), true, Some(header)) = (watch, id == PAIR, message.header()) {
                     // P may be first now: read past the entry before it
-                    // going and past this watch's start.
-                    let created_at = revision(message.header());
+                    // going and past this watch's start. (Without a header
+                    // the start is not known: the watch cannot tell.)
+                    let created_at = header.revision();
                     *watch = Watched {
                         start: created_at + 1,
                         pair: true,

@@ -47,8 +47,10 @@ pub(crate) struct EtcdSession {
     leaving: Arc<Mutex<HashSet<String>>>,
     /// Queue keys a release deleted by name without (yet) hearing back:
     /// that delete may still land, on whatever life of the key is there,
-    /// so the session does not put them again.
-    retired: Mutex<HashSet<String>>,
+    /// so the session does not put them again. With each, the create
+    /// revision of its life until that life is known to be gone: the next
+    /// join of the lock takes it out, should the background clean-up not.
+    retired: Mutex<HashMap<String, Option<i64>>>,
 }
 
 /// The most operations etcd takes in one transaction (`--max-txn-ops`).
@@ -82,7 +84,7 @@ impl EtcdSession {
             keeper: tokio::sync::Mutex::new(None),
             held: Mutex::new(HashMap::new()),
             leaving: Arc::new(Mutex::new(HashSet::new())),
-            retired: Mutex::new(HashSet::new()),
+            retired: Mutex::new(HashMap::new()),
         })
     }
 
@@ -128,10 +130,10 @@ impl EtcdSession {
     fn new_key(&self, name: &str, prefix: &str) -> Result<String> {
         let leaving = lock(&self.leaving);
         let retired = lock(&self.retired);
-        let retired_here = retired.iter().filter(|key| key.starts_with(prefix)).count();
+        let retired_here = retired.keys().filter(|key| key.starts_with(prefix)).count();
         (0..MAX_SLOTS + retired_here)
             .map(|slot| format!("{prefix}{:016x}-{slot}", self.lease))
-            .find(|key| !leaving.contains(key) && !retired.contains(key))
+            .find(|key| !leaving.contains(key) && !retired.contains_key(key))
             .ok_or_else(|| {
                 unavailable(
                     &self.endpoints,
@@ -269,13 +271,18 @@ impl StoreSession for EtcdSession {
         // call dropped), the delete may still land, and no later life of
         // the key may be there for it to find; and that life is taken out
         // in the background, by its create revision (docs/0005-etcd.md).
-        let retiring = lock(&self.retired).insert(me.clone());
+        let retiring = !lock(&self.retired).contains_key(&me);
+        if retiring {
+            lock(&self.retired).insert(me.clone(), Some(revision));
+        }
+        // A retry of a release already retired leaves the clean-up to the
+        // first one's.
         let mut leave = Leave {
             client: self.kv.clone(),
             key: me.clone(),
             revision: Some(revision),
             leaving: Arc::clone(&self.leaving),
-            armed: true,
+            armed: retiring,
         };
         let deleted = self
             .kv_request(|mut kv| {
@@ -288,11 +295,15 @@ impl StoreSession for EtcdSession {
             .await
             .map_err(|err| self.failure(&err).unwrap_or(err))?;
         // Answered: this delete has landed. A key retired by an earlier
-        // release whose answer never came stays retired.
+        // release whose answer never came stays retired, its life gone.
         leave.armed = false;
+        let mut retired = lock(&self.retired);
         if retiring {
-            lock(&self.retired).remove(&me);
+            retired.remove(&me);
+        } else if let Some(life) = retired.get_mut(&me) {
+            *life = None;
         }
+        drop(retired);
         let released = deleted
             .prev_kvs()
             .first()

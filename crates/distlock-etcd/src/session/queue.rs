@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use distlock_core::store::queue::{self, Blocker, WATCH_SLICE};
-use distlock_core::store::{AcquireRequest, Grant};
+use distlock_core::store::{lock, AcquireRequest, Grant};
 use distlock_core::{Error, Result};
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
@@ -189,6 +189,7 @@ impl EtcdSession {
     ) -> Result<(String, Leave, TxnResponse)> {
         // The owner goes in the put that joins: no extra round trip.
         let value = entry::value(request.mode, &self.owner);
+        self.take_out_retired(prefix).await;
         let mut strays = 0;
         loop {
             let me = self.new_key(&request.key, prefix)?;
@@ -244,6 +245,26 @@ impl EtcdSession {
                 self.leave_now(&me, revision).await?;
             }
             leave.armed = false;
+        }
+    }
+
+    /// Takes out the lives of this lock's retired keys that may still be
+    /// there (their background clean-up gave up, or is under way), by
+    /// their create revisions: such a life would hold the lock, or stand
+    /// in its queue, until the session ends. Left for the next join if
+    /// etcd does not answer.
+    async fn take_out_retired(&self, prefix: &str) {
+        let lives: Vec<(String, i64)> = lock(&self.retired)
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .filter_map(|(key, life)| life.map(|revision| (key.clone(), revision)))
+            .collect();
+        for (key, revision) in lives {
+            if self.leave_now(&key, revision).await.is_ok() {
+                if let Some(life) = lock(&self.retired).get_mut(&key) {
+                    *life = None;
+                }
+            }
         }
     }
 
