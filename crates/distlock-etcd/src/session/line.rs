@@ -48,6 +48,24 @@ struct Watched {
     pair: bool,
 }
 
+impl Watched {
+    /// A watch "from now" that etcd created at revision `created_at`: it
+    /// reports every event after it.
+    fn from_now(created_at: i64, pair: bool) -> Watched {
+        Watched {
+            start: created_at + 1,
+            pair,
+        }
+    }
+
+    /// Whether this watch alone can tell the waiter it holds: it covers
+    /// P and the waiter, and started no later than a read (at `second_at`)
+    /// that showed P alone ahead, so it reports every change since.
+    fn tells(&self, second_at: Option<i64>) -> bool {
+        self.pair && second_at.is_some_and(|read| read >= self.start - 1)
+    }
+}
+
 /// A header's revision; 0 without one (not expected).
 pub(super) fn revision(header: Option<&ResponseHeader>) -> i64 {
     header.map_or(0, ResponseHeader::revision)
@@ -70,16 +88,31 @@ fn deletions(from: &[u8], to: Option<&[u8]>, id: i64) -> (Vec<u8>, WatchOptions)
     }
 }
 
-/// Whether `now` shows the same entries, as the same lives, up to and
-/// including the waiter's key `mine` as `earlier` and `mine` do.
-fn same_line(now: &GetResponse, earlier: &[KeyValue], mine: &KeyValue) -> bool {
-    let kvs = now.kvs();
-    kvs.len() > earlier.len()
+/// A queue entry as a read gives it: its key, and which life of the key.
+trait Entry {
+    fn key(&self) -> &[u8];
+    fn created(&self) -> i64;
+}
+
+impl Entry for KeyValue {
+    fn key(&self) -> &[u8] {
+        KeyValue::key(self)
+    }
+    fn created(&self) -> i64 {
+        self.create_revision()
+    }
+}
+
+/// Whether the queue read as `now` (oldest first) holds the same entries,
+/// as the same lives, up to and including the waiter's key `mine` as
+/// `earlier` and `mine` do.
+fn same_line<E: Entry>(now: &[E], earlier: &[E], mine: &E) -> bool {
+    now.len() > earlier.len()
         && earlier
             .iter()
             .chain([mine])
-            .zip(kvs)
-            .all(|(was, is)| was.key() == is.key() && was.create_revision() == is.create_revision())
+            .zip(now)
+            .all(|(was, is)| was.key() == is.key() && was.created() == is.created())
 }
 
 impl EtcdSession {
@@ -108,10 +141,7 @@ impl EtcdSession {
         else {
             return Ok(Woken::Again);
         };
-        watched[FIRST as usize] = Watched {
-            start: created_at + 1,
-            pair: pair.is_some(),
-        };
+        watched[FIRST as usize] = Watched::from_now(created_at, pair.is_some());
         // The same watch again, from ahead, in case etcd registered the
         // first late. If the stream broke, the wait below finds out.
         let ahead = super::queue::ahead_of(created_at, read_at);
@@ -129,7 +159,7 @@ impl EtcdSession {
         // unseen (and the entry before it: one write can delete both).
         if created_at > read_at {
             let (now, now_at) = self.read_queue_since(prefix, created_at).await?;
-            if !same_line(&now, earlier, mine) {
+            if !same_line(now.kvs(), earlier, mine) {
                 return Ok(Woken::Read(now, now_at));
             }
             second_at = second_at.map(|_| now_at);
@@ -158,13 +188,10 @@ impl EtcdSession {
                     // going and past this watch's start. (Without a header
                     // the start is not known: the watch cannot tell.)
                     let created_at = header.revision();
-                    *watch = Watched {
-                        start: created_at + 1,
-                        pair: true,
-                    };
+                    *watch = Watched::from_now(created_at, true);
                     let since = before_gone.unwrap_or(0).max(created_at);
                     let (now, now_at) = self.read_queue_since(prefix, since).await?;
-                    if !same_line(&now, &earlier[earlier.len() - 1..], mine) {
+                    if !same_line(now.kvs(), &earlier[earlier.len() - 1..], mine) {
                         return Ok(Woken::Read(now, now_at));
                     }
                     second_at = Some(now_at);
@@ -172,9 +199,7 @@ impl EtcdSession {
                 continue;
             }
             let watch = watch.map_or(Watched::default(), |watch| *watch);
-            let tells = |watch: &Watched| {
-                watch.pair && second_at.is_some_and(|read| read >= watch.start - 1)
-            };
+            let tells = |watch: &Watched| watch.tells(second_at);
             // The end of the life of a key that was read, not of an earlier
             // one (a lagging member may report from before).
             let ends = |kv: &KeyValue, gone: &KeyValue| {
@@ -239,5 +264,72 @@ impl EtcdSession {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Entry for (&'static str, i64) {
+        fn key(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+        fn created(&self) -> i64 {
+            self.1
+        }
+    }
+
+    #[test]
+    fn the_same_line_is_the_same_lives_up_to_the_waiter() {
+        let (b, p, me, later) = (("b", 3), ("p", 5), ("me", 7), ("z", 9));
+        assert!(same_line(&[b, p, me], &[b, p], &me));
+        assert!(
+            same_line(&[b, p, me, later], &[b, p], &me),
+            "later keys do not count"
+        );
+        assert!(same_line(&[p, me], &[p], &me));
+        assert!(!same_line(&[p, me], &[b, p], &me), "one ahead went");
+        assert!(!same_line(&[b, p], &[b, p], &me), "the waiter's key went");
+        assert!(
+            !same_line(&[b, p], &[b, p, me], &later),
+            "nothing at the waiter's place"
+        );
+        assert!(
+            !same_line(&[b, ("p", 6), me], &[b, p], &me),
+            "another life of P"
+        );
+        assert!(
+            !same_line(&[b, p, ("me", 8)], &[b, p], &me),
+            "another life of the waiter's key"
+        );
+        assert!(!same_line(&[b, ("q", 5), me], &[b, p], &me), "another key");
+    }
+
+    #[test]
+    fn a_pair_watch_covers_both_keys_from_the_lower() {
+        assert_eq!(deletions(b"p", Some(b"me"), PAIR).0, b"me");
+        assert_eq!(deletions(b"me", Some(b"p"), PAIR).0, b"me");
+        assert_eq!(deletions(b"p", None, FIRST).0, b"p");
+    }
+
+    #[test]
+    fn only_a_pair_watch_started_by_the_read_tells() {
+        let pair = Watched::from_now(10, true);
+        assert_eq!(
+            pair.start, 11,
+            "a watch from now reports after its creation"
+        );
+        assert!(pair.tells(Some(10)), "read as the watch started");
+        assert!(pair.tells(Some(12)), "read after");
+        assert!(
+            !pair.tells(Some(9)),
+            "read before: a change in between is not reported"
+        );
+        assert!(!pair.tells(None), "no read showed P alone");
+        assert!(
+            !Watched::from_now(10, false).tells(Some(10)),
+            "P's key alone"
+        );
     }
 }
