@@ -12,6 +12,7 @@ use distlock_testkit::proxy::{Fault, Proxy};
 use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
 use distlock_testkit::servers::Etcd;
 use etcd_client::KeyValue;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 async fn client(url: &str) -> Client {
@@ -35,6 +36,39 @@ async fn queue_of(server: &Etcd, escaped: &str) -> (etcd_client::Client, Vec<Key
     (etcd, queue.kvs().to_vec())
 }
 
+/// A new session of `client` waiting for lock `key` (30 s at most), in a
+/// task: the token it is granted, or why not.
+async fn waiter(client: &Client, key: &'static str) -> JoinHandle<distlock_core::Result<u64>> {
+    let session = client.session().open().await.expect("open");
+    tokio::spawn(async move {
+        let result = session.lock(key).wait(Duration::from_secs(30)).await;
+        result.map(|guard| guard.token())
+    })
+}
+
+/// The waiter's end: told its session is lost, never that it holds.
+async fn told_lost(waiting: JoinHandle<distlock_core::Result<u64>>, why: &str) {
+    let outcome = timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter ends")
+        .expect("waiter task");
+    let err = outcome.expect_err(why);
+    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+}
+
+/// Waits, `within` at most, until the queue of lock `escaped` has `keys`
+/// keys.
+async fn until_queue_has(server: &Etcd, escaped: &str, keys: usize, within: Duration) {
+    let polled = async {
+        while queue_of(server, escaped).await.1.len() != keys {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    timeout(within, polled)
+        .await
+        .unwrap_or_else(|_| panic!("the queue of {escaped} never had {keys} keys"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
     let server = Etcd::shared();
@@ -47,11 +81,7 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
         .await
         .expect("try")
         .expect("free");
-    let waiter = client.session().open().await.expect("open");
-    let waiting = tokio::spawn(async move {
-        let result = waiter.lock(key).wait(Duration::from_secs(30)).await;
-        result.map(|guard| guard.token())
-    });
+    let waiting = waiter(&client, key).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Revoke the waiter's lease behind its back: its queue key names it.
     let (mut etcd, queue) = queue_of(server, "faults%2F11456").await;
@@ -59,12 +89,7 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
     let waiter_lease = queue[1].lease();
     etcd.lease_revoke(waiter_lease).await.expect("revoke");
     held.release().await.expect("release");
-    let outcome = timeout(Duration::from_secs(30), waiting)
-        .await
-        .expect("the waiter ends")
-        .expect("waiter task");
-    let err = outcome.expect_err("a waiter without a lease must not get the lock");
-    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+    told_lost(waiting, "a waiter without a lease must not get the lock").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,19 +160,8 @@ async fn a_waiter_whose_key_goes_with_the_holders_is_never_told_it_holds_the_loc
     etcd.put(format!("{prefix}0000000000000001-0"), "x", None)
         .await
         .expect("a holder put by hand");
-    let waiter = client.session().open().await.expect("open");
-    let waiting = tokio::spawn(async move {
-        let result = waiter.lock(key).wait(Duration::from_secs(30)).await;
-        result.map(|guard| guard.token())
-    });
-    let queued = async {
-        while queue_of(server, "faults%2Fsame-revision").await.1.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    timeout(Duration::from_secs(10), queued)
-        .await
-        .expect("holder and waiter are queued");
+    let waiting = waiter(&client, key).await;
+    until_queue_has(server, "faults%2Fsame-revision", 2, Duration::from_secs(10)).await;
     // The waiter's watch is on by now or soon: either way it must not be
     // told it holds.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -157,12 +171,7 @@ async fn a_waiter_whose_key_goes_with_the_holders_is_never_told_it_holds_the_loc
     )
     .await
     .expect("delete both");
-    let outcome = timeout(Duration::from_secs(30), waiting)
-        .await
-        .expect("the waiter ends")
-        .expect("waiter task");
-    let err = outcome.expect_err("a waiter whose key is gone must not get the lock");
-    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+    told_lost(waiting, "a waiter whose key is gone must not get the lock").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,14 +204,8 @@ async fn a_release_left_unanswered_never_meets_a_later_hold() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.set(Fault::None);
-    let gone = async {
-        while !queue_of(server, escaped).await.1.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    timeout(Duration::from_secs(20), gone)
-        .await
-        .expect("the old key is taken out");
+    // The old key is taken out.
+    until_queue_has(server, escaped, 0, Duration::from_secs(20)).await;
     // The session's own release, sent again by the guard's drop, may still
     // be on its way back: wait for it.
     let second = session
