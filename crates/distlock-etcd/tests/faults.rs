@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::{Client, ErrorKind};
+use distlock_core::{Client, ErrorKind, Guard, Session};
 use distlock_etcd::EtcdStore;
 use distlock_testkit::proxy::{Fault, Proxy};
 use distlock_testkit::restart::tokens_rise_and_the_holder_stays_honest;
@@ -34,6 +34,16 @@ async fn queue_of(server: &Etcd, escaped: &str) -> (etcd_client::Client, Vec<Key
         .await
         .expect("queue");
     (etcd, queue.kvs().to_vec())
+}
+
+/// `session`'s hold of lock `key`, which must be free.
+async fn held(session: &Session, key: &str) -> Guard {
+    session
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free")
 }
 
 /// A new session of `client` waiting for lock `key` (30 s at most), in a
@@ -75,12 +85,7 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
     let client = client(&server.url()).await;
     let key = "faults/11456";
     let holder = client.session().open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let hold = held(&holder, key).await;
     let waiting = waiter(&client, key).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Revoke the waiter's lease behind its back: its queue key names it.
@@ -88,26 +93,21 @@ async fn a_waiter_whose_lease_is_revoked_is_never_told_it_holds_the_lock() {
     assert_eq!(queue.len(), 2, "holder and waiter are queued");
     let waiter_lease = queue[1].lease();
     etcd.lease_revoke(waiter_lease).await.expect("revoke");
-    held.release().await.expect("release");
+    hold.release().await.expect("release");
     told_lost(waiting, "a waiter without a lease must not get the lock").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_key_left_behind_is_never_taken_for_a_new_attempt() {
     // A session uses the same few queue keys for all its attempts. A key
-    // left in place (here put back by hand, as a release that failed
-    // half-way would leave it) has an old create revision: taken again, it
-    // would jump the queue and repeat a token.
+    // left in place (here put back by hand, as a clean-up that gave up
+    // would leave it) has an old create revision: taken again, it would
+    // jump the queue and repeat a token.
     let server = Etcd::shared();
     let client = client(&server.url()).await;
     let key = "faults/left-behind";
     let session = client.session().open().await.expect("open");
-    let first = session
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let first = held(&session, key).await;
     let first_token = first.token();
     let (mut etcd, queue) = queue_of(server, "faults%2Fleft-behind").await;
     assert_eq!(queue.len(), 1, "the holder's key is queued");
@@ -186,12 +186,7 @@ async fn a_release_left_unanswered_never_meets_a_later_hold() {
     let key = "faults/unanswered";
     let escaped = "faults%2Funanswered";
     let session = client.session().open().await.expect("open");
-    let first = session
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let first = held(&session, key).await;
     let (_, queue) = queue_of(server, escaped).await;
     assert_eq!(queue.len(), 1, "the holder's key is queued");
     let old = queue[0].key().to_vec();

@@ -1,5 +1,6 @@
 //! A session: an etcd lease, and the queue keys of its locks.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -271,10 +272,13 @@ impl StoreSession for EtcdSession {
         // call dropped), the delete may still land, and no later life of
         // the key may be there for it to find; and that life is taken out
         // in the background, by its create revision (docs/0005-etcd.md).
-        let retiring = !lock(&self.retired).contains_key(&me);
-        if retiring {
-            lock(&self.retired).insert(me.clone(), Some(revision));
-        }
+        let retiring = match lock(&self.retired).entry(me.clone()) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Some(revision));
+                true
+            }
+            Entry::Occupied(_) => false,
+        };
         // A retry of a release already retired leaves the clean-up to the
         // first one's.
         let mut leave = Leave {
