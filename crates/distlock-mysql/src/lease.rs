@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::connect::{pooled, query_error, server_code};
-use crate::Tokens;
+use crate::{tokens, Tokens};
 
 /// `ER_LOCK_DEADLOCK` (SQLSTATE 40001): the server rolled this transaction
 /// back to break a deadlock.
@@ -57,9 +57,9 @@ const ACQUIRE_PROCEDURE: &str = include_str!("lease_acquire.sql");
 /// `tokens`, and how to call it.
 fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
     match tokens {
-        Tokens::Sequence => (
-            "distlock_lease_acquire_seq_v1",
-            "CALL distlock_lease_acquire_seq_v1(?, ?, ?, ?, ?, ?)",
+        Tokens::Run => (
+            "distlock_lease_acquire_run_v1",
+            "CALL distlock_lease_acquire_run_v1(?, ?, ?, ?, ?, ?)",
         ),
         Tokens::Table => (
             "distlock_lease_acquire_tbl_v1",
@@ -71,7 +71,23 @@ fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
 /// [`ACQUIRE_PROCEDURE`] for a store whose tokens come from `tokens`.
 pub(crate) fn acquire_procedure(tokens: Tokens) -> String {
     let token = match tokens {
-        Tokens::Sequence => "SET t = NEXTVAL(distlock_token_seq);",
+        // The server's run, if live (`tokens::run` reads it the same way);
+        // if not, the client begins one and tries again.
+        Tokens::Run => {
+            "BEGIN
+                DECLARE e, b, u BIGINT UNSIGNED;
+                -- One row, found or not (no warning when not).
+                SELECT MAX(epoch), MAX(base) INTO e, b
+                    FROM distlock_runs WHERE server_id = @@server_id;
+                SET u = UUID_SHORT();
+                IF e IS NULL OR e = 0 OR e >= 16777216 OR u < b
+                    OR u >= b + 1098437885952 THEN
+                    SIGNAL SQLSTATE '45000' SET MYSQL_ERRNO = 30001,
+                        MESSAGE_TEXT = 'distlock: this server has no live token run';
+                END IF;
+                SET t = e << 40 | (u - b);
+            END;"
+        }
         Tokens::Table => {
             "INSERT INTO distlock_tokens (key_hash, token) VALUES (kh, LAST_INSERT_ID(1))
                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1);
@@ -259,6 +275,18 @@ impl Attempt {
             match self.once().await {
                 (Err(err), _) if attempts < 3 && server_code(&err) == Some(ER_LOCK_DEADLOCK) => {
                     attempts += 1;
+                }
+                // Rolled back: no hold was added. The run begins, and the
+                // grant is tried again.
+                (Err(err), call) if attempts < 3 && server_code(&err) == Some(tokens::NO_RUN) => {
+                    attempts += 1;
+                    let begun = match pooled(&self.pool, &self.target).await {
+                        Ok(mut conn) => tokens::run(&mut conn, &self.target, None).await,
+                        Err(err) => Err(err),
+                    };
+                    if let Err(err) = begun {
+                        return (sent, Err(err), call);
+                    }
                 }
                 (result, call) => return (sent, result, call),
             }
@@ -570,7 +598,7 @@ mod tests {
             .expect("a row")
     }
 
-    /// The test server has sequences, so the suite runs the `seq` body;
+    /// The test server is a MariaDB, so the suite runs the `run` body;
     /// this runs the other one (MySQL's, and Galera's) on the same tables.
     #[tokio::test]
     async fn the_token_table_procedure_grants_with_rising_tokens() {

@@ -35,17 +35,19 @@
 //! # Fencing tokens
 //!
 //! On MariaDB 10.3 or later (outside a Galera cluster) a token is
-//! `epoch << 40 | n`, drawn in the same statement as the grant, with no
-//! flush per grant; the epoch moves on after every restart of the server.
-//! Elsewhere the token comes from `distlock_tokens`, a row per key, with
-//! one flush per grant.
+//! `epoch << 40 | n`, `n` counted by the server's `UUID_SHORT()` since its
+//! current run began, drawn in the same statement as a named grant, with no
+//! flush and no table per grant; a new run, with a higher epoch, begins
+//! after every restart of the server. Elsewhere the token comes from
+//! `distlock_tokens`, a row per key, with one flush per grant.
 //!
 //! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit
 //! = 0` (or `2` and a crash of the whole machine), a failover to a replica
-//! behind the primary, the sequence or tables changed by hand, or a key used
-//! in both modes at once. Older clients counted tokens per key in
-//! `distlock_tokens`, below `1 << 40`: stop them before the first client
-//! with these tokens starts.
+//! behind the primary, a server that serves again after a failover without
+//! a restart in between, the tables changed by hand, or a key used in both
+//! modes at once. Older clients drew tokens from `distlock_token_seq`, or
+//! counted them per key in `distlock_tokens`, below `1 << 40`: stop them
+//! before the first client of this version starts.
 //!
 //! See `docs/0008-mysql.md` for the reasoning, and
 //! `docs/0004-sql-tokens.md` for the tokens.
@@ -84,8 +86,9 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tokens {
     /// MariaDB 10.3 or later, not in a Galera cluster: `epoch << 40 | n`,
-    /// `n` from a cached sequence (see [`tokens`]).
-    Sequence,
+    /// `n` counted by `UUID_SHORT()` since the server's run began (see
+    /// [`tokens`]).
+    Run,
     /// MySQL: a committed row per key, one flush per grant.
     Table,
 }
@@ -115,7 +118,7 @@ impl std::fmt::Debug for MysqlStore {
 
 impl MysqlStore {
     /// Connects to the database a `mysql://` URL names, and makes the token
-    /// table, sequence and epoch tables (and in lease mode the lease tables)
+    /// table, epoch and run tables (and in lease mode the lease tables)
     /// if they are not there.
     pub async fn connect(url: &str) -> Result<Self> {
         let usage = "write mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
@@ -196,14 +199,14 @@ impl MysqlStore {
             conn.query_drop(TOKENS).await.map_err(failed)?;
             let version: Option<String> =
                 conn.query_first("SELECT VERSION()").await.map_err(failed)?;
-            // Galera replicates cached sequences wrongly (MDEV-27862).
+            // Galera keeps MEMORY tables and UUID_SHORT() per node.
             let galera: Option<u8> = conn
                 .query_first("SELECT @@GLOBAL.wsrep_on")
                 .await
                 .unwrap_or(None);
-            let tokens = if has_sequences(version.as_deref()) && galera != Some(1) {
+            let tokens = if recent_mariadb(version.as_deref()) && galera != Some(1) {
                 tokens::setup(&mut conn, &store.target).await?;
-                Tokens::Sequence
+                Tokens::Run
             } else {
                 Tokens::Table
             };
@@ -284,17 +287,18 @@ impl LockStore for MysqlStore {
         conn.query_drop(format!("SET SESSION wait_timeout = {idle}"))
             .await
             .map_err(|err| connect::query_error(&self.target, err))?;
-        // A named lock's token is drawn without a flush: after a restart
-        // of the server, a new epoch comes first.
-        if self.tokens == Tokens::Sequence {
-            tokens::ensure_epoch(&mut conn, &self.target, false).await?;
-        }
+        // A named lock's token is drawn from the server's memory: after a
+        // restart of the server, a new run (and epoch) comes first.
+        let run = match self.tokens {
+            Tokens::Run => Some(tokens::run(&mut conn, &self.target, None).await?),
+            Tokens::Table => None,
+        };
         Ok(Box::new(
             named::NamedSession::open(
                 conn,
                 self.pool.clone(),
                 self.target.clone(),
-                self.tokens,
+                run,
                 options.ttl,
             )
             .await?,
@@ -325,8 +329,8 @@ impl LockStore for MysqlStore {
     }
 }
 
-/// Whether `VERSION()` names a MariaDB with sequences (10.3 or later).
-fn has_sequences(version: Option<&str>) -> bool {
+/// Whether `VERSION()` names a MariaDB 10.3 or later.
+fn recent_mariadb(version: Option<&str>) -> bool {
     let Some(version) = version.filter(|version| version.contains("MariaDB")) else {
         return false;
     };
@@ -339,15 +343,15 @@ fn has_sequences(version: Option<&str>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::has_sequences;
+    use super::recent_mariadb;
 
     #[test]
-    fn sequences_from_mariadb_10_3_only() {
-        assert!(has_sequences(Some("10.11.19-MariaDB-0+deb12u1")));
-        assert!(has_sequences(Some("11.4.2-MariaDB")));
-        assert!(has_sequences(Some("10.3.0-MariaDB")));
-        assert!(!has_sequences(Some("10.2.44-MariaDB")));
-        assert!(!has_sequences(Some("8.0.36")));
-        assert!(!has_sequences(None));
+    fn runs_from_mariadb_10_3_only() {
+        assert!(recent_mariadb(Some("10.11.19-MariaDB-0+deb12u1")));
+        assert!(recent_mariadb(Some("11.4.2-MariaDB")));
+        assert!(recent_mariadb(Some("10.3.0-MariaDB")));
+        assert!(!recent_mariadb(Some("10.2.44-MariaDB")));
+        assert!(!recent_mariadb(Some("8.0.36")));
+        assert!(!recent_mariadb(None));
     }
 }

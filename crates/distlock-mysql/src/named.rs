@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use distlock_core::store::lock as guard;
 use distlock_core::store::{
     AcquireRequest, ContendedKeys, Grant, GrantedTokens, Heartbeat, HeldLock, Mode, RenewReport,
     StoreSession,
@@ -18,7 +19,7 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use crate::connect::query_error;
-use crate::Tokens;
+use crate::tokens::Run;
 
 /// The longest lock name the server takes, in characters.
 const MAX_NAME: usize = 64;
@@ -68,7 +69,8 @@ pub(crate) struct NamedSession {
     id: u32,
     pool: Pool,
     target: Arc<str>,
-    tokens: Tokens,
+    /// The server's run that tokens are drawn in; `None`: from the table.
+    run: Option<Arc<std::sync::Mutex<Run>>>,
     /// The lock (and token) statement, prepared.
     lock: Statement,
     release: Statement,
@@ -87,15 +89,15 @@ impl NamedSession {
         mut conn: Conn,
         pool: Pool,
         target: String,
-        tokens: Tokens,
+        run: Option<Run>,
         ttl: Duration,
     ) -> Result<Self> {
-        // With a sequence, the lock and its token are one statement: the
-        // token is drawn only if the lock was got. Either way 0 or NULL is
-        // "not got".
-        let lock = match tokens {
-            Tokens::Sequence => "SELECT IF(GET_LOCK(?, ?) = 1, NEXTVAL(distlock_token_seq), 0)",
-            Tokens::Table => "SELECT GET_LOCK(?, ?)",
+        // In a run, the lock and its draw are one statement: the draw is
+        // made only if the lock was got, and NULL is "not got". From the
+        // table, 0 or NULL is.
+        let lock = match run {
+            Some(_) => "SELECT IF(GET_LOCK(?, ?) = 1, UUID_SHORT(), NULL)",
+            None => "SELECT GET_LOCK(?, ?)",
         };
         let failed = |err: mysql_async::Error| query_error(&target, err);
         let lock = conn.prep(lock).await.map_err(failed)?;
@@ -103,7 +105,7 @@ impl NamedSession {
         Ok(NamedSession {
             lock,
             release,
-            tokens,
+            run: run.map(|run| Arc::new(std::sync::Mutex::new(run))),
             id: conn.id(),
             conn: Arc::new(Mutex::new(Some(conn))),
             heartbeat: Arc::default(),
@@ -136,9 +138,9 @@ impl NamedSession {
         });
         let query = LockQuery {
             name: lock_name(&request.key),
-            key: (self.tokens == Tokens::Table).then(|| request.key.clone()),
+            key: self.run.is_none().then(|| request.key.clone()),
             timeout: wait.unwrap_or(0.0),
-            tokens: self.tokens,
+            run: self.run.clone(),
             target: Arc::clone(&self.target),
             lock: self.lock.clone(),
             state: WaitState::new(),
@@ -191,7 +193,7 @@ struct LockQuery {
     /// The key, for a token from the table.
     key: Option<String>,
     timeout: f64,
-    tokens: Tokens,
+    run: Option<Arc<std::sync::Mutex<Run>>>,
     target: Arc<str>,
     lock: Statement,
     state: Arc<WaitState>,
@@ -221,7 +223,7 @@ async fn lock_on(
         ref name,
         ref key,
         timeout,
-        tokens,
+        ref run,
         ref target,
         ref lock,
         ref state,
@@ -238,12 +240,11 @@ async fn lock_on(
     }
     // A KILL QUERY on its way must land before the connection moves on.
     state.finish().await;
-    let (mut got, mut token) = match got {
-        Ok(Some(Some(drawn))) if drawn > 0 => {
-            (Ok(true), Some(drawn).filter(|_| tokens == Tokens::Sequence))
-        }
-        Ok(_) => (Ok(false), None),
-        Err(err) => (Err(err), None),
+    let (mut got, mut token) = match (got, run) {
+        (Ok(Some(Some(drawn))), Some(run)) => (Ok(true), guard(run).token(drawn)),
+        (Ok(Some(Some(got))), None) if got > 0 => (Ok(true), None),
+        (Ok(_), _) => (Ok(false), None),
+        (Err(err), _) => (Err(err), None),
     };
     // The statement failed, perhaps after GET_LOCK took the lock (the draw
     // failed, or a KILL QUERY landed late): give back what it took.
@@ -255,21 +256,18 @@ async fn lock_on(
     // The token, on this connection, before anything else it does, so
     // tokens follow the order of grants (docs/0008-mysql.md).
     if let (Ok(true), Some(conn)) = (&got, turn.as_mut()) {
-        match tokens {
-            Tokens::Table => match conn.exec_drop(crate::NEXT_TOKEN, (key.as_deref(),)).await {
+        match run {
+            None => match conn.exec_drop(crate::NEXT_TOKEN, (key.as_deref(),)).await {
                 Ok(()) => token = conn.last_insert_id(),
                 Err(err) => got = Err(err),
             },
-            // Outside a live epoch (the epoch nearly spent): a new one,
-            // while the lock is held, and a token of it.
-            Tokens::Sequence if !token.is_some_and(crate::tokens::live) => {
-                token = None;
-                match redraw(conn, target).await {
-                    Ok(drawn) => token = Some(drawn),
-                    Err(err) => got = Err(mysql_async::Error::Other(err.to_string().into())),
-                }
-            }
-            Tokens::Sequence => {}
+            // Outside the run (nearly spent, or the server's counter went
+            // back): the next run, while the lock is held, and a token of it.
+            Some(run) if token.is_none() => match redraw(conn, target, run).await {
+                Ok(drawn) => token = Some(drawn),
+                Err(err) => got = Err(mysql_async::Error::Other(err.to_string().into())),
+            },
+            Some(_) => {}
         }
         if got.is_ok() && token.is_none() {
             got = Err(mysql_async::Error::Other("no token was returned".into()));
@@ -292,20 +290,21 @@ async fn holds(conn: &mut Conn, name: &str) -> bool {
     matches!(owner, Ok(Some(Some(1))))
 }
 
-/// A token of a new epoch, for a draw that fell outside a live one.
-async fn redraw(conn: &mut Conn, target: &str) -> Result<u64> {
-    crate::tokens::ensure_epoch(conn, target, true).await?;
+/// A token of the server's live run, for a draw that fell outside the
+/// session's run, which the live one then replaces.
+async fn redraw(conn: &mut Conn, target: &str, run: &std::sync::Mutex<Run>) -> Result<u64> {
+    let stale = *guard(run);
+    let live = crate::tokens::run(conn, target, Some(stale)).await?;
+    *guard(run) = live;
     let drawn: Option<u64> = conn
-        .query_first("SELECT NEXTVAL(distlock_token_seq)")
+        .query_first("SELECT UUID_SHORT()")
         .await
         .map_err(|err| query_error(target, err))?;
-    drawn
-        .filter(|drawn| crate::tokens::live(*drawn))
-        .ok_or_else(|| {
-            Error::store(format!(
-                "MariaDB at {target}: distlock_token_seq gave no token of a live epoch"
-            ))
-        })
+    drawn.and_then(|drawn| live.token(drawn)).ok_or_else(|| {
+        Error::store(format!(
+            "MariaDB at {target}: UUID_SHORT() gave no token of the run just begun"
+        ))
+    })
 }
 
 /// Releases `name` once, again if a KILL QUERY interrupted the release.

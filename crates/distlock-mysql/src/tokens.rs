@@ -1,17 +1,22 @@
-//! Fencing tokens on MariaDB without a flush per grant: `epoch << 40 | n`.
+//! Fencing tokens on MariaDB without a flush or a table per grant:
+//! `epoch << 40 | n`.
 //!
-//! `n` comes from the sequence `distlock_token_seq` (CACHE 1000). MariaDB
-//! writes a cached block's end to the sequence's table without flushing it
-//! (the write has no undo, so no commit waits for it): after a crash the
-//! sequence can resume below values it already handed out. So the epoch,
-//! in the InnoDB table `distlock_epoch`, moves on after every restart of
-//! the server before any named lock is granted: a MEMORY table,
-//! `distlock_alive`, which a restart empties, says whether it has. The new
-//! epoch is committed (flushed, with undo) first, and only then the
-//! sequence moved to `epoch << 40`, so no token of an epoch exists before
-//! the epoch is durable. Every token of a new epoch is above every token of
-//! the old ones. An epoch's range is moved on from 2^30 values before its
-//! end. `docs/0004-sql-tokens.md` has the argument.
+//! `n` counts `UUID_SHORT()` draws since the server's current *run* began.
+//! `UUID_SHORT()` is a counter in the server's memory, raised by one under
+//! a mutex at every call, so it rises through a run of the server and
+//! starts afresh (below or above) after a restart. A run is a row of the
+//! MEMORY table `distlock_runs`, keyed by the server's `server_id`: the
+//! run's epoch and `base`, the counter's value when the run began. A
+//! restart empties it. A run begins, under the named lock
+//! `distlock:epoch`, by raising the epoch in the InnoDB table
+//! `distlock_epoch` (committed, so flushed) and only then drawing `base`
+//! and writing the row: no token of an epoch exists before the epoch is
+//! durable, and every epoch is above every run's before it.
+//!
+//! A draw is a token of the run only if `base <= u < base + 2^40 - 2^30`;
+//! otherwise (a run nearly spent) the next run begins and the draw is made
+//! again: the counter is shared, so every session of the spent run finds
+//! its draws past the end too. `docs/0004-sql-tokens.md` has the argument.
 
 use distlock_core::{Error, Result};
 use mysql_async::prelude::Queryable;
@@ -22,66 +27,68 @@ use crate::connect::query_error;
 /// The first token of epoch 1.
 pub(crate) const FLOOR: u64 = 1 << 40;
 
-/// How close to its epoch's end a token starts the next epoch.
+/// How close to its epoch's end a run is over.
 const MARGIN: u64 = 1 << 30;
 
-/// Made on first use; the sequence only if it is not there (creating it
-/// again would wait for every statement that has it open).
+/// The error number the lease procedure signals when this server has no
+/// run to draw a token from (a run begins, and the grant is tried again).
+pub(crate) const NO_RUN: u16 = 30001;
+
+/// Made on first use.
 pub(crate) const SETUP: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS distlock_epoch (
         id INT PRIMARY KEY,
         epoch BIGINT UNSIGNED NOT NULL
     ) ENGINE=InnoDB",
     "INSERT IGNORE INTO distlock_epoch VALUES (1, 0)",
-    "CREATE TABLE IF NOT EXISTS distlock_alive (id INT PRIMARY KEY) ENGINE=MEMORY",
+    "CREATE TABLE IF NOT EXISTS distlock_runs (
+        server_id INT UNSIGNED PRIMARY KEY,
+        epoch BIGINT UNSIGNED NOT NULL,
+        base BIGINT UNSIGNED NOT NULL
+    ) ENGINE=MEMORY",
 ];
 
-/// Whether `drawn` lies in a live epoch, short of its end.
-pub(crate) fn live(drawn: u64) -> bool {
-    drawn >= FLOOR && drawn & (FLOOR - 1) < FLOOR - MARGIN
+/// This server's run and a draw (no row: no run).
+const READ: &str =
+    "SELECT epoch, base, UUID_SHORT() FROM distlock_runs WHERE server_id = @@server_id";
+
+/// A run of the server: tokens `epoch << 40 | (u - base)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub(crate) epoch: u64,
+    pub(crate) base: u64,
 }
 
-/// Makes the epoch tables and the sequence, and refuses a sequence that
-/// could give values out of order.
+impl Run {
+    /// The token the draw `drawn` is in this run; `None` if it lies
+    /// outside it (before its base, or past its end).
+    pub(crate) fn token(self, drawn: u64) -> Option<u64> {
+        let n = drawn.checked_sub(self.base)?;
+        // Epochs from 2^24 on would not fit 64 bits.
+        if n < FLOOR - MARGIN && (1..1 << 24).contains(&self.epoch) {
+            Some(self.epoch << 40 | n)
+        } else {
+            None
+        }
+    }
+}
+
+/// Makes the tables.
 pub(crate) async fn setup(conn: &mut Conn, target: &str) -> Result<()> {
-    let failed = |err: mysql_async::Error| query_error(target, err);
     for statement in SETUP {
-        conn.query_drop(statement).await.map_err(failed)?;
+        conn.query_drop(statement)
+            .await
+            .map_err(|err| query_error(target, err))?;
     }
-    let exists: Option<u8> = conn
-        .query_first(
-            "SELECT 1 FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'distlock_token_seq'",
-        )
-        .await
-        .map_err(failed)?;
-    if exists.is_none() {
-        conn.query_drop(
-            "CREATE SEQUENCE IF NOT EXISTS distlock_token_seq CACHE 1000 ENGINE=InnoDB",
-        )
-        .await
-        .map_err(failed)?;
-    }
-    let shape: Option<(i64, u8)> = conn
-        .query_first("SELECT increment, cycle_option FROM distlock_token_seq")
-        .await
-        .map_err(failed)?;
-    if shape != Some((1, 0)) {
-        return Err(Error::config(format!(
-            "MariaDB at {target}: distlock_token_seq was changed (it must be INCREMENT 1, \
-             NOCYCLE); drop it and let distlock make it again while no client runs"
-        )));
-    }
-    ensure_epoch(conn, target, false).await
+    Ok(())
 }
 
-/// Moves to a new epoch if the server restarted since the last one (or,
-/// with `spent`, if the live epoch is nearly used up). Serialized by a
-/// named lock; cheap when nothing is to be done.
-pub(crate) async fn ensure_epoch(conn: &mut Conn, target: &str, spent: bool) -> Result<()> {
+/// The server's live run, other than `stale` (a run found spent): begins
+/// the next one if there is none. Cheap when there is.
+pub(crate) async fn run(conn: &mut Conn, target: &str, stale: Option<Run>) -> Result<Run> {
     let failed = |err: mysql_async::Error| query_error(target, err);
-    if !spent && alive(conn).await.map_err(failed)? {
-        return Ok(());
+    if let Some(run) = live(conn, stale).await.map_err(failed)? {
+        return Ok(run);
     }
     let got: Option<Option<i64>> = conn
         .query_first("SELECT GET_LOCK('distlock:epoch', 10)")
@@ -92,35 +99,29 @@ pub(crate) async fn ensure_epoch(conn: &mut Conn, target: &str, spent: bool) -> 
             "MariaDB at {target}: another client has been starting a token epoch for 10 s"
         )));
     }
-    let moved = move_on(conn, spent).await;
+    let begun = begin(conn, stale).await;
     let _ = conn.query_drop("DO RELEASE_LOCK('distlock:epoch')").await;
-    moved.map_err(failed)
+    begun.map_err(failed)
 }
 
-async fn alive(conn: &mut Conn) -> mysql_async::Result<bool> {
-    let count: Option<u64> = conn
-        .query_first("SELECT COUNT(*) FROM distlock_alive")
-        .await?;
-    Ok(count.unwrap_or(0) > 0)
+/// This server's run in the table, if it is live: not `stale`, and the
+/// draw made with the read in it.
+async fn live(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Option<Run>> {
+    let row: Option<(u64, u64, u64)> = conn.query_first(READ).await?;
+    Ok(row.and_then(|(epoch, base, drawn)| {
+        let run = Run { epoch, base };
+        (Some(run) != stale && run.token(drawn).is_some()).then_some(run)
+    }))
 }
 
-/// Under the epoch lock: the new epoch durable, then the sequence on it,
-/// then the mark that this life of the server has an epoch.
-async fn move_on(conn: &mut Conn, spent: bool) -> mysql_async::Result<()> {
-    if alive(conn).await? {
-        if !spent {
-            return Ok(());
-        }
-        // Someone moved on meanwhile: a fresh draw is live.
-        let drawn: Option<u64> = conn
-            .query_first("SELECT NEXTVAL(distlock_token_seq)")
-            .await?;
-        if drawn.is_some_and(live) {
-            return Ok(());
-        }
+/// Under the epoch lock: the next epoch durable, then the run's base and
+/// row.
+async fn begin(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Run> {
+    if let Some(run) = live(conn, stale).await? {
+        return Ok(run);
     }
-    let seq: Option<u64> = conn
-        .query_first("SELECT next_not_cached_value FROM distlock_token_seq")
+    let highest: Option<Option<u64>> = conn
+        .query_first("SELECT MAX(epoch) FROM distlock_runs")
         .await?;
     let mut tx = conn
         .start_transaction(mysql_async::TxOpts::default())
@@ -128,15 +129,111 @@ async fn move_on(conn: &mut Conn, spent: bool) -> mysql_async::Result<()> {
     let epoch: Option<u64> = tx
         .query_first("SELECT epoch FROM distlock_epoch WHERE id = 1 FOR UPDATE")
         .await?;
-    // Past the sequence's own epoch too, and by 16, so that a lost bump or
-    // a restored dump cannot make an epoch come round twice.
-    let next = epoch.unwrap_or(0).max(seq.unwrap_or(0) >> 40) + 16;
+    // Above every run's epoch, and by 16, so that a failover to a replica
+    // that missed a few bumps still starts above them.
+    let next = epoch.unwrap_or(0).max(highest.flatten().unwrap_or(0)) + 16;
     tx.exec_drop("UPDATE distlock_epoch SET epoch = ? WHERE id = 1", (next,))
         .await?;
     tx.commit().await?;
-    // SETVAL never moves a sequence back; it takes no placeholders.
-    conn.query_drop(format!("SELECT SETVAL(distlock_token_seq, {})", next << 40))
-        .await?;
-    conn.query_drop("INSERT IGNORE INTO distlock_alive VALUES (1)")
+    let base: Option<u64> = conn.query_first("SELECT UUID_SHORT()").await?;
+    let run = Run {
+        epoch: next,
+        base: base.unwrap_or(0),
+    };
+    conn.exec_drop(
+        "REPLACE INTO distlock_runs VALUES (@@server_id, ?, ?)",
+        (run.epoch, run.base),
+    )
+    .await?;
+    Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use distlock_core::store::{AcquireRequest, Mode, StoreSession};
+    use mysql_async::prelude::Queryable;
+
+    use super::{run, Run, FLOOR, MARGIN};
+    use crate::named::NamedSession;
+
+    /// A run found spent gives way to the next, with a higher epoch; a
+    /// session whose run is not the live one draws in the live one, while
+    /// it holds the lock. On a server of its own: other sessions still in
+    /// the run it moves on from would give lower tokens.
+    #[tokio::test]
+    async fn a_spent_run_gives_way_and_a_session_moves_to_the_live_one() {
+        let server = distlock_testkit::servers::Mariadb::start();
+        let url = server.url();
+        crate::MysqlStore::connect(&url)
+            .await
+            .expect("connect, making the tables");
+        let opts = mysql_async::Opts::from_url(&url).expect("url");
+        let pool = mysql_async::Pool::new(opts.clone());
+        let mut conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
+        let first = run(&mut conn, "test", None).await.expect("a run");
+        assert_eq!(
+            run(&mut conn, "test", None).await.expect("a run"),
+            first,
+            "kept"
+        );
+        let next = run(&mut conn, "test", Some(first))
+            .await
+            .expect("the next run");
+        assert!(next.epoch > first.epoch, "{next:?} after {first:?}");
+        let epoch: Option<u64> = conn
+            .query_first("SELECT epoch FROM distlock_epoch WHERE id = 1")
+            .await
+            .expect("read");
+        assert!(epoch >= Some(next.epoch), "the epoch is durable first");
+        // A session still in the first run (its draws would lie before
+        // its base): its grant is a token of the live run.
+        let behind = Run {
+            epoch: first.epoch,
+            base: u64::MAX / 2,
+        };
+        let conn = mysql_async::Conn::new(opts).await.expect("connect");
+        let session = NamedSession::open(
+            conn,
+            pool,
+            "test".to_owned(),
+            Some(behind),
+            Duration::from_secs(5),
+        )
         .await
+        .expect("open");
+        let key = format!("runs-{:x}", rand::random::<u64>());
+        let grant = session
+            .acquire(&AcquireRequest::new(key, Mode::Exclusive))
+            .await
+            .expect("acquire")
+            .expect("free");
+        assert_eq!(grant.token >> 40, next.epoch, "token {:x}", grant.token);
+    }
+
+    #[test]
+    fn a_draw_is_a_token_only_inside_its_run() {
+        let run = Run {
+            epoch: 16,
+            base: 1000,
+        };
+        assert_eq!(run.token(1000), Some(16 << 40));
+        assert_eq!(run.token(1007), Some(16 << 40 | 7));
+        assert_eq!(run.token(999), None, "before the base");
+        assert_eq!(
+            run.token(1000 + FLOOR - MARGIN - 1),
+            Some((17 << 40) - MARGIN - 1)
+        );
+        assert_eq!(run.token(1000 + FLOOR - MARGIN), None, "nearly spent");
+        let unborn = Run { epoch: 0, base: 0 };
+        assert_eq!(unborn.token(5), None, "epoch 0 is no run");
+        let past = Run {
+            epoch: 1 << 24,
+            base: 0,
+        };
+        assert_eq!(past.token(5), None, "a token needs 64 bits at most");
+        let late = Run { epoch: 32, base: 0 };
+        assert!(late.token(0) > run.token(1000 + FLOOR - MARGIN - 1));
+    }
 }
