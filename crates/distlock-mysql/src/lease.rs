@@ -78,7 +78,7 @@ pub(crate) fn acquire_procedure(tokens: Tokens) -> String {
                 DECLARE e, b, u BIGINT UNSIGNED;
                 -- One row, found or not (no warning when not).
                 SELECT MAX(epoch), MAX(base) INTO e, b
-                    FROM distlock_runs WHERE server_id = @@server_id;
+                    FROM distlock_runs WHERE server_uid = @@server_uid;
                 SET u = UUID_SHORT();
                 IF e IS NULL OR e = 0 OR e >= 16777216 OR u < b
                     OR u >= b + 1098437885952 THEN

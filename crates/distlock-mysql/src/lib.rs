@@ -204,7 +204,8 @@ impl MysqlStore {
                 .query_first("SELECT @@GLOBAL.wsrep_on")
                 .await
                 .unwrap_or(None);
-            let tokens = if recent_mariadb(version.as_deref()) && galera != Some(1) {
+            let runs = recent_mariadb(version.as_deref()) && galera != Some(1);
+            let tokens = if runs && tokens::can_run(&mut conn).await {
                 tokens::setup(&mut conn, &store.target).await?;
                 Tokens::Run
             } else {

@@ -261,8 +261,8 @@ async fn lock_on(
                 Ok(()) => token = conn.last_insert_id(),
                 Err(err) => got = Err(err),
             },
-            // Outside the run (nearly spent, or the server's counter went
-            // back): the next run, while the lock is held, and a token of it.
+            // Past the end of the session's run: the next run, while the
+            // lock is held, and a token of it.
             Some(run) if token.is_none() => match redraw(conn, target, run).await {
                 Ok(drawn) => token = Some(drawn),
                 Err(err) => got = Err(mysql_async::Error::Other(err.to_string().into())),

@@ -5,9 +5,11 @@
 //! `UUID_SHORT()` is a counter in the server's memory, raised by one under
 //! a mutex at every call, so it rises through a run of the server and
 //! starts afresh (below or above) after a restart. A run is a row of the
-//! MEMORY table `distlock_runs`, keyed by the server's `server_id`: the
-//! run's epoch and `base`, the counter's value when the run began. A
-//! restart empties it. A run begins, under the named lock
+//! MEMORY table `distlock_runs`, keyed by the server's `server_uid` (a hash
+//! of its port and MAC address, fixed while it runs; not `server_id`, which
+//! can be changed while it runs): the run's epoch and `base`, the counter's
+//! value when the run began. A restart empties it; a replica's copy of the
+//! primary's row is not the replica's. A run begins, under the named lock
 //! `distlock:epoch`, by raising the epoch in the InnoDB table
 //! `distlock_epoch` (committed, so flushed) and only then drawing `base`
 //! and writing the row: no token of an epoch exists before the epoch is
@@ -42,7 +44,7 @@ pub(crate) const SETUP: [&str; 3] = [
     ) ENGINE=InnoDB",
     "INSERT IGNORE INTO distlock_epoch VALUES (1, 0)",
     "CREATE TABLE IF NOT EXISTS distlock_runs (
-        server_id INT UNSIGNED PRIMARY KEY,
+        server_uid VARCHAR(64) CHARACTER SET ascii PRIMARY KEY,
         epoch BIGINT UNSIGNED NOT NULL,
         base BIGINT UNSIGNED NOT NULL
     ) ENGINE=MEMORY",
@@ -50,7 +52,7 @@ pub(crate) const SETUP: [&str; 3] = [
 
 /// This server's run and a draw (no row: no run).
 const READ: &str =
-    "SELECT epoch, base, UUID_SHORT() FROM distlock_runs WHERE server_id = @@server_id";
+    "SELECT epoch, base, UUID_SHORT() FROM distlock_runs WHERE server_uid = @@server_uid";
 
 /// A run of the server: tokens `epoch << 40 | (u - base)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,12 +75,34 @@ impl Run {
     }
 }
 
-/// Makes the tables.
+/// Whether the server can keep runs: it names itself (`server_uid`,
+/// MariaDB 10.3 and later).
+pub(crate) async fn can_run(conn: &mut Conn) -> bool {
+    let uid: std::result::Result<Option<Option<String>>, _> =
+        conn.query_first("SELECT @@server_uid").await;
+    matches!(uid, Ok(Some(Some(uid))) if !uid.is_empty())
+}
+
+/// Makes the tables, and refuses a run table that a restart would not
+/// empty (made with another engine, by hand or by engine substitution).
 pub(crate) async fn setup(conn: &mut Conn, target: &str) -> Result<()> {
+    let failed = |err: mysql_async::Error| query_error(target, err);
     for statement in SETUP {
-        conn.query_drop(statement)
-            .await
-            .map_err(|err| query_error(target, err))?;
+        conn.query_drop(statement).await.map_err(failed)?;
+    }
+    let engine: Option<String> = conn
+        .query_first(
+            "SELECT ENGINE FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'distlock_runs'",
+        )
+        .await
+        .map_err(failed)?;
+    if engine.as_deref() != Some("MEMORY") {
+        return Err(Error::config(format!(
+            "MariaDB at {target}: distlock_runs is {engine:?}, not a MEMORY table, so a \
+             restart would not empty it; drop it and let distlock make it again while no \
+             client runs"
+        )));
     }
     Ok(())
 }
@@ -129,23 +153,31 @@ async fn begin(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Run> 
     let epoch: Option<u64> = tx
         .query_first("SELECT epoch FROM distlock_epoch WHERE id = 1 FOR UPDATE")
         .await?;
+    let Some(epoch) = epoch else {
+        return Err(missing("the row of distlock_epoch"));
+    };
     // Above every run's epoch, and by 16, so that a failover to a replica
     // that missed a few bumps still starts above them.
-    let next = epoch.unwrap_or(0).max(highest.flatten().unwrap_or(0)) + 16;
+    let next = epoch.max(highest.flatten().unwrap_or(0)) + 16;
     tx.exec_drop("UPDATE distlock_epoch SET epoch = ? WHERE id = 1", (next,))
         .await?;
     tx.commit().await?;
     let base: Option<u64> = conn.query_first("SELECT UUID_SHORT()").await?;
     let run = Run {
         epoch: next,
-        base: base.unwrap_or(0),
+        base: base.ok_or_else(|| missing("UUID_SHORT()"))?,
     };
     conn.exec_drop(
-        "REPLACE INTO distlock_runs VALUES (@@server_id, ?, ?)",
+        "INSERT INTO distlock_runs VALUES (@@server_uid, ?, ?) \
+         ON DUPLICATE KEY UPDATE epoch = VALUES(epoch), base = VALUES(base)",
         (run.epoch, run.base),
     )
     .await?;
     Ok(run)
+}
+
+fn missing(what: &str) -> mysql_async::Error {
+    mysql_async::Error::Other(format!("{what} gave nothing; was it changed by hand?").into())
 }
 
 #[cfg(test)]

@@ -77,14 +77,37 @@ async fn tokens_rise_across_holders_modes_and_a_crash_of_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_tokens_rise_across_a_crash_right_after_a_grant() {
-    // Named grants only, and the crash at once: nothing else commits (and
-    // so flushes) after the sequence reserved its block.
+    // Named grants only, and the crash at once. The server's counter
+    // starts above its old values after a restart anyway (its start time
+    // is in it): the epoch must be what rises.
     let server = Mariadb::start();
     let mut tokens = Vec::new();
     take_three(&server.url(), "faults/crash", &mut tokens).await;
     let server = server.crash_and_restart();
     take_three(&server.url(), "faults/crash", &mut tokens).await;
     assert_rising(&tokens);
+    assert!(
+        tokens[3] >> 40 > tokens[2] >> 40,
+        "a new epoch: {tokens:x?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_run_gives_way_to_the_next_in_both_modes() {
+    let server = Mariadb::start();
+    let (url, lease) = (server.url(), format!("{}?mode=lease", server.url()));
+    let mut tokens = Vec::new();
+    take_three(&url, "faults/spent", &mut tokens).await;
+    // The run as if 2^40 - 2^30 draws had been made since it began: the
+    // next draw lies past its end.
+    server.sql(&format!(
+        "UPDATE {DATABASE}.distlock_runs SET base = base - 1098437885952"
+    ));
+    take_three(&lease, "faults/spent", &mut tokens).await;
+    take_three(&url, "faults/spent", &mut tokens).await;
+    assert_rising(&tokens);
+    assert!(tokens[3] >> 40 > tokens[2] >> 40, "a new run: {tokens:x?}");
+    assert_eq!(tokens[8] >> 40, tokens[3] >> 40, "one new run: {tokens:x?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
