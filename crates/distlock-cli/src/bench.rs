@@ -144,6 +144,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let barrier = Arc::new(Barrier::new(args.clients + 1));
     let mut tasks = Vec::with_capacity(args.clients);
     for (index, client) in clients.into_iter().enumerate() {
+        // Opened here, not in the task: a task whose open failed would
+        // never reach the barrier, and the bench would wait for it forever.
+        let session = client
+            .session()
+            .open()
+            .await
+            .context("cannot open a session")?;
         let key = match args.workload {
             Workload::Uncontended => format!("bench/{run_id}/own/{index}"),
             Workload::Contended | Workload::Safety => {
@@ -151,7 +158,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let worker = Worker {
-            client,
+            session,
             key,
             workload: args.workload,
             hold: args.hold,
@@ -199,7 +206,7 @@ fn progress_bar(duration: Duration) -> ProgressBar {
 }
 
 struct Worker {
-    client: Client,
+    session: distlock::Session,
     key: String,
     workload: Workload,
     hold: Duration,
@@ -210,7 +217,7 @@ struct Worker {
 
 impl Worker {
     async fn run(self, barrier: Arc<Barrier>, duration: Duration) -> anyhow::Result<ClientStats> {
-        let session = self.client.session().open().await?;
+        let session = self.session;
         let mut stats = ClientStats {
             acquisitions: 0,
             latency_us: latency_histogram(),

@@ -58,8 +58,8 @@ const ACQUIRE_PROCEDURE: &str = include_str!("lease_acquire.sql");
 fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
     match tokens {
         Tokens::Run => (
-            "distlock_lease_acquire_run_v1",
-            "CALL distlock_lease_acquire_run_v1(?, ?, ?, ?, ?, ?)",
+            "distlock_lease_acquire_run_v2",
+            "CALL distlock_lease_acquire_run_v2(?, ?, ?, ?, ?, ?)",
         ),
         Tokens::Table => (
             "distlock_lease_acquire_tbl_v1",
@@ -68,26 +68,31 @@ fn procedure(tokens: Tokens) -> (&'static str, &'static str) {
     }
 }
 
+/// The token of a grant in the server's run, as [`tokens::Run::token`]
+/// reckons it (`/*SERVER*/` is [`tokens::SERVER`], `/*END*/` the draws a
+/// run has).
+const RUN_TOKEN: &str = "BEGIN
+            DECLARE e, b, u BIGINT UNSIGNED;
+            -- One row, found or not (no warning when not).
+            SELECT MAX(epoch), MAX(base) INTO e, b
+                FROM distlock_runs WHERE server = /*SERVER*/;
+            SET u = UUID_SHORT();
+            IF e IS NULL OR e = 0 OR e >= 16777216 OR u < b OR u >= b + /*END*/ THEN
+                SIGNAL SQLSTATE '45000' SET MYSQL_ERRNO = 30001,
+                    MESSAGE_TEXT = 'distlock: this server has no live token run';
+            END IF;
+            SET t = e << 40 | (u - b);
+        END;";
+
 /// [`ACQUIRE_PROCEDURE`] for a store whose tokens come from `tokens`.
 pub(crate) fn acquire_procedure(tokens: Tokens) -> String {
+    let run = RUN_TOKEN
+        .replace("/*SERVER*/", tokens::SERVER)
+        .replace("/*END*/", &tokens::RUN_END.to_string());
     let token = match tokens {
         // The server's run, if live (`tokens::run` reads it the same way);
         // if not, the client begins one and tries again.
-        Tokens::Run => {
-            "BEGIN
-                DECLARE e, b, u BIGINT UNSIGNED;
-                -- One row, found or not (no warning when not).
-                SELECT MAX(epoch), MAX(base) INTO e, b
-                    FROM distlock_runs WHERE server_uid = @@server_uid;
-                SET u = UUID_SHORT();
-                IF e IS NULL OR e = 0 OR e >= 16777216 OR u < b
-                    OR u >= b + 1098437885952 THEN
-                    SIGNAL SQLSTATE '45000' SET MYSQL_ERRNO = 30001,
-                        MESSAGE_TEXT = 'distlock: this server has no live token run';
-                END IF;
-                SET t = e << 40 | (u - b);
-            END;"
-        }
+        Tokens::Run => run.as_str(),
         Tokens::Table => {
             "INSERT INTO distlock_tokens (key_hash, token) VALUES (kh, LAST_INSERT_ID(1))
                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1);

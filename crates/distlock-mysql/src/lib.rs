@@ -44,7 +44,9 @@
 //! What could make tokens go back, plainly: `innodb_flush_log_at_trx_commit
 //! = 0` (or `2` and a crash of the whole machine), a failover to a replica
 //! behind the primary, a server that serves again after a failover without
-//! a restart in between, the tables changed by hand, or a key used in both
+//! a restart in between, the tables changed by hand (`distlock_runs`
+//! emptied while the server runs, which replication into it from another
+//! writable server does after that one restarts), or a key used in both
 //! modes at once. Older clients drew tokens from `distlock_token_seq`, or
 //! counted them per key in `distlock_tokens`, below `1 << 40`: stop them
 //! before the first client of this version starts.
@@ -204,8 +206,7 @@ impl MysqlStore {
                 .query_first("SELECT @@GLOBAL.wsrep_on")
                 .await
                 .unwrap_or(None);
-            let runs = recent_mariadb(version.as_deref()) && galera != Some(1);
-            let tokens = if runs && tokens::can_run(&mut conn).await {
+            let tokens = if recent_mariadb(version.as_deref()) && galera != Some(1) {
                 tokens::setup(&mut conn, &store.target).await?;
                 Tokens::Run
             } else {

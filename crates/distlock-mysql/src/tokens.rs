@@ -5,11 +5,10 @@
 //! `UUID_SHORT()` is a counter in the server's memory, raised by one under
 //! a mutex at every call, so it rises through a run of the server and
 //! starts afresh (below or above) after a restart. A run is a row of the
-//! MEMORY table `distlock_runs`, keyed by the server's `server_uid` (a hash
-//! of its port and MAC address, fixed while it runs; not `server_id`, which
-//! can be changed while it runs): the run's epoch and `base`, the counter's
-//! value when the run began. A restart empties it; a replica's copy of the
-//! primary's row is not the replica's. A run begins, under the named lock
+//! MEMORY table `distlock_runs`, keyed by the server's host name and port
+//! (both fixed while it runs, unlike `server_id`): the run's epoch and
+//! `base`, the counter's value when the run began. A restart empties it;
+//! a replica's copy of its primary's row has the primary's name. A run begins, under the named lock
 //! `distlock:epoch`, by raising the epoch in the InnoDB table
 //! `distlock_epoch` (committed, so flushed) and only then drawing `base`
 //! and writing the row: no token of an epoch exists before the epoch is
@@ -32,6 +31,9 @@ pub(crate) const FLOOR: u64 = 1 << 40;
 /// How close to its epoch's end a run is over.
 const MARGIN: u64 = 1 << 30;
 
+/// How many draws a run has.
+pub(crate) const RUN_END: u64 = FLOOR - MARGIN;
+
 /// The error number the lease procedure signals when this server has no
 /// run to draw a token from (a run begins, and the grant is tried again).
 pub(crate) const NO_RUN: u16 = 30001;
@@ -44,15 +46,19 @@ pub(crate) const SETUP: [&str; 3] = [
     ) ENGINE=InnoDB",
     "INSERT IGNORE INTO distlock_epoch VALUES (1, 0)",
     "CREATE TABLE IF NOT EXISTS distlock_runs (
-        server_uid VARCHAR(64) CHARACTER SET ascii PRIMARY KEY,
+        server VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PRIMARY KEY,
         epoch BIGINT UNSIGNED NOT NULL,
         base BIGINT UNSIGNED NOT NULL
     ) ENGINE=MEMORY",
 ];
 
+/// The server a run belongs to, in SQL: the same in the lease procedure.
+pub(crate) const SERVER: &str = "CONCAT(@@hostname, ':', @@port)";
+
 /// This server's run and a draw (no row: no run).
-const READ: &str =
-    "SELECT epoch, base, UUID_SHORT() FROM distlock_runs WHERE server_uid = @@server_uid";
+fn read() -> String {
+    format!("SELECT epoch, base, UUID_SHORT() FROM distlock_runs WHERE server = {SERVER}")
+}
 
 /// A run of the server: tokens `epoch << 40 | (u - base)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,20 +73,12 @@ impl Run {
     pub(crate) fn token(self, drawn: u64) -> Option<u64> {
         let n = drawn.checked_sub(self.base)?;
         // Epochs from 2^24 on would not fit 64 bits.
-        if n < FLOOR - MARGIN && (1..1 << 24).contains(&self.epoch) {
+        if n < RUN_END && (1..1 << 24).contains(&self.epoch) {
             Some(self.epoch << 40 | n)
         } else {
             None
         }
     }
-}
-
-/// Whether the server can keep runs: it names itself (`server_uid`,
-/// MariaDB 10.3 and later).
-pub(crate) async fn can_run(conn: &mut Conn) -> bool {
-    let uid: std::result::Result<Option<Option<String>>, _> =
-        conn.query_first("SELECT @@server_uid").await;
-    matches!(uid, Ok(Some(Some(uid))) if !uid.is_empty())
 }
 
 /// Makes the tables, and refuses a run table that a restart would not
@@ -131,7 +129,7 @@ pub(crate) async fn run(conn: &mut Conn, target: &str, stale: Option<Run>) -> Re
 /// This server's run in the table, if it is live: not `stale`, and the
 /// draw made with the read in it.
 async fn live(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Option<Run>> {
-    let row: Option<(u64, u64, u64)> = conn.query_first(READ).await?;
+    let row: Option<(u64, u64, u64)> = conn.query_first(read()).await?;
     Ok(row.and_then(|(epoch, base, drawn)| {
         let run = Run { epoch, base };
         (Some(run) != stale && run.token(drawn).is_some()).then_some(run)
@@ -156,8 +154,8 @@ async fn begin(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Run> 
     let Some(epoch) = epoch else {
         return Err(missing("the row of distlock_epoch"));
     };
-    // Above every run's epoch, and by 16, so that a failover to a replica
-    // that missed a few bumps still starts above them.
+    // Above the epoch row and every run's epoch here (by 16, as before
+    // runs).
     let next = epoch.max(highest.flatten().unwrap_or(0)) + 16;
     tx.exec_drop("UPDATE distlock_epoch SET epoch = ? WHERE id = 1", (next,))
         .await?;
@@ -168,8 +166,10 @@ async fn begin(conn: &mut Conn, stale: Option<Run>) -> mysql_async::Result<Run> 
         base: base.ok_or_else(|| missing("UUID_SHORT()"))?,
     };
     conn.exec_drop(
-        "INSERT INTO distlock_runs VALUES (@@server_uid, ?, ?) \
-         ON DUPLICATE KEY UPDATE epoch = VALUES(epoch), base = VALUES(base)",
+        format!(
+            "INSERT INTO distlock_runs VALUES ({SERVER}, ?, ?) \
+             ON DUPLICATE KEY UPDATE epoch = VALUES(epoch), base = VALUES(base)"
+        ),
         (run.epoch, run.base),
     )
     .await?;
@@ -187,15 +187,15 @@ mod tests {
     use distlock_core::store::{AcquireRequest, Mode, StoreSession};
     use mysql_async::prelude::Queryable;
 
-    use super::{run, Run, FLOOR, MARGIN};
+    use super::{run, Run, FLOOR, MARGIN, RUN_END};
     use crate::named::NamedSession;
 
-    /// A run found spent gives way to the next, with a higher epoch; a
-    /// session whose run is not the live one draws in the live one, while
-    /// it holds the lock. On a server of its own: other sessions still in
-    /// the run it moves on from would give lower tokens.
+    /// A session whose draw lies past its run's end begins the next run,
+    /// with a higher epoch, while it holds the lock, and its grant is a
+    /// token of it; a session still in a run another began draws in that
+    /// one. On a server of its own: the run is aged by hand.
     #[tokio::test]
-    async fn a_spent_run_gives_way_and_a_session_moves_to_the_live_one() {
+    async fn a_session_past_its_run_moves_to_the_next() {
         let server = distlock_testkit::servers::Mariadb::start();
         let url = server.url();
         crate::MysqlStore::connect(&url)
@@ -210,38 +210,53 @@ mod tests {
             first,
             "kept"
         );
-        let next = run(&mut conn, "test", Some(first))
+        // The run as if RUN_END draws had been made since it began, in the
+        // table and in two sessions.
+        let spent = Run {
+            epoch: first.epoch,
+            base: first.base - RUN_END,
+        };
+        conn.exec_drop(
+            "UPDATE distlock_runs SET base = ? WHERE epoch = ?",
+            (spent.base, spent.epoch),
+        )
+        .await
+        .expect("age the run");
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
+            let session = NamedSession::open(
+                conn,
+                pool.clone(),
+                "test".to_owned(),
+                Some(spent),
+                Duration::from_secs(5),
+            )
             .await
-            .expect("the next run");
+            .expect("open");
+            sessions.push(session);
+        }
+        let mut tokens = Vec::new();
+        for session in &sessions {
+            let key = format!("runs-{:x}", rand::random::<u64>());
+            let grant = session
+                .acquire(&AcquireRequest::new(key, Mode::Exclusive))
+                .await
+                .expect("acquire")
+                .expect("free");
+            tokens.push(grant.token);
+        }
+        let next = run(&mut conn, "test", None).await.expect("a run");
         assert!(next.epoch > first.epoch, "{next:?} after {first:?}");
+        for token in &tokens {
+            assert_eq!(token >> 40, next.epoch, "one next run: {tokens:x?}");
+        }
+        assert!(tokens[0] < tokens[1], "{tokens:x?}");
         let epoch: Option<u64> = conn
             .query_first("SELECT epoch FROM distlock_epoch WHERE id = 1")
             .await
             .expect("read");
-        assert!(epoch >= Some(next.epoch), "the epoch is durable first");
-        // A session still in the first run (its draws would lie before
-        // its base): its grant is a token of the live run.
-        let behind = Run {
-            epoch: first.epoch,
-            base: u64::MAX / 2,
-        };
-        let conn = mysql_async::Conn::new(opts).await.expect("connect");
-        let session = NamedSession::open(
-            conn,
-            pool,
-            "test".to_owned(),
-            Some(behind),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("open");
-        let key = format!("runs-{:x}", rand::random::<u64>());
-        let grant = session
-            .acquire(&AcquireRequest::new(key, Mode::Exclusive))
-            .await
-            .expect("acquire")
-            .expect("free");
-        assert_eq!(grant.token >> 40, next.epoch, "token {:x}", grant.token);
+        assert!(epoch >= Some(next.epoch), "the epoch row is raised");
     }
 
     #[test]

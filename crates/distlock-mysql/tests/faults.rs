@@ -104,10 +104,33 @@ async fn a_spent_run_gives_way_to_the_next_in_both_modes() {
         "UPDATE {DATABASE}.distlock_runs SET base = base - 1098437885952"
     ));
     take_three(&lease, "faults/spent", &mut tokens).await;
+    // New sessions, which find the run the lease grants began.
     take_three(&url, "faults/spent", &mut tokens).await;
     assert_rising(&tokens);
     assert!(tokens[3] >> 40 > tokens[2] >> 40, "a new run: {tokens:x?}");
     assert_eq!(tokens[8] >> 40, tokens[3] >> 40, "one new run: {tokens:x?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_id_changed_while_the_server_runs_keeps_its_run() {
+    // A session opened after the change draws in the run older ones do.
+    let server = Mariadb::start();
+    let client = client(&server.url()).await;
+    let before = client.session().open().await.expect("open");
+    server.sql("SET GLOBAL server_id = 7");
+    let after = client.session().open().await.expect("open");
+    let mut tokens = Vec::new();
+    for session in [&after, &before, &after] {
+        let guard = session
+            .lock("faults/server-id")
+            .try_lock()
+            .await
+            .expect("try")
+            .expect("free");
+        tokens.push(guard.token());
+        guard.release().await.expect("release");
+    }
+    assert_rising(&tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

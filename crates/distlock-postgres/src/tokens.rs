@@ -47,10 +47,10 @@ CREATE UNLOGGED SEQUENCE IF NOT EXISTS distlock_token_seq;
 -- Moves the sequence to a new epoch if it was reset or its epoch is nearly
 -- spent. The epoch is committed (synchronously, to a synchronous standby
 -- too if there is one) before the sequence moves, and the sequence only
--- ever moves forward. Epochs go up by 16, so that a standby promoted
--- without the last few bumps still starts above them; and above the
--- sequence's own epoch, so that a restored dump whose sequence ran ahead
--- of its epoch row cannot repeat one.
+-- ever moves forward. Epochs go up by 16 (which does not cover a standby
+-- promoted without the last bump: docs/0004), and above the sequence's
+-- own epoch, so that a restored dump whose sequence ran ahead of its
+-- epoch row cannot repeat one.
 CREATE OR REPLACE PROCEDURE distlock_new_epoch()
 LANGUAGE plpgsql AS $fn$
 DECLARE
