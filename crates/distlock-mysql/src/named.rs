@@ -515,3 +515,7 @@ impl StoreSession for NamedSession {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "named_tests.rs"]
+mod tests;
