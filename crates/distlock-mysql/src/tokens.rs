@@ -8,11 +8,13 @@
 //! MEMORY table `distlock_runs`, keyed by the server's host name and port
 //! (both fixed while it runs, unlike `server_id`): the run's epoch and
 //! `base`, the counter's value when the run began. A restart empties it;
-//! a replica's copy of its primary's row has the primary's name. A run begins, under the named lock
-//! `distlock:epoch`, by raising the epoch in the InnoDB table
-//! `distlock_epoch` (committed, so flushed) and only then drawing `base`
-//! and writing the row: no token of an epoch exists before the epoch is
-//! durable, and every epoch is above every run's before it.
+//! a replica's copy of its primary's row has the primary's name.
+//!
+//! A run begins, under the named lock `distlock:epoch`, by raising the
+//! epoch in the InnoDB table `distlock_epoch` (committed, so flushed) and
+//! only then drawing `base` and writing the row: no token of an epoch
+//! exists before the epoch is durable, and every epoch is above every
+//! run's before it.
 //!
 //! A draw is a token of the run only if `base <= u < base + 2^40 - 2^30`;
 //! otherwise (a run nearly spent) the next run begins and the draw is made
