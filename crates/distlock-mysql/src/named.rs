@@ -518,4 +518,4 @@ impl StoreSession for NamedSession {
 
 #[cfg(test)]
 #[path = "named_tests.rs"]
-mod tests;
+pub(crate) mod tests;

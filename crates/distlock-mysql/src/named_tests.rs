@@ -7,6 +7,7 @@ use distlock_core::store::{AcquireRequest, HeldLock, Mode, StoreSession};
 use mysql_async::prelude::Queryable;
 
 use super::{lock_name, NamedSession, MAX_NAME};
+use crate::tokens::Run;
 
 #[test]
 fn short_printable_keys_are_their_own_names_and_the_rest_are_hashed() {
@@ -22,14 +23,16 @@ fn short_printable_keys_are_their_own_names_and_the_rest_are_hashed() {
     assert!(lock_name("café").starts_with("dl#"));
 }
 
-async fn session(url: &str) -> NamedSession {
+/// A named session on a connection of its own, drawing tokens in `run`
+/// (`None`: from the per-key table).
+pub(crate) async fn session(url: &str, run: Option<Run>) -> NamedSession {
     let opts = mysql_async::Opts::from_url(url).expect("url");
     let conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
     NamedSession::open(
         conn,
         mysql_async::Pool::new(opts),
         "test".to_owned(),
-        None,
+        run,
         Duration::from_secs(5),
     )
     .await
@@ -48,7 +51,7 @@ async fn table_tokens_rise_and_a_failed_draw_gives_the_lock_back() {
     crate::MysqlStore::connect(&url)
         .await
         .expect("connect, making the tables");
-    let (first, second) = (session(&url).await, session(&url).await);
+    let (first, second) = (session(&url, None).await, session(&url, None).await);
     let key = "table-tokens";
     let request = AcquireRequest::new(key, Mode::Exclusive);
     let one = first.acquire(&request).await.expect("try").expect("free");

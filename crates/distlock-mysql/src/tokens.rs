@@ -184,13 +184,11 @@ fn missing(what: &str) -> mysql_async::Error {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use distlock_core::store::{AcquireRequest, Mode, StoreSession};
     use mysql_async::prelude::Queryable;
 
     use super::{run, Run, FLOOR, MARGIN, RUN_END};
-    use crate::named::NamedSession;
+    use crate::named::tests::session;
 
     /// A session whose draw lies past its run's end begins the next run,
     /// with a higher epoch, while it holds the lock, and its grant is a
@@ -204,7 +202,6 @@ mod tests {
             .await
             .expect("connect, making the tables");
         let opts = mysql_async::Opts::from_url(&url).expect("url");
-        let pool = mysql_async::Pool::new(opts.clone());
         let mut conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
         let first = run(&mut conn, "test", None).await.expect("a run");
         assert_eq!(
@@ -224,20 +221,10 @@ mod tests {
         )
         .await
         .expect("age the run");
-        let mut sessions = Vec::new();
-        for _ in 0..2 {
-            let conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
-            let session = NamedSession::open(
-                conn,
-                pool.clone(),
-                "test".to_owned(),
-                Some(spent),
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("open");
-            sessions.push(session);
-        }
+        let sessions = [
+            session(&url, Some(spent)).await,
+            session(&url, Some(spent)).await,
+        ];
         let mut tokens = Vec::new();
         for session in &sessions {
             let key = format!("runs-{:x}", rand::random::<u64>());

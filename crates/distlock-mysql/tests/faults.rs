@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use distlock_core::{Client, ErrorKind};
 use distlock_mysql::MysqlStore;
-use distlock_testkit::restart::{assert_rising, take_in_turn};
+use distlock_testkit::restart::{assert_rising, take_in_turn, take_once};
 use distlock_testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use tokio::time::timeout;
 
@@ -121,14 +121,7 @@ async fn a_server_id_changed_while_the_server_runs_keeps_its_run() {
     let after = client.session().open().await.expect("open");
     let mut tokens = Vec::new();
     for session in [&after, &before, &after] {
-        let guard = session
-            .lock("faults/server-id")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
+        tokens.push(take_once(session, "faults/server-id").await);
     }
     assert_rising(&tokens);
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use distlock_core::{Client, ErrorKind};
+use distlock_core::{Client, ErrorKind, Session};
 
 /// Takes `key` `times` times in a row, each by a new session of `client`
 /// that finds it free; the tokens, in order.
@@ -12,16 +12,22 @@ pub async fn take_in_turn(client: &Client, key: &str, times: usize) -> Vec<u64> 
     let mut tokens = Vec::with_capacity(times);
     for _ in 0..times {
         let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock(key)
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        tokens.push(guard.token());
-        guard.release().await.expect("release");
+        tokens.push(take_once(&session, key).await);
     }
     tokens
+}
+
+/// Takes `key`, which `session` finds free, and gives it back; its token.
+pub async fn take_once(session: &Session, key: &str) -> u64 {
+    let guard = session
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let token = guard.token();
+    guard.release().await.expect("release");
+    token
 }
 
 /// Fails unless `tokens` rise strictly.
