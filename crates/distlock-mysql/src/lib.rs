@@ -84,6 +84,9 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
     VALUES (UNHEX(SHA2(?, 256)), LAST_INSERT_ID(1))
     ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)";
 
+/// `ER_UNKNOWN_SYSTEM_VARIABLE`: MySQL has no `wsrep_on`.
+const ER_UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
+
 /// Where a store's tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tokens {
@@ -201,11 +204,16 @@ impl MysqlStore {
             conn.query_drop(TOKENS).await.map_err(failed)?;
             let version: Option<String> =
                 conn.query_first("SELECT VERSION()").await.map_err(failed)?;
-            // Galera keeps MEMORY tables and UUID_SHORT() per node.
-            let galera: Option<u8> = conn
-                .query_first("SELECT @@GLOBAL.wsrep_on")
-                .await
-                .unwrap_or(None);
+            // Galera keeps MEMORY tables and UUID_SHORT() per node. A server
+            // without the variable is no Galera node; any other error ends
+            // the connect, so that a node is never taken for a plain server.
+            let galera: Option<u8> = match conn.query_first("SELECT @@GLOBAL.wsrep_on").await {
+                Ok(on) => on,
+                Err(mysql_async::Error::Server(err)) if err.code == ER_UNKNOWN_SYSTEM_VARIABLE => {
+                    None
+                }
+                Err(err) => return Err(failed(err)),
+            };
             let tokens = if recent_mariadb(version.as_deref()) && galera != Some(1) {
                 tokens::setup(&mut conn, &store.target).await?;
                 Tokens::Run
