@@ -23,6 +23,16 @@ fn short_printable_keys_are_their_own_names_and_the_rest_are_hashed() {
     assert!(lock_name("café").starts_with("dl#"));
 }
 
+/// A MariaDB of the test's own, with distlock's tables made; its URL.
+pub(crate) async fn private_server() -> (distlock_testkit::servers::Mariadb, String) {
+    let server = distlock_testkit::servers::Mariadb::start();
+    let url = server.url();
+    crate::MysqlStore::connect(&url)
+        .await
+        .expect("connect, making the tables");
+    (server, url)
+}
+
 /// A named session on a connection of its own, drawing tokens in `run`
 /// (`None`: from the per-key table).
 pub(crate) async fn session(url: &str, run: Option<Run>) -> NamedSession {
@@ -46,11 +56,7 @@ pub(crate) async fn session(url: &str, run: Option<Run>) -> NamedSession {
 /// dropped.
 #[tokio::test]
 async fn table_tokens_rise_and_a_failed_draw_gives_the_lock_back() {
-    let server = distlock_testkit::servers::Mariadb::start();
-    let url = server.url();
-    crate::MysqlStore::connect(&url)
-        .await
-        .expect("connect, making the tables");
+    let (_server, url) = private_server().await;
     let (first, second) = (session(&url, None).await, session(&url, None).await);
     let key = "table-tokens";
     let request = AcquireRequest::new(key, Mode::Exclusive);

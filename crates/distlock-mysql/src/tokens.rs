@@ -188,7 +188,7 @@ mod tests {
     use mysql_async::prelude::Queryable;
 
     use super::{run, Run, FLOOR, MARGIN, RUN_END};
-    use crate::named::tests::session;
+    use crate::named::tests::{private_server, session};
 
     /// A session whose draw lies past its run's end begins the next run,
     /// with a higher epoch, while it holds the lock, and its grant is a
@@ -196,11 +196,7 @@ mod tests {
     /// one. On a server of its own: the run is aged by hand.
     #[tokio::test]
     async fn a_session_past_its_run_moves_to_the_next() {
-        let server = distlock_testkit::servers::Mariadb::start();
-        let url = server.url();
-        crate::MysqlStore::connect(&url)
-            .await
-            .expect("connect, making the tables");
+        let (_server, url) = private_server().await;
         let opts = mysql_async::Opts::from_url(&url).expect("url");
         let mut conn = mysql_async::Conn::new(opts.clone()).await.expect("connect");
         let first = run(&mut conn, "test", None).await.expect("a run");

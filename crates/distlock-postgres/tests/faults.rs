@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use distlock_core::{Client, ErrorKind};
 use distlock_postgres::{advisory_key, PostgresStore};
-use distlock_testkit::restart::assert_rising;
+use distlock_testkit::restart::{assert_rising, take_once};
 use distlock_testkit::servers::postgres::{Postgres, PASSWORD};
 use tokio::time::timeout;
 
@@ -173,15 +173,7 @@ async fn an_epoch_nearly_spent_moves_on_to_the_next() {
     let client = client(&server.url()).await;
     let take = || async {
         let session = client.session().open().await.expect("open");
-        let guard = session
-            .lock("faults/margin")
-            .try_lock()
-            .await
-            .expect("try")
-            .expect("free");
-        let token = guard.token();
-        guard.release().await.expect("release");
-        token
+        take_once(&session, "faults/margin").await
     };
     let first = take().await;
     // Just below the margin: the next draw is the epoch's last usable
