@@ -118,17 +118,24 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
         .await
         .map_err(|err| query_error(&target, err))?
         .get(0);
+    check_version(version, &target)?;
+    client
+        .batch_execute(CREATE)
+        .await
+        .map_err(|err| query_error(&target, err))?;
+    check_sequence(&client, &target).await
+}
+
+/// Refuses a server older than 15 (`server_version_num` `version`): its
+/// sequences cannot be unlogged.
+fn check_version(version: i32, target: &str) -> Result<()> {
     if version < 150000 {
         return Err(Error::config(format!(
             "PostgreSQL at {target} is version {version}; distlock needs 15 or later \
              (its tokens use an unlogged sequence)"
         )));
     }
-    client
-        .batch_execute(CREATE)
-        .await
-        .map_err(|err| query_error(&target, err))?;
-    check_sequence(&client, &target).await
+    Ok(())
 }
 
 /// Refuses a `distlock_token_seq` that could hand out tokens out of order
@@ -187,4 +194,20 @@ async fn new_epoch(client: &Client, target: &str) -> Result<()> {
         .batch_execute("CALL distlock_new_epoch()")
         .await
         .map_err(|err| query_error(target, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_version;
+
+    #[test]
+    fn needs_postgresql_15_or_later() {
+        for version in [150000, 150018, 170002] {
+            assert!(check_version(version, "db").is_ok(), "{version}");
+        }
+        for version in [140011, 149999] {
+            let err = check_version(version, "db").expect_err("too old");
+            assert!(err.to_string().contains("needs 15 or later"), "{err}");
+        }
+    }
 }

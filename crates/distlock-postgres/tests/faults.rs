@@ -471,3 +471,18 @@ async fn lease_waiters_are_woken_after_the_listening_connection_is_killed() {
         .expect("woken by the release, well before the 30 s timer")
         .expect("waiter task");
 }
+
+/// A token sequence changed by hand (here made to cache values, so that
+/// two backends would draw out of order) is refused at connect, with what
+/// to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_sequence_changed_by_hand_is_refused() {
+    let server = Postgres::start();
+    drop(client(&server.url()).await);
+    server.psql("ALTER SEQUENCE distlock_token_seq CACHE 10");
+    let err = PostgresStore::connect(&server.url())
+        .await
+        .expect_err("a cached sequence");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("never ALTER it"), "{err}");
+}

@@ -1,16 +1,131 @@
-//! The conformance suite against a real PostgreSQL, advisory-lock mode.
+//! The conformance suite against a real PostgreSQL, advisory-lock mode,
+//! and what only this mode does: waits in the server, and tokens drawn in
+//! the lock's own statement.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use distlock_core::Client;
-use distlock_postgres::PostgresStore;
+use distlock_core::{Client, ErrorKind};
+use distlock_postgres::{advisory_key, PostgresStore};
 use distlock_testkit::servers::Postgres;
+use tokio::time::timeout;
 
-async fn connect() -> Client {
-    let store = PostgresStore::connect(&Postgres::shared().url())
+async fn connect_to(url: &str) -> Client {
+    let store = PostgresStore::connect(url)
         .await
         .expect("connect to the test's PostgreSQL");
     Client::new(Arc::new(store))
 }
 
+async fn connect() -> Client {
+    connect_to(&Postgres::shared().url()).await
+}
+
 distlock_testkit::conformance_suite!(connect);
+
+/// How many backends hold the advisory lock of any of `names`.
+fn holders(server: &Postgres, names: &[&str]) -> String {
+    let terms: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let key = u64::from_ne_bytes(advisory_key(name).to_ne_bytes());
+            format!(
+                "(classid = {} AND objid = {} AND objsubid = 1)",
+                key >> 32,
+                key & 0xffff_ffff
+            )
+        })
+        .collect();
+    server.psql(&format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND ({})",
+        terms.join(" OR ")
+    ))
+}
+
+/// A grant whose token cannot be drawn (the sequence at its maximum) fails
+/// as a store error, and its lock is given back, whether the grant came
+/// from a try of a free key or from a wait in the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_a_token_fails_and_gives_the_lock_back() {
+    let server = Postgres::start();
+    let client = connect_to(&server.url()).await;
+    let (free, waited) = ("no-token/free", "no-token/waited");
+    let holder = client.session().open().await.expect("open");
+    let waiter = client.session().open().await.expect("open");
+    let held = holder
+        .lock(waited)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    // The waiter's session outlives its wait: closing it would give back
+    // whatever its connection still held.
+    let waiting = tokio::spawn(async move {
+        let answer = waiter.lock(waited).wait(Duration::from_secs(10)).await;
+        (answer.map(|guard| guard.token()), waiter)
+    });
+    // By then the waiter waits in the server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.psql("SELECT setval('distlock_token_seq', 9223372036854775807)");
+    let tried = holder.lock(free).try_lock().await;
+    let err = tried
+        .map(|guard| guard.map(|guard| guard.token()))
+        .expect_err("no token to draw");
+    assert_eq!(err.kind(), ErrorKind::Store, "{err}");
+    assert!(err.to_string().contains("maximum value"), "{err}");
+    held.release().await.expect("release");
+    let (waited_for, _waiter) = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the wait ends")
+        .expect("waiter task");
+    let err = waited_for.expect_err("no token to draw");
+    assert_eq!(err.kind(), ErrorKind::Store, "{err}");
+    // Given back in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holders(&server, &[free, waited]) != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "a lock without a token stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A wait dropped mid-way is cancelled in the server and its lock given
+/// back at once: the session's next call does not sit out a pause meant
+/// for a cancel whose answer never came (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_wait_frees_its_session_at_once() {
+    let server = Postgres::shared();
+    let client = connect().await;
+    let key = "dropped-wait/held";
+    let holder = client.session().open().await.expect("open");
+    let quitter = client.session().open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let gave_up = timeout(
+        Duration::from_millis(300),
+        quitter.lock(key).wait(Duration::from_secs(30)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the waiter was granted: {gave_up:?}");
+    let dropped = Instant::now();
+    let other = quitter
+        .lock("dropped-wait/other")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let after = dropped.elapsed();
+    assert!(
+        after < Duration::from_secs(4),
+        "the next call waited {after:?}"
+    );
+    other.release().await.expect("release");
+    assert_eq!(holders(server, &[key]), "1", "only the holder holds it");
+    held.release().await.expect("release");
+}
