@@ -6,25 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock_core::{Client, ErrorKind};
-use distlock_postgres::{advisory_key, PostgresStore};
+use distlock_postgres::PostgresStore;
 use distlock_testkit::restart::{assert_rising, take_once};
 use distlock_testkit::servers::postgres::{Postgres, PASSWORD};
 use tokio::time::timeout;
+
+mod common;
+use common::lock_of;
 
 async fn client(url: &str) -> Client {
     Client::new(Arc::new(
         PostgresStore::connect(url).await.expect("connect"),
     ))
-}
-
-/// `WHERE` terms that find the advisory lock of `name` in `pg_locks`.
-fn lock_of(name: &str) -> String {
-    let key = u64::from_ne_bytes(advisory_key(name).to_ne_bytes());
-    format!(
-        "locktype = 'advisory' AND classid = {} AND objid = {} AND objsubid = 1",
-        key >> 32,
-        key & 0xffff_ffff
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

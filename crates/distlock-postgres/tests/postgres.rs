@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock_core::{Client, ErrorKind};
-use distlock_postgres::{advisory_key, PostgresStore};
+use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
 use tokio::time::timeout;
 use tokio_postgres::error::SqlState;
+
+mod common;
+use common::lock_of;
 
 async fn connect_to(url: &str) -> Client {
     let store = PostgresStore::connect(url)
@@ -29,17 +32,10 @@ distlock_testkit::conformance_suite!(connect);
 fn backends(server: &Postgres, granted: &str, names: &[&str]) -> String {
     let terms: Vec<String> = names
         .iter()
-        .map(|name| {
-            let key = u64::from_ne_bytes(advisory_key(name).to_ne_bytes());
-            format!(
-                "(classid = {} AND objid = {} AND objsubid = 1)",
-                key >> 32,
-                key & 0xffff_ffff
-            )
-        })
+        .map(|name| format!("({})", lock_of(name)))
         .collect();
     server.psql(&format!(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND {granted} AND ({})",
+        "SELECT count(*) FROM pg_locks WHERE {granted} AND ({})",
         terms.join(" OR ")
     ))
 }
