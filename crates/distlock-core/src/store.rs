@@ -525,18 +525,18 @@ pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 pub fn take_url_param(url: &url::Url, name: &str) -> (url::Url, Option<String>) {
     let mut value = None;
     let mut others = Vec::new();
-    for (key, given) in url.query_pairs() {
-        if key == name {
-            value = Some(given.into_owned());
-        } else {
-            others.push((key.into_owned(), given.into_owned()));
+    // The other pairs are kept as written: written again as a form, a
+    // space would become `+`, which libpq-style parsers take literally.
+    for pair in url.query().unwrap_or("").split('&') {
+        match url::form_urlencoded::parse(pair.as_bytes()).next() {
+            Some((key, given)) if key == name => value = Some(given.into_owned()),
+            Some(_) => others.push(pair),
+            None => {}
         }
     }
     let mut rest = url.clone();
-    rest.set_query(None);
-    if !others.is_empty() {
-        rest.query_pairs_mut().extend_pairs(others);
-    }
+    let query = others.join("&");
+    rest.set_query(Some(query.as_str()).filter(|query| !query.is_empty()));
     (rest, value)
 }
 
@@ -637,6 +637,12 @@ mod tests {
         assert_eq!(rest.as_str(), "pg://u@h/db?sslmode=disable");
         let (rest, _) = take_url_param(&url::Url::parse("r://h?ca=x").expect("url"), "ca");
         assert_eq!(rest.as_str(), "r://h");
+        // A space stays `%20`: PostgreSQL's and MySQL's URL parsers take
+        // `+` as itself.
+        let url = url::Url::parse("pg://h/db?options=-c%20a%3Db&mode=lease&x=1+2").expect("url");
+        let (rest, mode) = take_url_param(&url, "mode");
+        assert_eq!(mode.as_deref(), Some("lease"));
+        assert_eq!(rest.as_str(), "pg://h/db?options=-c%20a%3Db&x=1+2");
     }
 
     #[test]
