@@ -63,9 +63,13 @@ pub(crate) fn query_error(target: &str, err: tokio_postgres::Error) -> Error {
     } else {
         ErrorKind::Store
     };
+    // The server's hint, when it gives one, says what to change.
     let detail = err
         .as_db_error()
-        .map(|db| db.message().to_owned())
+        .map(|db| match db.hint() {
+            Some(hint) => format!("{}; {hint}", db.message()),
+            None => db.message().to_owned(),
+        })
         .unwrap_or_else(|| root_cause(&err));
     Error::new(kind, format!("PostgreSQL at {target}: {detail}")).with_source(err)
 }

@@ -1,4 +1,6 @@
-BEGIN;
+-- Read committed whatever the role's default: two first connects at once
+-- would otherwise fail to serialize.
+BEGIN ISOLATION LEVEL READ COMMITTED;
 -- A table lock that waits (a long reader, a client gone mid-transaction)
 -- queues every acquire behind it: give up and say so instead.
 SET LOCAL lock_timeout = '2s';

@@ -28,9 +28,11 @@ const MARGIN: i64 = 1 << 30;
 pub(crate) const NEXT: &str = "SELECT nextval('distlock_token_seq')";
 
 /// Made under a transaction-scoped advisory lock: two `CREATE TABLE IF NOT
-/// EXISTS` at once can both try to create it, and one then fails.
+/// EXISTS` at once can both try to create it, and one then fails. Read
+/// committed whatever the role's default, under which two first connects at
+/// once could fail to serialize.
 const CREATE: &str = r#"
-BEGIN;
+BEGIN ISOLATION LEVEL READ COMMITTED;
 SELECT pg_advisory_xact_lock(-8081908180553460213);
 CREATE TABLE IF NOT EXISTS distlock_epoch (
     id int PRIMARY KEY CHECK (id = 1),

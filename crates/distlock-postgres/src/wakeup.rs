@@ -239,3 +239,44 @@ impl Drop for Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each watch of a key counts once, and the last one dropped takes the
+    /// key's entry with it.
+    #[test]
+    fn the_last_watch_of_a_key_takes_its_entry_away() {
+        let listeners: Listeners = Arc::default();
+        let (a, b) = (Watch::new(&listeners, "k"), Watch::new(&listeners, "k"));
+        assert!(Arc::ptr_eq(&a.notify, &b.notify), "one Notify per key");
+        drop(a);
+        assert_eq!(
+            guard(&listeners.waiters).get("k").map(|entry| entry.0),
+            Some(1)
+        );
+        drop(b);
+        assert!(guard(&listeners.waiters).is_empty());
+    }
+
+    /// An observer taken back is no longer signalled, and leaves no entry;
+    /// the key's other observers stay.
+    #[test]
+    fn an_observer_taken_back_leaves_nothing() {
+        let waiting = Waiting::default();
+        let (first, mut first_watch) = KeyWatcher::new();
+        let (second, mut second_watch) = KeyWatcher::new();
+        assert!(waiting.observe("k", "first", first));
+        assert!(waiting.observe("k", "second", second));
+        waiting.unobserve("k", "first");
+        waiting.deliver(RELEASED, "k");
+        assert!(first_watch.try_recv().is_err(), "signalled after unobserve");
+        assert!(
+            second_watch.try_recv().is_ok(),
+            "the other observer missed it"
+        );
+        waiting.unobserve("k", "second");
+        assert!(guard(&waiting.observers).is_empty());
+    }
+}

@@ -1,6 +1,7 @@
 //! The conformance suite against a real PostgreSQL, lease-table mode.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use distlock_core::Client;
 use distlock_postgres::PostgresStore;
@@ -49,4 +50,94 @@ async fn many_first_grants_at_once_are_not_a_reset() {
         "t",
         "a new database's first epoch was taken for a reset"
     );
+}
+
+/// A grant reads the key's holds after taking the key's lock, which needs
+/// READ COMMITTED: under another isolation an acquire fails at once (it
+/// does not retry), and says what to change.
+#[tokio::test]
+async fn another_isolation_is_refused_with_what_to_change() {
+    let url = format!(
+        "{}?mode=lease&options=-c%20default_transaction_isolation%3Dserializable",
+        Postgres::shared().url()
+    );
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    let session = Client::new(Arc::new(store))
+        .session()
+        .open()
+        .await
+        .expect("open");
+    let tried = tokio::time::timeout(
+        Duration::from_secs(30),
+        session.lock("isolation/serializable").try_lock(),
+    )
+    .await
+    .expect("the acquire answers");
+    let Err(err) = tried else {
+        panic!("an acquire under SERIALIZABLE did not fail");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("read committed") && text.contains("default_transaction_isolation"),
+        "{text}"
+    );
+}
+
+/// An acquire dropped after its statement was sent, whose statement then
+/// grants, gives that hold back: the key is free again long before its
+/// lease would run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
+    let server = Postgres::shared();
+    let key = "undo/late-grant";
+    let client = connect().await;
+    let session = client
+        .session()
+        .ttl(Duration::from_secs(120))
+        .open()
+        .await
+        .expect("open");
+    // A first grant of this TTL, so that the late one is not refused as
+    // longer than any before.
+    let warm = session.lock("undo/warm-up").try_lock().await.expect("try");
+    warm.expect("a free key").release().await.expect("release");
+    // The key's transaction lock, which every grant takes first, held for
+    // 3 s by another connection.
+    let blocker = tokio::task::spawn_blocking(move || {
+        server.psql(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('distlock:{key}', 0)); \
+             SELECT pg_sleep(3); COMMIT"
+        ))
+    });
+    let sleeping = "SELECT count(*) FROM pg_stat_activity \
+        WHERE query LIKE '%pg_sleep(3)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    let started = Instant::now();
+    while server.psql(sleeping) != "1" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the blocker never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(500), session.lock(key).try_lock()).await;
+    assert!(
+        dropped.is_err(),
+        "the grant did not wait for the key's lock"
+    );
+    blocker.await.expect("blocker");
+
+    let other = client.session().open().await.expect("open");
+    let started = Instant::now();
+    loop {
+        if let Some(held) = other.lock(key).try_lock().await.expect("try") {
+            held.release().await.expect("release");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the late grant was kept: the key stayed held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
