@@ -351,6 +351,15 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("nowhere"), "{err}");
 
+    // A role that may not log in (SQLSTATE 28000).
+    server.psql("DO $$ BEGIN CREATE ROLE distlock_nologin NOLOGIN PASSWORD 'x'; EXCEPTION WHEN duplicate_object THEN NULL; END $$");
+    let refused = format!("postgres://distlock_nologin:x@127.0.0.1:{port}/postgres");
+    let err = PostgresStore::connect(&refused)
+        .await
+        .expect_err("a role that may not log in");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("refused the login"), "{err}");
+
     // A port that speaks something else.
     let other = distlock_testkit::daemon::not_a_store().await;
     let err = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{other}/db"))

@@ -141,3 +141,31 @@ async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A forced release wakes the key's waiters at once: they do not sleep
+/// until the ended hold's lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_release_wakes_the_waiters_at_once() {
+    let key = "force/wakes";
+    let client = connect().await;
+    let ttl = Duration::from_secs(60);
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let waiter = client.session().ttl(ttl).open().await.expect("open");
+    let _held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiting = tokio::spawn(async move { waiter.lock(key).wait(Duration::from_secs(50)).await });
+    // Past the waiter's first look (10 ms): it now sleeps until a release
+    // wakes it, or for half its lease.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ended = client.force_release(key).await.expect("force release");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter slept through the forced release")
+        .expect("task");
+    granted.expect("wait").release().await.expect("release");
+}
