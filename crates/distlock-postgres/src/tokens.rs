@@ -115,12 +115,16 @@ COMMIT;
 /// Makes the tables, sequence and procedure if they are not there.
 pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     let client = open(&config, &target).await?;
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, \
+             current_setting('transaction_isolation')",
+            &[],
+        )
         .await
-        .map_err(|err| query_error(&target, err))?
-        .get(0);
-    check_version(version, &target)?;
+        .map_err(|err| query_error(&target, err))?;
+    check_version(row.get(0), &target)?;
+    check_isolation(row.get(1), &target)?;
     client
         .batch_execute(CREATE)
         .await
@@ -135,6 +139,22 @@ fn check_version(version: i32, target: &str) -> Result<()> {
         return Err(Error::config(format!(
             "PostgreSQL at {target} is version {version}; distlock needs 15 or later \
              (its tokens use an unlogged sequence)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses transactions at another level than READ COMMITTED
+/// (`isolation`): a grant reads the key's holds (lease mode) or the epoch
+/// (a new epoch, either mode) after taking a lock, and a snapshot older
+/// than that lock would miss what was committed before it. Checked here,
+/// once, rather than found by the first new epoch after a crash.
+fn check_isolation(isolation: &str, target: &str) -> Result<()> {
+    if isolation != "read committed" {
+        return Err(Error::config(format!(
+            "PostgreSQL at {target} runs this connection's transactions at {isolation}; \
+             distlock needs read committed: remove default_transaction_isolation from the \
+             URL's options, or ALTER ROLE ... RESET default_transaction_isolation"
         )));
     }
     Ok(())
@@ -200,7 +220,7 @@ async fn new_epoch(client: &Client, target: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_version;
+    use super::{check_isolation, check_version};
 
     #[test]
     fn needs_postgresql_15_or_later() {
@@ -210,6 +230,15 @@ mod tests {
         for version in [140011, 149999] {
             let err = check_version(version, "db").expect_err("too old");
             assert!(err.to_string().contains("needs 15 or later"), "{err}");
+        }
+    }
+
+    #[test]
+    fn needs_read_committed() {
+        assert!(check_isolation("read committed", "db").is_ok());
+        for isolation in ["repeatable read", "serializable"] {
+            let err = check_isolation(isolation, "db").expect_err("another level");
+            assert!(err.to_string().contains("needs read committed"), "{err}");
         }
     }
 }

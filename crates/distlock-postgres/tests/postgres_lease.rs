@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock_core::Client;
+use distlock_core::status::StatusQuery;
+use distlock_core::{Client, ErrorKind};
 use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
 
@@ -52,35 +53,26 @@ async fn many_first_grants_at_once_are_not_a_reset() {
     );
 }
 
-/// A grant reads the key's holds after taking the key's lock, which needs
-/// READ COMMITTED: under another isolation an acquire fails at once (it
-/// does not retry), and says what to change.
+/// A grant reads what it needs after taking a lock, which needs READ
+/// COMMITTED: a connection whose transactions run at another level is
+/// refused at connect, in either mode, saying what to change.
 #[tokio::test]
-async fn another_isolation_is_refused_with_what_to_change() {
-    let url = format!(
-        "{}?mode=lease&options=-c%20default_transaction_isolation%3Dserializable",
-        Postgres::shared().url()
-    );
-    let store = PostgresStore::connect(&url).await.expect("connect");
-    let session = Client::new(Arc::new(store))
-        .session()
-        .open()
-        .await
-        .expect("open");
-    let tried = tokio::time::timeout(
-        Duration::from_secs(30),
-        session.lock("isolation/serializable").try_lock(),
-    )
-    .await
-    .expect("the acquire answers");
-    let Err(err) = tried else {
-        panic!("an acquire under SERIALIZABLE did not fail");
-    };
-    let text = err.to_string();
-    assert!(
-        text.contains("read committed") && text.contains("default_transaction_isolation"),
-        "{text}"
-    );
+async fn another_isolation_is_refused_at_connect_with_what_to_change() {
+    for mode in ["advisory", "lease"] {
+        let url = format!(
+            "{}?mode={mode}&options=-c%20default_transaction_isolation%3Dserializable",
+            Postgres::shared().url()
+        );
+        let err = PostgresStore::connect(&url)
+            .await
+            .expect_err("connected under SERIALIZABLE");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("read committed") && text.contains("default_transaction_isolation"),
+            "{text}"
+        );
+    }
 }
 
 /// An acquire dropped after its statement was sent, whose statement then
@@ -98,7 +90,8 @@ async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
         .await
         .expect("open");
     // A first grant of this TTL, so that the late one is not refused as
-    // longer than any before.
+    // longer than any before. (It raises the shared server's longest lease
+    // to 120 s, which only matters after a reset, never staged on it.)
     let warm = session.lock("undo/warm-up").try_lock().await.expect("try");
     warm.expect("a free key").release().await.expect("release");
     // The key's transaction lock, which every grant takes first, held for
@@ -110,7 +103,7 @@ async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
         ))
     });
     let sleeping = "SELECT count(*) FROM pg_stat_activity \
-        WHERE query LIKE '%pg_sleep(3)%' AND state = 'active' AND pid <> pg_backend_pid()";
+        WHERE query LIKE '%pg_sleep(3)%' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()";
     let started = Instant::now();
     while server.psql(sleeping) != "1" {
         assert!(
@@ -143,7 +136,7 @@ async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
 }
 
 /// A forced release wakes the key's waiters at once: they do not sleep
-/// until the ended hold's lease would have run out.
+/// until their next look, half their lease later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_release_wakes_the_waiters_at_once() {
     let key = "force/wakes";
@@ -158,9 +151,22 @@ async fn a_forced_release_wakes_the_waiters_at_once() {
         .expect("try")
         .expect("free");
     let waiting = tokio::spawn(async move { waiter.lock(key).wait(Duration::from_secs(50)).await });
-    // Past the waiter's first look (10 ms): it now sleeps until a release
-    // wakes it, or for half its lease.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Registered (so not granted on its first try), and past its first
+    // look (10 ms): it now sleeps until a release wakes it, or for half
+    // its lease.
+    let started = Instant::now();
+    loop {
+        let status = client
+            .status(&StatusQuery::Key(key.to_owned()))
+            .await
+            .expect("status");
+        if status.keys.iter().any(|key| !key.waiters.is_empty()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let ended = client.force_release(key).await.expect("force release");
     assert_eq!(ended.len(), 1, "{ended:?}");
     let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -168,4 +174,79 @@ async fn a_forced_release_wakes_the_waiters_at_once() {
         .expect("the waiter slept through the forced release")
         .expect("task");
     granted.expect("wait").release().await.expect("release");
+}
+
+/// The grant function changed under a live store (another version made it
+/// again with other result types): the prepared statement is stale, and
+/// costs at most one failed acquire before the store prepares it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_function_made_again_costs_at_most_one_failed_acquire() {
+    let server = Postgres::start();
+    let store = PostgresStore::connect(&format!("{}?mode=lease", server.url()))
+        .await
+        .expect("connect");
+    let session = Client::new(Arc::new(store))
+        .session()
+        .open()
+        .await
+        .expect("open");
+    let held = session.lock("stale/a").try_lock().await.expect("try");
+    held.expect("a free key").release().await.expect("release");
+
+    let setup = include_str!("../src/lease.sql");
+    let start = setup
+        .find("CREATE OR REPLACE FUNCTION distlock_acquire_v3(")
+        .expect("the grant function");
+    let end = start + setup[start..].find("$fn$;").expect("its end") + "$fn$;".len();
+    let changed = setup[start..end].replace("OUT conflict text)", "OUT conflict varchar)");
+    assert_ne!(
+        changed,
+        setup[start..end],
+        "the result type was not changed"
+    );
+    server.psql(&format!(
+        "DROP FUNCTION distlock_acquire_v3(text, text, text, text, int, bigint, bigint, text); \
+         {changed}"
+    ));
+
+    let first = session.lock("stale/b").try_lock().await;
+    if let Ok(held) = first {
+        held.expect("a free key").release().await.expect("release");
+    }
+    let second = session.lock("stale/c").try_lock().await;
+    second
+        .expect("a second acquire on the stale statement")
+        .expect("a free key")
+        .release()
+        .await
+        .expect("release");
+}
+
+/// An error of the grant statement that is not one it knows how to answer
+/// (here, the function dropped) fails the acquire; it does not ask again
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_error_of_the_grant_fails_the_acquire() {
+    let server = Postgres::start();
+    let store = PostgresStore::connect(&format!("{}?mode=lease", server.url()))
+        .await
+        .expect("connect");
+    let session = Client::new(Arc::new(store))
+        .session()
+        .open()
+        .await
+        .expect("open");
+    server.psql(
+        "DROP FUNCTION distlock_acquire_v3(text, text, text, text, int, bigint, bigint, text)",
+    );
+    let tried = tokio::time::timeout(
+        Duration::from_secs(30),
+        session.lock("dropped/function").try_lock(),
+    )
+    .await
+    .expect("the acquire answers");
+    let Err(err) = tried else {
+        panic!("an acquire without its function did not fail");
+    };
+    assert!(err.to_string().contains("distlock_acquire_v3"), "{err}");
 }
