@@ -637,8 +637,8 @@ mod tests {
         assert_eq!(rest.as_str(), "pg://u@h/db?sslmode=disable");
         let (rest, _) = take_url_param(&url::Url::parse("r://h?ca=x").expect("url"), "ca");
         assert_eq!(rest.as_str(), "r://h");
-        // A space stays `%20`: PostgreSQL's and MySQL's URL parsers take
-        // `+` as itself.
+        // A space stays `%20`: tokio-postgres, like libpq, takes `+` as
+        // itself.
         let url = url::Url::parse("pg://h/db?options=-c%20a%3Db&mode=lease&x=1+2").expect("url");
         let (rest, mode) = take_url_param(&url, "mode");
         assert_eq!(mode.as_deref(), Some("lease"));
