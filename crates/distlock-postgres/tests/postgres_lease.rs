@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock_core::status::StatusQuery;
-use distlock_core::{Client, ErrorKind};
+use distlock_core::{Client, ErrorKind, Session};
 use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
 
@@ -17,6 +17,17 @@ async fn connect() -> Client {
 }
 
 distlock_testkit::conformance_suite!(connect);
+
+/// A session of a lease-mode store on a server of the test's own.
+async fn lease_session(server: &Postgres) -> Session {
+    let url = format!("{}?mode=lease", server.url());
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    Client::new(Arc::new(store))
+        .session()
+        .open()
+        .await
+        .expect("open")
+}
 
 /// The first grants on a new database, many at once, start the first epoch
 /// without taking it for a reset (which would refuse leases for a while):
@@ -182,14 +193,7 @@ async fn a_forced_release_wakes_the_waiters_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_function_made_again_costs_at_most_one_failed_acquire() {
     let server = Postgres::start();
-    let store = PostgresStore::connect(&format!("{}?mode=lease", server.url()))
-        .await
-        .expect("connect");
-    let session = Client::new(Arc::new(store))
-        .session()
-        .open()
-        .await
-        .expect("open");
+    let session = lease_session(&server).await;
     let held = session.lock("stale/a").try_lock().await.expect("try");
     held.expect("a free key").release().await.expect("release");
 
@@ -228,14 +232,7 @@ async fn a_grant_function_made_again_costs_at_most_one_failed_acquire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_error_of_the_grant_fails_the_acquire() {
     let server = Postgres::start();
-    let store = PostgresStore::connect(&format!("{}?mode=lease", server.url()))
-        .await
-        .expect("connect");
-    let session = Client::new(Arc::new(store))
-        .session()
-        .open()
-        .await
-        .expect("open");
+    let session = lease_session(&server).await;
     server.psql(
         "DROP FUNCTION distlock_acquire_v3(text, text, text, text, int, bigint, bigint, text)",
     );
