@@ -1,5 +1,6 @@
--- Read committed whatever the role's default: two first connects at once
--- would otherwise fail to serialize.
+-- Read committed whatever the connection's default (the connect refuses
+-- another level, but a pooler may run this on another connection): two
+-- first connects at once would otherwise fail to serialize.
 BEGIN ISOLATION LEVEL READ COMMITTED;
 -- A table lock that waits (a long reader, a client gone mid-transaction)
 -- queues every acquire behind it: give up and say so instead.

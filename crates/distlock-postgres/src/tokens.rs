@@ -29,8 +29,9 @@ pub(crate) const NEXT: &str = "SELECT nextval('distlock_token_seq')";
 
 /// Made under a transaction-scoped advisory lock: two `CREATE TABLE IF NOT
 /// EXISTS` at once can both try to create it, and one then fails. Read
-/// committed whatever the role's default, under which two first connects at
-/// once could fail to serialize.
+/// committed whatever the connection's default (see `check_isolation`; a
+/// pooler may run it on another connection), or two first connects at once
+/// could fail to serialize.
 const CREATE: &str = r#"
 BEGIN ISOLATION LEVEL READ COMMITTED;
 SELECT pg_advisory_xact_lock(-8081908180553460213);
