@@ -16,7 +16,9 @@
 //!
 //! Not given: semaphores, FIFO order, leases (a frozen client keeps its
 //! locks as long as its connection lives), lock-delay. It does not work
-//! through a pooler in transaction mode, such as PgBouncer.
+//! through a pooler in transaction mode, such as PgBouncer. Like lease
+//! mode, it needs READ COMMITTED (the default), which the connect checks:
+//! a new epoch of the tokens reads after taking a lock.
 //!
 //! `status` answers for one key, from `pg_locks`: its holders and waiters
 //! (the waiters in the order their current wait began), each with its

@@ -119,13 +119,14 @@ pub(crate) async fn create_table(config: Config, target: String) -> Result<()> {
     let row = client
         .query_one(
             "SELECT current_setting('server_version_num')::int, \
-             current_setting('transaction_isolation')",
+             current_setting('transaction_isolation'), \
+             (SELECT source FROM pg_settings WHERE name = 'default_transaction_isolation')",
             &[],
         )
         .await
         .map_err(|err| query_error(&target, err))?;
     check_version(row.get(0), &target)?;
-    check_isolation(row.get(1), &target)?;
+    check_isolation(row.get(1), row.get(2), &target)?;
     client
         .batch_execute(CREATE)
         .await
@@ -150,12 +151,14 @@ fn check_version(version: i32, target: &str) -> Result<()> {
 /// (a new epoch, either mode) after taking a lock, and a snapshot older
 /// than that lock would miss what was committed before it. Checked here,
 /// once, rather than found by the first new epoch after a crash.
-fn check_isolation(isolation: &str, target: &str) -> Result<()> {
+/// `source` is where the default was set, as `pg_settings` names it.
+fn check_isolation(isolation: &str, source: &str, target: &str) -> Result<()> {
     if isolation != "read committed" {
         return Err(Error::config(format!(
-            "PostgreSQL at {target} runs this connection's transactions at {isolation}; \
-             distlock needs read committed: remove default_transaction_isolation from the \
-             URL's options, or ALTER ROLE ... RESET default_transaction_isolation"
+            "PostgreSQL at {target} runs this connection's transactions at {isolation} \
+             (default_transaction_isolation, set by: {source}); distlock needs read \
+             committed: remove it from the URL's options, or ALTER ROLE <user> SET \
+             default_transaction_isolation = 'read committed'"
         )));
     }
     Ok(())
@@ -236,10 +239,14 @@ mod tests {
 
     #[test]
     fn needs_read_committed() {
-        assert!(check_isolation("read committed", "db").is_ok());
+        assert!(check_isolation("read committed", "default", "db").is_ok());
         for isolation in ["repeatable read", "serializable"] {
-            let err = check_isolation(isolation, "db").expect_err("another level");
-            assert!(err.to_string().contains("needs read committed"), "{err}");
+            let err = check_isolation(isolation, "user", "db").expect_err("another level");
+            let text = err.to_string();
+            assert!(
+                text.contains("needs read") && text.contains("set by: user"),
+                "{text}"
+            );
         }
     }
 }

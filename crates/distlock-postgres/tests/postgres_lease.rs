@@ -106,15 +106,15 @@ async fn a_grant_that_lands_after_its_acquire_was_dropped_is_given_back() {
     let warm = session.lock("undo/warm-up").try_lock().await.expect("try");
     warm.expect("a free key").release().await.expect("release");
     // The key's transaction lock, which every grant takes first, held for
-    // 3 s by another connection.
+    // 6 s by another connection (time enough to see it under load).
     let blocker = tokio::task::spawn_blocking(move || {
         server.psql(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('distlock:{key}', 0)); \
-             SELECT pg_sleep(3); COMMIT"
+             SELECT pg_sleep(6); COMMIT"
         ))
     });
     let sleeping = "SELECT count(*) FROM pg_stat_activity \
-        WHERE query LIKE '%pg_sleep(3)%' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()";
+        WHERE query LIKE '%pg_sleep(6)%' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()";
     let started = Instant::now();
     while server.psql(sleeping) != "1" {
         assert!(
