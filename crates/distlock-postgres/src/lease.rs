@@ -24,7 +24,7 @@ use tokio_postgres::{Client, Config, Statement};
 
 use crate::connect::{open, query_error};
 use crate::tokens;
-use crate::wakeup::{keep_listening, listen, Listeners, Watch};
+use crate::wakeup::{keep_listening, listen, turn_channel, Listeners, Watch};
 
 /// The table, and the functions that change it, each one statement. The
 /// table is UNLOGGED: no change to it waits for a disk flush. PostgreSQL
@@ -55,8 +55,8 @@ const RENEW: &str = "UPDATE distlock_leases_v2
 /// The statements every grant and release runs, prepared once per
 /// connection: each then takes one round trip and no parse.
 const ACQUIRE: &str = "SELECT granted, fence, retry_ms, conflict \
-     FROM distlock_acquire_v3($1, $2, $3, $4, $5, $6, $7, $8)";
-const RELEASE: &str = "SELECT distlock_release_v2($1, $2)";
+     FROM distlock_acquire_v4($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+const RELEASE: &str = "SELECT distlock_release_v3($1, $2)";
 
 /// The statement connection and its prepared statements.
 pub(crate) struct Conn {
@@ -120,6 +120,8 @@ pub(crate) struct Leases {
     client: tokio::sync::Mutex<Arc<Conn>>,
     target: String,
     listeners: Listeners,
+    /// The channel this store's waiters are woken on one at a time.
+    channel: String,
 }
 
 impl Leases {
@@ -133,12 +135,14 @@ impl Leases {
             .map_err(|err| query_error(target, err))?;
         let client = Conn::prepared(client, target).await?;
         let listeners: Listeners = Arc::default();
+        let channel = turn_channel();
         // The first listening connection is made here, so that a store
         // whose LISTEN fails does not start; later ones by the listener.
-        let listening = listen(config, target).await?;
+        let listening = listen(config, target, &channel).await?;
         tokio::spawn(keep_listening(
             config.clone(),
             target.to_owned(),
+            channel.clone(),
             Arc::downgrade(&listeners),
             listening,
         ));
@@ -147,6 +151,7 @@ impl Leases {
             client: tokio::sync::Mutex::new(Arc::new(client)),
             target: target.to_owned(),
             listeners,
+            channel,
         }))
     }
 
@@ -172,8 +177,8 @@ impl Leases {
         &self.target
     }
 
-    fn watch(&self, key: &str) -> Watch {
-        Watch::new(&self.listeners, key)
+    fn watch(&self, key: &str, waiter: &str) -> Watch {
+        Watch::new(&self.listeners, key, waiter)
     }
 }
 
@@ -229,16 +234,19 @@ impl StoreSession for LeaseSession {
     async fn acquire(&self, request: &AcquireRequest) -> Result<Option<Grant>> {
         let (mode, permits) = (request.mode.tag(), request.mode.permits());
         let permits = i32::try_from(permits).unwrap_or(i32::MAX);
-        let watch = request.wait_until.map(|_| self.leases.watch(&request.key));
         // This acquire's own name as a waiter, so that giving up removes
-        // its record and no other; armed from the first statement on, which
-        // may register it even if its answer never comes.
+        // its record and no other, and a release can wake it alone; armed
+        // from the first statement on, which may register it even if its
+        // answer never comes.
         let mut registered = Registered {
             leases: Arc::clone(&self.leases),
             key: request.key.clone(),
             waiter: format!("{}|{:016x}", self.id, rand::random::<u64>()),
             armed: request.wait_until.is_some(),
         };
+        let watch = request
+            .wait_until
+            .map(|_| self.leases.watch(&request.key, &registered.waiter));
         let mut first_look = true;
         loop {
             let mut woken: Option<Pin<Box<Notified<'_>>>> = watch.as_ref().map(|watch| {
@@ -276,6 +284,7 @@ impl StoreSession for LeaseSession {
                         &millis(self.ttl),
                         &wait_ms,
                         &self.owner,
+                        &self.leases.channel,
                     ],
                 )
                 .await;

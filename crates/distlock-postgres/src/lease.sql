@@ -18,7 +18,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS distlock_leases_v2 (
 );
 CREATE INDEX IF NOT EXISTS distlock_leases_v2_holder ON distlock_leases_v2 (holder);
 -- Who waits for a key, until when: a release notifies only if someone does
--- (NOTIFY serializes every notifying commit of the server). Observers of a
+-- (NOTIFY serializes every notifying commit of the server). A waiter with
+-- a channel (its store's) is woken alone, on it; `woken` says a release
+-- did so and the waiter has not asked again since. Observers of a
 -- key have rows here too, named 'observe|…', with no mode (so status, of
 -- every version, leaves them out): a release notifies them as it does
 -- waiters, and a grant notifies 'distlock_changed' when one is there.
@@ -29,6 +31,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS distlock_waiters (
     mode text,
     owner text,
     since timestamptz,
+    channel text,
+    woken boolean,
     PRIMARY KEY (key, waiter)
 );
 -- Tables made by an older version get the columns status reads (NULL in
@@ -43,19 +47,22 @@ BEGIN
             ADD COLUMN IF NOT EXISTS granted_at timestamptz;
     END IF;
     IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'distlock_waiters'::regclass
-            AND attname IN ('mode', 'owner', 'since') AND NOT attisdropped) < 3 THEN
+            AND attname IN ('mode', 'owner', 'since', 'channel', 'woken')
+            AND NOT attisdropped) < 5 THEN
         ALTER TABLE distlock_waiters ADD COLUMN IF NOT EXISTS mode text,
             ADD COLUMN IF NOT EXISTS owner text,
-            ADD COLUMN IF NOT EXISTS since timestamptz;
+            ADD COLUMN IF NOT EXISTS since timestamptz,
+            ADD COLUMN IF NOT EXISTS channel text,
+            ADD COLUMN IF NOT EXISTS woken boolean;
     END IF;
 END
 $do$;
 -- Index scans only: a bitmap scan never marks dead index entries, so with a
 -- row inserted and deleted per grant every scan of a key would visit each
 -- dead version of it until the next vacuum (half the throughput).
-CREATE OR REPLACE FUNCTION distlock_acquire_v3(
+CREATE OR REPLACE FUNCTION distlock_acquire_v4(
     lock_key text, lock_holder text, lock_waiter text, lock_mode text, lock_permits int,
-    ttl_ms bigint, wait_ms bigint, lock_owner text,
+    ttl_ms bigint, wait_ms bigint, lock_owner text, lock_channel text,
     OUT granted boolean, OUT fence bigint, OUT retry_ms bigint, OUT conflict text)
 LANGUAGE plpgsql SET enable_bitmapscan = off AS $fn$
 DECLARE
@@ -129,17 +136,26 @@ BEGIN
         -- Seen by every release that checks after this commit; one that
         -- checked just before it is caught by the waiter's early retry.
         IF wait_ms > 0 THEN
-            INSERT INTO distlock_waiters (key, waiter, until, mode, owner, since)
+            INSERT INTO distlock_waiters (key, waiter, until, mode, owner, since, channel)
                 VALUES (lock_key, lock_waiter,
                         clock_timestamp() + wait_ms * interval '1 millisecond', lock_mode,
-                        lock_owner, clock_timestamp())
-                ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until;
+                        lock_owner, clock_timestamp(), lock_channel)
+                ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until, woken = NULL;
         END IF;
     END IF;
 END
 $fn$;
-CREATE OR REPLACE FUNCTION distlock_release_v2(lock_key text, lock_holder text)
+-- Wakes one waiter when the earliest not woken yet wants the key alone (one
+-- grant is all it can get), on its store's channel; else, or while an
+-- older client's waiter or an observer is there (they hear only it), every
+-- listener on 'distlock_released'. A woken waiter that does not ask again
+-- (it died) is passed over by later releases.
+CREATE OR REPLACE FUNCTION distlock_release_v3(lock_key text, lock_holder text)
 RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    next_waiter text;
+    next_mode text;
+    next_channel text;
 BEGIN
     DELETE FROM distlock_leases_v2
         WHERE key = lock_key AND holder = lock_holder AND expires_at > clock_timestamp();
@@ -148,6 +164,18 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
         DELETE FROM distlock_waiters WHERE key = lock_key AND until <= clock_timestamp();
+        IF NOT EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key
+                AND channel IS NULL) THEN
+            SELECT waiter, mode, channel INTO next_waiter, next_mode, next_channel
+                FROM distlock_waiters WHERE key = lock_key AND woken IS NOT TRUE
+                ORDER BY since, waiter LIMIT 1;
+            IF next_mode = 'x' AND next_channel IS NOT NULL THEN
+                UPDATE distlock_waiters SET woken = true
+                    WHERE key = lock_key AND waiter = next_waiter;
+                PERFORM pg_notify(next_channel, next_waiter);
+                RETURN true;
+            END IF;
+        END IF;
         IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
             PERFORM pg_notify('distlock_released', lock_key);
         END IF;

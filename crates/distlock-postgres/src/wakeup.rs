@@ -1,8 +1,9 @@
 //! Waking the waiters and observers of the lease table: a connection of
-//! the store LISTENs for releases and grants, wakes the waiters of a
-//! released key and signals the observers of a changed one; a broken
-//! listening connection wakes every waiter, ends every observer's watch,
-//! and is made again.
+//! the store LISTENs for releases and grants, wakes the waiter a release
+//! names (on the store's own channel) or every waiter of a released key,
+//! and signals the observers of a changed one; a broken listening
+//! connection wakes every waiter, ends every observer's watch, and is made
+//! again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,17 +16,31 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::connect::query_error;
 
-/// The channel of releases (`distlock_release_v2`, a forced release):
-/// wakes waiters and observers.
+/// The channel of releases that wake every waiter of the key (a waiter of
+/// an older client or an observer is there, or the waiter next in line may
+/// share the key; a forced release): wakes waiters and observers.
 const RELEASED: &str = "distlock_released";
 
 /// The channel of grants of an observed key: observers only.
 const CHANGED: &str = "distlock_changed";
 
+/// The channel a store's waiters are woken on one at a time: a release
+/// sends it the name of the waiter it wakes.
+pub(crate) fn turn_channel() -> String {
+    format!("distlock_turn_{:016x}", rand::random::<u64>())
+}
+
+/// The acquires waiting in this store: what wakes each, by key and by the
+/// waiter's name.
+#[derive(Default)]
+struct Waiters {
+    by_key: HashMap<String, HashMap<String, Arc<Notify>>>,
+    by_name: HashMap<String, Arc<Notify>>,
+}
+
 /// Who is woken by the notifications of the listening connection.
 pub(crate) struct Waiting {
-    /// The keys waited on, with how many wait and what wakes them.
-    waiters: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
+    waiters: Mutex<Waiters>,
     /// The observers of each key, by name: signalled on each notification
     /// of the key, on either channel.
     observers: Mutex<HashMap<String, HashMap<String, KeyWatcher>>>,
@@ -46,14 +61,21 @@ impl Default for Waiting {
 }
 
 impl Waiting {
-    /// Delivers a notification of `key` on `channel`.
-    fn deliver(&self, channel: &str, key: &str) {
-        if channel == RELEASED {
-            let notify = guard(&self.waiters)
-                .get(key)
-                .map(|(_, notify)| Arc::clone(notify));
-            if let Some(notify) = notify {
+    /// Delivers a notification on `channel`: of a key on [`RELEASED`] and
+    /// [`CHANGED`], of a waiter's name on the store's own channel.
+    fn deliver(&self, channel: &str, payload: &str) {
+        if channel != RELEASED && channel != CHANGED {
+            if let Some(notify) = guard(&self.waiters).by_name.get(payload) {
                 notify.notify_waiters();
+            }
+            return;
+        }
+        let key = payload;
+        if channel == RELEASED {
+            if let Some(of_key) = guard(&self.waiters).by_key.get(key) {
+                for notify in of_key.values() {
+                    notify.notify_waiters();
+                }
             }
         }
         if let Some(observers) = guard(&self.observers).get(key) {
@@ -68,7 +90,7 @@ impl Waiting {
     fn broke(&self) {
         self.listening.send_replace(false);
         guard(&self.observers).clear();
-        for (_, notify) in guard(&self.waiters).values() {
+        for notify in guard(&self.waiters).by_name.values() {
             notify.notify_waiters();
         }
     }
@@ -115,8 +137,9 @@ pub(crate) type Listening = (
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 );
 
-/// Opens a connection and LISTENs on it for releases and grants.
-pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
+/// Opens a connection and LISTENs on it for releases and grants, and on
+/// the store's own `channel` for its waiters' turns.
+pub(crate) async fn listen(config: &Config, target: &str, channel: &str) -> Result<Listening> {
     let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
     let (client, mut connection) = connecting
         .await
@@ -126,7 +149,7 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
         .map_err(|err| query_error(target, err))?;
     // The connection must be driven for LISTEN to be answered.
     {
-        let statement = format!("LISTEN {RELEASED}; LISTEN {CHANGED}");
+        let statement = format!("LISTEN {RELEASED}; LISTEN {CHANGED}; LISTEN {channel}");
         let listen = client.batch_execute(&statement);
         tokio::pin!(listen);
         loop {
@@ -155,6 +178,7 @@ pub(crate) async fn listen(config: &Config, target: &str) -> Result<Listening> {
 pub(crate) async fn keep_listening(
     config: Config,
     target: String,
+    channel: String,
     listeners: std::sync::Weak<Waiting>,
     first: Listening,
 ) {
@@ -194,7 +218,7 @@ pub(crate) async fn keep_listening(
         if listeners.strong_count() == 0 {
             return;
         }
-        listening = listen(&config, &target).await.ok();
+        listening = listen(&config, &target, &channel).await.ok();
         if let (Some(_), Some(delivered)) = (&listening, listeners.upgrade()) {
             delivered.listening.send_replace(true);
         }
@@ -206,23 +230,30 @@ pub(crate) async fn keep_listening(
 pub(crate) struct Watch {
     listeners: Listeners,
     key: String,
-    /// Woken on each release of the key, and when the listener broke.
+    waiter: String,
+    /// Woken on each release of the key that wakes every waiter, on each
+    /// that names this waiter, and when the listener broke.
     pub(crate) notify: Arc<Notify>,
 }
 
 impl Watch {
-    pub(crate) fn new(listeners: &Listeners, key: &str) -> Watch {
-        let notify = {
-            let mut waiting = guard(&listeners.waiters);
-            let entry = waiting
-                .entry(key.to_owned())
-                .or_insert_with(|| (0, Arc::new(Notify::new())));
-            entry.0 += 1;
-            Arc::clone(&entry.1)
-        };
+    /// Registers `waiter` (unique in the store) as waiting on `key`.
+    pub(crate) fn new(listeners: &Listeners, key: &str, waiter: &str) -> Watch {
+        let notify = Arc::new(Notify::new());
+        let mut waiting = guard(&listeners.waiters);
+        waiting
+            .by_key
+            .entry(key.to_owned())
+            .or_default()
+            .insert(waiter.to_owned(), Arc::clone(&notify));
+        waiting
+            .by_name
+            .insert(waiter.to_owned(), Arc::clone(&notify));
+        drop(waiting);
         Watch {
             listeners: Arc::clone(listeners),
             key: key.to_owned(),
+            waiter: waiter.to_owned(),
             notify,
         }
     }
@@ -230,11 +261,12 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut listeners = guard(&self.listeners.waiters);
-        if let Some(entry) = listeners.get_mut(&self.key) {
-            entry.0 -= 1;
-            if entry.0 == 0 {
-                listeners.remove(&self.key);
+        let mut waiting = guard(&self.listeners.waiters);
+        waiting.by_name.remove(&self.waiter);
+        if let Some(of_key) = waiting.by_key.get_mut(&self.key) {
+            of_key.remove(&self.waiter);
+            if of_key.is_empty() {
+                waiting.by_key.remove(&self.key);
             }
         }
     }
@@ -244,20 +276,64 @@ impl Drop for Watch {
 mod tests {
     use super::*;
 
-    /// Each watch of a key counts once, and the last one dropped takes the
-    /// key's entry with it.
+    /// Whether `notified` was woken since it was enabled.
+    fn woken(notified: &mut std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>>) -> bool {
+        use std::future::Future;
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        notified.as_mut().poll(&mut context).is_ready()
+    }
+
+    fn enabled(watch: &Watch) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut notified = Box::pin(watch.notify.notified());
+        notified.as_mut().enable();
+        notified
+    }
+
+    /// A turn wakes the waiter it names and no other; a release on the
+    /// shared channel wakes every waiter of its key, and only of its key.
+    #[test]
+    fn a_turn_wakes_one_waiter_and_a_release_all_of_its_key() {
+        let waiting: Listeners = Arc::default();
+        let (a, b) = (
+            Watch::new(&waiting, "k", "a"),
+            Watch::new(&waiting, "k", "b"),
+        );
+        let other = Watch::new(&waiting, "other", "c");
+        let (mut a_woken, mut b_woken, mut other_woken) =
+            (enabled(&a), enabled(&b), enabled(&other));
+        waiting.deliver("distlock_turn_1", "b");
+        assert!(!woken(&mut a_woken), "a turn for b woke a");
+        assert!(woken(&mut b_woken), "b missed its turn");
+        let mut b_woken = enabled(&b);
+        waiting.deliver(RELEASED, "k");
+        assert!(woken(&mut a_woken) && woken(&mut b_woken));
+        assert!(
+            !woken(&mut other_woken),
+            "a release of k woke a waiter of another key"
+        );
+        // A grant's notice is for observers only.
+        let mut a_woken = enabled(&a);
+        waiting.deliver(CHANGED, "k");
+        assert!(!woken(&mut a_woken), "a grant woke a waiter");
+    }
+
+    /// The last watch of a key dropped takes the key's entry with it.
     #[test]
     fn the_last_watch_of_a_key_takes_its_entry_away() {
         let listeners: Listeners = Arc::default();
-        let (a, b) = (Watch::new(&listeners, "k"), Watch::new(&listeners, "k"));
-        assert!(Arc::ptr_eq(&a.notify, &b.notify), "one Notify per key");
+        let (a, b) = (
+            Watch::new(&listeners, "k", "a"),
+            Watch::new(&listeners, "k", "b"),
+        );
         drop(a);
         assert_eq!(
-            guard(&listeners.waiters).get("k").map(|entry| entry.0),
+            guard(&listeners.waiters).by_key.get("k").map(HashMap::len),
             Some(1)
         );
         drop(b);
-        assert!(guard(&listeners.waiters).is_empty());
+        let waiting = guard(&listeners.waiters);
+        assert!(waiting.by_key.is_empty() && waiting.by_name.is_empty());
     }
 
     /// An observer taken back is no longer signalled, and leaves no entry;

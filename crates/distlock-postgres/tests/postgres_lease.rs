@@ -199,7 +199,7 @@ async fn a_grant_function_made_again_costs_at_most_one_failed_acquire() {
 
     let setup = include_str!("../src/lease.sql");
     let start = setup
-        .find("CREATE OR REPLACE FUNCTION distlock_acquire_v3(")
+        .find("CREATE OR REPLACE FUNCTION distlock_acquire_v4(")
         .expect("the grant function");
     let end = start + setup[start..].find("$fn$;").expect("its end") + "$fn$;".len();
     let changed = setup[start..end].replace("OUT conflict text)", "OUT conflict varchar)");
@@ -209,7 +209,7 @@ async fn a_grant_function_made_again_costs_at_most_one_failed_acquire() {
         "the result type was not changed"
     );
     server.psql(&format!(
-        "DROP FUNCTION distlock_acquire_v3(text, text, text, text, int, bigint, bigint, text); \
+        "DROP FUNCTION distlock_acquire_v4(text, text, text, text, int, bigint, bigint, text, text); \
          {changed}"
     ));
 
@@ -234,7 +234,7 @@ async fn an_unknown_error_of_the_grant_fails_the_acquire() {
     let server = Postgres::start();
     let session = lease_session(&server).await;
     server.psql(
-        "DROP FUNCTION distlock_acquire_v3(text, text, text, text, int, bigint, bigint, text)",
+        "DROP FUNCTION distlock_acquire_v4(text, text, text, text, int, bigint, bigint, text, text)",
     );
     let tried = tokio::time::timeout(
         Duration::from_secs(30),
@@ -245,5 +245,171 @@ async fn an_unknown_error_of_the_grant_fails_the_acquire() {
     let Err(err) = tried else {
         panic!("an acquire without its function did not fail");
     };
-    assert!(err.to_string().contains("distlock_acquire_v3"), "{err}");
+    assert!(err.to_string().contains("distlock_acquire_v4"), "{err}");
+}
+
+/// Waits until `status` shows `count` waiters of `key`.
+async fn wait_for_waiters(client: &Client, key: &str, count: usize) {
+    let started = Instant::now();
+    loop {
+        let status = client
+            .status(&StatusQuery::Key(key.to_owned()))
+            .await
+            .expect("status");
+        if status
+            .keys
+            .iter()
+            .map(|key| key.waiters.len())
+            .sum::<usize>()
+            == count
+        {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The waiter records of `key` on the shared server, earliest first: the
+/// waiter's name, the row's version (`xmin`, new with each change of it)
+/// and whether a release woke it.
+fn waiter_rows(key: &str) -> Vec<String> {
+    Postgres::shared()
+        .psql(&format!(
+            "SELECT waiter || ' ' || xmin || ' ' || coalesce(woken::text, '-') \
+             FROM distlock_waiters WHERE key = '{key}' ORDER BY since"
+        ))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A waiter's record as a client that died mid-wait leaves it: before any
+/// other, waiting for the key alone, on a channel nobody listens to.
+fn dead_waiter(key: &str) -> String {
+    let dead = "dead|0000000000000000";
+    Postgres::shared().psql(&format!(
+        "INSERT INTO distlock_waiters (key, waiter, until, mode, owner, since, channel) \
+         VALUES ('{key}', '{dead}', clock_timestamp() + interval '10 minutes', 'x', 'dead', \
+                 clock_timestamp() - interval '1 minute', 'distlock_turn_dead')"
+    ));
+    dead.to_owned()
+}
+
+/// A release of a key that exclusive waiters wait on wakes the earliest of
+/// them alone: the others make no statement until their turn (their rows
+/// stay as they were), and each turn comes at once, not at the waiter's
+/// timer (half its 60 s lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_the_earliest_exclusive_waiter_alone() {
+    let key = "turn/one";
+    let client = connect().await;
+    let ttl = Duration::from_secs(60);
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let mut held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let mut waiting = Vec::new();
+    for count in 1..=3 {
+        let session = client.session().ttl(ttl).open().await.expect("open");
+        waiting.push(tokio::spawn(async move {
+            session.lock(key).wait(Duration::from_secs(300)).await
+        }));
+        wait_for_waiters(&client, key, count).await;
+    }
+    // Past each waiter's first look (10 ms): each now sleeps until woken.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut rest = waiter_rows(key);
+    assert_eq!(rest.len(), 3, "{rest:?}");
+    for turn in waiting {
+        held.release().await.expect("release");
+        held = tokio::time::timeout(Duration::from_secs(10), turn)
+            .await
+            .expect("a waiter slept through its turn")
+            .expect("task")
+            .expect("wait");
+        rest.remove(0);
+        assert_eq!(waiter_rows(key), rest, "a release woke a later waiter");
+    }
+    held.release().await.expect("release");
+}
+
+/// A waiter that was woken and never asked again (its client died) is
+/// passed over by the next release: it costs the key one wake-up, not
+/// every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_waiter_that_never_asks_again_is_passed_over() {
+    let key = "turn/dead";
+    let client = connect().await;
+    let ttl = Duration::from_secs(60);
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let dead = dead_waiter(key);
+    let session = client.session().ttl(ttl).open().await.expect("open");
+    let waiting =
+        tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
+    wait_for_waiters(&client, key, 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.release().await.expect("release");
+    assert!(
+        waiter_rows(key)[0].starts_with(&format!("{dead} "))
+            && waiter_rows(key)[0].ends_with(" true"),
+        "the release did not wake the earliest waiter: {:?}",
+        waiter_rows(key)
+    );
+    // The live waiter sleeps on; the next release passes the dead one over.
+    let other = client.session().ttl(ttl).open().await.expect("open");
+    let passing = other.lock(key).try_lock().await.expect("try");
+    passing
+        .expect("a free key")
+        .release()
+        .await
+        .expect("release");
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the release woke the dead waiter again")
+        .expect("task");
+    granted.expect("wait").release().await.expect("release");
+    Postgres::shared().psql(&format!("DELETE FROM distlock_waiters WHERE key = '{key}'"));
+}
+
+/// A release of an observed key tells the observers, though a waiter is
+/// there that it could wake alone: the observer's record makes it notify
+/// every listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_of_an_observed_key_tells_the_observers() {
+    use distlock_core::store::LockStore;
+
+    let key = "turn/observed";
+    let url = format!("{}?mode=lease", Postgres::shared().url());
+    let store = Arc::new(PostgresStore::connect(&url).await.expect("connect"));
+    let client = Client::new(store.clone());
+    let holder = client.session().open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    dead_waiter(key);
+    let mut watch = store
+        .watch_key(key)
+        .await
+        .expect("watch")
+        .expect("lease mode pushes");
+    while watch.try_recv().is_ok() {}
+    held.release().await.expect("release");
+    tokio::time::timeout(Duration::from_secs(5), watch.recv())
+        .await
+        .expect("the observer was not told of the release")
+        .expect("the watch ended");
+    Postgres::shared().psql(&format!("DELETE FROM distlock_waiters WHERE key = '{key}'"));
 }
