@@ -359,11 +359,10 @@ async fn a_woken_waiter_that_never_asks_again_is_passed_over() {
     wait_for_waiters(&client, key, 2).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     held.release().await.expect("release");
+    let rows = waiter_rows(key);
     assert!(
-        waiter_rows(key)[0].starts_with(&format!("{dead} "))
-            && waiter_rows(key)[0].ends_with(" true"),
-        "the release did not wake the earliest waiter: {:?}",
-        waiter_rows(key)
+        rows[0].starts_with(&format!("{dead} ")) && rows[0].ends_with(" true"),
+        "the release did not wake the earliest waiter: {rows:?}"
     );
     // The live waiter sleeps on; the next release passes the dead one over.
     let other = client.session().ttl(ttl).open().await.expect("open");
