@@ -116,12 +116,7 @@ impl EtcdSession {
             let tags: Vec<&str> = earlier.iter().map(|kv| entry::tag(kv.value())).collect();
             let Some(blocker) = queue::blocker(request.mode, &tags) else {
                 leave.armed = false;
-                // Watched from the read that found it held: a deletion
-                // since is not missed.
-                self.watch.watch(&me, read_at);
-                let token = u64::try_from(mine.create_revision()).unwrap_or(0);
-                self.held().insert(request.key.clone(), (me, token));
-                return Ok(Some(Grant::new(token)));
+                return Ok(Some(self.granted(&request.key, me, mine, read_at)));
             };
             let until = match request.wait_until {
                 Some(until) if Instant::now() < until => until,
@@ -149,18 +144,23 @@ impl EtcdSession {
             match woken {
                 Ok(Woken::Holds(at)) => {
                     leave.armed = false;
-                    // Watched from when it was found first: a deletion since
-                    // is not missed.
-                    self.watch.watch(&me, at);
-                    let token = u64::try_from(mine.create_revision()).unwrap_or(0);
-                    self.held().insert(request.key.clone(), (me, token));
-                    return Ok(Some(Grant::new(token)));
+                    return Ok(Some(self.granted(&request.key, me, mine, at)));
                 }
                 Ok(Woken::Read(now, now_at)) => first = Some((now, now_at)),
                 Ok(Woken::Again) => {}
                 Err(err) => self.ride_out(err, Some(until)).await?,
             }
         }
+    }
+
+    /// Records lock `key` as held through queue key `me` (`mine` as read),
+    /// found first at revision `at`: watched from then, so a deletion since
+    /// is not missed. Its token is its create revision.
+    fn granted(&self, key: &str, me: String, mine: &KeyValue, at: i64) -> Grant {
+        self.watch.watch(&me, at);
+        let token = u64::try_from(mine.create_revision()).unwrap_or(0);
+        self.held().insert(key.to_owned(), (me, token));
+        Grant::new(token)
     }
 
     /// A waiting acquire's answer to a failed read or watch: etcd may be
