@@ -171,3 +171,54 @@ async fn bad_urls_an_unreachable_ensemble_and_short_max_sessions_get_clear_error
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("maxSessionTimeout"), "{err}");
 }
+
+/// A waiter whose queue node is deleted from outside (by hand, or a tool)
+/// is told so by an error of the store that says what happened, not that
+/// its session is lost; the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_node_is_deleted_from_outside_is_told_so() {
+    let server = ZooKeeper::shared();
+    let chroot = "/faults-deleted";
+    let key = "faults/deleted";
+    let client = client(&format!("{}{chroot}", server.url())).await;
+    let holder = client.session().open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let holders = queue(server, chroot, key).await;
+    let session = client.session().open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let waited = session.lock(key).wait(Duration::from_secs(60)).await;
+        (session, waited.map(|guard| guard.token()))
+    });
+    let started = std::time::Instant::now();
+    let waiter = loop {
+        let now = queue(server, chroot, key).await;
+        if let Some(node) = now.iter().find(|node| !holders.contains(node)) {
+            break node.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let plain = zookeeper_client::Client::connect(&format!("{}{chroot}", server.hosts()))
+        .await
+        .expect("a plain ZooKeeper client");
+    plain
+        .delete(&format!("{}/{waiter}", lock_dir(key)), None)
+        .await
+        .expect("delete the waiter's node");
+    // The waiter looks at its queue again when the holder goes.
+    held.release().await.expect("release");
+    let (session, waited) = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter was not told")
+        .expect("task");
+    let err = waited.expect_err("granted without a node");
+    assert_eq!(err.kind(), ErrorKind::Store, "{err}");
+    assert!(err.to_string().contains("deleted from outside"), "{err}");
+    let again = session.lock(key).try_lock().await.expect("the session goes on");
+    again.expect("a free key").release().await.expect("release");
+}
