@@ -219,6 +219,56 @@ async fn a_waiter_whose_node_is_deleted_from_outside_is_told_so() {
     let err = waited.expect_err("granted without a node");
     assert_eq!(err.kind(), ErrorKind::Store, "{err}");
     assert!(err.to_string().contains("deleted from outside"), "{err}");
-    let again = session.lock(key).try_lock().await.expect("the session goes on");
+    let again = session
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("the session goes on");
     again.expect("a free key").release().await.expect("release");
+}
+
+/// A session frozen by the test hook takes its waiting acquire's node out
+/// of the queue before it lets go of its client: the waiter behind it is
+/// granted when the holder goes, not when the frozen session expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_session_leaves_its_queue_before_it_goes_silent() {
+    let server = ZooKeeper::shared();
+    let key = "faults/frozen-waiter";
+    let client = client(&format!("{}/faults-frozen", server.url())).await;
+    let ttl = Duration::from_secs(30);
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let frozen = client.session().ttl(ttl).open().await.expect("open");
+    let behind = client.session().ttl(ttl).open().await.expect("open");
+    let frozen_wait = {
+        let frozen = frozen.clone();
+        tokio::spawn(async move {
+            frozen
+                .lock(key)
+                .wait(Duration::from_secs(60))
+                .await
+                .map(|_| ())
+        })
+    };
+    // In this order in the queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = tokio::spawn(async move { behind.lock(key).wait(Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    frozen.freeze_for_test();
+    timeout(Duration::from_secs(10), frozen_wait)
+        .await
+        .expect("the frozen session's acquire did not end")
+        .expect("task")
+        .expect_err("a frozen session was granted");
+    held.release().await.expect("release");
+    let granted = timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the frozen session's node blocked the queue")
+        .expect("task");
+    granted.expect("wait").release().await.expect("release");
 }
