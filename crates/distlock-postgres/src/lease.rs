@@ -272,6 +272,13 @@ impl StoreSession for LeaseSession {
             let wait_ms = request.wait_until.map_or(0, |until| {
                 millis(until.saturating_duration_since(sent).min(self.ttl * 2)).max(1)
             });
+            // No channel while the store cannot hear it: releases then wake
+            // every waiter of the key.
+            let channel = self
+                .leases
+                .listeners
+                .is_listening()
+                .then_some(self.leases.channel.as_str());
             let answer = client
                 .query_one(
                     &client.acquire,
@@ -284,7 +291,7 @@ impl StoreSession for LeaseSession {
                         &millis(self.ttl),
                         &wait_ms,
                         &self.owner,
-                        &self.leases.channel,
+                        &channel,
                     ],
                 )
                 .await;

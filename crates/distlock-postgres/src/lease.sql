@@ -139,17 +139,23 @@ BEGIN
             INSERT INTO distlock_waiters (key, waiter, until, mode, owner, since, channel)
                 VALUES (lock_key, lock_waiter,
                         clock_timestamp() + wait_ms * interval '1 millisecond', lock_mode,
-                        lock_owner, clock_timestamp(), lock_channel)
-                ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until, woken = NULL;
+                        lock_owner, clock_timestamp(),
+                        -- A channel a release could not notify would fail it.
+                        CASE WHEN lock_channel ~ '^distlock_turn_[0-9a-f]{16}$'
+                            THEN lock_channel END)
+                ON CONFLICT (key, waiter) DO UPDATE SET until = excluded.until, woken = NULL,
+                    channel = excluded.channel;
         END IF;
     END IF;
 END
 $fn$;
--- Wakes one waiter when the earliest not woken yet wants the key alone (one
--- grant is all it can get), on its store's channel; else, or while an
--- older client's waiter or an observer is there (they hear only it), every
--- listener on 'distlock_released'. A woken waiter that does not ask again
--- (it died) is passed over by later releases.
+-- Wakes one waiter, on its store's channel, when the key is now free and
+-- the earliest waiter not woken yet wants it alone: one grant is all it can
+-- get. Otherwise (other holds remain, the next may share, all were woken,
+-- or an observer's or an older client's record is there: they hear only
+-- 'distlock_released'), every waiter of the key. The woken waiter's store
+-- passes the turn on to everyone if that acquire has ended; a woken waiter
+-- that never asks again is passed over by later releases.
 CREATE OR REPLACE FUNCTION distlock_release_v3(lock_key text, lock_holder text)
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -165,15 +171,20 @@ BEGIN
     IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN
         DELETE FROM distlock_waiters WHERE key = lock_key AND until <= clock_timestamp();
         IF NOT EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key
-                AND channel IS NULL) THEN
+                    AND channel IS NULL)
+                AND NOT EXISTS (SELECT 1 FROM distlock_leases_v2 WHERE key = lock_key
+                    AND expires_at > clock_timestamp()) THEN
             SELECT waiter, mode, channel INTO next_waiter, next_mode, next_channel
                 FROM distlock_waiters WHERE key = lock_key AND woken IS NOT TRUE
                 ORDER BY since, waiter LIMIT 1;
             IF next_mode = 'x' AND next_channel IS NOT NULL THEN
                 UPDATE distlock_waiters SET woken = true
-                    WHERE key = lock_key AND waiter = next_waiter;
-                PERFORM pg_notify(next_channel, next_waiter);
-                RETURN true;
+                    WHERE key = lock_key AND waiter = next_waiter AND woken IS NOT TRUE;
+                -- Gone meanwhile (its acquire ended): everyone, below.
+                IF FOUND THEN
+                    PERFORM pg_notify(next_channel, next_waiter || ' ' || lock_key);
+                    RETURN true;
+                END IF;
             END IF;
         END IF;
         IF EXISTS (SELECT 1 FROM distlock_waiters WHERE key = lock_key) THEN

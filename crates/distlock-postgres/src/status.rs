@@ -121,7 +121,7 @@ pub(crate) async fn force_release_lease(
     let ended = client.query(FORCE_RELEASE, &[&key]).await.map_err(error)?;
     if !ended.is_empty() {
         client
-            .execute("SELECT pg_notify('distlock_released', $1)", &[&key])
+            .execute(crate::wakeup::NOTIFY_RELEASED, &[&key])
             .await
             .map_err(error)?;
     }

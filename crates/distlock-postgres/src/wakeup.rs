@@ -21,6 +21,9 @@ use crate::connect::query_error;
 /// share the key; a forced release): wakes waiters and observers.
 const RELEASED: &str = "distlock_released";
 
+/// Wakes every waiter and observer of the key given as `$1`.
+pub(crate) const NOTIFY_RELEASED: &str = "SELECT pg_notify('distlock_released', $1)";
+
 /// The channel of grants of an observed key: observers only.
 const CHANGED: &str = "distlock_changed";
 
@@ -62,13 +65,19 @@ impl Default for Waiting {
 
 impl Waiting {
     /// Delivers a notification on `channel`: of a key on [`RELEASED`] and
-    /// [`CHANGED`], of a waiter's name on the store's own channel.
-    fn deliver(&self, channel: &str, payload: &str) {
+    /// [`CHANGED`], of a waiter's name and its key on the store's own
+    /// channel. A key returned is a turn for a waiter whose acquire has
+    /// ended: it must be passed on to every waiter of the key.
+    fn deliver(&self, channel: &str, payload: &str) -> Option<String> {
         if channel != RELEASED && channel != CHANGED {
-            if let Some(notify) = guard(&self.waiters).by_name.get(payload) {
-                notify.notify_waiters();
-            }
-            return;
+            let (waiter, key) = payload.split_once(' ')?;
+            return match guard(&self.waiters).by_name.get(waiter) {
+                Some(notify) => {
+                    notify.notify_waiters();
+                    None
+                }
+                None => Some(key.to_owned()),
+            };
         }
         let key = payload;
         if channel == RELEASED {
@@ -83,13 +92,27 @@ impl Waiting {
                 watcher.signal();
             }
         }
+        None
     }
 
     /// The connection broke: wakes every waiter, and ends every observer's
-    /// watch.
+    /// watch. Until it listens again, waiters register with no channel of
+    /// their own, so that releases wake every waiter (and the others are
+    /// not passed a turn this store cannot hear).
     fn broke(&self) {
         self.listening.send_replace(false);
         guard(&self.observers).clear();
+        self.wake_all();
+    }
+
+    /// It listens again: wakes every waiter, which may have been passed a
+    /// turn while it did not, and now registers with its channel again.
+    fn listens_again(&self) {
+        self.listening.send_replace(true);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         for notify in guard(&self.waiters).by_name.values() {
             notify.notify_waiters();
         }
@@ -98,6 +121,11 @@ impl Waiting {
     /// Whether the connection listens, now and from now on.
     pub(crate) fn listening(&self) -> tokio::sync::watch::Receiver<bool> {
         self.listening.subscribe()
+    }
+
+    /// Whether the connection listens now.
+    pub(crate) fn is_listening(&self) -> bool {
+        *self.listening.borrow()
     }
 
     /// Signals `watcher` on each notification of `key`, until
@@ -131,9 +159,10 @@ impl Waiting {
 pub(crate) type Listeners = Arc<Waiting>;
 
 /// A connection that listens for releases: its client (which keeps it
-/// open) and the connection itself, whose messages the listener reads.
+/// open, and passes turns on) and the connection itself, whose messages
+/// the listener reads.
 pub(crate) type Listening = (
-    Client,
+    Arc<Client>,
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 );
 
@@ -168,7 +197,7 @@ pub(crate) async fn listen(config: &Config, target: &str, channel: &str) -> Resu
             }
         }
     }
-    Ok((client, connection))
+    Ok((Arc::new(client), connection))
 }
 
 /// Hands out notifications until the store is dropped, listening again
@@ -184,7 +213,7 @@ pub(crate) async fn keep_listening(
 ) {
     let mut listening = Some(first);
     loop {
-        if let Some((_client, mut connection)) = listening.take() {
+        if let Some((client, mut connection)) = listening.take() {
             loop {
                 let message = tokio::select! {
                     message = std::future::poll_fn(|cx| connection.poll_message(cx)) => message,
@@ -200,7 +229,15 @@ pub(crate) async fn keep_listening(
                 };
                 match message {
                     Some(Ok(AsyncMessage::Notification(note))) => {
-                        delivered.deliver(note.channel(), note.payload());
+                        if let Some(key) = delivered.deliver(note.channel(), note.payload()) {
+                            // Sent on this connection, which the loop drives.
+                            let client = Arc::clone(&client);
+                            tokio::spawn(async move {
+                                if let Err(err) = client.execute(NOTIFY_RELEASED, &[&key]).await {
+                                    tracing::debug!("passing a turn on: {err}");
+                                }
+                            });
+                        }
                     }
                     Some(Ok(_)) => {}
                     _ => break,
@@ -220,7 +257,7 @@ pub(crate) async fn keep_listening(
         }
         listening = listen(&config, &target, &channel).await.ok();
         if let (Some(_), Some(delivered)) = (&listening, listeners.upgrade()) {
-            delivered.listening.send_replace(true);
+            delivered.listens_again();
         }
     }
 }
@@ -302,9 +339,15 @@ mod tests {
         let other = Watch::new(&waiting, "other", "c");
         let (mut a_woken, mut b_woken, mut other_woken) =
             (enabled(&a), enabled(&b), enabled(&other));
-        waiting.deliver("distlock_turn_1", "b");
+        assert_eq!(waiting.deliver("distlock_turn_1", "b k"), None);
         assert!(!woken(&mut a_woken), "a turn for b woke a");
         assert!(woken(&mut b_woken), "b missed its turn");
+        // A turn for a waiter whose acquire has ended is to be passed on.
+        assert_eq!(
+            waiting.deliver("distlock_turn_1", "gone k"),
+            Some("k".to_owned())
+        );
+        assert!(!woken(&mut a_woken), "a turn for another woke a");
         let mut b_woken = enabled(&b);
         waiting.deliver(RELEASED, "k");
         assert!(woken(&mut a_woken) && woken(&mut b_woken));
