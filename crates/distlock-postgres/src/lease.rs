@@ -24,7 +24,7 @@ use tokio_postgres::{Client, Config, Statement};
 
 use crate::connect::{open, query_error};
 use crate::tokens;
-use crate::wakeup::{keep_listening, listen, turn_channel, Listeners, Watch};
+use crate::wakeup::{keep_listening, listen, turn_channel, Listeners, Watch, PASS_ON};
 
 /// The table, and the functions that change it, each one statement. The
 /// table is UNLOGGED: no change to it waits for a disk flush. PostgreSQL
@@ -146,13 +146,17 @@ impl Leases {
             Arc::downgrade(&listeners),
             listening,
         ));
-        Ok(Arc::new(Leases {
+        let (passed_on, turns) = tokio::sync::mpsc::unbounded_channel();
+        listeners.pass_turns_to(passed_on);
+        let leases = Arc::new(Leases {
             config: config.clone(),
             client: tokio::sync::Mutex::new(Arc::new(client)),
             target: target.to_owned(),
             listeners,
             channel,
-        }))
+        });
+        tokio::spawn(pass_turns_on(Arc::downgrade(&leases), turns));
+        Ok(leases)
     }
 
     /// The statement connection, connecting again if it broke.
@@ -343,8 +347,8 @@ impl StoreSession for LeaseSession {
             };
             let now = Instant::now();
             if now >= until {
-                // The record ends now by itself.
-                registered.armed = false;
+                // The record is removed, so that a turn it was given
+                // since its statement is passed on.
                 return Ok(None);
             }
             let retry = Duration::from_millis(u64::try_from(retry_ms).unwrap_or(1));
@@ -416,10 +420,34 @@ impl StoreSession for LeaseSession {
     }
 }
 
-/// Removes, in the background, the waiter record of an acquire that gave
-/// up before its deadline (dropped, or failed), if it made one: otherwise
-/// it would stay until then, shown by `status` and making releases notify.
-/// On the statement connection, so after the acquire's own statement.
+/// Passes on, from the statement connection, each turn that reached this
+/// store for an acquire it no longer has; ends with the store.
+async fn pass_turns_on(
+    leases: std::sync::Weak<Leases>,
+    mut turns: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(key) = turns.recv().await {
+        let Some(leases) = leases.upgrade() else {
+            return;
+        };
+        let passed = match leases.client().await {
+            Ok(client) => client
+                .execute(PASS_ON, &[&key])
+                .await
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = passed {
+            tracing::debug!("passing on a turn for '{key}': {err}");
+        }
+    }
+}
+
+/// Removes, in the background, the waiter record of an acquire that ended
+/// without the lock (dropped, failed, or at its deadline), if it made one:
+/// otherwise it would stay until its end, shown by `status`, making
+/// releases notify, and perhaps holding a turn nobody takes. On the
+/// statement connection, so after the acquire's own statement.
 struct Registered {
     leases: Arc<Leases>,
     key: String,
@@ -446,15 +474,18 @@ pub(crate) fn forget_waiter(leases: &Arc<Leases>, key: String, waiter: String) {
     let leases = Arc::clone(leases);
     spawn_cleanup(async move {
         if let Ok(client) = leases.client().await {
-            let _ = client
-                .execute(
-                    "DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2",
-                    &[&key, &waiter],
-                )
-                .await;
+            let _ = client.execute(FORGET_WAITER, &[&key, &waiter]).await;
         }
     });
 }
+
+/// Deletes the record `$2` of key `$1`; if a release had woken it (and the
+/// key is free), passes its turn on to every waiter of the key.
+const FORGET_WAITER: &str = "WITH gone AS (
+        DELETE FROM distlock_waiters WHERE key = $1 AND waiter = $2 RETURNING woken)
+    SELECT pg_notify('distlock_released', $1) FROM gone
+    WHERE gone.woken AND NOT EXISTS (SELECT 1 FROM distlock_leases_v2
+        WHERE key = $1 AND expires_at > clock_timestamp())";
 
 /// Gives back, in the background, a hold whose acquire was dropped or
 /// failed after its statement was sent.

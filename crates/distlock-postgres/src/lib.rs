@@ -31,10 +31,12 @@
 //! A lock is a row per holder in `distlock_leases_v2`, with the time its
 //! lease ends by the server's clock; a lease outlives its connection.
 //! Exclusive, shared and semaphore modes; waiters are woken by
-//! LISTEN/NOTIFY: a release that frees the key wakes the earliest exclusive
-//! waiter not woken yet alone, on its store's own channel; otherwise, and
-//! while an observer or an older client's waiter is there, every waiter of
-//! the key. Not given: FIFO order, writer preference, lock-delay.
+//! LISTEN/NOTIFY. A release that frees the key wakes the earliest waiter
+//! not woken yet alone, on its store's own channel, if that waiter wants
+//! the key alone; otherwise, and while an observer, an older client's
+//! waiter or a waiter of a store that cannot hear its channel is there,
+//! every waiter of the key. Not given: FIFO order, writer preference,
+//! lock-delay.
 //! `status` lists holders (owner, token, time held, lease left) and
 //! waiters (owner, mode, time waited) by key or prefix, from the rows.
 //! Observers of a key (`Client::observe`) are pushed its grants and

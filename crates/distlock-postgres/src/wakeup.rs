@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use distlock_core::store::lock as guard;
 use distlock_core::store::KeyWatcher;
 use distlock_core::{Error, Result};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use crate::connect::query_error;
@@ -23,6 +23,12 @@ const RELEASED: &str = "distlock_released";
 
 /// Wakes every waiter and observer of the key given as `$1`.
 pub(crate) const NOTIFY_RELEASED: &str = "SELECT pg_notify('distlock_released', $1)";
+
+/// Passes a turn nobody took on to every waiter of the key `$1`, unless
+/// the key is held again (its holder's release wakes someone then).
+pub(crate) const PASS_ON: &str = "SELECT pg_notify('distlock_released', $1) \
+    WHERE NOT EXISTS (SELECT 1 FROM distlock_leases_v2 \
+        WHERE key = $1 AND expires_at > clock_timestamp())";
 
 /// The channel of grants of an observed key: observers only.
 const CHANGED: &str = "distlock_changed";
@@ -44,6 +50,9 @@ struct Waiters {
 /// Who is woken by the notifications of the listening connection.
 pub(crate) struct Waiting {
     waiters: Mutex<Waiters>,
+    /// Where the keys of turns nobody here took go, to be passed on from
+    /// the statement connection (the listening one may be what broke).
+    passed_on: std::sync::OnceLock<mpsc::UnboundedSender<String>>,
     /// The observers of each key, by name: signalled on each notification
     /// of the key, on either channel.
     observers: Mutex<HashMap<String, HashMap<String, KeyWatcher>>>,
@@ -57,6 +66,7 @@ impl Default for Waiting {
     fn default() -> Self {
         Waiting {
             waiters: Mutex::default(),
+            passed_on: std::sync::OnceLock::new(),
             observers: Mutex::default(),
             listening: tokio::sync::watch::Sender::new(true),
         }
@@ -70,13 +80,13 @@ impl Waiting {
     /// ended: it must be passed on to every waiter of the key.
     fn deliver(&self, channel: &str, payload: &str) -> Option<String> {
         if channel != RELEASED && channel != CHANGED {
-            let (waiter, key) = payload.split_once(' ')?;
+            let (waiter, key) = payload.split_once(' ').unwrap_or((payload, ""));
             return match guard(&self.waiters).by_name.get(waiter) {
                 Some(notify) => {
                     notify.notify_waiters();
                     None
                 }
-                None => Some(key.to_owned()),
+                None => Some(key.to_owned()).filter(|key| !key.is_empty()),
             };
         }
         let key = payload;
@@ -128,6 +138,11 @@ impl Waiting {
         *self.listening.borrow()
     }
 
+    /// Sends the keys of turns nobody here took to `keys`.
+    pub(crate) fn pass_turns_to(&self, keys: mpsc::UnboundedSender<String>) {
+        let _ = self.passed_on.set(keys);
+    }
+
     /// Signals `watcher` on each notification of `key`, until
     /// [`unobserve`](Waiting::unobserve)d by the same `name` or the
     /// connection breaks; `false`, listing nothing, while it is broken.
@@ -159,16 +174,18 @@ impl Waiting {
 pub(crate) type Listeners = Arc<Waiting>;
 
 /// A connection that listens for releases: its client (which keeps it
-/// open, and passes turns on) and the connection itself, whose messages
-/// the listener reads.
+/// open) and the connection itself, whose messages the listener reads.
 pub(crate) type Listening = (
-    Arc<Client>,
+    Client,
     tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
 );
 
 /// Opens a connection and LISTENs on it for releases and grants, and on
 /// the store's own `channel` for its waiters' turns.
 pub(crate) async fn listen(config: &Config, target: &str, channel: &str) -> Result<Listening> {
+    // Named after its channel, for DBAs (and tests) to find.
+    let mut config = config.clone();
+    config.application_name(channel);
     let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
     let (client, mut connection) = connecting
         .await
@@ -197,7 +214,7 @@ pub(crate) async fn listen(config: &Config, target: &str, channel: &str) -> Resu
             }
         }
     }
-    Ok((Arc::new(client), connection))
+    Ok((client, connection))
 }
 
 /// Hands out notifications until the store is dropped, listening again
@@ -213,7 +230,7 @@ pub(crate) async fn keep_listening(
 ) {
     let mut listening = Some(first);
     loop {
-        if let Some((client, mut connection)) = listening.take() {
+        if let Some((_client, mut connection)) = listening.take() {
             loop {
                 let message = tokio::select! {
                     message = std::future::poll_fn(|cx| connection.poll_message(cx)) => message,
@@ -230,13 +247,9 @@ pub(crate) async fn keep_listening(
                 match message {
                     Some(Ok(AsyncMessage::Notification(note))) => {
                         if let Some(key) = delivered.deliver(note.channel(), note.payload()) {
-                            // Sent on this connection, which the loop drives.
-                            let client = Arc::clone(&client);
-                            tokio::spawn(async move {
-                                if let Err(err) = client.execute(NOTIFY_RELEASED, &[&key]).await {
-                                    tracing::debug!("passing a turn on: {err}");
-                                }
-                            });
+                            if let Some(keys) = delivered.passed_on.get() {
+                                let _ = keys.send(key);
+                            }
                         }
                     }
                     Some(Ok(_)) => {}

@@ -315,8 +315,9 @@ async fn a_turn_for_an_acquire_that_ended_is_passed_on() {
 }
 
 /// While a store's listening connection is down, its waiters register with
-/// no channel (so releases wake every waiter, not a turn nobody hears);
-/// when it listens again they are woken, and register with it again.
+/// no channel (so that releases wake every waiter rather than pass a turn
+/// nobody hears); when it listens again they are woken, and register with
+/// their channel again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_hear_its_channel_takes_no_turns() {
     let key = "turn/deaf";
@@ -335,23 +336,47 @@ async fn a_store_that_cannot_hear_its_channel_takes_no_turns() {
     wait_for_waiters(&client, key, 1).await;
     let heard = channel(&settled(key, 1).await[0]).to_owned();
     assert!(heard.starts_with("distlock_turn_"), "{heard}");
-    let ended = Postgres::shared().psql(&format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE query LIKE '%LISTEN {heard}%' AND pid <> pg_backend_pid()"
-    ));
-    assert_eq!(ended, "1", "the store's listening connection");
+    // Polled on a connection of the test's own: the store's deaf spell
+    // lasts about a second, too short to poll by starting psql.
+    let (watcher, connection) =
+        tokio_postgres::connect(&Postgres::shared().url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    let ended = watcher
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+            &[&heard],
+        )
+        .await
+        .expect("end the store's listening connection");
+    assert_eq!(
+        ended.get::<_, i64>(0),
+        1,
+        "the store's listening connection"
+    );
     let started = Instant::now();
     for (want, why) in [
-        ("-", "without a channel"),
-        (heard.as_str(), "with its channel again"),
+        (None, "without a channel"),
+        (Some(heard.as_str()), "with its channel again"),
     ] {
-        while channel(&waiter_rows(key)[0]) != want {
+        loop {
+            let row = watcher
+                .query_one(
+                    "SELECT channel FROM distlock_waiters WHERE key = $1",
+                    &[&key],
+                )
+                .await
+                .expect("the waiter's record");
+            if row.get::<_, Option<&str>>(0) == want {
+                break;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(15),
-                "the waiter did not register {why}: {:?}",
-                waiter_rows(key)
+                "the waiter did not register {why}"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     held.release().await.expect("release");
@@ -360,4 +385,44 @@ async fn a_store_that_cannot_hear_its_channel_takes_no_turns() {
         .expect("the waiter slept through its turn")
         .expect("task");
     granted.expect("wait").release().await.expect("release");
+}
+
+/// An acquire that ends after a release woke it, without asking again
+/// (here it is dropped), passes its turn on as its record goes: the key
+/// is free, and the waiter behind it must not sleep to its timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_acquire_that_is_dropped_passes_its_turn_on() {
+    let key = "turn/dropped";
+    let client = connect().await;
+    let ttl = Duration::from_secs(60);
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let mut waiting = Vec::new();
+    for count in 1..=2 {
+        let session = client.session().ttl(ttl).open().await.expect("open");
+        waiting.push(tokio::spawn(async move {
+            session.lock(key).wait(Duration::from_secs(300)).await
+        }));
+        wait_for_waiters(&client, key, count).await;
+    }
+    let rows = settled(key, 2).await;
+    let first = rows[0].split(' ').next().expect("a name");
+    // As a release would leave it, without the notification: the key free,
+    // the first waiter marked woken.
+    Postgres::shared().psql(&format!(
+        "DELETE FROM distlock_leases_v2 WHERE key = '{key}'; \
+         UPDATE distlock_waiters SET woken = true WHERE key = '{key}' AND waiter = '{first}'"
+    ));
+    waiting.remove(0).abort();
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiting.remove(0))
+        .await
+        .expect("the dropped acquire kept its turn")
+        .expect("task");
+    granted.expect("wait").release().await.expect("release");
+    drop(held);
 }
