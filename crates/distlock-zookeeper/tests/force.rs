@@ -281,3 +281,42 @@ async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
         .await
         .expect("remove the directory");
 }
+
+/// A session holding many locks, some of them ended from outside, is told
+/// of exactly those: the renewal that finds them checks the rest again
+/// and reports each lost one by its own key, wherever it sits in the
+/// session's batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_reports_exactly_the_holds_that_were_ended() {
+    let client = Client::new(Arc::new(store().await));
+    let holder = session(&client, "many").await;
+    let keys: Vec<String> = (0..8).map(|n| key(&format!("many-{n}"))).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(holder.lock(key).await.expect("lock"));
+    }
+    // Three of eight: whatever order the session checks them in, at least
+    // one is not first in its batch (unless they happen to lead it).
+    for key in &keys[2..5] {
+        assert_eq!(client.force_release(key).await.expect("force").len(), 1);
+    }
+    let started = std::time::Instant::now();
+    while guards[2..5].iter().any(Guard::is_held) {
+        assert!(
+            started.elapsed() < TOLD_WITHIN,
+            "an ended hold was not reported lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (n, guard) in guards.iter().enumerate() {
+        let ended = (2..5).contains(&n);
+        assert_eq!(
+            guard.is_held(),
+            !ended,
+            "{}: held {}",
+            keys[n],
+            guard.is_held()
+        );
+    }
+    holder.close().await.expect("close");
+}
