@@ -272,3 +272,43 @@ async fn a_frozen_session_leaves_its_queue_before_it_goes_silent() {
         .expect("task");
     granted.expect("wait").release().await.expect("release");
 }
+
+/// Closing a session whose ZooKeeper session already expired (its
+/// connection was cut past its timeout) is no error: nothing is left to
+/// close. Closing one while ZooKeeper cannot be reached at all gives up
+/// after a few tries, with an error, instead of trying for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_an_expired_session_is_fine_and_an_unreachable_one_gives_up() {
+    use distlock_core::store::{LockStore, SessionOptions};
+
+    let server = ZooKeeper::shared();
+    let options = SessionOptions::new(Duration::from_secs(1), Duration::ZERO);
+    let mut sessions = Vec::new();
+    let mut proxies = Vec::new();
+    for _ in 0..2 {
+        let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+        let store = ZkStore::connect(&format!("zk://127.0.0.1:{}/faults-close", proxy.port()))
+            .await
+            .expect("connect");
+        sessions.push(store.open_session(&options).await.expect("open"));
+        proxies.push(proxy);
+    }
+    for proxy in &proxies {
+        proxy.set(Fault::Blackhole);
+    }
+    let unreachable = sessions.pop().expect("two");
+    let giving_up = tokio::spawn(async move { unreachable.close().await });
+    // Past the session's timeout: ZooKeeper expires it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxies[0].set(Fault::None);
+    timeout(Duration::from_secs(30), sessions[0].close())
+        .await
+        .expect("the close of an expired session answers")
+        .expect("closing an expired session");
+    let err = timeout(Duration::from_secs(60), giving_up)
+        .await
+        .expect("the close of an unreachable session gave up")
+        .expect("task")
+        .expect_err("closed without ZooKeeper");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
