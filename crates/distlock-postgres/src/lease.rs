@@ -63,6 +63,10 @@ pub(crate) struct Conn {
     client: Client,
     acquire: Statement,
     release: Statement,
+    /// [`FORGET_WAITER`], run for each wait that ends without the lock.
+    forget: Statement,
+    /// [`PASS_ON`], run for each turn that reached this store too late.
+    pass_on: Statement,
     /// Set when the server no longer takes a prepared statement (a newer
     /// client made the function again with other result types, or a
     /// pooler lost it): the connection is then made again.
@@ -80,13 +84,18 @@ impl Conn {
             Ok::<_, tokio_postgres::Error>((
                 client.prepare(ACQUIRE).await?,
                 client.prepare(RELEASE).await?,
+                client.prepare(FORGET_WAITER).await?,
+                client.prepare(PASS_ON).await?,
             ))
         };
-        let (acquire, release) = prepare.await.map_err(|err| query_error(target, err))?;
+        let (acquire, release, forget, pass_on) =
+            prepare.await.map_err(|err| query_error(target, err))?;
         Ok(Conn {
             client,
             acquire,
             release,
+            forget,
+            pass_on,
             stale: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -432,7 +441,7 @@ async fn pass_turns_on(
         };
         let passed = match leases.client().await {
             Ok(client) => client
-                .execute(PASS_ON, &[&key])
+                .execute(&client.pass_on, &[&key])
                 .await
                 .map_err(|err| err.to_string()),
             Err(err) => Err(err.to_string()),
@@ -474,7 +483,7 @@ pub(crate) fn forget_waiter(leases: &Arc<Leases>, key: String, waiter: String) {
     let leases = Arc::clone(leases);
     spawn_cleanup(async move {
         if let Ok(client) = leases.client().await {
-            let _ = client.execute(FORGET_WAITER, &[&key, &waiter]).await;
+            let _ = client.execute(&client.forget, &[&key, &waiter]).await;
         }
     });
 }

@@ -183,9 +183,6 @@ pub(crate) type Listening = (
 /// Opens a connection and LISTENs on it for releases and grants, and on
 /// the store's own `channel` for its waiters' turns.
 pub(crate) async fn listen(config: &Config, target: &str, channel: &str) -> Result<Listening> {
-    // Named after its channel, for DBAs (and tests) to find.
-    let mut config = config.clone();
-    config.application_name(channel);
     let connecting = tokio::time::timeout(crate::CONNECT_TIMEOUT, config.connect(NoTls));
     let (client, mut connection) = connecting
         .await
