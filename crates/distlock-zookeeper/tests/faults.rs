@@ -170,6 +170,15 @@ async fn bad_urls_an_unreachable_ensemble_and_short_max_sessions_get_clear_error
         .expect_err("above maxSessionTimeout");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("maxSessionTimeout"), "{err}");
+    // ZooKeeper counts in whole milliseconds: a TTL that the longest
+    // session (the test server's is 120 s) misses by one is taken.
+    let session = client
+        .session()
+        .ttl(Duration::from_millis(120_001))
+        .open()
+        .await
+        .expect("a millisecond above maxSessionTimeout");
+    session.close().await.expect("close");
 }
 
 /// A waiter whose queue node is deleted from outside (by hand, or a tool)
