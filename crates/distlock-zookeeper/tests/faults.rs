@@ -321,3 +321,60 @@ async fn closing_an_expired_session_is_fine_and_an_unreachable_one_gives_up() {
         .expect_err("closed without ZooKeeper");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 }
+
+/// A waiter whose connection is cut for less than its session's timeout
+/// keeps its place and waits on, though a read fails during the cut:
+/// ZooKeeper keeps the session and its node, and the client connects
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rides_out_a_cut_shorter_than_its_session() {
+    let server = ZooKeeper::shared();
+    let chroot = "/faults-ride-out";
+    let key = "faults/ride-out";
+    let direct = client(&format!("{}{chroot}", server.url())).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let cut_off = client(&format!("zk://127.0.0.1:{}{chroot}", proxy.port())).await;
+    let ttl = Duration::from_secs(30);
+    let holder = direct.session().ttl(ttl).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = cut_off.session().ttl(ttl).open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock(key).wait(Duration::from_secs(60)).await;
+        (waiter, guard)
+    });
+    let started = std::time::Instant::now();
+    while queue(server, chroot, key).await.len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the waiter never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The connection is dropped, and for twelve seconds no new one
+    // carries anything: longer than a watch slice and a call's timeout
+    // (5 s each), so the waiter reads its queue during the cut, and that
+    // read fails.
+    proxy.set(Fault::Blackhole);
+    proxy.reset();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(!waiting.is_finished(), "the wait ended on the cut");
+    proxy.set(Fault::None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "the wait ended after the cut");
+    held.release().await.expect("release");
+    let (waiter, guard) = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter was not granted")
+        .expect("task");
+    guard
+        .expect("granted after the cut")
+        .release()
+        .await
+        .expect("release");
+    waiter.close().await.expect("close");
+}
