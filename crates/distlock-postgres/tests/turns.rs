@@ -6,9 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distlock_core::status::StatusQuery;
-use distlock_core::Client;
+use distlock_core::{Client, Guard};
 use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
+use tokio::task::JoinHandle;
+
+/// The sessions' lease: a waiter's own timer (half of it) is far longer
+/// than the 10 s in which each test wants a woken waiter granted.
+const TTL: Duration = Duration::from_secs(60);
 
 async fn connect() -> Client {
     let url = format!("{}?mode=lease", Postgres::shared().url());
@@ -16,6 +21,36 @@ async fn connect() -> Client {
         .await
         .expect("connect to the test's PostgreSQL");
     Client::new(Arc::new(store))
+}
+
+/// Holds `key`, from a session of its own.
+async fn hold(client: &Client, key: &str) -> Guard {
+    let holder = client.session().ttl(TTL).open().await.expect("open");
+    let held = holder.lock(key).try_lock().await.expect("try");
+    held.expect("a free key")
+}
+
+/// Starts a wait for `key` from a session of its own; returns once
+/// `status` shows `count` waiters of the key, this one among them.
+async fn queue(
+    client: &Client,
+    key: &'static str,
+    count: usize,
+) -> JoinHandle<distlock_core::Result<Guard>> {
+    let session = client.session().ttl(TTL).open().await.expect("open");
+    let waiting =
+        tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
+    wait_for_waiters(client, key, count).await;
+    waiting
+}
+
+/// The lock a wait was granted, which must come within 10 s.
+async fn granted(waiting: JoinHandle<distlock_core::Result<Guard>>, why: &str) -> Guard {
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("{why}"))
+        .expect("task")
+        .expect("wait")
 }
 
 /// Waits until `status` shows `count` waiters of `key`.
@@ -98,30 +133,15 @@ fn dead_waiter(key: &str) -> String {
 async fn a_release_wakes_the_earliest_exclusive_waiter_alone() {
     let key = "turn/one";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let mut held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let mut held = hold(&client, key).await;
     let mut waiting = Vec::new();
     for count in 1..=3 {
-        let session = client.session().ttl(ttl).open().await.expect("open");
-        waiting.push(tokio::spawn(async move {
-            session.lock(key).wait(Duration::from_secs(300)).await
-        }));
-        wait_for_waiters(&client, key, count).await;
+        waiting.push(queue(&client, key, count).await);
     }
     let mut rest = settled(key, 3).await;
     for turn in waiting {
         held.release().await.expect("release");
-        held = tokio::time::timeout(Duration::from_secs(10), turn)
-            .await
-            .expect("a waiter slept through its turn")
-            .expect("task")
-            .expect("wait");
+        held = granted(turn, "a waiter slept through its turn").await;
         rest.remove(0);
         assert_eq!(waiter_rows(key), rest, "a release woke a later waiter");
     }
@@ -135,19 +155,9 @@ async fn a_release_wakes_the_earliest_exclusive_waiter_alone() {
 async fn a_woken_waiter_that_never_asks_again_is_passed_over() {
     let key = "turn/dead";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let held = hold(&client, key).await;
     let dead = dead_waiter(key);
-    let session = client.session().ttl(ttl).open().await.expect("open");
-    let waiting =
-        tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
-    wait_for_waiters(&client, key, 2).await;
+    let waiting = queue(&client, key, 2).await;
     settled(key, 2).await;
     held.release().await.expect("release");
     let rows = waiter_rows(key);
@@ -156,18 +166,9 @@ async fn a_woken_waiter_that_never_asks_again_is_passed_over() {
         "the release did not wake the earliest waiter: {rows:?}"
     );
     // The live waiter sleeps on; the next release passes the dead one over.
-    let other = client.session().ttl(ttl).open().await.expect("open");
-    let passing = other.lock(key).try_lock().await.expect("try");
-    passing
-        .expect("a free key")
-        .release()
-        .await
-        .expect("release");
-    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the release woke the dead waiter again")
-        .expect("task");
-    granted.expect("wait").release().await.expect("release");
+    hold(&client, key).await.release().await.expect("release");
+    let granted = granted(waiting, "the release woke the dead waiter again").await;
+    granted.release().await.expect("release");
     Postgres::shared().psql(&format!("DELETE FROM distlock_waiters WHERE key = '{key}'"));
 }
 
@@ -182,13 +183,7 @@ async fn a_release_of_an_observed_key_tells_the_observers() {
     let url = format!("{}?mode=lease", Postgres::shared().url());
     let store = Arc::new(PostgresStore::connect(&url).await.expect("connect"));
     let client = Client::new(store.clone());
-    let holder = client.session().open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let held = hold(&client, key).await;
     dead_waiter(key);
     let mut watch = store
         .watch_key(key)
@@ -251,8 +246,7 @@ async fn a_waiter_that_asks_again_can_be_woken_again() {
 async fn a_release_that_leaves_other_holds_wakes_every_waiter() {
     let key = "turn/permits";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let open = || async { client.session().ttl(ttl).open().await.expect("open") };
+    let open = || async { client.session().ttl(TTL).open().await.expect("open") };
     let (first, second) = (open().await, open().await);
     let held = first.semaphore(key, 2).try_lock().await.expect("try");
     let held = held.expect("a permit");
@@ -271,11 +265,12 @@ async fn a_release_that_leaves_other_holds_wakes_every_waiter() {
     wait_for_waiters(&client, key, 2).await;
     settled(key, 2).await;
     held.release().await.expect("release");
-    let granted = tokio::time::timeout(Duration::from_secs(10), admitted)
-        .await
-        .expect("the waiter a free permit admits slept through the release")
-        .expect("task");
-    granted.expect("wait").release().await.expect("release");
+    let granted = granted(
+        admitted,
+        "the waiter a free permit admits slept through the release",
+    )
+    .await;
+    granted.release().await.expect("release");
     writing.abort();
 }
 
@@ -285,18 +280,8 @@ async fn a_release_that_leaves_other_holds_wakes_every_waiter() {
 async fn a_turn_for_an_acquire_that_ended_is_passed_on() {
     let key = "turn/ended";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
-    let session = client.session().ttl(ttl).open().await.expect("open");
-    let waiting =
-        tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
-    wait_for_waiters(&client, key, 1).await;
+    let held = hold(&client, key).await;
+    let waiting = queue(&client, key, 1).await;
     let rows = settled(key, 1).await;
     // Earlier than the live waiter, on the same store's channel.
     Postgres::shared().psql(&format!(
@@ -306,11 +291,8 @@ async fn a_turn_for_an_acquire_that_ended_is_passed_on() {
         channel(&rows[0])
     ));
     held.release().await.expect("release");
-    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the turn was not passed on")
-        .expect("task");
-    granted.expect("wait").release().await.expect("release");
+    let granted = granted(waiting, "the turn was not passed on").await;
+    granted.release().await.expect("release");
     Postgres::shared().psql(&format!("DELETE FROM distlock_waiters WHERE key = '{key}'"));
 }
 
@@ -322,18 +304,8 @@ async fn a_turn_for_an_acquire_that_ended_is_passed_on() {
 async fn a_store_that_cannot_hear_its_channel_registers_without_one() {
     let key = "turn/deaf";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
-    let session = client.session().ttl(ttl).open().await.expect("open");
-    let waiting =
-        tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
-    wait_for_waiters(&client, key, 1).await;
+    let held = hold(&client, key).await;
+    let waiting = queue(&client, key, 1).await;
     let heard = channel(&settled(key, 1).await[0]).to_owned();
     assert!(heard.starts_with("distlock_turn_"), "{heard}");
     // Polled on a connection of the test's own: the store's deaf spell
@@ -381,11 +353,8 @@ async fn a_store_that_cannot_hear_its_channel_registers_without_one() {
         }
     }
     held.release().await.expect("release");
-    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("the waiter slept through its turn")
-        .expect("task");
-    granted.expect("wait").release().await.expect("release");
+    let granted = granted(waiting, "the waiter slept through its turn").await;
+    granted.release().await.expect("release");
 }
 
 /// An acquire that ends after a release woke it, without asking again
@@ -395,22 +364,8 @@ async fn a_store_that_cannot_hear_its_channel_registers_without_one() {
 async fn a_woken_acquire_that_is_dropped_passes_its_turn_on() {
     let key = "turn/dropped";
     let client = connect().await;
-    let ttl = Duration::from_secs(60);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
-    let mut waiting = Vec::new();
-    for count in 1..=2 {
-        let session = client.session().ttl(ttl).open().await.expect("open");
-        waiting.push(tokio::spawn(async move {
-            session.lock(key).wait(Duration::from_secs(300)).await
-        }));
-        wait_for_waiters(&client, key, count).await;
-    }
+    let held = hold(&client, key).await;
+    let (first_wait, second_wait) = (queue(&client, key, 1).await, queue(&client, key, 2).await);
     let rows = settled(key, 2).await;
     let first = rows[0].split(' ').next().expect("a name");
     // As a release would leave it, without the notification: the key free,
@@ -419,11 +374,8 @@ async fn a_woken_acquire_that_is_dropped_passes_its_turn_on() {
         "DELETE FROM distlock_leases_v2 WHERE key = '{key}'; \
          UPDATE distlock_waiters SET woken = true WHERE key = '{key}' AND waiter = '{first}'"
     ));
-    waiting.remove(0).abort();
-    let granted = tokio::time::timeout(Duration::from_secs(10), waiting.remove(0))
-        .await
-        .expect("the dropped acquire kept its turn")
-        .expect("task");
-    granted.expect("wait").release().await.expect("release");
+    first_wait.abort();
+    let granted = granted(second_wait, "the dropped acquire kept its turn").await;
+    granted.release().await.expect("release");
     drop(held);
 }
