@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock_core::status::StatusQuery;
 use distlock_core::{Client, ErrorKind, Session};
 use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
+use distlock_testkit::with_waiters;
 
 async fn connect() -> Client {
     let url = format!("{}?mode=lease", Postgres::shared().url());
@@ -165,18 +165,7 @@ async fn a_forced_release_wakes_the_waiters_at_once() {
     // Registered (so not granted on its first try), and past its first
     // look (10 ms): it now sleeps until a release wakes it, or for half
     // its lease.
-    let started = Instant::now();
-    loop {
-        let status = client
-            .status(&StatusQuery::Key(key.to_owned()))
-            .await
-            .expect("status");
-        if status.keys.iter().any(|key| !key.waiters.is_empty()) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    with_waiters(&client, key, 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ended = client.force_release(key).await.expect("force release");
     assert_eq!(ended.len(), 1, "{ended:?}");

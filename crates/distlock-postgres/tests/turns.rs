@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock_core::status::StatusQuery;
 use distlock_core::{Client, Guard};
 use distlock_postgres::PostgresStore;
 use distlock_testkit::servers::Postgres;
+use distlock_testkit::with_waiters;
 use tokio::task::JoinHandle;
 
 /// The sessions' lease: a waiter's own timer (half of it) is far longer
@@ -40,7 +40,7 @@ async fn queue(
     let session = client.session().ttl(TTL).open().await.expect("open");
     let waiting =
         tokio::spawn(async move { session.lock(key).wait(Duration::from_secs(300)).await });
-    wait_for_waiters(client, key, count).await;
+    with_waiters(client, key, count).await;
     waiting
 }
 
@@ -51,28 +51,6 @@ async fn granted(waiting: JoinHandle<distlock_core::Result<Guard>>, why: &str) -
         .unwrap_or_else(|_| panic!("{why}"))
         .expect("task")
         .expect("wait")
-}
-
-/// Waits until `status` shows `count` waiters of `key`.
-async fn wait_for_waiters(client: &Client, key: &str, count: usize) {
-    let started = Instant::now();
-    loop {
-        let status = client
-            .status(&StatusQuery::Key(key.to_owned()))
-            .await
-            .expect("status");
-        if status
-            .keys
-            .iter()
-            .map(|key| key.waiters.len())
-            .sum::<usize>()
-            == count
-        {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The waiter records of `key` on the shared server, earliest first: the
@@ -254,7 +232,7 @@ async fn a_release_that_leaves_other_holds_wakes_every_waiter() {
     let writer = open().await;
     let writing =
         tokio::spawn(async move { writer.lock(key).wait(Duration::from_secs(300)).await });
-    wait_for_waiters(&client, key, 1).await;
+    with_waiters(&client, key, 1).await;
     let permit = open().await;
     let admitted = tokio::spawn(async move {
         permit
@@ -262,7 +240,7 @@ async fn a_release_that_leaves_other_holds_wakes_every_waiter() {
             .wait(Duration::from_secs(300))
             .await
     });
-    wait_for_waiters(&client, key, 2).await;
+    with_waiters(&client, key, 2).await;
     settled(key, 2).await;
     held.release().await.expect("release");
     let granted = granted(

@@ -7,7 +7,28 @@ use tokio::time::sleep;
 
 use super::{Kit, Outcome, PATIENCE, SETTLE};
 use distlock_core::status::{KeyStatus, StatusQuery};
-use distlock_core::{Mode, Session};
+use distlock_core::{Client, Mode, Session};
+
+/// `key`'s status once it lists `waiters` waiters: a waiter spawned as a
+/// task joins a moment after it starts. Panics after 20 s.
+pub async fn with_waiters(client: &Client, key: &str, waiters: usize) -> KeyStatus {
+    let started = tokio::time::Instant::now();
+    loop {
+        let keys = client
+            .status(&StatusQuery::Key(key.to_owned()))
+            .await
+            .expect("status")
+            .keys;
+        if let Some(found) = keys.iter().find(|k| k.waiters.len() == waiters) {
+            return found.clone();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{key} never had {waiters} waiters: {keys:?}"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
 
 impl Kit {
     /// A session that says it is `owner`.

@@ -11,6 +11,7 @@ use distlock_core::status::StatusQuery;
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, SessionOptions};
 use distlock_core::{Client, ErrorKind, Guard, Mode, Session};
 use distlock_testkit::servers::ZooKeeper;
+use distlock_testkit::with_waiters;
 use distlock_zookeeper::{lock_dir, ZkStore};
 use tokio::time::timeout;
 use zookeeper_client::{Acl, Acls, AuthId, CreateMode, Permission};
@@ -44,22 +45,6 @@ fn key(name: &str) -> String {
     format!("force/{name}/{:08x}", rand::random::<u32>())
 }
 
-/// Waits until `key` has `waiters` waiters (spawned waiters join a moment
-/// after they start).
-async fn until_waiting(client: &Client, key: &str, waiters: usize) {
-    for _ in 0..200 {
-        let status = client
-            .status(&StatusQuery::Key(key.to_owned()))
-            .await
-            .expect("status");
-        if status.keys.iter().any(|k| k.waiters.len() == waiters) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{key} never had {waiters} waiters");
-}
-
 /// Ends the holds of `held` on `key` while `waiter` waits behind them; the
 /// waiter's grant, once the old holders were told.
 async fn force_past(client: &Client, key: &str, held: Vec<Guard>, waiter: Session) -> Guard {
@@ -74,7 +59,7 @@ async fn force_past(client: &Client, key: &str, held: Vec<Guard>, waiter: Sessio
                 .expect("granted once the holders are gone")
         })
     };
-    until_waiting(client, key, 1).await;
+    with_waiters(client, key, 1).await;
     let ended = client.force_release(key).await.expect("force release");
     let mut tokens: Vec<Option<u64>> = ended.iter().map(|h| h.token).collect();
     tokens.sort_unstable();
@@ -153,7 +138,7 @@ async fn more_holders_than_one_request_ends_are_all_ended() {
         let (writer, key) = (writer.clone(), key.clone());
         tokio::spawn(async move { writer.lock(key).wait(Duration::from_secs(30)).await })
     };
-    until_waiting(&client, &key, 1).await;
+    with_waiters(&client, &key, 1).await;
     let ended = client.force_release(&key).await.expect("force release");
     let mut ended_tokens: Vec<Option<u64>> = ended.iter().map(|h| h.token).collect();
     ended_tokens.sort_unstable();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use distlock_core::status::{KeyStatus, StatusQuery};
 use distlock_core::{Client, Mode, Session};
 use distlock_testkit::servers::ZooKeeper;
+use distlock_testkit::with_waiters;
 use distlock_zookeeper::ZkStore;
 
 async fn client() -> Client {
@@ -28,19 +29,6 @@ async fn session(client: &Client, owner: &str) -> Session {
 
 async fn status(client: &Client, query: StatusQuery) -> Vec<KeyStatus> {
     client.status(&query).await.expect("status").keys
-}
-
-/// The key's status once it lists `waiters` waiters (waiters are spawned
-/// tasks: they join the queue a moment after).
-async fn with_waiters(client: &Client, key: &str, waiters: usize) -> KeyStatus {
-    for _ in 0..200 {
-        let keys = status(client, StatusQuery::Key(key.to_owned())).await;
-        if let Some(found) = keys.into_iter().find(|k| k.waiters.len() == waiters) {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{key} never had {waiters} waiters");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
