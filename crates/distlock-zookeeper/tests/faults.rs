@@ -28,6 +28,26 @@ async fn queue(server: &ZooKeeper, chroot: &str, key: &str) -> Vec<String> {
     }
 }
 
+/// Holds `key` from a session of `client`'s with the lease `ttl`.
+async fn hold(client: &Client, key: &str, ttl: Duration) -> distlock_core::Guard {
+    let holder = client.session().ttl(ttl).open().await.expect("open");
+    let held = holder.lock(key).try_lock().await.expect("try");
+    held.expect("a free key")
+}
+
+/// The nodes in a lock's queue once there are at least `count`.
+async fn until_queued(server: &ZooKeeper, chroot: &str, key: &str, count: usize) -> Vec<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let now = queue(server, chroot, key).await;
+        if now.len() >= count {
+            return now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_whose_session_expires_is_told_and_exactly_one_waiter_takes_over() {
     let server = ZooKeeper::shared();
@@ -190,28 +210,18 @@ async fn a_waiter_whose_node_is_deleted_from_outside_is_told_so() {
     let chroot = "/faults-deleted";
     let key = "faults/deleted";
     let client = client(&format!("{}{chroot}", server.url())).await;
-    let holder = client.session().open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let held = hold(&client, key, distlock_core::DEFAULT_TTL).await;
     let holders = queue(server, chroot, key).await;
     let session = client.session().open().await.expect("open");
     let waiting = tokio::spawn(async move {
         let waited = session.lock(key).wait(Duration::from_secs(60)).await;
         (session, waited.map(|guard| guard.token()))
     });
-    let started = std::time::Instant::now();
-    let waiter = loop {
-        let now = queue(server, chroot, key).await;
-        if let Some(node) = now.iter().find(|node| !holders.contains(node)) {
-            break node.clone();
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{now:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let queued = until_queued(server, chroot, key, 2).await;
+    let waiter = queued
+        .iter()
+        .find(|node| !holders.contains(node))
+        .expect("the waiter's node");
     let plain = zookeeper_client::Client::connect(&format!("{}{chroot}", server.hosts()))
         .await
         .expect("a plain ZooKeeper client");
@@ -245,13 +255,7 @@ async fn a_frozen_session_leaves_its_queue_before_it_goes_silent() {
     let key = "faults/frozen-waiter";
     let client = client(&format!("{}/faults-frozen", server.url())).await;
     let ttl = Duration::from_secs(30);
-    let holder = client.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let held = hold(&client, key, ttl).await;
     let frozen = client.session().ttl(ttl).open().await.expect("open");
     let behind = client.session().ttl(ttl).open().await.expect("open");
     let frozen_wait = {
@@ -265,9 +269,9 @@ async fn a_frozen_session_leaves_its_queue_before_it_goes_silent() {
         })
     };
     // In this order in the queue.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_queued(server, "/faults-frozen", key, 2).await;
     let waiting = tokio::spawn(async move { behind.lock(key).wait(Duration::from_secs(60)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_queued(server, "/faults-frozen", key, 3).await;
     frozen.freeze_for_test();
     timeout(Duration::from_secs(10), frozen_wait)
         .await
@@ -335,26 +339,13 @@ async fn a_waiter_rides_out_a_cut_shorter_than_its_session() {
     let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
     let cut_off = client(&format!("zk://127.0.0.1:{}{chroot}", proxy.port())).await;
     let ttl = Duration::from_secs(30);
-    let holder = direct.session().ttl(ttl).open().await.expect("open");
-    let held = holder
-        .lock(key)
-        .try_lock()
-        .await
-        .expect("try")
-        .expect("free");
+    let held = hold(&direct, key, ttl).await;
     let waiter = cut_off.session().ttl(ttl).open().await.expect("open");
     let waiting = tokio::spawn(async move {
         let guard = waiter.lock(key).wait(Duration::from_secs(60)).await;
         (waiter, guard)
     });
-    let started = std::time::Instant::now();
-    while queue(server, chroot, key).await.len() < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the waiter never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_queued(server, chroot, key, 2).await;
     // The connection is dropped, and for twelve seconds no new one
     // carries anything: longer than a watch slice and a call's timeout
     // (5 s each), so the waiter reads its queue during the cut, and that
