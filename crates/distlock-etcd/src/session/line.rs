@@ -115,6 +115,18 @@ fn same_line<E: Entry>(now: &[E], earlier: &[E], mine: &E) -> bool {
             .all(|(was, is)| was.key() == is.key() && was.created() == is.created())
 }
 
+/// Whether the queue read as `now` still holds the entries a wait watches
+/// (`watched`, the last of those ahead) and then `mine`, as the same lives,
+/// whatever went ahead of them: the wait's watches still cover what it
+/// waits for. (Nothing older than an entry read comes later, so with P
+/// alone watched this is [`same_line`].)
+fn same_tail<E: Entry>(now: &[E], watched: &[E], mine: &E) -> bool {
+    let first = watched.first().unwrap_or(mine);
+    now.iter()
+        .position(|is| is.key() == first.key() && is.created() == first.created())
+        .is_some_and(|at| same_line(&now[at..], watched, mine))
+}
+
 impl EtcdSession {
     /// Waits, until `until` or a slice at most, for P (the last of
     /// `earlier`) to go, for the waiter whose key read as `mine` in the
@@ -157,9 +169,13 @@ impl EtcdSession {
         }
         // The queue moved between the read and the watch: P may have gone
         // unseen (and the entry before it: one write can delete both).
+        // Entries ahead of those two going changes nothing here: in a busy
+        // queue the head goes about once a round trip, and a new wait for
+        // each would cost a stream and a read again.
         if created_at > read_at {
             let (now, now_at) = self.read_queue_since(prefix, created_at).await?;
-            if !same_line(now.kvs(), earlier, mine) {
+            let watched_tail = &earlier[earlier.len() - usize::from(before_that.is_some()) - 1..];
+            if !same_tail(now.kvs(), watched_tail, mine) {
                 return Ok(Woken::Read(now, now_at));
             }
             second_at = second_at.map(|_| now_at);
@@ -304,6 +320,31 @@ mod tests {
             "another life of the waiter's key"
         );
         assert!(!same_line(&[b, ("q", 5), me], &[b, p], &me), "another key");
+    }
+
+    #[test]
+    fn the_same_tail_is_the_watched_lives_then_the_waiter() {
+        let (a, b, p, me, later) = (("a", 1), ("b", 3), ("p", 5), ("me", 7), ("z", 9));
+        assert!(same_tail(&[a, b, p, me], &[b, p], &me));
+        assert!(
+            same_tail(&[b, p, me, later], &[b, p], &me),
+            "one ahead went"
+        );
+        assert!(same_tail(&[p, me], &[p], &me));
+        assert!(!same_tail(&[a, p, me], &[b, p], &me), "a watched one went");
+        assert!(!same_tail(&[a, b, me], &[b, p], &me), "P went");
+        assert!(
+            !same_tail(&[a, b, p], &[b, p], &me),
+            "the waiter's key went"
+        );
+        assert!(
+            !same_tail(&[a, ("b", 4), p, me], &[b, p], &me),
+            "another life of the entry before P"
+        );
+        assert!(
+            !same_tail(&[b, p, ("me", 8)], &[b, p], &me),
+            "another life of the waiter's key"
+        );
     }
 
     #[test]
