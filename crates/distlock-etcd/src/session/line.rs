@@ -118,8 +118,7 @@ fn same_line<E: Entry>(now: &[E], earlier: &[E], mine: &E) -> bool {
 /// Whether the queue read as `now` still holds the entries a wait watches
 /// (`watched`, the last of those ahead) and then `mine`, as the same lives,
 /// whatever went ahead of them: the wait's watches still cover what it
-/// waits for. (Nothing older than an entry read comes later, so with P
-/// alone watched this is [`same_line`].)
+/// waits for.
 fn same_tail<E: Entry>(now: &[E], watched: &[E], mine: &E) -> bool {
     let first = watched.first().unwrap_or(mine);
     now.iter()
@@ -174,8 +173,13 @@ impl EtcdSession {
         // each would cost a stream and a read again.
         if created_at > read_at {
             let (now, now_at) = self.read_queue_since(prefix, created_at).await?;
-            let watched_tail = &earlier[earlier.len() - usize::from(before_that.is_some()) - 1..];
-            if !same_tail(now.kvs(), watched_tail, mine) {
+            // With P alone ahead this read may end in a grant (below):
+            // the whole line is checked.
+            let still = match before_that {
+                None => same_line(now.kvs(), earlier, mine),
+                Some(_) => same_tail(now.kvs(), &earlier[earlier.len() - 2..], mine),
+            };
+            if !still {
                 return Ok(Woken::Read(now, now_at));
             }
             second_at = second_at.map(|_| now_at);
@@ -326,12 +330,21 @@ mod tests {
     fn the_same_tail_is_the_watched_lives_then_the_waiter() {
         let (a, b, p, me, later) = (("a", 1), ("b", 3), ("p", 5), ("me", 7), ("z", 9));
         assert!(same_tail(&[a, b, p, me], &[b, p], &me));
+        assert!(same_tail(&[b, p, me], &[b, p], &me), "the one ahead went");
         assert!(
-            same_tail(&[b, p, me, later], &[b, p], &me),
-            "one ahead went"
+            same_tail(&[a, b, p, me, later], &[b, p], &me),
+            "later keys do not count"
         );
         assert!(same_tail(&[p, me], &[p], &me));
         assert!(!same_tail(&[a, p, me], &[b, p], &me), "a watched one went");
+        assert!(
+            !same_tail(&[a, b, ("p", 6), me], &[b, p], &me),
+            "another life of P"
+        );
+        assert!(
+            !same_tail(&[b, ("q", 4), p, me], &[b, p], &me),
+            "another key between the watched ones"
+        );
         assert!(!same_tail(&[a, b, me], &[b, p], &me), "P went");
         assert!(
             !same_tail(&[a, b, p], &[b, p], &me),
