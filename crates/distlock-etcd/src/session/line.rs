@@ -336,6 +336,10 @@ mod tests {
             "later keys do not count"
         );
         assert!(same_tail(&[p, me], &[p], &me));
+        assert!(
+            same_tail(&[("c", 3), b, p, me], &[b, p], &me),
+            "found by key and life together (one transaction can create two keys)"
+        );
         assert!(!same_tail(&[a, p, me], &[b, p], &me), "a watched one went");
         assert!(
             !same_tail(&[a, b, ("p", 6), me], &[b, p], &me),
