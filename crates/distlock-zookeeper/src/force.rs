@@ -229,3 +229,23 @@ impl ZkStore {
         .with_source(err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_release_gives_up_at_the_last_try_saying_so() {
+        let store = ZkStore {
+            connect: "h:2181".to_owned(),
+            hosts: "h:2181".to_owned(),
+            reader: std::sync::Arc::default(),
+        };
+        for changed in 0..TRIES {
+            assert!(store.give_up_after(changed, "k", 0).is_ok(), "{changed}");
+        }
+        let err = store.give_up_after(TRIES, "k", 3).expect_err("gives up");
+        assert_eq!(err.kind(), distlock_core::ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("ended 3 so far"), "{err}");
+    }
+}

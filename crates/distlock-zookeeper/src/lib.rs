@@ -358,4 +358,33 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Config, "{bad}: {err}");
         }
     }
+
+    #[test]
+    fn each_zookeeper_error_gets_the_kind_that_says_what_to_do() {
+        use zookeeper_client::Error as Zk;
+        for (err, kind) in [
+            (Zk::SessionExpired, ErrorKind::Lost),
+            (Zk::ClientClosed, ErrorKind::Lost),
+            (Zk::NoAuth, ErrorKind::Config),
+            (Zk::AuthFailed, ErrorKind::Config),
+            (Zk::Unimplemented, ErrorKind::Unsupported),
+            (Zk::ConnectionLoss, ErrorKind::Unavailable),
+            (Zk::Timeout, ErrorKind::Unavailable),
+            (Zk::NoNode, ErrorKind::Store),
+        ] {
+            let error = zk_error("h:2181", &err);
+            assert_eq!(error.kind(), kind, "{err}: {error}");
+            assert!(error.to_string().contains("h:2181"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_store_shows_where_it_connects_and_nothing_of_its_client() {
+        let store = ZkStore {
+            connect: "a:1,b:2/x".to_owned(),
+            hosts: "a:1,b:2".to_owned(),
+            reader: Arc::default(),
+        };
+        assert_eq!(format!("{store:?}"), r#"ZkStore { connect: "a:1,b:2/x" }"#);
+    }
 }

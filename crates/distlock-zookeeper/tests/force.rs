@@ -267,6 +267,40 @@ async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
         .expect("remove the directory");
 }
 
+/// A queue the store's client may not read is refused, saying which
+/// permission is missing and where, not as a bare ACL error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
+    let client = Client::new(Arc::new(store().await));
+    let key = key("unreadable");
+    let dir = lock_dir(&key);
+    let plain =
+        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
+            .await
+            .expect("a plain ZooKeeper client");
+    let all_but_read = [Acl::new(
+        Permission::WRITE | Permission::CREATE | Permission::DELETE | Permission::ADMIN,
+        AuthId::anyone(),
+    )];
+    let options = CreateMode::Persistent.with_acls(Acls::new(&all_but_read));
+    plain
+        .create(&dir, b"", &options)
+        .await
+        .expect("make the directory");
+
+    let refused = client.force_release(&key).await.expect_err("not allowed");
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    let message = refused.to_string();
+    assert!(
+        message.contains("READ") && message.contains(&dir),
+        "says which permission is missing, and where: {message}"
+    );
+    plain
+        .delete(&dir, None)
+        .await
+        .expect("remove the directory");
+}
+
 /// A session holding many locks, some of them ended from outside, is told
 /// of exactly those: the renewal that finds them checks the rest again
 /// and reports each lost one by its own key, wherever it sits in the

@@ -37,6 +37,7 @@ async fn waiters_are_listed_in_queue_order_with_their_owners() {
     let key = format!("status/queue/{:08x}", rand::random::<u32>());
     let holder = session(&client, "holder@a pid 1 (status)").await;
     let held = holder.lock(&key).await.expect("lock");
+    let locked_at = std::time::Instant::now();
     let wanted = [
         ("first@b pid 2 (status)", Mode::Exclusive),
         ("second@c pid 3 (status)", Mode::Shared),
@@ -61,6 +62,10 @@ async fn waiters_are_listed_in_queue_order_with_their_owners() {
         with_waiters(&client, &key, queued + 1).await;
     }
 
+    // Held for at least this long by the time status reads the node (its
+    // ctime is from before the grant, on this machine's clock).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held_at_least = locked_at.elapsed();
     let queued = with_waiters(&client, &key, wanted.len()).await;
     assert_eq!(queued.holders.len(), 1, "{queued:?}");
     let first = &queued.holders[0];
@@ -69,7 +74,10 @@ async fn waiters_are_listed_in_queue_order_with_their_owners() {
     assert_eq!(first.mode, Mode::Exclusive);
     assert_eq!(first.lease_left, None, "ZooKeeper does not tell it");
     let held_for = first.held_for.expect("ZooKeeper keeps a node's ctime");
-    assert!(held_for <= Duration::from_secs(60), "{held_for:?}");
+    assert!(
+        held_for + Duration::from_millis(5) >= held_at_least && held_for <= Duration::from_secs(60),
+        "held for {held_for:?}, at least {held_at_least:?}"
+    );
     // Each joined after the one before it: none has waited longer.
     let waited: Vec<Duration> = queued
         .waiters
