@@ -301,6 +301,30 @@ async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
         .expect("remove the directory");
 }
 
+/// A lock directory with no node in it (emptied, and not yet removed by
+/// ZooKeeper) has no holders to end: nothing is ended, and nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_queue_has_nothing_to_end() {
+    let client = Client::new(Arc::new(store().await));
+    let key = key("empty");
+    let dir = lock_dir(&key);
+    let plain =
+        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
+            .await
+            .expect("a plain ZooKeeper client");
+    let options = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    plain
+        .create(&dir, b"", &options)
+        .await
+        .expect("make the directory");
+    let ended = client.force_release(&key).await.expect("force release");
+    assert!(ended.is_empty(), "{ended:?}");
+    plain
+        .delete(&dir, None)
+        .await
+        .expect("remove the directory");
+}
+
 /// A session holding many locks, some of them ended from outside, is told
 /// of exactly those: the renewal that finds them checks the rest again
 /// and reports each lost one by its own key, wherever it sits in the
