@@ -369,3 +369,32 @@ async fn a_waiter_rides_out_a_cut_shorter_than_its_session() {
         .expect("release");
     waiter.close().await.expect("close");
 }
+
+/// The client `status` reads with is made again once its session has
+/// ended: after a cut longer than that session, `status` works again
+/// once the connection heals, rather than failing as lost for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_works_again_after_its_readers_session_expired() {
+    use distlock_core::status::StatusQuery;
+
+    let server = ZooKeeper::shared();
+    let proxy = Proxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let client = client(&format!("zk://127.0.0.1:{}/faults-reader", proxy.port())).await;
+    let query = StatusQuery::Key("faults/reader".to_owned());
+    client.status(&query).await.expect("status");
+    proxy.set(Fault::Blackhole);
+    // Past the reader's session timeout (5 s): ZooKeeper expires it.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    proxy.set(Fault::None);
+    // Time for the old client to connect again and learn that its session
+    // is gone (calls before that may still go to it).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    while let Err(err) = client.status(&query).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "status still fails after the cut healed: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
