@@ -82,16 +82,20 @@ impl EtcdStore {
                 continue;
             }
             changed += 1;
-            if changed == TRIES {
-                return Err(Error::unavailable(format!(
-                    "etcd at {}: the holders of '{key}' changed at each of {TRIES} tries \
-                     to end them (ended {} so far); try again",
-                    self.endpoints,
-                    ended.len()
-                )));
-            }
+            give_up_after(&self.endpoints, changed, key, ended.len())?;
         }
     }
+}
+
+/// Gives up once the holders changed under [`TRIES`] reads.
+fn give_up_after(endpoints: &str, changed: usize, key: &str, ended: usize) -> Result<()> {
+    if changed < TRIES {
+        return Ok(());
+    }
+    Err(Error::unavailable(format!(
+        "etcd at {endpoints}: the holders of '{key}' changed at each of {TRIES} tries to \
+         end them (ended {ended} so far); try again"
+    )))
 }
 
 /// How many entries at the head of a queue (oldest first) hold the lock.
@@ -108,4 +112,22 @@ fn holding(kvs: &[KeyValue]) -> usize {
 /// The entry is still the life of its key that was read.
 fn still_there(kv: &KeyValue) -> Compare {
     Compare::create_revision(kv.key(), CompareOp::Equal, kv.create_revision())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_release_gives_up_at_the_last_try_saying_so() {
+        for changed in 0..TRIES {
+            assert!(
+                give_up_after("h:2379", changed, "k", 0).is_ok(),
+                "{changed}"
+            );
+        }
+        let err = give_up_after("h:2379", TRIES, "k", 3).expect_err("gives up");
+        assert_eq!(err.kind(), distlock_core::ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("ended 3 so far"), "{err}");
+    }
 }
