@@ -45,6 +45,23 @@ fn key(name: &str) -> String {
     format!("force/{name}/{:08x}", rand::random::<u32>())
 }
 
+/// `key`'s lock directory, made by hand with `permission` for anyone, and
+/// the plain client that made it (to remove it at the end).
+async fn dir_made_by_hand(key: &str, permission: Permission) -> (zookeeper_client::Client, String) {
+    let dir = lock_dir(key);
+    let plain =
+        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
+            .await
+            .expect("a plain ZooKeeper client");
+    let acl = [Acl::new(permission, AuthId::anyone())];
+    let options = CreateMode::Persistent.with_acls(Acls::new(&acl));
+    plain
+        .create(&dir, b"", &options)
+        .await
+        .expect("make the directory");
+    (plain, dir)
+}
+
 /// Ends the holds of `held` on `key` while `waiter` waits behind them; the
 /// waiter's grant, once the old holders were told.
 async fn force_past(client: &Client, key: &str, held: Vec<Guard>, waiter: Session) -> Guard {
@@ -223,22 +240,11 @@ async fn the_old_holders_release_is_refused_and_deletes_nothing() {
 async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
     let client = Client::new(Arc::new(store().await));
     let key = key("acl");
-    let dir = lock_dir(&key);
-    // The lock's directory, made by hand without the DELETE permission:
-    // sessions may join its queue, nobody may take a node out of it.
-    let plain =
-        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
-            .await
-            .expect("a plain ZooKeeper client");
-    let all_but_delete = [Acl::new(
-        Permission::READ | Permission::WRITE | Permission::CREATE | Permission::ADMIN,
-        AuthId::anyone(),
-    )];
-    let options = CreateMode::Persistent.with_acls(Acls::new(&all_but_delete));
-    plain
-        .create(&dir, b"", &options)
-        .await
-        .expect("make the directory");
+    // Without the DELETE permission: sessions may join the queue, nobody
+    // may take a node out of it.
+    let all_but_delete =
+        Permission::READ | Permission::WRITE | Permission::CREATE | Permission::ADMIN;
+    let (plain, dir) = dir_made_by_hand(&key, all_but_delete).await;
     let holder = session(&client, "holder").await;
     let held = holder.lock(&key).await.expect("lock");
 
@@ -273,20 +279,9 @@ async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
 async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
     let client = Client::new(Arc::new(store().await));
     let key = key("unreadable");
-    let dir = lock_dir(&key);
-    let plain =
-        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
-            .await
-            .expect("a plain ZooKeeper client");
-    let all_but_read = [Acl::new(
-        Permission::WRITE | Permission::CREATE | Permission::DELETE | Permission::ADMIN,
-        AuthId::anyone(),
-    )];
-    let options = CreateMode::Persistent.with_acls(Acls::new(&all_but_read));
-    plain
-        .create(&dir, b"", &options)
-        .await
-        .expect("make the directory");
+    let all_but_read =
+        Permission::WRITE | Permission::CREATE | Permission::DELETE | Permission::ADMIN;
+    let (plain, dir) = dir_made_by_hand(&key, all_but_read).await;
 
     let refused = client.force_release(&key).await.expect_err("not allowed");
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
@@ -307,16 +302,7 @@ async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
 async fn an_empty_queue_has_nothing_to_end() {
     let client = Client::new(Arc::new(store().await));
     let key = key("empty");
-    let dir = lock_dir(&key);
-    let plain =
-        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
-            .await
-            .expect("a plain ZooKeeper client");
-    let options = CreateMode::Persistent.with_acls(Acls::anyone_all());
-    plain
-        .create(&dir, b"", &options)
-        .await
-        .expect("make the directory");
+    let (plain, dir) = dir_made_by_hand(&key, Permission::ALL).await;
     let ended = client.force_release(&key).await.expect("force release");
     assert!(ended.is_empty(), "{ended:?}");
     plain
