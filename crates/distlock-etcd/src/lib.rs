@@ -316,3 +316,57 @@ impl LockStore for EtcdStore {
         Ok(ended)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_client::Error as Etcd;
+    use tonic::Status;
+
+    #[test]
+    fn only_an_election_or_a_member_out_of_reach_is_worth_asking_again() {
+        let unavailable = |source: Etcd| Error::unavailable("etcd").with_source(source);
+        let worth = [
+            (
+                "the store's own time limit",
+                Error::unavailable("no answer"),
+            ),
+            (
+                "no leader",
+                unavailable(Etcd::GRpcStatus(Status::unavailable(
+                    "etcdserver: no leader",
+                ))),
+            ),
+            (
+                "deadline",
+                unavailable(Etcd::GRpcStatus(Status::deadline_exceeded("timed out"))),
+            ),
+            (
+                "a broken connection",
+                unavailable(Etcd::IoError(std::io::Error::other("reset"))),
+            ),
+        ];
+        for (what, err) in worth {
+            assert!(passing(&err), "{what}: {err}");
+        }
+        let not = [
+            (
+                "a full database",
+                unavailable(Etcd::GRpcStatus(Status::resource_exhausted(
+                    "etcdserver: mvcc: database space exceeded",
+                ))),
+            ),
+            (
+                "a bad request",
+                unavailable(Etcd::InvalidArgs("key".into())),
+            ),
+            (
+                "another kind",
+                Error::config("etcd").with_source(Etcd::IoError(std::io::Error::other("x"))),
+            ),
+        ];
+        for (what, err) in not {
+            assert!(!passing(&err), "{what}: {err}");
+        }
+    }
+}

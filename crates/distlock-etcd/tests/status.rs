@@ -130,3 +130,16 @@ async fn a_prefix_lists_only_the_keys_under_it() {
     }
     session.close().await.expect("close");
 }
+
+/// A store in a log line names its endpoints, and nothing of the client
+/// it holds (eight service clients with their channels).
+#[tokio::test]
+async fn a_store_shows_its_endpoints_and_nothing_of_its_client() {
+    let url = Etcd::shared().url();
+    let store = EtcdStore::connect(&url).await.expect("connect");
+    let endpoints = url.strip_prefix("etcd://").expect("an etcd URL");
+    assert_eq!(
+        format!("{store:?}"),
+        format!("EtcdStore {{ endpoints: {endpoints:?} }}")
+    );
+}
