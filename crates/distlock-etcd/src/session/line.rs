@@ -168,7 +168,7 @@ impl EtcdSession {
         }
         // The queue moved between the read and the watch: P may have gone
         // unseen (and the entry before it: one write can delete both).
-        // Entries ahead of those two going changes nothing here: in a busy
+        // Entries going ahead of those two change nothing here: in a busy
         // queue the head goes about once a round trip, and a new wait for
         // each would cost a stream and a read again.
         if created_at > read_at {
