@@ -45,21 +45,35 @@ fn key(name: &str) -> String {
     format!("force/{name}/{:08x}", rand::random::<u32>())
 }
 
-/// `key`'s lock directory, made by hand with `permission` for anyone, and
-/// the plain client that made it (to remove it at the end).
-async fn dir_made_by_hand(key: &str, permission: Permission) -> (zookeeper_client::Client, String) {
-    let dir = lock_dir(key);
-    let plain =
-        zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
+/// A lock directory made by hand with `permission` for anyone, by a plain
+/// client of its own that removes it at the end.
+struct HandMade {
+    plain: zookeeper_client::Client,
+    dir: String,
+}
+
+impl HandMade {
+    async fn dir(key: &str, permission: Permission) -> HandMade {
+        let dir = lock_dir(key);
+        let plain =
+            zookeeper_client::Client::connect(&format!("{}{CHROOT}", ZooKeeper::shared().hosts()))
+                .await
+                .expect("a plain ZooKeeper client");
+        let acl = [Acl::new(permission, AuthId::anyone())];
+        let options = CreateMode::Persistent.with_acls(Acls::new(&acl));
+        plain
+            .create(&dir, b"", &options)
             .await
-            .expect("a plain ZooKeeper client");
-    let acl = [Acl::new(permission, AuthId::anyone())];
-    let options = CreateMode::Persistent.with_acls(Acls::new(&acl));
-    plain
-        .create(&dir, b"", &options)
-        .await
-        .expect("make the directory");
-    (plain, dir)
+            .expect("make the directory");
+        HandMade { plain, dir }
+    }
+
+    async fn remove(self) {
+        self.plain
+            .delete(&self.dir, None)
+            .await
+            .expect("remove the directory");
+    }
 }
 
 /// Ends the holds of `held` on `key` while `waiter` waits behind them; the
@@ -244,7 +258,8 @@ async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
     // may take a node out of it.
     let all_but_delete =
         Permission::READ | Permission::WRITE | Permission::CREATE | Permission::ADMIN;
-    let (plain, dir) = dir_made_by_hand(&key, all_but_delete).await;
+    let made = HandMade::dir(&key, all_but_delete).await;
+    let dir = made.dir.clone();
     let holder = session(&client, "holder").await;
     let held = holder.lock(&key).await.expect("lock");
 
@@ -267,10 +282,7 @@ async fn a_holder_the_store_may_not_delete_is_refused_saying_why() {
     // takes its node.
     drop(held);
     holder.close().await.expect("close");
-    plain
-        .delete(&dir, None)
-        .await
-        .expect("remove the directory");
+    made.remove().await;
 }
 
 /// A queue the store's client may not read is refused, saying which
@@ -281,7 +293,8 @@ async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
     let key = key("unreadable");
     let all_but_read =
         Permission::WRITE | Permission::CREATE | Permission::DELETE | Permission::ADMIN;
-    let (plain, dir) = dir_made_by_hand(&key, all_but_read).await;
+    let made = HandMade::dir(&key, all_but_read).await;
+    let dir = made.dir.clone();
 
     let refused = client.force_release(&key).await.expect_err("not allowed");
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
@@ -290,10 +303,7 @@ async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
         message.contains("READ") && message.contains(&dir),
         "says which permission is missing, and where: {message}"
     );
-    plain
-        .delete(&dir, None)
-        .await
-        .expect("remove the directory");
+    made.remove().await;
 }
 
 /// A lock directory with no node in it (emptied, and not yet removed by
@@ -302,13 +312,10 @@ async fn a_queue_the_store_may_not_read_is_refused_saying_why() {
 async fn an_empty_queue_has_nothing_to_end() {
     let client = Client::new(Arc::new(store().await));
     let key = key("empty");
-    let (plain, dir) = dir_made_by_hand(&key, Permission::ALL).await;
+    let made = HandMade::dir(&key, Permission::ALL).await;
     let ended = client.force_release(&key).await.expect("force release");
     assert!(ended.is_empty(), "{ended:?}");
-    plain
-        .delete(&dir, None)
-        .await
-        .expect("remove the directory");
+    made.remove().await;
 }
 
 /// A session holding many locks, some of them ended from outside, is told
