@@ -271,3 +271,126 @@ async fn a_renewal_of_an_earlier_life_leaves_the_new_one_held() {
         .expect("the new life is held");
     session.close().await.expect("close");
 }
+
+/// Each hold of a session gets a watch of its own on the session's one
+/// stream: a forced release of the second of two holds (its watch started
+/// after the first's) is told as soon as the first's would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_of_two_holds_of_a_session_is_watched() {
+    let store = store().await;
+    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let (first, second) = (key("two-a"), key("two-b"));
+    for key in [&first, &second] {
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        session
+            .acquire(&request)
+            .await
+            .expect("acquire")
+            .expect("free");
+        // Past the second after which a hold's watch starts, so the two
+        // watches start one after the other.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let ended = store.force_release(&second, "test").await.expect("force");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    timeout(TOLD_WITHIN, session.renewal_wanted())
+        .await
+        .expect("the session is asked to renew, told by the second hold's watch");
+    session.close().await.expect("close");
+}
+
+/// A release of a life of the lock that is over (released already, or
+/// found lost by a renewal) while the same session waits for the lock
+/// again, with the same queue key: refused, and the wait goes on to its
+/// grant.
+async fn stale_release_beside_own_wait(
+    store: &EtcdStore,
+    session: &dyn distlock_core::store::StoreSession,
+    stale: &HeldLock,
+) {
+    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
+    let other = store.open_session(&options).await.expect("open");
+    let request = AcquireRequest::new(&stale.key, Mode::Exclusive);
+    let theirs = other
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    let mut waiting = request.clone();
+    waiting.wait_until = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+    let meanwhile = async {
+        loop {
+            let status = store
+                .status(&StatusQuery::Key(stale.key.clone()))
+                .await
+                .expect("status");
+            if status.keys.first().is_some_and(|k| k.waiters.len() == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let refused = session.release(stale).await.expect_err("an old life");
+        assert_eq!(refused.kind(), ErrorKind::NotHeld, "{refused}");
+        let theirs = HeldLock {
+            token: theirs.token,
+            ..stale.clone()
+        };
+        other.release(&theirs).await.expect("release");
+    };
+    let (granted, ()) = tokio::join!(session.acquire(&waiting), meanwhile);
+    let granted = granted
+        .expect("the wait goes on past the stale release")
+        .expect("granted");
+    assert!(granted.token > theirs.token);
+    other.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_release_leaves_the_sessions_new_wait_in_place() {
+    let store = store().await;
+    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let key = key("again");
+    let request = AcquireRequest::new(&key, Mode::Exclusive);
+    let grant = session
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    let stale = HeldLock {
+        key,
+        mode: Mode::Exclusive,
+        token: grant.token,
+    };
+    session.release(&stale).await.expect("release");
+    stale_release_beside_own_wait(&store, session.as_ref(), &stale).await;
+    session.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_of_a_hold_found_lost_leaves_the_sessions_new_wait_in_place() {
+    let store = store().await;
+    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let key = key("lost-again");
+    let request = AcquireRequest::new(&key, Mode::Exclusive);
+    let grant = session
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
+    let stale = HeldLock {
+        key: key.clone(),
+        mode: Mode::Exclusive,
+        token: grant.token,
+    };
+    store.force_release(&key, "test").await.expect("force");
+    let report = session
+        .renew(std::slice::from_ref(&stale))
+        .await
+        .expect("renew");
+    assert_eq!(report.lost_keys, [key.as_str()]);
+    stale_release_beside_own_wait(&store, session.as_ref(), &stale).await;
+    session.close().await.expect("close");
+}
