@@ -185,10 +185,26 @@ pub(crate) fn passing(err: &Error) -> bool {
         // The store's own time limit.
         None => true,
         // tonic's codes: 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE.
-        Some(etcd_client::Error::GRpcStatus(status)) => matches!(status.code() as i32, 4 | 14),
+        Some(etcd_client::Error::GRpcStatus(status)) => {
+            matches!(status.code() as i32, 4 | 14) || broke_underneath(status)
+        }
         Some(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
         Some(_) => false,
     }
+}
+
+/// Whether a status was made on this side from a connection that broke (a
+/// member killed mid-stream: tonic's "transport error", code `UNKNOWN`), as
+/// an I/O error somewhere below it says; etcd's own statuses carry none.
+fn broke_underneath(status: &dyn std::error::Error) -> bool {
+    let mut below = status.source();
+    while let Some(err) = below {
+        if err.is::<std::io::Error>() {
+            return true;
+        }
+        below = err.source();
+    }
+    false
 }
 
 pub(crate) fn timed_out(endpoints: &str) -> Error {
@@ -345,6 +361,12 @@ mod tests {
                 "a broken connection",
                 unavailable(Etcd::IoError(std::io::Error::other("reset"))),
             ),
+            (
+                "a stream cut as its member was killed",
+                unavailable(Etcd::GRpcStatus(Status::from_error(Box::new(
+                    std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+                )))),
+            ),
         ];
         for (what, err) in worth {
             assert!(passing(&err), "{what}: {err}");
@@ -359,6 +381,10 @@ mod tests {
             (
                 "a bad request",
                 unavailable(Etcd::InvalidArgs("key".into())),
+            ),
+            (
+                "an unknown status of etcd's own",
+                unavailable(Etcd::GRpcStatus(Status::unknown("etcdserver: something"))),
             ),
             (
                 "another kind",

@@ -236,6 +236,36 @@ async fn killing_and_restarting_etcd_keeps_tokens_rising_and_the_holder_honest()
     drop(server);
 }
 
+/// A waiter rides out etcd killed and started again under it: its watch
+/// ends, its reads fail while etcd is down, and it goes on waiting, to
+/// its grant once the holder lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rides_out_a_restart_of_etcd() {
+    let server = Etcd::start();
+    let client = client(&server.url()).await;
+    let key = "faults/ride-out";
+    let holder = client.session().open().await.expect("open");
+    let hold = held(&holder, key).await;
+    let waiting = waiter(&client, key).await;
+    until_queue_has(&server, "faults%2Fride-out", 2, Duration::from_secs(10)).await;
+    // Down long enough for the waiter's reads to fail, and each kind of
+    // failure to come: a request cut on its way, a connection refused.
+    let server =
+        tokio::task::spawn_blocking(move || server.crash_and_restart_after(Duration::from_secs(1)))
+            .await
+            .expect("restart");
+    // Should this fail, the core goes on releasing in the background.
+    let token = hold.token();
+    let _ = hold.release().await;
+    let granted = timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter ends")
+        .expect("waiter task")
+        .expect("the waiter rode out the restart");
+    assert!(granted > token, "{granted} after {token}");
+    drop(server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_urls_and_an_unreachable_cluster_get_clear_errors_in_bounded_time() {
     for bad in [

@@ -1,6 +1,7 @@
 //! A private etcd for the tests, on free ports, in a temporary directory.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::daemon::{free_port, Daemon};
 
@@ -67,6 +68,12 @@ impl Etcd {
 
     /// Kills it (SIGKILL) and starts it again on the same data.
     pub fn crash_and_restart(self) -> Etcd {
+        self.crash_and_restart_after(Duration::ZERO)
+    }
+
+    /// Kills it (SIGKILL), and starts it again on the same data once it
+    /// has been down for `down`.
+    pub fn crash_and_restart_after(self, down: Duration) -> Etcd {
         let Etcd {
             mut daemon,
             dir,
@@ -75,6 +82,7 @@ impl Etcd {
         } = self;
         daemon.kill();
         drop(daemon);
+        std::thread::sleep(down);
         Etcd::run(dir, port, peer)
     }
 }
