@@ -168,6 +168,7 @@ macro_rules! conformance_suite {
             shared_admits_readers_together,
             shared_excludes_writers,
             writers_are_preferred,
+            readers_behind_a_writer_enter_together,
             semaphore_admits_exactly_n,
             cancelled_acquire_leaves_no_trace,
             close_releases_all,

@@ -120,6 +120,39 @@ pub async fn writers_are_preferred(kit: Kit) -> Outcome {
     Outcome::Passed
 }
 
+/// Readers queued behind a writer all enter once it leaves, together: a
+/// reader waits for the writers ahead of it, never for a reader.
+pub async fn readers_behind_a_writer_enter_together(kit: Kit) -> Outcome {
+    require!(kit.caps().shared, "store has no shared locks");
+    let key = kit.key("behind");
+    let writer = kit.session().await;
+    let write = writer.write(&key).wait(PATIENCE).await.expect("write");
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let session = kit.session().await;
+        let key = key.clone();
+        readers.push(tokio::spawn(async move {
+            let guard = session.read(&key).wait(PATIENCE).await;
+            (session, guard)
+        }));
+        sleep(SETTLE).await;
+    }
+    write.release().await.expect("release write");
+    // Each reader keeps its hold: the second is granted while the first
+    // still holds, or not at all.
+    let mut held = Vec::new();
+    for reader in readers {
+        let (session, guard) = reader.await.expect("reader task");
+        let guard = guard.expect("a reader behind a writer enters beside the other reader");
+        held.push((session, guard));
+    }
+    assert_ne!(held[0].1.token(), held[1].1.token(), "tokens of their own");
+    for (_, guard) in held {
+        guard.release().await.expect("release read");
+    }
+    Outcome::Passed
+}
+
 /// A semaphore of N admits N holders together, never more.
 pub async fn semaphore_admits_exactly_n(kit: Kit) -> Outcome {
     require!(kit.caps().semaphore, "store has no semaphores");
