@@ -174,8 +174,9 @@ fn shun(client: &Client, member: String) {
 /// Whether `err` is one etcd gives while it elects a leader or while a
 /// member is out of reach (no answer in time; gRPC `UNAVAILABLE`, which
 /// carries "no leader" and "leader changed"; `DEADLINE_EXCEEDED`; a broken
-/// transport): worth asking again. A full database, a refused permission
-/// or a bad request is not.
+/// transport, or a request cut in flight): worth asking again. A full
+/// database, a refused permission or a bad request is not. Only reads and
+/// watches are asked again on this ground.
 pub(crate) fn passing(err: &Error) -> bool {
     if err.kind() != distlock_core::ErrorKind::Unavailable {
         return false;
@@ -186,25 +187,19 @@ pub(crate) fn passing(err: &Error) -> bool {
         None => true,
         // tonic's codes: 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE.
         Some(etcd_client::Error::GRpcStatus(status)) => {
-            matches!(status.code() as i32, 4 | 14) || broke_underneath(status)
+            matches!(status.code() as i32, 4 | 14) || made_here(status)
         }
         Some(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
         Some(_) => false,
     }
 }
 
-/// Whether a status was made on this side from a connection that broke (a
-/// member killed mid-stream: tonic's "transport error", code `UNKNOWN`), as
-/// an I/O error somewhere below it says; etcd's own statuses carry none.
-fn broke_underneath(status: &dyn std::error::Error) -> bool {
-    let mut below = status.source();
-    while let Some(err) = below {
-        if err.is::<std::io::Error>() {
-            return true;
-        }
-        below = err.source();
-    }
-    false
+/// Whether tonic made a status on this side, from an error of the
+/// connection or of the request in flight ("transport error", `UNKNOWN`;
+/// "connection closed", `CANCELLED`): such a status keeps that error as
+/// its source, and one etcd sent has none.
+fn made_here(status: &dyn std::error::Error) -> bool {
+    status.source().is_some()
 }
 
 pub(crate) fn timed_out(endpoints: &str) -> Error {
@@ -362,7 +357,7 @@ mod tests {
                 unavailable(Etcd::IoError(std::io::Error::other("reset"))),
             ),
             (
-                "a stream cut as its member was killed",
+                "a request cut in flight",
                 unavailable(Etcd::GRpcStatus(Status::from_error(Box::new(
                     std::io::Error::from(std::io::ErrorKind::ConnectionReset),
                 )))),
@@ -385,6 +380,10 @@ mod tests {
             (
                 "an unknown status of etcd's own",
                 unavailable(Etcd::GRpcStatus(Status::unknown("etcdserver: something"))),
+            ),
+            (
+                "a cancelled status of etcd's own",
+                unavailable(Etcd::GRpcStatus(Status::cancelled("context canceled"))),
             ),
             (
                 "another kind",

@@ -288,8 +288,9 @@ async fn each_of_two_holds_of_a_session_is_watched() {
             .await
             .expect("acquire")
             .expect("free");
-        // Past the second after which a hold's watch starts, so the two
-        // watches start one after the other.
+        // Past the second after which a hold's watch starts (`WATCH_AFTER`
+        // of `session/holds.rs`), so the two watches start one after the
+        // other.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     let ended = store.force_release(&second, "test").await.expect("force");
@@ -320,16 +321,21 @@ async fn stale_release_beside_own_wait(
     let mut waiting = request.clone();
     waiting.wait_until = Some(tokio::time::Instant::now() + Duration::from_secs(30));
     let meanwhile = async {
-        loop {
-            let status = store
-                .status(&StatusQuery::Key(stale.key.clone()))
-                .await
-                .expect("status");
-            if status.keys.first().is_some_and(|k| k.waiters.len() == 1) {
-                break;
+        let queued = async {
+            loop {
+                let status = store
+                    .status(&StatusQuery::Key(stale.key.clone()))
+                    .await
+                    .expect("status");
+                if status.keys.first().is_some_and(|k| k.waiters.len() == 1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
+        timeout(Duration::from_secs(20), queued)
+            .await
+            .expect("the session waits again, behind the other");
         let refused = session.release(stale).await.expect_err("an old life");
         assert_eq!(refused.kind(), ErrorKind::NotHeld, "{refused}");
         let theirs = HeldLock {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::sleep;
 
-use super::{Kit, Outcome, PATIENCE, SETTLE};
+use super::{with_waiters, Kit, Outcome, PATIENCE, SETTLE};
 
 /// Waiters are granted in the order they arrived.
 pub async fn fifo_order(kit: Kit) -> Outcome {
@@ -136,6 +136,10 @@ pub async fn readers_behind_a_writer_enter_together(kit: Kit) -> Outcome {
             (session, guard)
         }));
         sleep(SETTLE).await;
+    }
+    if kit.caps().status && kit.caps().fair {
+        // A store that queues shows its waiters: both are behind the writer.
+        with_waiters(kit.client(), &key, 2).await;
     }
     write.release().await.expect("release write");
     // Each reader keeps its hold: the second is granted while the first
