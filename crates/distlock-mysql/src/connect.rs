@@ -71,3 +71,33 @@ pub(crate) fn query_error(target: &str, err: mysql_async::Error) -> Error {
     };
     Error::new(kind, format!("MySQL at {target}: {err}")).with_source(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: u16, message: &str) -> Error {
+        let server = mysql_async::ServerError {
+            code,
+            message: message.to_owned(),
+            state: "HY000".to_owned(),
+        };
+        connect_error("127.0.0.1:3306", mysql_async::Error::Server(server))
+    }
+
+    #[test]
+    fn each_refusal_at_connect_says_what_to_do() {
+        for code in [1045, 1044] {
+            let err = refused(code, "Access denied for user 'u'");
+            assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+            assert!(err.to_string().contains("user and password"), "{err}");
+        }
+        let err = refused(1049, "Unknown database 'nowhere'");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("create it"), "{err}");
+        // Too many connections: the server is there, and may take one later.
+        let err = refused(1040, "Too many connections");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.to_string().contains("Too many connections"), "{err}");
+    }
+}
