@@ -331,3 +331,46 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
         .expect("count");
     assert_eq!(left, Some(0), "a hold was left behind");
 }
+
+/// A user who may not create lease mode's procedure is told what to grant,
+/// or to connect once as a user who may; after that, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_without_create_routine_says_what_to_grant() {
+    let server = Mariadb::shared();
+    let port = server.port();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .subsec_nanos();
+    let (database, user) = (format!("limited_{nanos}"), format!("limited_{nanos}"));
+    server.sql(&format!(
+        "CREATE DATABASE {database}; \
+         CREATE USER '{user}'@'%' IDENTIFIED BY 'limited'; \
+         GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, EXECUTE \
+         ON {database}.* TO '{user}'@'%'; FLUSH PRIVILEGES;"
+    ));
+    let limited = format!("mysql://{user}:limited@127.0.0.1:{port}/{database}?mode=lease");
+    let err = MysqlStore::connect(&limited)
+        .await
+        .expect_err("the procedure cannot be made");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("CREATE ROUTINE"), "{err}");
+
+    let able = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/{database}?mode=lease");
+    MysqlStore::connect(&able)
+        .await
+        .expect("a user who may makes it");
+    let client = client(&limited).await;
+    let session = client.session().open().await.expect("open");
+    let guard = session
+        .lock("limited")
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    guard.release().await.expect("release");
+    session.close().await.expect("close");
+    server.sql(&format!(
+        "DROP USER '{user}'@'%'; DROP DATABASE {database};"
+    ));
+}
