@@ -133,9 +133,9 @@ pub(crate) async fn create_procedure(conn: &mut Conn, target: &str, tokens: Toke
         Err(mysql_async::Error::Server(err)) if err.code == ER_SP_ALREADY_EXISTS => Ok(()),
         Err(mysql_async::Error::Server(err)) if ACCESS_DENIED.contains(&err.code) => {
             Err(Error::config(format!(
-                "MySQL at {target}: mode=lease needs the procedure {name}, and this user may \
-                 not create it ({}); grant it CREATE ROUTINE on the database, or connect once \
-                 with mode=lease as a user who may",
+                "MySQL at {target}: mode=lease needs the procedure {name}, which this user \
+                 can neither see nor create ({}); grant it EXECUTE on the database, and CREATE \
+                 ROUTINE too unless a user who may connects once with mode=lease first",
                 err.message
             )))
         }

@@ -333,7 +333,8 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
 }
 
 /// A user who may not create lease mode's procedure is told what to grant,
-/// or to connect once as a user who may; after that, it works.
+/// or to connect once as a user who may; after that, it works. One who may
+/// not run it is told to grant EXECUTE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_mode_without_create_routine_says_what_to_grant() {
     let server = Mariadb::shared();
@@ -355,13 +356,14 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
         .expect_err("the procedure cannot be made");
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("CREATE ROUTINE"), "{err}");
+    assert!(err.to_string().contains("EXECUTE"), "{err}");
 
     let able = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/{database}?mode=lease");
     MysqlStore::connect(&able)
         .await
         .expect("a user who may makes it");
-    let client = client(&limited).await;
-    let session = client.session().open().await.expect("open");
+    let granted = client(&limited).await;
+    let session = granted.session().open().await.expect("open");
     let guard = session
         .lock("limited")
         .try_lock()
@@ -369,6 +371,32 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
         .expect("try")
         .expect("free");
     guard.release().await.expect("release");
+    session.close().await.expect("close");
+
+    // Without EXECUTE the procedure cannot be seen: connecting says to
+    // grant it (a new client: a connection keeps the grants it had).
+    server.sql(&format!(
+        "REVOKE EXECUTE ON {database}.* FROM '{user}'@'%'; FLUSH PRIVILEGES;"
+    ));
+    let err = MysqlStore::connect(&limited)
+        .await
+        .expect_err("the procedure cannot be seen");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("EXECUTE"), "{err}");
+    // One who may create routines but not run them connects, and its
+    // acquire is refused, saying to grant EXECUTE.
+    server.sql(&format!(
+        "GRANT CREATE ROUTINE ON {database}.* TO '{user}'@'%'; FLUSH PRIVILEGES;"
+    ));
+    let refused = client(&limited).await;
+    let session = refused.session().open().await.expect("open");
+    let err = session
+        .lock("limited")
+        .try_lock()
+        .await
+        .expect_err("the procedure may not be run");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("grant it EXECUTE"), "{err}");
     session.close().await.expect("close");
     server.sql(&format!(
         "DROP USER '{user}'@'%'; DROP DATABASE {database};"
