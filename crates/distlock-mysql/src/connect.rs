@@ -34,13 +34,17 @@ fn no_answer(target: &str) -> Error {
 /// is the source.
 fn connect_error(target: &str, err: mysql_async::Error) -> Error {
     let error = match &err {
-        // Access denied (the login, or the database).
-        mysql_async::Error::Server(server) if server.code == 1045 || server.code == 1044 => {
-            Error::config(format!(
-                "MySQL at {target} refused the login ({}); check the user and password in the URL",
-                server.message
-            ))
-        }
+        // Access denied: the login.
+        mysql_async::Error::Server(server) if server.code == 1045 => Error::config(format!(
+            "MySQL at {target} refused the login ({}); check the user and password in the URL",
+            server.message
+        )),
+        // Access denied: the database, to a login that was good.
+        mysql_async::Error::Server(server) if server.code == 1044 => Error::config(format!(
+            "MySQL at {target}: {}; grant the user access to the database, or name another \
+             in the URL",
+            server.message
+        )),
         // Unknown database.
         mysql_async::Error::Server(server) if server.code == 1049 => Error::config(format!(
             "MySQL at {target}: {}; create it or name another in the URL",
@@ -87,11 +91,12 @@ mod tests {
 
     #[test]
     fn each_refusal_at_connect_says_what_to_do() {
-        for code in [1045, 1044] {
-            let err = refused(code, "Access denied for user 'u'");
-            assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-            assert!(err.to_string().contains("user and password"), "{err}");
-        }
+        let err = refused(1045, "Access denied for user 'u'");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("user and password"), "{err}");
+        let err = refused(1044, "Access denied for user 'u' to database 'd'");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("grant the user access"), "{err}");
         let err = refused(1049, "Unknown database 'nowhere'");
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
         assert!(err.to_string().contains("create it"), "{err}");

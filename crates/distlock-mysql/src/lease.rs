@@ -113,7 +113,9 @@ const ER_SP_ALREADY_EXISTS: u16 = 1304;
 
 /// Makes the grant's procedure if the database lacks it. Looked up first:
 /// making it needs the `CREATE ROUTINE` privilege, which a user that only
-/// runs locks need not have once it exists.
+/// runs locks need not have once it exists. The look-up finds it only for
+/// a user with `EXECUTE`, `ALTER ROUTINE` or `CREATE ROUTINE` on it; one
+/// with the last two but not `EXECUTE` is refused at its first `CALL`.
 pub(crate) async fn create_procedure(conn: &mut Conn, target: &str, tokens: Tokens) -> Result<()> {
     let (name, _) = procedure(tokens);
     let exists: Option<u8> = conn
@@ -134,8 +136,10 @@ pub(crate) async fn create_procedure(conn: &mut Conn, target: &str, tokens: Toke
         Err(mysql_async::Error::Server(err)) if ACCESS_DENIED.contains(&err.code) => {
             Err(Error::config(format!(
                 "MySQL at {target}: mode=lease needs the procedure {name}, which this user \
-                 can neither see nor create ({}); grant it EXECUTE on the database, and CREATE \
-                 ROUTINE too unless a user who may connects once with mode=lease first",
+                 does not see (it is missing, or the user has none of EXECUTE, ALTER ROUTINE \
+                 and CREATE ROUTINE on the database) and may not create ({}); grant it \
+                 EXECUTE, and CREATE ROUTINE unless a user who may connects once with \
+                 mode=lease first",
                 err.message
             )))
         }

@@ -332,11 +332,11 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
     assert_eq!(left, Some(0), "a hold was left behind");
 }
 
-/// A user who may not create lease mode's procedure is told what to grant,
-/// or to connect once as a user who may; after that, it works. One who may
-/// not run it is told to grant EXECUTE.
+/// A user who lacks a privilege lease mode needs is told which to grant:
+/// access to the database, `CREATE ROUTINE` while the procedure is
+/// missing (or a first connect by a user who may), `EXECUTE` to run it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_mode_without_create_routine_says_what_to_grant() {
+async fn lease_mode_without_routine_privileges_says_what_to_grant() {
     let server = Mariadb::shared();
     let port = server.port();
     let nanos = std::time::SystemTime::now()
@@ -348,7 +348,7 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
         "CREATE DATABASE {database}; \
          CREATE USER '{user}'@'%' IDENTIFIED BY 'limited'; \
          GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, EXECUTE \
-         ON {database}.* TO '{user}'@'%'; FLUSH PRIVILEGES;"
+         ON {database}.* TO '{user}'@'%'"
     ));
     let limited = format!("mysql://{user}:limited@127.0.0.1:{port}/{database}?mode=lease");
     let err = MysqlStore::connect(&limited)
@@ -357,6 +357,14 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("CREATE ROUTINE"), "{err}");
     assert!(err.to_string().contains("EXECUTE"), "{err}");
+
+    // A good login to a database it may not use.
+    let elsewhere = format!("mysql://{user}:limited@127.0.0.1:{port}/{DATABASE}");
+    let err = MysqlStore::connect(&elsewhere)
+        .await
+        .expect_err("not this user's database");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("grant the user access"), "{err}");
 
     let able = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/{database}?mode=lease");
     MysqlStore::connect(&able)
@@ -373,11 +381,10 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
     guard.release().await.expect("release");
     session.close().await.expect("close");
 
-    // Without EXECUTE the procedure cannot be seen: connecting says to
-    // grant it (a new client: a connection keeps the grants it had).
-    server.sql(&format!(
-        "REVOKE EXECUTE ON {database}.* FROM '{user}'@'%'; FLUSH PRIVILEGES;"
-    ));
+    // With no routine privilege the procedure cannot be seen: connecting
+    // says to grant EXECUTE (a new client: a connection keeps the
+    // database-level grants it had).
+    server.sql(&format!("REVOKE EXECUTE ON {database}.* FROM '{user}'@'%'"));
     let err = MysqlStore::connect(&limited)
         .await
         .expect_err("the procedure cannot be seen");
@@ -386,7 +393,7 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
     // One who may create routines but not run them connects, and its
     // acquire is refused, saying to grant EXECUTE.
     server.sql(&format!(
-        "GRANT CREATE ROUTINE ON {database}.* TO '{user}'@'%'; FLUSH PRIVILEGES;"
+        "GRANT CREATE ROUTINE ON {database}.* TO '{user}'@'%'"
     ));
     let refused = client(&limited).await;
     let session = refused.session().open().await.expect("open");
@@ -398,6 +405,7 @@ async fn lease_mode_without_create_routine_says_what_to_grant() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("grant it EXECUTE"), "{err}");
     session.close().await.expect("close");
+    drop((granted, refused));
     server.sql(&format!(
         "DROP USER '{user}'@'%'; DROP DATABASE {database};"
     ));
