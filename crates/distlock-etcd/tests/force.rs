@@ -352,23 +352,33 @@ async fn stale_release_beside_own_wait(
     other.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_release_leaves_the_sessions_new_wait_in_place() {
-    let store = store().await;
+/// A session of its own holding lock `name` (a key of its own), and that
+/// hold.
+async fn holding(
+    store: &EtcdStore,
+    name: &str,
+) -> (Box<dyn distlock_core::store::StoreSession>, HeldLock) {
     let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
     let session = store.open_session(&options).await.expect("open");
-    let key = key("again");
+    let key = key(name);
     let request = AcquireRequest::new(&key, Mode::Exclusive);
     let grant = session
         .acquire(&request)
         .await
         .expect("acquire")
         .expect("free");
-    let stale = HeldLock {
+    let held = HeldLock {
         key,
         mode: Mode::Exclusive,
         token: grant.token,
     };
+    (session, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_release_leaves_the_sessions_new_wait_in_place() {
+    let store = store().await;
+    let (session, stale) = holding(&store, "again").await;
     session.release(&stale).await.expect("release");
     stale_release_beside_own_wait(&store, session.as_ref(), &stale).await;
     session.close().await.expect("close");
@@ -377,26 +387,16 @@ async fn a_second_release_leaves_the_sessions_new_wait_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_of_a_hold_found_lost_leaves_the_sessions_new_wait_in_place() {
     let store = store().await;
-    let options = SessionOptions::new(LONG_LEASE, Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
-    let key = key("lost-again");
-    let request = AcquireRequest::new(&key, Mode::Exclusive);
-    let grant = session
-        .acquire(&request)
+    let (session, stale) = holding(&store, "lost-again").await;
+    store
+        .force_release(&stale.key, "test")
         .await
-        .expect("acquire")
-        .expect("free");
-    let stale = HeldLock {
-        key: key.clone(),
-        mode: Mode::Exclusive,
-        token: grant.token,
-    };
-    store.force_release(&key, "test").await.expect("force");
+        .expect("force");
     let report = session
         .renew(std::slice::from_ref(&stale))
         .await
         .expect("renew");
-    assert_eq!(report.lost_keys, [key.as_str()]);
+    assert_eq!(report.lost_keys, [stale.key.as_str()]);
     stale_release_beside_own_wait(&store, session.as_ref(), &stale).await;
     session.close().await.expect("close");
 }
