@@ -91,18 +91,38 @@ mod tests {
 
     #[test]
     fn each_refusal_at_connect_says_what_to_do() {
-        let err = refused(1045, "Access denied for user 'u'");
-        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-        assert!(err.to_string().contains("user and password"), "{err}");
-        let err = refused(1044, "Access denied for user 'u' to database 'd'");
-        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-        assert!(err.to_string().contains("grant the user access"), "{err}");
-        let err = refused(1049, "Unknown database 'nowhere'");
-        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-        assert!(err.to_string().contains("create it"), "{err}");
-        // Too many connections: the server is there, and may take one later.
-        let err = refused(1040, "Too many connections");
-        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-        assert!(err.to_string().contains("Too many connections"), "{err}");
+        // Code, the server's message, the kind, and what ours must say. Too
+        // many connections: the server is there, and may take one later.
+        let cases = [
+            (
+                1045,
+                "Access denied for user 'u'",
+                ErrorKind::Config,
+                "user and password",
+            ),
+            (
+                1044,
+                "Access denied for user 'u' to database 'd'",
+                ErrorKind::Config,
+                "grant the user access",
+            ),
+            (
+                1049,
+                "Unknown database 'nowhere'",
+                ErrorKind::Config,
+                "create it",
+            ),
+            (
+                1040,
+                "Too many connections",
+                ErrorKind::Unavailable,
+                "Too many connections",
+            ),
+        ];
+        for (code, message, kind, says) in cases {
+            let err = refused(code, message);
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

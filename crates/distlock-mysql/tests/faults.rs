@@ -144,18 +144,10 @@ async fn bad_input_gets_clear_errors_within_the_connect_timeout() {
     let started = tokio::time::Instant::now();
 
     let wrong = format!("mysql://{USER}:guess@127.0.0.1:{port}/{DATABASE}");
-    let err = MysqlStore::connect(&wrong)
-        .await
-        .expect_err("wrong password");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("password"), "{err}");
+    refused_saying(&wrong, &["password"]).await;
 
     let missing = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/nowhere");
-    let err = MysqlStore::connect(&missing)
-        .await
-        .expect_err("no database");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("nowhere"), "{err}");
+    refused_saying(&missing, &["nowhere"]).await;
 
     // A port that speaks something else.
     let other = distlock_testkit::daemon::not_a_store().await;
@@ -332,6 +324,16 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
     assert_eq!(left, Some(0), "a hold was left behind");
 }
 
+/// Connecting to `url` is refused as a setting to fix, saying each of
+/// `says`.
+async fn refused_saying(url: &str, says: &[&str]) {
+    let err = MysqlStore::connect(url).await.expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    for said in says {
+        assert!(err.to_string().contains(said), "{err}");
+    }
+}
+
 /// A user who lacks a privilege lease mode needs is told which to grant:
 /// access to the database, `CREATE ROUTINE` while the procedure is
 /// missing (or a first connect by a user who may), `EXECUTE` to run it.
@@ -351,20 +353,11 @@ async fn lease_mode_without_routine_privileges_says_what_to_grant() {
          ON {database}.* TO '{user}'@'%'"
     ));
     let limited = format!("mysql://{user}:limited@127.0.0.1:{port}/{database}?mode=lease");
-    let err = MysqlStore::connect(&limited)
-        .await
-        .expect_err("the procedure cannot be made");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("CREATE ROUTINE"), "{err}");
-    assert!(err.to_string().contains("EXECUTE"), "{err}");
+    refused_saying(&limited, &["CREATE ROUTINE", "EXECUTE"]).await;
 
     // A good login to a database it may not use.
     let elsewhere = format!("mysql://{user}:limited@127.0.0.1:{port}/{DATABASE}");
-    let err = MysqlStore::connect(&elsewhere)
-        .await
-        .expect_err("not this user's database");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("grant the user access"), "{err}");
+    refused_saying(&elsewhere, &["grant the user access"]).await;
 
     let able = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/{database}?mode=lease");
     MysqlStore::connect(&able)
@@ -385,11 +378,7 @@ async fn lease_mode_without_routine_privileges_says_what_to_grant() {
     // says to grant EXECUTE (a new client: a connection keeps the
     // database-level grants it had).
     server.sql(&format!("REVOKE EXECUTE ON {database}.* FROM '{user}'@'%'"));
-    let err = MysqlStore::connect(&limited)
-        .await
-        .expect_err("the procedure cannot be seen");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("EXECUTE"), "{err}");
+    refused_saying(&limited, &["EXECUTE"]).await;
     // One who may create routines but not run them connects, and its
     // acquire is refused, saying to grant EXECUTE.
     server.sql(&format!(
