@@ -214,12 +214,10 @@ impl MysqlStore {
                 }
                 Err(err) => return Err(failed(err)),
             };
-            let tokens = if recent_mariadb(version.as_deref()) && galera != Some(1) {
+            let tokens = token_source(version.as_deref(), galera);
+            if tokens == Tokens::Run {
                 tokens::setup(&mut conn, &store.target).await?;
-                Tokens::Run
-            } else {
-                Tokens::Table
-            };
+            }
             if lease {
                 for statement in lease::SETUP {
                     conn.query_drop(*statement)
@@ -235,7 +233,9 @@ impl MysqlStore {
             .await
             .map_err(|_| {
                 Error::unavailable(format!(
-                    "MySQL at {} did not answer in {:?}",
+                    "MySQL at {} did not answer distlock's setup (making or checking its \
+                     tables) in {:?}; a lock on them may be held (LOCK TABLES, a backup, an \
+                     ALTER): look for it in SHOW PROCESSLIST",
                     store.target,
                     CONNECT_TIMEOUT * 2
                 ))
@@ -340,6 +340,16 @@ impl LockStore for MysqlStore {
 }
 
 /// Whether `VERSION()` names a MariaDB 10.3 or later.
+/// Runs on a MariaDB recent enough for them that is not a Galera node
+/// (`wsrep_on` 1); the committed table everywhere else.
+fn token_source(version: Option<&str>, galera: Option<u8>) -> Tokens {
+    if recent_mariadb(version) && galera != Some(1) {
+        Tokens::Run
+    } else {
+        Tokens::Table
+    }
+}
+
 fn recent_mariadb(version: Option<&str>) -> bool {
     let Some(version) = version.filter(|version| version.contains("MariaDB")) else {
         return false;
@@ -353,7 +363,7 @@ fn recent_mariadb(version: Option<&str>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::recent_mariadb;
+    use super::{recent_mariadb, token_source, Tokens};
 
     #[test]
     fn runs_from_mariadb_10_3_only() {
@@ -363,5 +373,14 @@ mod tests {
         assert!(!recent_mariadb(Some("10.2.44-MariaDB")));
         assert!(!recent_mariadb(Some("8.0.36")));
         assert!(!recent_mariadb(None));
+    }
+
+    #[test]
+    fn runs_only_off_galera() {
+        let mariadb = Some("10.11.19-MariaDB-0+deb12u1");
+        assert_eq!(token_source(mariadb, Some(0)), Tokens::Run);
+        assert_eq!(token_source(mariadb, None), Tokens::Run);
+        assert_eq!(token_source(mariadb, Some(1)), Tokens::Table);
+        assert_eq!(token_source(Some("8.0.36"), None), Tokens::Table);
     }
 }

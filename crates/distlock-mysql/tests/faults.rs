@@ -399,3 +399,126 @@ async fn lease_mode_without_routine_privileges_says_what_to_grant() {
         "DROP USER '{user}'@'%'; DROP DATABASE {database};"
     ));
 }
+
+/// A store shows where it connects, never the password it connects with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stores_debug_form_names_its_target_not_its_password() {
+    let server = Mariadb::shared();
+    for url in [server.url(), format!("{}?mode=lease", server.url())] {
+        let store = MysqlStore::connect(&url).await.expect("connect");
+        let shown = format!("{store:?}");
+        let target = format!("127.0.0.1:{}/{DATABASE}", server.port());
+        assert!(shown.contains(&target), "{shown}");
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        let lease = url.ends_with("mode=lease");
+        assert!(shown.contains(&format!("lease: {lease}")), "{shown}");
+    }
+}
+
+/// A holder whose network goes silent (no reset: its host gone) loses its
+/// named lock when the server gives up on the connection, 2 s after its
+/// lease would end, not after the server's default of 8 hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
+    let server = Mariadb::shared();
+    let proxy = distlock_testkit::proxy::Proxy::start(
+        format!("127.0.0.1:{}", server.port())
+            .parse()
+            .expect("addr"),
+    )
+    .await;
+    let via_proxy = format!(
+        "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DATABASE}",
+        proxy.port()
+    );
+    let key = format!("faults/silent-{:x}", rand::random::<u64>());
+    let holder = client(&via_proxy).await;
+    // Pings every 3 s; the server waits 9 + 2 s for the next.
+    let session = holder
+        .session()
+        .ttl(Duration::from_secs(9))
+        .open()
+        .await
+        .expect("open");
+    let guard = session
+        .lock(&key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client(&server.url()).await;
+    let waiting = tokio::spawn({
+        let key = key.clone();
+        async move {
+            let session = waiter.session().open().await.expect("open");
+            let guard = session
+                .lock(&key)
+                .wait(Duration::from_secs(60))
+                .await
+                .expect("the waiter gets the lock");
+            guard.token()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(distlock_testkit::proxy::Fault::Blackhole);
+    let cut = tokio::time::Instant::now();
+    // The server last heard a ping at most 3 s before the cut: it drops the
+    // connection 8–11 s after it (18–21 s were the margin 9 s, not 2 s).
+    let token = timeout(Duration::from_secs(14), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("not granted {:?} after the cut", cut.elapsed()))
+        .expect("waiter task");
+    assert!(token > guard.token());
+    timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("the cut-off holder knows it lost the lock");
+}
+
+/// A connect whose setup waits behind a table lock (a backup's, an
+/// `ALTER`'s) for a few seconds still succeeds; one kept waiting longer
+/// than twice the connect timeout fails, saying the server did not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_waits_out_a_short_table_lock_and_gives_up_on_a_long_one() {
+    use mysql_async::prelude::Queryable;
+
+    let server = Mariadb::shared();
+    // Its own database: the lock stops no other test.
+    let database = format!("locked_{:x}", rand::random::<u32>());
+    server.sql(&format!("CREATE DATABASE {database}"));
+    let url = format!(
+        "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{database}",
+        server.port()
+    );
+    MysqlStore::connect(&url).await.expect("makes the tables");
+    let opts = mysql_async::Opts::from_url(&url).expect("url");
+    let mut locker = mysql_async::Conn::new(opts).await.expect("connect");
+
+    locker
+        .query_drop("LOCK TABLES distlock_tokens WRITE")
+        .await
+        .expect("lock");
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        locker.query_drop("UNLOCK TABLES").await.expect("unlock");
+        locker
+    });
+    let started = tokio::time::Instant::now();
+    MysqlStore::connect(&url)
+        .await
+        .expect("waits 4 s, then connects");
+    assert!(started.elapsed() >= Duration::from_secs(3), "did not wait");
+    let mut locker = unlock.await.expect("unlock task");
+
+    locker
+        .query_drop("LOCK TABLES distlock_tokens WRITE")
+        .await
+        .expect("lock");
+    let err = MysqlStore::connect(&url)
+        .await
+        .expect_err("gives up while the table is locked");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("SHOW PROCESSLIST"), "{err}");
+    locker.query_drop("UNLOCK TABLES").await.expect("unlock");
+    drop(locker);
+    server.sql(&format!("DROP DATABASE {database}"));
+}
