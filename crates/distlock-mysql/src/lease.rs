@@ -28,7 +28,7 @@ use crate::{tokens, Tokens};
 /// back to break a deadlock.
 const ER_LOCK_DEADLOCK: u16 = 1213;
 /// `ER_LOCK_WAIT_TIMEOUT`: a row stayed locked past `innodb_lock_wait_timeout`.
-const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+pub(crate) const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 
 pub(crate) const SETUP: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS distlock_keys (

@@ -84,6 +84,11 @@ pub(crate) const NEXT_TOKEN: &str = "INSERT INTO distlock_tokens (key_hash, toke
     VALUES (UNHEX(SHA2(?, 256)), LAST_INSERT_ID(1))
     ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)";
 
+/// How long a statement of the setup at connect waits for a metadata lock
+/// on distlock's tables (a `LOCK TABLES`, a backup, an `ALTER`) before it
+/// gives up: within the setup's whole limit of twice `CONNECT_TIMEOUT`.
+const SETUP_LOCK_WAIT_S: u64 = 8;
+
 /// `ER_UNKNOWN_SYSTEM_VARIABLE`: MySQL has no `wsrep_on`.
 const ER_UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
 
@@ -201,6 +206,12 @@ impl MysqlStore {
         let setup = async {
             let mut conn = connect::pooled(&store.pool, &store.target).await?;
             let failed = |err: mysql_async::Error| connect::query_error(&store.target, err);
+            // The pool's reset of the connection undoes the setting.
+            conn.query_drop(format!(
+                "SET SESSION lock_wait_timeout = {SETUP_LOCK_WAIT_S}"
+            ))
+            .await
+            .map_err(failed)?;
             conn.query_drop(TOKENS).await.map_err(failed)?;
             let version: Option<String> =
                 conn.query_first("SELECT VERSION()").await.map_err(failed)?;
@@ -229,17 +240,28 @@ impl MysqlStore {
             }
             Ok::<_, Error>(tokens)
         };
-        store.tokens = tokio::time::timeout(CONNECT_TIMEOUT * 2, setup)
-            .await
-            .map_err(|_| {
-                Error::unavailable(format!(
-                    "MySQL at {} did not answer distlock's setup (making or checking its \
-                     tables) in {:?}; a lock on them may be held (LOCK TABLES, a backup, an \
-                     ALTER): look for it in SHOW PROCESSLIST",
+        store.tokens = match tokio::time::timeout(CONNECT_TIMEOUT * 2, setup).await {
+            Ok(Ok(tokens)) => tokens,
+            Ok(Err(err)) if lock_wait_timed_out(&err) => {
+                return Err(Error::unavailable(format!(
+                    "MySQL at {}: distlock's tables stayed locked for {SETUP_LOCK_WAIT_S} s \
+                     while connecting (a LOCK TABLES, a backup, an ALTER, or a transaction \
+                     left open on them); find the holder in SHOW PROCESSLIST or \
+                     information_schema.METADATA_LOCK_INFO, and connect again",
+                    store.target
+                ))
+                .with_source(err));
+            }
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                return Err(Error::unavailable(format!(
+                    "MySQL at {} did not answer distlock's setup in {:?}; check the \
+                     server's load and the network to it",
                     store.target,
                     CONNECT_TIMEOUT * 2
-                ))
-            })??;
+                )))
+            }
+        };
         Ok(store)
     }
 
@@ -340,8 +362,8 @@ impl LockStore for MysqlStore {
 }
 
 /// Whether `VERSION()` names a MariaDB 10.3 or later.
-/// Runs on a MariaDB recent enough for them that is not a Galera node
-/// (`wsrep_on` 1); the committed table everywhere else.
+/// Where tokens come from: runs on MariaDB 10.3 or later that is not a
+/// Galera node (`wsrep_on` 1); the committed table elsewhere.
 fn token_source(version: Option<&str>, galera: Option<u8>) -> Tokens {
     if recent_mariadb(version) && galera != Some(1) {
         Tokens::Run
@@ -350,6 +372,7 @@ fn token_source(version: Option<&str>, galera: Option<u8>) -> Tokens {
     }
 }
 
+/// Whether the server's `VERSION()` is MariaDB 10.3 or later.
 fn recent_mariadb(version: Option<&str>) -> bool {
     let Some(version) = version.filter(|version| version.contains("MariaDB")) else {
         return false;
@@ -359,6 +382,15 @@ fn recent_mariadb(version: Option<&str>) -> bool {
         (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (10, 3),
         _ => false,
     }
+}
+
+/// Whether `err` is a statement that waited out its `lock_wait_timeout`.
+fn lock_wait_timed_out(err: &Error) -> bool {
+    let source = std::error::Error::source(err);
+    matches!(
+        source.and_then(|source| source.downcast_ref::<mysql_async::Error>()),
+        Some(mysql_async::Error::Server(server)) if server.code == lease::ER_LOCK_WAIT_TIMEOUT
+    )
 }
 
 #[cfg(test)]

@@ -433,10 +433,10 @@ async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
     );
     let key = format!("faults/silent-{:x}", rand::random::<u64>());
     let holder = client(&via_proxy).await;
-    // Pings every 3 s; the server waits 9 + 2 s for the next.
+    // Pings every 4 s; the server waits 12 + 2 s for the next.
     let session = holder
         .session()
-        .ttl(Duration::from_secs(9))
+        .ttl(Duration::from_secs(12))
         .open()
         .await
         .expect("open");
@@ -462,9 +462,9 @@ async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.set(distlock_testkit::proxy::Fault::Blackhole);
     let cut = tokio::time::Instant::now();
-    // The server last heard a ping at most 3 s before the cut: it drops the
-    // connection 8–11 s after it (18–21 s were the margin 9 s, not 2 s).
-    let token = timeout(Duration::from_secs(14), waiting)
+    // The server last heard a ping at most 4 s before the cut: it drops the
+    // connection 10–14 s after it (with a wait of ttl * 2, 20–24 s).
+    let token = timeout(Duration::from_secs(17), waiting)
         .await
         .unwrap_or_else(|_| panic!("not granted {:?} after the cut", cut.elapsed()))
         .expect("waiter task");
@@ -475,8 +475,8 @@ async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
 }
 
 /// A connect whose setup waits behind a table lock (a backup's, an
-/// `ALTER`'s) for a few seconds still succeeds; one kept waiting longer
-/// than twice the connect timeout fails, saying the server did not answer.
+/// `ALTER`'s) for a few seconds still succeeds; one kept waiting 8 s fails,
+/// saying the tables stayed locked and where to find the holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_waits_out_a_short_table_lock_and_gives_up_on_a_long_one() {
     use mysql_async::prelude::Queryable;
@@ -517,7 +517,7 @@ async fn a_connect_waits_out_a_short_table_lock_and_gives_up_on_a_long_one() {
         .await
         .expect_err("gives up while the table is locked");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(err.to_string().contains("SHOW PROCESSLIST"), "{err}");
+    assert!(err.to_string().contains("stayed locked"), "{err}");
     locker.query_drop("UNLOCK TABLES").await.expect("unlock");
     drop(locker);
     server.sql(&format!("DROP DATABASE {database}"));
