@@ -156,12 +156,102 @@ mod tests {
         std::fs::write(&path, "max_ttl = \"90s\"\nauth_token = \"x\"\n").expect("write");
         let config = Config::from_file(&path).expect("valid");
         assert_eq!(config.max_ttl, Duration::from_secs(90));
-        assert!(
-            !format!("{config:?}").contains("\"x\""),
-            "Debug hides the token"
-        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("\"x\""), "Debug hides the token: {shown}");
+        assert!(shown.contains("auth_token: Some(\"<hidden>\")"), "{shown}");
+        assert!(shown.contains("max_ttl: 90s"), "{shown}");
         std::fs::write(&path, "max_tll = \"90s\"\n").expect("write");
         let err = Config::from_file(&path).expect_err("typo");
         assert!(err.to_string().contains("max_tll"), "{err}");
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused_and_their_edges_taken() {
+        let max_key = distlock_core::MAX_KEY_BYTES;
+        let ttl = Duration::from_secs(10);
+        let pem = || Some(PathBuf::from("x.pem"));
+        let edges = [
+            Config {
+                max_key_bytes: 1,
+                ..Config::default()
+            },
+            Config {
+                max_key_bytes: max_key,
+                ..Config::default()
+            },
+            Config {
+                min_ttl: ttl,
+                max_ttl: ttl,
+                ..Config::default()
+            },
+            Config {
+                tls_cert: pem(),
+                tls_key: pem(),
+                ..Config::default()
+            },
+            Config {
+                max_message_bytes: 1024,
+                ..Config::default()
+            },
+        ];
+        for config in edges {
+            config.validate().expect("within the limits");
+        }
+        let refused = [
+            (
+                Config {
+                    max_key_bytes: 0,
+                    ..Config::default()
+                },
+                "max_key_bytes must be 1 to",
+            ),
+            (
+                Config {
+                    max_key_bytes: max_key + 1,
+                    ..Config::default()
+                },
+                "max_key_bytes must be 1 to",
+            ),
+            (
+                Config {
+                    min_ttl: Duration::ZERO,
+                    ..Config::default()
+                },
+                "min_ttl",
+            ),
+            (
+                Config {
+                    min_ttl: ttl + Duration::from_millis(1),
+                    max_ttl: ttl,
+                    ..Config::default()
+                },
+                "at most max_ttl",
+            ),
+            (
+                Config {
+                    tls_cert: pem(),
+                    ..Config::default()
+                },
+                "both tls_cert and tls_key",
+            ),
+            (
+                Config {
+                    tls_key: pem(),
+                    ..Config::default()
+                },
+                "both tls_cert and tls_key",
+            ),
+            (
+                Config {
+                    max_message_bytes: 1023,
+                    ..Config::default()
+                },
+                "max_message_bytes",
+            ),
+        ];
+        for (config, says) in refused {
+            let err = config.validate().expect_err(says);
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

@@ -251,7 +251,9 @@ async fn requests_without_a_session_are_refused() {
 #[tokio::test]
 async fn a_wrong_or_missing_token_is_unauthenticated() {
     let address = start_server().await;
-    for secret in [None, Some("guess")] {
+    // A prefix of the secret, a byte off, two bytes swapped.
+    let guesses = ["guess", "open", "open sesamf", "poen sesame"];
+    for secret in std::iter::once(None).chain(guesses.map(Some)) {
         let request = match secret {
             Some(secret) => authorized(
                 proto::CheckRequest {
@@ -276,6 +278,26 @@ async fn a_wrong_or_missing_token_is_unauthenticated() {
             "{status:?}"
         );
     }
+    still_serving(&address).await;
+}
+
+#[tokio::test]
+async fn a_watch_of_a_bad_key_is_refused_with_the_range() {
+    let address = start_server_with(None).await;
+    let mut client = client(&address).await;
+    for key in [String::new(), "k".repeat(65)] {
+        let request = proto::WatchRequest { key: key.clone() };
+        let status = client.watch(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{key:?}: {status:?}");
+        assert!(status.message().contains("1 to 64 bytes"), "{status:?}");
+    }
+    let longest = proto::WatchRequest {
+        key: "k".repeat(64),
+    };
+    client
+        .watch(longest)
+        .await
+        .expect("the longest key is watched");
     still_serving(&address).await;
 }
 

@@ -1,6 +1,7 @@
 //! A session survives a dropped connection: its client takes it back on a
 //! new one within the lease, on both transports, through the test kit's
-//! proxy.
+//! proxy. A session does not survive a restart of the server, which then
+//! grants nothing until every lease from before has run out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -302,4 +303,52 @@ async fn a_session_is_not_taken_back_once_its_client_saw_it_lost() {
             "{query}: the session was taken back after lost(), holding the key for nobody"
         );
     }
+}
+
+/// A server restarted on the same data grants nothing while a holder from
+/// before may still believe it holds: not before that session's lease has
+/// run out, and then above every token it handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_grants_nothing_until_the_leases_from_before_ran_out() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let start = |data: std::path::PathBuf| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let config = distlock_server::Config {
+            data_dir: data,
+            ..distlock_server::Config::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(distlock_server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        (address, stop, running)
+    };
+    let (first, stop, running) = start(data.path().to_owned()).await;
+    let before = client(first, "").await;
+    let holder = before.session().ttl(TTL).open().await.expect("open");
+    let guard = holder.lock("resume/restart").await.expect("free");
+    let _ = stop.send(());
+    running.await.expect("server task").expect("a clean stop");
+
+    let (second, _stop, _running) = start(data.path().to_owned()).await;
+    let restarted = Instant::now();
+    let after = client(second, "").await;
+    let session = after.session().ttl(TTL).open().await.expect("open");
+    let early = session.lock("resume/restart").try_lock().await;
+    assert!(
+        matches!(early, Ok(None)),
+        "granted at once after a restart: {early:?}"
+    );
+    let taken = session
+        .lock("resume/restart")
+        .wait(Duration::from_secs(30))
+        .await
+        .expect("granted once the leases from before ran out");
+    assert!(
+        restarted.elapsed() >= TTL - Duration::from_secs(1),
+        "granted {:?} after the restart, within the {TTL:?} lease",
+        restarted.elapsed()
+    );
+    assert!(taken.token() > guard.token());
 }
