@@ -313,4 +313,14 @@ mod tests {
         let err = DataDir::open(dir.path()).expect_err("corrupt");
         assert!(err.to_string().contains("is corrupt; restore it"), "{err}");
     }
+
+    /// A state file that is there but cannot be read is refused, never
+    /// taken for a first start, whose epoch 1 would send tokens back.
+    #[test]
+    fn an_unreadable_state_file_is_not_a_first_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(STATE_FILE), [0xff, 0xfe, b'\n']).expect("write");
+        let err = DataDir::open(dir.path()).expect_err("not UTF-8");
+        assert!(err.to_string().contains("cannot read"), "{err}");
+    }
 }
