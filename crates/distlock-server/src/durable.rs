@@ -314,6 +314,23 @@ mod tests {
         assert!(err.to_string().contains("is corrupt; restore it"), "{err}");
     }
 
+    /// A lease no longer than the longest yet writes nothing: opening a
+    /// session costs no fsync once its TTL has been seen.
+    #[test]
+    fn a_lease_already_noted_writes_nothing() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (data, _) = DataDir::open(dir.path()).expect("start");
+        data.note_lease(Duration::from_secs(16)).expect("note");
+        let state = dir.path().join(STATE_FILE);
+        let written = std::fs::metadata(&state).expect("state").ino();
+        data.note_lease(Duration::from_secs(16)).expect("again");
+        data.note_lease(Duration::from_secs(3)).expect("shorter");
+        let now = std::fs::metadata(&state).expect("state").ino();
+        assert_eq!(now, written, "the state file was written again");
+    }
+
     /// A state file that is there but cannot be read is refused, never
     /// taken for a first start, whose epoch 1 would send tokens back.
     #[test]
