@@ -333,4 +333,37 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
         }
         other => panic!("expected the second id 7 refused, got {other:?}"),
     }
+    // Once its wait has ended, the id may be used again.
+    let release = Request::Release(proto::Release {
+        key: "busy".to_owned(),
+        token: 0,
+    });
+    connection.request(1, 2, release).await;
+    let mut answers = [connection.event().await, connection.event().await];
+    answers.sort_by_key(|(stream, _)| *stream);
+    assert!(matches!(answers[0], (1, Event::Released(_))), "{answers:?}");
+    assert!(matches!(answers[1], (2, Event::Granted(_))), "{answers:?}");
+    connection.request(2, 7, waiting("other")).await;
+    let (stream, again) = connection.event().await;
+    assert!(
+        stream == 2 && matches!(again, Event::Granted(_)),
+        "id 7 again after its wait ended: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_on_stream_0_ends_the_connection() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    connection.request(0, 0, open()).await;
+    let (stream, code, message) = end_of(connection.next().await);
+    assert_eq!((stream, code), (0, proto::Code::InvalidArgument));
+    assert!(
+        message.contains("sessions use streams 1 and up"),
+        "{message}"
+    );
+    assert!(
+        connection.next().await.is_none(),
+        "the connection is closed"
+    );
 }
