@@ -1,5 +1,7 @@
 //! Bad input gets a clear gRPC status or `Failed` event, and the server
-//! keeps serving.
+//! keeps serving. Here too, on streams spoken by hand, what the server
+//! does on its own: ending a hold at `max_hold`, and a wait whose stream
+//! broke.
 
 use std::time::Duration;
 
@@ -137,7 +139,116 @@ async fn bad_ttls_are_refused_with_the_range() {
             "{status:?}"
         );
     }
+    // The ends of the range are in it.
+    for ttl_ms in [50, 60_000] {
+        let mut stream = Stream::open(&address, open(ttl_ms)).await.expect("stream");
+        let opened = stream.next().await;
+        assert!(
+            matches!(opened, Ok(Event::Opened(_))),
+            "{ttl_ms}: {opened:?}"
+        );
+    }
+    // So is the longest lock-delay (60 s by default); a millisecond more
+    // is not.
+    for (lock_delay_ms, taken) in [(60_000, true), (60_001, false)] {
+        let first = Request::Open(proto::Open {
+            ttl_ms: 5_000,
+            lock_delay_ms,
+            max_hold_ms: 0,
+            owner: String::new(),
+        });
+        let mut stream = Stream::open(&address, first).await.expect("stream");
+        let opened = stream.next().await;
+        match opened {
+            Ok(Event::Opened(_)) => assert!(taken, "{lock_delay_ms} ms taken"),
+            Err(status) => {
+                assert!(!taken, "{lock_delay_ms} ms refused: {status:?}");
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                assert!(status.message().contains("lock-delay"), "{status:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     still_serving(&address).await;
+}
+
+/// A hold past its session's `max_hold` is ended by the server itself,
+/// whatever its client does, and the key goes to the next.
+#[tokio::test]
+async fn the_server_ends_a_hold_at_max_hold() {
+    let address = start_server().await;
+    let first = Request::Open(proto::Open {
+        ttl_ms: 10_000,
+        lock_delay_ms: 0,
+        max_hold_ms: 300,
+        owner: String::new(),
+    });
+    let mut holder = Stream::open(&address, first).await.expect("stream");
+    assert!(matches!(holder.next().await, Ok(Event::Opened(_))));
+    assert!(matches!(
+        holder.ask(2, acquire("max-hold")).await,
+        Event::Granted(_)
+    ));
+    let mut next = Stream::open(&address, open(10_000)).await.expect("stream");
+    assert!(matches!(next.next().await, Ok(Event::Opened(_))));
+    let waiting = Request::Acquire(proto::Acquire {
+        key: "max-hold".to_owned(),
+        mode: proto::Mode::Exclusive.into(),
+        permits: 0,
+        wait_ms: 5_000,
+    });
+    let granted = tokio::time::timeout(Duration::from_secs(5), next.ask(2, waiting))
+        .await
+        .expect("an answer");
+    assert!(matches!(granted, Event::Granted(_)), "{granted:?}");
+}
+
+/// A wait whose stream broke leaves the queue: the key passes it by, though
+/// its session lives on until its lease ends.
+#[tokio::test]
+async fn a_wait_whose_stream_broke_leaves_the_queue() {
+    let address = start_server().await;
+    let mut holder = Stream::open(&address, open(30_000)).await.expect("stream");
+    assert!(matches!(holder.next().await, Ok(Event::Opened(_))));
+    assert!(matches!(
+        holder.ask(2, acquire("broken")).await,
+        Event::Granted(_)
+    ));
+    let waiting = || {
+        Request::Acquire(proto::Acquire {
+            key: "broken".to_owned(),
+            mode: proto::Mode::Exclusive.into(),
+            permits: 0,
+            wait_ms: 30_000,
+        })
+    };
+    let mut gone = Stream::open(&address, open(30_000)).await.expect("stream");
+    assert!(matches!(gone.next().await, Ok(Event::Opened(_))));
+    let queue = |stream: &Stream, id| {
+        stream
+            .requests
+            .send(proto::SessionRequest {
+                id,
+                body: Some(waiting()),
+            })
+            .expect("send");
+    };
+    queue(&gone, 2);
+    let mut next = Stream::open(&address, open(30_000)).await.expect("stream");
+    assert!(matches!(next.next().await, Ok(Event::Opened(_))));
+    queue(&next, 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let release = Request::Release(proto::Release {
+        key: "broken".to_owned(),
+        token: 0,
+    });
+    assert!(matches!(holder.ask(3, release).await, Event::Released(_)));
+    let granted = tokio::time::timeout(Duration::from_secs(5), next.next())
+        .await
+        .expect("the next waiter is granted, not the broken stream's");
+    assert!(matches!(granted, Ok(Event::Granted(_))), "{granted:?}");
 }
 
 #[tokio::test]

@@ -351,6 +351,40 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
     );
 }
 
+/// A stream ended by its client while it waits leaves the queue, though
+/// the connection and its session live on.
+#[tokio::test]
+async fn a_wait_whose_stream_ends_leaves_the_queue() {
+    let address = start_server().await;
+    let mut connection = Connection::welcomed(&address).await;
+    for stream in [1, 2, 3] {
+        connection.request(stream, 0, open()).await;
+        assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
+    }
+    connection.request(1, 1, acquire("ended")).await;
+    assert!(matches!(connection.event().await, (1, Event::Granted(_))));
+    let waiting = Request::Acquire(proto::Acquire {
+        key: "ended".to_owned(),
+        mode: proto::Mode::Exclusive.into(),
+        permits: 0,
+        wait_ms: 60_000,
+    });
+    connection.request(2, 1, waiting.clone()).await;
+    connection.request(3, 1, waiting).await;
+    connection
+        .send(2, RequestBody::End(proto::End::default()))
+        .await;
+    let release = Request::Release(proto::Release {
+        key: "ended".to_owned(),
+        token: 0,
+    });
+    connection.request(1, 2, release).await;
+    let mut answers = [connection.event().await, connection.event().await];
+    answers.sort_by_key(|(stream, _)| *stream);
+    assert!(matches!(answers[0], (1, Event::Released(_))), "{answers:?}");
+    assert!(matches!(answers[1], (3, Event::Granted(_))), "{answers:?}");
+}
+
 #[tokio::test]
 async fn a_request_on_stream_0_ends_the_connection() {
     let address = start_server().await;

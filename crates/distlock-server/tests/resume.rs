@@ -329,7 +329,11 @@ async fn a_restarted_server_grants_nothing_until_the_leases_from_before_ran_out(
     let holder = before.session().ttl(TTL).open().await.expect("open");
     let guard = holder.lock("resume/restart").await.expect("free");
     let _ = stop.send(());
-    running.await.expect("server task").expect("a clean stop");
+    timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the server stops, its streams ended")
+        .expect("server task")
+        .expect("a clean stop");
 
     let (second, _stop, _running) = start(data.path().to_owned()).await;
     let restarted = Instant::now();

@@ -495,3 +495,38 @@ impl SessionStream {
         Event::Renewed(proto::Renewed { lost_keys })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client takes a mux stream's end code as a gRPC stream's status:
+    /// a refused resume must read as the session lost.
+    #[test]
+    fn each_status_ends_a_mux_stream_with_its_code() {
+        let cases = [
+            (Status::unauthenticated(""), proto::Code::Unauthenticated),
+            (Status::invalid_argument(""), proto::Code::InvalidArgument),
+            (
+                Status::failed_precondition(""),
+                proto::Code::InvalidArgument,
+            ),
+            (
+                Status::resource_exhausted(""),
+                proto::Code::ResourceExhausted,
+            ),
+            (Status::unavailable(""), proto::Code::Unavailable),
+            (Status::permission_denied(""), proto::Code::SessionLost),
+            (Status::not_found(""), proto::Code::SessionLost),
+            (Status::internal(""), proto::Code::Unspecified),
+        ];
+        for (status, code) in cases {
+            let frame = end_frame(3, &status);
+            assert_eq!(frame.stream, 3);
+            let Some(MuxBody::End(end)) = frame.body else {
+                panic!("{frame:?}");
+            };
+            assert_eq!(end.code, i32::from(code), "{status:?}");
+        }
+    }
+}
