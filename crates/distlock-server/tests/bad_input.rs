@@ -609,11 +609,17 @@ async fn a_resume_needs_the_secret_and_retires_the_old_stream() {
             held: Vec::new(),
         })
     };
-    let mut guess = Stream::open(&address, resume(vec![0; 16]))
-        .await
-        .expect("stream");
-    let refused = guess.next().await.expect_err("a wrong secret is refused");
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // Zeros, the secret's first half, and the secret with two unlike
+    // bytes swapped.
+    let secret = opened.resume_secret.clone();
+    let mut swapped = secret.clone();
+    let unlike = (1..swapped.len()).find(|&i| swapped[i] != swapped[0]);
+    swapped.swap(0, unlike.expect("a random secret has two unlike bytes"));
+    for wrong in [vec![0; 16], secret[..8].to_vec(), swapped] {
+        let mut guess = Stream::open(&address, resume(wrong)).await.expect("stream");
+        let refused = guess.next().await.expect_err("a wrong secret is refused");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    }
 
     let mut new = Stream::open(&address, resume(opened.resume_secret.clone()))
         .await
@@ -634,6 +640,22 @@ async fn a_resume_needs_the_secret_and_retires_the_old_stream() {
         matches!(new.ask(8, acquire("late")).await, Event::Granted(_)),
         "the key was not taken by the old stream's late acquire"
     );
+    // The retired stream gone, what the server pushes reaches the new one.
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let force = proto::ForceReleaseRequest {
+        key: "late".to_owned(),
+        requested_by: "test".to_owned(),
+    };
+    client(&address)
+        .await
+        .force_release(authorized(force, SECRET))
+        .await
+        .expect("force release");
+    let lost = tokio::time::timeout(Duration::from_secs(5), new.next())
+        .await
+        .expect("the resumed stream hears of it");
+    assert!(matches!(lost, Ok(Event::Lost(_))), "{lost:?}");
     still_serving(&address).await;
 }
 
@@ -668,6 +690,9 @@ async fn a_bad_acquire_all_fails_alone_and_takes_nothing() {
     let long = "k".repeat(65);
     let too_long = failed(stream.ask(4, acquire_all(&["a", &long])).await);
     assert_eq!(too_long.code, i32::from(proto::Code::InvalidKey));
+    let longest = "k".repeat(64);
+    let taken = stream.ask(41, acquire_all(&[&longest])).await;
+    assert!(matches!(taken, Event::GrantedAll(_)), "{taken:?}");
     // Nothing was taken by the refused requests: a is free.
     assert!(matches!(
         stream.ask(5, acquire("a")).await,

@@ -12,7 +12,7 @@ use proto::session_event::Body as Event;
 use tonic::Status;
 
 use super::{Outbound, SessionStream, WaitHandles};
-use crate::Shared;
+use crate::{same_secret, Shared};
 
 /// What the server keeps of an open session beside the table: the stream
 /// it is served on (for events no request asked for), that stream's waits,
@@ -37,11 +37,6 @@ impl Registered {
             out.event(id, body);
         }
     }
-}
-
-/// Equal, in time that does not depend on where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 impl SessionStream {
