@@ -385,6 +385,30 @@ async fn a_wait_whose_stream_ends_leaves_the_queue() {
     assert!(matches!(answers[1], (3, Event::Granted(_))), "{answers:?}");
 }
 
+/// A connection whose first byte is the preface's, and not the rest, is
+/// closed unanswered, whatever follows.
+#[tokio::test]
+async fn a_connection_that_only_begins_like_the_preface_is_closed() {
+    let address = start_server().await;
+    let socket = TcpStream::connect(&address).await.expect("connect");
+    let (read, mut write) = socket.into_split();
+    let mut wrong = mux::PREFACE.to_vec();
+    *wrong.last_mut().expect("a preface") ^= 0xff;
+    write.write_all(&wrong).await.expect("preface");
+    let mut connection = Connection {
+        write,
+        read: FramedRead::new(read, mux::codec(1 << 20)),
+    };
+    let hello = proto::Hello {
+        auth_token: SECRET.to_owned(),
+    };
+    connection.send(0, RequestBody::Hello(hello)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), connection.read.next())
+        .await
+        .expect("closed at once");
+    assert!(!matches!(answer, Some(Ok(_))), "answered: {answer:?}");
+}
+
 #[tokio::test]
 async fn a_request_on_stream_0_ends_the_connection() {
     let address = start_server().await;
