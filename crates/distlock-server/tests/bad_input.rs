@@ -201,10 +201,18 @@ async fn the_server_ends_a_hold_at_max_hold() {
         .await
         .expect("an answer");
     assert!(matches!(granted, Event::Granted(_)), "{granted:?}");
+    // The holder's next renewal names the key lost.
+    let renewal = Request::KeepAlive(proto::KeepAlive {
+        keys: vec!["max-hold".to_owned()],
+    });
+    let renewed = holder.ask(3, renewal).await;
+    assert!(
+        matches!(&renewed, Event::Renewed(r) if r.lost_keys == ["max-hold"]),
+        "{renewed:?}"
+    );
 }
 
-/// A wait whose stream broke leaves the queue: the key passes it by, though
-/// its session lives on until its lease ends.
+/// A wait whose stream broke leaves the queue: the key passes it by.
 #[tokio::test]
 async fn a_wait_whose_stream_broke_leaves_the_queue() {
     let address = start_server().await;
@@ -214,32 +222,69 @@ async fn a_wait_whose_stream_broke_leaves_the_queue() {
         holder.ask(2, acquire("broken")).await,
         Event::Granted(_)
     ));
-    let waiting = || {
-        Request::Acquire(proto::Acquire {
+    let queue = |stream: &Stream| {
+        let waiting = Request::Acquire(proto::Acquire {
             key: "broken".to_owned(),
             mode: proto::Mode::Exclusive.into(),
             permits: 0,
             wait_ms: 30_000,
-        })
-    };
-    let mut gone = Stream::open(&address, open(30_000)).await.expect("stream");
-    assert!(matches!(gone.next().await, Ok(Event::Opened(_))));
-    let queue = |stream: &Stream, id| {
+        });
         stream
             .requests
             .send(proto::SessionRequest {
-                id,
-                body: Some(waiting()),
+                id: 2,
+                body: Some(waiting),
             })
             .expect("send");
     };
-    queue(&gone, 2);
+    // The sessions waiting for the key, in queue order, once they are `n`.
+    let waiters = |n: usize| {
+        let address = address.clone();
+        async move {
+            let mut client = client(&address).await;
+            let ask = || {
+                authorized(
+                    proto::StatusRequest {
+                        key: "broken".to_owned(),
+                        prefix: String::new(),
+                    },
+                    SECRET,
+                )
+            };
+            let waiting = async {
+                loop {
+                    let reply = client.status(ask()).await.expect("status").into_inner();
+                    let waiters: Vec<u64> = reply
+                        .keys
+                        .iter()
+                        .flat_map(|key| key.waiters.iter().map(|w| w.session_id))
+                        .collect();
+                    if waiters.len() == n {
+                        return waiters;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .unwrap_or_else(|_| panic!("never {n} waiters"))
+        }
+    };
+    let mut gone = Stream::open(&address, open(30_000)).await.expect("stream");
+    let Ok(Event::Opened(gone_session)) = gone.next().await else {
+        panic!("opened");
+    };
+    queue(&gone);
+    waiters(1).await;
     let mut next = Stream::open(&address, open(30_000)).await.expect("stream");
-    assert!(matches!(next.next().await, Ok(Event::Opened(_))));
-    queue(&next, 2);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Ok(Event::Opened(next_session)) = next.next().await else {
+        panic!("opened");
+    };
+    queue(&next);
+    let both = waiters(2).await;
+    assert_eq!(both, [gone_session.session_id, next_session.session_id]);
     drop(gone);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(waiters(1).await, [next_session.session_id]);
     let release = Request::Release(proto::Release {
         key: "broken".to_owned(),
         token: 0,
@@ -247,7 +292,7 @@ async fn a_wait_whose_stream_broke_leaves_the_queue() {
     assert!(matches!(holder.ask(3, release).await, Event::Released(_)));
     let granted = tokio::time::timeout(Duration::from_secs(5), next.next())
         .await
-        .expect("the next waiter is granted, not the broken stream's");
+        .expect("the next waiter is granted");
     assert!(matches!(granted, Ok(Event::Granted(_))), "{granted:?}");
 }
 
@@ -392,6 +437,8 @@ async fn a_wrong_or_missing_token_is_unauthenticated() {
     still_serving(&address).await;
 }
 
+/// A watch of an empty key or one over the server's limit is refused with
+/// the limit; one of exactly the limit is watched.
 #[tokio::test]
 async fn a_watch_of_a_bad_key_is_refused_with_the_range() {
     let address = start_server_with(None).await;
@@ -641,8 +688,6 @@ async fn a_resume_needs_the_secret_and_retires_the_old_stream() {
         "the key was not taken by the old stream's late acquire"
     );
     // The retired stream gone, what the server pushes reaches the new one.
-    drop(old);
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let force = proto::ForceReleaseRequest {
         key: "late".to_owned(),
         requested_by: "test".to_owned(),

@@ -351,8 +351,8 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
     );
 }
 
-/// A stream ended by its client while it waits leaves the queue, though
-/// the connection and its session live on.
+/// A stream ended by its client while it waits leaves the queue; the
+/// connection's other streams go on.
 #[tokio::test]
 async fn a_wait_whose_stream_ends_leaves_the_queue() {
     let address = start_server().await;
@@ -409,6 +409,8 @@ async fn a_connection_that_only_begins_like_the_preface_is_closed() {
     assert!(!matches!(answer, Some(Ok(_))), "answered: {answer:?}");
 }
 
+/// Stream 0 is the connection's own: a session request on it ends the
+/// connection, saying which streams sessions use.
 #[tokio::test]
 async fn a_request_on_stream_0_ends_the_connection() {
     let address = start_server().await;
