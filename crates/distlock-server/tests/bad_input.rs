@@ -102,11 +102,24 @@ fn open(ttl_ms: u64) -> Request {
 }
 
 fn acquire(key: &str) -> Request {
+    waiting(key, 0)
+}
+
+/// A release of this session's hold of `key`, whatever its token.
+fn release(key: &str) -> Request {
+    Request::Release(proto::Release {
+        key: key.to_owned(),
+        token: 0,
+    })
+}
+
+/// An exclusive acquire of `key` that waits up to `wait_ms`.
+fn waiting(key: &str, wait_ms: u64) -> Request {
     Request::Acquire(proto::Acquire {
         key: key.to_owned(),
         mode: proto::Mode::Exclusive.into(),
         permits: 0,
-        wait_ms: 0,
+        wait_ms,
     })
 }
 
@@ -191,13 +204,8 @@ async fn the_server_ends_a_hold_at_max_hold() {
     ));
     let mut next = Stream::open(&address, open(10_000)).await.expect("stream");
     assert!(matches!(next.next().await, Ok(Event::Opened(_))));
-    let waiting = Request::Acquire(proto::Acquire {
-        key: "max-hold".to_owned(),
-        mode: proto::Mode::Exclusive.into(),
-        permits: 0,
-        wait_ms: 5_000,
-    });
-    let granted = tokio::time::timeout(Duration::from_secs(5), next.ask(2, waiting))
+    let wait = waiting("max-hold", 5_000);
+    let granted = tokio::time::timeout(Duration::from_secs(5), next.ask(2, wait))
         .await
         .expect("an answer");
     assert!(matches!(granted, Event::Granted(_)), "{granted:?}");
@@ -223,17 +231,11 @@ async fn a_wait_whose_stream_broke_leaves_the_queue() {
         Event::Granted(_)
     ));
     let queue = |stream: &Stream| {
-        let waiting = Request::Acquire(proto::Acquire {
-            key: "broken".to_owned(),
-            mode: proto::Mode::Exclusive.into(),
-            permits: 0,
-            wait_ms: 30_000,
-        });
         stream
             .requests
             .send(proto::SessionRequest {
                 id: 2,
-                body: Some(waiting),
+                body: Some(waiting("broken", 30_000)),
             })
             .expect("send");
     };
@@ -285,11 +287,10 @@ async fn a_wait_whose_stream_broke_leaves_the_queue() {
     assert_eq!(both, [gone_session.session_id, next_session.session_id]);
     drop(gone);
     assert_eq!(waiters(1).await, [next_session.session_id]);
-    let release = Request::Release(proto::Release {
-        key: "broken".to_owned(),
-        token: 0,
-    });
-    assert!(matches!(holder.ask(3, release).await, Event::Released(_)));
+    assert!(matches!(
+        holder.ask(3, release("broken")).await,
+        Event::Released(_)
+    ));
     let granted = tokio::time::timeout(Duration::from_secs(5), next.next())
         .await
         .expect("the next waiter is granted");
@@ -389,17 +390,7 @@ async fn requests_without_a_session_are_refused() {
             .await,
     );
     assert_eq!(lost.code, i32::from(proto::Code::SessionLost), "{lost:?}");
-    let release = failed(
-        expired
-            .ask(
-                3,
-                Request::Release(proto::Release {
-                    key: "k".to_owned(),
-                    token: 0,
-                }),
-            )
-            .await,
-    );
+    let release = failed(expired.ask(3, release("k")).await);
     assert_eq!(release.code, i32::from(proto::Code::NotHeld), "{release:?}");
     still_serving(&address).await;
 }
@@ -548,17 +539,7 @@ async fn one_session_cannot_release_another_sessions_lock() {
     ));
     let mut intruder = Stream::open(&address, open(5_000)).await.expect("open");
     assert!(matches!(intruder.next().await, Ok(Event::Opened(_))));
-    let refused = failed(
-        intruder
-            .ask(
-                2,
-                Request::Release(proto::Release {
-                    key: "mine".to_owned(),
-                    token: 0,
-                }),
-            )
-            .await,
-    );
+    let refused = failed(intruder.ask(2, release("mine")).await);
     assert_eq!(refused.code, i32::from(proto::Code::NotHeld));
     assert!(
         matches!(intruder.ask(3, acquire("mine")).await, Event::NotGranted(_)),
@@ -607,12 +588,7 @@ async fn a_wait_without_end_and_a_second_acquire_of_a_held_key() {
 
     let mut waiter = Stream::open(&address, open(5_000)).await.expect("open");
     assert!(matches!(waiter.next().await, Ok(Event::Opened(_))));
-    let forever = Request::Acquire(proto::Acquire {
-        key: "busy".to_owned(),
-        mode: proto::Mode::Exclusive.into(),
-        permits: 0,
-        wait_ms: u64::MAX,
-    });
+    let forever = waiting("busy", u64::MAX);
     waiter
         .requests
         .send(proto::SessionRequest {
@@ -621,15 +597,7 @@ async fn a_wait_without_end_and_a_second_acquire_of_a_held_key() {
         })
         .expect("send");
     // Released by token: the owner's grant goes to the waiter at once.
-    let released = owner
-        .ask(
-            4,
-            Request::Release(proto::Release {
-                key: "busy".to_owned(),
-                token: 0,
-            }),
-        )
-        .await;
+    let released = owner.ask(4, release("busy")).await;
     assert!(matches!(released, Event::Released(_)), "{released:?}");
     assert!(
         matches!(waiter.next().await, Ok(Event::Granted(_))),

@@ -135,11 +135,24 @@ fn open() -> Request {
 }
 
 fn acquire(key: &str) -> Request {
+    waiting(key, 0)
+}
+
+/// A release of this session's hold of `key`, whatever its token.
+fn release(key: &str) -> Request {
+    Request::Release(proto::Release {
+        key: key.to_owned(),
+        token: 0,
+    })
+}
+
+/// An exclusive acquire of `key` that waits up to `wait_ms`.
+fn waiting(key: &str, wait_ms: u64) -> Request {
     Request::Acquire(proto::Acquire {
         key: key.to_owned(),
         mode: proto::Mode::Exclusive.into(),
         permits: 0,
-        wait_ms: 0,
+        wait_ms,
     })
 }
 
@@ -316,16 +329,8 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
     }
     connection.request(1, 1, acquire("busy")).await;
     assert!(matches!(connection.event().await, (1, Event::Granted(_))));
-    let waiting = |key: &str| {
-        Request::Acquire(proto::Acquire {
-            key: key.to_owned(),
-            mode: proto::Mode::Exclusive.into(),
-            permits: 0,
-            wait_ms: 60_000,
-        })
-    };
-    connection.request(2, 7, waiting("busy")).await;
-    connection.request(2, 7, waiting("other")).await;
+    connection.request(2, 7, waiting("busy", 60_000)).await;
+    connection.request(2, 7, waiting("other", 60_000)).await;
     match connection.event().await {
         (2, Event::Failed(failed)) => {
             assert_eq!(failed.code, i32::from(proto::Code::InvalidArgument));
@@ -334,16 +339,12 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
         other => panic!("expected the second id 7 refused, got {other:?}"),
     }
     // Once its wait has ended, the id may be used again.
-    let release = Request::Release(proto::Release {
-        key: "busy".to_owned(),
-        token: 0,
-    });
-    connection.request(1, 2, release).await;
+    connection.request(1, 2, release("busy")).await;
     let mut answers = [connection.event().await, connection.event().await];
     answers.sort_by_key(|(stream, _)| *stream);
     assert!(matches!(answers[0], (1, Event::Released(_))), "{answers:?}");
     assert!(matches!(answers[1], (2, Event::Granted(_))), "{answers:?}");
-    connection.request(2, 7, waiting("other")).await;
+    connection.request(2, 7, waiting("other", 60_000)).await;
     let (stream, again) = connection.event().await;
     assert!(
         stream == 2 && matches!(again, Event::Granted(_)),
@@ -363,22 +364,12 @@ async fn a_wait_whose_stream_ends_leaves_the_queue() {
     }
     connection.request(1, 1, acquire("ended")).await;
     assert!(matches!(connection.event().await, (1, Event::Granted(_))));
-    let waiting = Request::Acquire(proto::Acquire {
-        key: "ended".to_owned(),
-        mode: proto::Mode::Exclusive.into(),
-        permits: 0,
-        wait_ms: 60_000,
-    });
-    connection.request(2, 1, waiting.clone()).await;
-    connection.request(3, 1, waiting).await;
+    connection.request(2, 1, waiting("ended", 60_000)).await;
+    connection.request(3, 1, waiting("ended", 60_000)).await;
     connection
         .send(2, RequestBody::End(proto::End::default()))
         .await;
-    let release = Request::Release(proto::Release {
-        key: "ended".to_owned(),
-        token: 0,
-    });
-    connection.request(1, 2, release).await;
+    connection.request(1, 2, release("ended")).await;
     let mut answers = [connection.event().await, connection.event().await];
     answers.sort_by_key(|(stream, _)| *stream);
     assert!(matches!(answers[0], (1, Event::Released(_))), "{answers:?}");
