@@ -6,12 +6,23 @@ use std::time::Duration;
 
 use distlock_core::{Client, ErrorKind};
 use distlock_mysql::MysqlStore;
+use distlock_testkit::proxy::{Fault, Proxy};
 use distlock_testkit::restart::{assert_rising, take_in_turn, take_once};
 use distlock_testkit::servers::mysql::{Mariadb, DATABASE, PASSWORD, USER};
 use tokio::time::timeout;
 
 async fn client(url: &str) -> Client {
     Client::new(Arc::new(MysqlStore::connect(url).await.expect("connect")))
+}
+
+/// A proxy in front of `server`, and the store's URL through it, with
+/// `query` (e.g. `?mode=lease`).
+async fn proxied(server: &Mariadb, query: &str) -> (Proxy, String) {
+    let target = format!("127.0.0.1:{}", server.port());
+    let proxy = Proxy::start(target.parse().expect("addr")).await;
+    let port = proxy.port();
+    let url = format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{port}/{DATABASE}{query}");
+    (proxy, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,16 +255,7 @@ async fn a_lease_acquire_cut_off_mid_call_leaves_no_hold() {
     use mysql_async::prelude::Queryable;
 
     let server = Mariadb::shared();
-    let proxy = distlock_testkit::proxy::Proxy::start(
-        format!("127.0.0.1:{}", server.port())
-            .parse()
-            .expect("addr"),
-    )
-    .await;
-    let via_proxy = format!(
-        "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DATABASE}?mode=lease",
-        proxy.port()
-    );
+    let (proxy, via_proxy) = proxied(server, "?mode=lease").await;
     let client = client(&via_proxy).await;
     let key = format!("faults/cut-mid-call-{:x}", rand::random::<u64>());
     // A transaction that holds the key's row, so the CALL waits for it.
@@ -421,16 +423,7 @@ async fn a_stores_debug_form_names_its_target_not_its_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
     let server = Mariadb::shared();
-    let proxy = distlock_testkit::proxy::Proxy::start(
-        format!("127.0.0.1:{}", server.port())
-            .parse()
-            .expect("addr"),
-    )
-    .await;
-    let via_proxy = format!(
-        "mysql://{USER}:{PASSWORD}@127.0.0.1:{}/{DATABASE}",
-        proxy.port()
-    );
+    let (proxy, via_proxy) = proxied(server, "").await;
     let key = format!("faults/silent-{:x}", rand::random::<u64>());
     let holder = client(&via_proxy).await;
     // Pings every 4 s; the server waits 12 + 2 s for the next.
@@ -460,7 +453,7 @@ async fn a_holder_cut_off_silently_frees_its_named_lock_soon_after_its_ttl() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.set(distlock_testkit::proxy::Fault::Blackhole);
+    proxy.set(Fault::Blackhole);
     let cut = tokio::time::Instant::now();
     // The server last heard a ping at most 4 s before the cut: it drops the
     // connection 10–14 s after it (with a wait of ttl * 2, 20–24 s).
