@@ -244,9 +244,9 @@ impl MysqlStore {
             Ok(Ok(tokens)) => tokens,
             Ok(Err(err)) if lock_wait_timed_out(&err) => {
                 return Err(Error::unavailable(format!(
-                    "MySQL at {}: distlock's tables stayed locked for {SETUP_LOCK_WAIT_S} s \
-                     while connecting (a LOCK TABLES, a backup, an ALTER, or a transaction \
-                     left open on them); find the holder in SHOW PROCESSLIST or \
+                    "MySQL at {}: distlock's tables stayed locked while connecting (a \
+                     LOCK TABLES, a backup, an ALTER, or a transaction left open on them); \
+                     find the holder in SHOW PROCESSLIST or \
                      information_schema.METADATA_LOCK_INFO, and connect again",
                     store.target
                 ))
@@ -361,7 +361,6 @@ impl LockStore for MysqlStore {
     }
 }
 
-/// Whether `VERSION()` names a MariaDB 10.3 or later.
 /// Where tokens come from: runs on MariaDB 10.3 or later that is not a
 /// Galera node (`wsrep_on` 1); the committed table elsewhere.
 fn token_source(version: Option<&str>, galera: Option<u8>) -> Tokens {
