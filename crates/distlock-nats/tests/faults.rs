@@ -90,6 +90,13 @@ async fn a_try_takes_out_the_entry_of_a_session_that_ended() {
         .collect();
     assert_eq!(holders, ["other"], "{status:?}");
     assert!(status.keys[0].waiters.is_empty(), "{status:?}");
+    // Read from the session's last message and its TTL.
+    let left = status.keys[0].holders[0].lease_left;
+    let left = left.expect("the holder's lease has time left");
+    assert!(
+        left > Duration::ZERO && left <= distlock_core::DEFAULT_TTL,
+        "{left:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
