@@ -71,6 +71,13 @@ async fn a_try_takes_out_the_entry_of_a_session_that_ended() {
     // Nobody waits: the entry stays until someone finds it, after the
     // lease (1 s at the server) has run out.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Status already leaves the ended session's entry out.
+    let before = client
+        .status(&StatusQuery::Key(key.to_owned()))
+        .await
+        .expect("status");
+    let listed = before.keys.iter().flat_map(|key| &key.holders).count();
+    assert_eq!(listed, 0, "{before:?}");
     let other = client.session().owner("other").open().await.expect("open");
     let taken = other
         .lock(key)
