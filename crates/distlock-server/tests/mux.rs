@@ -106,6 +106,15 @@ impl Connection {
         Some(proto::MuxEvent::decode(frame).expect("a MuxEvent"))
     }
 
+    /// Checks that `frame` ended the whole connection with `code`, saying
+    /// `says`, and that the server then closed it.
+    async fn ended(&mut self, frame: Option<proto::MuxEvent>, code: proto::Code, says: &str) {
+        let (stream, got, message) = end_of(frame);
+        assert_eq!((stream, got), (0, code), "{message}");
+        assert!(message.contains(says), "{message}");
+        assert!(self.next().await.is_none(), "the connection is closed");
+    }
+
     /// The next session event, skipping pongs.
     async fn event(&mut self) -> (u32, Event) {
         loop {
@@ -185,16 +194,8 @@ async fn a_wrong_secret_is_refused_with_the_way_to_give_it() {
     // A guess as long as a bearer token of a few KiB is read and judged.
     for guess in ["guess".to_owned(), "g".repeat(4096)] {
         let (mut connection, answer) = Connection::hello(&address, &guess).await;
-        let (stream, code, message) = end_of(Some(answer));
-        assert_eq!((stream, code), (0, proto::Code::Unauthenticated));
-        assert!(
-            message.contains("distlock://:SECRET@host:port"),
-            "{message}"
-        );
-        assert!(
-            connection.next().await.is_none(),
-            "the connection is closed"
-        );
+        let (code, says) = (proto::Code::Unauthenticated, "distlock://:SECRET@host:port");
+        connection.ended(Some(answer), code, says).await;
     }
 
     let url = format!("distlock://:guess@{address}");
@@ -210,13 +211,9 @@ async fn a_garbled_frame_ends_the_connection_with_the_reason() {
     let mut connection = Connection::welcomed(&address).await;
     let garbage = [0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff];
     connection.write.write_all(&garbage).await.expect("send");
-    let (stream, code, message) = end_of(connection.next().await);
-    assert_eq!((stream, code), (0, proto::Code::InvalidArgument));
-    assert!(message.contains("garbled frame"), "{message}");
-    assert!(
-        connection.next().await.is_none(),
-        "the connection is closed"
-    );
+    let frame = connection.next().await;
+    let code = proto::Code::InvalidArgument;
+    connection.ended(frame, code, "garbled frame").await;
     still_serving(&address).await;
 }
 
@@ -407,14 +404,9 @@ async fn a_request_on_stream_0_ends_the_connection() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
     connection.request(0, 0, open()).await;
-    let (stream, code, message) = end_of(connection.next().await);
-    assert_eq!((stream, code), (0, proto::Code::InvalidArgument));
-    assert!(
-        message.contains("sessions use streams 1 and up"),
-        "{message}"
-    );
-    assert!(
-        connection.next().await.is_none(),
-        "the connection is closed"
-    );
+    let frame = connection.next().await;
+    let code = proto::Code::InvalidArgument;
+    connection
+        .ended(frame, code, "sessions use streams 1 and up")
+        .await;
 }
