@@ -246,14 +246,15 @@ async fn waits_leave_no_consumer_behind() {
         waiter.await.expect("waiter");
     }
     holder.close().await.expect("close");
-    // Deleted in the background: soon, not at once; a delete lost under
-    // load leaves it to the server, past its 10 s inactive threshold.
+    // Deleted in the background: soon, not at once. Within 6 s, before the
+    // server's 10 s inactive threshold would remove them: the client's
+    // own deletes are what is checked.
     let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
         .await
         .expect("connect");
     let js = async_nats::jetstream::new(nats);
     let mut left = u64::MAX;
-    for _ in 0..150 {
+    for _ in 0..60 {
         let mut stream = js.get_stream("DISTLOCK").await.expect("stream");
         left = stream.info().await.expect("info").state.consumer_count as u64;
         if left == 0 {
@@ -262,4 +263,133 @@ async fn waits_leave_no_consumer_behind() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(left, 0, "consumers left behind");
+}
+
+/// A holder and a waiter on `server` with leases long enough that no
+/// renewal is due for a while: the holder's guard, and the waiter's wait
+/// (its token once granted), settled at its consumer.
+async fn a_holder_and_a_waiter(
+    server: &Nats,
+    key: &'static str,
+) -> (
+    distlock_core::Guard,
+    tokio::task::JoinHandle<distlock_core::Result<u64>>,
+) {
+    let client = client(&server.url()).await;
+    let long = Duration::from_secs(60);
+    let holder = client.session().ttl(long).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().ttl(long).open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock(key).wait(Duration::from_secs(30)).await;
+        guard.map(|guard| guard.token())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (held, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_asks_nothing_of_the_server_until_something_changes() {
+    let server = Nats::start();
+    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/quiet").await;
+    // Everything a client sends the server: JetStream's API and the
+    // store's own subjects. A waiter that polled, woke on its consumer's
+    // heartbeats (every second) or renewed in a loop would show here.
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    let mut api = nats.subscribe("$JS.API.>").await.expect("subscribe");
+    let mut own = nats.subscribe("distlock.>").await.expect("subscribe");
+    nats.flush().await.expect("flush");
+    let mut asked = Vec::new();
+    let window = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(window);
+    loop {
+        let message = tokio::select! {
+            Some(message) = futures::StreamExt::next(&mut api) => message,
+            Some(message) = futures::StreamExt::next(&mut own) => message,
+            () = &mut window => break,
+        };
+        asked.push(message.subject.to_string());
+    }
+    assert!(asked.is_empty(), "asked while nothing changed: {asked:?}");
+    let first = held.token();
+    held.release().await.expect("release");
+    let token = timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken by the release")
+        .expect("waiter task")
+        .expect("granted");
+    assert!(token > first, "{token} after {first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+    let server = Nats::start();
+    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/consumers-made").await;
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    let stream = async_nats::jetstream::new(nats)
+        .get_stream("DISTLOCK")
+        .await
+        .expect("stream");
+    let mut infos = stream.consumers();
+    let (mut holds, mut waits) = (0, 0);
+    while let Some(info) = futures::StreamExt::next(&mut infos).await {
+        let config = info.expect("consumer info").config;
+        let name = config.name.clone().unwrap_or_default();
+        // Without acks a consumer never stalls at its limit of pending
+        // acks; headers only and in memory, a delivery costs the least.
+        assert_eq!(config.ack_policy, AckPolicy::None, "{name}");
+        assert!(config.headers_only, "{name}");
+        assert!(config.memory_storage, "{name}");
+        assert_eq!(config.num_replicas, 1, "{name}");
+        assert_eq!(config.inactive_threshold, Duration::from_secs(10), "{name}");
+        assert!(
+            matches!(config.deliver_policy, DeliverPolicy::ByStartSequence { .. }),
+            "{name}: {:?}",
+            config.deliver_policy
+        );
+        if name.starts_with("distlock-holds-") {
+            holds += 1;
+            // The notices of the session's own entries, of any lock.
+            let filter = &config.filter_subject;
+            assert!(
+                filter.starts_with("distlock.g.*.") && filter.ends_with(".*"),
+                "{name}: {filter}"
+            );
+            assert_eq!(config.idle_heartbeat, Duration::from_secs(5), "{name}");
+        } else if name.starts_with("distlock-wait-") {
+            waits += 1;
+            // The notice of the one entry ahead, and its session.
+            let filters = &config.filter_subjects;
+            assert_eq!(filters.len(), 2, "{name}: {filters:?}");
+            assert!(
+                filters[0].starts_with("distlock.g.") && !filters[0].contains(['*', '>']),
+                "{name}: {filters:?}"
+            );
+            assert!(filters[1].starts_with("distlock.s."), "{name}: {filters:?}");
+            assert_eq!(config.idle_heartbeat, Duration::from_secs(1), "{name}");
+        } else {
+            panic!("a consumer the store did not make: {name}");
+        }
+    }
+    assert_eq!(
+        (holds, waits),
+        (2, 1),
+        "a holds watch per session, one wait"
+    );
+    held.release().await.expect("release");
+    timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken by the release")
+        .expect("waiter task")
+        .expect("granted");
 }
