@@ -385,8 +385,10 @@ mod tests {
     use bytes::Bytes;
     use distlock_testkit::servers;
 
+    use async_nats::HeaderMap;
+
     use crate::client::Published;
-    use crate::wire::{entry_headers, entry_subject};
+    use crate::wire::{entry_headers, entry_subject, STREAM};
     use crate::NatsStore;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,6 +411,49 @@ mod tests {
         assert!(nats.stored(seq, &theirs).await.expect("read"), "deleted");
         assert!(nats.remove_entry(&theirs, seq).await.expect("remove"));
         assert!(!nats.stored(seq, &theirs).await.expect("read"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_there_is_an_answer_and_a_refusal_an_error() {
+        let server = servers::Nats::start();
+        let store = NatsStore::connect(&server.url()).await.expect("connect");
+        let nats = &store.nats;
+        // A refused publish is not a lost race for the subject.
+        let outside = nats
+            .publish("outside.x".into(), HeaderMap::new(), Bytes::new())
+            .await;
+        assert!(outside.is_err(), "no stream takes it");
+        // A read refused is not an empty batch, nor "no message": a session
+        // that cannot be read is not taken for ended.
+        let bad = serde_json::json!({ "seq": 1, "last_by_subj": "x" });
+        assert!(nats.batch(&bad).await.is_err(), "a bad direct get");
+        let last = nats.leader_last("distlock.s.none").await.expect("read");
+        assert!(last.is_none());
+        assert!(nats.leader_last("").await.is_err(), "an invalid subject");
+        assert!(!nats.stored(999, "distlock.s.a").await.expect("read"));
+        assert!(nats.stored(0, "distlock.s.a").await.is_err(), "sequence 0");
+        // Three messages on one subject keep the last; a delete of one
+        // already gone, or gone before, is false.
+        let subject = "distlock.s.a".to_owned();
+        let mut last = 0;
+        for _ in 0..3 {
+            let published = nats.publish(subject.clone(), HeaderMap::new(), Bytes::new());
+            let Published::At(seq) = published.await.expect("publish") else {
+                panic!("not stored");
+            };
+            last = seq;
+        }
+        assert!(!nats.delete(last - 1).await.expect("delete"), "rolled up");
+        assert!(nats.delete(last).await.expect("delete"));
+        assert!(!nats.delete(last).await.expect("delete"), "deleted before");
+        // A delete refused for another reason is an error.
+        store
+            .nats
+            .js
+            .delete_stream(STREAM)
+            .await
+            .expect("delete stream");
+        assert!(nats.delete(last).await.is_err(), "no stream");
     }
 
     fn refused(code: u64) -> PublishError {

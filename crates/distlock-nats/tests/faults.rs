@@ -393,3 +393,38 @@ async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
         .expect("waiter task")
         .expect("granted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_page_through_a_queue_longer_than_one_batch() {
+    // A read asks for 256 entries at a time; 300 readers make two pages.
+    const READERS: usize = 300;
+    let server = Nats::start();
+    let client = client(&server.url()).await;
+    let key = "faults/long-queue";
+    let mut guards = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let session = client.session().open().await.expect("open");
+        let tried = timeout(Duration::from_secs(10), session.read(key).try_lock()).await;
+        let guard = tried.expect("a try that ends").expect("try");
+        guards.push(guard.expect("readers share the key"));
+    }
+    let status = client
+        .status(&StatusQuery::Key(key.to_owned()))
+        .await
+        .expect("status");
+    let tokens: std::collections::BTreeSet<u64> = status.keys[0]
+        .holders
+        .iter()
+        .filter_map(|holder| holder.token)
+        .collect();
+    assert_eq!(status.keys[0].holders.len(), READERS, "each reader once");
+    assert_eq!(tokens.len(), READERS, "each reader once");
+    // A writer's try reads the queue up to its own entry, past the first
+    // page, and finds the readers ahead.
+    let writer = client.session().open().await.expect("open");
+    let tried = timeout(Duration::from_secs(10), writer.write(key).try_lock())
+        .await
+        .expect("a try that ends")
+        .expect("try");
+    assert!(tried.is_none(), "a writer granted beside {READERS} readers");
+}
