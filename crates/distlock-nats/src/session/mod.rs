@@ -267,3 +267,71 @@ impl StoreSession for NatsSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use distlock_core::store::{lock, SessionOptions, StoreSession};
+    use distlock_core::ErrorKind;
+    use distlock_testkit::servers;
+
+    use super::NatsSession;
+    use crate::client::Published;
+    use crate::wire::{self, expecting, session_subject};
+    use crate::NatsStore;
+
+    async fn opened(server: &servers::Nats, ttl: Duration) -> (NatsStore, NatsSession) {
+        let store = NatsStore::connect(&server.url()).await.expect("connect");
+        let options = SessionOptions::new(ttl, Duration::ZERO);
+        let session = NatsSession::open(Arc::clone(&store.nats), &options)
+            .await
+            .expect("open");
+        (store, session)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_whose_answer_was_lost_goes_on_from_the_sessions_own_message() {
+        let server = servers::Nats::start();
+        let (store, session) = opened(&server, Duration::from_secs(10)).await;
+        // What a renewal whose answer was lost leaves: the session's own
+        // message, past the revision the session knows.
+        let known = *lock(&session.revision);
+        let published = store.nats.publish(
+            session_subject(&session.id),
+            expecting(known, Some(session.ttl_secs)),
+            Bytes::from(session.owner.clone()),
+        );
+        let Published::At(seq) = published.await.expect("publish") else {
+            panic!("not stored");
+        };
+        session.renew(&[]).await.expect("the session lives on");
+        assert!(*lock(&session.revision) > seq);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_that_finds_the_servers_delete_marker_is_lost() {
+        let server = servers::Nats::start();
+        let (store, session) = opened(&server, Duration::from_secs(1)).await;
+        let subject = session_subject(&session.id);
+        // Not renewed: the server expires the session's message and leaves
+        // a marker on its subject for a second.
+        let mut marked = false;
+        for _ in 0..100 {
+            let last = store.nats.leader_last(&subject).await.expect("read");
+            if last.is_some_and(|last| !wire::session_is_live(&last.headers)) {
+                marked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(marked, "no delete marker within 5 s");
+        let err = session
+            .renew(&[])
+            .await
+            .expect_err("the marker is not the session");
+        assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
+    }
+}
