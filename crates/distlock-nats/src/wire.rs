@@ -204,13 +204,7 @@ pub(crate) async fn open_stream(
     };
     let stream = made.map_err(|err| not_made(err, servers, copies, asked_again))?;
     let config = &stream.cached_info().config;
-    let fits = config.allow_message_ttl
-        && config.subject_delete_marker_ttl.is_some()
-        && config.allow_direct
-        && !config.deny_delete
-        && config.max_messages_per_subject == 1
-        && config.subjects == [SUBJECTS];
-    if !fits {
+    if !made_as_the_store_makes_it(config) {
         return Err(Error::config(format!(
             "NATS at {servers} has a stream {STREAM} made otherwise than the NATS store makes \
              it; delete it (its locks go with it) or point the store at another account"
@@ -230,6 +224,18 @@ pub(crate) async fn open_stream(
         );
     }
     Ok(stream)
+}
+
+/// Whether `config` has what the store's reads and writes count on:
+/// message TTLs and delete markers (sessions end at the server), direct
+/// gets, deletes, one message a subject, and the store's subjects alone.
+fn made_as_the_store_makes_it(config: &stream::Config) -> bool {
+    config.allow_message_ttl
+        && config.subject_delete_marker_ttl.is_some()
+        && config.allow_direct
+        && !config.deny_delete
+        && config.max_messages_per_subject == 1
+        && config.subjects == [SUBJECTS]
 }
 
 /// The error for a stream that could not be made or read; `asked_again`
@@ -350,6 +356,32 @@ fn unfit(config: &stream::Config, replicas: Option<usize>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_lacking_any_of_what_the_store_counts_on_is_made_otherwise() {
+        let made = stream::Config {
+            subjects: vec![SUBJECTS.to_owned()],
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            allow_message_ttl: true,
+            subject_delete_marker_ttl: Some(MARKER_TTL),
+            ..Default::default()
+        };
+        assert!(made_as_the_store_makes_it(&made));
+        let otherwise: [fn(&mut stream::Config); 6] = [
+            |config| config.allow_message_ttl = false,
+            |config| config.subject_delete_marker_ttl = None,
+            |config| config.allow_direct = false,
+            |config| config.deny_delete = true,
+            |config| config.max_messages_per_subject = 2,
+            |config| config.subjects = vec!["distlock.>".into(), "other.>".into()],
+        ];
+        for (at, change) in otherwise.iter().enumerate() {
+            let mut config = made.clone();
+            change(&mut config);
+            assert!(!made_as_the_store_makes_it(&config), "change {at}");
+        }
+    }
 
     #[test]
     fn streams_that_would_lose_entries_are_unfit() {

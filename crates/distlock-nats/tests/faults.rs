@@ -265,28 +265,33 @@ async fn waits_leave_no_consumer_behind() {
     assert_eq!(left, 0, "consumers left behind");
 }
 
-/// A holder and a waiter on `server` with leases long enough that no
-/// renewal is due for a while: the holder's guard, and the waiter's wait
-/// (its token once granted), settled at its consumer.
+/// A holder and a waiter of `key` on `server`, exclusive or, with
+/// `permits`, a semaphore, with leases long enough that no renewal is due
+/// for a while: the holder's guard, and the waiter's wait (its token once
+/// granted), settled at its consumer.
 async fn a_holder_and_a_waiter(
     server: &Nats,
     key: &'static str,
+    permits: Option<u32>,
 ) -> (
     distlock_core::Guard,
     tokio::task::JoinHandle<distlock_core::Result<u64>>,
 ) {
     let client = client(&server.url()).await;
     let long = Duration::from_secs(60);
+    let request = move |session: &distlock_core::Session| match permits {
+        Some(permits) => session.semaphore(key, permits),
+        None => session.lock(key),
+    };
     let holder = client.session().ttl(long).open().await.expect("open");
-    let held = holder
-        .lock(key)
+    let held = request(&holder)
         .try_lock()
         .await
         .expect("try")
         .expect("free");
     let waiter = client.session().ttl(long).open().await.expect("open");
     let waiting = tokio::spawn(async move {
-        let guard = waiter.lock(key).wait(Duration::from_secs(30)).await;
+        let guard = request(&waiter).wait(Duration::from_secs(30)).await;
         guard.map(|guard| guard.token())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -296,7 +301,7 @@ async fn a_holder_and_a_waiter(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_asks_nothing_of_the_server_until_something_changes() {
     let server = Nats::start();
-    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/quiet").await;
+    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/quiet", None).await;
     // Everything a client sends the server: JetStream's API and the
     // store's own subjects. A waiter that polled, woke on its consumer's
     // heartbeats (every second) or renewed in a loop would show here.
@@ -332,7 +337,10 @@ async fn a_wait_asks_nothing_of_the_server_until_something_changes() {
 async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
     use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
     let server = Nats::start();
-    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/consumers-made").await;
+    // A writer waits for the one entry ahead; a semaphore's waiter, for
+    // any change ahead.
+    let (held, waiting) = a_holder_and_a_waiter(&server, "faults/consumers-made", None).await;
+    let (permit, queued) = a_holder_and_a_waiter(&server, "faults/permits-made", Some(1)).await;
     let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
         .await
         .expect("connect");
@@ -341,7 +349,7 @@ async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
         .await
         .expect("stream");
     let mut infos = stream.consumers();
-    let (mut holds, mut waits) = (0, 0);
+    let (mut holds, mut entry_waits, mut any_waits) = (0, 0, 0);
     while let Some(info) = futures::StreamExt::next(&mut infos).await {
         let config = info.expect("consumer info").config;
         let name = config.name.clone().unwrap_or_default();
@@ -367,14 +375,22 @@ async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
             );
             assert_eq!(config.idle_heartbeat, Duration::from_secs(5), "{name}");
         } else if name.starts_with("distlock-wait-") {
-            waits += 1;
-            // The notice of the one entry ahead, and its session.
+            // The notice of the one entry ahead, or of every entry of the
+            // lock; and the session of each entry ahead.
             let filters = &config.filter_subjects;
             assert_eq!(filters.len(), 2, "{name}: {filters:?}");
-            assert!(
-                filters[0].starts_with("distlock.g.") && !filters[0].contains(['*', '>']),
-                "{name}: {filters:?}"
-            );
+            let notices = &filters[0];
+            assert!(notices.starts_with("distlock.g."), "{name}: {filters:?}");
+            match notices.strip_suffix(".>") {
+                Some(lock) => {
+                    any_waits += 1;
+                    assert!(!lock.contains(['*', '>']), "{name}: {filters:?}");
+                }
+                None => {
+                    entry_waits += 1;
+                    assert!(!notices.contains(['*', '>']), "{name}: {filters:?}");
+                }
+            }
             assert!(filters[1].starts_with("distlock.s."), "{name}: {filters:?}");
             assert_eq!(config.idle_heartbeat, Duration::from_secs(1), "{name}");
         } else {
@@ -382,16 +398,18 @@ async fn each_consumer_watches_only_what_it_needs_and_takes_no_acks() {
         }
     }
     assert_eq!(
-        (holds, waits),
-        (2, 1),
-        "a holds watch per session, one wait"
+        (holds, entry_waits, any_waits),
+        (4, 1, 1),
+        "a holds watch per session, one wait of each kind"
     );
-    held.release().await.expect("release");
-    timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("woken by the release")
-        .expect("waiter task")
-        .expect("granted");
+    for (held, waiting) in [(held, waiting), (permit, queued)] {
+        held.release().await.expect("release");
+        timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the release")
+            .expect("waiter task")
+            .expect("granted");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
