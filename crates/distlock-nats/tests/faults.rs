@@ -446,3 +446,18 @@ async fn reads_page_through_a_queue_longer_than_one_batch() {
         .expect("try");
     assert!(tried.is_none(), "a writer granted beside {READERS} readers");
 }
+
+#[tokio::test]
+async fn a_stores_debug_form_names_its_servers_not_its_password() {
+    let server = Nats::start();
+    // A server without auth takes any credentials.
+    let url = format!("nats://app:s3cret@127.0.0.1:{}", server.port());
+    let store = NatsStore::connect(&url).await.expect("connect");
+    let shown = format!("{store:?}");
+    let bare = format!("127.0.0.1:{}", server.port());
+    assert!(
+        shown.contains("NatsStore") && shown.contains(&bare),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
