@@ -461,3 +461,81 @@ async fn a_stores_debug_form_names_its_servers_not_its_password() {
     );
     assert!(!shown.contains("s3cret"), "{shown}");
 }
+
+/// A holder of `key` and a waiter with `wait`, with sessions that outlive
+/// a long outage; the holder's guard and the waiter's wait (its token).
+async fn held_and_waited_for(
+    client: &Client,
+    key: &'static str,
+    wait: Duration,
+) -> (
+    distlock_core::Guard,
+    tokio::task::JoinHandle<distlock_core::Result<u64>>,
+) {
+    let long = Duration::from_secs(60);
+    let holder = client.session().ttl(long).open().await.expect("open");
+    let held = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = client.session().ttl(long).open().await.expect("open");
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock(key).wait(wait).await;
+        guard.map(|guard| guard.token())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (held, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_rides_out_a_server_that_stops_answering_for_a_while() {
+    let server = Nats::start();
+    let client = client(&server.url()).await;
+    let key = "faults/paused-under-a-wait";
+    let (held, waiting) = held_and_waited_for(&client, key, Duration::from_secs(60)).await;
+    // Past three missed heartbeats of the wait's consumer (3 s) and then a
+    // call's 5 s limit: a read fails, and the wait asks again.
+    server.pause();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    server.resume();
+    assert!(
+        !waiting.is_finished(),
+        "the wait ended: {:?}",
+        waiting.await
+    );
+    let first = held.token();
+    held.release().await.expect("release once it answers");
+    let token = timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("granted soon after the release")
+        .expect("waiter task")
+        .expect("the wait rode out the outage");
+    assert!(token > first, "{token} after {first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_ends_near_its_deadline_while_the_server_does_not_answer() {
+    let server = Nats::start();
+    let client = client(&server.url()).await;
+    let key = "faults/paused-past-a-deadline";
+    let started = tokio::time::Instant::now();
+    let (held, waiting) = held_and_waited_for(&client, key, Duration::from_secs(2)).await;
+    server.pause();
+    // The first call to fail (at its 5 s limit) ends the wait, whose 2 s
+    // have run out: it does not ride on until the server answers again.
+    let ended = timeout(Duration::from_secs(9), waiting).await;
+    let waited = started.elapsed();
+    server.resume();
+    let err = ended
+        .expect("the wait ended while the server was paused")
+        .expect("waiter task")
+        .expect_err("nothing was granted");
+    assert!(
+        matches!(err.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+        "{err}"
+    );
+    assert!(waited < Duration::from_secs(8), "{waited:?}: {err}");
+    drop(held);
+}

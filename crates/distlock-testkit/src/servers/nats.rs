@@ -135,6 +135,17 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing
+    /// answers, until [`Nats::resume`].
+    pub fn pause(&self) {
+        self.daemon.pause();
+    }
+
+    /// Lets a paused server run on (SIGCONT).
+    pub fn resume(&self) {
+        self.daemon.resume();
+    }
+
     /// Kills it (SIGKILL) and starts it again on the same store and port.
     pub fn crash_and_restart(self) -> Nats {
         let Nats {
