@@ -539,3 +539,39 @@ async fn a_wait_ends_near_its_deadline_while_the_server_does_not_answer() {
     assert!(waited < Duration::from_secs(8), "{waited:?}: {err}");
     drop(held);
 }
+
+#[tokio::test]
+async fn more_copies_than_servers_is_a_config_error_that_says_what_to_write() {
+    let server = Nats::start();
+    let url = format!("{}?replicas=3", server.url());
+    let err = NatsStore::connect(&url)
+        .await
+        .expect_err("a lone server keeps one copy");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("?replicas=N"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stream_refused_for_another_reason_says_the_servers_reason() {
+    let server = Nats::start();
+    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(nats)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "OTHER".into(),
+            subjects: vec!["distlock.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("a stream on the store's subjects");
+    let err = NatsStore::connect(&server.url())
+        .await
+        .expect_err("the subjects are taken");
+    let said = err.to_string();
+    assert!(
+        said.contains("overlap") && said.contains("DISTLOCK"),
+        "{said}"
+    );
+    assert!(!said.contains("replicas"), "not a matter of copies: {said}");
+}
