@@ -290,11 +290,14 @@ impl Nats {
             }
             // Nothing at that sequence: "sequence N not found" (10043) when
             // the server looks it up, "no message found" (10057) when it
-            // tries to remove it (a delete of it got there first).
+            // tries to remove it (a delete of it got there first), "stream
+            // store EOF" (10057) when it is past the stream's last (a
+            // server that restarted without its unsynced writes).
             let error = &answer["error"];
             let code = error["err_code"].as_u64();
             let description = error["description"].as_str().unwrap_or_default();
-            if code == Some(10043) || (code == Some(10057) && description == "no message found") {
+            let gone = ["no message found", "stream store EOF"].contains(&description);
+            if code == Some(10043) || (code == Some(10057) && gone) {
                 return Ok(cut_short);
             }
             return Err(Error::unavailable(format!(
@@ -446,6 +449,10 @@ mod tests {
         assert!(!nats.delete(last - 1).await.expect("delete"), "rolled up");
         assert!(nats.delete(last).await.expect("delete"));
         assert!(!nats.delete(last).await.expect("delete"), "deleted before");
+        assert!(
+            !nats.delete(last + 100).await.expect("delete"),
+            "past the last"
+        );
         // A delete refused for another reason is an error.
         store
             .nats
