@@ -187,3 +187,37 @@ fn mode_of(instance: &str, member: &str, tag: &str) -> Mode {
         Mode::Exclusive
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use distlock_core::status::HolderStatus;
+    use distlock_core::Mode;
+
+    use super::Audit;
+
+    #[test]
+    fn the_audit_names_each_ended_hold_once_and_what_is_not_known() {
+        let hold = |owner: &str, session: &str, mode, token| HolderStatus {
+            session: session.to_owned(),
+            owner: owner.to_owned(),
+            mode,
+            token,
+            held_for: None,
+            lease_left: None,
+        };
+        let ended = [
+            hold("billing-7", "s1", Mode::Exclusive, Some(41)),
+            hold("", "s2", Mode::Shared, None),
+        ];
+        assert_eq!(
+            Audit(&ended).to_string(),
+            format!(
+                "\"billing-7\" (session s1, {}, token 41); owner unknown (session s2, {}, token \
+                 unknown)",
+                Mode::Exclusive.tag(),
+                Mode::Shared.tag()
+            )
+        );
+        assert_eq!(Audit(&ended[..1]).to_string().matches(';').count(), 0);
+    }
+}

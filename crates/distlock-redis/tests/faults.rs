@@ -327,3 +327,29 @@ async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
         .expect("woken by the release, well before the 30 s timer")
         .expect("waiter task");
 }
+
+#[tokio::test]
+async fn a_ca_certificate_without_tls_says_to_write_rediss() {
+    // A file that can be read: the refusal is for the scheme, not the file.
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let url = format!("redis://127.0.0.1:1?ca={ca}");
+    let err = RedisStore::connect(&url)
+        .await
+        .expect_err("a CA without TLS");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("write rediss://"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stores_debug_form_names_its_instances_not_its_password() {
+    let server = Redis::start();
+    server.cli(&["CONFIG", "SET", "requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@{}", server.address());
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let shown = format!("{store:?}");
+    assert!(
+        shown.contains("RedisStore") && shown.contains(&server.address()),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
