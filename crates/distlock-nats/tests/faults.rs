@@ -164,23 +164,30 @@ async fn a_server_without_jetstream_is_refused_with_the_flag_to_use() {
     assert!(err.to_string().contains("--jetstream"), "{err}");
 }
 
-#[tokio::test]
-async fn a_stream_made_otherwise_is_refused() {
+/// The error of a connect to a new server on which a stream `name`, made
+/// by hand with defaults, already takes the store's subjects.
+async fn refused_beside_a_stream(name: &str) -> distlock_core::Error {
     let server = Nats::start();
     let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
         .await
         .expect("connect");
     async_nats::jetstream::new(nats)
         .create_stream(async_nats::jetstream::stream::Config {
-            name: "DISTLOCK".into(),
+            name: name.into(),
             subjects: vec!["distlock.>".into()],
             ..Default::default()
         })
         .await
         .expect("a stream of another making");
-    let err = NatsStore::connect(&server.url())
+    NatsStore::connect(&server.url())
         .await
-        .expect_err("the stream lacks TTLs");
+        .expect_err("a stream made otherwise")
+}
+
+#[tokio::test]
+async fn a_stream_made_otherwise_is_refused() {
+    // It lacks TTLs, among others.
+    let err = refused_beside_a_stream("DISTLOCK").await;
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("DISTLOCK"), "{err}");
 }
@@ -561,21 +568,8 @@ async fn more_copies_than_servers_is_a_config_error_that_says_what_to_write() {
 
 #[tokio::test]
 async fn a_stream_refused_for_another_reason_says_the_servers_reason() {
-    let server = Nats::start();
-    let nats = async_nats::connect(format!("127.0.0.1:{}", server.port()))
-        .await
-        .expect("connect");
-    async_nats::jetstream::new(nats)
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: "OTHER".into(),
-            subjects: vec!["distlock.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("a stream on the store's subjects");
-    let err = NatsStore::connect(&server.url())
-        .await
-        .expect_err("the subjects are taken");
+    // Another stream takes the store's subjects.
+    let err = refused_beside_a_stream("OTHER").await;
     let said = err.to_string();
     assert!(
         said.contains("overlap") && said.contains("DISTLOCK"),
