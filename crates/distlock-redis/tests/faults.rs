@@ -354,3 +354,43 @@ async fn a_stores_debug_form_names_its_instances_not_its_password() {
     );
     assert!(!shown.contains("s3cret"), "{shown}");
 }
+
+#[tokio::test]
+async fn a_redlock_release_counts_what_answered() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let mut held = Vec::new();
+    for key in ["redlock/partial-release", "redlock/unanswered-release"] {
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        let grant = session.acquire(&request).await.expect("acquire");
+        held.push(HeldLock {
+            key: key.to_owned(),
+            mode: Mode::Exclusive,
+            token: grant.expect("free").token,
+        });
+    }
+    // Two of three down: the one left releases its hold, and too few
+    // answered to say it was not held: released.
+    servers[1].kill();
+    servers[2].kill();
+    session
+        .release(&held[0])
+        .await
+        .expect("released where it could be");
+    // All down: nothing released, nothing answered.
+    servers[0].kill();
+    let err = session
+        .release(&held[1])
+        .await
+        .expect_err("nobody answered");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("only 0 of 3 Redis instances answered"),
+        "{err}"
+    );
+}
