@@ -284,13 +284,11 @@ fn script_calls(server: &Redis) -> u64 {
         .sum()
 }
 
-#[tokio::test]
-async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
-    let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let client = distlock_core::Client::new(std::sync::Arc::new(store));
-    // Long leases: a waiter that relied on its timer would wait about 20 s
-    // (a third of the lease).
+/// A holder of `key` and a waiter, in sessions of 60 s leases (a waiter
+/// left to its timer would wait about 20 s, a third of the lease). Checks
+/// that the waiter asks nothing while it waits, then that the release
+/// wakes it within 5 s.
+async fn woken_by_the_release(server: &Redis, client: &distlock_core::Client, key: &'static str) {
     let open = || async {
         client
             .session()
@@ -301,23 +299,23 @@ async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
     };
     let (holder, waiter) = (open().await, open().await);
     let held = holder
-        .lock("push/key")
+        .lock(key)
         .try_lock()
         .await
         .expect("try")
         .expect("free");
     let waiting = tokio::spawn(async move {
         let guard = waiter
-            .lock("push/key")
+            .lock(key)
             .wait(Duration::from_secs(60))
             .await
             .expect("granted after the release");
         guard.release().await.expect("release");
     });
     sleep(Duration::from_millis(500)).await;
-    let before = script_calls(&server);
+    let before = script_calls(server);
     sleep(Duration::from_secs(1)).await;
-    let during = script_calls(&server) - before;
+    let during = script_calls(server) - before;
     assert!(
         during <= 2,
         "{during} script calls in 1 s of waiting: polling"
@@ -327,6 +325,30 @@ async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
         .await
         .expect("woken by the release, well before the timer")
         .expect("waiter task");
+}
+
+#[tokio::test]
+async fn a_waiter_does_not_poll_and_is_woken_by_the_release() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let client = distlock_core::Client::new(std::sync::Arc::new(store));
+    woken_by_the_release(&server, &client, "push/key").await;
+}
+
+#[tokio::test]
+async fn waiters_are_woken_again_after_a_restart_of_redis() {
+    let mut server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let client = distlock_core::Client::new(std::sync::Arc::new(store));
+    woken_by_the_release(&server, &client, "push/before").await;
+    // The store's subscriber connection ends with the server; the next
+    // wait subscribes again.
+    let port = server.port();
+    server.kill();
+    drop(server);
+    let server = Redis::start_on(port);
+    sleep(Duration::from_millis(500)).await;
+    woken_by_the_release(&server, &client, "push/after").await;
 }
 
 #[tokio::test]
