@@ -454,12 +454,7 @@ mod tests {
             "past the last"
         );
         // A delete refused for another reason is an error.
-        store
-            .nats
-            .js
-            .delete_stream(STREAM)
-            .await
-            .expect("delete stream");
+        nats.js.delete_stream(STREAM).await.expect("delete stream");
         assert!(nats.delete(last).await.is_err(), "no stream");
     }
 
