@@ -14,6 +14,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+mod common;
+use common::{acquire, open, release, waiting};
+
 const SECRET: &str = "open sesame";
 
 async fn start_server() -> String {
@@ -90,37 +93,6 @@ impl Stream {
             .expect("send");
         self.next().await.expect("an answer")
     }
-}
-
-fn open(ttl_ms: u64) -> Request {
-    Request::Open(proto::Open {
-        ttl_ms,
-        lock_delay_ms: 0,
-        max_hold_ms: 0,
-        owner: String::new(),
-    })
-}
-
-fn acquire(key: &str) -> Request {
-    waiting(key, 0)
-}
-
-/// A release of this session's hold of `key`, whatever its token.
-fn release(key: &str) -> Request {
-    Request::Release(proto::Release {
-        key: key.to_owned(),
-        token: 0,
-    })
-}
-
-/// An exclusive acquire of `key` that waits up to `wait_ms`.
-fn waiting(key: &str, wait_ms: u64) -> Request {
-    Request::Acquire(proto::Acquire {
-        key: key.to_owned(),
-        mode: proto::Mode::Exclusive.into(),
-        permits: 0,
-        wait_ms,
-    })
 }
 
 fn failed(event: Event) -> proto::Failed {

@@ -17,6 +17,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
+mod common;
+use common::{acquire, open, release, waiting};
+
 const SECRET: &str = "open sesame";
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -134,37 +137,6 @@ async fn store(url: &str) -> distlock_core::Result<distlock_client::RemoteStore>
     distlock_client::RemoteStore::connect(&url::Url::parse(url).expect("url")).await
 }
 
-fn open() -> Request {
-    Request::Open(proto::Open {
-        ttl_ms: 10_000,
-        lock_delay_ms: 0,
-        max_hold_ms: 0,
-        owner: String::new(),
-    })
-}
-
-fn acquire(key: &str) -> Request {
-    waiting(key, 0)
-}
-
-/// A release of this session's hold of `key`, whatever its token.
-fn release(key: &str) -> Request {
-    Request::Release(proto::Release {
-        key: key.to_owned(),
-        token: 0,
-    })
-}
-
-/// An exclusive acquire of `key` that waits up to `wait_ms`.
-fn waiting(key: &str, wait_ms: u64) -> Request {
-    Request::Acquire(proto::Acquire {
-        key: key.to_owned(),
-        mode: proto::Mode::Exclusive.into(),
-        permits: 0,
-        wait_ms,
-    })
-}
-
 /// The `End` of a stream, with its code and message.
 fn end_of(frame: Option<proto::MuxEvent>) -> (u32, proto::Code, String) {
     let frame = frame.expect("an End frame");
@@ -181,7 +153,7 @@ fn end_of(frame: Option<proto::MuxEvent>) -> (u32, proto::Code, String) {
 /// A new connection still opens a session and takes a lock.
 async fn still_serving(address: &str) {
     let mut connection = Connection::welcomed(address).await;
-    connection.request(1, 0, open()).await;
+    connection.request(1, 0, open(10_000)).await;
     assert!(matches!(connection.event().await, (1, Event::Opened(_))));
     connection.request(1, 1, acquire("still-serving")).await;
     let (_, granted) = connection.event().await;
@@ -240,7 +212,7 @@ async fn an_oversized_frame_ends_the_connection_with_the_limit() {
 async fn a_stream_that_does_not_open_first_ends_alone() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
-    connection.request(1, 0, open()).await;
+    connection.request(1, 0, open(10_000)).await;
     assert!(matches!(connection.event().await, (1, Event::Opened(_))));
     // Stream 2 skips its Open: it ends, stream 1 goes on.
     connection.request(2, 1, acquire("k")).await;
@@ -258,7 +230,7 @@ async fn sessions_on_one_connection_cannot_release_each_others_locks() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
     for stream in [1, 2] {
-        connection.request(stream, 0, open()).await;
+        connection.request(stream, 0, open(10_000)).await;
         assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
     }
     connection.request(1, 1, acquire("mine")).await;
@@ -306,7 +278,7 @@ async fn a_port_that_is_not_a_distlock_server_is_named_as_such() {
 async fn close_answers_then_ends_the_stream() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
-    connection.request(1, 0, open()).await;
+    connection.request(1, 0, open(10_000)).await;
     assert!(matches!(connection.event().await, (1, Event::Opened(_))));
     connection
         .request(1, 1, Request::Close(proto::Close {}))
@@ -321,7 +293,7 @@ async fn a_request_id_that_is_already_waiting_is_refused() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
     for stream in [1, 2] {
-        connection.request(stream, 0, open()).await;
+        connection.request(stream, 0, open(10_000)).await;
         assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
     }
     connection.request(1, 1, acquire("busy")).await;
@@ -356,7 +328,7 @@ async fn a_wait_whose_stream_ends_leaves_the_queue() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
     for stream in [1, 2, 3] {
-        connection.request(stream, 0, open()).await;
+        connection.request(stream, 0, open(10_000)).await;
         assert!(matches!(connection.event().await, (s, Event::Opened(_)) if s == stream));
     }
     connection.request(1, 1, acquire("ended")).await;
@@ -403,7 +375,7 @@ async fn a_connection_that_only_begins_like_the_preface_is_closed() {
 async fn a_request_on_stream_0_ends_the_connection() {
     let address = start_server().await;
     let mut connection = Connection::welcomed(&address).await;
-    connection.request(0, 0, open()).await;
+    connection.request(0, 0, open(10_000)).await;
     let frame = connection.next().await;
     let code = proto::Code::InvalidArgument;
     connection
