@@ -55,10 +55,10 @@ pub(crate) struct Instance {
 /// How long one call to one instance may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn timed_out(name: &str) -> redis::RedisError {
+fn timed_out(name: &str, limit: Duration) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        format!("{name} did not answer in {CALL_TIMEOUT:?}"),
+        format!("{name} did not answer in {limit:?}"),
     ))
 }
 
@@ -146,13 +146,13 @@ impl Instance {
         let db = self.client.get_connection_info().redis_settings().db();
         let pubsub = tokio::time::timeout(CALL_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(|_| timed_out(&self.name))??;
+            .map_err(|_| timed_out(&self.name, CALL_TIMEOUT))??;
         let (mut sink, events) = pubsub.split();
         for key in keys {
             let channel = format!("__keyspace@{db}__:{key}");
             tokio::time::timeout(CALL_TIMEOUT, sink.subscribe(channel))
                 .await
-                .map_err(|_| timed_out(&self.name))??;
+                .map_err(|_| timed_out(&self.name, CALL_TIMEOUT))??;
         }
         Ok(Some((sink, events)))
     }
@@ -176,7 +176,7 @@ impl Instance {
                 .get_multiplexed_async_connection_with_config(&config),
         )
         .await
-        .map_err(|_| timed_out(&self.name))??;
+        .map_err(|_| timed_out(&self.name, CALL_TIMEOUT))??;
         *self.live() = Some(made.clone());
         Ok(made)
     }
@@ -192,16 +192,15 @@ impl Instance {
         let result = if limit < CALL_TIMEOUT {
             tokio::time::timeout(limit, call)
                 .await
-                .unwrap_or_else(|_| Err(timed_out(&self.name)))
+                .unwrap_or_else(|_| Err(timed_out(&self.name, limit)))
         } else {
             call.await
         };
+        // Drops and timeouts are I/O errors; a reply that cannot be parsed
+        // leaves the stream unusable too. A connection that timed out may be
+        // half-open (its peer gone without a reset) and never answer again.
         if let Err(err) = &result {
-            if err.is_io_error()
-                || err.is_connection_dropped()
-                || err.is_timeout()
-                || err.is_unrecoverable_error()
-            {
+            if err.is_io_error() || err.is_unrecoverable_error() {
                 self.live().take();
             }
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use distlock_core::store::{AcquireRequest, HeldLock, LockStore, Mode, SessionOptions};
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
+use distlock_testkit::proxy::{Fault, Proxy};
 use distlock_testkit::restart::assert_rising;
 use distlock_testkit::servers::Redis;
 use tokio::time::{sleep, timeout, Instant};
@@ -269,6 +270,15 @@ async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
             .contains("only 1 of 3 Redlock instances answered"),
         "{err}"
     );
+    // Each instance that failed is named with its error, in order.
+    let (first, second) = (
+        format!(": 127.0.0.1:{}: ", ports[0]),
+        format!("; 127.0.0.1:{}: ", ports[1]),
+    );
+    assert!(
+        err.to_string().contains(&first) && err.to_string().contains(&second),
+        "{err}"
+    );
 }
 
 /// Script calls the server has run so far.
@@ -461,4 +471,159 @@ async fn a_redlock_release_ends_the_hold_on_the_slowest_instance_too() {
         );
         sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Connections Redis has accepted since it started; reading it takes one.
+fn connections_received(server: &Redis) -> u64 {
+    server
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("INFO stats names total_connections_received")
+}
+
+/// An acquire is given up at its lease (less the drift margin), not at
+/// the connection's own 2 s; and the connection it waited on is not used
+/// again, as one that stopped answering may be half-open and never answer.
+#[tokio::test]
+async fn a_call_past_its_limit_is_given_up_and_its_connection_made_anew() {
+    let server = Redis::start();
+    let proxy = Proxy::start(server.address().parse().expect("address")).await;
+    let store = RedisStore::connect(&format!("redis://{}", proxy.addr()))
+        .await
+        .expect("connect");
+    // A limit of 300 ms less 1% and 2 ms: 295 ms.
+    let options = SessionOptions::new(Duration::from_millis(300), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let request = AcquireRequest::new("limit/first", Mode::Exclusive);
+    let token = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: request.key.clone(),
+        mode: Mode::Exclusive,
+        token: token.expect("free").token,
+    };
+    session.release(&held).await.expect("release");
+
+    let before = connections_received(&server);
+    proxy.set(Fault::Blackhole);
+    let request = AcquireRequest::new("limit/second", Mode::Exclusive);
+    let err = session
+        .acquire(&request)
+        .await
+        .expect_err("nothing answers");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("did not answer in 295ms"), "{err}");
+    proxy.set(Fault::None);
+    // One reading of the count, and at least the new connection.
+    let made = connections_received(&server) - before;
+    assert!(made >= 2, "no new connection after the timeout ({made})");
+}
+
+/// Whether `watch_key` pushes with Redis's `notify-keyspace-events` set
+/// to `flags`.
+async fn pushes_with(server: &Redis, store: &RedisStore, flags: &str) -> bool {
+    server.cli(&["CONFIG", "SET", "notify-keyspace-events", flags]);
+    store
+        .watch_key("watch/flags")
+        .await
+        .unwrap_or_else(|err| panic!("{flags}: {err}"))
+        .is_some()
+}
+
+/// Observers are pushed only where Redis publishes keyspace events with
+/// every class a lock's change falls in; elsewhere they poll, as a watch
+/// that never fires would leave them waiting.
+#[tokio::test]
+async fn a_watch_is_pushed_only_where_redis_publishes_every_change() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    for (flags, pushed) in [
+        ("K$gxz", true),
+        ("KA", true),
+        ("AKE", true),
+        ("Kgxz$", true),
+        ("", false),
+        ("EA", false),
+        ("E$gxz", false),
+        ("K$gx", false),
+        ("Kgxz", false),
+    ] {
+        assert_eq!(pushes_with(&server, &store, flags).await, pushed, "{flags}");
+    }
+    // Pushed: a lock taken sends a signal.
+    server.cli(&["CONFIG", "SET", "notify-keyspace-events", "K$gxz"]);
+    let mut watch = store
+        .watch_key("watch/flags")
+        .await
+        .expect("watch")
+        .expect("pushed");
+    let session = store
+        .open_session(&SessionOptions::new(
+            Duration::from_secs(10),
+            Duration::ZERO,
+        ))
+        .await
+        .expect("open");
+    let request = AcquireRequest::new("watch/flags", Mode::Exclusive);
+    session.acquire(&request).await.expect("acquire");
+    timeout(Duration::from_secs(5), watch.recv())
+        .await
+        .expect("a signal within 5 s")
+        .expect("the watch goes on");
+}
+
+/// A Redis that refuses `CONFIG` (an ACL, a managed service) leaves
+/// observers to poll; it is no error.
+#[tokio::test]
+async fn a_watch_where_config_is_refused_leaves_observers_to_poll() {
+    let server = Redis::start();
+    server.cli(&[
+        "ACL", "SETUSER", "observer", "on", ">pw", "~*", "&*", "+@all", "-config",
+    ]);
+    let url = format!("redis://observer:pw@{}", server.address());
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let watch = store.watch_key("watch/refused").await.expect("no error");
+    assert!(watch.is_none(), "a watch where CONFIG is refused");
+}
+
+/// A Redis that does not answer is an error for the watch, not a reason to
+/// poll: the observer is told it cannot see the key.
+#[tokio::test]
+async fn a_watch_on_a_redis_that_does_not_answer_fails_unavailable() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    store.watch_key("watch/silent").await.expect("watch");
+    server.pause();
+    let answer = timeout(Duration::from_secs(10), store.watch_key("watch/silent")).await;
+    server.resume();
+    let err = answer.expect("within 10 s").expect_err("nothing answers");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
+
+/// A script that Redis runs and refuses (here a lock key of the wrong type,
+/// written from outside) is an error, sent once: only `NOSCRIPT` is worth
+/// loading the script again for.
+#[tokio::test]
+async fn a_script_redis_refuses_is_sent_once() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    // Loads the acquire script (shared locks go to it at once).
+    let loaded = AcquireRequest::new("refused/loaded", Mode::Shared);
+    session
+        .acquire(&loaded)
+        .await
+        .expect("acquire")
+        .expect("free");
+    server.cli(&["RPUSH", "dl:{refused/wrong-type}", "x"]);
+    let request = AcquireRequest::new("refused/wrong-type", Mode::Shared);
+    // The first refusal loads the take-back's script too.
+    session.acquire(&request).await.expect_err("wrong type");
+    let before = script_calls(&server);
+    let err = session.acquire(&request).await.expect_err("wrong type");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    // The acquire and its take-back, each sent once.
+    assert_eq!(script_calls(&server) - before, 2, "sent again: {err}");
 }
