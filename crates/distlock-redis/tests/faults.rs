@@ -627,3 +627,30 @@ async fn a_script_redis_refuses_is_sent_once() {
     // The acquire and its take-back, each sent once.
     assert_eq!(script_calls(&server) - before, 2, "sent again: {err}");
 }
+
+/// A session's close gives back only what it still holds: a lock it
+/// released, or one that renewal found lost, is not released again.
+#[tokio::test]
+async fn a_close_releases_only_what_is_still_held() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let mut held = Vec::new();
+    for key in ["close/released", "close/lost"] {
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        let grant = session.acquire(&request).await.expect("acquire");
+        held.push(HeldLock {
+            key: key.to_owned(),
+            mode: Mode::Exclusive,
+            token: grant.expect("free").token,
+        });
+    }
+    session.release(&held[0]).await.expect("release");
+    server.cli(&["DEL", "dl:{close/lost}"]);
+    let report = session.renew(&held[1..]).await.expect("renew answers");
+    assert_eq!(report.lost_keys, ["close/lost"]);
+    let before = script_calls(&server);
+    session.close().await.expect("close");
+    assert_eq!(script_calls(&server), before, "released again at close");
+}

@@ -515,3 +515,30 @@ impl RedisSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session on one instance that is never asked anything.
+    fn session(ttl: Duration) -> RedisSession {
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("url");
+        let instance = Instance::new("127.0.0.1:1".to_owned(), client, "unused");
+        let shared = Arc::new(Shared {
+            instances: vec![instance],
+            quorum: 1,
+        });
+        RedisSession::new(shared, &SessionOptions::new(ttl, Duration::ZERO))
+    }
+
+    /// The margin is Redlock's: 1% of the TTL plus 2 ms. A call is given
+    /// up that much before its lease ends, and a grant that came later
+    /// is not used.
+    #[test]
+    fn the_drift_margin_is_one_percent_and_two_ms() {
+        for (ttl, drift) in [(10_000, 102), (1_000, 12), (100, 3)] {
+            let session = session(Duration::from_millis(ttl));
+            assert_eq!(session.drift(), Duration::from_millis(drift), "{ttl} ms");
+        }
+    }
+}
