@@ -654,3 +654,57 @@ async fn a_close_releases_only_what_is_still_held() {
     session.close().await.expect("close");
     assert_eq!(script_calls(&server), before, "released again at close");
 }
+
+/// A Redlock grant whose instances' counters disagree takes the highest
+/// token, and is used only once the lower counter is raised to it in time:
+/// where the raise is refused, or lands after the lease would have ended,
+/// the grant is given back. Instances `behind` (through a proxy) and
+/// `ahead` answer; the third is down, so that both must grant.
+#[tokio::test]
+async fn a_redlock_grant_is_used_once_its_token_is_raised_on_a_majority() {
+    let (behind, ahead) = (Redis::start(), Redis::start());
+    let proxy = Proxy::start(behind.address().parse().expect("address")).await;
+    let down = distlock_testkit::daemon::free_port();
+    let url = format!(
+        "redlock://{},{},127.0.0.1:{down}",
+        proxy.addr(),
+        ahead.address()
+    );
+    let store = RedisStore::connect(&url).await.expect("two of three up");
+    let options = SessionOptions::new(Duration::from_secs(1), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let acquire = |key: &'static str| {
+        ahead.cli(&["SET", &format!("dl:{{{key}}}:f"), "100"]);
+        let session = &session;
+        async move {
+            let request = AcquireRequest::new(key, Mode::Exclusive);
+            session.acquire(&request).await
+        }
+    };
+
+    // The raise refused: `behind` may run no script.
+    behind.cli(&["ACL", "SETUSER", "default", "-evalsha"]);
+    let err = acquire("settle/refused").await.expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("could not be written"), "{err}");
+    behind.cli(&["ACL", "SETUSER", "default", "+evalsha"]);
+
+    // The raise in time, but past the lease (1 s less 12 ms): each way
+    // to `behind` takes 350 ms, so the grant takes 700 and the raise 700.
+    proxy.set(Fault::Delay(Duration::from_millis(350)));
+    let err = acquire("settle/late").await.expect_err("late");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains("took longer than the lease"),
+        "{err}"
+    );
+    proxy.set(Fault::None);
+
+    // In time: the highest token, raised where it was behind and asked of
+    // no instance that had it.
+    let scripts = script_calls(&ahead);
+    let grant = acquire("settle/in-time").await.expect("acquire");
+    assert_eq!(grant.expect("free").token, 101);
+    assert_eq!(behind.cli(&["GET", "dl:{settle/in-time}:f"]), "101");
+    assert_eq!(script_calls(&ahead), scripts, "a raise sent to `ahead`");
+}
