@@ -708,3 +708,38 @@ async fn a_redlock_grant_is_used_once_its_token_is_raised_on_a_majority() {
     assert_eq!(behind.cli(&["GET", "dl:{settle/in-time}:f"]), "101");
     assert_eq!(script_calls(&ahead), scripts, "a raise sent to `ahead`");
 }
+
+/// A Redlock acquire and a renewal are decided once a majority answered:
+/// an instance that does not answer holds neither up (here until its
+/// connection gives the call up, after 2 s).
+#[tokio::test]
+async fn a_silent_redlock_instance_holds_no_acquire_or_renewal_up() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let proxy = Proxy::start(servers[2].address().parse().expect("address")).await;
+    let url = format!(
+        "redlock://{},{},{}",
+        servers[0].address(),
+        servers[1].address(),
+        proxy.addr()
+    );
+    let store = RedisStore::connect(&url).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    proxy.set(Fault::Blackhole);
+    let request = AcquireRequest::new("redlock/silent", Mode::Exclusive);
+    let grant = timeout(Duration::from_secs(1), session.acquire(&request))
+        .await
+        .expect("granted by two of three at once")
+        .expect("acquire")
+        .expect("free");
+    let held = HeldLock {
+        key: request.key.clone(),
+        mode: Mode::Exclusive,
+        token: grant.token,
+    };
+    let report = timeout(Duration::from_secs(1), session.renew(&[held]))
+        .await
+        .expect("renewed by two of three at once")
+        .expect("renew");
+    assert!(report.lost_keys.is_empty(), "{:?}", report.lost_keys);
+}
