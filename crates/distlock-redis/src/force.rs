@@ -125,10 +125,8 @@ impl std::fmt::Display for Audit<'_> {
 fn too_few(key: &str, shared: &Shared, reached: usize, failures: &Failures) -> Error {
     let instances = shared.instances.len();
     let message = if instances == 1 {
-        format!(
-            "cannot end the holds on '{key}': cannot reach Redis at {failures}; check that \
-             redis-server runs there, then run it again"
-        )
+        let why = failures.on_single("check that redis-server runs there, then run it again", "");
+        format!("cannot end the holds on '{key}': {why}")
     } else {
         format!(
             "the forced release of '{key}' reached only {reached} of {instances} Redlock \

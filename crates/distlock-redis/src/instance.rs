@@ -75,6 +75,17 @@ impl Failures {
         self.0.len()
     }
 
+    /// What went wrong with a single Redis, and what to do: `reach` where
+    /// it could not be reached, `refused` where it answered every call with
+    /// an error of its own (a refused script, an ACL, no memory left).
+    pub(crate) fn on_single(&self, reach: &str, refused: &str) -> String {
+        if !self.0.is_empty() && self.0.iter().all(|(_, err)| !err.is_io_error()) {
+            format!("Redis refused: {self}{refused}")
+        } else {
+            format!("cannot reach Redis at {self}; {reach}")
+        }
+    }
+
     /// `error` with the first failure's error as its source; the message
     /// names every failure already (through [`Display`](std::fmt::Display)).
     pub(crate) fn source_of(&self, error: Error) -> Error {

@@ -179,8 +179,9 @@ impl RedisStore {
             return Ok(());
         }
         let message = if instances.len() == 1 {
-            format!(
-                "cannot reach Redis at {failures}; check the URL and that redis-server runs there"
+            failures.on_single(
+                "check the URL and that redis-server runs there",
+                "; check the user, password and database in the URL",
             )
         } else {
             format!(

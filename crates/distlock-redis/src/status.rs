@@ -108,7 +108,8 @@ pub(crate) async fn read(shared: &Shared, query: &StatusQuery) -> Result<Status>
     }
     if views.len() < shared.quorum {
         let message = if instances.len() == 1 {
-            format!("cannot read the locks from Redis at {failures}; is redis-server running?")
+            let why = failures.on_single("is redis-server running?", "");
+            format!("cannot read the locks: {why}")
         } else {
             format!(
                 "only {} of {} Redlock instances answered ({} needed): {failures}",

@@ -401,6 +401,12 @@ async fn a_stores_debug_form_names_its_instances_not_its_password() {
         "{shown}"
     );
     assert!(!shown.contains("s3cret"), "{shown}");
+    // A wrong password is refused, and the message points at the URL.
+    let url = format!("redis://:wrong@{}", server.address());
+    let err = RedisStore::connect(&url).await.expect_err("wrong password");
+    assert!(err.to_string().contains("Redis refused: "), "{err}");
+    assert!(err.to_string().contains("password"), "{err}");
+    assert!(!err.to_string().contains("redis-server"), "{err}");
 }
 
 #[tokio::test]
@@ -623,7 +629,10 @@ async fn a_script_redis_refuses_is_sent_once() {
     session.acquire(&request).await.expect_err("wrong type");
     let before = script_calls(&server);
     let err = session.acquire(&request).await.expect_err("wrong type");
+    // Redis answered: the message says so, and not to check that it runs.
+    assert!(err.to_string().contains("Redis refused: "), "{err}");
     assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert!(!err.to_string().contains("redis-server"), "{err}");
     // The acquire and its take-back, each sent once.
     assert_eq!(script_calls(&server) - before, 2, "sent again: {err}");
 }

@@ -160,7 +160,7 @@ impl RedisSession {
     fn unavailable(&self, answered: usize, failures: &Failures) -> Error {
         let total = self.instances().len();
         let message = if total == 1 {
-            format!("cannot reach Redis at {failures}; check that redis-server runs there")
+            failures.on_single("check that redis-server runs there", "")
         } else {
             format!(
                 "only {answered} of {total} Redis instances answered ({} needed): {failures}",
