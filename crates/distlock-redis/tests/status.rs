@@ -411,3 +411,61 @@ async fn the_owner_is_written_again_each_half_lease() {
     assert!((3..=9).contains(&written), "{written} owner writes in 4 s");
     held.release().await.expect("release");
 }
+
+/// Fast grants carry the owner write too, once per half lease: twenty
+/// grants and releases in a moment write it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_grants_write_the_owner_once_per_half_lease() {
+    let server = Redis::start();
+    let client = connect(&server.url()).await;
+    let holder = open(&client, "quick@h pid 1 (t)", TTL, Duration::ZERO).await;
+    let key = "status/quick";
+    let before = sets(&server);
+    for _ in 0..20 {
+        let held = holder.lock(key).try_lock().await.expect("try");
+        held.expect("free").release().await.expect("release");
+    }
+    // Each fast grant is a SET NX of its own.
+    assert_eq!(sets(&server) - before, 20 + 1);
+    let held = holder.lock(key).await.expect("hold");
+    let shown = of_key(&client, key).await;
+    assert_eq!(shown[0].holders[0].owner, "quick@h pid 1 (t)", "{shown:?}");
+    held.release().await.expect("release");
+}
+
+/// An owner write that failed with its call goes with the next call, not
+/// half a lease later: a holder granted once Redis is back shows its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_write_that_failed_goes_with_the_next_call() {
+    let mut server = Redis::start();
+    let client = connect(&server.url()).await;
+    let holder = open(&client, "returning@h pid 1 (t)", TTL, Duration::ZERO).await;
+    let key = "status/returning";
+    let port = server.port();
+    server.kill();
+    drop(server);
+    let err = holder
+        .lock(key)
+        .try_lock()
+        .await
+        .expect_err("Redis is down");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    let _server = Redis::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        match holder.lock(key).try_lock().await {
+            Ok(held) => break held.expect("free"),
+            Err(err) if Instant::now() < deadline => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("Redis never answered again: {err}"),
+        }
+    };
+    let shown = of_key(&client, key).await;
+    assert_eq!(
+        shown[0].holders[0].owner, "returning@h pid 1 (t)",
+        "{shown:?}"
+    );
+    held.release().await.expect("release");
+}
