@@ -752,3 +752,33 @@ async fn a_silent_redlock_instance_holds_no_acquire_or_renewal_up() {
         .expect("renew");
     assert!(report.lost_keys.is_empty(), "{:?}", report.lost_keys);
 }
+
+/// A Redlock acquire that finds too few instances up fails at its fast
+/// try, having only taken back what it wrote there: it does not go on to
+/// join a queue it cannot have a majority of.
+#[tokio::test]
+async fn a_redlock_acquire_without_a_majority_fails_at_its_fast_try() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    servers[1].kill();
+    servers[2].kill();
+    for key in ["majority/loads-the-scripts", "majority/counted"] {
+        let before = script_calls(&servers[0]);
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        let err = session.acquire(&request).await.expect_err("one of three");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(
+            err.to_string()
+                .contains("only 1 of 3 Redis instances answered"),
+            "{err}"
+        );
+        if key == "majority/counted" {
+            let sent = script_calls(&servers[0]) - before;
+            assert_eq!(sent, 1, "scripts beyond the take-back");
+        }
+    }
+}
