@@ -782,3 +782,68 @@ async fn a_redlock_acquire_without_a_majority_fails_at_its_fast_try() {
         }
     }
 }
+
+/// A try of a key another session holds asks the queue once and takes
+/// nothing back: its fast try was refused and wrote nothing.
+#[tokio::test]
+async fn a_refused_fast_try_has_nothing_to_take_back() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let holder = store.open_session(&options).await.expect("open");
+    let other = store.open_session(&options).await.expect("open");
+    // The first key loads the scripts the second then only runs.
+    for key in ["refused/loads-the-scripts", "refused/counted"] {
+        let request = AcquireRequest::new(key, Mode::Exclusive);
+        holder
+            .acquire(&request)
+            .await
+            .expect("acquire")
+            .expect("free");
+        let before = script_calls(&server);
+        let tried = other.acquire(&request).await.expect("an answer");
+        assert!(tried.is_none(), "{key} granted twice");
+        if key == "refused/counted" {
+            assert_eq!(script_calls(&server) - before, 1, "beyond the queue's ask");
+        }
+    }
+}
+
+/// What a minority of Redlock instances granted at the fast try is given
+/// back at once: once the waiter, granted by the others, releases, every
+/// instance is free (not held by its fast try until the lease ends).
+#[tokio::test]
+async fn a_minoritys_fast_grant_is_given_back_at_once() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let key = "redlock/minority";
+    let main = format!("dl:{{{key}}}");
+    // A fast hold of another session on two of the three, for 2 s.
+    for server in &servers[1..] {
+        server.cli(&["SET", &main, "other|0|0", "PX", "2000"]);
+    }
+    let mut request = AcquireRequest::new(key, Mode::Exclusive);
+    request.wait_until = Some(Instant::now() + Duration::from_secs(10));
+    let grant = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: grant.expect("granted once the other's lease ran out").token,
+    };
+    session.release(&held).await.expect("release");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while servers
+        .iter()
+        .any(|server| server.cli(&["EXISTS", &main]) != "0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "an instance still held after the release"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
