@@ -847,3 +847,51 @@ async fn a_minoritys_fast_grant_is_given_back_at_once() {
         sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `MULTI`s the server has run so far: one per fast try.
+fn fast_tries(server: &Redis) -> u64 {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_multi:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+/// A key a session found taken goes straight to the queue on its next
+/// acquires, as long as they find it taken too: no fast try, which would
+/// only be refused.
+#[tokio::test]
+async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let holder = store.open_session(&options).await.expect("open");
+    let waiter = store.open_session(&options).await.expect("open");
+    let mut request = AcquireRequest::new("contended/stays", Mode::Exclusive);
+    let held_as = |token| HeldLock {
+        key: request.key.clone(),
+        mode: Mode::Exclusive,
+        token,
+    };
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        let grant = holder.acquire(&request).await.expect("acquire");
+        let held = held_as(grant.expect("free").token);
+        let before = fast_tries(&server);
+        request.wait_until = Some(Instant::now() + Duration::from_secs(10));
+        let (waited, released) = tokio::join!(waiter.acquire(&request), async {
+            sleep(Duration::from_millis(300)).await;
+            holder.release(&held).await
+        });
+        request.wait_until = None;
+        released.expect("release");
+        tries.push(fast_tries(&server) - before);
+        let grant = waited.expect("acquire").expect("handed over");
+        waiter
+            .release(&held_as(grant.token))
+            .await
+            .expect("release");
+    }
+    assert_eq!(tries, [1, 0, 0], "fast tries of the waiter's acquires");
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::status::{KeyStatus, StatusQuery};
+use distlock_core::store::{AcquireRequest, HeldLock, LockStore, SessionOptions};
 use distlock_core::{Client, ErrorKind, Guard, Mode, Session};
 use distlock_redis::RedisStore;
 use distlock_testkit::servers::Redis;
@@ -468,4 +469,40 @@ async fn an_owner_write_that_failed_goes_with_the_next_call() {
         "{shown:?}"
     );
     held.release().await.expect("release");
+}
+
+/// A renewal whose owner write failed (here: its connection was killed)
+/// leaves it due: the next call writes it again, where Redis may have lost
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewals_failed_owner_write_goes_with_the_next_call() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let ttl = Duration::from_secs(2);
+    let session = store
+        .open_session(&SessionOptions::new(ttl, Duration::ZERO))
+        .await
+        .expect("open");
+    let request = AcquireRequest::new("status/renewal-failed", Mode::Exclusive);
+    let grant = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: request.key.clone(),
+        mode: Mode::Exclusive,
+        token: grant.expect("free").token,
+    };
+    let owners = server.cli(&["KEYS", "dl:o:*"]);
+    assert_eq!(owners.lines().count(), 1, "{owners}");
+    // Past half a lease: the next renewal carries the owner write.
+    sleep(ttl / 2 + Duration::from_millis(100)).await;
+    server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    let failed = session.renew(std::slice::from_ref(&held)).await;
+    failed.expect_err("its connection killed");
+    server.cli(&["DEL", owners.trim()]);
+    let renewed = session.renew(std::slice::from_ref(&held)).await;
+    assert!(renewed.expect("renew").lost_keys.is_empty());
+    assert_eq!(
+        server.cli(&["EXISTS", owners.trim()]),
+        "1",
+        "not written again"
+    );
 }
