@@ -895,3 +895,32 @@ async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
     }
     assert_eq!(tries, [1, 0, 0], "fast tries of the waiter's acquires");
 }
+
+/// A Redlock renewal that reaches one instance of three is neither a
+/// renewal nor a loss: the instances that did not answer may hold still.
+/// It fails as unavailable, counting what answered.
+#[tokio::test]
+async fn a_redlock_renewal_without_a_majority_counts_what_answered() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let request = AcquireRequest::new("redlock/renewal-minority", Mode::Exclusive);
+    let grant = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: request.key.clone(),
+        mode: Mode::Exclusive,
+        token: grant.expect("free").token,
+    };
+    servers[1].kill();
+    servers[2].kill();
+    let err = session.renew(&[held]).await.expect_err("one of three");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("only 1 of 3 Redis instances answered (2 needed)"),
+        "{err}"
+    );
+}
