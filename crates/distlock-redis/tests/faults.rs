@@ -924,3 +924,30 @@ async fn a_redlock_renewal_without_a_majority_counts_what_answered() {
         "{err}"
     );
 }
+
+/// A Redlock renewal that finds the hold on one instance, not on another,
+/// and no answer from the third cannot tell held from lost: the third may
+/// hold it still. It fails as unavailable, for the core to ask again,
+/// rather than report the lock lost.
+#[tokio::test]
+async fn a_redlock_renewal_that_cannot_tell_held_from_lost_asks_again() {
+    let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    let key = "redlock/renewal-undecided";
+    let request = AcquireRequest::new(key, Mode::Exclusive);
+    let grant = session.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: grant.expect("free").token,
+    };
+    servers[1].cli(&["DEL", &format!("dl:{{{key}}}")]);
+    servers[2].kill();
+    let renewed = session.renew(std::slice::from_ref(&held)).await;
+    let err = renewed.expect_err("undecided");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
