@@ -149,13 +149,17 @@ async fn shared_and_semaphore_holders_are_shown_with_their_tokens() {
     let client = connect(&server.url()).await;
     let a = open(&client, "a@h pid 1 (t)", TTL, Duration::ZERO).await;
     let b = open(&client, "b@h pid 2 (t)", TTL, Duration::ZERO).await;
+    let c = open(&client, "c@h pid 3 (t)", TTL, Duration::ZERO).await;
+    // Three of each: every holder is read, not the first two.
     let readers = [
         a.read("status/shared").await.expect("read"),
         b.read("status/shared").await.expect("read"),
+        c.read("status/shared").await.expect("read"),
     ];
     let permits = [
         a.semaphore("status/permits", 3).await.expect("permit"),
         b.semaphore("status/permits", 3).await.expect("permit"),
+        c.semaphore("status/permits", 3).await.expect("permit"),
     ];
     let shown = status(&client, StatusQuery::Prefix("status/".into())).await;
     let keys: Vec<&str> = shown.iter().map(|k| k.key.as_str()).collect();
@@ -172,7 +176,7 @@ async fn shared_and_semaphore_holders_are_shown_with_their_tokens() {
         assert!(lock.holders.iter().all(|h| h.mode == mode), "{lock:?}");
         let mut owners: Vec<&str> = lock.holders.iter().map(|h| h.owner.as_str()).collect();
         owners.sort_unstable();
-        assert_eq!(owners, ["a@h pid 1 (t)", "b@h pid 2 (t)"]);
+        assert_eq!(owners, ["a@h pid 1 (t)", "b@h pid 2 (t)", "c@h pid 3 (t)"]);
     }
 }
 
@@ -350,6 +354,11 @@ async fn redlock_status_needs_a_majority() {
         .await
         .expect_err("one instance of three");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("only 1 of 3 Redlock instances answered (2 needed)"),
+        "{err}"
+    );
     drop(held);
 }
 
@@ -505,4 +514,51 @@ async fn a_renewals_failed_owner_write_goes_with_the_next_call() {
         "1",
         "not written again"
     );
+}
+
+/// Status on a single Redis that is down says so, and what to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_redis_that_is_down_says_to_check_it_runs() {
+    let mut server = Redis::start();
+    let client = connect(&server.url()).await;
+    server.kill();
+    let err = client
+        .status(&StatusQuery::Key("status/down".into()))
+        .await
+        .expect_err("down");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("cannot read the locks: cannot reach Redis at 127.0.0.1:")
+            && message.contains("is redis-server running?"),
+        "{err}"
+    );
+}
+
+/// Waiters behind a hold whose lease ran out, while its lock-delay still
+/// blocks the key, are shown with no holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_behind_a_lapsed_hold_are_shown() {
+    let server = Redis::start();
+    let client = connect(&server.url()).await;
+    let key = "status/behind-lapsed";
+    let ttl = Duration::from_millis(600);
+    let vanishing = open(&client, "gone@h pid 1 (t)", ttl, Duration::from_secs(3)).await;
+    let _held = vanishing.lock(key).await.expect("hold");
+    let waiter = open(&client, "behind@h pid 2 (t)", TTL, Duration::ZERO).await;
+    let waiting = wait_for(&waiter, key, Mode::Exclusive);
+    sleep(SETTLE).await;
+    vanishing.freeze_for_test();
+    sleep(ttl + Duration::from_millis(300)).await;
+    let shown = of_key(&client, key).await;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(shown[0].holders.is_empty(), "{shown:?}");
+    let owners: Vec<&str> = shown[0].waiters.iter().map(|w| w.owner.as_str()).collect();
+    assert_eq!(owners, ["behind@h pid 2 (t)"]);
+    waiting
+        .await
+        .expect("waiter")
+        .release()
+        .await
+        .expect("release");
 }
