@@ -484,3 +484,50 @@ fn waiters_of<'a>(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis's `TIME` of 1,000.999 s (1,000,999 ms), and a lock's keys as
+    /// `read_lock` reads them.
+    fn raw(
+        main: &str,
+        holders: &[(&str, u64)],
+        queue: &[&str],
+        records: &[(&str, &str)],
+    ) -> RawLock {
+        (
+            (1_000, 999_000),
+            Some(main.to_owned()),
+            -1,
+            Some(7),
+            holders
+                .iter()
+                .map(|(member, ends)| ((*member).to_owned(), *ends as f64))
+                .collect(),
+            queue.iter().map(|member| (*member).to_owned()).collect(),
+            records
+                .iter()
+                .map(|(field, record)| ((*field).to_owned(), (*record).to_owned()))
+                .collect(),
+        )
+    }
+
+    /// Leases are read against Redis's clock to the ms; a hold whose lease
+    /// ends now is over; a hold handed over from the queue shows its token.
+    #[test]
+    fn a_holds_lease_is_read_against_redis_time_to_the_ms() {
+        let lock = view(raw(
+            "*x/",
+            &[("a|1|0", 1_005_999), ("b|1|0", 1_000_999)],
+            &[],
+            &[("wa|1|0", "H|41|1|channel")],
+        ));
+        assert_eq!(lock.counter, Some(7));
+        assert_eq!(lock.holds.len(), 1, "the lease that ends now is over");
+        assert_eq!(lock.holds[0].member, "a|1|0");
+        assert_eq!(lock.holds[0].lease_left, Duration::from_millis(5_000));
+        assert_eq!(lock.holds[0].token, Some(41));
+    }
+}

@@ -174,9 +174,17 @@ async fn shared_and_semaphore_holders_are_shown_with_their_tokens() {
         expected.sort_unstable();
         assert_eq!(tokens, expected, "{lock:?}");
         assert!(lock.holders.iter().all(|h| h.mode == mode), "{lock:?}");
+
         let mut owners: Vec<&str> = lock.holders.iter().map(|h| h.owner.as_str()).collect();
         owners.sort_unstable();
         assert_eq!(owners, ["a@h pid 1 (t)", "b@h pid 2 (t)", "c@h pid 3 (t)"]);
+    }
+    // Leases left are read against Redis's clock: never more than the
+    // lease.
+    for lock in &shown {
+        let leases = lock.holders.iter().map(|h| h.lease_left.expect("kept"));
+        assert!(leases.clone().all(|left| left <= TTL), "{lock:?}");
+        assert!(leases.clone().all(|left| left > TTL / 2), "{lock:?}");
     }
 }
 
