@@ -530,4 +530,71 @@ mod tests {
         assert_eq!(lock.holds[0].lease_left, Duration::from_millis(5_000));
         assert_eq!(lock.holds[0].token, Some(41));
     }
+
+    fn hold(member: &str, token: Option<u64>) -> Hold {
+        Hold {
+            member: member.to_owned(),
+            mode: Mode::Exclusive,
+            token,
+            lease_left: Duration::from_secs(1),
+        }
+    }
+
+    /// One instance's lock with `holds`, and `places` in queue order.
+    fn lock(holds: Vec<Hold>, places: &[&str]) -> LockView {
+        LockView {
+            holds,
+            places: places
+                .iter()
+                .map(|member| Place {
+                    member: (*member).to_owned(),
+                    mode: Mode::Exclusive,
+                })
+                .collect(),
+            counter: None,
+        }
+    }
+
+    /// A holder's token is shown only where every instance lists the hold,
+    /// with that token: one that did not answer may have granted another.
+    #[test]
+    fn a_token_is_shown_only_where_every_instance_agrees() {
+        let (a, b) = (
+            lock(vec![hold("m|1|0", Some(5))], &[]),
+            lock(vec![hold("m|1|0", Some(5))], &[]),
+        );
+        let shown = holders_of(&[&a, &b], 2, 2, 2);
+        assert_eq!(shown[0].1.token, Some(5));
+        let shown = holders_of(&[&a, &b], 3, 2, 2);
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].1.token, None, "two of three answered");
+    }
+
+    /// Waiters are members listed on a majority, as a place or a hold (a
+    /// hold on a minority is a wait still), in order of their mean place.
+    #[test]
+    fn waiters_are_listed_on_a_majority_in_order_of_their_mean_place() {
+        let none = BTreeSet::new();
+        let names = |waiters: Vec<(&str, WaiterStatus)>| -> Vec<String> {
+            waiters
+                .into_iter()
+                .map(|(member, _)| member.to_owned())
+                .collect()
+        };
+        // `m` holds on one instance and waits on another; `n` waits on one.
+        let (a, b) = (
+            lock(vec![], &["m|1|0", "n|1|0"]),
+            lock(vec![hold("m|1|0", None)], &[]),
+        );
+        assert_eq!(names(waiters_of(&[&a, &b], 2, &none)), ["m|1|0"]);
+        // `p` at 0, 0 and 3 (mean 1) comes before `q` at 1 and 2, then `x`
+        // at 1 and 2 (both a mean of 1.5, in the order of their names).
+        let a = lock(vec![], &["p|1|0", "q|1|0"]);
+        let b = lock(vec![], &["p|1|0", "x|1|0", "q|1|0"]);
+        let c = lock(vec![], &["y|1|0", "z|1|0", "x|1|0", "p|1|0"]);
+        assert_eq!(
+            names(waiters_of(&[&a, &b, &c], 2, &none)),
+            ["p|1|0", "q|1|0", "x|1|0"]
+        );
+    }
 }
