@@ -869,7 +869,8 @@ fn fast_tries(server: &Redis) -> u64 {
 
 /// A key a session found taken goes straight to the queue on its next
 /// acquires, as long as they find it taken too: no fast try, which would
-/// only be refused.
+/// only be refused. Each is granted by the hand-over's message, without
+/// asking again.
 #[tokio::test]
 async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
     let server = Redis::start();
@@ -883,19 +884,21 @@ async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
         mode: Mode::Exclusive,
         token,
     };
-    let mut tries = Vec::new();
+    let (mut tries, mut hand_overs) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let grant = holder.acquire(&request).await.expect("acquire");
         let held = held_as(grant.expect("free").token);
         let before = fast_tries(&server);
         request.wait_until = Some(Instant::now() + Duration::from_secs(10));
-        let (waited, released) = tokio::join!(waiter.acquire(&request), async {
+        let (waited, (released, scripts)) = tokio::join!(waiter.acquire(&request), async {
             sleep(Duration::from_millis(300)).await;
-            holder.release(&held).await
+            let scripts = script_calls(&server);
+            (holder.release(&held).await, scripts)
         });
         request.wait_until = None;
         released.expect("release");
         tries.push(fast_tries(&server) - before);
+        hand_overs.push(script_calls(&server) - scripts);
         let grant = waited.expect("acquire").expect("handed over");
         waiter
             .release(&held_as(grant.token))
@@ -903,6 +906,9 @@ async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
             .expect("release");
     }
     assert_eq!(tries, [1, 0, 0], "fast tries of the waiter's acquires");
+    // From the release to the grant: the release alone (the first loads
+    // its script). The waiter counts the hand-over its message brought.
+    assert_eq!(hand_overs[1..], [1, 1], "scripts from release to grant");
 }
 
 /// A Redlock renewal that reaches one instance of three is neither a
@@ -959,4 +965,38 @@ async fn a_redlock_renewal_that_cannot_tell_held_from_lost_asks_again() {
     let renewed = session.renew(std::slice::from_ref(&held)).await;
     let err = renewed.expect_err("undecided");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
+
+/// After a forced release on Redlock, a waiter asks every instance again
+/// before it counts the hand-overs the force made as a majority: the
+/// force runs on each instance apart, and may have ended on one a
+/// hand-over the waiter counted (docs/0003).
+#[tokio::test]
+async fn a_waiter_asks_again_before_it_counts_a_forced_hand_over() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let holder = store.open_session(&options).await.expect("open");
+    let waiter = store.open_session(&options).await.expect("open");
+    // Loads the forced release's script everywhere.
+    store.force_release("forced/warm", "test").await.expect("force");
+    let key = "forced/confirm";
+    let mut request = AcquireRequest::new(key, Mode::Exclusive);
+    holder.acquire(&request).await.expect("acquire").expect("free");
+    request.wait_until = Some(Instant::now() + Duration::from_secs(10));
+    let (granted, before) = tokio::join!(waiter.acquire(&request), async {
+        sleep(Duration::from_millis(300)).await;
+        let before: Vec<u64> = servers.iter().map(script_calls).collect();
+        store.force_release(key, "test").await.expect("force");
+        before
+    });
+    granted.expect("acquire").expect("handed over by the force");
+    let sent: Vec<u64> = servers
+        .iter()
+        .zip(before)
+        .map(|(server, before)| script_calls(server) - before)
+        .collect();
+    assert_eq!(sent, [2, 2, 2], "the force and the waiter's ask, each");
 }
