@@ -981,10 +981,17 @@ async fn a_waiter_asks_again_before_it_counts_a_forced_hand_over() {
     let holder = store.open_session(&options).await.expect("open");
     let waiter = store.open_session(&options).await.expect("open");
     // Loads the forced release's script everywhere.
-    store.force_release("forced/warm", "test").await.expect("force");
+    store
+        .force_release("forced/warm", "test")
+        .await
+        .expect("force");
     let key = "forced/confirm";
     let mut request = AcquireRequest::new(key, Mode::Exclusive);
-    holder.acquire(&request).await.expect("acquire").expect("free");
+    holder
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
     request.wait_until = Some(Instant::now() + Duration::from_secs(10));
     let (granted, before) = tokio::join!(waiter.acquire(&request), async {
         sleep(Duration::from_millis(300)).await;
@@ -999,4 +1006,74 @@ async fn a_waiter_asks_again_before_it_counts_a_forced_hand_over() {
         .map(|(server, before)| script_calls(server) - before)
         .collect();
     assert_eq!(sent, [2, 2, 2], "the force and the waiter's ask, each");
+}
+
+/// Three Redlock waiters each first in the queue of a different instance:
+/// the holder's release hands each one instance, and nobody has a
+/// majority. They must see the split, give everything back and join
+/// again, until each is granted in turn. Each waiter reaches its own
+/// instance at once and the other two through proxies that hold every
+/// chunk 150 ms, so that it is first in its own instance's queue, and
+/// stays first there after a split unless the pauses before joining again
+/// differ by more than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_way_split_vote_is_resolved() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let mut proxies = Vec::new();
+    let mut waiters = Vec::new();
+    let options = SessionOptions::new(Duration::from_secs(30), Duration::ZERO);
+    for own in 0..3 {
+        let mut hosts = Vec::new();
+        for (index, server) in servers.iter().enumerate() {
+            if index == own {
+                hosts.push(server.address());
+            } else {
+                let proxy = Proxy::start(server.address().parse().expect("address")).await;
+                proxy.set(Fault::Delay(Duration::from_millis(300)));
+                hosts.push(proxy.addr().to_string());
+                proxies.push(proxy);
+            }
+        }
+        let url = format!("redlock://{}", hosts.join(","));
+        let store = RedisStore::connect(&url).await.expect("connect");
+        let session = store.open_session(&options).await.expect("open");
+        waiters.push((store, session));
+    }
+    let holder_store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let holder = holder_store.open_session(&options).await.expect("open");
+    let key = "redlock/split";
+    let mut request = AcquireRequest::new(key, Mode::Exclusive);
+    let grant = holder.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: grant.expect("free").token,
+    };
+    request.wait_until = Some(Instant::now() + Duration::from_secs(25));
+    let waits = waiters.iter().map(|(_, session)| {
+        let request = request.clone();
+        async move {
+            let grant = session.acquire(&request).await.expect("acquire");
+            let grant = grant.expect("granted before the deadline");
+            let held = HeldLock {
+                key: request.key.clone(),
+                mode: Mode::Exclusive,
+                token: grant.token,
+            };
+            session.release(&held).await.expect("release");
+            grant.token
+        }
+    });
+    let (tokens, ()) = tokio::join!(futures::future::join_all(waits), async {
+        // Every waiter is queued everywhere: a fast try and an ask, each
+        // 300 ms to the far instances.
+        sleep(Duration::from_secs(2)).await;
+        holder.release(&held).await.expect("release");
+    });
+    let mut sorted = tokens.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 3, "one token each: {tokens:?}");
 }

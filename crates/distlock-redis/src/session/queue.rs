@@ -17,6 +17,10 @@ use crate::owner::OwnerWrite;
 use crate::scripts::LockKeys;
 use crate::wake::Arrival;
 
+/// The least of the longest pause before joining again after a split
+/// vote (see `queue_for`).
+const SPLIT_PAUSE: Duration = Duration::from_millis(50);
+
 /// What an acquire knows of each instance.
 struct Tally {
     /// The grant of each instance: token and generation.
@@ -123,6 +127,8 @@ impl RedisSession {
             }
         };
         let mut arrivals = expect(&member);
+        // Splits so far in this acquire.
+        let mut splits = 0u32;
         loop {
             let retry = match self.ask(request, keys, &member, tally).await {
                 Ok(retry) => retry,
@@ -175,6 +181,7 @@ impl RedisSession {
                 if split_at.is_some_and(|at| now >= at) {
                     split_at = None;
                     // Ask again, to learn who holds the other instances.
+                    let asked = Instant::now();
                     if let Err(err) = self.ask(request, keys, &member, tally).await {
                         self.abandon_all(keys, &member, more).await;
                         return Err(err);
@@ -196,7 +203,13 @@ impl RedisSession {
                     // The old member's routes went with its arrivals: a
                     // hand-over to it can no longer be counted.
                     tally.grants.iter_mut().for_each(|grant| *grant = None);
-                    let pause = Duration::from_millis(rand::random_range(1..=50));
+                    // A split repeats while each contender is nearer one
+                    // instance than the others are: the pauses must come to
+                    // differ by more than that. Up to the ask's round trip
+                    // (at least 50 ms), doubled with each split in a row.
+                    let longest = asked.elapsed().max(SPLIT_PAUSE) * (1 << splits.min(5));
+                    splits += 1;
+                    let pause = longest.mul_f64(rand::random::<f64>());
                     tokio::time::sleep(pause.min(until.saturating_duration_since(now))).await;
                     break;
                 }
