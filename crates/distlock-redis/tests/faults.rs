@@ -867,14 +867,11 @@ fn fast_tries(server: &Redis) -> u64 {
         .map_or(0, |calls| calls.parse().expect("a count"))
 }
 
-/// A key a session found taken goes straight to the queue on its next
-/// acquires, as long as they find it taken too: no fast try, which would
-/// only be refused. Each is granted by the hand-over's message, without
-/// asking again.
-#[tokio::test]
-async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
-    let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
+/// Three rounds of a holder and a waiter on one key: in each, the
+/// waiter's fast tries (`MULTI`s, on every instance) and the scripts
+/// run from the holder's release to the waiter's grant.
+async fn contended_rounds(url: &str, servers: &[Redis]) -> (Vec<u64>, Vec<u64>) {
+    let store = RedisStore::connect(url).await.expect("connect");
     let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
     let holder = store.open_session(&options).await.expect("open");
     let waiter = store.open_session(&options).await.expect("open");
@@ -884,31 +881,56 @@ async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
         mode: Mode::Exclusive,
         token,
     };
+    let total = |count: fn(&Redis) -> u64| servers.iter().map(count).sum::<u64>();
     let (mut tries, mut hand_overs) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let grant = holder.acquire(&request).await.expect("acquire");
         let held = held_as(grant.expect("free").token);
-        let before = fast_tries(&server);
+        let before = total(fast_tries);
         request.wait_until = Some(Instant::now() + Duration::from_secs(10));
         let (waited, (released, scripts)) = tokio::join!(waiter.acquire(&request), async {
             sleep(Duration::from_millis(300)).await;
-            let scripts = script_calls(&server);
+            let scripts = total(script_calls);
             (holder.release(&held).await, scripts)
         });
         request.wait_until = None;
         released.expect("release");
-        tries.push(fast_tries(&server) - before);
-        hand_overs.push(script_calls(&server) - scripts);
+        tries.push(total(fast_tries) - before);
+        hand_overs.push(total(script_calls) - scripts);
         let grant = waited.expect("acquire").expect("handed over");
         waiter
             .release(&held_as(grant.token))
             .await
             .expect("release");
     }
+    (tries, hand_overs)
+}
+
+/// A key a session found taken goes straight to the queue on its next
+/// acquires, as long as they find it taken too: no fast try, which would
+/// only be refused. Each is granted by the hand-over's message, without
+/// asking again.
+#[tokio::test]
+async fn a_key_found_taken_goes_straight_to_the_queue_while_it_stays_taken() {
+    let server = Redis::start();
+    let (tries, hand_overs) = contended_rounds(&server.url(), std::slice::from_ref(&server)).await;
     assert_eq!(tries, [1, 0, 0], "fast tries of the waiter's acquires");
     // From the release to the grant: the release alone (the first loads
-    // its script). The waiter counts the hand-over its message brought.
+    // its script).
     assert_eq!(hand_overs[1..], [1, 1], "scripts from release to grant");
+}
+
+/// On Redlock too, a waiter is granted by the hand-overs' messages
+/// without asking again: no forced release was at work.
+#[tokio::test]
+async fn a_redlock_waiter_is_granted_by_its_messages_alone() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let (tries, hand_overs) = contended_rounds(&redlock_url(&servers), &servers).await;
+    assert_eq!(tries, [3, 0, 0], "fast tries of the waiter's acquires");
+    // The releases (the third may still be on its way).
+    for scripts in &hand_overs[1..] {
+        assert!((2..=3).contains(scripts), "{hand_overs:?}");
+    }
 }
 
 /// A Redlock renewal that reaches one instance of three is neither a
@@ -1076,4 +1098,21 @@ async fn a_three_way_split_vote_is_resolved() {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), 3, "one token each: {tokens:?}");
+}
+
+/// A wait that runs out leaves no place in the queue behind it: the next
+/// waiter is not kept behind a place nobody holds.
+#[tokio::test]
+async fn a_wait_that_runs_out_leaves_no_place() {
+    let server = Redis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let holder = store.open_session(&options).await.expect("open");
+    let waiter = store.open_session(&options).await.expect("open");
+    let mut request = AcquireRequest::new("queue/ran-out", Mode::Exclusive);
+    holder.acquire(&request).await.expect("acquire").expect("free");
+    request.wait_until = Some(Instant::now() + Duration::from_millis(300));
+    let waited = waiter.acquire(&request).await.expect("an answer");
+    assert!(waited.is_none(), "granted while held");
+    assert_eq!(server.cli(&["ZCARD", "dl:{queue/ran-out}:q"]), "0");
 }
