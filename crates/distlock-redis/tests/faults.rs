@@ -1110,9 +1110,77 @@ async fn a_wait_that_runs_out_leaves_no_place() {
     let holder = store.open_session(&options).await.expect("open");
     let waiter = store.open_session(&options).await.expect("open");
     let mut request = AcquireRequest::new("queue/ran-out", Mode::Exclusive);
-    holder.acquire(&request).await.expect("acquire").expect("free");
+    holder
+        .acquire(&request)
+        .await
+        .expect("acquire")
+        .expect("free");
     request.wait_until = Some(Instant::now() + Duration::from_millis(300));
     let waited = waiter.acquire(&request).await.expect("an answer");
     assert!(waited.is_none(), "granted while held");
     assert_eq!(server.cli(&["ZCARD", "dl:{queue/ran-out}:q"]), "0");
+}
+
+/// A Redlock waiter granted one instance while the holder keeps the other
+/// two is no split: it keeps its grant and its places, and so its turn
+/// ahead of a waiter that came after it, and the two wait without asking
+/// anything. The holder's store reaches the first instance through a
+/// proxy that carries nothing, so that its hold is on the other two only.
+#[tokio::test]
+async fn a_waiter_holding_a_minority_beside_a_majority_keeps_its_turn() {
+    let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
+    let proxy = Proxy::start(servers[0].address().parse().expect("address")).await;
+    let holder_url = format!(
+        "redlock://{},{},{}",
+        proxy.addr(),
+        servers[1].address(),
+        servers[2].address()
+    );
+    let holder_store = RedisStore::connect(&holder_url).await.expect("connect");
+    let store = RedisStore::connect(&redlock_url(&servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let holder = holder_store.open_session(&options).await.expect("open");
+    let waiters = [
+        store.open_session(&options).await.expect("open"),
+        store.open_session(&options).await.expect("open"),
+    ];
+    let key = "redlock/minority-turn";
+    proxy.set(Fault::Blackhole);
+    let mut request = AcquireRequest::new(key, Mode::Exclusive);
+    let grant = holder.acquire(&request).await.expect("acquire");
+    let held = HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token: grant.expect("two of three").token,
+    };
+    request.wait_until = Some(Instant::now() + Duration::from_secs(20));
+    let order = std::sync::Mutex::new(Vec::new());
+    let waits = waiters.iter().enumerate().map(|(index, waiter)| {
+        let (request, order) = (request.clone(), &order);
+        async move {
+            // The second joins once the first is queued everywhere.
+            sleep(Duration::from_millis(50) * index as u32).await;
+            let grant = waiter.acquire(&request).await.expect("acquire");
+            order.lock().expect("order").push(index);
+            let held = HeldLock {
+                key: request.key.clone(),
+                mode: Mode::Exclusive,
+                token: grant.expect("granted").token,
+            };
+            waiter.release(&held).await.expect("release");
+        }
+    });
+    let total = || servers.iter().map(script_calls).sum::<u64>();
+    let (_, quiet) = tokio::join!(futures::future::join_all(waits), async {
+        sleep(Duration::from_millis(300)).await;
+        let before = total();
+        sleep(Duration::from_millis(600)).await;
+        let quiet = total() - before;
+        holder.release(&held).await.expect("release");
+        quiet
+    });
+    assert_eq!(quiet, 0, "scripts while both waited");
+    assert_eq!(*order.lock().expect("order"), [0, 1]);
 }
