@@ -422,3 +422,46 @@ impl StoreSession for EtcdSession {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use distlock_testkit::servers::Etcd;
+
+    use super::*;
+
+    /// A leave names the life of the key it joined as: one that lands
+    /// after the key was made again (a retried release, a clean-up whose
+    /// answer was lost) leaves the new life alone. The shared suite cannot
+    /// stage this: the store refuses a release of a token it does not
+    /// hold before it asks etcd.
+    #[tokio::test]
+    async fn a_late_leave_does_not_take_a_later_life_of_its_key() {
+        let server = Etcd::start();
+        let endpoint = format!("127.0.0.1:{}", server.port());
+        let client = etcd_client::Client::connect([endpoint], None)
+            .await
+            .expect("connect");
+        let mut kv = client.kv_client();
+        let key = "leave/late";
+        let life = |kv: KvClient| async move {
+            let mut kv = kv;
+            let found = kv.get(key, None).await.expect("get");
+            found.kvs().first().map(|there| there.create_revision())
+        };
+        kv.put(key, "first", None).await.expect("put");
+        let first = life(kv.clone()).await.expect("made");
+        kv.delete(key, None).await.expect("delete");
+        kv.put(key, "second", None).await.expect("put");
+        let second = life(kv.clone()).await.expect("made again");
+        let left = EtcdSession::leave(&mut kv, key, first)
+            .await
+            .expect("leave");
+        assert!(!left, "the first life's leave took the second");
+        assert_eq!(life(kv.clone()).await, Some(second));
+        let left = EtcdSession::leave(&mut kv, key, second)
+            .await
+            .expect("leave");
+        assert!(left);
+        assert_eq!(life(kv.clone()).await, None);
+    }
+}
