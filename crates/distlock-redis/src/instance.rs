@@ -62,6 +62,13 @@ fn timed_out(name: &str, limit: Duration) -> redis::RedisError {
     ))
 }
 
+/// Whether Redis answered with `err` (an error code of its own, or a
+/// refused login), rather than not answering, or answering as something
+/// else than Redis would.
+pub(crate) fn answered(err: &redis::RedisError) -> bool {
+    err.code().is_some() || err.kind() == redis::ErrorKind::AuthenticationFailed
+}
+
 /// The instances that failed a call, each with its error.
 #[derive(Default)]
 pub(crate) struct Failures(Vec<(String, redis::RedisError)>);
@@ -79,11 +86,16 @@ impl Failures {
     /// it could not be reached, `refused` where it answered every call with
     /// an error of its own (a refused script, an ACL, no memory left).
     pub(crate) fn on_single(&self, reach: &str, refused: &str) -> String {
-        if !self.0.is_empty() && self.0.iter().all(|(_, err)| !err.is_io_error()) {
+        if self.all(answered) {
             format!("Redis refused: {self}{refused}")
         } else {
             format!("cannot reach Redis at {self}; {reach}")
         }
+    }
+
+    /// Whether there are failures, and `test` holds for each.
+    pub(crate) fn all(&self, test: fn(&redis::RedisError) -> bool) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|(_, err)| test(err))
     }
 
     /// `error` with the first failure's error as its source; the message
@@ -207,9 +219,10 @@ impl Instance {
         } else {
             call.await
         };
-        // Drops and timeouts are I/O errors; a reply that cannot be parsed
-        // leaves the stream unusable too. A connection that timed out may be
-        // half-open (its peer gone without a reset) and never answer again.
+        // Drops and timeouts are I/O errors; the other unrecoverable ones
+        // (a reply the client cannot read, a refused login) want a new
+        // connection too. One that timed out may be half-open (its peer gone
+        // without a reset) and never answer again.
         if let Err(err) = &result {
             if err.is_io_error() || err.is_unrecoverable_error() {
                 self.live().take();

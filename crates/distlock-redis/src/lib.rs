@@ -190,7 +190,13 @@ impl RedisStore {
                 self.shared.quorum,
             )
         };
-        Err(failures.source_of(Error::new(ErrorKind::Unavailable, message)))
+        // A refused login is the URL's to mend, not Redis's.
+        let kind = if failures.all(|err| err.kind() == redis::ErrorKind::AuthenticationFailed) {
+            ErrorKind::Config
+        } else {
+            ErrorKind::Unavailable
+        };
+        Err(failures.source_of(Error::new(kind, message)))
     }
 
     /// What a single Redis gives.

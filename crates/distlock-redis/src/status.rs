@@ -568,6 +568,9 @@ mod tests {
         let shown = holders_of(&[&a, &b], 3, 2, 2);
         assert_eq!(shown.len(), 1);
         assert_eq!(shown[0].1.token, None, "two of three answered");
+        let c = lock(vec![hold("m|1|0", Some(6))], &[]);
+        let shown = holders_of(&[&a, &c], 2, 2, 2);
+        assert_eq!(shown[0].1.token, None, "the instances disagree");
     }
 
     /// Waiters are members listed on a majority, as a place or a hold (a

@@ -186,6 +186,7 @@ impl RedisSession {
                         self.abandon_all(keys, &member, more).await;
                         return Err(err);
                     }
+                    let round_trip = asked.elapsed();
                     if let Some(decided) = self.decide(request, keys, &member, tally).await {
                         return decided;
                     }
@@ -206,11 +207,14 @@ impl RedisSession {
                     // A split repeats while each contender is nearer one
                     // instance than the others are: the pauses must come to
                     // differ by more than that. Up to the ask's round trip
-                    // (at least 50 ms), doubled with each split in a row.
-                    let longest = asked.elapsed().max(SPLIT_PAUSE) * (1 << splits.min(5));
+                    // (at least 50 ms), doubled with each split of this
+                    // acquire, and never past a third of the lease (when
+                    // the place would be refreshed anyway).
+                    let longest = round_trip.max(SPLIT_PAUSE) * (1 << splits.min(5));
                     splits += 1;
-                    let pause = longest.mul_f64(rand::random::<f64>());
-                    tokio::time::sleep(pause.min(until.saturating_duration_since(now))).await;
+                    let pause = longest.min(self.ttl / 3).mul_f64(rand::random::<f64>());
+                    let left = until.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
                     break;
                 }
                 if !woken || now >= refresh_at {
