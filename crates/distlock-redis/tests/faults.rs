@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use distlock_core::store::{AcquireRequest, HeldLock, LockStore, Mode, SessionOptions};
+use distlock_core::store::{
+    AcquireRequest, HeldLock, LockStore, Mode, SessionOptions, StoreSession,
+};
 use distlock_core::ErrorKind;
 use distlock_redis::RedisStore;
 use distlock_testkit::proxy::{Fault, Proxy};
@@ -413,11 +415,7 @@ async fn a_stores_debug_form_names_its_instances_not_its_password() {
 #[tokio::test]
 async fn a_redlock_release_counts_what_answered() {
     let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
-    let store = RedisStore::connect(&redlock_url(&servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = redlock_session(&servers).await;
     let mut held = Vec::new();
     for key in ["redlock/partial-release", "redlock/unanswered-release"] {
         let request = AcquireRequest::new(key, Mode::Exclusive);
@@ -442,12 +440,7 @@ async fn a_redlock_release_counts_what_answered() {
         .release(&held[1])
         .await
         .expect_err("nobody answered");
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(
-        err.to_string()
-            .contains("only 0 of 3 Redis instances answered"),
-        "{err}"
-    );
+    assert_answered(&err, 0);
 }
 
 #[tokio::test]
@@ -480,6 +473,33 @@ async fn a_redlock_release_ends_the_hold_on_the_slowest_instance_too() {
     }
 }
 
+/// A store on `servers` with Redlock, and a session of a 10 s lease.
+async fn redlock_session(servers: &[Redis]) -> (RedisStore, Box<dyn StoreSession>) {
+    let store = RedisStore::connect(&redlock_url(servers))
+        .await
+        .expect("connect");
+    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
+    let session = store.open_session(&options).await.expect("open");
+    (store, session)
+}
+
+/// `err` says that only `answered` of three Redlock instances answered,
+/// of the two needed.
+fn assert_answered(err: &distlock_core::Error, answered: usize) {
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    let counted = format!("only {answered} of 3 Redis instances answered (2 needed)");
+    assert!(err.to_string().contains(&counted), "{err}");
+}
+
+/// The exclusive hold of `key` with `token`.
+fn exclusive(key: &str, token: u64) -> HeldLock {
+    HeldLock {
+        key: key.to_owned(),
+        mode: Mode::Exclusive,
+        token,
+    }
+}
+
 /// Connections Redis has accepted since it started; reading it takes one.
 fn connections_received(server: &Redis) -> u64 {
     server
@@ -506,11 +526,7 @@ async fn a_call_past_its_limit_is_given_up_and_its_connection_made_anew() {
     let session = store.open_session(&options).await.expect("open");
     let request = AcquireRequest::new("limit/first", Mode::Exclusive);
     let token = session.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: request.key.clone(),
-        mode: Mode::Exclusive,
-        token: token.expect("free").token,
-    };
+    let held = exclusive(&request.key, token.expect("free").token);
     session.release(&held).await.expect("release");
 
     let before = connections_received(&server);
@@ -753,11 +769,7 @@ async fn a_silent_redlock_instance_holds_no_acquire_or_renewal_up() {
         .expect("granted by two of three at once")
         .expect("acquire")
         .expect("free");
-    let held = HeldLock {
-        key: request.key.clone(),
-        mode: Mode::Exclusive,
-        token: grant.token,
-    };
+    let held = exclusive(&request.key, grant.token);
     let report = timeout(Duration::from_secs(1), session.renew(&[held]))
         .await
         .expect("renewed by two of three at once")
@@ -771,23 +783,14 @@ async fn a_silent_redlock_instance_holds_no_acquire_or_renewal_up() {
 #[tokio::test]
 async fn a_redlock_acquire_without_a_majority_fails_at_its_fast_try() {
     let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
-    let store = RedisStore::connect(&redlock_url(&servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = redlock_session(&servers).await;
     servers[1].kill();
     servers[2].kill();
     for key in ["majority/loads-the-scripts", "majority/counted"] {
         let before = script_calls(&servers[0]);
         let request = AcquireRequest::new(key, Mode::Exclusive);
         let err = session.acquire(&request).await.expect_err("one of three");
-        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-        assert!(
-            err.to_string()
-                .contains("only 1 of 3 Redis instances answered"),
-            "{err}"
-        );
+        assert_answered(&err, 1);
         if key == "majority/counted" {
             let sent = script_calls(&servers[0]) - before;
             assert_eq!(sent, 1, "scripts beyond the take-back");
@@ -827,11 +830,7 @@ async fn a_refused_fast_try_has_nothing_to_take_back() {
 #[tokio::test]
 async fn a_minoritys_fast_grant_is_given_back_at_once() {
     let servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
-    let store = RedisStore::connect(&redlock_url(&servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = redlock_session(&servers).await;
     let key = "redlock/minority";
     let main = format!("dl:{{{key}}}");
     // A fast hold of another session on two of the three, for 2 s.
@@ -841,11 +840,10 @@ async fn a_minoritys_fast_grant_is_given_back_at_once() {
     let mut request = AcquireRequest::new(key, Mode::Exclusive);
     request.wait_until = Some(Instant::now() + Duration::from_secs(10));
     let grant = session.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: key.to_owned(),
-        mode: Mode::Exclusive,
-        token: grant.expect("granted once the other's lease ran out").token,
-    };
+    let held = exclusive(
+        key,
+        grant.expect("granted once the other's lease ran out").token,
+    );
     session.release(&held).await.expect("release");
     let deadline = Instant::now() + Duration::from_secs(1);
     while servers
@@ -951,27 +949,14 @@ async fn a_redlock_waiter_is_granted_by_its_messages_alone() {
 #[tokio::test]
 async fn a_redlock_renewal_without_a_majority_counts_what_answered() {
     let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
-    let store = RedisStore::connect(&redlock_url(&servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = redlock_session(&servers).await;
     let request = AcquireRequest::new("redlock/renewal-minority", Mode::Exclusive);
     let grant = session.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: request.key.clone(),
-        mode: Mode::Exclusive,
-        token: grant.expect("free").token,
-    };
+    let held = exclusive(&request.key, grant.expect("free").token);
     servers[1].kill();
     servers[2].kill();
     let err = session.renew(&[held]).await.expect_err("one of three");
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(
-        err.to_string()
-            .contains("only 1 of 3 Redis instances answered (2 needed)"),
-        "{err}"
-    );
+    assert_answered(&err, 1);
 }
 
 /// A Redlock renewal that finds the hold on one instance, not on another,
@@ -981,19 +966,11 @@ async fn a_redlock_renewal_without_a_majority_counts_what_answered() {
 #[tokio::test]
 async fn a_redlock_renewal_that_cannot_tell_held_from_lost_asks_again() {
     let mut servers: Vec<Redis> = (0..3).map(|_| Redis::start()).collect();
-    let store = RedisStore::connect(&redlock_url(&servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = redlock_session(&servers).await;
     let key = "redlock/renewal-undecided";
     let request = AcquireRequest::new(key, Mode::Exclusive);
     let grant = session.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: key.to_owned(),
-        mode: Mode::Exclusive,
-        token: grant.expect("free").token,
-    };
+    let held = exclusive(key, grant.expect("free").token);
     servers[1].cli(&["DEL", &format!("dl:{{{key}}}")]);
     servers[2].kill();
     let renewed = session.renew(std::slice::from_ref(&held)).await;
@@ -1080,22 +1057,14 @@ async fn a_three_way_split_vote_is_resolved() {
     let key = "redlock/split";
     let mut request = AcquireRequest::new(key, Mode::Exclusive);
     let grant = holder.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: key.to_owned(),
-        mode: Mode::Exclusive,
-        token: grant.expect("free").token,
-    };
+    let held = exclusive(key, grant.expect("free").token);
     request.wait_until = Some(Instant::now() + Duration::from_secs(40));
     let waits = waiters.iter().map(|(_, session)| {
         let request = request.clone();
         async move {
             let grant = session.acquire(&request).await.expect("acquire");
             let grant = grant.expect("granted before the deadline");
-            let held = HeldLock {
-                key: request.key.clone(),
-                mode: Mode::Exclusive,
-                token: grant.token,
-            };
+            let held = exclusive(&request.key, grant.token);
             session.release(&held).await.expect("release");
             grant.token
         }
@@ -1179,11 +1148,7 @@ async fn a_waiter_holding_a_minority_beside_a_majority_keeps_its_turn() {
     proxy.set(Fault::Blackhole);
     let mut request = AcquireRequest::new(key, Mode::Exclusive);
     let grant = holder.acquire(&request).await.expect("acquire");
-    let held = HeldLock {
-        key: key.to_owned(),
-        mode: Mode::Exclusive,
-        token: grant.expect("two of three").token,
-    };
+    let held = exclusive(key, grant.expect("two of three").token);
     request.wait_until = Some(Instant::now() + Duration::from_secs(20));
     let order = std::sync::Mutex::new(Vec::new());
     let waits = waiters.iter().enumerate().map(|(index, waiter)| {
@@ -1197,11 +1162,7 @@ async fn a_waiter_holding_a_minority_beside_a_majority_keeps_its_turn() {
             }
             let grant = waiter.acquire(&request).await.expect("acquire");
             order.lock().expect("order").push(index);
-            let held = HeldLock {
-                key: request.key.clone(),
-                mode: Mode::Exclusive,
-                token: grant.expect("granted").token,
-            };
+            let held = exclusive(&request.key, grant.expect("granted").token);
             waiter.release(&held).await.expect("release");
         }
     });
