@@ -473,14 +473,21 @@ async fn a_redlock_release_ends_the_hold_on_the_slowest_instance_too() {
     }
 }
 
+/// The options of the sessions that must not lapse during a test.
+fn ten_seconds() -> SessionOptions {
+    SessionOptions::new(Duration::from_secs(10), Duration::ZERO)
+}
+
+/// A store on `url`, and a session of a 10 s lease.
+async fn session_on(url: &str) -> (RedisStore, Box<dyn StoreSession>) {
+    let store = RedisStore::connect(url).await.expect("connect");
+    let session = store.open_session(&ten_seconds()).await.expect("open");
+    (store, session)
+}
+
 /// A store on `servers` with Redlock, and a session of a 10 s lease.
 async fn redlock_session(servers: &[Redis]) -> (RedisStore, Box<dyn StoreSession>) {
-    let store = RedisStore::connect(&redlock_url(servers))
-        .await
-        .expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
-    (store, session)
+    session_on(&redlock_url(servers)).await
 }
 
 /// `err` says that only `answered` of three Redlock instances answered,
@@ -631,9 +638,7 @@ async fn a_watch_on_a_redis_that_does_not_answer_fails_unavailable() {
 #[tokio::test]
 async fn a_script_redis_refuses_is_sent_once() {
     let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = session_on(&server.url()).await;
     // Loads the acquire script (shared locks go to it at once).
     let loaded = AcquireRequest::new("refused/loaded", Mode::Shared);
     session
@@ -661,9 +666,7 @@ async fn a_script_redis_refuses_is_sent_once() {
 #[tokio::test]
 async fn a_close_releases_only_what_is_still_held() {
     let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let session = store.open_session(&options).await.expect("open");
+    let (_store, session) = session_on(&server.url()).await;
     let mut held = Vec::new();
     for key in ["close/released", "close/lost"] {
         let request = AcquireRequest::new(key, Mode::Exclusive);
@@ -803,10 +806,8 @@ async fn a_redlock_acquire_without_a_majority_fails_at_its_fast_try() {
 #[tokio::test]
 async fn a_refused_fast_try_has_nothing_to_take_back() {
     let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let holder = store.open_session(&options).await.expect("open");
-    let other = store.open_session(&options).await.expect("open");
+    let (store, holder) = session_on(&server.url()).await;
+    let other = store.open_session(&ten_seconds()).await.expect("open");
     // The first key loads the scripts the second then only runs.
     for key in ["refused/loads-the-scripts", "refused/counted"] {
         let request = AcquireRequest::new(key, Mode::Exclusive);
@@ -1103,10 +1104,8 @@ async fn a_three_way_split_vote_is_resolved() {
 #[tokio::test]
 async fn a_wait_that_runs_out_leaves_no_place() {
     let server = Redis::start();
-    let store = RedisStore::connect(&server.url()).await.expect("connect");
-    let options = SessionOptions::new(Duration::from_secs(10), Duration::ZERO);
-    let holder = store.open_session(&options).await.expect("open");
-    let waiter = store.open_session(&options).await.expect("open");
+    let (store, holder) = session_on(&server.url()).await;
+    let waiter = store.open_session(&ten_seconds()).await.expect("open");
     let mut request = AcquireRequest::new("queue/ran-out", Mode::Exclusive);
     holder
         .acquire(&request)
