@@ -589,13 +589,7 @@ async fn a_watch_is_pushed_only_where_redis_publishes_every_change() {
         .await
         .expect("watch")
         .expect("pushed");
-    let session = store
-        .open_session(&SessionOptions::new(
-            Duration::from_secs(10),
-            Duration::ZERO,
-        ))
-        .await
-        .expect("open");
+    let session = store.open_session(&ten_seconds()).await.expect("open");
     let request = AcquireRequest::new("watch/flags", Mode::Exclusive);
     session.acquire(&request).await.expect("acquire");
     timeout(Duration::from_secs(5), watch.recv())
