@@ -9,18 +9,6 @@ use distlock_core::Mode;
 use distlock_redis::RedisStore;
 use distlock_testkit::servers::Redis;
 
-/// How many times `server` ran `command`, from `INFO commandstats`.
-fn calls(server: &Redis, command: &str) -> u64 {
-    let stats = server.cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{command}:calls=");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_take_is_one_transaction() {
     let server = Redis::start();
@@ -39,8 +27,8 @@ async fn the_fast_take_is_one_transaction() {
         let token = grant.expect("free").token;
         tokens.push(token);
         // Each take: its SET and INCR, queued, run by one EXEC.
-        assert_eq!(calls(&server, "exec"), round + 1, "round {round}");
-        assert_eq!(calls(&server, "incr"), round + 1, "round {round}");
+        assert_eq!(server.calls("exec"), round + 1, "round {round}");
+        assert_eq!(server.calls("incr"), round + 1, "round {round}");
         let held = HeldLock {
             key: "fast/transaction".to_owned(),
             mode: Mode::Exclusive,
@@ -64,5 +52,5 @@ async fn the_fast_take_is_one_transaction() {
         .expect("acquire")
         .expect("free");
     assert!(session.acquire(&request).await.expect("try").is_none());
-    assert_eq!(calls(&server, "exec"), 5);
+    assert_eq!(server.calls("exec"), 5);
 }

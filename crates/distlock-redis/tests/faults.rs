@@ -285,15 +285,7 @@ async fn bad_urls_and_dead_servers_get_clear_errors_in_bounded_time() {
 
 /// Script calls the server has run so far.
 fn script_calls(server: &Redis) -> u64 {
-    let stats = server.cli(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            let calls = line.split("calls=").nth(1)?;
-            calls.split(',').next()?.parse::<u64>().ok()
-        })
-        .sum()
+    server.calls("evalsha") + server.calls("eval")
 }
 
 /// A holder of `key` and a waiter, in sessions of 60 s leases (a waiter
@@ -855,12 +847,7 @@ async fn a_minoritys_fast_grant_is_given_back_at_once() {
 
 /// `MULTI`s the server has run so far: one per fast try.
 fn fast_tries(server: &Redis) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_multi:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a count"))
+    server.calls("multi")
 }
 
 /// Three rounds of a holder and a waiter on one key: in each, the

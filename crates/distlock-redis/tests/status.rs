@@ -403,12 +403,7 @@ async fn a_refused_owner_write_fails_no_lock() {
 
 /// The `SET` calls the server has run so far.
 fn sets(server: &Redis) -> u64 {
-    let stats = server.cli(&["INFO", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a count"))
+    server.calls("set")
 }
 
 /// The owner is written with the first call sent half a lease or more

@@ -146,4 +146,16 @@ impl Redis {
             .expect("run redis-cli");
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
+
+    /// How many times the server has run `command` (lower case, as
+    /// `INFO commandstats` names it: `evalsha`, `multi`, `set`), scripts'
+    /// own calls included; 0 if never.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |count| count.parse().expect("a count"))
+    }
 }
